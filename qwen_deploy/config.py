@@ -1,0 +1,188 @@
+"""Typed settings: built-in defaults, then `config.yml`, then `.env`, then the environment.
+
+Every key can be overridden from the environment as ``QWEN_DEPLOY_<SECTION>__<KEY>``
+(e.g. ``QWEN_DEPLOY_LIMITS__HARD_TIME_LIMIT=30``). ``HF_TOKEN``, ``PORT`` and ``REDIS_URL``
+are read under their usual names. This module imports no heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "QWEN_DEPLOY_"
+CONFIG_ENV = "QWEN_DEPLOY_CONFIG"
+ENV_FILE_ENV = "QWEN_DEPLOY_ENV_FILE"
+CACHE_ENV = "QWEN_DEPLOY_CACHE"
+# Variables with the prefix that are not settings keys.
+RESERVED_ENV = frozenset({CONFIG_ENV, ENV_FILE_ENV, CACHE_ENV})
+# Plain names read as such, mapped to their place in the settings tree.
+PLAIN_ENV = {"HF_TOKEN": ("hf_token",), "PORT": ("web", "port"), "REDIS_URL": ("redis_url",)}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
+    name_or_path: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    revision: str | None = None
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads in the worker child; 0 = cores - 1")
+    trust_remote_code: bool = False
+
+
+class GenerationSettings(Section):
+    max_new_tokens_cap: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_stop_strings: int = Field(4, ge=0)
+    max_stop_length: int = Field(64, ge=1)
+    progress_interval_ms: int = Field(50, ge=1)
+
+
+class LimitSettings(Section):
+    hard_time_limit: float = Field(60.0, gt=0)
+    soft_time_limit: float = Field(55.0, gt=0)
+    generation_budget: float = Field(50.0, gt=0)
+    max_deliveries: int = Field(2, ge=1, description="runs of one job before it is failed")
+    max_queue_depth: int = Field(1000, ge=1)
+    result_ttl: int = Field(86400, ge=1, description="seconds a finished job stays readable")
+    max_wait: float = Field(30.0, ge=0)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    convert_time_limit: float = Field(3600.0, gt=0)
+
+
+class WebSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+
+
+class WorkerSettings(Section):
+    proc_alive_timeout: float = Field(120.0, gt=0)
+    heartbeat_interval: float = Field(10.0, gt=0)
+
+
+class Settings(Section):
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    hf_token: SecretStr | None = None
+    key_prefix: str = "qd"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Settings:
+        lim, gen = self.limits, self.generation
+        if not lim.generation_budget < lim.soft_time_limit < lim.hard_time_limit:
+            raise ValueError(
+                "limits: need generation_budget < soft_time_limit < hard_time_limit, got "
+                f"{lim.generation_budget} < {lim.soft_time_limit} < {lim.hard_time_limit}"
+            )
+        if gen.default_max_new_tokens > gen.max_new_tokens_cap:
+            raise ValueError("generation.default_max_new_tokens exceeds generation.max_new_tokens_cap")
+        return self
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Broker redelivery delay: longer than the longest task of any queue."""
+        return int(max(self.limits.hard_time_limit, self.limits.convert_time_limit) + 300)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _env_tree(env: dict[str, str]) -> dict[str, Any]:
+    """Turn ``QWEN_DEPLOY_A__B=v`` and the plain names into a nested mapping."""
+    tree: dict[str, Any] = {}
+    for name, path in PLAIN_ENV.items():
+        if env.get(name):
+            _set_path(tree, path, env[name])
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        path = tuple(p.lower() for p in name.removeprefix(ENV_PREFIX).split("__"))
+        value: Any = raw
+        if raw.strip().startswith(("[", "{")):
+            value = yaml.safe_load(raw)
+        _set_path(tree, path, value)
+    return tree
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
+        lines.append(f"  {key}: {err['msg']} (config.yml key {key!r} or env {env})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build the settings; raise ConfigError naming the bad key."""
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(config_file or environ.get(CONFIG_ENV) or "config.yml")
+    data: dict[str, Any] = {}
+    if path.is_file():
+        data = _read_yaml(path)
+    elif config_file or environ.get(CONFIG_ENV):
+        raise ConfigError(f"config file not found: {path}")
+    env_file = Path(environ.get(ENV_FILE_ENV, ".env"))
+    dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
+    data = _deep_merge(data, _env_tree(dotenv))
+    data = _deep_merge(data, _env_tree(environ))
+    data = _deep_merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, loaded once."""
+    return load_settings()
