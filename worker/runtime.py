@@ -1,0 +1,69 @@
+"""Per-process model state: load once in the worker child, publish readiness, keep a heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import asdict
+
+from qwen_deploy import registry
+from qwen_deploy.config import Settings
+from qwen_deploy.connections import redis_client
+from worker.handler import ModelHandler
+
+log = logging.getLogger(__name__)
+
+_handler: ModelHandler | None = None
+_stop = threading.Event()
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _record(settings: Settings, state: str, handler: ModelHandler | None) -> dict[str, object]:
+    info = handler.info if handler else None
+    return {"pid": os.getpid(), "hostname": socket.gethostname(), "state": state,
+            "model": asdict(info) if info else {"name": settings.model.name_or_path}}
+
+
+def init_process(settings: Settings) -> ModelHandler:
+    """Load the model (once per process) and start publishing this worker as ready."""
+    global _handler
+    if _handler is not None:
+        return _handler
+    client = redis_client(settings)
+    name, ttl = process_name(), settings.worker.heartbeat_interval * 3
+    registry.publish(client, settings.key_prefix, name, _record(settings, "loading", None), ttl)
+    handler = ModelHandler(settings)
+    handler.setup()
+    client.incr(registry.loads_key(settings.key_prefix))
+    _handler = handler
+    registry.publish(client, settings.key_prefix, name, _record(settings, "ready", handler), ttl)
+    threading.Thread(target=_heartbeat, args=(settings, name, ttl), daemon=True, name="qd-heartbeat").start()
+    return handler
+
+
+def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
+    client = redis_client(settings)
+    while not _stop.wait(settings.worker.heartbeat_interval):
+        try:
+            registry.publish(client, settings.key_prefix, name, _record(settings, "ready", _handler), ttl)
+        except Exception as exc:  # Redis may be briefly away; the next beat retries
+            log.warning("heartbeat failed: %s", exc)
+
+
+def get_handler() -> ModelHandler:
+    if _handler is None:
+        raise RuntimeError("the model is not loaded in this process")
+    return _handler
+
+
+def shutdown_process(settings: Settings) -> None:
+    _stop.set()
+    try:
+        registry.remove(redis_client(settings), settings.key_prefix, process_name())
+    except Exception as exc:
+        log.warning("could not remove worker registration: %s", exc)
