@@ -1,0 +1,46 @@
+"""Worker process hooks: the model loads in each prefork child, never in the parent."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import signals
+
+from qwen_deploy.config import get_settings
+from qwen_deploy.queues import GENERATION_QUEUES
+
+log = logging.getLogger(__name__)
+
+
+def _serves_generation(app: object) -> bool:
+    consume = getattr(getattr(app, "amqp", None), "queues", None)
+    names = set(getattr(consume, "consume_from", None) or {}) or set(GENERATION_QUEUES)
+    return bool(names & set(GENERATION_QUEUES))
+
+
+@signals.worker_init.connect
+def _before_fork(sender: object = None, **_: object) -> None:
+    # Idle OpenMP threads must not spin on a small shared box; the child imports torch later.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@signals.worker_process_init.connect
+def _load_model(**_: object) -> None:
+    from qwen_deploy.connections import reset_after_fork
+    from tasks.app import app
+
+    reset_after_fork()
+    if not _serves_generation(app):
+        return
+    from worker.runtime import init_process
+
+    init_process(get_settings())
+
+
+@signals.worker_process_shutdown.connect
+def _unregister(**_: object) -> None:
+    from worker import runtime
+
+    if runtime._handler is not None:
+        runtime.shutdown_process(get_settings())
