@@ -1,0 +1,39 @@
+"""The HTTP front end: validates requests and enqueues jobs. Imports neither torch nor Celery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, current_app
+
+from qwen_deploy.config import Settings, get_settings
+from qwen_deploy.connections import job_store, redis_client
+from qwen_deploy.jobs import JobStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+
+
+def services() -> Services:
+    return current_app.extensions["qwen_deploy"]
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Application factory; `settings` defaults to config.yml + .env + environment."""
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.limits.max_body_bytes, JSON_SORT_KEYS=False)
+    app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
+
+    from web import auth, errors, health, jobs
+
+    errors.register(app)
+    auth.register(app, settings)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    return app

@@ -1,0 +1,56 @@
+"""Every error leaves as `{"error": {type, code, message, param}}`, mapped here and only here."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from qwen_deploy.errors import AppError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+               415: "unsupported_media_type"}
+
+
+def _respond(err: AppError) -> Response:
+    response = jsonify(err.to_dict())
+    response.status_code = err.status_code
+    response.headers.update(err.headers)
+    return response
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(AppError, _respond)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+        err = AppError(message, code=_HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")),
+                       status_code=status)
+        response = _respond(err)
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    def _redis_down(exc: Exception) -> Response:
+        log.warning("redis unavailable: %s", exc)
+        err = AppError("the job store (Redis) is unreachable; try again shortly", code="redis_unavailable",
+                       status_code=503, headers={"Retry-After": "5"})
+        err.type = "server_error"
+        return _respond(err)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        err = AppError("internal error", code="internal_error", status_code=500)
+        err.type = "server_error"
+        return _respond(err)

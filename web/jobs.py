@@ -1,0 +1,167 @@
+"""Job routes: submit, read (with long-poll), stream (SSE), cancel, and synchronous generate."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, request, stream_with_context
+
+from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, Unprocessable
+from qwen_deploy.jobs import TERMINAL, job_id_time, new_job_id, public_job
+from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from web import services
+from web.schemas import parse_job, read_json
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1")
+
+SSE_KEEPALIVE_S = 15.0
+
+
+def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+    """Validate and enqueue; return (job object, replayed) — one Redis round trip."""
+    svc = services()
+    req = parse_job(body, svc.settings)
+    job_id = new_job_id()
+    lim = svc.settings.limits
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id], lim.hard_time_limit, lim.soft_time_limit)
+    fields = {"type": "generation", "request": json.dumps(req), "max_new_tokens": str(req["max_new_tokens"])}
+    result = svc.store.submit(job_id, INTERACTIVE, message, fields, lim.max_queue_depth, idempotency_key)
+    if result.status == "full":
+        raise QueueFull(f"the queue holds {result.depth} jobs; try again later",
+                        headers={"Retry-After": str(max(1, result.depth // 50))})
+    if result.status == "duplicate":
+        return load_job(result.job_id), True
+    now = time.time()
+    record = {"id": job_id, "status": "queued", "queue": INTERACTIVE, "created_at": repr(now), **fields}
+    return public_job(record), False
+
+
+def load_job(job_id: str) -> dict[str, Any]:
+    record = services().store.get(job_id)
+    if record is None:
+        raise _missing(job_id)
+    return public_job(record)
+
+
+def _missing(job_id: str) -> Exception:
+    created = job_id_time(job_id)
+    if created is not None and created + services().settings.limits.result_ttl <= time.time():
+        return Gone(f"job {job_id} has expired", param="id")
+    return NotFound(f"no job with id {job_id}", param="id")
+
+
+def wait_for(job_id: str, seconds: float) -> dict[str, Any]:
+    """The job once terminal, or as it stands when `seconds` have passed."""
+    store = services().store
+    job = load_job(job_id)
+    deadline = time.monotonic() + seconds
+    last = "0-0"
+    while job["status"] not in TERMINAL:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        events = store.read_events(job_id, last, int(min(remaining, 10.0) * 1000))
+        if events:
+            last = events[-1][0]
+        if not events or any(ev.get("type") == "done" for _, ev in events):
+            job = load_job(job_id)
+    return job
+
+
+def _job_response(job: dict[str, Any], status: int = 200, **headers: str) -> Response:
+    response = Response(json.dumps(job), status=status, mimetype="application/json")
+    response.headers.update(headers)
+    return response
+
+
+@bp.post("/jobs")
+def create_job() -> Response:
+    job, replayed = submit_job(read_json(request), request.headers.get("Idempotency-Key"))
+    headers = {"Location": f"/v1/jobs/{job['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return _job_response(job, 202, **headers)
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    raw = request.args.get("wait")
+    if raw is None:
+        return _job_response(load_job(job_id))
+    limit = services().settings.limits.max_wait
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= limit:
+        raise Unprocessable(f"wait must be a number of seconds from 0 to {limit:g}", param="wait")
+    return _job_response(wait_for(job_id, wait))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    outcome = services().store.cancel(job_id)
+    if outcome == "missing":
+        raise _missing(job_id)
+    if outcome.startswith("terminal:"):
+        status = outcome.removeprefix("terminal:")
+        raise Conflict(f"job {job_id} already finished ({status})", code="job_finished", param="id")
+    job = load_job(job_id)
+    if outcome == "canceling":
+        job["status"] = "canceling"
+    return _job_response(job, 202)
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    load_job(job_id)  # 404/410 before the stream starts
+    start = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    body = stream_with_context(_sse(job_id, start))
+    return Response(body, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse_event(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _sse(job_id: str, last: str) -> Iterator[str]:
+    store = services().store
+    yield ": stream of job events\n\n"
+    while True:
+        events = store.read_events(job_id, last, int(SSE_KEEPALIVE_S * 1000))
+        if not events:
+            record = store.get(job_id)
+            if record is None:
+                return
+            if record.get("status") in TERMINAL:  # events expired or never written
+                yield _sse_event("done", public_job(record))
+                return
+            yield ": keep-alive\n\n"
+            continue
+        for event_id, ev in events:
+            last = event_id
+            kind = ev.get("type")
+            if kind == "token":
+                yield _sse_event("token", {"text": ev.get("text", ""), "tokens": int(ev.get("tokens", 0))}, event_id)
+            elif kind == "status":
+                yield _sse_event("status", {"status": ev.get("status"), "attempt": int(ev.get("attempt", 1))},
+                                 event_id)
+            elif kind == "done":
+                yield _sse_event("done", load_job(job_id), event_id)
+                return
+
+
+@bp.post("/generate")
+def generate_sync() -> Response:
+    job, _ = submit_job(read_json(request), request.headers.get("Idempotency-Key"))
+    limits = services().settings.limits
+    job = wait_for(job["id"], limits.hard_time_limit + 5.0)
+    if job["status"] not in TERMINAL:
+        raise GatewayTimeout(f"job {job['id']} did not finish within {limits.hard_time_limit:g} s; "
+                             f"poll /v1/jobs/{job['id']}", param="id", headers={"Location": f"/v1/jobs/{job['id']}"})
+    return _job_response(job, 200)

@@ -1,0 +1,94 @@
+"""Request bodies: parsed strictly with pydantic, turned into AppErrors with code and param."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from flask import Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from qwen_deploy.config import Settings
+from qwen_deploy.errors import BadRequest, UnsupportedMediaType, Unprocessable
+
+Number = StrictFloat | StrictInt
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: StrictStr
+
+
+class JobCreate(BaseModel):
+    """Body of POST /v1/jobs and /v1/generate."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    max_new_tokens: StrictInt | None = None
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0)
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StrictStr | list[StrictStr] | None = None
+    repetition_penalty: Number | None = Field(None, gt=0, le=10)
+    ignore_eos: StrictBool | None = None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
+
+
+def read_json(request: Request) -> Any:
+    """The request's JSON body: 415 for another content type, 400 when it does not parse."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(
+            f"expected Content-Type application/json, got {request.mimetype or 'none'}",
+            code="unsupported_media_type", param="Content-Type")
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _is_type_tag(part: str | int) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
+def _validation_error(exc: ValidationError) -> Unprocessable:
+    err = exc.errors(include_url=False)[0]
+    # Union branches add their type names to loc ("stop", "list[str]", 0): drop those.
+    param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
+    code = _CODES.get(err["type"], "invalid_type" if err["type"].endswith("_type") else "invalid_value")
+    return Unprocessable(f"{param}: {err['msg']}" if param else err["msg"], code=code, param=param)
+
+
+def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
+    """Validate a job body against the schema and the configured caps; return the stored request."""
+    if not isinstance(body, dict):
+        raise Unprocessable("request body must be a JSON object", code="invalid_type")
+    try:
+        req = JobCreate.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    gen = settings.generation
+    if (req.prompt is None) == (req.messages is None):
+        raise Unprocessable("give exactly one of prompt or messages", code="missing_prompt", param="prompt")
+    n = gen.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+    if n > gen.max_new_tokens_cap:
+        raise Unprocessable(f"max_new_tokens is {n}; the maximum is {gen.max_new_tokens_cap}",
+                            code="max_new_tokens_too_large", param="max_new_tokens")
+    if n < 1:
+        raise Unprocessable("max_new_tokens must be at least 1", code="invalid_value", param="max_new_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > gen.max_stop_strings:
+        raise Unprocessable(f"at most {gen.max_stop_strings} stop strings", code="too_many_stop_strings",
+                            param="stop")
+    if any(not s or len(s) > gen.max_stop_length for s in stop):
+        raise Unprocessable(f"stop strings must be 1 to {gen.max_stop_length} characters", code="invalid_value",
+                            param="stop")
+    data = req.model_dump(exclude_none=True)
+    data.update(max_new_tokens=n, stop=stop)
+    return data
