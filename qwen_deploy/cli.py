@@ -1,0 +1,169 @@
+"""The `qwen-deploy` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from qwen_deploy.config import ConfigError, Settings, load_settings
+from qwen_deploy.launcher import Supervisor, celery_command, web_command, worker_argv
+from qwen_deploy.queues import CONVERT, GENERATION_QUEUES
+
+MODEL_ENV = "QWEN_DEPLOY_MODEL__NAME_OR_PATH"
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        sys.exit(f"qwen-deploy: {exc}")
+
+
+def _use_demo_model() -> str:
+    """Build (or reuse) the demo model and point this process and its children at it."""
+    from worker.demo_model import build_demo_model
+
+    path = str(build_demo_model(log=lambda msg: print(f"demo-model: {msg}", file=sys.stderr)))
+    os.environ[MODEL_ENV] = path
+    return path
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from qwen_deploy.redis_server import RedisServer, reachable
+
+    if args.demo:
+        _use_demo_model()
+    if args.port is not None:
+        os.environ["PORT"] = str(args.port)
+    settings = _settings()
+    host = args.host or settings.web.host
+    server = None
+    if not reachable(settings.redis_url):
+        data_dir = Path(os.environ.get("QWEN_DEPLOY_CACHE", Path.home() / ".cache" / "qwen-deploy")) / "redis"
+        server = RedisServer(data_dir=data_dir).start()
+        os.environ["REDIS_URL"] = server.url
+        print(f"qwen-deploy: started redis-server at {server.url} (data in {data_dir})", file=sys.stderr)
+    sup = Supervisor()
+    try:
+        sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "gen", settings.log_level)))
+        sup.start("convert-worker", celery_command(worker_argv([CONVERT], "convert", settings.log_level)))
+        sup.start("web", web_command(host, settings.web.port, settings.web.workers, settings.web.threads))
+        print(f"qwen-deploy: serving {settings.model.name_or_path} at http://{host}:{settings.web.port} "
+              f"(Ctrl-C to stop)", file=sys.stderr)
+        return sup.wait()
+    finally:
+        sup.stop()
+        if server:
+            server.stop()
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    settings = _settings()
+    host, port = args.host or settings.web.host, args.port or settings.web.port
+    os.execv(sys.executable, web_command(host, port, settings.web.workers, settings.web.threads))
+
+
+def _run_worker(args: argparse.Namespace, queues: tuple[str, ...] | list[str], name: str) -> int:
+    if getattr(args, "demo", False):
+        _use_demo_model()
+    settings = _settings()
+    os.execv(sys.executable, celery_command(worker_argv(queues, name, settings.log_level)))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return _run_worker(args, GENERATION_QUEUES, "gen")
+
+
+def cmd_convert_worker(args: argparse.Namespace) -> int:
+    return _run_worker(args, [CONVERT], "convert")
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from worker.demo_model import build_demo_model
+
+    out = Path(args.out) if args.out else None
+    print(build_demo_model(out, force=args.force, log=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.local:
+        return _generate_local(args.prompt, params)
+    from qwen_deploy.client import APIError, Client
+
+    settings = _settings()
+    url = args.url or f"http://{settings.web.host}:{settings.web.port}"
+    key = settings.web.api_keys[0].get_secret_value() if settings.web.api_keys else None
+    try:
+        job = Client(url, api_key=key).generate(args.prompt, **params)
+    except APIError as exc:
+        sys.exit(f"qwen-deploy: {exc}")
+    print(job["output"]["text"])
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _generate_local(prompt: str, params: dict[str, object]) -> int:
+    from worker.handler import GenerationRequest, ModelHandler
+
+    settings = _settings()
+    handler = ModelHandler(settings)
+    handler.setup()
+    n = params["max_new_tokens"] or settings.generation.default_max_new_tokens
+    if n > settings.generation.max_new_tokens_cap:
+        sys.exit(f"qwen-deploy: max_new_tokens is {n}; the maximum is {settings.generation.max_new_tokens_cap}")
+    started = time.perf_counter()
+    result = handler.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, temperature=params["temperature"]))
+    print(result.text)
+    print(f"[{result.completion_tokens} tokens, {result.finish_reason}, "
+          f"{(time.perf_counter() - started) * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-deploy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start redis (if needed), a worker, a convert worker and the web server")
+    up.add_argument("--demo", action="store_true", help="serve the built-in demo model")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(func=cmd_up)
+
+    web = sub.add_parser("web", help="run the web server (gunicorn)")
+    web.add_argument("--host")
+    web.add_argument("--port", type=int)
+    web.set_defaults(func=cmd_web)
+
+    for name, func, doc in (("worker", cmd_worker, "a generation worker (prefork, concurrency 1)"),
+                            ("convert-worker", cmd_convert_worker, "a worker for the convert queue")):
+        p = sub.add_parser(name, help=doc)
+        p.add_argument("--demo", action="store_true", help="serve the built-in demo model")
+        p.set_defaults(func=func)
+
+    demo = sub.add_parser("demo-model", help="build (once) the demo model and print its directory")
+    demo.add_argument("--out")
+    demo.add_argument("--force", action="store_true")
+    demo.set_defaults(func=cmd_demo_model)
+
+    gen = sub.add_parser("generate", help="one job through the API (or in-process with --local)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    where = gen.add_mutually_exclusive_group()
+    where.add_argument("--url")
+    where.add_argument("--local", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

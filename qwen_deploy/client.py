@@ -1,0 +1,101 @@
+"""A small typed HTTP client for the API (used by the CLI; see examples/ for usage)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+TERMINAL = ("succeeded", "failed", "canceled", "timed_out")
+
+
+class APIError(Exception):
+    """An error answer from the API, with its status and error object."""
+
+    def __init__(self, status: int, error: dict[str, Any]) -> None:
+        super().__init__(status, error)
+        self.status = status
+        self.code = error.get("code")
+        self.param = error.get("param")
+        self.message = error.get("message", "")
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+class Client:
+    """Submit, wait for, stream and cancel jobs."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
+                 timeout: float = 90.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = requests.Session()
+        self.timeout = timeout
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": response.text[:200]}
+            raise APIError(response.status_code, error)
+        return response
+
+    def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+               idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
+        body = {"prompt": prompt, "messages": messages, **params}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        payload = {k: v for k, v in body.items() if v is not None}
+        return self._call("POST", "/v1/jobs", json=payload, headers=headers).json()
+
+    def get(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
+        params = {"wait": wait} if wait is not None else None
+        return self._call("GET", f"/v1/jobs/{job_id}", params=params).json()
+
+    def wait(self, job_id: str, timeout: float = 120.0, poll: float = 25.0) -> dict[str, Any]:
+        """Long-poll until the job is terminal or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        job = self.get(job_id)
+        while job["status"] not in TERMINAL and time.monotonic() < deadline:
+            job = self.get(job_id, wait=max(0.0, min(poll, deadline - time.monotonic())))
+        return job
+
+    def stream(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Server-sent events of a job: ("token", {...}), ("status", {...}) and finally ("done", job)."""
+        with self._call("GET", f"/v1/jobs/{job_id}/events", stream=True) as response:
+            event, data = "message", []
+            for line in response.iter_lines(decode_unicode=True):
+                if line == "":
+                    if data:
+                        yield event, json.loads("\n".join(data))
+                        if event == "done":
+                            return
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    data.append(line.removeprefix("data:").strip())
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def generate(self, prompt: str | None = None, **params: Any) -> dict[str, Any]:
+        """Submit and wait in one call (POST /v1/generate)."""
+        body = {k: v for k, v in {"prompt": prompt, **params}.items() if v is not None}
+        return self._call("POST", "/v1/generate", json=body).json()
+
+    def model(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/model").json()
+
+    def ready(self) -> bool:
+        try:
+            self._call("GET", "/readyz")
+            return True
+        except (APIError, requests.RequestException):
+            return False
