@@ -1,0 +1,44 @@
+"""Fixtures: the demo model, and a whole stack (real redis-server, worker processes, web server)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Stack
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    from worker.demo_model import build_demo_model
+
+    return build_demo_model(log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+    """The shared deployment for end-to-end tests (default limits)."""
+    s = Stack(tmp_path_factory.mktemp("stack"), demo_model, redis_url=os.environ.get("REDIS_URL"))
+    s.start_worker()
+    s.start_web()
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(stack: Stack):  # type: ignore[no-untyped-def]
+    return stack.client()
+
+
+@pytest.fixture()
+def app(stack: Stack):  # type: ignore[no-untyped-def]
+    return stack.app()
+
+
+@pytest.fixture()
+def http(app):  # type: ignore[no-untyped-def]
+    """Flask's test client on the shared stack's settings (in-process, same Redis)."""
+    return app.test_client()
