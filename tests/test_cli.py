@@ -1,0 +1,69 @@
+"""The CLI as a user runs it: `up --demo` serves the demo model and stops everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from qwen_deploy.redis_server import free_port
+from tests.helpers import ROOT, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # unreachable: embedded redis
+           "QWEN_DEPLOY_CACHE": str(demo_model.parent), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"),
+           "QWEN_DEPLOY_WEB__WORKERS": "1", "QWEN_DEPLOY_MODEL__THREADS": "1"}
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            try:
+                return requests.get(url + "/readyz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_until(ready, 120, 0.25, "up --demo to be ready")
+        answer = requests.post(url + "/v1/generate", json={"prompt": "Beautiful is better than",
+                                                           "max_new_tokens": 8}, timeout=60).json()
+        assert answer["output"]["text"].startswith(" ugly.")
+        cli = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "generate", "Errors should never",
+                              "--max-new-tokens", "6", "--url", url], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and cli.stdout.startswith(" pass silently."), cli.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert "started redis-server" in (tmp_path / "up.log").read_text()
+    wait_until(lambda: not group_alive(proc.pid), 30, 0.2, "every process started by up to exit")
+
+
+def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "QWEN_DEPLOY_CACHE": str(demo_model.parent),
+           "QWEN_DEPLOY_MODEL__NAME_OR_PATH": str(demo_model), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "x")}
+    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "demo-model"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == str(demo_model)
+    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "generate", "Beautiful is better than",
+                          "--max-new-tokens", "4", "--local"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(" ugly.")

@@ -1,0 +1,64 @@
+"""Settings: file, .env and environment precedence; bad values stop the process naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_deploy.config import ConfigError, load_settings
+from tests.helpers import ROOT
+
+
+def test_defaults_match_the_contract(tmp_path: Path) -> None:
+    s = load_settings(environ={"QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml")})
+    assert s.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert (s.generation.max_new_tokens_cap, s.generation.default_max_new_tokens) == (512, 64)
+    assert s.generation.max_prompt_tokens == 2048
+    assert s.limits.generation_budget < s.limits.soft_time_limit < s.limits.hard_time_limit == 60
+    assert s.visibility_timeout > s.limits.convert_time_limit
+
+
+def test_precedence_file_then_dotenv_then_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("web: {port: 9001, workers: 3}\nmodel: {name_or_path: from-file, dtype: bf16}\n")
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=9002\nHF_TOKEN=hf_secret_value\nQWEN_DEPLOY_MODEL__NAME_OR_PATH=from-dotenv\n")
+    s = load_settings(environ={"QWEN_DEPLOY_CONFIG": str(cfg), "QWEN_DEPLOY_ENV_FILE": str(env_file),
+                               "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "from-env", "REDIS_URL": "redis://h:1/2",
+                               "QWEN_DEPLOY_WEB__API_KEYS": '["a", "b"]'})
+    assert s.web.port == 9002 and s.web.workers == 3
+    assert s.model.name_or_path == "from-env" and s.model.dtype == "bf16"
+    assert s.redis_url == "redis://h:1/2"
+    assert s.hf_token is not None and s.hf_token.get_secret_value() == "hf_secret_value"
+    assert "hf_secret_value" not in repr(s) and "hf_secret_value" not in s.model_dump_json()
+    assert [k.get_secret_value() for k in s.web.api_keys] == ["a", "b"]
+
+
+@pytest.mark.parametrize(("environ", "needle"), [
+    ({"QWEN_DEPLOY_LIMITS__HARD_TIME_LIMIT": "-1"}, "limits.hard_time_limit"),
+    ({"PORT": "http"}, "web.port"),
+    ({"QWEN_DEPLOY_MODEL__DEVICE": "tpu"}, "model.device"),
+    ({"QWEN_DEPLOY_MODLE__DEVICE": "cpu"}, "modle"),
+    ({"QWEN_DEPLOY_LIMITS__SOFT_TIME_LIMIT": "70"}, "soft_time_limit"),
+    ({"QWEN_DEPLOY_GENERATION__DEFAULT_MAX_NEW_TOKENS": "600"}, "default_max_new_tokens"),
+])
+def test_bad_values_name_the_key(environ: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env", **environ})
+    assert needle in str(err.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(environ={"QWEN_DEPLOY_CONFIG": str(tmp_path / "nope.yml")})
+
+
+def test_bad_config_stops_the_web_process_at_start() -> None:
+    env = {"PATH": "/usr/bin:/bin", "QWEN_DEPLOY_LIMITS__MAX_WAIT": "soon"}
+    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "web"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "limits.max_wait" in out.stderr
