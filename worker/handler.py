@@ -7,6 +7,7 @@ import os
 import warnings
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -149,7 +150,7 @@ class ModelHandler:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.info = ModelInfo(
             name=cfg.name_or_path,
-            revision=getattr(model.config, "_commit_hash", None) or cfg.revision,
+            revision=_resolved_revision(cfg.name_or_path, common) or cfg.revision,
             device=str(device), dtype=str(dtype).removeprefix("torch."),
             parameters=sum(p.numel() for p in model.parameters()),
             loaded_at=time.time(), load_seconds=round(time.perf_counter() - started, 3), threads=threads,
@@ -215,6 +216,17 @@ class ModelHandler:
         if req.ignore_eos:  # EOS is masked until max_new_tokens (benchmarks, load tests)
             kwargs["min_new_tokens"] = req.max_new_tokens
         return kwargs
+
+
+def _resolved_revision(name: str, common: dict[str, Any]) -> str | None:
+    """The commit a hub model was loaded at (from its snapshot path); None for a local directory."""
+    if Path(name).is_dir():
+        return None
+    from transformers.utils import cached_file
+
+    path = Path(cached_file(name, "config.json", revision=common["revision"], token=common["token"]))
+    parts = path.parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
 def _quiet_transformers() -> None:
