@@ -60,6 +60,12 @@ class LimitSettings(Section):
     convert_time_limit: float = Field(3600.0, gt=0)
 
 
+class BatchSettings(Section):
+    micro_batch_size: int = Field(32, ge=1, description="requests per batched generate call (one bulk task)")
+    max_lines: int = Field(50_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
 class WebSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -81,6 +87,7 @@ class Settings(Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 

@@ -87,15 +87,19 @@ return 1
 """
 
 
+def new_id(prefix: str = JOB_ID_PREFIX) -> str:
+    """A sortable id whose first 12 hex digits after the prefix are the creation time in ms."""
+    return f"{prefix}{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
 def new_job_id() -> str:
-    """A sortable id whose first 12 hex digits are the creation time in ms."""
-    return f"{JOB_ID_PREFIX}{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+    return new_id(JOB_ID_PREFIX)
 
 
-def job_id_time(job_id: str) -> float | None:
-    """Creation time encoded in a well-formed job id, else None."""
-    body = job_id.removeprefix(JOB_ID_PREFIX)
-    if not job_id.startswith(JOB_ID_PREFIX) or len(body) != 28:
+def id_time(any_id: str, prefix: str = JOB_ID_PREFIX) -> float | None:
+    """Creation time encoded in a well-formed id, else None."""
+    body = any_id.removeprefix(prefix)
+    if not any_id.startswith(prefix) or len(body) != 28:
         return None
     try:
         int(body, 16)
@@ -104,13 +108,13 @@ def job_id_time(job_id: str) -> float | None:
     return int(body[:12], 16) / 1000
 
 
+def strings(fields: dict[str, Any]) -> dict[str, str]:
+    """Hash fields as strings: None dropped, non-strings as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
+
+
 def _flat(fields: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for key, value in fields.items():
-        if value is None:
-            continue
-        out += [key, value if isinstance(value, str) else json.dumps(value)]
-    return out
+    return [part for item in strings(fields).items() for part in item]
 
 
 @dataclass(frozen=True)

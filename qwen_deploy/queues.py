@@ -19,6 +19,7 @@ CONVERT = "convert"
 GENERATION_QUEUES = (INTERACTIVE, BULK)
 
 GENERATE_TASK = "qwen_deploy.generate"
+BATCH_CHUNK_TASK = "qwen_deploy.batch_chunk"
 DOWNLOAD_TASK = "qwen_deploy.download"
 EXPORT_TASK = "qwen_deploy.export"
 

@@ -6,7 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from qwen_deploy.config import Settings, get_settings
-from qwen_deploy.queues import BULK, CONVERT, DOWNLOAD_TASK, EXPORT_TASK, GENERATE_TASK, INTERACTIVE
+from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, CONVERT, DOWNLOAD_TASK, EXPORT_TASK, GENERATE_TASK, INTERACTIVE
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -35,7 +35,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_queues": [Queue(INTERACTIVE, routing_key=INTERACTIVE), Queue(BULK, routing_key=BULK)],
         "task_default_queue": INTERACTIVE,
         "task_create_missing_queues": True,
-        "task_routes": {GENERATE_TASK: {"queue": INTERACTIVE}, DOWNLOAD_TASK: {"queue": CONVERT},
+        "task_routes": {GENERATE_TASK: {"queue": INTERACTIVE}, BATCH_CHUNK_TASK: {"queue": BULK},
+                        DOWNLOAD_TASK: {"queue": CONVERT},
                         EXPORT_TASK: {"queue": CONVERT}},
         "worker_concurrency": 1,
         "worker_pool": "prefork",
@@ -49,7 +50,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.lifecycle"])
+    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.lifecycle"])
     app.conf.update(celery_config(settings))
     return app
 

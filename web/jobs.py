@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, request, stream_with_context
 
 from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, Unprocessable
-from qwen_deploy.jobs import TERMINAL, job_id_time, new_job_id, public_job
+from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from web import services
 from web.schemas import parse_job, read_json
@@ -42,15 +42,16 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
 def load_job(job_id: str) -> dict[str, Any]:
     record = services().store.get(job_id)
     if record is None:
-        raise _missing(job_id)
+        raise missing("job", job_id)
     return public_job(record)
 
 
-def _missing(job_id: str) -> Exception:
-    created = job_id_time(job_id)
+def missing(kind: str, any_id: str, prefix: str = JOB_ID_PREFIX) -> Exception:
+    """410 for a well-formed id older than the result TTL, else 404."""
+    created = id_time(any_id, prefix)
     if created is not None and created + services().settings.limits.result_ttl <= time.time():
-        return Gone(f"job {job_id} has expired", param="id")
-    return NotFound(f"no job with id {job_id}", param="id")
+        return Gone(f"{kind} {any_id} has expired", param="id")
+    return NotFound(f"no {kind} with id {any_id}", param="id")
 
 
 def wait_for(job_id: str, seconds: float) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def get_job(job_id: str) -> Response:
 def cancel_job(job_id: str) -> Response:
     outcome = services().store.cancel(job_id)
     if outcome == "missing":
-        raise _missing(job_id)
+        raise missing("job", job_id)
     if outcome.startswith("terminal:"):
         status = outcome.removeprefix("terminal:")
         raise Conflict(f"job {job_id} already finished ({status})", code="job_finished", param="id")

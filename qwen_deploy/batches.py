@@ -1,0 +1,130 @@
+"""Batch records in Redis: the batch hash, its request lines, its output lines (JSONL) and chunk markers.
+
+A batch is cut into chunks (micro-batches) of request lines; each chunk is one task on the bulk
+queue. `CHUNK_DONE` appends a chunk's output lines and counts them once (a re-run chunk is a no-op)
+and finalizes the batch when the last chunk is in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from qwen_deploy.jobs import _text, strings
+
+BATCH_ID_PREFIX = "batch_"
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+
+# KEYS: batch, out, chunks-done set. ARGV: chunk start, now, ttl, completed, failed, lines...
+CHUNK_DONE = """
+if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return 0 end
+if #ARGV > 5 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 6)) end
+redis.call('HINCRBY', KEYS[1], 'completed', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+local left = redis.call('HINCRBY', KEYS[1], 'chunks_left', -1)
+if left <= 0 then
+  local st = redis.call('HGET', KEYS[1], 'status')
+  if st == 'cancelling' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[2])
+  else
+    redis.call('HSET', KEYS[1], 'status', 'completed', 'completed_at', ARGV[2])
+  end
+  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[3]) end
+  redis.call('EXPIRE', KEYS[1] .. ':req', ARGV[3])
+end
+return 1
+"""
+
+# KEYS: batch. ARGV: now. Returns the status before the call.
+CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'validating' or st == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
+end
+return st
+"""
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400) -> None:
+        self.r, self.prefix, self.ttl = client, prefix, ttl
+        self._chunk_done = client.register_script(CHUNK_DONE)
+        self._cancel = client.register_script(CANCEL)
+
+    def key(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def keys(self, batch_id: str) -> tuple[str, str, str, str]:
+        """(record, request lines, output lines, chunks done)."""
+        k = self.key(batch_id)
+        return k, f"{k}:req", f"{k}:out", f"{k}:chunks"
+
+    def create(self, batch_id: str, fields: dict[str, Any], requests: list[str], errors: list[str],
+               messages: list[tuple[str, str]]) -> None:
+        """Record, request lines, up-front error lines and chunk messages, in one transaction."""
+        record, req, out, _ = self.keys(batch_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(record, mapping=strings(fields))
+        pipe.expire(record, self.ttl)
+        if requests:
+            pipe.rpush(req, *requests)
+            pipe.expire(req, self.ttl)
+        if errors:
+            pipe.rpush(out, *errors)
+            pipe.expire(out, self.ttl)
+        for queue, message in messages:
+            pipe.lpush(queue, message)
+        pipe.execute()
+
+    def get(self, batch_id: str) -> dict[str, str] | None:
+        raw = self.r.hgetall(self.key(batch_id))
+        return {_text(k): _text(v) for k, v in raw.items()} or None
+
+    def requests(self, batch_id: str, start: int, end: int) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.r.lrange(self.keys(batch_id)[1], start, end - 1)]
+
+    def results(self, batch_id: str, after: int) -> list[str]:
+        return [_text(line) for line in self.r.lrange(self.keys(batch_id)[2], after, -1)]
+
+    def status(self, batch_id: str) -> str:
+        return _text(self.r.hget(self.key(batch_id), "status"))
+
+    def cancel(self, batch_id: str) -> str:
+        return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())]))
+
+    def chunk_tries(self, batch_id: str, start: int) -> int:
+        return int(self.r.hincrby(self.key(batch_id) + ":tries", str(start), 1))
+
+    def chunk_done(self, batch_id: str, start: int, lines: list[dict[str, Any]]) -> bool:
+        """Append a chunk's output lines and count them, once; finalize the batch after the last chunk."""
+        completed = sum(1 for line in lines if line.get("error") is None)
+        keys = list(self.keys(batch_id))
+        keys = [keys[0], keys[2], keys[3]]
+        done = self._chunk_done(keys=keys, args=[start, repr(time.time()), self.ttl, completed,
+                                                 len(lines) - completed, *[json.dumps(x) for x in lines]])
+        return bool(done)
+
+
+def public_batch(record: dict[str, str]) -> dict[str, Any]:
+    def num(name: str) -> float | None:
+        return float(record[name]) if record.get(name) else None
+
+    return {
+        "id": record["id"],
+        "object": "batch",
+        "endpoint": "/v1/jobs",
+        "status": record.get("status"),
+        "created_at": num("created_at"),
+        "in_progress_at": num("created_at"),
+        "completed_at": num("completed_at"),
+        "cancelling_at": num("cancelling_at"),
+        "cancelled_at": num("cancelled_at"),
+        "request_counts": {"total": int(record.get("total") or 0), "completed": int(record.get("completed") or 0),
+                           "failed": int(record.get("failed") or 0)},
+        "micro_batches": int(record.get("chunks") or 0),
+        "metadata": json.loads(record["metadata"]) if record.get("metadata") else None,
+    }

@@ -1,0 +1,150 @@
+"""Batch routes: create (JSON or OpenAI-Batch JSONL), read, results while running, cancel."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchStore, public_batch
+from qwen_deploy.errors import AppError, BadRequest, Conflict, Unprocessable, UnsupportedMediaType
+from qwen_deploy.jobs import new_id
+from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
+from web import services
+from web.jobs import missing
+from web.schemas import parse_job
+
+bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
+
+JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines", "text/jsonl"})
+
+
+def store() -> BatchStore:
+    svc = services()
+    return BatchStore(svc.redis, svc.settings.key_prefix, svc.settings.limits.result_ttl)
+
+
+def _line_error(line: int, custom_id: Any, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"id": f"line-{line}", "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message, "param": param, "line": line}}
+
+
+def _read_lines() -> tuple[list[tuple[int, Any]], Any]:
+    """(line number, parsed item or the parse error) pairs and the batch metadata."""
+    settings = services().settings.batches
+    request.max_content_length = settings.max_bytes
+    raw = request.get_data(cache=False)
+    if request.mimetype in JSONL_TYPES:
+        items: list[tuple[int, Any]] = []
+        for n, text in enumerate(raw.split(b"\n"), start=1):
+            if not text.strip():
+                continue
+            try:
+                items.append((n, json.loads(text)))
+            except (ValueError, RecursionError) as exc:
+                items.append((n, BadRequest(f"line {n} is not valid JSON: {exc}", code="invalid_json")))
+        return items, None
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType("expected application/json or application/x-ndjson", param="Content-Type")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+        raise Unprocessable("body must be an object with a list of requests", code="invalid_type", param="requests")
+    return list(enumerate(body["requests"], start=1)), body.get("metadata")
+
+
+def _validate(line: int, item: Any, jsonl: bool) -> dict[str, Any]:
+    """The stored request for one line; raises AppError for a bad line."""
+    if isinstance(item, AppError):
+        raise item
+    if not isinstance(item, dict):
+        raise Unprocessable("each line must be a JSON object", code="invalid_type")
+    if not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
+        raise Unprocessable("custom_id must be a non-empty string", code="invalid_value", param="custom_id")
+    if jsonl and (item.get("method", "POST") != "POST" or item.get("url", "/v1/jobs") not in ("/v1/jobs",)):
+        raise Unprocessable("only POST /v1/jobs lines are supported", code="invalid_url", param="url")
+    return {"line": line, "custom_id": item["custom_id"], "body": parse_job(item.get("body"), services().settings)}
+
+
+def _check_ids(items: list[tuple[int, Any]]) -> None:
+    seen: dict[str, int] = {}
+    for line, item in items:
+        cid = item.get("custom_id") if isinstance(item, dict) else None
+        if isinstance(cid, str) and cid:
+            if cid in seen:
+                raise Unprocessable(f"custom_id {cid!r} appears on lines {seen[cid]} and {line}",
+                                    code="duplicate_custom_id", param="custom_id")
+            seen[cid] = line
+
+
+@bp.post("")
+def create_batch() -> Response:
+    svc = services()
+    items, metadata = _read_lines()
+    jsonl = request.mimetype in JSONL_TYPES
+    limit = svc.settings.batches.max_lines
+    if not items:
+        raise Unprocessable("the batch has no requests", code="empty_batch", param="requests")
+    if len(items) > limit:
+        raise Unprocessable(f"the batch has {len(items)} lines; the maximum is {limit}", code="too_many_lines",
+                            param="requests")
+    _check_ids(items)
+    good: list[str] = []
+    errors: list[str] = []
+    for line, item in items:
+        try:
+            good.append(json.dumps(_validate(line, item, jsonl)))
+        except AppError as err:
+            cid = item.get("custom_id") if isinstance(item, dict) else None
+            errors.append(json.dumps(_line_error(line, cid, err.code, err.message, err.param)))
+    batch_id = new_id(BATCH_ID_PREFIX)
+    size, lim = svc.settings.batches.micro_batch_size, svc.settings.limits
+    messages = [(BULK, task_message(BATCH_CHUNK_TASK, f"{batch_id}:{start}", BULK,
+                                    [batch_id, start, min(start + size, len(good))],
+                                    lim.hard_time_limit, lim.soft_time_limit))
+                for start in range(0, len(good), size)]
+    now = repr(time.time())
+    fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
+              "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
+              "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
+              "metadata": json.dumps(metadata) if metadata is not None else None}
+    store().create(batch_id, fields, good, errors, messages)
+    response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
+    response.headers["Location"] = f"/v1/batches/{batch_id}"
+    return response
+
+
+def _load(batch_id: str) -> dict[str, str]:
+    record = store().get(batch_id)
+    if record is None:
+        raise missing("batch", batch_id, BATCH_ID_PREFIX)
+    return record
+
+
+@bp.get("/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    return Response(json.dumps(public_batch(_load(batch_id))), mimetype="application/json")
+
+
+@bp.get("/<batch_id>/results")
+def batch_results(batch_id: str) -> Response:
+    _load(batch_id)
+    raw = request.args.get("after", "0")
+    if not raw.isdigit():
+        raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
+    lines = store().results(batch_id, int(raw))
+    body = "".join(line + "\n" for line in lines)
+    return Response(body, mimetype="application/x-ndjson", headers={"X-Next-After": str(int(raw) + len(lines))})
+
+
+@bp.post("/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> Response:
+    _load(batch_id)
+    before = store().cancel(batch_id)
+    if before in TERMINAL:
+        raise Conflict(f"batch {batch_id} already ended ({before})", code="batch_finished", param="id")
+    return Response(json.dumps(public_batch(_load(batch_id))), status=202, mimetype="application/json")
