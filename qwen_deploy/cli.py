@@ -123,6 +123,43 @@ def _generate_local(prompt: str, params: dict[str, object]) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from analysis.base import LocalRunner, QueueRunner, run_analysis
+    from analysis.records import count_records, done_keys, load_analyzer, read_records
+
+    settings = _settings()
+    source, out = Path(args.input), Path(args.out)
+    analyzer = load_analyzer(args.analyzer)
+    if args.local:
+        from worker.handler import ModelHandler
+
+        handler = ModelHandler(settings)
+        handler.setup()
+        runner: object = LocalRunner(handler, settings.batches.micro_batch_size)
+    else:
+        from qwen_deploy.client import Client
+
+        key = settings.web.api_keys[0].get_secret_value() if settings.web.api_keys else None
+        runner = QueueRunner(Client(args.url or f"http://{settings.web.host}:{settings.web.port}", api_key=key))
+    done = done_keys(out)
+    total = count_records(source)
+    bar = tqdm(total=total, initial=min(len(done), total), unit="rec", desc="analyze", file=sys.stderr)
+    analysed = 0
+    with out.open("a", encoding="utf-8") as fh:
+        for line in run_analysis(analyzer, read_records(source), runner, done, chunk=args.chunk):
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            analysed += 1
+            bar.update(1)
+    bar.close()
+    print(f"{len(done)} already done, {analysed} analysed, results in {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-deploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--url")
     where.add_argument("--local", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    ana = sub.add_parser("analyze", help="bulk analysis of a JSONL/CSV file, resumable")
+    ana.add_argument("input")
+    ana.add_argument("--out", required=True)
+    ana.add_argument("--analyzer", default="analysis.example_analyzer:SentimentAnalyzer",
+                     help="module:Class of an Analyzer subclass")
+    ana.add_argument("--chunk", type=int, default=256, help="records per batch (written together)")
+    where = ana.add_mutually_exclusive_group()
+    where.add_argument("--url")
+    where.add_argument("--local", action="store_true")
+    ana.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -90,6 +90,22 @@ class Client:
         body = {k: v for k, v in {"prompt": prompt, **params}.items() if v is not None}
         return self._call("POST", "/v1/generate", json=body).json()
 
+    def create_batch(self, lines: list[dict[str, Any]], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST /v1/batches with `{"custom_id", "body"}` (or OpenAI Batch) lines."""
+        requests_ = [{"custom_id": line["custom_id"], "body": line["body"]} for line in lines]
+        return self._call("POST", "/v1/batches", json={"requests": requests_, "metadata": metadata}).json()
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/batches/{batch_id}").json()
+
+    def batch_results(self, batch_id: str, after: int = 0) -> list[dict[str, Any]]:
+        """Finished lines after the first `after` ones."""
+        text = self._call("GET", f"/v1/batches/{batch_id}/results", params={"after": after}).text
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/batches/{batch_id}/cancel").json()
+
     def model(self) -> dict[str, Any]:
         return self._call("GET", "/v1/model").json()
 
