@@ -76,10 +76,10 @@ def in_process(model_dir: Path, tokens: int, runs: int) -> list[float]:
 class System:
     """redis-server + gunicorn web + one Celery worker, configured by one YAML file."""
 
-    def __init__(self, tmp: Path, model_dir: Path, worker: bool = True) -> None:
+    def __init__(self, tmp: Path, model_dir: Path, worker: bool = True, threads: int = 1) -> None:
         self.redis = RedisServer(data_dir=tmp / "redis", appendonly=False).start()
         self.port = free_port()
-        config = {"model": {"name_or_path": str(model_dir), "threads": 1},
+        config = {"model": {"name_or_path": str(model_dir), "threads": threads},
                   "limits": {"max_queue_depth": 10_000_000}, "web": {"workers": 2, "threads": 16}}
         (tmp / "config.yml").write_text(yaml.safe_dump(config))
         env = {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "REDIS_URL": self.redis.url,
