@@ -172,3 +172,17 @@ def test_unknown_route_and_method_are_json(http) -> None:  # type: ignore[no-unt
     assert error_of(http.get("/v1/nothing"))["code"] == "not_found"
     response = http.get("/v1/jobs")
     assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
+
+
+def test_batch_limits_on_bytes_and_lines(redis_srv: RedisServer) -> None:
+    http = make_app(redis_srv.url, batches={"max_bytes": 2048, "max_lines": 3}).test_client()
+    line = json.dumps({"custom_id": "a", "body": {"prompt": "x"}})
+    big = "\n".join(json.dumps({"custom_id": str(i), "body": {"prompt": "x" * 500}}) for i in range(5))
+    response = http.post("/v1/batches", data=big, content_type="application/x-ndjson")
+    assert response.status_code == 413 and error_of(response)["code"] == "body_too_large"
+    assert "2048 bytes" in error_of(response)["message"]
+    many = "\n".join(line.replace('"a"', f'"{i}"') for i in range(4))
+    response = http.post("/v1/batches", data=many, content_type="application/x-ndjson")
+    assert response.status_code == 422 and error_of(response)["code"] == "too_many_lines"
+    ok = http.post("/v1/batches", data=line, content_type="application/x-ndjson")
+    assert ok.status_code == 202 and ok.get_json()["request_counts"]["total"] == 1

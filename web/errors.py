@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from qwen_deploy.errors import AppError
@@ -31,7 +31,7 @@ def register(app: Flask) -> None:
         status = exc.code or 500
         message = exc.description or exc.name
         if status == 413:
-            message = f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+            message = f"request body is larger than {request.max_content_length} bytes"
         err = AppError(message, code=_HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")),
                        status_code=status)
         response = _respond(err)
