@@ -160,6 +160,73 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_progress(progress: dict[str, object]) -> None:
+    parts = [f"{k}={v}" for k, v in progress.items()]
+    print("\r" + " ".join(parts)[:150].ljust(150), end="", file=sys.stderr, flush=True)
+
+
+def _queue(kind: str, body: dict[str, object], url: str | None) -> int:
+    """Submit a download/export job, show its progress, print its result."""
+    import json
+
+    from qwen_deploy.client import APIError, Client
+
+    settings = _settings()
+    key = settings.web.api_keys[0].get_secret_value() if settings.web.api_keys else None
+    client = Client(url or f"http://{settings.web.host}:{settings.web.port}", api_key=key)
+    try:
+        job = client.submit_model_job(kind, {k: v for k, v in body.items() if v is not None})
+        while job["status"] not in ("succeeded", "failed", "canceled", "timed_out"):
+            _print_progress(job["progress"])
+            job = client.get(job["id"], wait=2)
+    except APIError as exc:
+        sys.exit(f"qwen-deploy: {exc}")
+    print(file=sys.stderr)
+    if job["status"] != "succeeded":
+        sys.exit(f"qwen-deploy: {kind} {job['status']}: {job['error']['message']}")
+    print(json.dumps(job["output"], indent=2))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    import json
+
+    if args.queue:
+        return _queue("download", {"repo_id": args.repo_id, "revision": args.revision, "out": args.out}, args.url)
+    from conversion.download import DownloadError, download_model
+
+    settings = _settings()
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    try:
+        result = download_model(args.repo_id, revision=args.revision, out=Path(args.out) if args.out else None,
+                                token=token, progress=_print_progress)
+    except DownloadError as exc:
+        sys.exit(f"\nqwen-deploy: download failed ({exc.code}): {exc}")
+    print(file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    if args.queue:
+        body = {"checkpoint": args.checkpoint, "base": args.base, "out": args.out, "dtype": args.dtype,
+                "max_shard_size": args.max_shard_size}
+        return _queue("export", body, args.url)
+    from conversion import ConversionError, export_checkpoint
+
+    try:
+        report = export_checkpoint(Path(args.checkpoint), Path(args.base), Path(args.out), dtype=args.dtype,
+                                   max_shard_size=args.max_shard_size,
+                                   progress=lambda stage, f: _print_progress({"phase": stage, "fraction": f"{f:.2f}"}))
+    except ConversionError as exc:
+        sys.exit(f"\nqwen-deploy: export failed: {exc}")
+    print(file=sys.stderr)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-deploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--url")
     where.add_argument("--local", action="store_true")
     ana.set_defaults(func=cmd_analyze)
+
+    dl = sub.add_parser("download", help="Hugging Face snapshot download (in-process, or --queue)")
+    dl.add_argument("repo_id")
+    dl.add_argument("--revision")
+    dl.add_argument("--out", help="local directory (with --queue: relative to paths.models_root)")
+    dl.add_argument("--queue", action="store_true", help="run it as a job on the convert queue")
+    dl.add_argument("--url")
+    dl.set_defaults(func=cmd_download)
+
+    ex = sub.add_parser("export", help="training/RL checkpoint -> validated HF safetensors directory")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--base", required=True, help="base HF model directory (config, tokenizer)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    ex.add_argument("--max-shard-size", default="2GB")
+    ex.add_argument("--queue", action="store_true", help="run it as a job on the convert queue (paths relative "
+                    "to paths.checkpoints_root / paths.models_root)")
+    ex.add_argument("--url")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

@@ -106,6 +106,10 @@ class Client:
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/batches/{batch_id}/cancel").json()
 
+    def submit_model_job(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/models/downloads or /v1/models/exports (kind "download" or "export")."""
+        return self._call("POST", f"/v1/models/{kind}s", json=body).json()
+
     def model(self) -> dict[str, Any]:
         return self._call("GET", "/v1/model").json()
 

@@ -57,13 +57,25 @@ class LimitSettings(Section):
     result_ttl: int = Field(86400, ge=1, description="seconds a finished job stays readable")
     max_wait: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    convert_time_limit: float = Field(3600.0, gt=0)
+    convert_time_limit: float = Field(3600.0, ge=60)
 
 
 class BatchSettings(Section):
     micro_batch_size: int = Field(32, ge=1, description="requests per batched generate call (one bulk task)")
     max_lines: int = Field(50_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+def default_cache_dir() -> Path:
+    """$QWEN_DEPLOY_CACHE, else ~/.cache/qwen-deploy."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-deploy")
+
+
+class PathSettings(Section):
+    """Roots that paths given over HTTP are relative to (they may not escape them)."""
+
+    models_root: Path = Field(default_factory=lambda: default_cache_dir() / "models")
+    checkpoints_root: Path = Field(default_factory=lambda: default_cache_dir() / "checkpoints")
 
 
 class WebSettings(Section):
@@ -88,6 +100,7 @@ class Settings(Section):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 

@@ -196,6 +196,14 @@ class JobStore:
         pipe.hget(self.key(job_id), "cancel")
         return _text(pipe.execute()[-1]) == "1"
 
+    def report(self, job_id: str, progress: dict[str, Any]) -> bool:
+        """Publish the progress of a non-generation job; return True when cancellation was requested."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.key(job_id), "progress", json.dumps(progress))
+        pipe.xadd(self.events_key(job_id), {"type": "progress", "progress": json.dumps(progress)})
+        pipe.hget(self.key(job_id), "cancel")
+        return _text(pipe.execute()[-1]) == "1"
+
     def read_events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """Events after last_id, waiting up to block_ms for the first one."""
         reply = self.r.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256)
@@ -217,22 +225,26 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
         return json.loads(record[name]) if record.get(name) else None
 
     status = record.get("status", "queued")
-    output = None
-    if status != "queued" or record.get("text"):
-        output = {"text": record.get("text", ""), "finish_reason": record.get("finish_reason") or None,
-                  "usage": obj("usage")}
+    kind = record.get("type", "generation")
+    if kind == "generation":
+        progress = {"tokens": int(record.get("tokens") or 0), "max_new_tokens": int(record.get("max_new_tokens") or 0)}
+        output = None
+        if status != "queued" or record.get("text"):
+            output = {"text": record.get("text", ""), "finish_reason": record.get("finish_reason") or None,
+                      "usage": obj("usage")}
+    else:
+        progress, output = obj("progress") or {}, obj("result")
     return {
         "id": record["id"],
         "object": "job",
-        "type": record.get("type", "generation"),
+        "type": kind,
         "status": status,
         "queue": record.get("queue"),
         "created_at": num("created_at"),
         "started_at": num("started_at"),
         "completed_at": num("completed_at"),
         "attempts": int(record.get("deliveries") or 0),
-        "progress": {"tokens": int(record.get("tokens") or 0),
-                     "max_new_tokens": int(record.get("max_new_tokens") or 0)},
+        "progress": progress,
         "output": output,
         "error": obj("error"),
     }

@@ -26,6 +26,10 @@ EXPORT_TASK = "qwen_deploy.export"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+def convert_task(kind: str) -> str:
+    return {"download": DOWNLOAD_TASK, "export": EXPORT_TASK}[kind]
+
+
 def task_message(task: str, task_id: str, queue: str, args: list[object],
                  time_limit: float | None = None, soft_time_limit: float | None = None) -> str:
     """The JSON string kombu's Redis transport stores for one Celery task message."""

@@ -50,7 +50,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.lifecycle"])
+    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle"])
     app.conf.update(celery_config(settings))
     return app
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from qwen_deploy import registry
 from qwen_deploy.client import Client
 from qwen_deploy.config import Settings, load_settings
 from qwen_deploy.launcher import celery_command, worker_argv
-from qwen_deploy.queues import GENERATION_QUEUES
+from qwen_deploy.queues import CONVERT, GENERATION_QUEUES
 from qwen_deploy.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +38,7 @@ class Stack:
     """One isolated deployment: its own redis-server (or REDIS_URL + db), worker and web server."""
 
     def __init__(self, tmp: Path, model_dir: Path, config: dict[str, Any] | None = None,
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.redis_server: RedisServer | None = None
@@ -53,10 +51,11 @@ class Stack:
         self.config_path = tmp / "config.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.env = {**os.environ, "QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,
-                    "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"), "PYTHONUNBUFFERED": "1"}
+                    "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.settings: Settings = load_settings(environ=self.env)
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.worker: subprocess.Popen[bytes] | None = None
+        self.others: list[subprocess.Popen[bytes]] = []
         self.log_path = tmp / "worker.log"
         self._server: Any = None
         self.url = ""
@@ -70,6 +69,14 @@ class Stack:
         if wait:
             self.wait_ready()
         return self.worker
+
+    def start_convert_worker(self) -> subprocess.Popen[bytes]:
+        argv = celery_command(worker_argv([CONVERT], f"convert{os.getpid()}", "INFO"))
+        log = open(self.tmp / "convert-worker.log", "ab")
+        proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.others.append(proc)
+        return proc
 
     def workers(self) -> list[dict[str, Any]]:
         return registry.workers(self.redis, self.settings.key_prefix)
@@ -89,14 +96,15 @@ class Stack:
         return int(self.redis.get(registry.loads_key(self.settings.key_prefix)) or 0)
 
     def stop_worker(self) -> None:
-        if self.worker and self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-            try:
-                self.worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, signal.SIGKILL)
-                self.worker.wait()
-        self.worker = None
+        for proc in [self.worker, *self.others]:
+            if proc and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.worker, self.others = None, []
 
     # -- web ----------------------------------------------------------------------------------
     def start_web(self) -> str:
@@ -127,12 +135,3 @@ class Stack:
         return self.redis.hgetall(f"{self.settings.key_prefix}:job:{job_id}")
 
 
-def sse_events(client: Client, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    return list(client.stream(job_id))
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data)
-
-
-PY = sys.executable

@@ -54,12 +54,12 @@ def read_json(request: Request) -> Any:
 
 
 def _is_type_tag(part: str | int) -> bool:
+    """Union branches add their type names to loc ("stop", "list[str]", 0)."""
     return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
 
 
-def _validation_error(exc: ValidationError) -> Unprocessable:
+def validation_error(exc: ValidationError) -> Unprocessable:
     err = exc.errors(include_url=False)[0]
-    # Union branches add their type names to loc ("stop", "list[str]", 0): drop those.
     param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
     code = _CODES.get(err["type"], "invalid_type" if err["type"].endswith("_type") else "invalid_value")
     return Unprocessable(f"{param}: {err['msg']}" if param else err["msg"], code=code, param=param)
@@ -72,7 +72,7 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     try:
         req = JobCreate.model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
     gen = settings.generation
     if (req.prompt is None) == (req.messages is None):
         raise Unprocessable("give exactly one of prompt or messages", code="missing_prompt", param="prompt")

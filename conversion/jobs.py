@@ -1,0 +1,102 @@
+"""Download and export as queued jobs: claim the record, run the plain function, report, finish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qwen_deploy.config import Settings
+from qwen_deploy.jobs import JobStore
+from qwen_deploy.paths import confine
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL_S = 0.5
+
+
+class Canceled(Exception):
+    """The job's cancel flag was set."""
+
+
+class Reporter:
+    """Throttled progress into the job record; raises Canceled once cancellation is requested."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store, self.job_id, self.last = store, job_id, 0.0
+
+    def __call__(self, progress: dict[str, Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < REPORT_INTERVAL_S:
+            return
+        self.last = now
+        if self.store.report(self.job_id, progress):
+            raise Canceled()
+
+
+def run_download(req: dict[str, Any], settings: Settings, report: Reporter) -> dict[str, Any]:
+    from conversion.download import download_model
+
+    out = confine(settings.paths.models_root, req["out"], "out") if req.get("out") else None
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    return download_model(req["repo_id"], revision=req.get("revision"), out=out, token=token,
+                          allow_patterns=req.get("allow_patterns"), ignore_patterns=req.get("ignore_patterns"),
+                          progress=report)
+
+
+def run_export(req: dict[str, Any], settings: Settings, report: Reporter) -> dict[str, Any]:
+    from conversion.export import export_checkpoint
+
+    paths = settings.paths
+    checkpoint = confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)
+    base = confine(paths.models_root, req["base"], "base", must_exist=True)
+    out = confine(paths.models_root, req["out"], "out")
+    report_ = lambda stage, fraction: report({"phase": stage, "fraction": round(fraction, 4)})  # noqa: E731
+    return export_checkpoint(checkpoint, base, out, dtype=req.get("dtype", "auto"),
+                             max_shard_size=req.get("max_shard_size", "2GB"), progress=report_)
+
+
+RUNNERS: dict[str, Callable[[dict[str, Any], Settings, Reporter], dict[str, Any]]] = {
+    "download": run_download,
+    "export": run_export,
+}
+
+
+def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker: str) -> str:
+    """Run a download/export job by id and record its terminal state."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from conversion.download import DownloadError
+    from conversion.errors import ConversionError
+    from qwen_deploy.errors import AppError
+
+    claim, value = store.start(job_id, worker, settings.limits.max_deliveries)
+    if claim != "run":
+        return claim
+    report = Reporter(store, job_id)
+    try:
+        result = RUNNERS[kind](json.loads(value), settings, report)
+    except Canceled:
+        store.finish(job_id, "canceled", {"error": {"code": "canceled", "message": "the job was canceled"}})
+        return "canceled"
+    except SoftTimeLimitExceeded:
+        store.finish(job_id, "timed_out", {"error": {"code": "soft_time_limit",
+                                                     "message": f"the {kind} ran past its time limit"}})
+        return "timed_out"
+    except (DownloadError, ConversionError, AppError) as exc:
+        code = getattr(exc, "code", None) or f"{kind}_failed"
+        store.finish(job_id, "failed", {"error": {"code": code, "message": str(exc)}})
+        return "failed"
+    except Exception as exc:  # an unexpected error fails the job, not the worker
+        log.exception("%s job %s failed", kind, job_id)
+        store.finish(job_id, "failed", {"error": {"code": f"{kind}_failed", "message": f"{type(exc).__name__}: {exc}"}})
+        return "failed"
+    store.finish(job_id, "succeeded", {"result": _jsonable(result), "progress": {"phase": "done", "fraction": 1.0}})
+    return "succeeded"
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: str(o) if isinstance(o, Path) else repr(o)))

@@ -1,0 +1,81 @@
+"""Model routes: hub downloads and checkpoint exports as jobs on the convert queue."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from flask import Blueprint, Response, request
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from qwen_deploy.errors import QueueFull
+from qwen_deploy.jobs import new_job_id, public_job
+from qwen_deploy.paths import confine
+from qwen_deploy.queues import CONVERT, convert_task, task_message
+from web import services
+from web.jobs import load_job
+from web.schemas import read_json, validation_error
+
+bp = Blueprint("models", __name__, url_prefix="/v1/models")
+
+
+class DownloadCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    repo_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", max_length=200)
+    revision: StrictStr | None = Field(None, max_length=200)
+    out: StrictStr | None = Field(None, description="directory relative to paths.models_root")
+    allow_patterns: list[StrictStr] | None = None
+    ignore_patterns: list[StrictStr] | None = None
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: StrictStr = Field(description="relative to paths.checkpoints_root")
+    base: StrictStr = Field(description="base HF model directory, relative to paths.models_root")
+    out: StrictStr = Field(description="new directory, relative to paths.models_root")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_shard_size: StrictStr = Field("2GB", pattern=r"^\d+(\.\d+)?\s*[KMG]i?B$")
+
+
+def _submit(kind: str, req: dict[str, Any]) -> Response:
+    svc = services()
+    job_id, limit = new_job_id(), svc.settings.limits.convert_time_limit
+    message = task_message(convert_task(kind), job_id, CONVERT, [job_id], limit, limit - 30)
+    fields = {"type": kind, "request": json.dumps(req)}
+    result = svc.store.submit(job_id, CONVERT, message, fields, svc.settings.limits.max_queue_depth,
+                              request.headers.get("Idempotency-Key"))
+    if result.status == "full":
+        raise QueueFull(f"the convert queue holds {result.depth} jobs", headers={"Retry-After": "60"})
+    if result.status == "duplicate":
+        job = load_job(result.job_id)
+    else:
+        job = public_job({"id": job_id, "status": "queued", "queue": CONVERT, "created_at": repr(time.time()),
+                          **fields})
+    return Response(json.dumps(job), status=202, mimetype="application/json",
+                    headers={"Location": f"/v1/jobs/{job['id']}"})
+
+
+def _parse(schema: type[BaseModel]) -> dict[str, Any]:
+    try:
+        return schema.model_validate(read_json(request)).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+@bp.post("/downloads")
+def create_download() -> Response:
+    req = _parse(DownloadCreate)
+    if "out" in req:
+        confine(services().settings.paths.models_root, req["out"], "out")
+    return _submit("download", req)
+
+
+@bp.post("/exports")
+def create_export() -> Response:
+    req = _parse(ExportCreate)
+    paths = services().settings.paths
+    confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)
+    confine(paths.models_root, req["base"], "base", must_exist=True)
+    confine(paths.models_root, req["out"], "out")
+    return _submit("export", req)
