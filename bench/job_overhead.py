@@ -186,10 +186,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--no-wrk", action="store_true")
     parser.add_argument("--wrk-seconds", type=int, default=10)
+    parser.add_argument("--only-wrk", action="store_true")
     args = parser.parse_args()
     from worker.demo_model import build_demo_model, default_cache_dir
 
     demo = build_demo_model(log=lambda m: None)
+    # The front-end figure first, before this process has loaded any model.
+    wrk = "wrk: skipped (--no-wrk)" if args.no_wrk else run_wrk(demo, args.wrk_seconds)
+    if args.only_wrk:
+        print(wrk)
+        return
     bench = build_bench_model(demo, default_cache_dir() / "bench-model-qwen2-38m")
     rows = [run_model("demo", demo, 64, args.runs, 100),
             run_model("bench-38M", bench, 32, max(10, args.runs // 3), 10)]
@@ -202,8 +208,7 @@ def main() -> None:
                  f"{r['http_p95']:.1f}", f"{r['overhead_ms_p50']:.1f}", f"{r['overhead_ms_p95']:.1f}",
                  f"{r['ratio_p50']:.3f}", f"{r['jobs_per_s']:.1f}", r["model_loads"])
         print(" | ".join(f"{c:>10}" for c in cells))
-    if not args.no_wrk:
-        print(run_wrk(demo, args.wrk_seconds))
+    print(wrk)
 
 
 if __name__ == "__main__":
