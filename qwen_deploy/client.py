@@ -63,24 +63,37 @@ class Client:
         deadline = time.monotonic() + timeout
         job = self.get(job_id)
         while job["status"] not in TERMINAL and time.monotonic() < deadline:
-            job = self.get(job_id, wait=max(0.0, min(poll, deadline - time.monotonic())))
+            try:
+                job = self.get(job_id, wait=max(0.0, min(poll, deadline - time.monotonic())))
+            except APIError as exc:
+                if exc.param != "wait" or poll <= 1:
+                    raise
+                poll = 1.0  # the server allows shorter waits (limits.max_wait)
         return job
 
     def stream(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Server-sent events of a job: ("token", {...}), ("status", {...}) and finally ("done", job)."""
-        with self._call("GET", f"/v1/jobs/{job_id}/events", stream=True) as response:
-            event, data = "message", []
-            for line in response.iter_lines(decode_unicode=True):
-                if line == "":
-                    if data:
-                        yield event, json.loads("\n".join(data))
-                        if event == "done":
-                            return
-                    event, data = "message", []
-                elif line.startswith("event:"):
-                    event = line.removeprefix("event:").strip()
-                elif line.startswith("data:"):
-                    data.append(line.removeprefix("data:").strip())
+        """Server-sent events of a job: ("token", {...}), ("status", {...}) and finally ("done", job).
+
+        A stream the server closes before `done` (it caps stream length) is resumed with Last-Event-ID.
+        """
+        last_id: str | None = None
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            with self._call("GET", f"/v1/jobs/{job_id}/events", stream=True, headers=headers) as response:
+                event, data = "message", []
+                for line in response.iter_lines(decode_unicode=True):
+                    if line == "":
+                        if data and event != "timeout":
+                            yield event, json.loads("\n".join(data))
+                            if event == "done":
+                                return
+                        event, data = "message", []
+                    elif line.startswith("event:"):
+                        event = line.removeprefix("event:").strip()
+                    elif line.startswith("data:"):
+                        data.append(line.removeprefix("data:").strip())
+                    elif line.startswith("id:"):
+                        last_id = line.removeprefix("id:").strip()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()

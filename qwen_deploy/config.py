@@ -56,6 +56,7 @@ class LimitSettings(Section):
     max_queue_depth: int = Field(1000, ge=1)
     result_ttl: int = Field(86400, ge=1, description="seconds a finished job stays readable")
     max_wait: float = Field(30.0, ge=0)
+    max_stream: float = Field(300.0, gt=0, description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
     max_body_bytes: int = Field(1_048_576, ge=1024)
     convert_time_limit: float = Field(3600.0, ge=60)
 

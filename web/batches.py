@@ -14,10 +14,12 @@ from qwen_deploy.jobs import new_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
 from web import services
 from web.jobs import missing
-from web.schemas import parse_job
+from web.openapi import Batch, ResultsQuery, doc
+from web.schemas import BatchCreate, parse_job
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
+MAX_LINE_INDEX = 2**31
 JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines", "text/jsonl"})
 
 
@@ -82,7 +84,9 @@ def _check_ids(items: list[tuple[int, Any]]) -> None:
 
 
 @bp.post("")
+@doc(ok=202, model=Batch, json=BatchCreate, tags=("batches",))
 def create_batch() -> Response:
+    """Create a batch from JSON `{"requests": [...]}` or an OpenAI Batch JSONL body (application/x-ndjson)."""
     svc = services()
     items, metadata = _read_lines()
     jsonl = request.mimetype in JSONL_TYPES
@@ -126,23 +130,30 @@ def _load(batch_id: str) -> dict[str, str]:
 
 
 @bp.get("/<batch_id>")
+@doc(model=Batch, tags=("batches",))
 def get_batch(batch_id: str) -> Response:
+    """The batch: status and request counts."""
     return Response(json.dumps(public_batch(_load(batch_id))), mimetype="application/json")
 
 
 @bp.get("/<batch_id>/results")
+@doc(query=ResultsQuery, tags=("batches",))
 def batch_results(batch_id: str) -> Response:
+    """Finished lines as JSONL, while the batch runs; `after` skips lines already read."""
     _load(batch_id)
     raw = request.args.get("after", "0")
     if not raw.isdigit():
         raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
-    lines = store().results(batch_id, int(raw))
+    after = min(int(raw), MAX_LINE_INDEX)  # Redis indexes are 64-bit; nothing lies beyond this anyway
+    lines = store().results(batch_id, after)
     body = "".join(line + "\n" for line in lines)
-    return Response(body, mimetype="application/x-ndjson", headers={"X-Next-After": str(int(raw) + len(lines))})
+    return Response(body, mimetype="application/x-ndjson", headers={"X-Next-After": str(after + len(lines))})
 
 
 @bp.post("/<batch_id>/cancel")
+@doc(ok=202, model=Batch, tags=("batches",))
 def cancel_batch(batch_id: str) -> Response:
+    """Stop the rest of the batch."""
     _load(batch_id)
     before = store().cancel(batch_id)
     if before in TERMINAL:

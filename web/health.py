@@ -9,12 +9,15 @@ from flask import Blueprint, Response, jsonify
 from qwen_deploy import registry
 from qwen_deploy.errors import ServiceUnavailable
 from web import services
+from web.openapi import ModelInfo, Status, doc
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/livez")
+@doc(model=Status, tags=("health",))
 def livez() -> Response:
+    """Liveness of the web process."""
     return jsonify(status="ok")
 
 
@@ -32,13 +35,17 @@ def _ready_worker() -> dict[str, Any]:
 
 
 @bp.get("/readyz")
+@doc(model=Status, tags=("health",))
 def readyz() -> Response:
+    """Ready when Redis answers and a generation worker has its model loaded; else 503 with the reason."""
     worker = _ready_worker()
     return jsonify(status="ready", workers=worker["count"], model=worker["model"]["name"])
 
 
 @bp.get("/v1/model")
+@doc(model=ModelInfo, tags=("health",))
 def model() -> Response:
+    """The served model and the caps."""
     worker = _ready_worker()
     info, gen, lim = worker["model"], services().settings.generation, services().settings.limits
     caps = {"max_new_tokens": gen.max_new_tokens_cap, "default_max_new_tokens": gen.default_max_new_tokens,

@@ -13,7 +13,8 @@ from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFu
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from web import services
-from web.schemas import parse_job, read_json
+from web.openapi import Job, WaitQuery, doc
+from web.schemas import JobCreate, parse_job, read_json
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 
@@ -79,7 +80,9 @@ def _job_response(job: dict[str, Any], status: int = 200, **headers: str) -> Res
 
 
 @bp.post("/jobs")
+@doc(ok=202, model=Job, json=JobCreate, tags=("jobs",))
 def create_job() -> Response:
+    """Submit a generation job (202); `Idempotency-Key` returns the earlier job for a repeated key."""
     job, replayed = submit_job(read_json(request), request.headers.get("Idempotency-Key"))
     headers = {"Location": f"/v1/jobs/{job['id']}"}
     if replayed:
@@ -88,7 +91,9 @@ def create_job() -> Response:
 
 
 @bp.get("/jobs/<job_id>")
+@doc(model=Job, query=WaitQuery, tags=("jobs",))
 def get_job(job_id: str) -> Response:
+    """The job; with `wait`, block until it is terminal or the seconds pass."""
     raw = request.args.get("wait")
     if raw is None:
         return _job_response(load_job(job_id))
@@ -103,7 +108,9 @@ def get_job(job_id: str) -> Response:
 
 
 @bp.post("/jobs/<job_id>/cancel")
+@doc(ok=202, model=Job, tags=("jobs",))
 def cancel_job(job_id: str) -> Response:
+    """Cancel: a queued job at once, a running one within ~50 ms (keeping its partial text)."""
     outcome = services().store.cancel(job_id)
     if outcome == "missing":
         raise missing("job", job_id)
@@ -117,7 +124,9 @@ def cancel_job(job_id: str) -> Response:
 
 
 @bp.get("/jobs/<job_id>/events")
+@doc(tags=("jobs",))
 def job_events(job_id: str) -> Response:
+    """Server-sent events: `status`, `token` (text deltas) and a final `done` with the job."""
     load_job(job_id)  # 404/410 before the stream starts
     start = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     body = stream_with_context(_sse(job_id, start))
@@ -132,9 +141,14 @@ def _sse_event(event: str, data: dict[str, Any], event_id: str | None = None) ->
 
 def _sse(job_id: str, last: str) -> Iterator[str]:
     store = services().store
+    deadline = time.monotonic() + services().settings.limits.max_stream
     yield ": stream of job events\n\n"
     while True:
-        events = store.read_events(job_id, last, int(SSE_KEEPALIVE_S * 1000))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:  # the client reconnects with Last-Event-ID
+            yield "event: timeout\ndata: {}\n\n"
+            return
+        events = store.read_events(job_id, last, int(min(SSE_KEEPALIVE_S, remaining) * 1000))
         if not events:
             record = store.get(job_id)
             if record is None:
@@ -158,7 +172,9 @@ def _sse(job_id: str, last: str) -> Iterator[str]:
 
 
 @bp.post("/generate")
+@doc(model=Job, json=JobCreate, tags=("jobs",))
 def generate_sync() -> Response:
+    """Submit and wait for the finished job (504 past the hard time limit)."""
     job, _ = submit_job(read_json(request), request.headers.get("Idempotency-Key"))
     limits = services().settings.limits
     job = wait_for(job["id"], limits.hard_time_limit + 5.0)

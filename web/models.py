@@ -15,6 +15,7 @@ from qwen_deploy.paths import confine
 from qwen_deploy.queues import CONVERT, convert_task, task_message
 from web import services
 from web.jobs import load_job
+from web.openapi import Job, doc
 from web.schemas import read_json, validation_error
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
@@ -64,7 +65,9 @@ def _parse(schema: type[BaseModel]) -> dict[str, Any]:
 
 
 @bp.post("/downloads")
+@doc(ok=202, model=Job, json=DownloadCreate, tags=("models",))
 def create_download() -> Response:
+    """Download a hub snapshot as a job on the convert queue."""
     req = _parse(DownloadCreate)
     if "out" in req:
         confine(services().settings.paths.models_root, req["out"], "out")
@@ -72,7 +75,9 @@ def create_download() -> Response:
 
 
 @bp.post("/exports")
+@doc(ok=202, model=Job, json=ExportCreate, tags=("models",))
 def create_export() -> Response:
+    """Export a training checkpoint to a validated HF directory, as a job on the convert queue."""
     req = _parse(ExportCreate)
     paths = services().settings.paths
     confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)

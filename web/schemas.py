@@ -20,20 +20,50 @@ class Message(BaseModel):
     content: StrictStr
 
 
-class JobCreate(BaseModel):
-    """Body of POST /v1/jobs and /v1/generate."""
+# Exactly one of prompt / messages (documented as oneOf; enforced in parse_job).
+_ONE_OF_PROMPT = {"oneOf": [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+]}
 
-    model_config = ConfigDict(extra="forbid")
+
+class JobCreate(BaseModel):
+    """Body of POST /v1/jobs and /v1/generate: a prompt or chat messages, and generation settings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF_PROMPT)
     prompt: StrictStr | None = None
     messages: list[Message] | None = Field(None, min_length=1)
-    max_new_tokens: StrictInt | None = None
-    temperature: Number | None = Field(None, ge=0, le=2)
+    max_new_tokens: StrictInt | None = Field(
+        None, description="1 to the configured cap (512); default 64",
+        json_schema_extra={"minimum": 1, "maximum": 512})
+    temperature: Number | None = Field(None, ge=0, le=2, description="0 or absent: greedy")
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0)
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | list[StrictStr] | None = Field(
+        None, description="up to 4 strings of 1 to 64 characters",
+        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1, "maxLength": 64},
+                                     {"type": "array", "maxItems": 4,
+                                      "items": {"type": "string", "minLength": 1, "maxLength": 64}},
+                                     {"type": "null"}]})
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
     ignore_eos: StrictBool | None = None
+
+
+class BatchLine(BaseModel):
+    custom_id: StrictStr
+    body: JobCreate
+
+
+class BatchCreate(BaseModel):
+    """JSON form of POST /v1/batches (the JSONL form sends OpenAI Batch lines instead).
+
+    Each item should be a `BatchLine`; an item that is not becomes an error line of its own
+    (the batch is still accepted), except a repeated `custom_id`, which rejects the batch.
+    """
+
+    requests: list[BatchLine | Any] = Field(min_length=1)
+    metadata: dict[str, Any] | None = None
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
