@@ -227,6 +227,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qwen_deploy import doctor
+
+    return doctor.run(as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-deploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "to paths.checkpoints_root / paths.models_root)")
     ex.add_argument("--url")
     ex.set_defaults(func=cmd_export)
+
+    doc = sub.add_parser("doctor", help="pre-deployment checks; non-zero exit when a blocking check fails")
+    doc.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doc.set_defaults(func=cmd_doctor)
     return parser
 
 
