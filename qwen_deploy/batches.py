@@ -18,12 +18,14 @@ from qwen_deploy.jobs import _text, strings
 BATCH_ID_PREFIX = "batch_"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 
-# KEYS: batch, out, chunks-done set. ARGV: chunk start, now, ttl, completed, failed, lines...
+# KEYS: batch, out, chunks-done set, stats. ARGV: chunk start, now, ttl, completed, failed, lines...
 CHUNK_DONE = """
 if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return 0 end
 if #ARGV > 5 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 6)) end
 redis.call('HINCRBY', KEYS[1], 'completed', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+redis.call('HINCRBY', KEYS[4], 'batch_lines:completed', ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'batch_lines:failed', ARGV[5])
 local left = redis.call('HINCRBY', KEYS[1], 'chunks_left', -1)
 if left <= 0 then
   local st = redis.call('HGET', KEYS[1], 'status')
@@ -32,7 +34,7 @@ if left <= 0 then
   else
     redis.call('HSET', KEYS[1], 'status', 'completed', 'completed_at', ARGV[2])
   end
-  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[3]) end
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
   redis.call('EXPIRE', KEYS[1] .. ':req', ARGV[3])
 end
 return 1
@@ -103,7 +105,7 @@ class BatchStore:
         """Append a chunk's output lines and count them, once; finalize the batch after the last chunk."""
         completed = sum(1 for line in lines if line.get("error") is None)
         keys = list(self.keys(batch_id))
-        keys = [keys[0], keys[2], keys[3]]
+        keys = [keys[0], keys[2], keys[3], f"{self.prefix}:stats"]
         done = self._chunk_done(keys=keys, args=[start, repr(time.time()), self.ttl, completed,
                                                  len(lines) - completed, *[json.dumps(x) for x in lines]])
         return bool(done)

@@ -16,9 +16,31 @@ from typing import Any
 import redis
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
+HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 JOB_ID_PREFIX = "job_"
 
-_LUA_TERMINAL = "local terminal = {succeeded=true, failed=true, canceled=true, timed_out=true}\n"
+# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] the stats hash.
+_LUA_COMMON = """
+local terminal = {succeeded=true, failed=true, canceled=true, timed_out=true}
+local BUCKETS = {%s}
+local function observe(name, value)
+  redis.call('HINCRBYFLOAT', KEYS[3], name .. '_sum', value)
+  redis.call('HINCRBY', KEYS[3], name .. '_count', 1)
+  for _, le in ipairs(BUCKETS) do
+    if value <= tonumber(le) then redis.call('HINCRBY', KEYS[3], name .. '_bucket:' .. le, 1) end
+  end
+end
+local function close(status, now, ttl)
+  redis.call('HSET', KEYS[1], 'status', status, 'completed_at', now)
+  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', status)
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  local kind = redis.call('HGET', KEYS[1], 'type') or 'generation'
+  redis.call('HINCRBY', KEYS[3], 'jobs:' .. kind .. ':' .. status, 1)
+  local started = redis.call('HGET', KEYS[1], 'started_at')
+  if started then observe('run_seconds', tonumber(now) - tonumber(started)) end
+end
+""" % ", ".join(f"'{b}'" for b in HISTOGRAM_BUCKETS)
 
 # KEYS: job, queue, idem ('' when none). ARGV: ttl, max_depth, message, job id, fields...
 SUBMIT = """
@@ -36,18 +58,18 @@ if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
 return {'ok', ARGV[4]}
 """
 
-# KEYS: job, events. ARGV: now, worker, max_deliveries, exhausted error json, ttl
-START = _LUA_TERMINAL + """
+# ARGV: now, worker, max_deliveries, exhausted error json, ttl
+START = _LUA_COMMON + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', ''} end
 if terminal[st] then return {'skip', st} end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 if n > tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'completed_at', ARGV[1], 'error', ARGV[4])
-  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', 'failed')
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('HSET', KEYS[1], 'error', ARGV[4])
+  close('failed', ARGV[1], ARGV[5])
   return {'exhausted', tostring(n)}
 end
+if n == 1 then observe('queue_seconds', tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'created_at'))) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
            'tokens', 0, 'text', '')
 redis.call('XADD', KEYS[2], '*', 'type', 'status', 'status', 'running', 'attempt', n)
@@ -55,34 +77,30 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 return {'run', redis.call('HGET', KEYS[1], 'request')}
 """
 
-# KEYS: job, events. ARGV: now, ttl
-CANCEL = _LUA_TERMINAL + """
+# ARGV: now, ttl
+CANCEL = _LUA_COMMON + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if terminal[st] then return 'terminal:' .. st end
+redis.call('HSET', KEYS[1], 'cancel', '1')
 if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_at', ARGV[1],
-             'finish_reason', 'canceled', 'cancel', '1')
-  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', 'canceled')
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('HSET', KEYS[1], 'finish_reason', 'canceled')
+  close('canceled', ARGV[1], ARGV[2])
   return 'canceled'
 end
-redis.call('HSET', KEYS[1], 'cancel', '1')
 return 'canceling'
 """
 
-# KEYS: job, events. ARGV: now, status, ttl, last text delta, tokens, fields...
-FINISH = _LUA_TERMINAL + """
+# ARGV: now, status, ttl, last text delta, tokens, fields...
+FINISH = _LUA_COMMON + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if (not st) or terminal[st] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'completed_at', ARGV[1])
 if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'type', 'token', 'text', ARGV[4], 'tokens', ARGV[5])
 end
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'tokens', tonumber(ARGV[5]) or 0)
+close(ARGV[2], ARGV[1], ARGV[3])
 return 1
 """
 
@@ -142,6 +160,12 @@ class JobStore:
     def events_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:ev"
 
+    def stats_key(self) -> str:
+        return f"{self.prefix}:stats"
+
+    def _keys(self, job_id: str) -> list[str]:
+        return [self.key(job_id), self.events_key(job_id), self.stats_key()]
+
     def idem_key(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
 
@@ -169,21 +193,21 @@ class JobStore:
         error = {"code": "worker_lost", "message": (
             f"the worker running this job died {max_deliveries} time(s); the job was not retried again")}
         status, value = self._start(
-            keys=[self.key(job_id), self.events_key(job_id)],
+            keys=self._keys(job_id),
             args=[repr(time.time()), worker, max_deliveries, json.dumps(error), self.ttl],
         )
         return _text(status), _text(value)
 
     def cancel(self, job_id: str) -> str:
         """Cancel: 'canceled' (was queued), 'canceling' (running), 'terminal:<status>', or 'missing'."""
-        return _text(self._cancel(keys=[self.key(job_id), self.events_key(job_id)],
+        return _text(self._cancel(keys=self._keys(job_id),
                                   args=[repr(time.time()), self.ttl]))
 
     def finish(self, job_id: str, status: str, fields: dict[str, Any], delta: str = "", tokens: int = 0) -> bool:
         """Move a job to a terminal status, streaming the last text delta; False if it already was terminal."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
-        done = self._finish(keys=[self.key(job_id), self.events_key(job_id)],
+        done = self._finish(keys=self._keys(job_id),
                             args=[repr(time.time()), status, self.ttl, delta, tokens, *_flat(fields)])
         return bool(done)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from qwen_deploy.errors import AppError
@@ -16,7 +16,22 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 
                415: "unsupported_media_type"}
 
 
+REJECTIONS_COUNTED = frozenset({400, 401, 413, 415, 422, 429})
+
+
+def _count_rejection(status: int) -> None:
+    """Rejected requests per status, for /metrics (best effort: Redis may be the reason we fail)."""
+    if status not in REJECTIONS_COUNTED:
+        return
+    try:
+        svc = current_app.extensions["qwen_deploy"]
+        svc.redis.hincrby(f"{svc.settings.key_prefix}:stats", f"rejected:{status}", 1)
+    except redis.RedisError:
+        pass
+
+
 def _respond(err: AppError) -> Response:
+    _count_rejection(err.status_code)
     response = jsonify(err.to_dict())
     response.status_code = err.status_code
     response.headers.update(err.headers)
