@@ -11,6 +11,7 @@ from typing import Any
 
 from qwen_deploy.config import Settings
 from qwen_deploy.jobs import JobStore
+from qwen_deploy.logs import event
 from qwen_deploy.paths import confine
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
         store.finish(job_id, "failed", {"error": {"code": f"{kind}_failed", "message": f"{type(exc).__name__}: {exc}"}})
         return "failed"
     store.finish(job_id, "succeeded", {"result": _jsonable(result), "progress": {"phase": "done", "fraction": 1.0}})
+    event(log, "job.finished", id=job_id, queue="convert", type=kind, status="succeeded")
     return "succeeded"
 
 

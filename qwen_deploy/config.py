@@ -97,6 +97,7 @@ class Settings(Section):
     hf_token: SecretStr | None = None
     key_prefix: str = "qd"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)

@@ -19,6 +19,14 @@ def _serves_generation(app: object) -> bool:
     return bool(names & set(GENERATION_QUEUES))
 
 
+@signals.after_setup_logger.connect
+def _log_format(logger: logging.Logger | None = None, **_: object) -> None:
+    from qwen_deploy.logs import configure
+
+    settings = get_settings()
+    configure(settings.log_format, settings.log_level, logger)
+
+
 @signals.worker_init.connect
 def _before_fork(sender: object = None, **_: object) -> None:
     # Idle OpenMP threads must not spin on a small shared box; the child imports torch later.

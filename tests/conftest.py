@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import Stack
 
+FAKE_HF_TOKEN = "hf_stackTOKENneverLOGGED"
+
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
@@ -21,7 +23,8 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
     """The shared deployment for end-to-end tests (default limits)."""
-    s = Stack(tmp_path_factory.mktemp("stack"), demo_model, redis_url=os.environ.get("REDIS_URL"))
+    s = Stack(tmp_path_factory.mktemp("stack"), demo_model, {"log_format": "json"},
+              redis_url=os.environ.get("REDIS_URL"), env={"HF_TOKEN": FAKE_HF_TOKEN})
     s.start_worker()
     s.start_web()
     yield s

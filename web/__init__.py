@@ -9,6 +9,7 @@ from flask import Flask, current_app
 
 from qwen_deploy.config import Settings, get_settings
 from qwen_deploy.connections import job_store, redis_client
+from qwen_deploy import logs
 from qwen_deploy.jobs import JobStore
 
 
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Application factory; `settings` defaults to config.yml + .env + environment."""
     settings = settings or get_settings()
     app = Flask(__name__)
+    logs.configure(settings.log_format, settings.log_level)
     app.config.update(MAX_CONTENT_LENGTH=settings.limits.max_body_bytes, JSON_SORT_KEYS=False)
     app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
 

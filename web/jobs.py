@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,12 +12,14 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job
+from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from web import services
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
+log = logging.getLogger(__name__)
 
 SSE_KEEPALIVE_S = 15.0
 
@@ -35,6 +38,7 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
                         headers={"Retry-After": str(max(1, result.depth // 50))})
     if result.status == "duplicate":
         return load_job(result.job_id), True
+    event(log, "job.submitted", id=job_id, queue=INTERACTIVE, max_new_tokens=req["max_new_tokens"])
     now = time.time()
     record = {"id": job_id, "status": "queued", "queue": INTERACTIVE, "created_at": repr(now), **fields}
     return public_job(record), False

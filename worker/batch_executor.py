@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from qwen_deploy.batches import BatchStore
+from qwen_deploy.logs import event
 from worker.batching import generate_batch
 from worker.handler import GenerationRequest, GenerationResult, ModelHandler
 
@@ -58,6 +59,8 @@ def run_chunk(batches: BatchStore, handler: ModelHandler, batch_id: str, start: 
     reqs = [GenerationRequest.from_dict(i["body"]) for i in items]
     outcomes = generate_batch(handler, reqs, budget, lambda: batches.status(batch_id) == "cancelling")
     batches.chunk_done(batch_id, start, [result_line(batch_id, i, o) for i, o in zip(items, outcomes)])
-    log.info("batch %s lines %d-%d: %d requests in %.1f ms", batch_id, start, end, len(items),
-             (time.perf_counter() - started) * 1000)
+    done = [o for o in outcomes if not isinstance(o, Exception)]
+    event(log, "batch.micro_batch", batch=batch_id, queue="bulk", lines=f"{start}-{end}", requests=len(items),
+          prompt_tokens=sum(o.prompt_tokens for o in done), completion_tokens=sum(o.completion_tokens for o in done),
+          run_ms=round((time.perf_counter() - started) * 1000, 1))
     return "done"

@@ -9,6 +9,7 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 
 from qwen_deploy.jobs import JobStore
+from qwen_deploy.logs import event
 from worker.handler import GenerationRequest, JobMonitor, ModelHandler
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,15 @@ def execute(store: JobStore, handler: ModelHandler, job_id: str, worker: str, ma
     """Run the job and return its final status (or why it was not run)."""
     claim, value = store.start(job_id, worker, max_deliveries)
     if claim != "run":
-        log.warning("job %s not run: %s %s", job_id, claim, value)
+        event(log, "job.skipped", logging.WARNING, id=job_id, reason=claim, detail=value or None)
         return claim
     started = time.perf_counter()
+    event(log, "job.started", id=job_id, queue="interactive", worker=worker)
     sink = StoreSink(store, job_id)
     monitors: list[JobMonitor] = []
     try:
         request = GenerationRequest.from_dict(json.loads(value))
+        log.debug("job %s request: %r", job_id, request)
         result = handler.generate(request, sink, budget, monitor_out=monitors)
     except SoftTimeLimitExceeded:
         text = monitors[0].stream_text if monitors else sink.sent
@@ -63,7 +66,8 @@ def execute(store: JobStore, handler: ModelHandler, job_id: str, worker: str, ma
         fields["error"] = {"code": "time_limit", "message": "generation stopped at its time budget"}
     delta = result.text[len(sink.sent):] if result.text.startswith(sink.sent) else ""
     store.finish(job_id, status, fields, delta, result.completion_tokens)
-    log.info("job %s %s: prompt_tokens=%d completion_tokens=%d finish=%s run_ms=%.1f", job_id, status,
-             result.prompt_tokens, result.completion_tokens, result.finish_reason,
-             (time.perf_counter() - started) * 1000)
+    event(log, "job.finished", id=job_id, queue="interactive", status=status,
+          prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+          prompt_truncated=result.prompt_truncated, finish_reason=result.finish_reason,
+          run_ms=round((time.perf_counter() - started) * 1000, 1))
     return status
