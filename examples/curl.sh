@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every route of the API with curl. Start the service first: uv run qwen-deploy up --demo
+#   examples/curl.sh [BASE_URL]      (API_KEY=... in the environment when keys are configured)
+set -euo pipefail
+BASE=${1:-http://127.0.0.1:8000}
+AUTH=()
+[ -n "${API_KEY:-}" ] && AUTH=(-H "Authorization: Bearer $API_KEY")
+JSON=(-H 'Content-Type: application/json')
+c() { curl -sS --fail-with-body "${AUTH[@]}" "$@"; echo; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
+
+echo "# liveness, readiness, the served model"
+c "$BASE/livez"
+c "$BASE/readyz"
+c "$BASE/v1/model"
+
+echo "# submit a job, then long-poll it"
+JOB=$(c "${JSON[@]}" -d '{"prompt": "Beautiful is better than", "max_new_tokens": 8}' "$BASE/v1/jobs" | field id)
+c "$BASE/v1/jobs/$JOB?wait=10"
+
+echo "# chat messages, streamed as server-sent events"
+JOB=$(c "${JSON[@]}" -d '{"messages": [{"role": "user", "content": "Errors should never"}]}' "$BASE/v1/jobs" | field id)
+curl -sS -N "${AUTH[@]}" "$BASE/v1/jobs/$JOB/events"
+
+echo "# synchronous generation"
+c "${JSON[@]}" -d '{"prompt": "Errors should never", "max_new_tokens": 6}' "$BASE/v1/generate"
+
+echo "# cancel a long job"
+JOB=$(c "${JSON[@]}" -d '{"prompt": "Beautiful is better than", "max_new_tokens": 512, "ignore_eos": true}' "$BASE/v1/jobs" | field id)
+c -X POST "$BASE/v1/jobs/$JOB/cancel"
+c "$BASE/v1/jobs/$JOB?wait=10"
+
+echo "# a batch in the OpenAI Batch JSONL format"
+BATCH=$(printf '%s\n' \
+  '{"custom_id": "a", "method": "POST", "url": "/v1/jobs", "body": {"prompt": "Beautiful is better than", "max_new_tokens": 6}}' \
+  '{"custom_id": "b", "method": "POST", "url": "/v1/jobs", "body": {"prompt": "Errors should never", "max_new_tokens": 6}}' \
+  | c -H 'Content-Type: application/x-ndjson' --data-binary @- "$BASE/v1/batches" | field id)
+for _ in $(seq 50); do
+  [ "$(c "$BASE/v1/batches/$BATCH" | field status)" = completed ] && break
+  sleep 0.2
+done
+c "$BASE/v1/batches/$BATCH"
+c "$BASE/v1/batches/$BATCH/results?after=0"
+BATCH2=$(c "${JSON[@]}" -d '{"requests": [{"custom_id": "x", "body": {"prompt": "Now is better than", "max_new_tokens": 300, "ignore_eos": true}}]}' "$BASE/v1/batches" | field id)
+curl -sS "${AUTH[@]}" -X POST "$BASE/v1/batches/$BATCH2/cancel"; echo
+
+echo "# downloads and exports run on the convert queue (paths are relative to the configured roots)"
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"repo_id": "Qwen/Qwen2.5-0.5B-Instruct"}' "$BASE/v1/models/downloads"; echo
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"checkpoint": "../outside", "base": "b", "out": "o"}' "$BASE/v1/models/exports"; echo
+
+echo "# errors: always {\"error\": {type, code, message, param}}"
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"prompt": "x", "max_new_tokens": 513}' "$BASE/v1/jobs"; echo
+
+echo "# the OpenAPI document and metrics"
+c "$BASE/openapi.json" | head -c 200; echo
+c "$BASE/metrics" | grep -m3 '^qwen_deploy_'
