@@ -74,7 +74,8 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
     from conversion.errors import ConversionError
     from qwen_deploy.errors import AppError
 
-    claim, value = store.start(job_id, worker, settings.limits.max_deliveries)
+    lim = settings.limits
+    claim, value = store.start(job_id, worker, lim.max_deliveries, lim.convert_time_limit + lim.reap_grace)
     if claim != "run":
         return claim
     report = Reporter(store, job_id)

@@ -59,6 +59,9 @@ class LimitSettings(Section):
     max_stream: float = Field(300.0, gt=0, description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
     max_body_bytes: int = Field(1_048_576, ge=1024)
     convert_time_limit: float = Field(3600.0, ge=60)
+    reap_after: float = Field(600.0, gt=0, description="seconds a job may stay queued before the reaper checks it")
+    reap_grace: float = Field(60.0, ge=0, description="seconds past its time limit before a running job is reaped")
+    reap_interval: float = Field(30.0, gt=0, description="seconds between stuck-job checks (run by the workers)")
 
 
 class BatchSettings(Section):

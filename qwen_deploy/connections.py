@@ -24,7 +24,8 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def job_store(settings: Settings) -> JobStore:
-    return JobStore(redis_client(settings), settings.key_prefix, settings.limits.result_ttl)
+    return JobStore(redis_client(settings), settings.key_prefix, settings.limits.result_ttl,
+                    settings.limits.reap_after)
 
 
 def reset_after_fork() -> None:

@@ -19,7 +19,8 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 JOB_ID_PREFIX = "job_"
 
-# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] the stats hash.
+# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] the stats hash,
+# KEYS[4] the active set (non-terminal job ids scored by when the reaper should look at them).
 _LUA_COMMON = """
 local terminal = {succeeded=true, failed=true, canceled=true, timed_out=true}
 local BUCKETS = {%s}
@@ -31,6 +32,7 @@ local function observe(name, value)
   end
 end
 local function close(status, now, ttl)
+  redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
   redis.call('HSET', KEYS[1], 'status', status, 'completed_at', now)
   redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', status)
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -42,7 +44,7 @@ local function close(status, now, ttl)
 end
 """ % ", ".join(f"'{b}'" for b in HISTOGRAM_BUCKETS)
 
-# KEYS: job, queue, idem ('' when none). ARGV: ttl, max_depth, message, job id, fields...
+# KEYS: job, queue, idem ('' when none), active. ARGV: ttl, max_depth, message, job id, reap at, fields...
 SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate', ARGV[4]} end
 if KEYS[3] ~= '' then
@@ -51,14 +53,15 @@ if KEYS[3] ~= '' then
 end
 local depth = redis.call('LLEN', KEYS[2])
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 redis.call('LPUSH', KEYS[2], ARGV[3])
 if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
 return {'ok', ARGV[4]}
 """
 
-# ARGV: now, worker, max_deliveries, exhausted error json, ttl
+# ARGV: now, worker, max_deliveries, exhausted error json, ttl, reap at (if the worker vanishes)
 START = _LUA_COMMON + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', ''} end
@@ -72,6 +75,7 @@ end
 if n == 1 then observe('queue_seconds', tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'created_at'))) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
            'tokens', 0, 'text', '')
+redis.call('ZADD', KEYS[4], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
 redis.call('XADD', KEYS[2], '*', 'type', 'status', 'status', 'running', 'attempt', n)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return {'run', redis.call('HGET', KEYS[1], 'request')}
@@ -145,10 +149,11 @@ class SubmitResult:
 class JobStore:
     """Reads and writes job records; every method is one Redis round trip."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400, reap_after: float = 600.0) -> None:
         self.r = client
         self.prefix = prefix
         self.ttl = ttl
+        self.reap_after = reap_after
         self._submit = client.register_script(SUBMIT)
         self._start = client.register_script(START)
         self._cancel = client.register_script(CANCEL)
@@ -163,8 +168,11 @@ class JobStore:
     def stats_key(self) -> str:
         return f"{self.prefix}:stats"
 
+    def active_key(self) -> str:
+        return f"{self.prefix}:active"
+
     def _keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id), self.events_key(job_id), self.stats_key()]
+        return [self.key(job_id), self.events_key(job_id), self.stats_key(), self.active_key()]
 
     def idem_key(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
@@ -176,8 +184,8 @@ class JobStore:
                   "tokens": "0", "deliveries": "0", **fields}
         idem = self.idem_key(idempotency_key) if idempotency_key else ""
         status, value = self._submit(
-            keys=[self.key(job_id), queue, idem],
-            args=[self.ttl, max_depth, message, job_id, *_flat(fields)],
+            keys=[self.key(job_id), queue, idem, self.active_key()],
+            args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), *_flat(fields)],
         )
         status, value = _text(status), _text(value)
         if status == "full":
@@ -188,13 +196,14 @@ class JobStore:
         raw = self.r.hgetall(self.key(job_id))
         return {_text(k): _text(v) for k, v in raw.items()} or None
 
-    def start(self, job_id: str, worker: str, max_deliveries: int) -> tuple[str, str]:
+    def start(self, job_id: str, worker: str, max_deliveries: int, running_for: float = 3600.0) -> tuple[str, str]:
         """Mark running and count the delivery. Returns (run, request json) or (skip|missing|exhausted, why)."""
         error = {"code": "worker_lost", "message": (
             f"the worker running this job died {max_deliveries} time(s); the job was not retried again")}
         status, value = self._start(
             keys=self._keys(job_id),
-            args=[repr(time.time()), worker, max_deliveries, json.dumps(error), self.ttl],
+            args=[repr(time.time()), worker, max_deliveries, json.dumps(error), self.ttl,
+                  repr(time.time() + running_for)],
         )
         return _text(status), _text(value)
 

@@ -16,5 +16,6 @@ def generate(job_id: str) -> str:
     from worker.runtime import get_handler, process_name
 
     settings = get_settings()
-    return execute(job_store(settings), get_handler(), job_id, process_name(),
-                   settings.limits.max_deliveries, settings.limits.generation_budget)
+    lim = settings.limits
+    return execute(job_store(settings), get_handler(), job_id, process_name(), lim.max_deliveries,
+                   lim.generation_budget, lim.hard_time_limit + lim.reap_grace)

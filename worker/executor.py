@@ -32,9 +32,9 @@ class StoreSink:
 
 
 def execute(store: JobStore, handler: ModelHandler, job_id: str, worker: str, max_deliveries: int,
-            budget: float) -> str:
+            budget: float, running_for: float = 3600.0) -> str:
     """Run the job and return its final status (or why it was not run)."""
-    claim, value = store.start(job_id, worker, max_deliveries)
+    claim, value = store.start(job_id, worker, max_deliveries, running_for)
     if claim != "run":
         event(log, "job.skipped", logging.WARNING, id=job_id, reason=claim, detail=value or None)
         return claim

@@ -10,7 +10,8 @@ from dataclasses import asdict
 
 from qwen_deploy import registry
 from qwen_deploy.config import Settings
-from qwen_deploy.connections import redis_client
+from qwen_deploy.connections import job_store, redis_client
+from qwen_deploy.reaper import reap_if_due
 from worker.handler import ModelHandler
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,12 @@ def init_process(settings: Settings) -> ModelHandler:
 
 
 def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
-    client = redis_client(settings)
+    """Refresh this worker's registration and run the stuck-job check when it is due."""
+    client, store, lim = redis_client(settings), job_store(settings), settings.limits
     while not _stop.wait(settings.worker.heartbeat_interval):
         try:
             registry.publish(client, settings.key_prefix, name, _record(settings, "ready", _handler), ttl)
+            reap_if_due(store, lim.reap_interval, lim.max_deliveries, lim.hard_time_limit + lim.reap_grace)
         except Exception as exc:  # Redis may be briefly away; the next beat retries
             log.warning("heartbeat failed: %s", exc)
 

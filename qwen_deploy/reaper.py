@@ -1,0 +1,97 @@
+"""The stuck-job check: jobs whose worker vanished, or whose queue message was lost, are re-queued
+(same id, bounded by `max_deliveries`) or failed with a clear error. Never left queued or running.
+
+Every non-terminal job sits in the `{prefix}:active` sorted set, scored by when to look at it:
+`reap_after` after submit, and `hard limit + reap_grace` after each start. A job found there past
+its time is:
+
+- queued, with its message still in the queue or held unacked by a live consumer: left alone;
+- queued, with its message nowhere (popped by a consumer that died): its message is pushed again;
+- running past its time limit (its worker died with the message, e.g. parent and child killed):
+  the broker's unacked copy is dropped and the message pushed again, or, after `max_deliveries`
+  runs, the job fails with `worker_lost`.
+
+Workers run `reap()` from their heartbeat thread; a short Redis lock lets one run at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+
+from qwen_deploy.jobs import TERMINAL, JobStore
+from qwen_deploy.logs import event
+
+log = logging.getLogger(__name__)
+
+UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
+UNACKED_INDEX = "unacked_index"
+
+
+def _unacked_tags(client: redis.Redis, job_id: str) -> list[str]:
+    """Delivery tags of unacked copies of this job's message."""
+    needle = f'"id": "{job_id}"'
+    return [tag for tag, raw in client.hgetall(UNACKED).items() if needle in raw or f'"id":"{job_id}"' in raw]
+
+
+def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 100) -> dict[str, int]:
+    """One pass over the jobs due for a look; returns counts by outcome."""
+    client, now = store.r, time.time()
+    due = client.zrangebyscore(store.active_key(), "-inf", now, start=0, num=limit)
+    counts = {"requeued": 0, "failed": 0, "waiting": 0, "done": 0}
+    for job_id in due:
+        counts[_reap_one(store, job_id, now, max_deliveries, running_for)] += 1
+    return counts
+
+
+def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, running_for: float) -> str:
+    client = store.r
+    record = store.get(job_id)
+    if record is None or record.get("status") in TERMINAL:
+        client.zrem(store.active_key(), job_id)
+        return "done"
+    queue, message = record.get("queue", ""), record.get("message", "")
+    tags = _unacked_tags(client, job_id)
+    if record["status"] == "queued":
+        if tags or (message and client.lpos(queue, message) is not None):
+            client.zadd(store.active_key(), {job_id: now + store.reap_after})
+            return "waiting"
+    elif tags:  # running past its limit: the consumer holding this copy is gone
+        pipe = client.pipeline()
+        pipe.hdel(UNACKED, *tags)
+        pipe.zrem(UNACKED_INDEX, *tags)
+        pipe.execute()
+    if int(record.get("deliveries") or 0) >= max_deliveries:
+        error = {"code": "worker_lost", "message": f"the job's worker vanished; it ran {max_deliveries} time(s)"}
+        store.finish(job_id, "failed", {"error": error})
+        event(log, "job.reaped", logging.WARNING, id=job_id, outcome="failed", status=record["status"])
+        return "failed"
+    if not message:
+        store.finish(job_id, "failed", {"error": {"code": "lost", "message": "the job's queue message was lost"}})
+        return "failed"
+    pipe = client.pipeline()
+    pipe.zadd(store.active_key(), {job_id: now + running_for + store.reap_after})
+    pipe.lpush(queue, _fresh_tag(message))
+    pipe.execute()
+    event(log, "job.reaped", logging.WARNING, id=job_id, outcome="requeued", status=record["status"])
+    return "requeued"
+
+
+def _fresh_tag(message: str) -> str:
+    """The same message with a new delivery tag, so it cannot collide with a dropped unacked copy."""
+    import uuid
+
+    data: dict[str, Any] = json.loads(message)
+    data["properties"]["delivery_tag"] = str(uuid.uuid4())
+    return json.dumps(data)
+
+
+def reap_if_due(store: JobStore, interval: float, max_deliveries: int, running_for: float) -> dict[str, int] | None:
+    """Run `reap` unless another process ran it within `interval` seconds."""
+    if not store.r.set(f"{store.prefix}:reaper:lock", "1", nx=True, px=max(1, int(interval * 1000))):
+        return None
+    return reap(store, max_deliveries, running_for)
