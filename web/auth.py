@@ -9,7 +9,8 @@ from flask import Flask, request
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import Unauthorized
 
-OPEN_PATHS = frozenset({"/livez"})
+OPEN_PATHS = frozenset({"/livez", "/"})  # the console page holds no data; its API calls send the key
+OPEN_PREFIXES = ("/static/",)
 
 
 def register(app: Flask, settings: Settings) -> None:
@@ -19,7 +20,7 @@ def register(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def _check_key() -> None:
-        if request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
             return
         header = request.headers.get("Authorization", "")
         given = header.removeprefix("Bearer ").strip().encode() if header.startswith("Bearer ") else b""

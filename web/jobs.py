@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
 
 SSE_KEEPALIVE_S = 15.0
+STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # 64-bit parts
 
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
@@ -127,12 +129,14 @@ def cancel_job(job_id: str) -> Response:
     return _job_response(job, 202)
 
 
-@bp.get("/jobs/<job_id>/events")
-@doc(tags=("jobs",))
+@bp.get("/jobs/<job_id>/events")  # documented in web/openapi.py: spectree's wrapper would buffer the stream
 def job_events(job_id: str) -> Response:
     """Server-sent events: `status`, `token` (text deltas) and a final `done` with the job."""
     load_job(job_id)  # 404/410 before the stream starts
     start = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    if not STREAM_ID.fullmatch(start):
+        raise Unprocessable("Last-Event-ID must be an event id from this stream (like 1795760951281-0)",
+                            param="Last-Event-ID")
     body = stream_with_context(_sse(job_id, start))
     return Response(body, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

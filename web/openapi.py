@@ -122,12 +122,40 @@ def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str,
     return spec.validate(resp=Responses(**codes), tags=list(tags), skip_validation=True, **kwargs)
 
 
+def _error_ref(document: dict[str, Any]) -> dict[str, Any]:
+    name = next(n for n in document["components"]["schemas"] if n.split(".")[0] == "Error")
+    return {"description": "error", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+
+SSE_EVENT = {  # one server-sent event; `data` is JSON: {text, tokens}, {status, attempt}, or the job
+    "type": "object", "required": ["data"],
+    "properties": {"event": {"enum": ["status", "token", "done", "timeout"]}, "id": {"type": "string"},
+                   "data": {"type": "string", "contentMediaType": "application/json"}},
+}
+
+
+def _events_path(document: dict[str, Any]) -> dict[str, Any]:
+    """The SSE route, written by hand: spectree's response wrapper would buffer a stream."""
+    error = _error_ref(document)
+    return {"get": {
+        "summary": "Server-sent events of a job: `status`, `token` (text deltas) and a final `done` with the job.",
+        "operationId": "get_jobs_events", "tags": ["jobs"],
+        "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                       {"name": "Last-Event-ID", "in": "header", "required": False,
+                        "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"}}],
+        "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+                      **{code: error for code in ("401", "404", "410", "422", "503")}},
+    }}
+
+
 def register(app: Flask) -> None:
     spec.register(app)
 
     @app.get("/openapi.json")
     def openapi_json() -> Response:
-        return jsonify(spec.spec)
+        document = dict(spec.spec)
+        document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
+        return jsonify(document)
 
     @app.get("/docs")
     def docs() -> Response:
