@@ -29,8 +29,23 @@ def _log_format(logger: logging.Logger | None = None, **_: object) -> None:
 
 @signals.worker_init.connect
 def _before_fork(sender: object = None, **_: object) -> None:
-    # Idle OpenMP threads must not spin on a small shared box; the child imports torch later.
+    """Runs once in the parent. Idle OpenMP threads must not spin on a small shared box.
+
+    A generation worker also imports (never runs) torch and transformers here, so that every child
+    forked later, including one that replaces a killed child, loads its model in a fraction of a
+    second instead of paying those imports again. No tensor, thread pool or CUDA context is created
+    in the parent: the model itself still loads only in the child.
+    """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from tasks.app import app
+
+    if _serves_generation(app):
+        from worker.handler import ModelHandler
+
+        try:
+            ModelHandler(get_settings()).preload_modules()
+        except Exception as exc:  # the child loads (and reports) for real
+            log.warning("could not preload the model's modules: %s", exc)
 
 
 @signals.worker_process_init.connect

@@ -158,6 +158,19 @@ class ModelHandler:
         log.info("model loaded: %s", asdict(self.info))
         return self.info
 
+    def preload_modules(self) -> None:
+        """Import the model's and tokenizer's code without loading weights or touching a device
+        (called in the worker parent, so forked children skip transformers' lazy imports)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = self.settings.model
+        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, token=token,
+                                            trust_remote_code=cfg.trust_remote_code)
+        AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (imports the modeling module)
+        AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, token=token,
+                                      trust_remote_code=cfg.trust_remote_code)
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
