@@ -1,0 +1,189 @@
+"""Nothing lost, nobody in: kill things and count. Each test prints its figure (see docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from qwen_deploy.client import APIError, Client
+from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE
+from qwen_deploy.redis_server import RedisServer
+from tests.helpers import Stack, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TERMINAL = ("succeeded", "failed", "canceled", "timed_out")
+LONG = {"prompt": "Simple is better than complex. " * 400 + "Beautiful is better than",
+        "max_new_tokens": 512, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def chaos(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+    limits = {"max_queue_depth": 100_000, "reap_after": 3, "reap_grace": 1, "reap_interval": 0.5,
+              "generation_budget": 10, "soft_time_limit": 12, "hard_time_limit": 15}
+    s = Stack(tmp_path_factory.mktemp("chaos"), demo_model, {"limits": limits})
+    s.start_worker()
+    s.start_web()
+    yield s
+    s.stop()
+
+
+def figure(name: str, **values: object) -> None:
+    print(f"\nRELIABILITY {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def finals(client: Client, ids: list[str], timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    return [client.wait(i, timeout=max(1.0, deadline - time.monotonic())) for i in ids]
+
+
+def test_burst_of_500_jobs_from_16_threads(chaos: Stack) -> None:
+    client = chaos.client()
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda i: Client(chaos.url).submit("Errors should never", max_new_tokens=2)["id"],
+                            range(500)))
+    assert len(set(ids)) == 500
+    done = finals(client, ids)
+    statuses = [d["status"] for d in done]
+    duplicates = sum(1 for d in done if d["attempts"] > 1)
+    figure("burst", jobs=500, terminal=sum(s in TERMINAL for s in statuses), lost=500 - len(done),
+           duplicates=duplicates)
+    assert statuses == ["succeeded"] * 500
+    assert duplicates <= 1  # ≤ 0.2 %
+
+
+def test_child_killed_20_times(chaos: Stack) -> None:
+    client = chaos.client()
+    ids, recoveries = [], []
+    for _ in range(20):
+        job = client.submit(**LONG)
+        wait_until(lambda j=job: client.get(j["id"])["progress"]["tokens"] > 0, 60, 0.005, "the job to run")
+        pid = int(chaos.record(job["id"])["worker"].rsplit(":", 1)[1])
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        ids.append(job["id"])
+        client.wait(job["id"], timeout=60)
+        recoveries.append(time.monotonic() - killed_at)
+    done = finals(client, ids)
+    stuck = sum(d["status"] not in TERMINAL for d in done)
+    figure("child_sigkill", runs=20, terminal=20 - stuck, rerun_ok=sum(d["status"] == "succeeded" for d in done),
+           stuck=stuck, recovery_p50_s=round(sorted(recoveries)[10], 2))
+    assert stuck == 0
+    assert all(d["status"] == "succeeded" and d["attempts"] == 2 for d in done)
+    assert client.generate("Errors should never", max_new_tokens=6)["output"]["text"].startswith(" pass silently.")
+
+
+def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack) -> None:
+    client = chaos.client()
+    running = client.submit(**LONG)
+    queued = [client.submit("Errors should never", max_new_tokens=4)["id"] for _ in range(10)]
+    wait_until(lambda: client.get(running["id"])["progress"]["tokens"] > 0, 60, 0.005, "the job to run")
+    os.killpg(chaos.worker.pid, signal.SIGKILL)
+    chaos.worker.wait()
+    killed_at = time.monotonic()
+    chaos.start_worker()
+    done = finals(client, [running["id"], *queued])
+    figure("parent_and_child_sigkill", jobs=11, completed=sum(d["status"] == "succeeded" for d in done),
+           lost=sum(d["status"] not in TERMINAL for d in done), recovery_s=round(time.monotonic() - killed_at, 1))
+    assert [d["status"] for d in done] == ["succeeded"] * 11
+
+
+def test_sigterm_lets_the_running_job_finish(chaos: Stack) -> None:
+    client = chaos.client()
+    job = client.submit("Beautiful is better than", max_new_tokens=300, ignore_eos=True)
+    wait_until(lambda: client.get(job["id"])["progress"]["tokens"] > 0, 60, 0.005, "the job to run")
+    os.kill(chaos.worker.pid, signal.SIGTERM)  # warm shutdown: finish the task, then exit
+    chaos.worker.wait(timeout=60)
+    done = client.get(job["id"])
+    figure("sigterm", jobs=1, finished=int(done["status"] == "succeeded"), attempts=done["attempts"])
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert done["output"]["usage"]["completion_tokens"] == 300
+    chaos.start_worker()
+
+
+def test_pickled_message_is_refused_and_never_runs(chaos: Stack, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    task_id = str(uuid.uuid4())
+    body = base64.b64encode(pickle.dumps(((Evil(),), {}, {}))).decode()
+    message = {"body": body, "content-encoding": "binary", "content-type": "application/x-python-serialize",
+               "headers": {"lang": "py", "task": GENERATE_TASK, "id": task_id, "root_id": task_id,
+                           "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None},
+               "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": 0,
+                              "delivery_info": {"exchange": "", "routing_key": INTERACTIVE},
+                              "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}}
+    chaos.redis.lpush(INTERACTIVE, json.dumps(message))
+    client = chaos.client()
+    after = client.generate("Errors should never", max_new_tokens=6)  # queued behind it: the worker moved on
+    time.sleep(0.5)
+    figure("pickle_message", pushed=1, executions=int(marker.exists()))
+    assert after["status"] == "succeeded"
+    assert not marker.exists()
+    assert chaos.redis.llen(INTERACTIVE) == 0 and chaos.redis.hlen("unacked") == 0
+    assert "disallowed" in chaos.log_path.read_text().lower()
+
+
+def test_redis_killed_with_100_jobs_queued(tmp_path: Path, demo_model: Path) -> None:
+    stack = Stack(tmp_path / "stack", demo_model, {"limits": {"max_queue_depth": 100_000}})
+    stack.start_web()
+    try:
+        client = stack.client()
+        ids = [client.submit("Errors should never", max_new_tokens=4)["id"] for _ in range(100)]
+        time.sleep(1.5)  # appendfsync everysec
+        server = stack.redis_server
+        assert server is not None
+        server.kill()
+        with pytest.raises(APIError) as err:
+            client.submit("Errors should never", max_new_tokens=4)
+        assert (err.value.status, err.value.code) == (503, "redis_unavailable")
+        assert requests.get(stack.url + "/readyz", timeout=10).status_code == 503
+        down_at = time.monotonic()
+        stack.redis_server = RedisServer(data_dir=server.data_dir, port=server.port).start()
+        stack.start_worker()
+        done = finals(client, ids, timeout=120)
+        ok = sum(d["status"] == "succeeded" for d in done)
+        figure("redis_kill_9", queued=100, completed=ok, lost=100 - ok,
+               recovery_s=round(time.monotonic() - down_at, 1))
+        assert ok == 100
+    finally:
+        stack.stop()
+
+
+def test_every_route_but_livez_needs_the_key(tmp_path: Path, demo_model: Path) -> None:
+    stack = Stack(tmp_path / "stack", demo_model, {"web": {"api_keys": ["k-chaos-1"]}})
+    stack.start_web()
+    try:
+        doc = requests.get(stack.url + "/openapi.json", headers={"Authorization": "Bearer k-chaos-1"},
+                           timeout=10).json()
+        routes = [(m.upper(), p.replace("{job_id}", "job_x").replace("{batch_id}", "batch_x"))
+                  for p, ops in doc["paths"].items() for m in ops]
+        routes += [("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs")]
+        refused = 0
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "}):
+                response = requests.request(method, stack.url + path, headers=headers, json={}, timeout=10)
+                if path == "/livez":
+                    assert response.status_code == 200
+                else:
+                    assert response.status_code == 401, (method, path, headers, response.status_code)
+                    refused += 1
+        figure("auth", routes=len(routes), refused=refused)
+        log = (stack.tmp / "worker.log")
+        assert not log.exists() or "k-chaos-1" not in log.read_text()
+    finally:
+        stack.stop()
