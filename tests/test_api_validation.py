@@ -186,3 +186,29 @@ def test_batch_limits_on_bytes_and_lines(redis_srv: RedisServer) -> None:
     assert response.status_code == 422 and error_of(response)["code"] == "too_many_lines"
     ok = http.post("/v1/batches", data=line, content_type="application/x-ndjson")
     assert ok.status_code == 202 and ok.get_json()["request_counts"]["total"] == 1
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"prompt": "x", "stop": ["s"] * 10_000}, 422, "too_many_stop_strings"),
+    ({"prompt": "x", "max_new_tokens": -1}, 422, "invalid_value"),
+    ({"prompt": "x", "max_new_tokens": 10**30}, 422, "max_new_tokens_too_large"),
+    ({"prompt": "x", "seed": 2**64}, 422, "invalid_value"),
+    ({"prompt": "x", "temperature": "hot"}, 422, "invalid_type"),
+    ({"prompt": "x", "top_k": 1.5}, 422, "invalid_type"),
+    ({"prompt": "nul \u0000 and control \u0007\u001b chars"}, 202, None),
+    ({"messages": [{"role": "user", "content": "\u0000"}]}, 202, None),
+    ({"prompt\u0000": "x"}, 422, "unknown_field"),
+])
+def test_hostile_values_get_clear_answers(http, body: dict, status: int, code: str | None) -> None:  # type: ignore[no-untyped-def]
+    response = http.post("/v1/jobs", json=body)
+    assert response.status_code == status
+    if code:
+        assert error_of(response)["code"] == code
+    else:
+        assert response.get_json()["status"] == "queued"
+
+
+def test_hostile_paths_and_ids(http) -> None:  # type: ignore[no-untyped-def]
+    for job_id in ("%00", "..%2F..%2Fetc", "job_" + "f" * 28, "x" * 5000, "job_%E2%80%AE"):
+        assert http.get(f"/v1/jobs/{job_id}").status_code in (404, 410)
+    assert http.get("/v1/jobs/job_x/events", headers={"Last-Event-ID": "0-0 OR 1"}).status_code in (404, 422)
