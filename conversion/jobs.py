@@ -42,8 +42,7 @@ def run_download(req: dict[str, Any], settings: Settings, report: Reporter) -> d
     from conversion.download import download_model
 
     out = confine(settings.paths.models_root, req["out"], "out") if req.get("out") else None
-    token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    return download_model(req["repo_id"], revision=req.get("revision"), out=out, token=token,
+    return download_model(req["repo_id"], revision=req.get("revision"), out=out, token=settings.token,
                           allow_patterns=req.get("allow_patterns"), ignore_patterns=req.get("ignore_patterns"),
                           progress=report)
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwen_deploy.client import Client
 from qwen_deploy.config import ConfigError, Settings, load_settings
 from qwen_deploy.launcher import Supervisor, celery_command, web_command, worker_argv
 from qwen_deploy.queues import CONVERT, GENERATION_QUEUES
@@ -20,6 +21,12 @@ def _settings() -> Settings:
         return load_settings()
     except ConfigError as exc:
         sys.exit(f"qwen-deploy: {exc}")
+
+
+def _client(url: str | None) -> Client:
+    """An API client for `url`, or for this host's configured web address, with the configured key."""
+    settings = _settings()
+    return Client(url or f"http://{settings.web.host}:{settings.web.port}", api_key=settings.client_key)
 
 
 def _use_demo_model() -> str:
@@ -93,13 +100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.local:
         return _generate_local(args.prompt, params)
-    from qwen_deploy.client import APIError, Client
+    from qwen_deploy.client import APIError
 
-    settings = _settings()
-    url = args.url or f"http://{settings.web.host}:{settings.web.port}"
-    key = settings.web.api_keys[0].get_secret_value() if settings.web.api_keys else None
     try:
-        job = Client(url, api_key=key).generate(args.prompt, **params)
+        job = _client(args.url).generate(args.prompt, **params)
     except APIError as exc:
         sys.exit(f"qwen-deploy: {exc}")
     print(job["output"]["text"])
@@ -141,10 +145,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         handler.setup()
         runner: object = LocalRunner(handler, settings.batches.micro_batch_size)
     else:
-        from qwen_deploy.client import Client
-
-        key = settings.web.api_keys[0].get_secret_value() if settings.web.api_keys else None
-        runner = QueueRunner(Client(args.url or f"http://{settings.web.host}:{settings.web.port}", api_key=key))
+        runner = QueueRunner(_client(args.url))
     done = done_keys(out)
     total = count_records(source)
     bar = tqdm(total=total, initial=min(len(done), total), unit="rec", desc="analyze", file=sys.stderr)
@@ -169,11 +170,9 @@ def _queue(kind: str, body: dict[str, object], url: str | None) -> int:
     """Submit a download/export job, show its progress, print its result."""
     import json
 
-    from qwen_deploy.client import APIError, Client
+    from qwen_deploy.client import APIError
 
-    settings = _settings()
-    key = settings.web.api_keys[0].get_secret_value() if settings.web.api_keys else None
-    client = Client(url or f"http://{settings.web.host}:{settings.web.port}", api_key=key)
+    client = _client(url)
     try:
         job = client.submit_model_job(kind, {k: v for k, v in body.items() if v is not None})
         while job["status"] not in ("succeeded", "failed", "canceled", "timed_out"):
@@ -195,11 +194,9 @@ def cmd_download(args: argparse.Namespace) -> int:
         return _queue("download", {"repo_id": args.repo_id, "revision": args.revision, "out": args.out}, args.url)
     from conversion.download import DownloadError, download_model
 
-    settings = _settings()
-    token = settings.hf_token.get_secret_value() if settings.hf_token else None
     try:
         result = download_model(args.repo_id, revision=args.revision, out=Path(args.out) if args.out else None,
-                                token=token, progress=_print_progress)
+                                token=_settings().token, progress=_print_progress)
     except DownloadError as exc:
         sys.exit(f"\nqwen-deploy: download failed ({exc.code}): {exc}")
     print(file=sys.stderr)

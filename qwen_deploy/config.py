@@ -122,6 +122,16 @@ class Settings(Section):
         return self
 
     @property
+    def token(self) -> str | None:
+        """The HF token's value, for the hub client only (never log or return it)."""
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+    @property
+    def client_key(self) -> str | None:
+        """The first configured API key: what this host's own CLI sends."""
+        return self.web.api_keys[0].get_secret_value() if self.web.api_keys else None
+
+    @property
     def visibility_timeout(self) -> int:
         """Broker redelivery delay: longer than the longest task of any queue."""
         return int(max(self.limits.hard_time_limit, self.limits.convert_time_limit) + 300)

@@ -141,7 +141,7 @@ class ModelHandler:
         _quiet_transformers()
         device = pick_device(cfg.device)
         dtype = pick_dtype(cfg.dtype, device)
-        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        token = self.settings.token
         common = {"revision": cfg.revision, "token": token, "trust_remote_code": cfg.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
@@ -164,7 +164,7 @@ class ModelHandler:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         cfg = self.settings.model
-        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        token = self.settings.token
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, token=token,
                                             trust_remote_code=cfg.trust_remote_code)
         AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (imports the modeling module)
