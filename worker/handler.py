@@ -62,8 +62,9 @@ class JobMonitor(StoppingCriteria):
     """One stopping criterion for a job: time budget, stop strings, cancel flag and progress."""
 
     def __init__(self, handler: ModelHandler, prompt_len: int, stop: list[str], budget: float,
-                 sink: ProgressSink | None, interval: float) -> None:
+                 sink: ProgressSink | None, interval: float, max_new_tokens: int) -> None:
         self.handler, self.prompt_len, self.stop = handler, prompt_len, stop
+        self.max_new_tokens = max_new_tokens
         self.deadline = time.monotonic() + budget
         self.sink, self.interval = sink, interval
         self.next_flush = time.monotonic() + interval
@@ -91,7 +92,7 @@ class JobMonitor(StoppingCriteria):
             if self.sink(self.tokens, self.stream_text):
                 self.reason = "canceled"
                 return True
-        if now >= self.deadline:
+        if now >= self.deadline and self.tokens < self.max_new_tokens:  # a finished job is not late
             self.reason = "time_limit"
             return True
         return False
@@ -195,7 +196,7 @@ class ModelHandler:
             ids = [self.eos_ids[0]]
         gen = self.settings.generation
         monitor = JobMonitor(self, len(ids), req.stop, budget or self.settings.limits.generation_budget,
-                             sink, gen.progress_interval_ms / 1000)
+                             sink, gen.progress_interval_ms / 1000, req.max_new_tokens)
         if monitor_out is not None:
             monitor_out.append(monitor)
         input_ids = torch.tensor([ids], device=self.model.device)

@@ -1,0 +1,63 @@
+"""The hard time limit: a job stuck in one long C call is killed with its child, ends timed_out, is never
+re-run, and the replacement child serves the next job (no "Timed out waiting for UP message" loop)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Stack, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
+    """A random one-layer Qwen2 with 4096-wide matrices and the demo tokenizer: on an 8,000-token prompt
+    its first projection is a single C call of about a second, which the soft limit cannot interrupt."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("wide") / "model"
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=4096, intermediate_size=4096, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (demo_model / name).exists():
+            shutil.copy(demo_model / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory: pytest.TempPathFactory, wide_model: Path) -> Iterator[Stack]:
+    config = {"limits": {"generation_budget": 0.1, "soft_time_limit": 0.3, "hard_time_limit": 0.6},
+              "generation": {"max_prompt_tokens": 8192}}
+    s = Stack(tmp_path_factory.mktemp("hard"), wide_model, config)
+    s.start_worker()
+    s.start_web()
+    yield s
+    s.stop()
+
+
+def test_hard_limit_kills_the_child_marks_timed_out_and_never_reruns(hard: Stack) -> None:
+    client = hard.client()
+    pid = hard.child_pid()
+    job = client.submit("Simple is better than complex. " * 1200, max_new_tokens=4)  # > 8,192 tokens
+    done = client.wait(job["id"], timeout=60)
+    assert done["status"] == "timed_out", done
+    assert done["error"]["code"] == "hard_time_limit"
+    assert done["attempts"] == 1
+    new_pid = wait_until(lambda: (p := hard.child_pid()) != pid and p, 60, 0.1, "a new child")
+    after = client.generate("Beautiful is better than", max_new_tokens=1)
+    assert after["status"] == "succeeded" and after["output"]["usage"]["completion_tokens"] == 1
+    assert hard.record(job["id"])["deliveries"] == "1"  # not re-run
+    log = hard.log_path.read_text()
+    assert "Hard time limit (0.6s) exceeded" in log
+    assert "Timed out waiting for UP message" not in log
+    print(f"\nRELIABILITY hard_time_limit: jobs=1, timed_out=1, reruns=0, new_child={new_pid != pid}, up_kills=0")
