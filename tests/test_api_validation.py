@@ -212,3 +212,9 @@ def test_hostile_paths_and_ids(http) -> None:  # type: ignore[no-untyped-def]
     for job_id in ("%00", "..%2F..%2Fetc", "job_" + "f" * 28, "x" * 5000, "job_%E2%80%AE"):
         assert http.get(f"/v1/jobs/{job_id}").status_code in (404, 410)
     assert http.get("/v1/jobs/job_x/events", headers={"Last-Event-ID": "0-0 OR 1"}).status_code in (404, 422)
+
+
+def test_the_accepted_job_is_the_stored_job(http) -> None:  # type: ignore[no-untyped-def]
+    created = http.post("/v1/jobs", json={"prompt": "x", "max_new_tokens": 3}).get_json()
+    stored = http.get(f"/v1/jobs/{created['id']}").get_json()
+    assert created == stored

@@ -70,22 +70,21 @@ def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path)
     assert out.stdout.startswith(" ugly.")
 
 
-def test_export_command_prints_the_report_and_fails_clearly(demo_model: Path, tmp_path: Path) -> None:
+def test_export_command_prints_the_report_and_fails_clearly(demo_model: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from qwen_deploy.cli import main
 
     state = AutoModelForCausalLM.from_pretrained(demo_model).state_dict()
     state["model.norm.weight"] = state["model.norm.weight"] * 1.001
     torch.save({f"_orig_mod.{k}": v for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "ckpt.pt")
-    env = {**os.environ, "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env")}
-    cmd = [sys.executable, "-m", "qwen_deploy.cli", "export", str(tmp_path / "ckpt.pt"), "--base", str(demo_model)]
-    ok = subprocess.run([*cmd, "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=180)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    report = json.loads(ok.stdout)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ckpt.pt"), "--base", str(demo_model), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["checks"]["logits_match"]["ok"] and (tmp_path / "out" / "model.safetensors").exists()
-    missing = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "export", str(tmp_path / "nope.pt"),
-                              "--base", str(demo_model), "--out", str(tmp_path / "out3")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=180)
-    assert missing.returncode != 0 and "export failed" in missing.stderr
+    with pytest.raises(SystemExit) as failed:
+        main(["export", str(tmp_path / "nope.pt"), "--base", str(demo_model), "--out", str(tmp_path / "out3")])
+    assert "export failed" in str(failed.value.code)
     assert not (tmp_path / "out3").exists()

@@ -33,7 +33,8 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
     job_id = new_job_id()
     lim = svc.settings.limits
     message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id], lim.hard_time_limit, lim.soft_time_limit)
-    fields = {"type": "generation", "request": json.dumps(req), "max_new_tokens": str(req["max_new_tokens"])}
+    fields = {"type": "generation", "request": json.dumps(req), "max_new_tokens": str(req["max_new_tokens"]),
+              "created_at": repr(time.time())}
     result = svc.store.submit(job_id, INTERACTIVE, message, fields, lim.max_queue_depth, idempotency_key)
     if result.status == "full":
         raise QueueFull(f"the queue holds {result.depth} jobs; try again later",
@@ -41,9 +42,7 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, queue=INTERACTIVE, max_new_tokens=req["max_new_tokens"])
-    now = time.time()
-    record = {"id": job_id, "status": "queued", "queue": INTERACTIVE, "created_at": repr(now), **fields}
-    return public_job(record), False
+    return public_job({"id": job_id, "status": "queued", "queue": INTERACTIVE, **fields}), False
 
 
 def load_job(job_id: str) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def _submit(kind: str, req: dict[str, Any]) -> Response:
     svc = services()
     job_id, limit = new_job_id(), svc.settings.limits.convert_time_limit
     message = task_message(convert_task(kind), job_id, CONVERT, [job_id], limit, limit - 30)
-    fields = {"type": kind, "request": json.dumps(req)}
+    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time())}
     result = svc.store.submit(job_id, CONVERT, message, fields, svc.settings.limits.max_queue_depth,
                               request.headers.get("Idempotency-Key"))
     if result.status == "full":
@@ -51,8 +51,7 @@ def _submit(kind: str, req: dict[str, Any]) -> Response:
     if result.status == "duplicate":
         job = load_job(result.job_id)
     else:
-        job = public_job({"id": job_id, "status": "queued", "queue": CONVERT, "created_at": repr(time.time()),
-                          **fields})
+        job = public_job({"id": job_id, "status": "queued", "queue": CONVERT, **fields})
     return Response(json.dumps(job), status=202, mimetype="application/json",
                     headers={"Location": f"/v1/jobs/{job['id']}"})
 
