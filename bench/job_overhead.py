@@ -36,19 +36,9 @@ PROMPT = "Beautiful is better than"
 
 def build_bench_model(demo: Path, out: Path) -> Path:
     """A random-weight Qwen2 (~38 M parameters) that uses the demo model's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from worker.random_model import build_random_qwen2
 
-    if (out / "config.json").exists():
-        return out
-    tok = AutoTokenizer.from_pretrained(demo)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=10,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_random_qwen2(demo, out, hidden=512, intermediate=2048, layers=10, heads=8, kv_heads=2)
 
 
 def pct(values: list[float], q: float) -> float:

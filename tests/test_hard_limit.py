@@ -3,7 +3,6 @@ re-run, and the replacement child serves the next job (no "Timed out waiting for
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +17,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def wide_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
     """A random one-layer Qwen2 with 4096-wide matrices and the demo tokenizer: on an 8,000-token prompt
     its first projection is a single C call of about a second, which the soft limit cannot interrupt."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from worker.random_model import build_random_qwen2
 
     out = tmp_path_factory.mktemp("wide") / "model"
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=4096, intermediate_size=4096, num_hidden_layers=1,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (demo_model / name).exists():
-            shutil.copy(demo_model / name, out / name)
+    build_random_qwen2(demo_model, out, hidden=4096, intermediate=4096, layers=1, heads=32, kv_heads=8,
+                       max_positions=16384)
     return out
 
 
