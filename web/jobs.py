@@ -26,23 +26,30 @@ SSE_KEEPALIVE_S = 15.0
 STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # 64-bit parts
 
 
-def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
-    """Validate and enqueue; return (job object, replayed) — one Redis round trip."""
+def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
+            idempotency_key: str | None, retry_after: int | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
+    """Record and enqueue a job in one Redis round trip; return (job object, replayed)."""
     svc = services()
-    req = parse_job(body, svc.settings)
     job_id = new_job_id()
-    lim = svc.settings.limits
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id], lim.hard_time_limit, lim.soft_time_limit)
-    fields = {"type": "generation", "request": json.dumps(req), "max_new_tokens": str(req["max_new_tokens"]),
-              "created_at": repr(time.time())}
-    result = svc.store.submit(job_id, INTERACTIVE, message, fields, lim.max_queue_depth, idempotency_key)
+    message = task_message(task, job_id, queue, [job_id], *limits)
+    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **extra}
+    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth, idempotency_key)
     if result.status == "full":
-        raise QueueFull(f"the queue holds {result.depth} jobs; try again later",
-                        headers={"Retry-After": str(max(1, result.depth // 50))})
+        wait = retry_after or max(1, result.depth // 50)
+        raise QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
+                        headers={"Retry-After": str(wait)})
     if result.status == "duplicate":
         return load_job(result.job_id), True
-    event(log, "job.submitted", id=job_id, queue=INTERACTIVE, max_new_tokens=req["max_new_tokens"])
-    return public_job({"id": job_id, "status": "queued", "queue": INTERACTIVE, **fields}), False
+    event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
+    return public_job({"id": job_id, "status": "queued", "queue": queue, **fields}), False
+
+
+def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+    """Validate and enqueue a generation job."""
+    req = parse_job(body, services().settings)
+    lim = services().settings.limits
+    return enqueue("generation", GENERATE_TASK, INTERACTIVE, req, (lim.hard_time_limit, lim.soft_time_limit),
+                   idempotency_key, max_new_tokens=str(req["max_new_tokens"]))
 
 
 def load_job(job_id: str) -> dict[str, Any]:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Literal
 
 from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from qwen_deploy.errors import QueueFull
-from qwen_deploy.jobs import new_job_id, public_job
 from qwen_deploy.paths import confine
-from qwen_deploy.queues import CONVERT, convert_task, task_message
+from qwen_deploy.queues import CONVERT, convert_task
 from web import services
-from web.jobs import load_job
+from web.jobs import enqueue
 from web.openapi import Job, doc
 from web.schemas import read_json, validation_error
 
@@ -40,18 +37,9 @@ class ExportCreate(BaseModel):
 
 
 def _submit(kind: str, req: dict[str, Any]) -> Response:
-    svc = services()
-    job_id, limit = new_job_id(), svc.settings.limits.convert_time_limit
-    message = task_message(convert_task(kind), job_id, CONVERT, [job_id], limit, limit - 30)
-    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time())}
-    result = svc.store.submit(job_id, CONVERT, message, fields, svc.settings.limits.max_queue_depth,
-                              request.headers.get("Idempotency-Key"))
-    if result.status == "full":
-        raise QueueFull(f"the convert queue holds {result.depth} jobs", headers={"Retry-After": "60"})
-    if result.status == "duplicate":
-        job = load_job(result.job_id)
-    else:
-        job = public_job({"id": job_id, "status": "queued", "queue": CONVERT, **fields})
+    limit = services().settings.limits.convert_time_limit
+    job, _ = enqueue(kind, convert_task(kind), CONVERT, req, (limit, limit - 30),
+                     request.headers.get("Idempotency-Key"), retry_after=60)
     return Response(json.dumps(job), status=202, mimetype="application/json",
                     headers={"Location": f"/v1/jobs/{job['id']}"})
 
