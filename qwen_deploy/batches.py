@@ -14,48 +14,16 @@ from typing import Any
 import redis
 
 from qwen_deploy.jobs import _text, strings
+from qwen_deploy.lua import script
 
 BATCH_ID_PREFIX = "batch_"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 
-# KEYS: batch, out, chunks-done set, stats. ARGV: chunk start, now, ttl, completed, failed, lines...
-CHUNK_DONE = """
-if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return 0 end
-if #ARGV > 5 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 6)) end
-redis.call('HINCRBY', KEYS[1], 'completed', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
-redis.call('HINCRBY', KEYS[4], 'batch_lines:completed', ARGV[4])
-redis.call('HINCRBY', KEYS[4], 'batch_lines:failed', ARGV[5])
-local left = redis.call('HINCRBY', KEYS[1], 'chunks_left', -1)
-if left <= 0 then
-  local st = redis.call('HGET', KEYS[1], 'status')
-  if st == 'cancelling' then
-    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[2])
-  else
-    redis.call('HSET', KEYS[1], 'status', 'completed', 'completed_at', ARGV[2])
-  end
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
-  redis.call('EXPIRE', KEYS[1] .. ':req', ARGV[3])
-end
-return 1
-"""
-
-# KEYS: batch. ARGV: now. Returns the status before the call.
-CANCEL = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 'missing' end
-if st == 'validating' or st == 'in_progress' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
-end
-return st
-"""
-
-
 class BatchStore:
     def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400) -> None:
         self.r, self.prefix, self.ttl = client, prefix, ttl
-        self._chunk_done = client.register_script(CHUNK_DONE)
-        self._cancel = client.register_script(CANCEL)
+        self._chunk_done = client.register_script(script("chunk_done"))
+        self._cancel = client.register_script(script("batch_cancel"))
 
     def key(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{batch_id}"

@@ -15,98 +15,10 @@ from typing import Any
 
 import redis
 
+from qwen_deploy.lua import script
+
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
-HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 JOB_ID_PREFIX = "job_"
-
-# Shared by the scripts below. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] the stats hash,
-# KEYS[4] the active set (non-terminal job ids scored by when the reaper should look at them).
-_LUA_COMMON = """
-local terminal = {succeeded=true, failed=true, canceled=true, timed_out=true}
-local BUCKETS = {%s}
-local function observe(name, value)
-  redis.call('HINCRBYFLOAT', KEYS[3], name .. '_sum', value)
-  redis.call('HINCRBY', KEYS[3], name .. '_count', 1)
-  for _, le in ipairs(BUCKETS) do
-    if value <= tonumber(le) then redis.call('HINCRBY', KEYS[3], name .. '_bucket:' .. le, 1) end
-  end
-end
-local function close(status, now, ttl)
-  redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
-  redis.call('HSET', KEYS[1], 'status', status, 'completed_at', now)
-  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', status)
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  local kind = redis.call('HGET', KEYS[1], 'type') or 'generation'
-  redis.call('HINCRBY', KEYS[3], 'jobs:' .. kind .. ':' .. status, 1)
-  local started = redis.call('HGET', KEYS[1], 'started_at')
-  if started then observe('run_seconds', tonumber(now) - tonumber(started)) end
-end
-""" % ", ".join(f"'{b}'" for b in HISTOGRAM_BUCKETS)
-
-# KEYS: job, queue, idem ('' when none), active. ARGV: ttl, max_depth, message, job id, reap at, fields...
-SUBMIT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate', ARGV[4]} end
-if KEYS[3] ~= '' then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then return {'duplicate', existing} end
-end
-local depth = redis.call('LLEN', KEYS[2])
-if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
-redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-redis.call('LPUSH', KEYS[2], ARGV[3])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
-return {'ok', ARGV[4]}
-"""
-
-# ARGV: now, worker, max_deliveries, exhausted error json, ttl, reap at (if the worker vanishes)
-START = _LUA_COMMON + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing', ''} end
-if terminal[st] then return {'skip', st} end
-local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-if n > tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'error', ARGV[4])
-  close('failed', ARGV[1], ARGV[5])
-  return {'exhausted', tostring(n)}
-end
-if n == 1 then observe('queue_seconds', tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'created_at'))) end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
-           'tokens', 0, 'text', '')
-redis.call('ZADD', KEYS[4], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
-redis.call('XADD', KEYS[2], '*', 'type', 'status', 'status', 'running', 'attempt', n)
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-return {'run', redis.call('HGET', KEYS[1], 'request')}
-"""
-
-# ARGV: now, ttl
-CANCEL = _LUA_COMMON + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 'missing' end
-if terminal[st] then return 'terminal:' .. st end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'finish_reason', 'canceled')
-  close('canceled', ARGV[1], ARGV[2])
-  return 'canceled'
-end
-return 'canceling'
-"""
-
-# ARGV: now, status, ttl, last text delta, tokens, fields...
-FINISH = _LUA_COMMON + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if (not st) or terminal[st] then return 0 end
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
-if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 'type', 'token', 'text', ARGV[4], 'tokens', ARGV[5])
-end
-redis.call('HINCRBY', KEYS[3], 'tokens', tonumber(ARGV[5]) or 0)
-close(ARGV[2], ARGV[1], ARGV[3])
-return 1
-"""
 
 
 def new_id(prefix: str = JOB_ID_PREFIX) -> str:
@@ -154,10 +66,10 @@ class JobStore:
         self.prefix = prefix
         self.ttl = ttl
         self.reap_after = reap_after
-        self._submit = client.register_script(SUBMIT)
-        self._start = client.register_script(START)
-        self._cancel = client.register_script(CANCEL)
-        self._finish = client.register_script(FINISH)
+        self._submit = client.register_script(script("submit"))
+        self._start = client.register_script(script("start"))
+        self._cancel = client.register_script(script("cancel"))
+        self._finish = client.register_script(script("finish"))
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

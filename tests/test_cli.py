@@ -40,7 +40,7 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
             assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
             try:
                 return requests.get(url + "/readyz", timeout=2).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, reset or slow: not ready yet
                 return False
         wait_until(ready, 120, 0.25, "up --demo to be ready")
         answer = requests.post(url + "/v1/generate", json={"prompt": "Beautiful is better than",

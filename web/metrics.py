@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from qwen_deploy import registry
-from qwen_deploy.jobs import HISTOGRAM_BUCKETS
+from qwen_deploy.lua import HISTOGRAM_BUCKETS
 from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
 from web import services
 

@@ -1,0 +1,11 @@
+-- ARGV: now, status, ttl, last text delta, tokens, fields...
+--#include common
+local st = redis.call('HGET', KEYS[1], 'status')
+if (not st) or terminal[st] then return 0 end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'type', 'token', 'text', ARGV[4], 'tokens', ARGV[5])
+end
+redis.call('HINCRBY', KEYS[3], 'tokens', tonumber(ARGV[5]) or 0)
+close(ARGV[2], ARGV[1], ARGV[3])
+return 1
