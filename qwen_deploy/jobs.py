@@ -177,6 +177,8 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
         if status != "queued" or record.get("text"):
             output = {"text": record.get("text", ""), "finish_reason": record.get("finish_reason") or None,
                       "usage": obj("usage")}
+            if record.get("choices"):  # n samples and/or logprobs: one entry per sample, set at the end
+                output["choices"] = obj("choices")
     else:
         progress, output = obj("progress") or {}, obj("result")
     return {
