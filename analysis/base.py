@@ -54,18 +54,17 @@ class Analyzer:
 
 
 class LocalRunner:
-    """Runs requests in this process on a loaded ModelHandler, in batched generate calls."""
+    """Runs requests in this process on a loaded ModelHandler, through one batching engine."""
 
     def __init__(self, handler: Any, batch_size: int = 32) -> None:
         self.handler, self.batch_size = handler, batch_size
 
     def run(self, bodies: list[Record]) -> list[tuple[Record | None, Record | None]]:
-        from worker.batching import generate_batch
         from worker.handler import GenerationRequest
 
         reqs = [GenerationRequest.from_dict(b) for b in bodies]
         out: list[tuple[Record | None, Record | None]] = []
-        for outcome in generate_batch(self.handler, reqs, max_batch=self.batch_size):
+        for outcome in self.handler.generate_batch(reqs, max_batch=self.batch_size):
             if isinstance(outcome, Exception):
                 out.append((None, {"code": "generation_error", "message": str(outcome)}))
             else:

@@ -30,15 +30,14 @@ def bodies(n: int, tokens: int) -> list[dict[str, object]]:
 def in_process_batched(model_dir: Path, n: int, tokens: int, size: int, threads: int) -> float:
     """Requests per second of padded batched generate calls in this process."""
     from qwen_deploy.config import load_settings
-    from worker.batching import generate_batch
     from worker.handler import GenerationRequest, ModelHandler
 
     handler = ModelHandler(load_settings(overrides={"model": {"name_or_path": str(model_dir), "threads": threads}}))
     handler.setup()
     reqs = [GenerationRequest.from_dict(b) for b in bodies(n, tokens)]
-    generate_batch(handler, reqs[:size], max_batch=size)  # warm-up
+    handler.generate_batch(reqs[:size], max_batch=size)  # warm-up
     started = time.perf_counter()
-    generate_batch(handler, reqs, max_batch=size)
+    handler.generate_batch(reqs, max_batch=size)
     return n / (time.perf_counter() - started)
 
 

@@ -66,6 +66,10 @@ class BatchStore:
     def cancel(self, batch_id: str) -> str:
         return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())]))
 
+    def chunk_recorded(self, batch_id: str, start: int) -> bool:
+        """Whether this micro-batch's lines are already in (a redelivered message is then skipped)."""
+        return bool(self.r.sismember(self.keys(batch_id)[3], str(start)))
+
     def chunk_tries(self, batch_id: str, start: int) -> int:
         return int(self.r.hincrby(self.key(batch_id) + ":tries", str(start), 1))
 

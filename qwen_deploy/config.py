@@ -90,6 +90,17 @@ class WebSettings(Section):
     api_keys: list[SecretStr] = Field(default_factory=list)
 
 
+class EngineSettings(Section):
+    """The continuously batched decode loop of each generation worker child."""
+
+    max_batch: int = Field(32, ge=1, description="sequences decoded together (interactive + bulk)")
+    max_batch_tokens: int = Field(65536, ge=64, description="prompt + max_new_tokens summed over running sequences")
+    max_prefill_tokens: int = Field(8192, ge=64, description="prompt tokens prefilled together in one step")
+    bulk_every: int = Field(4, ge=1, description="while interactive work runs, bulk rows step once in this many")
+    lease_seconds: float = Field(15.0, gt=0, description="a claimed job whose worker stops renewing is re-run after this")
+    claim_interval_ms: int = Field(20, ge=1, description="how often a busy engine looks for waiting jobs")
+
+
 class WorkerSettings(Section):
     proc_alive_timeout: float = Field(120.0, gt=0)
     heartbeat_interval: float = Field(10.0, gt=0)
@@ -108,6 +119,7 @@ class Settings(Section):
     paths: PathSettings = Field(default_factory=PathSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @model_validator(mode="after")
     def _check_order(self) -> Settings:

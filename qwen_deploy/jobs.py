@@ -52,6 +52,19 @@ def _flat(fields: dict[str, Any]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """One entry of a CLAIM reply."""
+
+    outcome: str  # run | mine | busy | skip | missing | exhausted
+    job_id: str
+    detail: str  # the holder (busy), the status (skip)
+    request: str
+    attempt: str
+    out_ids: str  # generated ids already streamed (a re-run resumes from them)
+    text: str  # the text already streamed
+
+
+@dataclass(frozen=True)
 class SubmitResult:
     status: str  # ok | duplicate | full
     job_id: str
@@ -70,6 +83,8 @@ class JobStore:
         self._start = client.register_script(script("start"))
         self._cancel = client.register_script(script("cancel"))
         self._finish = client.register_script(script("finish"))
+        self._claim = client.register_script(script("claim"))
+        self._progress = client.register_script(script("progress"))
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -83,20 +98,28 @@ class JobStore:
     def active_key(self) -> str:
         return f"{self.prefix}:active"
 
+    def pending_key(self) -> str:
+        """Queued generation jobs, scored by submit time: what engines claim from, oldest first."""
+        return f"{self.prefix}:pending:interactive"
+
+    def held_key(self, worker: str) -> str:
+        """The jobs a worker's engine has claimed (taken over at once when that worker is found dead)."""
+        return f"{self.prefix}:held:{worker}"
+
     def _keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id), self.events_key(job_id), self.stats_key(), self.active_key()]
+        return [self.key(job_id), self.events_key(job_id), self.stats_key(), self.active_key(), self.pending_key()]
 
     def idem_key(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
 
     def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any],
-               max_depth: int, idempotency_key: str | None = None) -> SubmitResult:
+               max_depth: int, idempotency_key: str | None = None, engine: bool = False) -> SubmitResult:
         """Write the record and enqueue the message, unless the key was seen or the queue is full."""
         fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(time.time()),
                   "tokens": "0", "deliveries": "0", **fields}
         idem = self.idem_key(idempotency_key) if idempotency_key else ""
         status, value = self._submit(
-            keys=[self.key(job_id), queue, idem, self.active_key()],
+            keys=[self.key(job_id), queue, idem, self.active_key(), self.pending_key() if engine else ""],
             args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), *_flat(fields)],
         )
         status, value = _text(status), _text(value)
@@ -124,22 +147,37 @@ class JobStore:
         return _text(self._cancel(keys=self._keys(job_id),
                                   args=[repr(time.time()), self.ttl]))
 
-    def finish(self, job_id: str, status: str, fields: dict[str, Any], delta: str = "", tokens: int = 0) -> bool:
-        """Move a job to a terminal status, streaming the last text delta; False if it already was terminal."""
+    def finish(self, job_id: str, status: str, fields: dict[str, Any], delta: str = "", tokens: int = 0,
+               holder: str = "") -> bool:
+        """Move a job to a terminal status, streaming the last text delta; False if it already was terminal
+        (or, with `holder`, if that worker no longer holds the job)."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
         done = self._finish(keys=self._keys(job_id),
-                            args=[repr(time.time()), status, self.ttl, delta, tokens, *_flat(fields)])
+                            args=[repr(time.time()), status, self.ttl, delta, tokens, holder, *_flat(fields)])
         return bool(done)
 
-    def progress(self, job_id: str, tokens: int, text: str, delta: str) -> bool:
-        """Publish partial output; return True when cancellation was requested."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.key(job_id), mapping={"tokens": tokens, "text": text})
-        if delta:
-            pipe.xadd(self.events_key(job_id), {"type": "token", "text": delta, "tokens": tokens})
-        pipe.hget(self.key(job_id), "cancel")
-        return _text(pipe.execute()[-1]) == "1"
+    def claim(self, worker: str, lease: float, max_deliveries: int, room: int, job_id: str = "",
+              takeover: str = "") -> list[Claim]:
+        """Claim queued (or orphaned) generation jobs for an engine: one job by id, or up to `room`."""
+        error = {"code": "worker_lost", "message": (
+            f"the worker running this job died {max_deliveries} time(s); the job was not retried again")}
+        now = time.time()
+        flat = self._claim(keys=[self.pending_key(), self.active_key(), self.stats_key(), self.held_key(worker)],
+                           args=[self.prefix, repr(now), worker, repr(now + lease), max_deliveries, self.ttl,
+                                 json.dumps(error), room, takeover, job_id])
+        flat = [_text(v) for v in flat]
+        return [Claim(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
+
+    def progress_pipeline(self) -> Any:
+        return self.r.pipeline(transaction=False)
+
+    def queue_progress(self, pipe: Any, job_id: str, worker: str, lease_until: float, tokens: int, text: str | None,
+                       delta: str, out_ids: list[int]) -> None:
+        """Add one job's partial output (and lease renewal) to `pipe`; its reply is 1 cancel, 0 go on, -1 lost."""
+        self._progress(keys=[self.key(job_id), self.events_key(job_id), self.active_key()],
+                       args=[worker, repr(lease_until), "0" if text is None else "1", tokens, text or "", delta,
+                             json.dumps(out_ids)], client=pipe)
 
     def report(self, job_id: str, progress: dict[str, Any]) -> bool:
         """Publish the progress of a non-generation job; return True when cancellation was requested."""

@@ -22,8 +22,14 @@ GENERATE_TASK = "qwen_deploy.generate"
 BATCH_CHUNK_TASK = "qwen_deploy.batch_chunk"
 DOWNLOAD_TASK = "qwen_deploy.download"
 EXPORT_TASK = "qwen_deploy.export"
+DRIVE_TASK = "qwen_deploy.drive"
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+def engine_queue(prefix: str, node: str) -> str:
+    """The queue only this generation worker consumes: hand-offs that keep its engine driven."""
+    return f"{prefix}.engine.{node}"
 
 
 def convert_task(kind: str) -> str:

@@ -44,7 +44,10 @@ def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 
     due = client.zrangebyscore(store.active_key(), "-inf", now, start=0, num=limit)
     counts = {"requeued": 0, "failed": 0, "waiting": 0, "done": 0}
     for job_id in due:
-        counts[_reap_one(store, job_id, now, max_deliveries, running_for)] += 1
+        try:
+            counts[_reap_one(store, job_id, now, max_deliveries, running_for)] += 1
+        except Exception as exc:  # one bad entry must not stop the pass
+            log.warning("reaper: could not check %s: %s", job_id, exc)
     return counts
 
 
@@ -55,6 +58,12 @@ def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, run
         client.zrem(store.active_key(), job_id)
         return "done"
     queue, message = record.get("queue", ""), record.get("message", "")
+    if record["status"] == "running" and record.get("lease_until"):  # an engine's claim
+        lease = float(record["lease_until"])
+        if lease > now:  # renewed meanwhile
+            client.zadd(store.active_key(), {job_id: lease})
+            return "waiting"
+        return _wake(store, job_id, record, now, max_deliveries, store.reap_after)
     tags = _unacked_tags(client, job_id)
     if record["status"] == "queued":
         if tags or (message and client.lpos(queue, message) is not None):
@@ -65,6 +74,15 @@ def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, run
         pipe.hdel(UNACKED, *tags)
         pipe.zrem(UNACKED_INDEX, *tags)
         pipe.execute()
+    return _wake(store, job_id, record, now, max_deliveries, running_for + store.reap_after)
+
+
+def _wake(store: JobStore, job_id: str, record: dict[str, str], now: float, max_deliveries: int,
+          look_again: float) -> str:
+    """Push the job's message again (a worker's claim then runs or resumes it), or fail it when its
+    runs are used up."""
+    client = store.r
+    queue, message = record.get("queue", ""), record.get("message", "")
     if int(record.get("deliveries") or 0) >= max_deliveries:
         error = {"code": "worker_lost", "message": f"the job's worker vanished; it ran {max_deliveries} time(s)"}
         store.finish(job_id, "failed", {"error": error})
@@ -74,7 +92,7 @@ def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, run
         store.finish(job_id, "failed", {"error": {"code": "lost", "message": "the job's queue message was lost"}})
         return "failed"
     pipe = client.pipeline()
-    pipe.zadd(store.active_key(), {job_id: now + running_for + store.reap_after})
+    pipe.zadd(store.active_key(), {job_id: now + look_again})
     pipe.lpush(queue, _fresh_tag(message))
     pipe.execute()
     event(log, "job.reaped", logging.WARNING, id=job_id, outcome="requeued", status=record["status"])

@@ -1,16 +1,18 @@
-"""The micro-batch task: a thin wrapper around worker.batch_executor."""
+"""The micro-batch task: a thin wrapper that puts a micro-batch's lines into the child's engine."""
 
 from __future__ import annotations
 
 import logging
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
 from qwen_deploy.batches import BatchStore
 from qwen_deploy.config import get_settings
 from qwen_deploy.connections import redis_client
 from qwen_deploy.queues import BATCH_CHUNK_TASK
+from tasks.generation import _driver, _soft_limit, slice_end
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class ChunkRequest(Request):
         super().on_timeout(soft, timeout)
         if soft:
             return
-        from worker.batch_executor import failed_lines
+        from worker.bulk import failed_lines
 
         batch_id, start, end = self.args
         try:
@@ -39,19 +41,14 @@ class ChunkRequest(Request):
             log.error("could not record hard time limit for %s: %s", self.id, exc)
 
 
-@shared_task(name=BATCH_CHUNK_TASK, Request="tasks.batches:ChunkRequest")
-def batch_chunk(batch_id: str, start: int, end: int) -> str:
-    """Generate one micro-batch of a batch."""
-    from celery.exceptions import SoftTimeLimitExceeded
+@shared_task(name=BATCH_CHUNK_TASK, bind=True, Request="tasks.batches:ChunkRequest")
+def batch_chunk(self: object, batch_id: str, start: int, end: int) -> str:
+    """Generate one micro-batch of a batch (interactive jobs keep running beside it)."""
+    from worker.bulk import failed_lines, run_chunk
 
-    from worker.batch_executor import failed_lines, run_chunk
-    from worker.runtime import get_handler
-
-    settings = get_settings()
     store = batch_store()
     try:
-        return run_chunk(store, get_handler(), batch_id, start, end, settings.limits.max_deliveries,
-                         settings.limits.generation_budget)
+        return run_chunk(_driver(self), store, batch_id, start, end, slice_end(_soft_limit(self)))
     except SoftTimeLimitExceeded:
         store.chunk_done(batch_id, start, failed_lines(batch_id, store.requests(batch_id, start, end),
                                                        "timed_out", "the micro-batch ran past its soft time limit"))

@@ -27,6 +27,16 @@ def _log_format(logger: logging.Logger | None = None, **_: object) -> None:
     configure(settings.log_format, settings.log_level, logger)
 
 
+@signals.celeryd_after_setup.connect
+def _engine_queue(sender: str, instance: object, **_: object) -> None:
+    """A generation worker also consumes its own queue (after interactive and bulk): the engine's hand-offs."""
+    from qwen_deploy.queues import engine_queue
+
+    app = instance.app  # type: ignore[attr-defined]
+    if _serves_generation(app):
+        app.amqp.queues.select_add(engine_queue(get_settings().key_prefix, sender))
+
+
 @signals.worker_init.connect
 def _before_fork(sender: object = None, **_: object) -> None:
     """Runs once in the parent. Idle OpenMP threads must not spin on a small shared box.

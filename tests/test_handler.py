@@ -65,19 +65,6 @@ def test_sampling_is_reproducible_with_a_seed(handler: ModelHandler) -> None:
     assert handler.generate(req).text == handler.generate(req).text
 
 
-def test_cancel_from_the_progress_sink(handler: ModelHandler) -> None:
-    seen: list[int] = []
-
-    def sink(tokens: int, text: str) -> bool:
-        seen.append(tokens)
-        return True  # cancel at the first sync
-
-    result = handler.generate(GenerationRequest(prompt="Beautiful is better than", max_new_tokens=512,
-                                                ignore_eos=True), sink)
-    assert result.finish_reason == "canceled" and seen
-    assert result.completion_tokens < 512
-
-
 def test_loads_a_hub_id_from_the_local_cache_offline(demo_model: Path, tmp_path: Path) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--zen--demo"

@@ -27,13 +27,15 @@ STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # 64-bit parts
 
 
 def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
-            idempotency_key: str | None, retry_after: int | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
+            idempotency_key: str | None, retry_after: int | None = None, engine: bool = False,
+            **extra: str) -> tuple[dict[str, Any], bool]:
     """Record and enqueue a job in one Redis round trip; return (job object, replayed)."""
     svc = services()
     job_id = new_job_id()
     message = task_message(task, job_id, queue, [job_id], *limits)
     fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **extra}
-    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth, idempotency_key)
+    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth, idempotency_key,
+                              engine=engine)
     if result.status == "full":
         wait = retry_after or max(1, result.depth // 50)
         raise QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
@@ -49,7 +51,7 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
     req = parse_job(body, services().settings)
     lim = services().settings.limits
     return enqueue("generation", GENERATE_TASK, INTERACTIVE, req, (lim.hard_time_limit, lim.soft_time_limit),
-                   idempotency_key, max_new_tokens=str(req["max_new_tokens"]))
+                   idempotency_key, engine=True, max_new_tokens=str(req["max_new_tokens"]))
 
 
 def load_job(job_id: str) -> dict[str, Any]:

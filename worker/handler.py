@@ -1,4 +1,4 @@
-"""The model runtime: `setup()` once per process, `generate()` per job (LitServe/Cog-style contract)."""
+"""The model runtime: `setup()` once per process; requests become engine sequences (LitServe/Cog-style contract)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy.config import Settings
 from worker.device import pick_device, pick_dtype
+from worker.engine import INTERACTIVE, Engine, Seq
+from worker.sampling import Sampling
+from worker.structured import compile_constraint
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +36,22 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and v is not None}
+        for name in ("temperature", "top_p", "repetition_penalty"):  # JSON integers are fine here
+            if name in known:
+                known[name] = float(known[name])
         return cls(**known)
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature or 0.0, top_p=self.top_p or 1.0, top_k=self.top_k or 0,
+                        repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed)
 
 
 @dataclass
@@ -47,67 +61,11 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     prompt_truncated: bool
+    choices: list[dict[str, Any]] = field(default_factory=list)
 
     def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "prompt_truncated": self.prompt_truncated}
-
-
-class ProgressSink(Protocol):
-    def __call__(self, tokens: int, text: str) -> bool:
-        """Receive partial output; return True to cancel the generation."""
-
-
-class JobMonitor(StoppingCriteria):
-    """One stopping criterion for a job: time budget, stop strings, cancel flag and progress."""
-
-    def __init__(self, handler: ModelHandler, prompt_len: int, stop: list[str], budget: float,
-                 sink: ProgressSink | None, interval: float, max_new_tokens: int) -> None:
-        self.handler, self.prompt_len, self.stop = handler, prompt_len, stop
-        self.max_new_tokens = max_new_tokens
-        self.deadline = time.monotonic() + budget
-        self.sink, self.interval = sink, interval
-        self.next_flush = time.monotonic() + interval
-        self.reason: str | None = None
-        self.text = ""
-        self.tokens = 0
-        # Text that may be the start of a stop string is held back from the stream.
-        self.holdback = max((len(s) for s in stop), default=1) - 1
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        done = self._check(input_ids[0, self.prompt_len:])
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    def _check(self, new_ids: torch.Tensor) -> bool:
-        now = time.monotonic()
-        self.tokens = int(new_ids.shape[0])
-        flush = self.sink is not None and now >= self.next_flush
-        if self.stop or flush:
-            self.text = self.handler.decode(new_ids.tolist())
-        if self.stop and any(s in self.text for s in self.stop):
-            self.reason = "stop"
-            return True
-        if flush:
-            self.next_flush = now + self.interval
-            if self.sink(self.tokens, self.stream_text):
-                self.reason = "canceled"
-                return True
-        if now >= self.deadline and self.tokens < self.max_new_tokens:  # a finished job is not late
-            self.reason = "time_limit"
-            return True
-        return False
-
-
-    @property
-    def stream_text(self) -> str:
-        """The part of the text that is final: no partial character, no possible stop-string start."""
-        text = _stable(self.text)
-        return text[: len(text) - self.holdback] if self.holdback else text
-
-
-def _stable(text: str) -> str:
-    """Text without a trailing partial UTF-8 character (decoded as U+FFFD)."""
-    return text.rstrip("\ufffd")
 
 
 @dataclass
@@ -149,6 +107,7 @@ class ModelHandler:
         self.model = model.to(device).eval()
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.info = ModelInfo(
             name=cfg.name_or_path,
             revision=_resolved_revision(cfg.name_or_path, common) or cfg.revision,
@@ -187,49 +146,69 @@ class ModelHandler:
         limit = self.settings.generation.max_prompt_tokens
         return (ids[-limit:], True) if len(ids) > limit else (ids, False)
 
-    def generate(self, req: GenerationRequest, sink: ProgressSink | None = None,
-                 budget: float | None = None, monitor_out: list[JobMonitor] | None = None) -> GenerationResult:
-        """Run one generation; stops at EOS, length, a stop string, the time budget or a cancel."""
+    def engine(self, **limits: int) -> Engine:
+        """A batching engine on this model (one per process; `limits` override `engine.*` settings)."""
         assert self.info is not None, "setup() first"
+        cfg = {**self.settings.engine.model_dump(), **limits}
+        return Engine(self.model, self.decode, self.eos_ids, self.pad_id, max_batch=cfg["max_batch"],
+                      max_batch_tokens=cfg["max_batch_tokens"], bulk_every=cfg["bulk_every"],
+                      max_prefill_tokens=cfg["max_prefill_tokens"])
+
+    def sequences(self, req: GenerationRequest, key: str, *, budget: float, priority: int = INTERACTIVE,
+                  tag: Any = None, resume: list[int] | None = None) -> tuple[list[Seq], int, bool]:
+        """The request's samples as engine sequences; also (prompt tokens, prompt truncated)."""
         ids, truncated = self.encode(req)
         if not ids:
             ids = [self.eos_ids[0]]
-        gen = self.settings.generation
-        monitor = JobMonitor(self, len(ids), req.stop, budget or self.settings.limits.generation_budget,
-                             sink, gen.progress_interval_ms / 1000, req.max_new_tokens)
-        if monitor_out is not None:
-            monitor_out.append(monitor)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids),
-                stopping_criteria=StoppingCriteriaList([monitor]),
-                **self.sampling_kwargs(req),
-            )
-        new_ids = out[0, len(ids):].tolist()
-        text = self.decode(new_ids)
-        reason = monitor.reason
-        if reason == "stop":
-            text = _cut_at_stop(text, req.stop)
-        elif reason is None:
-            reason = "eos" if new_ids and new_ids[-1] in self.eos_ids else "length"
-        return GenerationResult(text, reason, len(ids), len(new_ids), truncated)
+        seqs = []
+        for i in range(max(1, req.n)):
+            sampling = req.sampling()
+            sampling.make_generator(self.model.device, offset=i)
+            constraint = compile_constraint(req.response_format, self.tokenizer, self.vocab_size)
+            seqs.append(Seq(f"{key}#{i}", ids, req.max_new_tokens, sampling, list(req.stop), req.ignore_eos,
+                            budget, req.top_logprobs if req.logprobs else -1, constraint, priority,
+                            tag=(tag, i), out=list(resume or []) if i == 0 and req.n == 1 else []))
+        return seqs, len(ids), truncated
 
-    def sampling_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": req.max_new_tokens, "eos_token_id": self.eos_ids,
-                                  "pad_token_id": self.pad_id}
-        if req.temperature:
-            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p or 1.0,
-                          top_k=req.top_k or 0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if req.repetition_penalty:
-            kwargs["repetition_penalty"] = req.repetition_penalty
-        if req.ignore_eos:  # EOS is masked until max_new_tokens (benchmarks, load tests)
-            kwargs["min_new_tokens"] = req.max_new_tokens
-        return kwargs
+    def result(self, seqs: list[Seq], prompt_tokens: int, truncated: bool, req: GenerationRequest) -> GenerationResult:
+        """The job's result from its finished samples (choice 0 is `text`)."""
+        choices = [{"index": i, "text": s.text, "finish_reason": s.finish_reason,
+                    "logprobs": self.logprobs(s) if req.logprobs else None} for i, s in enumerate(seqs)]
+        first = seqs[0]
+        return GenerationResult(first.text, first.finish_reason or "length", prompt_tokens,
+                                sum(len(s.out) for s in seqs), truncated,
+                                choices if (req.n > 1 or req.logprobs) else [])
+
+    def logprobs(self, seq: Seq) -> dict[str, Any]:
+        """OpenAI's chat logprobs shape for the sequence's tokens."""
+        def entry(tok: int, lp: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([tok])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"content": [{**entry(tok, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+                            for tok, lp, alts in seq.logprobs]}
+
+    def generate(self, req: GenerationRequest, budget: float | None = None) -> GenerationResult:
+        """Run one request to the end in-process (a batch of one; CLI --local, tests)."""
+        return self.generate_batch([req], budget)[0]  # type: ignore[return-value]
+
+    def generate_batch(self, reqs: list[GenerationRequest], budget: float | None = None,
+                       max_batch: int | None = None) -> list[GenerationResult | Exception]:
+        """Run requests together through one engine; one result (or the request's exception) each."""
+        engine = self.engine(**({"max_batch": max_batch} if max_batch else {}))
+        budget = budget or self.settings.limits.generation_budget
+        jobs: list[tuple[list[Seq], int, bool] | Exception] = []
+        for i, req in enumerate(reqs):
+            try:
+                jobs.append(self.sequences(req, str(i), budget=budget))
+            except Exception as exc:  # a bad request fails alone
+                jobs.append(exc)
+        for job in jobs:
+            if not isinstance(job, Exception):
+                for seq in job[0]:
+                    engine.add(seq)
+        while len(engine):
+            engine.step()
+        return [job if isinstance(job, Exception) else self.result(*job, req) for job, req in zip(jobs, reqs)]
 
 
 def _resolved_revision(name: str, common: dict[str, Any]) -> str | None:
@@ -262,6 +241,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    cuts = [text.find(s) for s in stop if s in text]
-    return text[: min(cuts)] if cuts else text

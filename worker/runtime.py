@@ -6,7 +6,9 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from dataclasses import asdict
+from typing import Any
 
 from qwen_deploy import registry
 from qwen_deploy.config import Settings
@@ -17,6 +19,7 @@ from worker.handler import ModelHandler
 log = logging.getLogger(__name__)
 
 _handler: ModelHandler | None = None
+_driver: Any = None
 _stop = threading.Event()
 
 
@@ -62,6 +65,28 @@ def get_handler() -> ModelHandler:
     if _handler is None:
         raise RuntimeError("the model is not loaded in this process")
     return _handler
+
+
+def get_driver(settings: Settings, node: str, interrupts: tuple[type[BaseException], ...] = ()) -> Any:
+    """This child's engine driver (created on first use); hand-offs go to the worker's own queue."""
+    global _driver
+    if _driver is None:
+        from qwen_deploy.queues import DRIVE_TASK, engine_queue, task_message
+        from worker.driver import Driver
+
+        client, queue = redis_client(settings), engine_queue(settings.key_prefix, node)
+
+        def handoff() -> None:
+            if not client.llen(queue):
+                task_id = f"drive-{uuid.uuid4().hex}"
+                client.lpush(queue, task_message(DRIVE_TASK, task_id, queue, []))
+
+        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff, interrupts)
+        try:
+            _driver.adopt_orphans()
+        except Exception as exc:  # Redis away: leases and the reaper settle those jobs later
+            log.warning("could not look for orphaned jobs: %s", exc)
+    return _driver
 
 
 def shutdown_process(settings: Settings) -> None:

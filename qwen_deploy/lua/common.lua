@@ -1,22 +1,32 @@
 -- Shared by the job scripts. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] the stats hash,
--- KEYS[4] the active set (non-terminal job ids scored by when the reaper should look at them).
+-- KEYS[4] the active set (non-terminal job ids scored by when the reaper should look at them),
+-- KEYS[5] the pending set of the engine (queued generation jobs, scored by submit time).
 local terminal = {succeeded=true, failed=true, canceled=true, timed_out=true}
 local BUCKETS = {--[[BUCKETS]]}
-local function observe(name, value)
-  redis.call('HINCRBYFLOAT', KEYS[3], name .. '_sum', value)
-  redis.call('HINCRBY', KEYS[3], name .. '_count', 1)
+local function observe_in(stats, name, value)
+  redis.call('HINCRBYFLOAT', stats, name .. '_sum', value)
+  redis.call('HINCRBY', stats, name .. '_count', 1)
   for _, le in ipairs(BUCKETS) do
-    if value <= tonumber(le) then redis.call('HINCRBY', KEYS[3], name .. '_bucket:' .. le, 1) end
+    if value <= tonumber(le) then redis.call('HINCRBY', stats, name .. '_bucket:' .. le, 1) end
   end
 end
+local function observe(name, value) observe_in(KEYS[3], name, value) end
+-- Move a job to a terminal status: out of the active, pending and held sets, `done` event, TTL, counters.
+local function close_job(job, ev, stats, active, pending, status, now, ttl)
+  local id = redis.call('HGET', job, 'id')
+  redis.call('ZREM', active, id)
+  if pending ~= '' then redis.call('ZREM', pending, id) end
+  local held = redis.call('HGET', job, 'held')
+  if held then redis.call('SREM', held, id) end
+  redis.call('HSET', job, 'status', status, 'completed_at', now)
+  redis.call('XADD', ev, '*', 'type', 'done', 'status', status)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', ev, ttl)
+  local kind = redis.call('HGET', job, 'type') or 'generation'
+  redis.call('HINCRBY', stats, 'jobs:' .. kind .. ':' .. status, 1)
+  local started = redis.call('HGET', job, 'started_at')
+  if started then observe_in(stats, 'run_seconds', tonumber(now) - tonumber(started)) end
+end
 local function close(status, now, ttl)
-  redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
-  redis.call('HSET', KEYS[1], 'status', status, 'completed_at', now)
-  redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', status)
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  local kind = redis.call('HGET', KEYS[1], 'type') or 'generation'
-  redis.call('HINCRBY', KEYS[3], 'jobs:' .. kind .. ':' .. status, 1)
-  local started = redis.call('HGET', KEYS[1], 'started_at')
-  if started then observe('run_seconds', tonumber(now) - tonumber(started)) end
+  close_job(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5] or '', status, now, ttl)
 end

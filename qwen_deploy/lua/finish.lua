@@ -1,8 +1,10 @@
--- ARGV: now, status, ttl, last text delta, tokens, fields...
+-- ARGV: now, status, ttl, last text delta, tokens, holder ('' = anyone), fields...
+-- A late writer never overwrites a final state, and a worker that lost its claim cannot finish the job.
 --#include common
 local st = redis.call('HGET', KEYS[1], 'status')
 if (not st) or terminal[st] then return 0 end
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[6] then return 0 end
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'type', 'token', 'text', ARGV[4], 'tokens', ARGV[5])
 end

@@ -1,0 +1,87 @@
+-- The engine's claim: take queued generation jobs (and jobs whose worker stopped renewing its lease)
+-- into this worker's engine, atomically: queued|orphaned -> running, worker, attempt, lease. The job's
+-- queued message (a wake-up for idle workers) is removed: the record, not the message, says who runs it.
+-- KEYS: pending, active, stats, held (this worker's set of claimed job ids).
+-- ARGV: prefix, now, worker, lease until, max deliveries, ttl, exhausted error json, room,
+--       takeover (a holder known to be dead, or ''), job id ('' = scan pending and expired leases).
+-- Returns a flat list of entries {outcome, id, detail, request, attempt, out_ids, text}; outcome is
+-- run | mine | busy | skip | missing | exhausted (detail: the holder for busy, the status for skip).
+--#include common
+local prefix, now, me, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local max_deliveries, ttl, exhausted, room, takeover = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local out = {}
+local function put(outcome, id, detail, req, attempt, ids, text)
+  for _, v in ipairs({outcome, id, detail or '', req or '', attempt or '0', ids or '', text or ''}) do
+    out[#out + 1] = v
+  end
+end
+local function claim(id)
+  local job = prefix .. ':job:' .. id
+  local st = redis.call('HGET', job, 'status')
+  if not st then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    put('missing', id)
+    return false
+  end
+  if terminal[st] then
+    redis.call('ZREM', KEYS[1], id)
+    put('skip', id, st)
+    return false
+  end
+  if st == 'running' then
+    local holder = redis.call('HGET', job, 'worker') or ''
+    if holder == me then put('mine', id, holder) return false end
+    local until_ = tonumber(redis.call('HGET', job, 'lease_until') or '0') or 0
+    if until_ > now and (takeover == '' or holder ~= takeover) then put('busy', id, holder) return false end
+    local old = redis.call('HGET', job, 'held')
+    if old then redis.call('SREM', old, id) end
+  end
+  local n = redis.call('HINCRBY', job, 'deliveries', 1)
+  if n > max_deliveries then
+    redis.call('HSET', job, 'error', exhausted, 'finish_reason', 'error')
+    close_job(job, job .. ':ev', KEYS[3], KEYS[2], KEYS[1], 'failed', ARGV[2], ttl)
+    put('exhausted', id, tostring(n))
+    return false
+  end
+  if n == 1 then
+    observe_in(KEYS[3], 'queue_seconds', now - tonumber(redis.call('HGET', job, 'created_at')))
+    redis.call('HSET', job, 'started_at', ARGV[2], 'tokens', 0, 'text', '')
+  end
+  local qm = redis.call('HMGET', job, 'queue', 'message')
+  if qm[1] and qm[2] then redis.call('LREM', qm[1], 1, qm[2]) end  -- its wake-up message is not needed now
+  redis.call('HSET', job, 'status', 'running', 'worker', me, 'lease_until', lease, 'held', KEYS[4])
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[2], lease, id)
+  redis.call('SADD', KEYS[4], id)
+  redis.call('XADD', job .. ':ev', '*', 'type', 'status', 'status', 'running', 'attempt', n)
+  local f = redis.call('HMGET', job, 'request', 'out_ids', 'text')
+  put('run', id, '', f[1], tostring(n), f[2], f[3])
+  return true
+end
+if ARGV[10] ~= '' then
+  claim(ARGV[10])
+  return out
+end
+if takeover ~= '' then  -- every job the dead holder had claimed
+  for _, id in ipairs(redis.call('SMEMBERS', prefix .. ':held:' .. takeover)) do
+    if room <= 0 then break end
+    if claim(id) then room = room - 1 end
+  end
+end
+if room > 0 then  -- leases that ran out: their worker died or was cut off
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, room)) do
+    local job = prefix .. ':job:' .. id
+    if redis.call('HGET', job, 'lease_until') and redis.call('HGET', job, 'status') == 'running' then
+      if claim(id) then room = room - 1 end
+    end
+  end
+end
+while room > 0 do
+  local ids = redis.call('ZRANGE', KEYS[1], 0, room - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if claim(id) then room = room - 1 else redis.call('ZREM', KEYS[1], id) end
+  end
+end
+return out

@@ -1,0 +1,147 @@
+"""The batching engine in-process: batched and staggered outputs equal one-at-a-time `generate`, on
+random Qwen2 and Llama models and the demo model; per-row sampling, cancel, budget, logprobs, n."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_deploy.config import load_settings
+from worker.engine import Seq
+from worker.handler import GenerationRequest, ModelHandler
+
+PROMPTS = ["Beautiful is better than", "Errors should never", "Simple is", "a",
+           "Now is better than never. Although never is", "Flat is better than nested. Sparse",
+           "In the face of ambiguity,", "There should be one"]
+LENGTHS = [5, 17, 30, 8, 12, 25, 3, 20]
+
+
+def tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(Qwen2Config(**common)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_handler(path: Path) -> ModelHandler:
+    settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
+                             overrides={"model": {"name_or_path": str(path), "threads": 1}})
+    handler = ModelHandler(settings)
+    handler.setup()
+    return handler
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", "demo"])
+def handler(request: pytest.FixtureRequest, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelHandler:
+    if request.param == "demo":
+        return make_handler(demo_model)
+    return make_handler(tiny(request.param, tmp_path_factory.mktemp(request.param), demo_model))
+
+
+def reference(handler: ModelHandler, req: GenerationRequest) -> str:
+    """transformers' own greedy `generate`, one request at a time."""
+    ids, _ = handler.encode(req)
+    x = torch.tensor([ids])
+    extra = {"min_new_tokens": req.max_new_tokens} if req.ignore_eos else {}
+    out = handler.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=req.max_new_tokens,
+                                 do_sample=False, eos_token_id=handler.eos_ids, pad_token_id=handler.pad_id, **extra)
+    return handler.decode(out[0, len(ids):].tolist())
+
+
+def requests(random_model: bool) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt=p, max_new_tokens=n, ignore_eos=random_model) for p, n in zip(PROMPTS, LENGTHS)]
+
+
+def test_batched_equals_generate_one_at_a_time(handler: ModelHandler) -> None:
+    reqs = requests("demo-model" not in handler.info.name)  # type: ignore[union-attr]
+    expected = [reference(handler, r) for r in reqs]
+    batched = handler.generate_batch(reqs)
+    assert [r.text for r in batched] == expected  # type: ignore[union-attr]
+    if reqs[0].ignore_eos:
+        assert [r.completion_tokens for r in batched] == LENGTHS  # type: ignore[union-attr]
+
+
+def test_staggered_joins_match(handler: ModelHandler) -> None:
+    """Rows that join mid-flight (and rows that leave) do not change anyone's tokens."""
+    reqs = requests("demo-model" not in handler.info.name)  # type: ignore[union-attr]
+    expected = [reference(handler, r) for r in reqs]
+    engine = handler.engine()
+    seqs = [handler.sequences(r, str(i), budget=60)[0][0] for i, r in enumerate(reqs)]
+    pending = list(seqs)
+    steps = 0
+    while pending or len(engine):
+        if pending and steps % 3 == 0:  # one arrival every three decode steps
+            engine.add(pending.pop(0))
+        engine.step()
+        steps += 1
+    assert [s.text for s in seqs] == expected
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(handler: ModelHandler) -> None:
+    reqs = [GenerationRequest(prompt=p, max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=7 + i,
+                              repetition_penalty=2) for i, p in enumerate(PROMPTS)]  # an integer penalty is fine
+    alone = [handler.generate(r).text for r in reqs]
+    batched = [r.text for r in handler.generate_batch(reqs)]  # type: ignore[union-attr]
+    assert alone == batched
+    unseeded = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=10, temperature=1.0)
+    torch.manual_seed(0)
+    first = handler.generate(unseeded).text
+    torch.manual_seed(0)  # the global RNG does not decide an unseeded job's tokens
+    assert len({first, handler.generate(unseeded).text, handler.generate(unseeded).text}) > 1
+
+
+def test_cancel_and_budget_stop_one_row_and_spare_the_others(handler: ModelHandler) -> None:
+    reqs = [GenerationRequest(prompt=p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS[:3]]
+    expected = [reference(handler, r) for r in reqs]
+    engine = handler.engine()
+    seqs = [handler.sequences(r, str(i), budget=60)[0][0] for i, r in enumerate(reqs)]
+    late: Seq = handler.sequences(reqs[0], "late", budget=0.0)[0][0]
+    for seq in (*seqs, late):
+        engine.add(seq)
+    for _ in range(5):
+        engine.step()
+    seqs[1].canceled = True
+    while len(engine):
+        engine.step()
+    assert seqs[1].finish_reason == "canceled" and 0 < len(seqs[1].out) < 30
+    assert expected[1].startswith(seqs[1].text)
+    assert late.finish_reason == "time_limit"
+    assert [seqs[0].text, seqs[2].text] == [expected[0], expected[2]]
+    assert [s.finish_reason for s in (seqs[0], seqs[2])] == ["length", "length"]
+
+
+def test_n_samples_share_a_prefill_and_logprobs(handler: ModelHandler) -> None:
+    req = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=6, n=3, temperature=1.0, seed=3, logprobs=True,
+                            top_logprobs=2, ignore_eos=True)
+    result = handler.generate(req)
+    assert [c["index"] for c in result.choices] == [0, 1, 2]
+    assert result.completion_tokens == 18 and result.text == result.choices[0]["text"]
+    for choice in result.choices:
+        content = choice["logprobs"]["content"]
+        assert len(content) == 6 and all(e["logprob"] <= 0 for e in content)
+        assert all(len(e["top_logprobs"]) == 2 for e in content)
+        assert all(e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"] for e in content)
+    greedy = handler.generate(GenerationRequest(prompt=PROMPTS[1], max_new_tokens=6, logprobs=True, top_logprobs=1,
+                                                ignore_eos=True))
+    content = greedy.choices[0]["logprobs"]["content"]
+    assert all(e["token"] == e["top_logprobs"][0]["token"] for e in content)  # greedy picks the top token
+
+
+def test_stop_strings_in_a_batch(handler: ModelHandler) -> None:
+    if "demo-model" not in handler.info.name:  # type: ignore[union-attr]
+        pytest.skip("needs the demo model's known text")
+    reqs = [GenerationRequest(prompt="Beautiful is better than", max_new_tokens=64, stop=["\n"]),
+            GenerationRequest(prompt="Errors should never", max_new_tokens=64, stop=["silently"]),
+            GenerationRequest(prompt="Simple is", max_new_tokens=4)]
+    out = handler.generate_batch(reqs)
+    assert [(o.text, o.finish_reason) for o in out[:2]] == [(" ugly.", "stop"), (" pass ", "stop")]  # type: ignore[union-attr]
+    assert out[2].finish_reason == "length"  # type: ignore[union-attr]

@@ -1,0 +1,125 @@
+"""Micro-batches in the engine: a batch's lines become bulk sequences; their output lines are recorded
+with CHUNK_DONE (counted once) when the last of them finishes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from qwen_deploy.batches import BatchStore
+from qwen_deploy.logs import event
+from worker.engine import BULK, Seq
+from worker.handler import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+# finish_reason → (error code, message) for lines that did not complete.
+INCOMPLETE = {
+    "time_limit": ("timed_out", "the line reached its generation time budget"),
+    "canceled": ("batch_cancelled", "the batch was cancelled"),
+    "error": ("generation_error", "the model failed while generating (see the worker log)"),
+}
+
+
+def line_id(batch_id: str, line: int) -> str:
+    return f"{batch_id}-{line}"
+
+
+def failed_lines(batch_id: str, items: list[dict[str, Any]], code: str, message: str) -> list[dict[str, Any]]:
+    return [{"id": line_id(batch_id, i["line"]), "custom_id": i["custom_id"], "response": None,
+             "error": {"code": code, "message": message, "line": i["line"]}} for i in items]
+
+
+def result_line(batch_id: str, item: dict[str, Any], outcome: GenerationResult) -> dict[str, Any]:
+    """One output line in the OpenAI Batch shape."""
+    base = {"id": line_id(batch_id, item["line"]), "custom_id": item["custom_id"]}
+    output: dict[str, Any] = {"text": outcome.text, "finish_reason": outcome.finish_reason, "usage": outcome.usage()}
+    if outcome.choices:
+        output["choices"] = outcome.choices
+    error = None
+    if outcome.finish_reason in INCOMPLETE:
+        code, message = INCOMPLETE[outcome.finish_reason]
+        error = {"code": code, "message": message, "line": item["line"]}
+        if outcome.finish_reason == "error":
+            return {**base, "response": None, "error": error}
+    return {**base, "response": {"status_code": 200, "body": {"object": "generation", "output": output}},
+            "error": error}
+
+
+class ChunkUnit:
+    """Lines [start, end) of a batch, running as bulk sequences of one driver's engine."""
+
+    def __init__(self, driver: Any, batches: BatchStore, batch_id: str, start: int, items: list[dict[str, Any]],
+                 budget: float) -> None:
+        self.driver, self.batches, self.batch_id, self.start = driver, batches, batch_id, start
+        self.key = f"{batch_id}:{start}"
+        self.items = items
+        self.lines: dict[int, Any] = {}
+        self.done_lines: list[dict[str, Any] | None] = [None] * len(items)
+        self.pending = len(items)
+        self.started = time.perf_counter()
+        handler = driver.handler
+        driver.units[self.key] = self
+        for index, item in enumerate(items):
+            try:
+                req = GenerationRequest.from_dict(item["body"])
+                seqs, prompt_tokens, truncated = handler.sequences(req, f"{self.key}:{index}", budget=budget,
+                                                                   priority=BULK, tag=self.key)
+            except Exception as exc:  # a line this model cannot run fails alone
+                self._record(index, failed_lines(batch_id, [item], "invalid_request", str(exc))[0])
+                continue
+            for seq in seqs:
+                seq.tag = (self.key, index)
+            self.lines[index] = (req, seqs, prompt_tokens, truncated)
+        for _, seqs, _, _ in self.lines.values():
+            for seq in seqs:
+                driver.engine.add(seq)
+
+    def seq_done(self, seq: Seq) -> None:
+        index = seq.tag[1]
+        req, seqs, prompt_tokens, truncated = self.lines[index]
+        if all(s.done for s in seqs):
+            result = self.driver.handler.result(seqs, prompt_tokens, truncated, req)
+            self._record(index, result_line(self.batch_id, self.items[index], result))
+
+    def poll(self) -> None:
+        """Stop every line of this micro-batch when its batch is being cancelled."""
+        if self.batches.status(self.batch_id) == "cancelling":
+            for _, seqs, _, _ in self.lines.values():
+                for seq in seqs:
+                    seq.canceled = True
+
+    def _record(self, index: int, line: dict[str, Any]) -> None:
+        if self.done_lines[index] is None:
+            self.done_lines[index] = line
+            self.pending -= 1
+        if self.pending == 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.driver.units.pop(self.key, None)
+        lines = [line for line in self.done_lines if line is not None]
+        self.batches.chunk_done(self.batch_id, self.start, lines)
+        event(log, "batch.micro_batch", batch=self.batch_id, queue="bulk", requests=len(self.items),
+              lines=f"{self.start}-{self.start + len(self.items)}",
+              run_ms=round((time.perf_counter() - self.started) * 1000, 1))
+
+
+def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: int, slice_end: float) -> str:
+    """Generate lines [start, end) of a batch in the engine and record them; returns what happened."""
+    max_deliveries = driver.settings.limits.max_deliveries
+    items = batches.requests(batch_id, start, end)
+    if batches.chunk_recorded(batch_id, start):
+        return "skipped"
+    if batches.chunk_tries(batch_id, start) > max_deliveries:
+        batches.chunk_done(batch_id, start, failed_lines(
+            batch_id, items, "worker_lost", f"the worker running this micro-batch died {max_deliveries} time(s)"))
+        return "exhausted"
+    if batches.status(batch_id) in ("cancelling", "cancelled"):
+        batches.chunk_done(batch_id, start, failed_lines(batch_id, items, *INCOMPLETE["canceled"]))
+        return "cancelled"
+    budget = min(driver.settings.limits.generation_budget, max(1.0, slice_end - time.monotonic() - 1.0))
+    unit = ChunkUnit(driver, batches, batch_id, start, items, budget)
+    driver.drive(lambda: unit.key not in driver.units, slice_end)
+    return "done" if unit.key not in driver.units else "running"

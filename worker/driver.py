@@ -1,0 +1,265 @@
+"""Co-scheduling the engine with Celery: whichever generation task the child runs drives the one engine.
+
+A task that starts claims its own job (or micro-batch), then keeps claiming waiting jobs straight from
+the job records (CLAIM.lua, interactive FIFO) between decode steps, up to the engine's limits. Each
+job's Celery message stays queued; when it is delivered it finds its job terminal (skip), in this
+engine (drive until it ends) or held by another live worker (skip). A task drives until its own work
+is done and then while the engine has work, but never past its time slice (the soft limit minus a
+margin): then it pushes a `drive` task onto this worker's own queue and returns, so every sequence
+always has a driving task and every task stays inside Celery's time limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from qwen_deploy.jobs import JobStore
+from qwen_deploy.logs import event
+from worker.engine import Engine, Seq, stable_text
+from worker.handler import GenerationRequest, ModelHandler
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_REASON = {"time_limit": "timed_out", "canceled": "canceled", "error": "failed"}
+ERRORS = {
+    "timed_out": {"code": "time_limit", "message": "generation stopped at its time budget"},
+    "failed": {"code": "generation_error", "message": "the model failed while generating (see the worker log)"},
+}
+
+
+@dataclass
+class RunningJob:
+    """A generation job whose samples are in this engine."""
+
+    job_id: str
+    req: GenerationRequest
+    seqs: list[Seq]
+    prompt_tokens: int
+    truncated: bool
+    attempt: int
+    sent: str = ""  # text already published to the record and stream
+    sent_tokens: int = -1
+    lost: bool = False  # no longer this worker's (canceled while queued, expired, taken over)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def holder_alive(holder: str) -> bool:
+    """Whether a worker name `host:pid` may still be running (unknown hosts are assumed alive)."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Driver:
+    """The engine of one worker child and the bookkeeping that ties its sequences to job records."""
+
+    def __init__(self, handler: ModelHandler, store: JobStore, worker: str,
+                 handoff: Callable[[], None] | None = None, interrupts: tuple[type[BaseException], ...] = ()) -> None:
+        self.handler, self.store, self.worker = handler, store, worker
+        self.settings = handler.settings
+        self.engine: Engine = handler.engine()
+        self.jobs: dict[str, RunningJob] = {}
+        self.units: dict[Any, Any] = {}  # other owners of sequences (micro-batches), by tag
+        self.handoff, self.interrupts = handoff, interrupts
+        eng, lim = self.settings.engine, self.settings.limits
+        self.lease, self.max_deliveries = eng.lease_seconds, lim.max_deliveries
+        self.claim_every = eng.claim_interval_ms / 1000
+        self.flush_every = self.settings.generation.progress_interval_ms / 1000
+        self.next_claim = self.next_flush = 0.0
+        self.soft_hit = False
+
+    # -- claims ----------------------------------------------------------------------------------
+    def claim_job(self, job_id: str) -> str:
+        """Claim one job for this engine: run | mine | busy | skip | missing | exhausted."""
+        if job_id in self.jobs:
+            return "mine"
+        claims = self.store.claim(self.worker, self.lease, self.max_deliveries, 1, job_id=job_id)
+        outcome = claims[0] if claims else None
+        if outcome and outcome.outcome == "busy" and not holder_alive(outcome.detail):
+            dead = outcome.detail  # its child was killed: take over its job and everything else it held
+            claims = self.store.claim(self.worker, self.lease, self.max_deliveries, 1, job_id=job_id, takeover=dead)
+            self._admit(claims)
+            self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, self.engine.room(),
+                                         takeover=dead))
+            outcome = claims[0] if claims else None
+        else:
+            self._admit(claims)
+        if outcome is None:
+            return "missing"
+        if outcome.outcome not in ("run", "mine"):
+            event(log, "job.skipped", logging.INFO, id=job_id, reason=outcome.outcome, detail=outcome.detail or None)
+        return outcome.outcome
+
+    def claim_waiting(self) -> None:
+        room = self.engine.room()
+        if room > 0:
+            self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, room))
+
+    def _admit(self, claims: list[Any]) -> None:
+        budget = self.settings.limits.generation_budget
+        for c in claims:
+            if c.outcome != "run":
+                continue
+            try:
+                req = GenerationRequest.from_dict(json.loads(c.request))
+                resume = json.loads(c.out_ids) if c.out_ids and int(c.attempt) > 1 else None
+                seqs, prompt_tokens, truncated = self.handler.sequences(req, c.job_id, budget=budget, tag=c.job_id,
+                                                                        resume=resume)
+            except Exception as exc:  # a request this model cannot run fails alone
+                log.warning("job %s cannot run: %s", c.job_id, exc)
+                self.store.finish(c.job_id, "failed", {"error": {"code": "invalid_request", "message": str(exc)}},
+                                  holder=self.worker)
+                continue
+            job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, int(c.attempt))
+            if resume:
+                job.sent, job.sent_tokens = c.text, len(resume)
+            self.jobs[c.job_id] = job
+            for seq in seqs:
+                self.engine.add(seq)
+            event(log, "job.started", id=c.job_id, queue="interactive", worker=self.worker, attempt=int(c.attempt),
+                  resumed_tokens=len(resume or []))
+
+    # -- the loop --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _soft_limit_deferred(self) -> Iterator[None]:
+        """Celery's soft time limit (SIGUSR1) ends the slice at the next safe point instead of raising
+        in the middle of a step, so the engine's state is never left half-updated."""
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+            yield
+            return
+        self.soft_hit = False
+
+        def on_soft_limit(signum: int, frame: Any) -> None:
+            self.soft_hit = True
+
+        previous = signal.signal(signal.SIGUSR1, on_soft_limit)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+
+    def drive(self, done: Callable[[], bool], slice_end: float) -> None:
+        """Step the engine until `done()` and the engine is idle, or the slice ends (then hand off)."""
+        self.soft_hit = False
+        with self._soft_limit_deferred():
+            self._drive(done, slice_end)
+
+    def adopt_orphans(self) -> None:
+        """Take over the jobs of engines on this host whose process died (a killed child's successor)."""
+        key = f"{self.store.prefix}:engines:{socket.gethostname()}"
+        client = self.store.r
+        client.sadd(key, self.worker)
+        for holder in client.smembers(key):
+            if holder != self.worker and not holder_alive(holder):
+                self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, self.engine.room(),
+                                             takeover=holder))
+                client.srem(key, holder)
+
+    def _drive(self, done: Callable[[], bool], slice_end: float) -> None:
+        try:
+            while time.monotonic() < slice_end and not self.soft_hit:
+                now = time.monotonic()
+                if now >= self.next_claim:
+                    self.next_claim = now + self.claim_every
+                    self.claim_waiting()
+                if not len(self.engine):
+                    if done():
+                        break
+                    time.sleep(0.005)  # own work is waiting on nothing: should not happen
+                    continue
+                if done() and self.yield_to_bulk():
+                    break
+                self.finished(self.engine.step())
+                if time.monotonic() >= self.next_flush:
+                    self.flush()
+        except self.interrupts:  # a time limit: the engine's state is intact; hand off and let the task end
+            raise
+        except Exception:
+            log.exception("engine step failed; failing its sequences")
+            self.finished(self.engine.fail_all("error"))
+        finally:
+            self.flush()
+            if len(self.engine) and self.handoff is not None:
+                self.handoff()
+
+    def yield_to_bulk(self) -> bool:
+        """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
+        return not self.units and bool(self.store.r.llen("bulk"))
+
+    def flush(self) -> None:
+        """Publish partial text, renew leases, read cancel flags: one round trip for every running job."""
+        self.next_flush = time.monotonic() + self.flush_every
+        if not self.jobs:
+            return
+        pipe = self.store.progress_pipeline()
+        order = []
+        lease_until = time.time() + self.lease
+        for job in self.jobs.values():
+            first = job.seqs[0]
+            tokens = sum(len(s.out) for s in job.seqs)
+            text = stable_text(first, self.handler.decode) if not first.done else job.sent
+            changed = tokens != job.sent_tokens
+            delta = text[len(job.sent):] if changed and text.startswith(job.sent) else ""
+            self.store.queue_progress(pipe, job.job_id, self.worker, lease_until, tokens,
+                                      text if changed else None, delta, first.out)
+            if changed:
+                job.sent, job.sent_tokens = (text if text.startswith(job.sent) else job.sent), tokens
+            order.append(job)
+        for job, reply in zip(order, pipe.execute(raise_on_error=False)):
+            if reply == 1:
+                for seq in job.seqs:
+                    seq.canceled = True
+            elif reply == -1:  # canceled while queued, expired, or claimed by another worker: stop it here
+                for seq in job.seqs:
+                    seq.canceled = True
+                job.lost = True
+        for unit in list(self.units.values()):
+            unit.poll()
+
+    def finished(self, seqs: list[Seq]) -> None:
+        for seq in seqs:
+            owner, _ = seq.tag
+            if owner in self.jobs:
+                job = self.jobs[owner]
+                if all(s.done for s in job.seqs):
+                    self._finish_job(self.jobs.pop(owner))
+            elif owner in self.units:
+                self.units[owner].seq_done(seq)
+
+    def _finish_job(self, job: RunningJob) -> None:
+        if job.lost:
+            event(log, "job.dropped", logging.WARNING, id=job.job_id, reason="no longer held by this worker")
+            return
+        result = self.handler.result(job.seqs, job.prompt_tokens, job.truncated, job.req)
+        status = STATUS_BY_REASON.get(result.finish_reason, "succeeded")
+        fields: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
+                                  "tokens": str(result.completion_tokens), "usage": result.usage()}
+        if result.finish_reason == "error":
+            fields["finish_reason"] = None
+        if result.choices:
+            fields["choices"] = result.choices
+        if status in ERRORS:
+            fields["error"] = ERRORS[status]
+        delta = result.text[len(job.sent):] if result.text.startswith(job.sent) else ""
+        self.store.finish(job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker)
+        event(log, "job.finished", id=job.job_id, queue="interactive", status=status,
+              prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+              prompt_truncated=result.prompt_truncated, finish_reason=result.finish_reason, attempt=job.attempt,
+              run_ms=round((time.perf_counter() - job.started) * 1000, 1))

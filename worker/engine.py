@@ -1,0 +1,233 @@
+"""The batching engine: one continuously batched decode loop over every sequence of a worker child.
+
+Sequences join between decode steps (arrivals of one step are prefilled together, identical prompts
+once, then merged into the running batch) and leave the moment they finish. Interactive and bulk
+sequences run as two batches on their own caches: while interactive work is active, the bulk batch
+takes one step in every `bulk_every`, so an interactive job is never stuck behind a micro-batch.
+A job is a batch of one: the same code path serves a lone job, n samples and a 32-line micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from worker.kv import KVBatch, decode, prefill
+from worker.sampling import RowPlan, Sampling, choose
+
+INTERACTIVE, BULK = 0, 1
+
+
+@dataclass(eq=False)
+class Seq:
+    """One generated sample and everything that decides when it stops."""
+
+    key: str
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    budget: float = math.inf  # seconds of generation from admission
+    top_logprobs: int = -1  # -1 none; else the chosen token's logprob and this many alternatives
+    constraint: Any = None
+    priority: int = INTERACTIVE
+    tag: Any = None  # the owner's handle (job id and sample index, batch line, ...)
+    out: list[int] = field(default_factory=list)  # generated ids (non-empty when resuming)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None  # eos | length | stop | time_limit | canceled | error
+    canceled: bool = False
+    deadline: float = math.inf
+    text: str = ""  # kept current for sequences with stop strings; final once finished
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def context(self) -> list[int]:
+        return self.prompt + self.out
+
+
+class Engine:
+    """Owns the model's decode loop; not thread-safe (one driver calls `step`)."""
+
+    def __init__(self, model: Any, decode_ids: Callable[[list[int]], str], eos_ids: list[int], pad_id: int, *,
+                 max_batch: int = 32, max_batch_tokens: int = 65536, bulk_every: int = 4,
+                 max_prefill_tokens: int = 8192) -> None:
+        self.model, self.decode_ids = model, decode_ids
+        self.eos_ids, self.pad_id = list(eos_ids), pad_id
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        self.bulk_every, self.max_prefill_tokens = max(1, bulk_every), max_prefill_tokens
+        self.waiting: dict[int, deque[Seq]] = {INTERACTIVE: deque(), BULK: deque()}
+        self.running: dict[int, list[Seq]] = {INTERACTIVE: [], BULK: []}
+        self.batches: dict[int, KVBatch] = {INTERACTIVE: KVBatch(), BULK: KVBatch()}
+        self.steps = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        """Queue a sequence; it joins at the next step (a finished resume finishes at once)."""
+        self.waiting[seq.priority].append(seq)
+
+    def sequences(self) -> list[Seq]:
+        return [s for p in (INTERACTIVE, BULK) for s in (*self.running[p], *self.waiting[p])]
+
+    def __len__(self) -> int:
+        return sum(len(self.running[p]) + len(self.waiting[p]) for p in (INTERACTIVE, BULK))
+
+    def rows(self) -> int:
+        return len(self.running[INTERACTIVE]) + len(self.running[BULK])
+
+    def room(self) -> int:
+        """How many more sequences fit (waiting ones count)."""
+        queued = len(self.waiting[INTERACTIVE]) + len(self.waiting[BULK])
+        return max(0, self.max_batch - self.rows() - queued)
+
+    def _reserved(self) -> int:
+        return sum(len(s.prompt) + s.max_new_tokens for p in (INTERACTIVE, BULK) for s in self.running[p])
+
+    # -- the loop ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Seq]:
+        """Admit arrivals, take one decode step, and return the sequences that finished."""
+        finished: list[Seq] = []
+        now = time.monotonic()
+        for p in (INTERACTIVE, BULK):
+            self._sweep(p, now, finished)
+            self._admit(p, now, finished)
+        active = [p for p in (INTERACTIVE, BULK) if self.running[p]]
+        if BULK in active and INTERACTIVE in active and self.steps % self.bulk_every:
+            active.remove(BULK)
+        for p in active:
+            self._decode(p, finished)
+        self.steps += 1
+        return finished
+
+    def _sweep(self, p: int, now: float, finished: list[Seq]) -> None:
+        """End canceled or late sequences, waiting or running, without a forward."""
+        for seq in list(self.waiting[p]):
+            if seq.canceled or (seq.budget <= 0):
+                self.waiting[p].remove(seq)
+                self._finish(seq, "canceled" if seq.canceled else "time_limit", finished)
+        stopped = []
+        for seq in self.running[p]:
+            reason = "canceled" if seq.canceled else "time_limit" if now >= seq.deadline else None
+            if reason and len(seq.out) < seq.max_new_tokens:
+                self._finish(seq, reason, finished)
+                stopped.append(seq)
+        if stopped:
+            self._drop(p, stopped)
+
+    def _admit(self, p: int, now: float, finished: list[Seq]) -> None:
+        waiting = self.waiting[p]
+        if not waiting:
+            return
+        joining: list[Seq] = []
+        tokens, reserved = 0, self._reserved()
+        while waiting and self.rows() + len(joining) < self.max_batch:
+            seq = waiting[0]
+            need = len(seq.prompt) + seq.max_new_tokens
+            if joining and (tokens + len(seq.context()) > self.max_prefill_tokens
+                            or reserved + need > self.max_batch_tokens):
+                break
+            waiting.popleft()
+            seq.deadline = now + seq.budget
+            if len(seq.out) >= seq.max_new_tokens:  # resumed after its last token: nothing left to do
+                self._finish(seq, "length", finished)
+                continue
+            joining.append(seq)
+            tokens += len(seq.context())
+            reserved += need
+        if not joining:
+            return
+        unique: dict[tuple[int, ...], int] = {}
+        rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
+        try:
+            group, logits = prefill(self.model, [list(k) for k in unique], self.pad_id)
+        except BaseException:  # interrupted (time limit) or failed: they wait for the next step
+            waiting.extendleft(reversed(joining))
+            raise
+        if len(unique) < len(joining):  # n samples (or equal prompts) share one prefill
+            index = torch.tensor(rows, device=logits.device)
+            for layer in group.cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            group.mask, group.pos, logits = group.mask[index], group.pos[index], logits[index]
+        self._advance(joining, group, logits, finished)
+        kept = [i for i, s in enumerate(joining) if not s.done]
+        group.keep(kept)
+        self.batches[p].merge(group)
+        self.running[p].extend(joining[i] for i in kept)
+
+    def _decode(self, p: int, finished: list[Seq]) -> None:
+        batch = self.batches[p]
+        logits = decode(self.model, batch)
+        seqs = self.running[p]
+        self._advance(seqs, batch, logits, finished)
+        done = [s for s in seqs if s.done]
+        if done:
+            self._drop(p, done)
+
+    def _drop(self, p: int, leaving: list[Seq]) -> None:
+        gone = set(map(id, leaving))
+        keep = [i for i, s in enumerate(self.running[p]) if id(s) not in gone]
+        self.batches[p].keep(keep)
+        self.running[p] = [self.running[p][i] for i in keep]
+
+    def _advance(self, seqs: list[Seq], batch: KVBatch, logits: torch.Tensor, finished: list[Seq]) -> None:
+        """Choose each row's next token, append it and decide whether the row is done."""
+        plans = [RowPlan(s.sampling, s.context(), self.eos_ids if s.ignore_eos else [], s.constraint,
+                         s.top_logprobs) for s in seqs]
+        tokens, logprobs = choose(logits, plans)
+        batch.last = torch.tensor(tokens, device=logits.device)
+        for seq, tok, lp in zip(seqs, tokens, logprobs):
+            seq.out.append(tok)
+            if lp is not None:
+                seq.logprobs.append((tok, *lp))
+            if seq.constraint is not None:
+                seq.constraint.accept(tok)
+            reason = self._reason(seq, tok)
+            if reason:
+                self._finish(seq, reason, finished)
+
+    def _reason(self, seq: Seq, tok: int) -> str | None:
+        if tok in self.eos_ids and not seq.ignore_eos:
+            return "eos"
+        if seq.constraint is not None and seq.constraint.is_done():
+            return "stop"
+        if seq.stop:
+            seq.text = self.decode_ids(seq.out)
+            if any(s in seq.text for s in seq.stop):
+                return "stop"
+        if len(seq.out) >= seq.max_new_tokens:
+            return "length"
+        return None
+
+    def _finish(self, seq: Seq, reason: str, finished: list[Seq]) -> None:
+        seq.finish_reason = reason
+        seq.text = self.decode_ids(seq.out)
+        if reason == "stop" and seq.stop:
+            cuts = [seq.text.find(s) for s in seq.stop if s in seq.text]
+            seq.text = seq.text[: min(cuts)] if cuts else seq.text
+        finished.append(seq)
+
+    def fail_all(self, reason: str = "error") -> list[Seq]:
+        """End every sequence (the model raised mid-step); the engine is empty afterwards."""
+        finished: list[Seq] = []
+        for p in (INTERACTIVE, BULK):
+            for seq in (*self.running[p], *self.waiting[p]):
+                self._finish(seq, reason, finished)
+            self.running[p], self.waiting[p] = [], deque()
+            self.batches[p].reset()
+        return finished
+
+
+def stable_text(seq: Seq, decode_ids: Callable[[list[int]], str]) -> str:
+    """The part of a running sequence's text that is final: no partial character, no possible start of
+    a stop string (so concatenated stream deltas always equal the final text)."""
+    text = decode_ids(seq.out).rstrip("\ufffd")
+    hold = max((len(s) for s in seq.stop), default=1) - 1
+    return text[: len(text) - hold] if hold else text

@@ -1,0 +1,128 @@
+"""A running batch of sequences on one KV cache: grouped prefill, left-padded merge, decode, row removal.
+
+Rows are right-aligned: each row's cache holds `T` positions of which the leading ones may be padding
+(mask 0). Position ids are counted per row from its first real token, as `generate` does, so a row that
+joins mid-flight sees exactly the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+@functools.cache
+def cache_keyword(model_cls: type) -> str:
+    """The forward keyword for the KV cache (`cache` in transformers 5.x, `past_key_values` before)."""
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _lpad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Left-pad `x` with zeros along `dim` (from the end) to `length`."""
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    pad = [0, 0] * (-dim - 1) + [missing, 0]
+    return F.pad(x, pad)
+
+
+class KVBatch:
+    """The cache, mask, last token and next position of every row of one batch."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [B, T] long, 1 = real position
+        self.last: torch.Tensor | None = None  # [B] the token to feed next (not yet in the cache)
+        self.pos: torch.Tensor | None = None  # [B] position id of that token
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def reset(self) -> None:
+        self.cache = self.mask = self.last = self.pos = None
+
+    def merge(self, other: KVBatch) -> None:
+        """Append the rows of `other` (left-padding the shorter cache)."""
+        if other.rows == 0:
+            return
+        if self.rows == 0:
+            self.cache, self.mask, self.last, self.pos = other.cache, other.mask, other.last, other.pos
+            return
+        assert self.mask is not None and other.mask is not None
+        width = max(self.width, other.width)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_lpad(mine.keys, width, -2), _lpad(theirs.keys, width, -2)], 0)
+            mine.values = torch.cat([_lpad(mine.values, width, -2), _lpad(theirs.values, width, -2)], 0)
+        self.mask = torch.cat([_lpad(self.mask, width, -1), _lpad(other.mask, width, -1)], 0)
+        self.last = torch.cat([self.last, other.last])  # type: ignore[list-item]
+        self.pos = torch.cat([self.pos, other.pos])  # type: ignore[list-item]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); drop cache columns that are padding in every row left."""
+        if not rows:
+            self.reset()
+            return
+        if rows == list(range(self.rows)):
+            return
+        assert self.mask is not None and self.last is not None and self.pos is not None
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask[index]
+        lead = int(mask.any(0).int().argmax())  # leading columns with no real position in any row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, lead:]
+            layer.values = layer.values[index, :, lead:]
+        self.mask = mask[:, lead:]
+        self.last, self.pos = self.last[index], self.pos[index]
+
+    def crop(self, width: int) -> None:
+        """Undo a partly applied forward (an exception mid-step): cut every layer back to `width`."""
+        if self.cache is None:
+            return
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > width:
+                layer.keys = layer.keys[:, :, :width]
+                layer.values = layer.values[:, :, :width]
+        if self.mask is not None and self.mask.shape[1] > width:
+            self.mask = self.mask[:, :width]
+
+
+def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch, torch.Tensor]:
+    """Run the prompts as one left-padded forward; return their batch and last-position logits."""
+    device = model.device
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{cache_keyword(type(model)): cache})
+    batch = KVBatch()
+    batch.cache, batch.mask = cache, mask
+    batch.pos = torch.tensor([len(p) for p in prompts], device=device)
+    return batch, out.logits[:, -1]
+
+
+def decode(model: Any, batch: KVBatch) -> torch.Tensor:
+    """Feed each row its last chosen token; return the next-token logits [B, vocab]."""
+    assert batch.mask is not None and batch.pos is not None and batch.last is not None
+    width = batch.width
+    mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
+    try:
+        out = model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.pos[:, None],
+                    use_cache=True, **{cache_keyword(type(model)): batch.cache})
+    except BaseException:
+        batch.crop(width)
+        raise
+    batch.mask, batch.pos = mask, batch.pos + 1
+    return out.logits[:, -1]
