@@ -63,18 +63,24 @@ def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, run
         if lease > now:  # renewed meanwhile
             client.zadd(store.active_key(), {job_id: lease})
             return "waiting"
+        _drop_unacked(client, _unacked_tags(client, job_id))  # a copy held by a consumer that is gone
         return _wake(store, job_id, record, now, max_deliveries, store.reap_after)
     tags = _unacked_tags(client, job_id)
     if record["status"] == "queued":
         if tags or (message and client.lpos(queue, message) is not None):
             client.zadd(store.active_key(), {job_id: now + store.reap_after})
             return "waiting"
-    elif tags:  # running past its limit: the consumer holding this copy is gone
+    else:  # running past its limit: the consumer holding this copy is gone
+        _drop_unacked(client, tags)
+    return _wake(store, job_id, record, now, max_deliveries, running_for + store.reap_after)
+
+
+def _drop_unacked(client: redis.Redis, tags: list[str]) -> None:
+    if tags:
         pipe = client.pipeline()
         pipe.hdel(UNACKED, *tags)
         pipe.zrem(UNACKED_INDEX, *tags)
         pipe.execute()
-    return _wake(store, job_id, record, now, max_deliveries, running_for + store.reap_after)
 
 
 def _wake(store: JobStore, job_id: str, record: dict[str, str], now: float, max_deliveries: int,

@@ -20,7 +20,7 @@ def slice_end(soft_limit: float | None) -> float:
 def _driver(task: object) -> object:
     from worker.runtime import get_driver
 
-    return get_driver(get_settings(), task.request.hostname, (SoftTimeLimitExceeded,))  # type: ignore[attr-defined]
+    return get_driver(get_settings(), task.request.hostname)  # type: ignore[attr-defined]
 
 
 def _soft_limit(task: object) -> float | None:

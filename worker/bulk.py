@@ -84,7 +84,10 @@ class ChunkUnit:
             self._record(index, result_line(self.batch_id, self.items[index], result))
 
     def poll(self) -> None:
-        """Stop every line of this micro-batch when its batch is being cancelled."""
+        """Stop every line of this micro-batch when its batch is being cancelled (and retry a failed record)."""
+        if self.pending == 0:
+            self._complete()
+            return
         if self.batches.status(self.batch_id) == "cancelling":
             for _, seqs, _, _ in self.lines.values():
                 for seq in seqs:
@@ -98,9 +101,9 @@ class ChunkUnit:
             self._complete()
 
     def _complete(self) -> None:
-        self.driver.units.pop(self.key, None)
         lines = [line for line in self.done_lines if line is not None]
         self.batches.chunk_done(self.batch_id, self.start, lines)
+        self.driver.units.pop(self.key, None)
         event(log, "batch.micro_batch", batch=self.batch_id, queue="bulk", requests=len(self.items),
               lines=f"{self.start}-{self.start + len(self.items)}",
               run_ms=round((time.perf_counter() - self.started) * 1000, 1))

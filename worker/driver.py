@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from redis.exceptions import RedisError
+
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.logs import event
 from worker.engine import Engine, Seq, stable_text
@@ -71,13 +73,14 @@ class Driver:
     """The engine of one worker child and the bookkeeping that ties its sequences to job records."""
 
     def __init__(self, handler: ModelHandler, store: JobStore, worker: str,
-                 handoff: Callable[[], None] | None = None, interrupts: tuple[type[BaseException], ...] = ()) -> None:
+                 handoff: Callable[[], None] | None = None) -> None:
         self.handler, self.store, self.worker = handler, store, worker
         self.settings = handler.settings
         self.engine: Engine = handler.engine()
         self.jobs: dict[str, RunningJob] = {}
+        self.to_finish: list[RunningJob] = []
         self.units: dict[Any, Any] = {}  # other owners of sequences (micro-batches), by tag
-        self.handoff, self.interrupts = handoff, interrupts
+        self.handoff = handoff
         eng, lim = self.settings.engine, self.settings.limits
         self.lease, self.max_deliveries = eng.lease_seconds, lim.max_deliveries
         self.claim_every = eng.claim_interval_ms / 1000
@@ -173,31 +176,42 @@ class Driver:
                 client.srem(key, holder)
 
     def _drive(self, done: Callable[[], bool], slice_end: float) -> None:
-        try:
-            while time.monotonic() < slice_end and not self.soft_hit:
-                now = time.monotonic()
-                if now >= self.next_claim:
-                    self.next_claim = now + self.claim_every
-                    self.claim_waiting()
-                if not len(self.engine):
-                    if done():
-                        break
-                    time.sleep(0.005)  # own work is waiting on nothing: should not happen
-                    continue
-                if done() and self.yield_to_bulk():
+        while time.monotonic() < slice_end and not self.soft_hit:
+            try:
+                if not self._tick(done):
                     break
-                self.finished(self.engine.step())
-                if time.monotonic() >= self.next_flush:
-                    self.flush()
-        except self.interrupts:  # a time limit: the engine's state is intact; hand off and let the task end
-            raise
-        except Exception:
-            log.exception("engine step failed; failing its sequences")
-            self.finished(self.engine.fail_all("error"))
-        finally:
+            except RedisError as exc:  # Redis away: keep the engine's state, retry its writes when it is back
+                log.warning("redis unavailable while driving the engine: %s", exc)
+                time.sleep(0.5)
+            except Exception:
+                log.exception("engine step failed; failing its sequences")
+                self.finished(self.engine.fail_all("error"))
+        try:
             self.flush()
-            if len(self.engine) and self.handoff is not None:
+            if (len(self.engine) or self.to_finish) and self.handoff is not None:
                 self.handoff()
+        except RedisError as exc:  # leases run out and the jobs are resumed elsewhere
+            log.warning("could not hand the engine on: %s", exc)
+
+    def _tick(self, done: Callable[[], bool]) -> bool:
+        """One pass of the loop; False when this task may return."""
+        now = time.monotonic()
+        if self.to_finish:
+            self._finish_pending()
+        if now >= self.next_claim:
+            self.next_claim = now + self.claim_every
+            self.claim_waiting()
+        if not len(self.engine):
+            if done() and not self.to_finish:
+                return False
+            time.sleep(0.005)
+            return True
+        if done() and self.yield_to_bulk():
+            return False
+        self.finished(self.engine.step())
+        if time.monotonic() >= self.next_flush:
+            self.flush()
+        return True
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
@@ -237,11 +251,18 @@ class Driver:
         for seq in seqs:
             owner, _ = seq.tag
             if owner in self.jobs:
-                job = self.jobs[owner]
-                if all(s.done for s in job.seqs):
-                    self._finish_job(self.jobs.pop(owner))
+                if all(s.done for s in self.jobs[owner].seqs):
+                    self.to_finish.append(self.jobs.pop(owner))
             elif owner in self.units:
                 self.units[owner].seq_done(seq)
+        if self.to_finish:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Write the terminal state of finished jobs (kept for a retry while Redis is away)."""
+        while self.to_finish:
+            self._finish_job(self.to_finish[0])
+            self.to_finish.pop(0)
 
     def _finish_job(self, job: RunningJob) -> None:
         if job.lost:

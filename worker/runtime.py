@@ -67,7 +67,7 @@ def get_handler() -> ModelHandler:
     return _handler
 
 
-def get_driver(settings: Settings, node: str, interrupts: tuple[type[BaseException], ...] = ()) -> Any:
+def get_driver(settings: Settings, node: str) -> Any:
     """This child's engine driver (created on first use); hand-offs go to the worker's own queue."""
     global _driver
     if _driver is None:
@@ -81,7 +81,7 @@ def get_driver(settings: Settings, node: str, interrupts: tuple[type[BaseExcepti
                 task_id = f"drive-{uuid.uuid4().hex}"
                 client.lpush(queue, task_message(DRIVE_TASK, task_id, queue, []))
 
-        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff, interrupts)
+        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff)
         try:
             _driver.adopt_orphans()
         except Exception as exc:  # Redis away: leases and the reaper settle those jobs later
