@@ -1,0 +1,268 @@
+"""The batching engine through the whole system vs in-process batched generation, on random 100-150 M
+parameter Llama and Qwen2 models (1 torch thread, CPU), in one run:
+
+- aggregate tokens/s of 1, 4, 8, 16 concurrent HTTP clients (32 tokens each) vs a static padded
+  `generate` batch of the same requests in-process (goal >= 0.9x);
+- 8 clients with mixed lengths 8-64 tokens vs the static batch of the same 8 (goal >= 1.3x);
+- one job alone: HTTP submit -> result vs in-process `generate` (goal <= 1.05x);
+- time to first token of a job arriving while 15 others decode;
+- an interactive job during a 64-line batch vs the same job alone (goal <= 3x);
+- peak RSS of the worker child.
+
+    uv run python bench/engine_bench.py [--arch llama qwen2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qwen_deploy.client import Client  # noqa: E402
+from qwen_deploy.launcher import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
+from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
+from qwen_deploy.redis_server import RedisServer, free_port  # noqa: E402
+
+WORDS = ["Beautiful", "Explicit", "Simple", "Complex", "Flat", "Sparse", "Readability", "Special", "Errors",
+         "Now", "Namespaces", "Although", "If", "There", "In", "Unless"]
+
+
+def build_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A random ~115 M-parameter model (hidden 768, 14 layers) with the demo tokenizer; cached."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if (out / "done").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=768, intermediate_size=2560, num_hidden_layers=14,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "done").write_text("1")
+    return out
+
+
+def body(i: int, tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
+    return {"prompt": f"{WORDS[i % len(WORDS)]} is better than {i} things, and", "max_new_tokens": tokens,
+            "ignore_eos": ignore_eos}
+
+
+class InProcess:
+    """The reference: transformers' `generate` on a left-padded static batch, 1 thread."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+
+        from qwen_deploy.config import load_settings
+        from worker.handler import GenerationRequest, ModelHandler
+
+        torch.set_num_threads(1)
+        self.torch, self.Req = torch, GenerationRequest
+        self.h = ModelHandler(load_settings(overrides={"model": {"name_or_path": str(model_dir), "threads": 1}}))
+        self.h.setup()
+        self.params = self.h.info.parameters  # type: ignore[union-attr]
+
+    def static(self, bodies: list[dict[str, Any]]) -> float:
+        """Useful tokens/s of one padded generate call (rows are cut at their own max_new_tokens)."""
+        torch, h = self.torch, self.h
+        ids = [h.encode(self.Req.from_dict(b))[0] for b in bodies]
+        width = max(map(len, ids))
+        x = torch.tensor([[h.pad_id] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        n = max(b["max_new_tokens"] for b in bodies)
+        extra = {"min_new_tokens": n} if all(b["ignore_eos"] for b in bodies) else {}
+        started = time.perf_counter()
+        with torch.inference_mode():
+            h.model.generate(x, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=h.eos_ids,
+                             pad_token_id=h.pad_id, **extra)
+        return sum(b["max_new_tokens"] for b in bodies) / (time.perf_counter() - started)
+
+    def lone_ms(self, b: dict[str, Any]) -> float:
+        torch, h = self.torch, self.h
+        ids = torch.tensor([h.encode(self.Req.from_dict(b))[0]])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            h.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=b["max_new_tokens"],
+                             min_new_tokens=b["max_new_tokens"], do_sample=False, eos_token_id=h.eos_ids,
+                             pad_token_id=h.pad_id)
+        return (time.perf_counter() - started) * 1000
+
+
+class System:
+    """redis-server + gunicorn web + one Celery generation worker (prefork, 1 child, 1 thread)."""
+
+    def __init__(self, tmp: Path, model_dir: Path) -> None:
+        self.redis = RedisServer(data_dir=tmp / "redis", appendonly=False).start()
+        self.port = free_port()
+        config = {"model": {"name_or_path": str(model_dir), "threads": 1},
+                  "limits": {"max_queue_depth": 100_000}, "web": {"workers": 2, "threads": 32}}
+        (tmp / "config.yml").write_text(yaml.safe_dump(config))
+        env = {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "REDIS_URL": self.redis.url,
+               "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}
+        self.sup = Supervisor(env)
+        os.chdir(ROOT)
+        self.sup.start("web", web_command("127.0.0.1", self.port, 2, 32) + ["--access-logfile", "/dev/null",
+                                                                           "--error-logfile", "/dev/null"])
+        self.sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "bench", "WARNING")))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = Client(self.url, timeout=300)
+        deadline = time.monotonic() + 180
+        while not self.client.ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the system did not become ready")
+            time.sleep(0.2)
+
+    def _pid(self) -> int:
+        import redis
+
+        from qwen_deploy import registry
+
+        found = registry.workers(redis.Redis.from_url(self.redis.url, decode_responses=True), "qd")
+        return int(found[0]["pid"])
+
+    def concurrent(self, bodies: list[dict[str, Any]]) -> float:
+        """Aggregate completion tokens/s of one client thread per body, all submitting at once."""
+        def run(b: dict[str, Any]) -> int:
+            job = Client(self.url, timeout=300).generate(**b)
+            assert job["status"] == "succeeded", job
+            return int(job["output"]["usage"]["completion_tokens"])
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            tokens = sum(pool.map(run, bodies))
+        return tokens / (time.perf_counter() - started)
+
+    def lone_ms(self, b: dict[str, Any]) -> float:
+        started = time.perf_counter()
+        job = self.client.generate(**b)
+        assert job["status"] == "succeeded", job
+        return (time.perf_counter() - started) * 1000
+
+    def first_token_ms(self, b: dict[str, Any]) -> float:
+        """Submit, then read the SSE stream until the first token event."""
+        started = time.perf_counter()
+        job = self.client.submit(**b)
+        with requests.get(f"{self.url}/v1/jobs/{job['id']}/events", stream=True, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"event: token"):
+                    return (time.perf_counter() - started) * 1000
+        raise RuntimeError("no token event")
+
+    def batch(self, bodies: list[dict[str, Any]]) -> str:
+        lines = [{"custom_id": f"l{i}", "body": b} for i, b in enumerate(bodies)]
+        return requests.post(self.url + "/v1/batches", json={"requests": lines}, timeout=60).json()["id"]
+
+    def batch_status(self, batch_id: str) -> dict[str, Any]:
+        return requests.get(f"{self.url}/v1/batches/{batch_id}", timeout=30).json()
+
+    def stop(self) -> None:
+        self.sup.stop()
+        self.redis.stop()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def bench(arch: str, demo: Path, cache: Path, quick: bool) -> dict[str, Any]:
+    model_dir = build_model(arch, demo, cache / f"bench-{arch}-115m")
+    ref = InProcess(model_dir)
+    out: dict[str, Any] = {"arch": arch, "parameters_m": round(ref.params / 1e6, 1)}
+    levels = [1, 4, 8] if quick else [1, 4, 8, 16]
+    ref.static([body(0, 4)])  # warm-up
+    out["ref_tokens_s"] = {n: round(ref.static([body(i, 32) for i in range(n)]), 2) for n in levels}
+    mixed = [body(i, 8 + 8 * i, ignore_eos=False) for i in range(8)]  # 8, 16, ..., 64 tokens, EOS on
+    out["ref_mixed_tokens_s"] = round(ref.static(mixed), 2)
+    lone = body(3, 32)
+    out["ref_lone_ms"] = round(median([ref.lone_ms(lone) for _ in range(3)]), 1)
+    del ref
+    with tempfile.TemporaryDirectory() as tmp:
+        system = System(Path(tmp), model_dir)
+        try:
+            system.lone_ms(body(0, 4))  # warm-up
+            out["http_lone_ms"] = round(median([system.lone_ms(lone) for _ in range(3)]), 1)
+            out["http_tokens_s"] = {n: round(system.concurrent([body(i, 32) for i in range(n)]), 2) for n in levels}
+            out["http_mixed_tokens_s"] = round(system.concurrent(mixed), 2)
+            # time to first token of a job arriving while 15 others decode
+            busy = [system.client.submit(**body(i, 96)) for i in range(15)]
+            time.sleep(1.0)
+            out["ttft_ms_under_15"] = round(system.first_token_ms(body(20, 8)), 1)
+            for job in busy:
+                system.client.wait(job["id"], timeout=600)
+            out["ttft_ms_alone"] = round(system.first_token_ms(body(20, 8)), 1)
+            # an interactive job during a 64-line batch
+            probe = body(21, 32)
+            alone = median([system.lone_ms(probe) for _ in range(2)])
+            batch_id = system.batch([body(i, 32) for i in range(64)])
+            while system.batch_status(batch_id)["request_counts"]["completed"] < 1 and \
+                    system.batch_status(batch_id)["status"] == "in_progress":
+                time.sleep(0.2)
+            during = system.lone_ms(probe)
+            while system.batch_status(batch_id)["status"] not in ("completed", "failed", "cancelled"):
+                time.sleep(0.5)
+            out["interactive_alone_ms"], out["interactive_during_batch_ms"] = round(alone, 1), round(during, 1)
+            out["child_peak_rss_mb"] = round(peak_rss_mb(system._pid()), 1)
+        finally:
+            system.stop()
+    return out
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"\n## {r['arch']} ({r['parameters_m']} M parameters, random weights, 1 torch thread)")
+    print("| clients | in-process static batch tok/s | through HTTP tok/s | ratio |")
+    print("|---|---|---|---|")
+    for n, ref in r["ref_tokens_s"].items():
+        got = r["http_tokens_s"][n]
+        print(f"| {n} x 32 tokens | {ref} | {got} | {got / ref:.2f} |")
+    print(f"| 8 mixed 8-64 tokens | {r['ref_mixed_tokens_s']} | {r['http_mixed_tokens_s']} | "
+          f"{r['http_mixed_tokens_s'] / r['ref_mixed_tokens_s']:.2f} |")
+    print(f"lone job (32 tokens): in-process {r['ref_lone_ms']} ms, HTTP {r['http_lone_ms']} ms, "
+          f"ratio {r['http_lone_ms'] / r['ref_lone_ms']:.3f}")
+    print(f"time to first token: alone {r['ttft_ms_alone']} ms, while 15 others decode {r['ttft_ms_under_15']} ms")
+    print(f"interactive job during a 64-line batch: {r['interactive_during_batch_ms']} ms vs "
+          f"{r['interactive_alone_ms']} ms alone ({r['interactive_during_batch_ms'] / r['interactive_alone_ms']:.2f}x)")
+    print(f"worker child peak RSS: {r['child_peak_rss_mb']} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["llama", "qwen2"], choices=["llama", "qwen2"])
+    parser.add_argument("--quick", action="store_true", help="1, 4 and 8 clients only")
+    args = parser.parse_args()
+    from qwen_deploy.config import default_cache_dir
+    from worker.demo_model import build_demo_model
+
+    demo = build_demo_model(log=lambda msg: None)
+    cache = default_cache_dir()
+    print(f"$ uv run python bench/engine_bench.py --arch {' '.join(args.arch)}{' --quick' if args.quick else ''}")
+    results = [bench(arch, demo, cache, args.quick) for arch in args.arch]
+    for r in results:
+        report(r)
+    print("\n" + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
