@@ -49,6 +49,11 @@ class BatchStore:
         ids = [_text(i) for i in self.r.zrevrange(self.index(), start, start + limit)]
         return ids[:limit], len(ids) > limit
 
+    def keys(self, batch_id: str) -> tuple[str, str, str, str]:
+        """(record, request lines, output lines, chunks done)."""
+        k = self.key(batch_id)
+        return k, f"{k}:req", f"{k}:out", f"{k}:chunks"
+
     def create(self, batch_id: str, fields: dict[str, Any], requests: list[str], errors: list[str],
                messages: list[tuple[str, str]]) -> None:
         """Record, request lines, up-front error lines and chunk messages, in one transaction."""

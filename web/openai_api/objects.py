@@ -19,7 +19,7 @@ def job_body(job_id: str) -> str:
 
 
 def created(job: dict[str, Any]) -> int:
-    return int(job.get("created_at") or 0)
+    return int(float(job.get("created_at") or 0))
 
 
 def choices(job: dict[str, Any]) -> list[dict[str, Any]]:
