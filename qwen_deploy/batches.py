@@ -38,7 +38,7 @@ class BatchStore:
         return f"{self.prefix}:batches"
 
     def page(self, after: str | None, limit: int) -> tuple[list[str], bool] | None:
-        """Up to `limit` batch ids after the id `after`, newest first, and whether more follow; None: unknown `after`."""
+        """Up to `limit` ids after the id `after`, newest first, and whether more follow (None: unknown `after`)."""
         self.r.zremrangebyscore(self.index(), "-inf", time.time() - self.ttl)
         start = 0
         if after:

@@ -62,7 +62,8 @@ def test_chat(oai: openai.OpenAI, model: str) -> None:
     assert done.choices[0].message.content.startswith("pass silently.")
     assert done.choices[0].finish_reason == "stop"
     parts = [{"role": "system", "content": [{"type": "text", "text": ""}]},
-             {"role": "user", "content": [{"type": "text", "text": "Errors should "}, {"type": "text", "text": "never"}]}]
+             {"role": "user", "content": [{"type": "text", "text": "Errors should "},
+                                          {"type": "text", "text": "never"}]}]
     again = oai.chat.completions.create(model=model, messages=parts, max_tokens=16)
     assert again.choices[0].message.content == done.choices[0].message.content
 
@@ -170,3 +171,13 @@ def test_plain_http_errors_are_openai_shaped(stack: Stack) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_json"
     reply = requests.post(url, json={"messages": CHAT}, timeout=10)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "model"
+
+
+def test_job_body_n_and_logprobs_are_validated(http) -> None:  # type: ignore[no-untyped-def]
+    for body, param in (({"n": 9}, "n"), ({"n": 0}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+                        ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"), ({"logprobs": 1}, "logprobs")):
+        reply = http.post("/v1/jobs", json={"prompt": "x", **body})
+        assert reply.status_code == 422 and reply.get_json()["error"]["param"] == param, (body, reply.get_json())
+    reply = http.post("/v1/jobs", json={"prompt": "Errors should never", "n": 2, "logprobs": True, "top_logprobs": 1,
+                                        "max_new_tokens": 2})
+    assert reply.status_code == 202

@@ -47,8 +47,8 @@ def test_files(oai: openai.OpenAI) -> None:
 
 
 def test_batch_of_chat_lines(oai: openai.OpenAI, stack: Stack, model: str) -> None:
-    lines = [chat_line("zen-1", model, "Errors should never", 16), chat_line("zen-2", model, "Beautiful is better than", 16),
-             chat_line("too-long", model, "x", 513)]
+    lines = [chat_line("zen-1", model, "Errors should never", 16),
+             chat_line("zen-2", model, "Beautiful is better than", 16), chat_line("too-long", model, "x", 513)]
     uploaded = oai.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                                metadata={"run": "zen"})

@@ -38,7 +38,8 @@ def test_background_poll_and_cancel(oai: openai.OpenAI, stack: Stack, model: str
     message = done.output[0]
     assert message.type == "message" and message.role == "assistant" and message.status == "completed"
     assert message.content[0].type == "output_text" and message.content[0].annotations == []
-    assert done.usage.output_tokens > 0 and done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    usage = done.usage
+    assert usage.output_tokens > 0 and usage.total_tokens == usage.input_tokens + usage.output_tokens
     job = requests.get(f"{stack.url}/v1/jobs/job_{created.id.removeprefix('resp_')}", timeout=10).json()
     assert job["status"] == "succeeded" and job["output"]["text"] == done.output_text
     assert oai.responses.cancel(created.id).status == "completed"  # idempotent on a finished response
@@ -62,10 +63,12 @@ def test_streams_resume_after_a_sequence_number(oai: openai.OpenAI, model: str) 
     final = events[-1].response
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == final.output_text and text.startswith("ugly.")
-    resumed = list(oai.responses.retrieve(final.id, stream=True, starting_after=3))
-    assert [e.sequence_number for e in resumed] == list(range(4, len(events)))
-    assert "".join(e.delta for e in resumed if e.type == "response.output_text.delta") == \
-        "".join(e.delta for e in events[4:] if e.type == "response.output_text.delta")
+    resumed = list(oai.responses.retrieve(final.id, stream=True, starting_after=1))
+    assert [e.sequence_number for e in resumed] == list(range(2, len(events)))
+    assert "".join(e.delta for e in resumed if e.type == "response.output_text.delta") == text
+    last = list(oai.responses.retrieve(final.id, stream=True, starting_after=len(events) - 2))
+    assert [(e.type, e.sequence_number) for e in last] == [(kinds[-1], len(events) - 1)]
+    assert last[0].response.output_text == text
 
 
 def test_sync_response_and_errors(oai: openai.OpenAI, model: str) -> None:

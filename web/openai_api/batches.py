@@ -28,7 +28,8 @@ def _store() -> BatchStore:
 
 def line_endpoint(items: list[tuple[int, Any]]) -> str:
     """The one endpoint a JSONL batch's lines target (lines naming another become error lines)."""
-    urls = {item.get("url", JOBS) for _, item in items if isinstance(item, dict)} & set(ENDPOINTS)
+    urls = {item.get("url", JOBS) for _, item in items if isinstance(item, dict)
+            and isinstance(item.get("url", JOBS), str)} & set(ENDPOINTS)
     if len(urls) > 1:
         raise Unprocessable(f"a batch targets one endpoint; its lines name {', '.join(sorted(urls))}",
                             code="mixed_endpoints", param="url")

@@ -1,4 +1,4 @@
-"""The Responses API over jobs: a response IS a job (`resp_<hex>` ↔ `job_<hex>`), background or not, resumable streams."""
+"""The Responses API over jobs: a response is a job (`resp_<hex>` = `job_<hex>`); background, resumable streams."""
 
 from __future__ import annotations
 
