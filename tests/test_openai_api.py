@@ -78,6 +78,8 @@ def test_chat_stream(oai: openai.OpenAI, model: str) -> None:
     assert finish == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    with oai.chat.completions.stream(model=model, messages=CHAT, max_tokens=16) as stream:
+        assert stream.get_final_completion().choices[0].message.content == text  # the SDK's own accumulator
 
 
 def test_completion_stream(oai: openai.OpenAI, model: str) -> None:
@@ -146,7 +148,8 @@ def test_a_canceled_job_answers_200_and_is_not_retried(oai: openai.OpenAI, stack
     thread.start()
     running = wait_until(lambda: [k.split(":")[-1] for k in stack.redis.scan_iter(
         f"{stack.settings.key_prefix}:job:job_*") if not k.endswith(":ev")
-        and int(stack.redis.hget(k, "tokens") or 0) >= 16], 30, 0.02, "a job with 16 tokens")
+        and stack.redis.hget(k, "status") == "running" and int(stack.redis.hget(k, "tokens") or 0) >= 16],
+        30, 0.02, "a running job with 16 tokens")
     requests.post(f"{stack.url}/v1/jobs/{running[0]}/cancel", timeout=10)
     thread.join(60)
     assert result["job"] == running[0]

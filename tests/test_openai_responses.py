@@ -71,6 +71,16 @@ def test_streams_resume_after_a_sequence_number(oai: openai.OpenAI, model: str) 
     assert last[0].response.output_text == text
 
 
+def test_the_sdk_stream_helper_assembles_the_response(oai: openai.OpenAI, model: str) -> None:
+    with oai.responses.stream(model=model, input="Errors should never", max_output_tokens=16) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text.startswith("pass silently.")
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+
+
 def test_sync_response_and_errors(oai: openai.OpenAI, model: str) -> None:
     done = oai.responses.create(model=model, input=[{"role": "user", "content": "Errors should never"}],
                                 max_output_tokens=16)

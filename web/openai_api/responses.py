@@ -100,39 +100,48 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Iterator[str]:
-    """`response.*` events numbered from 0: created, in_progress, one output_text.delta per token event, the end."""
+    """`response.*` events numbered from 0 in the order of the job's events, so a replay numbers them alike."""
     store = services().store
     seq, done = -1, False
 
-    def emit(kind: str, **data: Any) -> str | None:
+    def emit(kind: str, **data: Any) -> str:
         nonlocal seq
         seq += 1
-        if seq <= after:
-            return None
         return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **data})}\n\n"
 
-    item = "msg_" + job_body(job_id)
-    try:
-        for line in (emit("response.created", response=present(load_job(job_id), meta)),
-                     emit("response.in_progress", response=present(load_job(job_id), meta))):
-            if line:
-                yield line
+    def lines() -> Iterator[str]:
+        nonlocal done
+        start = {**present(load_job(job_id), meta), "output": []}
+        yield emit("response.created", response=start)
+        yield emit("response.in_progress", response={**start, "status": "in_progress"})
+        item = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress", "role": "assistant",
+                "content": []}
+        place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        yield emit("response.output_item.added", output_index=0, item=item)
+        yield emit("response.content_part.added", **place,
+                   part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
         final: dict[str, Any] = {}
         for what, ev in iter_job_events(job_id):
             if what == "token" and ev.get("text"):
-                line = emit("response.output_text.delta", item_id=item, output_index=0, content_index=0,
-                            delta=ev["text"], logprobs=[])
-                if line:
-                    yield line
+                yield emit("response.output_text.delta", **place, delta=ev["text"], logprobs=[])
             elif what == "done":
                 final = ev
         done = True
         response = present(final or load_job(job_id), meta)
+        message = response["output"][0] if response["output"] else {**item, "content": [
+            {"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+        part = message["content"][0]
+        yield emit("response.output_text.done", **place, text=part["text"], logprobs=[])
+        yield emit("response.content_part.done", **place, part=part)
+        yield emit("response.output_item.done", output_index=0, item=message)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
             response["status"], "response.failed")
-        line = emit(kind, response=response)
-        if line:
-            yield line
+        yield emit(kind, response=response)
+
+    try:
+        for line in lines():
+            if seq > after:
+                yield line
     except GeneratorExit:
         if cancel_on_close and not done:
             store.cancel(job_id)
