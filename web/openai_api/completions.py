@@ -29,7 +29,8 @@ class JobFailed(AppError):
 def finished(job_id: str) -> dict[str, Any]:
     """The terminal job; past the hard time limit it is canceled (keeping its partial text), never re-run."""
     svc = services()
-    job = wait_for(job_id, svc.settings.limits.hard_time_limit + 5.0)
+    hard = svc.settings.limits.hard_time_limit
+    job = wait_for(job_id, hard + min(5.0, hard))  # the grace lets the worker record its own time-out first
     if job["status"] not in TERMINAL:
         svc.store.cancel(job_id)
         job = wait_for(job_id, 5.0)
