@@ -18,6 +18,11 @@ from qwen_deploy.lua import script
 
 BATCH_ID_PREFIX = "batch_"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+OUTPUT_FILE, ERROR_FILE = "file-out-", "file-err-"  # + the batch id's hex: virtual files of its lines
+
+
+def batch_file_id(batch_id: str, prefix: str) -> str:
+    return prefix + batch_id.removeprefix(BATCH_ID_PREFIX)
 
 class BatchStore:
     def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400) -> None:
@@ -27,6 +32,22 @@ class BatchStore:
 
     def key(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{batch_id}"
+
+    def index(self) -> str:
+        """Sorted set of batch ids by creation time (for listing without a keyspace scan)."""
+        return f"{self.prefix}:batches"
+
+    def page(self, after: str | None, limit: int) -> tuple[list[str], bool] | None:
+        """Up to `limit` ids after the id `after`, newest first, and whether more follow (None: unknown `after`)."""
+        self.r.zremrangebyscore(self.index(), "-inf", time.time() - self.ttl)
+        start = 0
+        if after:
+            rank = self.r.zrevrank(self.index(), after)
+            if rank is None:
+                return None
+            start = int(rank) + 1
+        ids = [_text(i) for i in self.r.zrevrange(self.index(), start, start + limit)]
+        return ids[:limit], len(ids) > limit
 
     def keys(self, batch_id: str) -> tuple[str, str, str, str]:
         """(record, request lines, output lines, chunks done)."""
@@ -46,6 +67,7 @@ class BatchStore:
         if errors:
             pipe.rpush(out, *errors)
             pipe.expire(out, self.ttl)
+        pipe.zadd(self.index(), {batch_id: float(fields["created_at"])})
         for queue, message in messages:
             pipe.lpush(queue, message)
         pipe.execute()
@@ -87,10 +109,25 @@ def public_batch(record: dict[str, str]) -> dict[str, Any]:
     def num(name: str) -> float | None:
         return float(record[name]) if record.get(name) else None
 
+    def stamp(name: str) -> int | None:
+        return int(float(record[name])) if record.get(name) else None
+
+    status = record.get("status")
+    ended = status in TERMINAL
+    created = stamp("created_at")
     return {
         "id": record["id"],
         "object": "batch",
-        "endpoint": "/v1/jobs",
+        "endpoint": record.get("endpoint") or "/v1/jobs",
+        "input_file_id": record.get("input_file_id"),
+        "completion_window": record.get("completion_window") or "24h",
+        "output_file_id": batch_file_id(record["id"], OUTPUT_FILE) if ended else None,
+        "error_file_id": batch_file_id(record["id"], ERROR_FILE) if ended and int(record.get("failed") or 0) else None,
+        "errors": None,
+        "expires_at": created + 86400 if created is not None else None,
+        "finalizing_at": None,
+        "failed_at": stamp("completed_at") if status == "failed" else None,
+        "expired_at": None,
         "status": record.get("status"),
         "created_at": num("created_at"),
         "in_progress_at": num("created_at"),

@@ -70,6 +70,13 @@ class BatchSettings(Section):
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
+class FileSettings(Section):
+    """Files uploaded through POST /v1/files (batch input), kept in Redis."""
+
+    max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest upload")
+    ttl: int = Field(7 * 86400, ge=60, description="seconds an uploaded file is kept")
+
+
 def default_cache_dir() -> Path:
     """$QWEN_DEPLOY_CACHE, else ~/.cache/qwen-deploy."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-deploy")
@@ -88,6 +95,7 @@ class WebSettings(Section):
     workers: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
     api_keys: list[SecretStr] = Field(default_factory=list)
+    model_aliases: list[str] = Field(default_factory=list, description="other names accepted as `model`")
 
 
 class EngineSettings(Section):
@@ -116,6 +124,7 @@ class Settings(Section):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

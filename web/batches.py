@@ -14,8 +14,10 @@ from qwen_deploy.jobs import new_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
 from web import services
 from web.jobs import missing
+from web.openai_api.batches import file_lines, line_endpoint, present_lines
+from web.openai_api.translate import job_request
 from web.openapi import Batch, ResultsQuery, doc
-from web.schemas import BatchCreate, parse_job
+from web.schemas import BatchCreate
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
@@ -33,8 +35,8 @@ def _line_error(line: int, custom_id: Any, code: str, message: str, param: str |
             "error": {"code": code, "message": message, "param": param, "line": line}}
 
 
-def _read_lines() -> tuple[list[tuple[int, Any]], Any]:
-    """(line number, parsed item or the parse error) pairs and the batch metadata."""
+def _read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
+    """(line number, parsed item or the parse error) pairs, the batch metadata, extra record fields."""
     settings = services().settings.batches
     request.max_content_length = settings.max_bytes
     raw = request.get_data(cache=False)
@@ -47,19 +49,21 @@ def _read_lines() -> tuple[list[tuple[int, Any]], Any]:
                 items.append((n, json.loads(text)))
             except (ValueError, RecursionError) as exc:
                 items.append((n, BadRequest(f"line {n} is not valid JSON: {exc}", code="invalid_json")))
-        return items, None
+        return items, None, {"endpoint": line_endpoint(items)}
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("expected application/json or application/x-ndjson", param="Content-Type")
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if isinstance(body, dict) and "input_file_id" in body:  # OpenAI's form: lines from an uploaded file
+        return file_lines(body)
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise Unprocessable("body must be an object with a list of requests", code="invalid_type", param="requests")
-    return list(enumerate(body["requests"], start=1)), body.get("metadata")
+    return list(enumerate(body["requests"], start=1)), body.get("metadata"), {"endpoint": "/v1/jobs"}
 
 
-def _validate(line: int, item: Any, jsonl: bool) -> dict[str, Any]:
+def _validate(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str, Any]:
     """The stored request for one line; raises AppError for a bad line."""
     if isinstance(item, AppError):
         raise item
@@ -67,9 +71,10 @@ def _validate(line: int, item: Any, jsonl: bool) -> dict[str, Any]:
         raise Unprocessable("each line must be a JSON object", code="invalid_type")
     if not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
         raise Unprocessable("custom_id must be a non-empty string", code="invalid_value", param="custom_id")
-    if jsonl and (item.get("method", "POST") != "POST" or item.get("url", "/v1/jobs") not in ("/v1/jobs",)):
-        raise Unprocessable("only POST /v1/jobs lines are supported", code="invalid_url", param="url")
-    return {"line": line, "custom_id": item["custom_id"], "body": parse_job(item.get("body"), services().settings)}
+    if jsonl and (item.get("method", "POST") != "POST" or item.get("url", endpoint) != endpoint):
+        raise Unprocessable(f"every line must be POST {endpoint}", code="invalid_url", param="url")
+    body = job_request(endpoint, item.get("body"), services().settings)
+    return {"line": line, "custom_id": item["custom_id"], "body": body}
 
 
 def _check_ids(items: list[tuple[int, Any]]) -> None:
@@ -88,8 +93,8 @@ def _check_ids(items: list[tuple[int, Any]]) -> None:
 def create_batch() -> Response:
     """Create a batch from JSON `{"requests": [...]}` or an OpenAI Batch JSONL body (application/x-ndjson)."""
     svc = services()
-    items, metadata = _read_lines()
-    jsonl = request.mimetype in JSONL_TYPES
+    items, metadata, extra = _read_lines()
+    jsonl = request.mimetype in JSONL_TYPES or "input_file_id" in extra
     limit = svc.settings.batches.max_lines
     if not items:
         raise Unprocessable("the batch has no requests", code="empty_batch", param="requests")
@@ -101,7 +106,7 @@ def create_batch() -> Response:
     errors: list[str] = []
     for line, item in items:
         try:
-            good.append(json.dumps(_validate(line, item, jsonl)))
+            good.append(json.dumps(_validate(line, item, jsonl, extra["endpoint"])))
         except AppError as err:
             cid = item.get("custom_id") if isinstance(item, dict) else None
             errors.append(json.dumps(_line_error(line, cid, err.code, err.message, err.param)))
@@ -115,7 +120,7 @@ def create_batch() -> Response:
     fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
               "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
               "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
-              "metadata": json.dumps(metadata) if metadata is not None else None}
+              "metadata": json.dumps(metadata) if metadata is not None else None, **extra}
     store().create(batch_id, fields, good, errors, messages)
     response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
     response.headers["Location"] = f"/v1/batches/{batch_id}"
@@ -140,12 +145,12 @@ def get_batch(batch_id: str) -> Response:
 @doc(query=ResultsQuery, tags=("batches",))
 def batch_results(batch_id: str) -> Response:
     """Finished lines as JSONL, while the batch runs; `after` skips lines already read."""
-    _load(batch_id)
+    record = _load(batch_id)
     raw = request.args.get("after", "0")
     if not raw.isdigit():
         raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
     after = min(int(raw), MAX_LINE_INDEX)  # Redis indexes are 64-bit; nothing lies beyond this anyway
-    lines = store().results(batch_id, after)
+    lines = present_lines(store().results(batch_id, after), record)
     body = "".join(line + "\n" for line in lines)
     return Response(body, mimetype="application/x-ndjson", headers={"X-Next-After": str(after + len(lines))})
 

@@ -48,10 +48,14 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
     """Validate and enqueue a generation job."""
-    req = parse_job(body, services().settings)
+    return submit_request(parse_job(body, services().settings), idempotency_key)
+
+
+def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: str) -> tuple[dict[str, Any], bool]:
+    """Enqueue an already validated generation request (see parse_job)."""
     lim = services().settings.limits
     return enqueue("generation", GENERATE_TASK, INTERACTIVE, req, (lim.hard_time_limit, lim.soft_time_limit),
-                   idempotency_key, engine=True, max_new_tokens=str(req["max_new_tokens"]))
+                   idempotency_key, engine=True, max_new_tokens=str(req["max_new_tokens"]), **extra)
 
 
 def load_job(job_id: str) -> dict[str, Any]:
@@ -198,3 +202,25 @@ def generate_sync() -> Response:
         raise GatewayTimeout(f"job {job['id']} did not finish within {limits.hard_time_limit:g} s; "
                              f"poll /v1/jobs/{job['id']}", param="id", headers={"Location": f"/v1/jobs/{job['id']}"})
     return _job_response(job, 200)
+
+
+def iter_job_events(job_id: str, last: str = "0-0", idle_s: float = SSE_KEEPALIVE_S) -> Iterator[tuple[str, Any]]:
+    """(kind, data) from a job's event stream: token/status events, "idle" after idle_s, and a final "done" job."""
+    store = services().store
+    while True:
+        events = store.read_events(job_id, last, int(idle_s * 1000))
+        if not events:
+            record = store.get(job_id)
+            if record is None:
+                return
+            if record.get("status") in TERMINAL:  # events expired or never written
+                yield "done", public_job(record)
+                return
+            yield "idle", None
+            continue
+        for event_id, ev in events:
+            last = event_id
+            if ev.get("type") == "done":
+                yield "done", load_job(job_id)
+                return
+            yield ev.get("type", ""), ev

@@ -48,6 +48,10 @@ class JobCreate(BaseModel):
                                      {"type": "null"}]})
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
     ignore_eos: StrictBool | None = None
+    n: StrictInt | None = Field(None, ge=1, le=8, description="samples per request (default 1)")
+    logprobs: StrictBool | None = Field(None, description="return each sampled token's log probability")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=5, description="most likely alternatives per token; "
+                                                                         "needs logprobs")
 
 
 class BatchLine(BaseModel):
@@ -119,6 +123,8 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if any(not s or len(s) > gen.max_stop_length for s in stop):
         raise Unprocessable(f"stop strings must be 1 to {gen.max_stop_length} characters", code="invalid_value",
                             param="stop")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
     data = req.model_dump(exclude_none=True)
     data.update(max_new_tokens=n, stop=stop)
     return data

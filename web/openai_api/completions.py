@@ -1,0 +1,120 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`: each request is one job, awaited or streamed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Blueprint, Response, g, request, stream_with_context
+
+from qwen_deploy.config import Settings
+from qwen_deploy.errors import AppError, GatewayTimeout
+from qwen_deploy.jobs import TERMINAL
+from web import services
+from web.jobs import iter_job_events, submit_request, wait_for
+from web.openai_api.objects import PRESENTERS, choices, finish_reason, usage
+from web.openai_api.translate import chat_request, completion_request
+from web.schemas import read_json
+
+bp = Blueprint("openai_completions", __name__, url_prefix="/v1")
+
+NO_RETRY = {"x-should-retry": "false"}  # the job exists: a retry would generate again
+
+
+class JobFailed(AppError):
+    status_code, code, type = 500, "generation_failed", "server_error"
+
+
+def finished(job_id: str) -> dict[str, Any]:
+    """The terminal job; past the hard time limit it is canceled (keeping its partial text), never re-run."""
+    svc = services()
+    hard = svc.settings.limits.hard_time_limit
+    job = wait_for(job_id, hard + min(5.0, hard))  # the grace lets the worker record its own time-out first
+    if job["status"] not in TERMINAL:
+        svc.store.cancel(job_id)
+        job = wait_for(job_id, 5.0)
+    if job["status"] not in TERMINAL:
+        raise GatewayTimeout(f"job {job_id} did not finish in time; it was canceled", param="id",
+                             headers={**NO_RETRY, "Location": f"/v1/jobs/{job_id}"})
+    if job["status"] == "failed":
+        error = job.get("error") or {}
+        raise JobFailed(f"the generation failed: {error.get('message', 'unknown error')} (job {job_id})",
+                        code=error.get("code") or JobFailed.code, headers=NO_RETRY)
+    output = job.get("output")
+    if output is not None and not output.get("finish_reason"):
+        output["finish_reason"] = "length"  # stopped by the hard time limit or a cancel before any token
+    return job
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bool) -> Iterator[str]:
+    """`data:` lines only (the SDK's parser needs no comments), then `data: [DONE]`; a disconnect cancels."""
+    _, chunk, delta = PRESENTERS[kind]
+    store, job_id = services().store, job["id"]
+    streamed, done = [""] * n, False
+    try:
+        if kind == "chat":
+            yield sse(chunk(job, model, [delta(i, "", role=True) for i in range(n)], None, include_usage))
+        final: dict[str, Any] | None = None
+        for what, ev in iter_job_events(job_id):
+            if what == "token":
+                index, text = int(ev.get("index") or 0), ev.get("text", "")
+                if text and index < n:
+                    streamed[index] += text
+                    yield sse(chunk(job, model, [delta(index, text)], None, include_usage))
+            elif what == "idle":  # keeps proxies open and notices a client that went away
+                yield sse(chunk(job, model, [delta(0, "")], None, include_usage))
+            elif what == "done":
+                final = ev
+        done = True
+        if final is None or final["status"] == "failed":
+            error = (final or {}).get("error") or {"code": "not_found", "message": f"job {job_id} vanished"}
+            yield sse({"error": {"type": "server_error", "code": error.get("code"), "param": None,
+                                 "message": f"the generation failed: {error.get('message')} (job {job_id})"}})
+            return
+        for c in choices(final):
+            i, text = c["index"], c["text"]
+            rest = text[len(streamed[i]):] if i < n and text.startswith(streamed[i]) else ""
+            if rest:
+                yield sse(chunk(final, model, [delta(i, rest)], None, include_usage))
+            reason = finish_reason(c.get("finish_reason")) or "length"
+            yield sse(chunk(final, model, [delta(i, None, finish=reason, logprobs=c.get("logprobs"))],
+                            None, include_usage))
+        if include_usage:
+            yield sse(chunk(final, model, [], usage(final), True))
+        yield "data: [DONE]\n\n"
+    except GeneratorExit:
+        if not done:
+            store.cancel(job_id)
+        raise
+
+
+def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> Response:
+    body = read_json(request)
+    req = translate(body, services().settings)
+    job, _ = submit_request(req, request.headers.get("Idempotency-Key"))
+    g.openai_job_id = job["id"]
+    model = body["model"]
+    if body.get("stream"):
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        events = stream_with_context(stream(job, model, kind, int(req.get("n", 1)), include))
+        return Response(events, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    present = PRESENTERS[kind][0]
+    return Response(json.dumps(present(finished(job["id"]), model)), mimetype="application/json")
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    """OpenAI chat completions over one job (`stream: true`: chat.completion.chunk events)."""
+    return _serve("chat", chat_request)
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    """OpenAI (legacy) text completions over one job (`stream: true`: text_completion events)."""
+    return _serve("text", completion_request)

@@ -1,0 +1,112 @@
+"""Job objects presented as OpenAI objects: chat.completion, text_completion, their chunks, usage, logprobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_deploy.jobs import JOB_ID_PREFIX
+
+# Job finish reasons → OpenAI's: a cut-off text (token cap, time budget, cancel) is "length".
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "length", "canceled": "length"}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return FINISH.get(reason or "", "length" if reason else None)
+
+
+def job_body(job_id: str) -> str:
+    return job_id.removeprefix(JOB_ID_PREFIX)
+
+
+def created(job: dict[str, Any]) -> int:
+    return int(float(job.get("created_at") or 0))
+
+
+def choices(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's samples: `output.choices` when the worker wrote them, else one from `output.text`."""
+    output = job.get("output") or {}
+    if output.get("choices"):
+        return output["choices"]
+    return [{"index": 0, "text": output.get("text", ""), "finish_reason": output.get("finish_reason"),
+             "logprobs": None}]
+
+
+def usage(job: dict[str, Any]) -> dict[str, int]:
+    raw = (job.get("output") or {}).get("usage") or {}
+    prompt, completion = int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not logprobs:
+        return None
+    return {"content": logprobs.get("content") or [], "refusal": None}
+
+
+def completion_logprobs(logprobs: dict[str, Any] | None, start: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists of tokens, logprobs, alternatives and text offsets."""
+    if not logprobs:
+        return None
+    content = logprobs.get("content") or []
+    offsets, at = [], start
+    for item in content:
+        offsets.append(at)
+        at += len(item["token"])
+    return {"tokens": [t["token"] for t in content], "token_logprobs": [t["logprob"] for t in content],
+            "top_logprobs": [{alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []} for t in content],
+            "text_offset": offsets}
+
+
+def chat_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-" + job_body(job["id"]), "object": "chat.completion", "created": created(job),
+        "model": model, "system_fingerprint": None, "service_tier": None,
+        "choices": [{"index": c["index"], "finish_reason": finish_reason(c.get("finish_reason")),
+                     "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                     "logprobs": chat_logprobs(c.get("logprobs"))} for c in choices(job)],
+        "usage": usage(job),
+    }
+
+
+def text_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
+    return {
+        "id": "cmpl-" + job_body(job["id"]), "object": "text_completion", "created": created(job),
+        "model": model, "system_fingerprint": None,
+        "choices": [{"index": c["index"], "text": c["text"], "finish_reason": finish_reason(c.get("finish_reason")),
+                     "logprobs": completion_logprobs(c.get("logprobs"))} for c in choices(job)],
+        "usage": usage(job),
+    }
+
+
+def chat_chunk(job: dict[str, Any], model: str, chunk_choices: list[dict[str, Any]],
+               usage_value: Any = None, with_usage: bool = False) -> dict[str, Any]:
+    chunk = {"id": "chatcmpl-" + job_body(job["id"]), "object": "chat.completion.chunk", "created": created(job),
+             "model": model, "system_fingerprint": None, "choices": chunk_choices}
+    if with_usage:
+        chunk["usage"] = usage_value
+    return chunk
+
+
+def text_chunk(job: dict[str, Any], model: str, chunk_choices: list[dict[str, Any]],
+               usage_value: Any = None, with_usage: bool = False) -> dict[str, Any]:
+    chunk = {"id": "cmpl-" + job_body(job["id"]), "object": "text_completion", "created": created(job),
+             "model": model, "system_fingerprint": None, "choices": chunk_choices}
+    if with_usage:
+        chunk["usage"] = usage_value
+    return chunk
+
+
+def chat_delta(index: int, text: str | None = None, role: bool = False, finish: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    delta: dict[str, Any] = {"role": "assistant"} if role else {}
+    if text is not None:
+        delta["content"] = text
+    return {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
+
+
+def text_delta(index: int, text: str | None = None, role: bool = False, finish: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text or "", "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
+
+
+PRESENTERS = {"chat": (chat_completion, chat_chunk, chat_delta), "text": (text_completion, text_chunk, text_delta)}

@@ -1,0 +1,200 @@
+"""The Responses API over jobs: a response is a job (`resp_<hex>` = `job_<hex>`); background, resumable streams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, g, request, stream_with_context
+
+from qwen_deploy.errors import BadRequest, NotFound
+from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL
+from web import services
+from web.jobs import iter_job_events, load_job, missing, submit_request, wait_for
+from web.openai_api.completions import finished
+from web.openai_api.objects import finish_reason, job_body
+from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
+from web.schemas import read_json
+
+bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
+
+PREFIX = "resp_"
+KEYS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "background",
+                  "stream", "metadata", "store", "user", "text", "top_k", "seed", "ignore_eos"})
+STATUS = {"queued": "queued", "running": "in_progress", "canceling": "in_progress", "succeeded": "completed",
+          "failed": "failed", "canceled": "cancelled", "timed_out": "incomplete"}
+
+
+def job_id_of(response_id: str) -> str:
+    if not response_id.startswith(PREFIX):
+        raise NotFound(f"no response with id {response_id}", param="response_id")
+    return JOB_ID_PREFIX + response_id.removeprefix(PREFIX)
+
+
+def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The response object for a job and the request's own fields (`meta`, kept in the job record)."""
+    status = STATUS.get(job["status"], "in_progress")
+    output = job.get("output") or {}
+    reason = output.get("finish_reason")
+    if status == "completed" and finish_reason(reason) == "length":
+        status = "incomplete"
+    items = []
+    if job["status"] != "queued" or output.get("text"):
+        item_status = {"completed": "completed", "in_progress": "in_progress"}.get(status, "incomplete")
+        items.append({"type": "message", "id": "msg_" + job_body(job["id"]), "status": item_status,
+                      "role": "assistant", "content": [{"type": "output_text", "text": output.get("text", ""),
+                                                        "annotations": [], "logprobs": []}]})
+    raw = output.get("usage") if job["status"] in TERMINAL else None
+    usage = None
+    if raw:
+        usage = {"input_tokens": raw["prompt_tokens"], "output_tokens": raw["completion_tokens"],
+                 "total_tokens": raw["prompt_tokens"] + raw["completion_tokens"],
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    error = job.get("error") if status == "failed" else None
+    return {
+        "id": PREFIX + job_body(job["id"]), "object": "response", "created_at": int(job.get("created_at") or 0),
+        "status": status, "background": meta.get("background", False), "model": meta.get("model"),
+        "error": {"code": error.get("code"), "message": error.get("message")} if error else None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": meta.get("instructions"), "max_output_tokens": meta.get("max_output_tokens"),
+        "metadata": meta.get("metadata") or {}, "output": items, "parallel_tool_calls": False,
+        "previous_response_id": None, "temperature": meta.get("temperature"), "top_p": meta.get("top_p"),
+        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "truncation": "disabled",
+        "usage": usage, "user": None, "store": True,
+    }
+
+
+def _meta(job_id: str) -> dict[str, Any]:
+    raw = services().store.get(job_id) or {}
+    return json.loads(raw.get("response") or "{}")
+
+
+def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(job request, response fields) for a responses.create body."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_type")
+    check_keys(body, KEYS)
+    settings = services().settings
+    check_model(body, settings)
+    text = body.get("text")
+    if text is not None and text != {"format": {"type": "text"}}:
+        raise unsupported("text", "supports only {\"format\": {\"type\": \"text\"}}")
+    raw = body.get("input")
+    chat = [{"role": "user", "content": raw}] if isinstance(raw, str) else messages(raw, "input")
+    if body.get("instructions") is not None:
+        if not isinstance(body["instructions"], str):
+            raise BadRequest("instructions must be a string", code="invalid_type", param="instructions")
+        chat = [{"role": "system", "content": body["instructions"]}, *chat]
+    job: dict[str, Any] = {"messages": chat}
+    for key in ("temperature", "top_p", "top_k", "seed", "ignore_eos"):
+        if body.get(key) is not None:
+            job[key] = body[key]
+    if body.get("max_output_tokens") is not None:
+        job["max_new_tokens"] = body["max_output_tokens"]
+    req = validated(job, {"max_new_tokens": "max_output_tokens", "messages": "input"}, settings)
+    meta = {key: body.get(key) for key in ("model", "instructions", "max_output_tokens", "temperature", "top_p",
+                                           "metadata")}
+    meta["background"] = bool(body.get("background"))
+    return req, meta
+
+
+def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Iterator[str]:
+    """`response.*` events numbered from 0 in the order of the job's events, so a replay numbers them alike."""
+    store = services().store
+    seq, done = -1, False
+
+    def emit(kind: str, **data: Any) -> str:
+        nonlocal seq
+        seq += 1
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **data})}\n\n"
+
+    def lines() -> Iterator[str]:
+        nonlocal done
+        start = {**present(load_job(job_id), meta), "output": []}
+        yield emit("response.created", response=start)
+        yield emit("response.in_progress", response={**start, "status": "in_progress"})
+        item = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress", "role": "assistant",
+                "content": []}
+        place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        yield emit("response.output_item.added", output_index=0, item=item)
+        yield emit("response.content_part.added", **place,
+                   part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        final: dict[str, Any] = {}
+        for what, ev in iter_job_events(job_id):
+            if what == "token" and ev.get("text"):
+                yield emit("response.output_text.delta", **place, delta=ev["text"], logprobs=[])
+            elif what == "done":
+                final = ev
+        done = True
+        response = present(final or load_job(job_id), meta)
+        message = response["output"][0] if response["output"] else {**item, "content": [
+            {"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+        part = message["content"][0]
+        yield emit("response.output_text.done", **place, text=part["text"], logprobs=[])
+        yield emit("response.content_part.done", **place, part=part)
+        yield emit("response.output_item.done", output_index=0, item=message)
+        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+            response["status"], "response.failed")
+        yield emit(kind, response=response)
+
+    try:
+        for line in lines():
+            if seq > after:
+                yield line
+    except GeneratorExit:
+        if cancel_on_close and not done:
+            store.cancel(job_id)
+        raise
+
+
+def _stream(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Response:
+    body = stream_with_context(events(job_id, meta, after, cancel_on_close))
+    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                 "X-Accel-Buffering": "no"})
+
+
+def _json(data: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")
+
+
+@bp.post("")
+def create_response() -> Response:
+    """Create a response (a job); `background: true` answers at once with status queued."""
+    body = read_json(request)
+    req, meta = _request(body)
+    job, _ = submit_request(req, request.headers.get("Idempotency-Key"), response=json.dumps(meta))
+    g.openai_job_id = job["id"]
+    if body.get("stream"):
+        return _stream(job["id"], meta, -1, cancel_on_close=not meta["background"])
+    if meta["background"]:
+        return _json(present(job, meta))
+    return _json(present(finished(job["id"]), meta))
+
+
+@bp.get("/<response_id>")
+def get_response(response_id: str) -> Response:
+    """The response; `?stream=true&starting_after=N` replays its events after sequence number N."""
+    job_id = job_id_of(response_id)
+    job = load_job(job_id)
+    meta = _meta(job_id)
+    if request.args.get("stream", "false").lower() != "true":
+        return _json(present(job, meta))
+    raw = request.args.get("starting_after", "-1")
+    if not raw.lstrip("-").isdigit() or int(raw) < -1:
+        raise BadRequest("starting_after must be a sequence number", code="invalid_value", param="starting_after")
+    return _stream(job_id, meta, int(raw), cancel_on_close=False)
+
+
+@bp.post("/<response_id>/cancel")
+def cancel_response(response_id: str) -> Response:
+    """Cancel a queued or running response; a finished one is returned as it is."""
+    job_id = job_id_of(response_id)
+    outcome = services().store.cancel(job_id)
+    if outcome == "missing":
+        raise missing("response", job_id)
+    job = load_job(job_id)
+    meta = _meta(job_id)
+    if outcome == "canceling":  # running: it stops within ~50 ms
+        job = wait_for(job_id, 5.0)
+    return _json(present(job, meta))
