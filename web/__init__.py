@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=settings.limits.max_body_bytes, JSON_SORT_KEYS=False)
     app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
 
-    from web import auth, batches, console, errors, health, jobs, metrics, models, openapi
+    from web import auth, batches, console, errors, health, jobs, metrics, models, openapi, webhooks
 
     errors.register(app)
     auth.register(app, settings)
@@ -42,5 +42,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(models.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(console.bp)
+    app.register_blueprint(webhooks.bp)
     openapi.register(app)
     return app

@@ -6,12 +6,13 @@ import json
 import time
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchStore, public_batch
 from qwen_deploy.errors import AppError, BadRequest, Conflict, Unprocessable, UnsupportedMediaType
 from qwen_deploy.jobs import new_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
+from qwen_deploy.webhooks import check_request
 from web import services
 from web.jobs import missing
 from web.openapi import Batch, ResultsQuery, doc
@@ -56,6 +57,10 @@ def _read_lines() -> tuple[list[tuple[int, Any]], Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise Unprocessable("body must be an object with a list of requests", code="invalid_type", param="requests")
+    webhook = body.get("webhook")
+    if webhook is not None and not isinstance(webhook, str):
+        raise Unprocessable("webhook must be a URL string", code="invalid_type", param="webhook")
+    g.batch_webhook = webhook
     return list(enumerate(body["requests"], start=1)), body.get("metadata")
 
 
@@ -67,6 +72,9 @@ def _validate(line: int, item: Any, jsonl: bool) -> dict[str, Any]:
         raise Unprocessable("each line must be a JSON object", code="invalid_type")
     if not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
         raise Unprocessable("custom_id must be a non-empty string", code="invalid_value", param="custom_id")
+    if isinstance(item.get("body"), dict) and {"webhook", "webhook_events_filter"} & item["body"].keys():
+        raise Unprocessable("a batch line cannot have its own webhook; give the batch one", code="unknown_field",
+                            param="body.webhook")
     if jsonl and (item.get("method", "POST") != "POST" or item.get("url", "/v1/jobs") not in ("/v1/jobs",)):
         raise Unprocessable("only POST /v1/jobs lines are supported", code="invalid_url", param="url")
     return {"line": line, "custom_id": item["custom_id"], "body": parse_job(item.get("body"), services().settings)}
@@ -97,6 +105,7 @@ def create_batch() -> Response:
         raise Unprocessable(f"the batch has {len(items)} lines; the maximum is {limit}", code="too_many_lines",
                             param="requests")
     _check_ids(items)
+    hook = check_request(g.get("batch_webhook") or request.args.get("webhook"), None, svc.settings)
     good: list[str] = []
     errors: list[str] = []
     for line, item in items:
@@ -115,8 +124,10 @@ def create_batch() -> Response:
     fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
               "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
               "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
-              "metadata": json.dumps(metadata) if metadata is not None else None}
+              "metadata": json.dumps(metadata) if metadata is not None else None, **hook}
     store().create(batch_id, fields, good, errors, messages)
+    if hook and not messages:
+        store().notify(batch_id)
     response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
     response.headers["Location"] = f"/v1/batches/{batch_id}"
     return response
