@@ -136,6 +136,23 @@ def test_receiver_down_then_started_mid_schedule(hooks: Stack) -> None:
         late.stop()
 
 
+def test_pending_delivery_survives_a_convert_worker_restart(hooks: Stack) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = submit(hooks, webhook=f"http://127.0.0.1:{port}/restart")
+    assert attempts(hooks, job["id"], 1)[0]["status_code"] is None
+    hooks.stop_worker()  # the convert worker, the only sender
+    late = Receiver(port)
+    try:
+        hooks.start_convert_worker()
+        calls = wait_until(lambda: late.at("/restart"), 60, what="the delivery after the restart")
+        assert verified(calls[0])["data"]["id"] == job["id"]
+        assert attempts(hooks, job["id"], 2)[-1]["status_code"] == 200
+    finally:
+        late.stop()
+
+
 def test_gone_stops_retrying(hooks: Stack, receiver: Receiver) -> None:
     receiver.plans["/gone"] = [410]
     job = submit(hooks, webhook=receiver.url("/gone"))
@@ -218,3 +235,28 @@ def test_refused_for_exports_batch_lines_and_without_a_secret(hooks: Stack, http
     assert json.loads(out)["error"]["param"] == "body.webhook"
     answer = http.post("/v1/jobs", json={"prompt": "x", "webhook": "http://127.0.0.1/"})  # no secret there
     assert answer.status_code == 422 and "not enabled" in answer.get_json()["error"]["message"]
+
+
+def test_retry_rules() -> None:
+    from qwen_deploy.webhooks import Attempt, next_delay
+
+    schedule = [5.0, 30.0, 120.0]
+    assert next_delay(Attempt(204, 1.0), 1, schedule) is None
+    assert next_delay(Attempt(503, 1.0), 1, schedule) == 5.0
+    assert next_delay(Attempt(None, 1.0, "timeout: TimeoutError"), 2, schedule) == 30.0
+    assert next_delay(Attempt(None, 1.0, "dns: cannot resolve"), 3, schedule) == 120.0
+    assert next_delay(Attempt(500, 1.0), 4, schedule) is None  # schedule used up
+    assert next_delay(Attempt(429, 1.0, None, 7.0), 1, schedule) == 7.0  # Retry-After wins
+    assert next_delay(Attempt(429, 1.0, None, 99999.0), 1, schedule) == 120.0  # capped
+    for final in (410, 404, 400, 301):
+        assert next_delay(Attempt(final, 1.0), 1, schedule) is None
+    assert next_delay(Attempt(None, 1.0, "refused: private address"), 1, schedule) is None
+
+
+def test_signature_matches_the_reference_library() -> None:
+    from datetime import UTC, datetime
+
+    from qwen_deploy.webhooks import sign
+
+    ours = sign(SECRET, "msg_1", 1700000000, '{"a": 1}')
+    assert ours == Webhook(SECRET).sign("msg_1", datetime.fromtimestamp(1700000000, UTC), '{"a": 1}')
