@@ -172,6 +172,10 @@ def test_start_and_completed_events(hooks: Stack, receiver: Receiver) -> None:
     assert [p["data"]["status"] for p in payloads] == ["running", "succeeded"]
     assert {p["data"]["id"] for p in payloads} == {job["id"]}
     assert len({c["headers"]["webhook-id"] for c in calls}) == 2
+    record = hooks.record(job["id"])
+    assert record["webhook"] == receiver.url("/both")
+    assert json.loads(record["webhook_events_filter"]) == ["completed", "start"]
+    assert "webhook" not in json.loads(record["request"])  # the worker's request carries no webhook
 
 
 def test_output_events_while_running(hooks: Stack, receiver: Receiver) -> None:
