@@ -13,6 +13,7 @@ import ipaddress
 import json
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +156,8 @@ def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_h
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, address, timeout)
+    watchdog = threading.Timer(timeout, _cut, (conn,))  # the whole attempt, not only each socket read
+    watchdog.start()
     try:
         conn.request("POST", target, body=body.encode(), headers={
             "Content-Type": "application/json", "User-Agent": USER_AGENT, **headers})
@@ -162,10 +165,22 @@ def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_h
         response.read(65536)  # drained, never stored
         return Attempt(response.status, took(), None, _retry_after(response.getheader("Retry-After")))
     except (OSError, http.client.HTTPException) as exc:
+        if getattr(conn, "cut", False):
+            return Attempt(None, took(), f"timeout: no complete answer within {timeout:g} s")
         kind = "timeout" if isinstance(exc, TimeoutError | socket.timeout) else "connection"
         return Attempt(None, took(), f"{kind}: {exc.__class__.__name__}: {exc}"[:300])
     finally:
+        watchdog.cancel()
         conn.close()
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    conn.cut = True  # type: ignore[attr-defined]
+    try:
+        if conn.sock is not None:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def next_delay(attempt: Attempt, attempts_made: int, schedule: list[float]) -> float | None:

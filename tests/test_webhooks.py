@@ -264,3 +264,27 @@ def test_signature_matches_the_reference_library() -> None:
 
     ours = sign(SECRET, "msg_1", 1700000000, '{"a": 1}')
     assert ours == Webhook(SECRET).sign("msg_1", datetime.fromtimestamp(1700000000, UTC), '{"a": 1}')
+
+
+def test_a_slow_answer_is_cut_at_the_timeout() -> None:
+    from qwen_deploy.webhooks import post
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def drip() -> None:  # one byte of the status line at a time: no socket read ever times out
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\n":
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        return
+                    threading.Event().wait(0.1)
+
+        threading.Thread(target=drip, daemon=True).start()
+        attempt = post(f"http://127.0.0.1:{server.getsockname()[1]}/", "{}", {}, 0.5, ["127.0.0.1"])
+    assert attempt.status_code is None and attempt.error is not None and attempt.error.startswith("timeout")
+    assert 400 <= attempt.duration_ms < 1500
