@@ -288,3 +288,23 @@ def test_a_slow_answer_is_cut_at_the_timeout() -> None:
         attempt = post(f"http://127.0.0.1:{server.getsockname()[1]}/", "{}", {}, 0.5, ["127.0.0.1"])
     assert attempt.status_code is None and attempt.error is not None and attempt.error.startswith("timeout")
     assert 400 <= attempt.duration_ms < 1500
+
+
+def test_https_verifies_the_certificate(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    from qwen_deploy.webhooks import post
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    r = Receiver()
+    r.server.socket = context.wrap_socket(r.server.socket, server_side=True)
+    try:
+        attempt = post(f"https://127.0.0.1:{r.port}/tls", "{}", {}, 5.0, ["127.0.0.1"])
+    finally:
+        r.stop()
+    assert attempt.status_code is None and "CERTIFICATE_VERIFY_FAILED" in (attempt.error or "")
