@@ -29,6 +29,7 @@ class BatchStore:
         self.r, self.prefix, self.ttl = client, prefix, ttl
         self._chunk_done = client.register_script(script("chunk_done"))
         self._cancel = client.register_script(script("batch_cancel"))
+        self._webhook = client.register_script(script("webhook_enqueue"))
 
     def key(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{batch_id}"
@@ -102,7 +103,15 @@ class BatchStore:
         keys = [keys[0], keys[2], keys[3], f"{self.prefix}:stats"]
         done = self._chunk_done(keys=keys, args=[start, repr(time.time()), self.ttl, completed,
                                                  len(lines) - completed, *[json.dumps(x) for x in lines]])
+        self.notify(batch_id)  # also on a re-run: the first run may have died before this line
         return bool(done)
+
+    def notify(self, batch_id: str) -> bool:
+        """Add the batch.completed webhook delivery once the batch has ended (once per batch)."""
+        msg_id = f"msg_{batch_id}_completed"
+        return bool(self._webhook(keys=[self.key(batch_id), f"{self.prefix}:webhooks:due",
+                                        f"{self.prefix}:webhook:{msg_id}"],
+                                  args=[repr(time.time()), "batch", "completed", msg_id]))
 
 
 def public_batch(record: dict[str, str]) -> dict[str, Any]:

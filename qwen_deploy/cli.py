@@ -11,7 +11,7 @@ from pathlib import Path
 from qwen_deploy.client import Client
 from qwen_deploy.config import ConfigError, Settings, load_settings
 from qwen_deploy.launcher import Supervisor, celery_command, web_command, worker_argv
-from qwen_deploy.queues import CONVERT, GENERATION_QUEUES
+from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES
 
 MODEL_ENV = "QWEN_DEPLOY_MODEL__NAME_OR_PATH"
 
@@ -56,7 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     sup = Supervisor()
     try:
         sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "gen", settings.log_level)))
-        sup.start("convert-worker", celery_command(worker_argv([CONVERT], "convert", settings.log_level)))
+        sup.start("convert-worker", celery_command(worker_argv(CONVERT_WORKER_QUEUES, "convert", settings.log_level)))
         sup.start("web", web_command(host, settings.web.port, settings.web.workers, settings.web.threads))
         print(f"qwen-deploy: serving {settings.model.name_or_path} at http://{host}:{settings.web.port} "
               f"(Ctrl-C to stop)", file=sys.stderr)
@@ -85,7 +85,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_worker(args: argparse.Namespace) -> int:
-    return _run_worker(args, [CONVERT], "convert")
+    return _run_worker(args, CONVERT_WORKER_QUEUES, "convert")
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

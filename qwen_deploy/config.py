@@ -114,6 +114,33 @@ class WorkerSettings(Section):
     heartbeat_interval: float = Field(10.0, gt=0)
 
 
+class WebhookSettings(Section):
+    """Signed job and batch webhooks (Standard Webhooks)."""
+
+    secret: SecretStr | None = Field(None, description="whsec_<base64>; deliveries are not signed without it")
+    allowed_hosts: list[str] = Field(default_factory=list, description="hosts exempt from the private-address check")
+    retry_schedule: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0])
+    timeout: float = Field(10.0, gt=0, description="seconds per delivery attempt")
+    output_interval: float = Field(2.0, gt=0, description="at most one output event per job this often")
+
+    @model_validator(mode="after")
+    def _check_secret(self) -> WebhookSettings:
+        import base64
+        import binascii
+
+        if self.secret is not None:
+            raw = self.secret.get_secret_value()
+            body = raw.removeprefix("whsec_")
+            try:
+                key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+                ok = raw.startswith("whsec_") and len(key) >= 16
+            except (binascii.Error, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError("secret must be whsec_ followed by at least 16 base64-encoded bytes")
+        return self
+
+
 class Settings(Section):
     redis_url: str = "redis://127.0.0.1:6379/0"
     hf_token: SecretStr | None = None
@@ -129,6 +156,7 @@ class Settings(Section):
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @model_validator(mode="after")
     def _check_order(self) -> Settings:

@@ -16,13 +16,16 @@ import uuid
 INTERACTIVE = "interactive"
 BULK = "bulk"
 CONVERT = "convert"
+WEBHOOKS = "webhooks"
 GENERATION_QUEUES = (INTERACTIVE, BULK)
+CONVERT_WORKER_QUEUES = (CONVERT, WEBHOOKS)  # the convert worker also sends webhooks
 
 GENERATE_TASK = "qwen_deploy.generate"
 BATCH_CHUNK_TASK = "qwen_deploy.batch_chunk"
 DOWNLOAD_TASK = "qwen_deploy.download"
 EXPORT_TASK = "qwen_deploy.export"
 DRIVE_TASK = "qwen_deploy.drive"
+WEBHOOKS_TASK = "qwen_deploy.webhooks_dispatch"
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 

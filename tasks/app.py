@@ -6,7 +6,8 @@ from celery import Celery
 from kombu import Queue
 
 from qwen_deploy.config import Settings, get_settings
-from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, CONVERT, DOWNLOAD_TASK, EXPORT_TASK, GENERATE_TASK, INTERACTIVE
+from qwen_deploy.queues import (BATCH_CHUNK_TASK, BULK, CONVERT, DOWNLOAD_TASK, EXPORT_TASK, GENERATE_TASK, INTERACTIVE,
+                                WEBHOOKS, WEBHOOKS_TASK)
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -37,7 +38,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_create_missing_queues": True,
         "task_routes": {GENERATE_TASK: {"queue": INTERACTIVE}, BATCH_CHUNK_TASK: {"queue": BULK},
                         DOWNLOAD_TASK: {"queue": CONVERT},
-                        EXPORT_TASK: {"queue": CONVERT}},
+                        EXPORT_TASK: {"queue": CONVERT}, WEBHOOKS_TASK: {"queue": WEBHOOKS}},
         "worker_concurrency": 1,
         "worker_pool": "prefork",
         "worker_prefetch_multiplier": 1,
@@ -50,7 +51,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle"])
+    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle",
+                                              "tasks.webhooks"])
     app.conf.update(celery_config(settings))
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from celery import signals
 
@@ -73,7 +74,6 @@ def _load_model(**_: object) -> None:
 
 @signals.worker_process_shutdown.connect
 def _unregister(**_: object) -> None:
-    from worker import runtime
-
-    if runtime._handler is not None:
+    runtime = sys.modules.get("worker.runtime")  # a convert child never loaded it: do not import torch to exit
+    if runtime is not None and runtime._handler is not None:
         runtime.shutdown_process(get_settings())

@@ -18,7 +18,7 @@ from qwen_deploy import registry
 from qwen_deploy.client import Client
 from qwen_deploy.config import Settings, load_settings
 from qwen_deploy.launcher import celery_command, worker_argv
-from qwen_deploy.queues import CONVERT, GENERATION_QUEUES
+from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES
 from qwen_deploy.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ class Stack:
         return self.worker
 
     def start_convert_worker(self) -> subprocess.Popen[bytes]:
-        argv = celery_command(worker_argv([CONVERT], f"convert{os.getpid()}", "INFO"))
+        argv = celery_command(worker_argv(CONVERT_WORKER_QUEUES, f"convert{os.getpid()}", "INFO"))
         log = open(self.tmp / "convert-worker.log", "ab")
         proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

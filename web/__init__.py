@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
 
     from web import auth, batches, console, errors, health, jobs, metrics, models, openai_api, openapi
+    from web import auth, batches, console, errors, health, jobs, metrics, models, openapi, webhooks
 
     errors.register(app)
     auth.register(app, settings)
@@ -43,5 +44,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics.bp)
     app.register_blueprint(console.bp)
     openai_api.register(app)
+    app.register_blueprint(webhooks.bp)
     openapi.register(app)
     return app

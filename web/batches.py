@@ -6,12 +6,13 @@ import json
 import time
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchStore, public_batch
 from qwen_deploy.errors import AppError, BadRequest, Conflict, Unprocessable, UnsupportedMediaType
 from qwen_deploy.jobs import new_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
+from qwen_deploy.webhooks import check_request
 from web import services
 from web.jobs import missing
 from web.openai_api.batches import file_lines, line_endpoint, present_lines
@@ -60,6 +61,10 @@ def _read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
         return file_lines(body)
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise Unprocessable("body must be an object with a list of requests", code="invalid_type", param="requests")
+    webhook = body.get("webhook")
+    if webhook is not None and not isinstance(webhook, str):
+        raise Unprocessable("webhook must be a URL string", code="invalid_type", param="webhook")
+    g.batch_webhook = webhook
     return list(enumerate(body["requests"], start=1)), body.get("metadata"), {"endpoint": "/v1/jobs"}
 
 
@@ -71,6 +76,9 @@ def _validate(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str, Any
         raise Unprocessable("each line must be a JSON object", code="invalid_type")
     if not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
         raise Unprocessable("custom_id must be a non-empty string", code="invalid_value", param="custom_id")
+    if isinstance(item.get("body"), dict) and {"webhook", "webhook_events_filter"} & item["body"].keys():
+        raise Unprocessable("a batch line cannot have its own webhook; give the batch one", code="unknown_field",
+                            param="body.webhook")
     if jsonl and (item.get("method", "POST") != "POST" or item.get("url", endpoint) != endpoint):
         raise Unprocessable(f"every line must be POST {endpoint}", code="invalid_url", param="url")
     body = job_request(endpoint, item.get("body"), services().settings)
@@ -102,6 +110,7 @@ def create_batch() -> Response:
         raise Unprocessable(f"the batch has {len(items)} lines; the maximum is {limit}", code="too_many_lines",
                             param="requests")
     _check_ids(items)
+    hook = check_request(g.get("batch_webhook") or request.args.get("webhook"), None, svc.settings)
     good: list[str] = []
     errors: list[str] = []
     for line, item in items:
@@ -120,8 +129,10 @@ def create_batch() -> Response:
     fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
               "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
               "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
-              "metadata": json.dumps(metadata) if metadata is not None else None, **extra}
+              "metadata": json.dumps(metadata) if metadata is not None else None, **extra, **hook}
     store().create(batch_id, fields, good, errors, messages)
+    if hook and not messages:
+        store().notify(batch_id)
     response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
     response.headers["Location"] = f"/v1/batches/{batch_id}"
     return response

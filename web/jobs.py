@@ -15,6 +15,8 @@ from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFu
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.webhook_store import WebhookStore
+from qwen_deploy.webhooks import check_request
 from web import services
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
@@ -36,6 +38,8 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **extra}
     result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth, idempotency_key,
                               engine=engine)
+    if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
+        WebhookStore(svc.redis, svc.settings).watch_output(job_id)
     if result.status == "full":
         wait = retry_after or max(1, result.depth // 50)
         raise QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
@@ -48,7 +52,9 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
     """Validate and enqueue a generation job."""
-    return submit_request(parse_job(body, services().settings), idempotency_key)
+    req = parse_job(body, services().settings)
+    hook = check_request(body.get("webhook"), body.get("webhook_events_filter"), services().settings)
+    return submit_request(req, idempotency_key, **hook)
 
 
 def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: str) -> tuple[dict[str, Any], bool]:

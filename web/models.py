@@ -13,12 +13,13 @@ from qwen_deploy.queues import CONVERT, convert_task
 from web import services
 from web.jobs import enqueue
 from web.openapi import Job, doc
-from web.schemas import read_json, validation_error
+from qwen_deploy.webhooks import check_request
+from web.schemas import WebhookFields, read_json, validation_error
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
 
-class DownloadCreate(BaseModel):
+class DownloadCreate(WebhookFields):
     model_config = ConfigDict(extra="forbid")
     repo_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", max_length=200)
     revision: StrictStr | None = Field(None, max_length=200)
@@ -27,7 +28,7 @@ class DownloadCreate(BaseModel):
     ignore_patterns: list[StrictStr] | None = None
 
 
-class ExportCreate(BaseModel):
+class ExportCreate(WebhookFields):
     model_config = ConfigDict(extra="forbid")
     checkpoint: StrictStr = Field(description="relative to paths.checkpoints_root")
     base: StrictStr = Field(description="base HF model directory, relative to paths.models_root")
@@ -38,8 +39,9 @@ class ExportCreate(BaseModel):
 
 def _submit(kind: str, req: dict[str, Any]) -> Response:
     limit = services().settings.limits.convert_time_limit
+    hook = check_request(req.pop("webhook", None), req.pop("webhook_events_filter", None), services().settings)
     job, _ = enqueue(kind, convert_task(kind), CONVERT, req, (limit, limit - 30),
-                     request.headers.get("Idempotency-Key"), retry_after=60)
+                     request.headers.get("Idempotency-Key"), retry_after=60, **hook)
     return Response(json.dumps(job), status=202, mimetype="application/json",
                     headers={"Location": f"/v1/jobs/{job['id']}"})
 

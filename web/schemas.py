@@ -27,7 +27,15 @@ _ONE_OF_PROMPT = {"oneOf": [
 ]}
 
 
-class JobCreate(BaseModel):
+class WebhookFields(BaseModel):
+    """Optional webhook of a job: POSTed (signed, Standard Webhooks) on the chosen events."""
+
+    webhook: StrictStr | None = Field(None, max_length=2048, description="http(s) URL called on the events")
+    webhook_events_filter: list[Literal["start", "output", "completed"]] | None = Field(
+        None, min_length=1, description='default ["completed"]')
+
+
+class JobCreate(WebhookFields):
     """Body of POST /v1/jobs and /v1/generate: a prompt or chat messages, and generation settings."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF_PROMPT)
@@ -68,6 +76,7 @@ class BatchCreate(BaseModel):
 
     requests: list[BatchLine | Any] = Field(min_length=1)
     metadata: dict[str, Any] | None = None
+    webhook: StrictStr | None = Field(None, description="called with batch.completed (JSONL form: ?webhook=)")
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
@@ -125,6 +134,6 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
                             param="stop")
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
-    data = req.model_dump(exclude_none=True)
+    data = req.model_dump(exclude_none=True, exclude=set(WebhookFields.model_fields))  # kept in the record
     data.update(max_new_tokens=n, stop=stop)
     return data

@@ -55,6 +55,7 @@ local function claim(id)
   redis.call('ZADD', KEYS[2], lease, id)
   redis.call('SADD', KEYS[4], id)
   redis.call('XADD', job .. ':ev', '*', 'type', 'status', 'status', 'running', 'attempt', n)
+  if n == 1 then notify_job(job, KEYS[3], 'start', ARGV[2]) end
   local f = redis.call('HMGET', job, 'request', 'out_ids', 'text')
   put('run', id, '', f[1], tostring(n), f[2], f[3])
   return true

@@ -11,6 +11,22 @@ local function observe_in(stats, name, value)
   end
 end
 local function observe(name, value) observe_in(KEYS[3], name, value) end
+-- Webhooks: when the job has a `webhook` and its filter (JSON list, default ["completed"]) holds the
+-- event, add a delivery: hash {prefix}:webhook:{delivery id} (a snapshot of the job) and an entry in the
+-- zset {prefix}:webhooks:due scored by when to send it. {prefix} is the stats key ({prefix}:stats) minus ':stats'.
+local function notify_job(job, stats, event, now)
+  local url = redis.call('HGET', job, 'webhook')
+  if not url then return end
+  local wanted = redis.call('HGET', job, 'webhook_events_filter') or '["completed"]'
+  if not string.find(wanted, '"' .. event .. '"', 1, true) then return end
+  local prefix = string.sub(stats, 1, -7)
+  local id = redis.call('HGET', job, 'id')
+  local msg = 'msg_' .. id .. '_' .. event .. '_' .. redis.call('HINCRBY', job, 'webhook_seq', 1)
+  redis.call('HSET', prefix .. ':webhook:' .. msg, 'kind', 'job', 'subject', id, 'event', event, 'time', now,
+             'url', url, 'attempt', 0, 'record', cjson.encode(redis.call('HGETALL', job)))
+  redis.call('ZADD', prefix .. ':webhooks:due', now, msg)
+end
+local function notify(event, now) notify_job(KEYS[1], KEYS[3], event, now) end
 -- Move a job to a terminal status: out of the active, pending and held sets, `done` event, TTL, counters.
 local function close_job(job, ev, stats, active, pending, status, now, ttl)
   local id = redis.call('HGET', job, 'id')
@@ -26,6 +42,7 @@ local function close_job(job, ev, stats, active, pending, status, now, ttl)
   redis.call('HINCRBY', stats, 'jobs:' .. kind .. ':' .. status, 1)
   local started = redis.call('HGET', job, 'started_at')
   if started then observe_in(stats, 'run_seconds', tonumber(now) - tonumber(started)) end
+  notify_job(job, stats, 'completed', now)
 end
 local function close(status, now, ttl)
   close_job(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5] or '', status, now, ttl)

@@ -14,5 +14,5 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker'
            'tokens', 0, 'text', '')
 redis.call('ZADD', KEYS[4], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
 redis.call('XADD', KEYS[2], '*', 'type', 'status', 'status', 'running', 'attempt', n)
-
+notify('start', ARGV[1])
 return {'run', redis.call('HGET', KEYS[1], 'request')}
