@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, UnsupportedMediaType, Unprocessable
+from web.response_format import ResponseFormat, check_response_format
 
 Number = StrictFloat | StrictInt
 
@@ -48,6 +49,8 @@ class JobCreate(BaseModel):
                                      {"type": "null"}]})
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
     ignore_eos: StrictBool | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="structured output: text, json_object, or json_schema {name, schema, strict}")
 
 
 class BatchLine(BaseModel):
@@ -119,6 +122,9 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if any(not s or len(s) > gen.max_stop_length for s in stop):
         raise Unprocessable(f"stop strings must be 1 to {gen.max_stop_length} characters", code="invalid_value",
                             param="stop")
-    data = req.model_dump(exclude_none=True)
+    data = req.model_dump(exclude_none=True, exclude={"response_format"})
+    if req.response_format is not None:
+        check_response_format(req.response_format)
+        data["response_format"] = body["response_format"]  # stored as given
     data.update(max_new_tokens=n, stop=stop)
     return data
