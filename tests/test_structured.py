@@ -177,3 +177,16 @@ def test_random_llama_with_padded_vocabulary(demo: tuple[Any, Any]) -> None:
         text, why = decode(model, tok, c, [2], temperature=temperature)
         assert why in ("done", "eos"), text
         jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_every_format_the_web_accepts_compiles(demo: tuple[Any, Any]) -> None:
+    """The web's keyword whitelist and the grammar compiler agree."""
+    from tests.test_response_format import GOOD
+    from web.response_format import KEYWORDS
+
+    _, tok = demo
+    for response_format in GOOD:
+        c = compile_constraint(response_format, tok, 384)
+        assert (c is None) == (response_format["type"] == "text")
+    every = json.dumps(GOOD[-1])
+    assert all(f'"{key}"' in every for key in KEYWORDS)

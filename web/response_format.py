@@ -22,7 +22,7 @@ PARAM = "response_format.json_schema.schema"
 # Keywords the grammar compiler implements, and annotations it ignores.
 KEYWORDS = frozenset({
     "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
-    "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems", "anyOf", "oneOf", "allOf",
+    "items", "prefixItems", "minItems", "maxItems", "anyOf", "oneOf", "allOf",
     "$ref", "$defs", "definitions", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
     "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
@@ -66,8 +66,11 @@ def check_response_format(fmt: ResponseFormat) -> None:
     if size > MAX_SCHEMA_BYTES:
         raise Unprocessable(f"schema is {size} bytes of JSON; the maximum is {MAX_SCHEMA_BYTES}",
                             code="invalid_value", param=PARAM)
+    draft = jsonschema.Draft202012Validator
+    if isinstance(schema.get("$schema"), str):
+        draft = jsonschema.validators.validator_for(schema, default=draft)
     try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+        draft.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = ".".join([PARAM, *(str(p) for p in exc.path)])
         raise Unprocessable(f"not a valid JSON Schema: {exc.message}", code="invalid_value", param=where) from None
@@ -89,29 +92,33 @@ def _walk(node: Any, root: dict[str, Any], path: str, depth: int) -> None:
     for key in node:
         if key not in KEYWORDS:
             raise _unsupported(f"keyword {key!r} is not supported in structured output", f"{path}.{key}")
-    if "format" in node and node["format"] not in FORMATS:
+    if "format" in node and (not isinstance(node["format"], str) or node["format"] not in FORMATS):
         raise _unsupported(f"format {node['format']!r} is not supported; use one of {sorted(FORMATS)}",
                            f"{path}.format")
     if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
         raise _unsupported("patterns may not use lookaround or backreferences", f"{path}.pattern")
     if "$ref" in node:
         _check_ref(node["$ref"], root, f"{path}.$ref")
+    for key in (*_MAP, *_LIST):
+        if key in node and not isinstance(node[key], dict if key in _MAP else list):
+            raise Unprocessable(f"{key} must be an {'object' if key in _MAP else 'array'}", code="invalid_value",
+                                param=f"{path}.{key}")
     for key in _ONE:
         if key in node:
             if isinstance(node[key], list):
                 raise _unsupported("items must be one schema (use prefixItems for tuples)", f"{path}.{key}")
             _walk(node[key], root, f"{path}.{key}", depth + 1)
     for key in _MAP:
-        for name, sub in (node.get(key) or {}).items():
+        for name, sub in node.get(key, {}).items():
             _walk(sub, root, f"{path}.{key}.{name}", depth + 1)
     for key in _LIST:
-        for i, sub in enumerate(node.get(key) or []):
+        for i, sub in enumerate(node.get(key, [])):
             _walk(sub, root, f"{path}.{key}.{i}", depth + 1)
 
 
-def _check_ref(ref: str, root: dict[str, Any], param: str) -> None:
+def _check_ref(ref: Any, root: dict[str, Any], param: str) -> None:
     """Only references inside the schema itself (`#`, `#/$defs/...`), and they must resolve."""
-    if not ref.startswith("#"):
+    if not isinstance(ref, str) or not ref.startswith("#"):
         raise _unsupported("only local references (#/$defs/...) are supported", param)
     node: Any = root
     for part in filter(None, ref[1:].split("/")):
