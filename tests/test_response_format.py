@@ -88,12 +88,13 @@ def test_good_formats_are_accepted_and_stored_as_given(http: Any, stack: Stack, 
     (js({"type": "string", "pattern": "^(?!x)"}), "unsupported_schema", f"{P}.pattern"),
     (js({"$ref": "https://example.com/s.json"}), "unsupported_schema", f"{P}.$ref"),
     (js({"$ref": "#/$defs/missing"}), "invalid_value", f"{P}.$ref"),
+    (js({"type": "object", "properties": {"a": {"enum": []}}}), "invalid_value", f"{P}.properties.a.enum"),
     (js({"type": "object", "properties": {"a": {"type": "string", "description": "x" * MAX_SCHEMA_BYTES}}}),
      "invalid_value", P),
     (js(nested(11)), "invalid_value", P + ".items" * 11),
 ], ids=["type", "no_type", "not_object", "no_json_schema", "json_schema_with_json_object", "no_name", "bad_name",
         "schema_not_object", "extra_key", "bad_type", "negative_minLength", "uniqueItems", "minProperties", "not", "if_then",
-        "format", "lookahead", "remote_ref", "dangling_ref", "too_large", "too_deep"])
+        "format", "lookahead", "remote_ref", "dangling_ref", "empty_enum", "too_large", "too_deep"])
 def test_bad_formats_are_422_with_param(http: Any, fmt: Any, code: str, param: str) -> None:
     response = http.post("/v1/jobs", json={"prompt": "x", "response_format": fmt})
     assert response.status_code == 422, response.get_json()

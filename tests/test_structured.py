@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import torch
 
-from worker.structured import ConstraintError, compile_constraint, mask_batch
+from worker.structured import ConstraintError, compile_constraint, mask_batch, warm
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 24},
@@ -156,8 +156,11 @@ def test_fork_is_independent_and_batched_mask_matches(demo: tuple[Any, Any]) -> 
 
 def test_compiled_grammar_is_cached_and_bad_schemas_raise(demo: tuple[Any, Any]) -> None:
     _, tok = demo
+    warm(tok, 384)
     a, b = compile_constraint(fmt(PERSON), tok, 384), compile_constraint(fmt(dict(PERSON)), tok, 384)
     assert a is not None and b is not None and a._template is b._template
+    reordered = fmt({"properties": PERSON["properties"], **PERSON})  # same keywords, other order: own grammar
+    assert compile_constraint(reordered, tok, 384)._template is not a._template
     with pytest.raises(ConstraintError) as err:
         compile_constraint(fmt({"type": "array", "uniqueItems": True}), tok, 384)
     assert err.value.code == "unsupported_schema" and "uniqueItems" in err.value.message

@@ -95,6 +95,8 @@ def _walk(node: Any, root: dict[str, Any], path: str, depth: int) -> None:
     if "format" in node and (not isinstance(node["format"], str) or node["format"] not in FORMATS):
         raise _unsupported(f"format {node['format']!r} is not supported; use one of {sorted(FORMATS)}",
                            f"{path}.format")
+    if node.get("enum") == []:
+        raise Unprocessable("enum needs at least one value", code="invalid_value", param=f"{path}.enum")
     if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
         raise _unsupported("patterns may not use lookaround or backreferences", f"{path}.pattern")
     if "$ref" in node:

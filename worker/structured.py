@@ -149,6 +149,11 @@ def compile_constraint(response_format: dict[str, Any] | None, tokenizer: Any, v
     return Constraint(_template(_compiled_for(tokenizer, vocab_size, eos_token_ids), schema), vocab_size)
 
 
+def warm(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None = None) -> None:
+    """Build the tokenizer wrapper now (seconds for a ~150 k vocabulary), e.g. in the worker's setup()."""
+    compile_constraint({"type": "json_object"}, tokenizer, vocab_size, eos_token_ids)
+
+
 def schema_key(schema: Any) -> str:
     """The cache key: compact JSON, property order kept (it is the order the model writes them)."""
     return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
