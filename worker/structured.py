@@ -66,11 +66,14 @@ class Constraint:
     def fill_bitmask(self, target: torch.Tensor | None = None) -> torch.Tensor:
         """Write the allowed-token bitmask (1 bit per token, int32 words) into `target` (CPU)."""
         out = self.bitmask if target is None else target
+        if out.dtype != torch.int32 or not out.is_contiguous() or out.numel() != self.bitmask.numel() or out.is_cuda:
+            raise ValueError(f"bitmask must be a contiguous CPU int32 tensor of {self.bitmask.numel()} words")
         self._matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
         return out
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar does not allow here to -inf, in place."""
+        _check_vocab(logits, [self])
         apply_bitmask(logits, self.fill_bitmask())
 
     def accept(self, token_id: int) -> None:
@@ -118,6 +121,7 @@ def mask_batch(constraints: Sequence[Constraint | None], logits: torch.Tensor) -
     rows = [(c, i) for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return
+    _check_vocab(logits, [c for c, _ in rows])
     bitmask = torch.full((len(constraints), bitmask_width(logits.shape[-1])), -1, dtype=torch.int32)
     if len(rows) == 1:
         rows[0][0].fill_bitmask(bitmask[rows[0][1]])
@@ -125,6 +129,13 @@ def mask_batch(constraints: Sequence[Constraint | None], logits: torch.Tensor) -
         _get_executor().unsafe_compute_mask_ptr([(c._matcher, i) for c, i in rows], bitmask.data_ptr(),
                                                 bitmask.shape[1] * 4, bitmask.shape[0])
     apply_bitmask(logits, bitmask)
+
+
+def _check_vocab(logits: torch.Tensor, constraints: list[Constraint]) -> None:
+    """The logits' last dimension must be the vocabulary the constraints were compiled for."""
+    if any(c.vocab_size != logits.shape[-1] for c in constraints):
+        raise ValueError(f"logits have {logits.shape[-1]} entries; the constraint was compiled for "
+                         f"{constraints[0].vocab_size}")
 
 
 def compile_constraint(response_format: dict[str, Any] | None, tokenizer: Any, vocab_size: int,
