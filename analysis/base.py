@@ -8,6 +8,7 @@ Greedy decoding gives the same records either way.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,6 +22,7 @@ class Analyzer:
     max_new_tokens: int = 16
     stop: list[str] = []
     temperature: float | None = None
+    response_format: Record | None = None  # e.g. {"type": "json_schema", "json_schema": {...}}: structured output
 
     def prompt(self, record: Record) -> str | list[dict[str, str]]:
         """A prompt string, or chat messages (`[{"role": "user", "content": ...}]`)."""
@@ -43,6 +45,8 @@ class Analyzer:
             body["stop"] = list(self.stop)
         if self.temperature:
             body["temperature"] = self.temperature
+        if self.response_format:
+            body["response_format"] = copy.deepcopy(self.response_format)
         return body
 
     def result(self, key: str, record: Record, output: Record | None, error: Record | None) -> Record:

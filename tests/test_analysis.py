@@ -58,12 +58,40 @@ def test_in_process_and_queue_give_the_same_records(stack: Stack, handler) -> No
 
 def test_sentiment_parsing_is_tolerant() -> None:
     parse = SentimentAnalyzer().parse
-    assert parse({}, " Positive.") == {"sentiment": "positive"}
-    assert parse({}, "It is NEGATIVE!") == {"sentiment": "negative"}
-    assert parse({}, "mostly good") == {"sentiment": "positive"}
-    assert parse({}, "¯\\_(ツ)_/¯") == {"sentiment": "unknown"}
+    assert parse({}, " Positive.") == {"sentiment": "positive", "confidence": None}
+    assert parse({}, "It is NEGATIVE!") == {"sentiment": "negative", "confidence": None}
+    assert parse({}, "mostly good") == {"sentiment": "positive", "confidence": None}
+    assert parse({}, "¯\\_(ツ)_/¯") == {"sentiment": "unknown", "confidence": None}
+    assert parse({}, '{"label": "neutral", "confidence": 0.75}') == {"sentiment": "neutral", "confidence": 0.75}
+    assert parse({}, '{"label": "negative", "confidence": 7}') == {"sentiment": "negative", "confidence": None}
+    assert parse({}, '{"label": "great"}') == {"sentiment": "positive", "confidence": None}  # falls back
     body = SentimentAnalyzer().request({"text": "great film"})
-    assert body["messages"][0]["content"].endswith("Text: great film") and body["max_new_tokens"] == 8
+    assert body["messages"][0]["content"].endswith("Text: great film") and body["max_new_tokens"] == 24
+
+
+def test_sentiment_requests_structured_output(demo_model: Path) -> None:
+    """The body asks for the label/confidence schema, passes the web checks, and compiles in the worker."""
+    from transformers import AutoTokenizer
+
+    from web.schemas import parse_job
+    from worker.structured import compile_constraint
+
+    analyzer = SentimentAnalyzer()
+    body = analyzer.request({"text": "great film"})
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert body["response_format"]["type"] == "json_schema"
+    assert schema["properties"]["label"] == {"enum": ["positive", "negative", "neutral"]}
+    assert schema["properties"]["confidence"]["type"] == "number" and schema["required"] == ["label", "confidence"]
+    body["response_format"]["json_schema"]["name"] = "changed"
+    assert analyzer.response_format["json_schema"]["name"] == "sentiment"  # each body has its own copy
+    stored = parse_job(analyzer.request({"text": "x"}), load_settings(environ={}))
+    assert stored["response_format"] == analyzer.response_format
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    constraint = compile_constraint(stored["response_format"], tok, 384)
+    for token in tok.encode('{"label": "neutral", "confidence": 0.5}', add_special_tokens=False):
+        constraint.accept(token)
+    assert constraint.is_done() and constraint.error is None
+    assert ZenAnalyzer().request({"text": "x"}).get("response_format") is None  # opt-in
 
 
 def test_analyze_cli_resumes_without_redoing_records(stack: Stack, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, UnsupportedMediaType, Unprocessable
+from web.response_format import ResponseFormat, check_response_format
 
 Number = StrictFloat | StrictInt
 
@@ -60,6 +61,8 @@ class JobCreate(WebhookFields):
     logprobs: StrictBool | None = Field(None, description="return each sampled token's log probability")
     top_logprobs: StrictInt | None = Field(None, ge=0, le=5, description="most likely alternatives per token; "
                                                                          "needs logprobs")
+    response_format: ResponseFormat | None = Field(
+        None, description="structured output: text, json_object, or json_schema {name, schema, strict}")
 
 
 class BatchLine(BaseModel):
@@ -134,6 +137,9 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
                             param="stop")
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
-    data = req.model_dump(exclude_none=True, exclude=set(WebhookFields.model_fields))  # kept in the record
+    data = req.model_dump(exclude_none=True, exclude={"response_format", *WebhookFields.model_fields})  # kept in the record
+    if req.response_format is not None:
+        check_response_format(req.response_format)
+        data["response_format"] = body["response_format"]  # stored as given
     data.update(max_new_tokens=n, stop=stop)
     return data

@@ -127,7 +127,8 @@ class Driver:
                                                                         resume=resume)
             except Exception as exc:  # a request this model cannot run fails alone
                 log.warning("job %s cannot run: %s", c.job_id, exc)
-                self.store.finish(c.job_id, "failed", {"error": {"code": "invalid_request", "message": str(exc)}},
+                code = getattr(exc, "code", None) or "invalid_request"
+                self.store.finish(c.job_id, "failed", {"error": {"code": code, "message": str(exc)}},
                                   holder=self.worker)
                 continue
             job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, int(c.attempt))

@@ -164,7 +164,8 @@ class ModelHandler:
         for i in range(max(1, req.n)):
             sampling = req.sampling()
             sampling.make_generator(self.model.device, offset=i)
-            constraint = compile_constraint(req.response_format, self.tokenizer, self.vocab_size)
+            constraint = compile_constraint(req.response_format, self.tokenizer, self.vocab_size,
+                                            eos_token_ids=self.eos_ids)
             seqs.append(Seq(f"{key}#{i}", ids, req.max_new_tokens, sampling, list(req.stop), req.ignore_eos,
                             budget, req.top_logprobs if req.logprobs else -1, constraint, priority,
                             tag=(tag, i), out=list(resume or []) if i == 0 and req.n == 1 else []))
