@@ -65,7 +65,8 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(redis.exceptions.ResponseError)
     def _redis_refused(exc: redis.exceptions.ResponseError) -> Response:
-        if not str(exc).startswith("OOM") and "OOM command not allowed" not in str(exc):
+        oom = isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
+        if not oom:
             return _unexpected(exc)
         log.warning("redis is out of memory: %s", exc)
         err = AppError("the job store (Redis) is full; try again later", code="redis_out_of_memory",
