@@ -94,13 +94,16 @@ def main() -> None:
         server.stop()
     print(f"$ uv run python bench/submit_bench.py --duration {args.duration} --connections {args.connections} "
           f"--rounds {args.rounds}   (wrk -t2 -c{args.connections}, {os.cpu_count()} CPUs)")
-    best = {}
+    best, median = {}, {}
     for name, runs in results.items():
         for i, f in enumerate(runs, 1):
             print(f"{name:12s} round {i}: {f['rps']:8.0f} req/s  p50 {f['p50']:6.1f} ms  p90 {f['p90']:6.1f} ms  "
                   f"p99 {f['p99']:6.1f} ms  non-2xx {f['non2xx']:.0f}")
         best[name] = max(f["rps"] for f in runs)
-    print(f"ratio (best round): {best['qwen-deploy'] / best['naive']:.2f}x the naive app's req/s")
+        median[name] = sorted(f["rps"] for f in runs)[len(runs) // 2]
+    print(f"ratio: best round {best['qwen-deploy'] / best['naive']:.2f}x, median round "
+          f"{median['qwen-deploy'] / median['naive']:.2f}x the naive app's req/s; load average "
+          f"{os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
