@@ -153,7 +153,10 @@ def create_batch() -> Response:
     _check_capacity(len(messages))
     store().create(batch_id, fields, good, errors, messages)
     if messages:
-        svc.redis.zadd(_open_key(), {batch_id: 0})
+        pipe = svc.redis.pipeline(transaction=False)
+        pipe.zadd(_open_key(), {batch_id: 0})
+        pipe.expire(_open_key(), lim.result_ttl)
+        pipe.execute()
     response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
     response.headers["Location"] = f"/v1/batches/{batch_id}"
     return response
