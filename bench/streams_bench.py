@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import selectors
 import socket
 import statistics
@@ -127,7 +128,7 @@ def main() -> None:
         for s in socks:
             s.close()
     finally:
-        web.terminate()
+        web.send_signal(signal.SIGINT)  # quick shutdown
         web.wait(timeout=30)
         server.stop()
 
