@@ -80,8 +80,9 @@ class BatchStore:
     def requests(self, batch_id: str, start: int, end: int) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.r.lrange(self.keys(batch_id)[1], start, end - 1)]
 
-    def results(self, batch_id: str, after: int) -> list[str]:
-        return [_text(line) for line in self.r.lrange(self.keys(batch_id)[2], after, -1)]
+    def results(self, batch_id: str, after: int, limit: int | None = None) -> list[str]:
+        end = -1 if limit is None else after + limit - 1
+        return [_text(line) for line in self.r.lrange(self.keys(batch_id)[2], after, end)]
 
     def status(self, batch_id: str) -> str:
         return _text(self.r.hget(self.key(batch_id), "status"))

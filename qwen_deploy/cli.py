@@ -47,6 +47,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         os.environ["PORT"] = str(args.port)
     settings = _settings()
     host = args.host or settings.web.host
+    web_cmd = _web_command(settings, host, settings.web.port)
     server = None
     if not reachable(settings.redis_url):
         data_dir = Path(os.environ.get("QWEN_DEPLOY_CACHE", Path.home() / ".cache" / "qwen-deploy")) / "redis"
@@ -57,7 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "gen", settings.log_level)))
         sup.start("convert-worker", celery_command(worker_argv(CONVERT_WORKER_QUEUES, "convert", settings.log_level)))
-        sup.start("web", web_command(host, settings.web.port, settings.web.workers, settings.web.threads))
+        sup.start("web", web_cmd)
         print(f"qwen-deploy: serving {settings.model.name_or_path} at http://{host}:{settings.web.port} "
               f"(Ctrl-C to stop)", file=sys.stderr)
         return sup.wait()
@@ -70,7 +71,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_web(args: argparse.Namespace) -> int:
     settings = _settings()
     host, port = args.host or settings.web.host, args.port or settings.web.port
-    os.execv(sys.executable, web_command(host, port, settings.web.workers, settings.web.threads))
+    os.execv(sys.executable, _web_command(settings, host, port))
+
+
+def _web_command(settings: Settings, host: str, port: int) -> list[str]:
+    """gunicorn's command line, after refusing an open non-loopback bind (the app checks it again)."""
+    from web.auth import check_bind
+
+    try:
+        check_bind(settings, host)
+    except ConfigError as exc:
+        sys.exit(f"qwen-deploy: {exc}")
+    os.environ["QWEN_DEPLOY_WEB__HOST"] = host  # the app's Host check and bind check see the real bind
+    web = settings.web
+    return web_command(host, port, web.workers, web.threads, web.worker_class, web.worker_connections)
 
 
 def _run_worker(args: argparse.Namespace, queues: tuple[str, ...] | list[str], name: str) -> int:

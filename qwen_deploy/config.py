@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "QWEN_DEPLOY_"
 CONFIG_ENV = "QWEN_DEPLOY_CONFIG"
@@ -45,6 +45,7 @@ class GenerationSettings(Section):
     max_prompt_tokens: int = Field(2048, ge=1)
     max_stop_strings: int = Field(4, ge=0)
     max_stop_length: int = Field(64, ge=1)
+    max_messages: int = Field(256, ge=1, description="chat messages in one request")
     progress_interval_ms: int = Field(50, ge=1)
 
 
@@ -58,6 +59,9 @@ class LimitSettings(Section):
     max_wait: float = Field(30.0, ge=0)
     max_stream: float = Field(300.0, gt=0, description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_inflight_per_key: int = Field(1000, ge=1, description="queued or running jobs (and open batches) per API key")
+    max_bulk_depth: int = Field(2000, ge=1, description="micro-batch tasks waiting on the bulk queue")
+    max_streams_per_key: int = Field(100, ge=1, description="open SSE streams per API key")
     convert_time_limit: float = Field(3600.0, ge=60)
     reap_after: float = Field(600.0, gt=0, description="seconds a job may stay queued before the reaper checks it")
     reap_grace: float = Field(60.0, ge=0, description="seconds past its time limit before a running job is reaped")
@@ -67,7 +71,9 @@ class LimitSettings(Section):
 class BatchSettings(Section):
     micro_batch_size: int = Field(32, ge=1, description="requests per batched generate call (one bulk task)")
     max_lines: int = Field(50_000, ge=1)
-    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_line_bytes: int = Field(1_048_576, ge=64, description="bytes of one JSONL line (one request)")
+    max_results: int = Field(10_000, ge=1, description="largest `limit` of GET /v1/batches/{id}/results")
 
 
 class FileSettings(Section):
@@ -93,9 +99,26 @@ class WebSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(2, ge=1)
-    threads: int = Field(16, ge=1)
+    threads: int = Field(16, ge=1, description="gthread only: threads per process")
+    worker_class: Literal["gevent", "gthread"] = "gevent"
+    worker_connections: int = Field(2000, ge=1, description="gevent only: open connections per process")
     api_keys: list[SecretStr] = Field(default_factory=list)
     model_aliases: list[str] = Field(default_factory=list, description="other names accepted as `model`")
+    admin_keys: list[SecretStr] = Field(default_factory=list, description="also allowed downloads, exports, /metrics")
+    allow_unauthenticated: bool = Field(False, description="serve a non-loopback bind without API keys")
+    trusted_hosts: list[str] | None = Field(None, description="Host header values served; default loopback + host")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not k.get_secret_value().strip() for k in keys):
+            raise ValueError("API keys must be non-empty strings (an empty key would not disable auth)")
+        return keys
+
+    @property
+    def keyed(self) -> bool:
+        """Whether API keys are required."""
+        return bool(self.api_keys or self.admin_keys)
 
 
 class EngineSettings(Section):
@@ -177,8 +200,9 @@ class Settings(Section):
 
     @property
     def client_key(self) -> str | None:
-        """The first configured API key: what this host's own CLI sends."""
-        return self.web.api_keys[0].get_secret_value() if self.web.api_keys else None
+        """The first admin key, else the first API key: what this host's own CLI sends."""
+        keys = self.web.admin_keys or self.web.api_keys  # the admin key, so `download --queue` works
+        return keys[0].get_secret_value() if keys else None
 
     @property
     def visibility_timeout(self) -> int:
@@ -218,7 +242,12 @@ def _env_tree(env: dict[str, str]) -> dict[str, Any]:
         path = tuple(p.lower() for p in name.removeprefix(ENV_PREFIX).split("__"))
         value: Any = raw
         if raw.strip().startswith(("[", "{")):
-            value = yaml.safe_load(raw)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:  # its text quotes the input, which may hold keys: give the place only
+                mark = getattr(exc, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                raise ConfigError(f"invalid configuration: {name} is not valid JSON/YAML{where}") from None
         _set_path(tree, path, value)
     return tree
 
@@ -226,16 +255,21 @@ def _env_tree(env: dict[str, str]) -> dict[str, Any]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:  # not the error text: it quotes the file, which may hold keys
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', '')}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
 
 
 def _format_error(exc: ValidationError) -> str:
+    """One line per error, naming the key; never the input value (it may be a secret)."""
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_input=False, include_context=False, include_url=False):
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
         env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
         lines.append(f"  {key}: {err['msg']} (config.yml key {key!r} or env {env})")

@@ -11,16 +11,17 @@ from qwen_deploy.jobs import JobStore
 
 
 @functools.cache
-def _client(url: str, socket_timeout: float) -> redis.Redis:
+def _client(url: str, socket_timeout: float, max_connections: int) -> redis.Redis:
     return redis.Redis.from_url(
         url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=socket_timeout,
-        health_check_interval=30,
+        health_check_interval=30, max_connections=max_connections,
     )
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A client whose socket timeout outlasts the longest blocking read (long-poll)."""
-    return _client(settings.redis_url, settings.limits.max_wait + 10.0)
+    """A client whose socket timeout outlasts the longest blocking read (long-poll), with a pool as
+    large as the open connections a web process serves (each stream or long-poll blocks one)."""
+    return _client(settings.redis_url, settings.limits.max_wait + 10.0, settings.web.worker_connections + 64)
 
 
 def job_store(settings: Settings) -> JobStore:

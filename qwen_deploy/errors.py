@@ -31,6 +31,10 @@ class Unauthorized(AppError):
     status_code, code, type = 401, "invalid_api_key", "authentication_error"
 
 
+class Forbidden(AppError):
+    status_code, code, type = 403, "forbidden", "permission_error"
+
+
 class NotFound(AppError):
     status_code, code, type = 404, "not_found", "not_found_error"
 
@@ -57,6 +61,10 @@ class Unprocessable(AppError):
 
 class QueueFull(AppError):
     status_code, code, type = 429, "queue_full", "rate_limit_error"
+
+
+class TooManyRequests(AppError):
+    status_code, code, type = 429, "rate_limited", "rate_limit_error"
 
 
 class ServiceUnavailable(AppError):

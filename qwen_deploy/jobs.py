@@ -7,7 +7,9 @@ finish) are Lua scripts, so each is one atomic round trip. A terminal record is 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,6 +21,13 @@ from qwen_deploy.lua import script
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 JOB_ID_PREFIX = "job_"
+ID_RE = re.compile(r"[a-z]+_[0-9a-f]{28}")
+INDEX_MAX = 100_000  # ids kept in an owner's job index (GET /v1/jobs); older ones are trimmed
+
+
+def valid_id(any_id: str, prefix: str = JOB_ID_PREFIX) -> bool:
+    """Whether `any_id` has the shape of an id this service makes (prefix + 28 lowercase hex digits)."""
+    return any_id.startswith(prefix) and ID_RE.fullmatch(any_id) is not None
 
 
 def new_id(prefix: str = JOB_ID_PREFIX) -> str:
@@ -66,7 +75,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class SubmitResult:
-    status: str  # ok | duplicate | full
+    status: str  # ok | duplicate | reused | full | inflight
     job_id: str
     depth: int = 0
 
@@ -109,23 +118,50 @@ class JobStore:
     def _keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_key(job_id), self.stats_key(), self.active_key(), self.pending_key()]
 
-    def idem_key(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+    def idem_key(self, key: str, owner: str = "", route: str = "") -> str:
+        """Idempotency keys are scoped per owner and route (hashed: a key may hold any characters)."""
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return f"{self.prefix}:idem:{owner}:{route}:{digest}"
 
-    def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any],
-               max_depth: int, idempotency_key: str | None = None, engine: bool = False) -> SubmitResult:
-        """Write the record and enqueue the message, unless the key was seen or the queue is full."""
+    def index_key(self, owner: str) -> str:
+        """The owner's jobs, newest last (ids sort by creation time)."""
+        return f"{self.prefix}:owner:{owner}:jobs"
+
+    def inflight_key(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:inflight"
+
+    def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any], max_depth: int,
+               idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",
+               max_inflight: int = 0, engine: bool = False) -> SubmitResult:
+        """Write the record, index it under its owner and enqueue the message, unless the idempotency
+        key was seen, the queue is full or the owner has `max_inflight` jobs in flight."""
         fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(time.time()),
-                  "tokens": "0", "deliveries": "0", **fields}
-        idem = self.idem_key(idempotency_key) if idempotency_key else ""
+                  "tokens": "0", "deliveries": "0", **({"owner": owner} if owner else {}), **fields}
+        idem = self.idem_key(idempotency_key, owner, route) if idempotency_key else ""
+        floor = f"{JOB_ID_PREFIX}{max(0, int((time.time() - self.ttl) * 1000)):012x}"
+        options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""),
+                   "index_floor": floor, "index_max": INDEX_MAX}
         status, value = self._submit(
-            keys=[self.key(job_id), queue, idem, self.active_key(), self.pending_key() if engine else ""],
-            args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), *_flat(fields)],
+            keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
+                  self.inflight_key(owner) if owner and max_inflight else "", self.pending_key() if engine else ""],
+            args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), json.dumps(options),
+                  *_flat(fields)],
         )
         status, value = _text(status), _text(value)
-        if status == "full":
-            return SubmitResult("full", job_id, int(value))
+        if status in ("full", "inflight"):
+            return SubmitResult(status, job_id, int(value))
         return SubmitResult(status, value)
+
+    def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:
+        """Up to `count` of the owner's job ids, newest first, older than `after` when given."""
+        top = f"({after}" if after else "+"
+        return [_text(i) for i in self.r.zrevrangebylex(self.index_key(owner), top, "-", 0, count)]
+
+    def get_many(self, job_ids: list[str]) -> list[dict[str, str] | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.key(job_id))
+        return [{_text(k): _text(v) for k, v in raw.items()} or None for raw in pipe.execute()]
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.r.hgetall(self.key(job_id))

@@ -21,10 +21,13 @@ def celery_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks", *argv]
 
 
-def web_command(host: str, port: int, workers: int, threads: int) -> list[str]:
-    """gunicorn with threads (long-poll and SSE hold a thread each)."""
+def web_command(host: str, port: int, workers: int, threads: int, worker_class: str = "gevent",
+                connections: int = 2000) -> list[str]:
+    """gunicorn: gevent (default; a long-poll or SSE stream is a greenlet, not a thread, and gunicorn
+    does the monkey patching) or gthread (each stream holds one of `threads`)."""
+    per_worker = ["--worker-connections", str(connections)] if worker_class == "gevent" else ["--threads", str(threads)]
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", str(threads), "--timeout", "120",
+            "--worker-class", worker_class, *per_worker, "--timeout", "120",
             "--graceful-timeout", "10", "--access-logfile", "-", "web.wsgi:app"]
 
 

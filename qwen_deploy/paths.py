@@ -9,6 +9,9 @@ from qwen_deploy.errors import Unprocessable
 
 def confine(root: Path, relative: str, param: str, must_exist: bool = False) -> Path:
     """`root / relative`, resolved; 422 when it is absolute, climbs out, or links out of `root`."""
+    if len(relative) > 1024 or any(ord(c) < 32 or ord(c) == 127 for c in relative):
+        raise Unprocessable(f"{param} must be a path of up to 1024 characters without control characters",
+                            code="invalid_path", param=param)
     pure = PurePosixPath(relative)
     if not relative or pure.is_absolute() or relative.startswith("~") or ".." in pure.parts or "\\" in relative:
         raise Unprocessable(f"{param} must be a relative path inside its root, without '..'",

@@ -1,4 +1,9 @@
-"""Worker registrations: each generation worker child publishes its state and model info."""
+"""Worker registrations: each generation worker child publishes its state and model info.
+
+A record is a key that expires `ttl` after its last refresh, listed in one sorted set
+(`{prefix}:workers`) scored by that expiry: readers prune lapsed entries by score and never scan
+the keyspace.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +18,37 @@ def worker_key(prefix: str, name: str) -> str:
     return f"{prefix}:worker:{name}"
 
 
+def index_key(prefix: str) -> str:
+    return f"{prefix}:workers"
+
+
 def loads_key(prefix: str) -> str:
     return f"{prefix}:stats:model_loads"
 
 
 def publish(client: redis.Redis, prefix: str, name: str, info: dict[str, Any], ttl: float) -> None:
     """Write (or refresh) this worker's record; it vanishes ttl seconds after the last refresh."""
-    info = {**info, "name": name, "seen_at": time.time()}
-    client.set(worker_key(prefix, name), json.dumps(info), px=int(ttl * 1000))
+    now = time.time()
+    info = {**info, "name": name, "seen_at": now}
+    pipe = client.pipeline(transaction=True)
+    pipe.set(worker_key(prefix, name), json.dumps(info), px=int(ttl * 1000))
+    pipe.zadd(index_key(prefix), {name: now + ttl})
+    pipe.execute()
 
 
 def remove(client: redis.Redis, prefix: str, name: str) -> None:
-    client.delete(worker_key(prefix, name))
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(worker_key(prefix, name))
+    pipe.zrem(index_key(prefix), name)
+    pipe.execute()
 
 
 def workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     """Live worker records, newest model load first."""
-    keys = list(client.scan_iter(match=worker_key(prefix, "*"), count=200))
-    values = client.mget(keys) if keys else []
+    pipe = client.pipeline(transaction=True)
+    pipe.zremrangebyscore(index_key(prefix), "-inf", time.time())
+    pipe.zrange(index_key(prefix), 0, -1)
+    names = [n.decode() if isinstance(n, bytes) else n for n in pipe.execute()[1]]
+    values = client.mget([worker_key(prefix, n) for n in names]) if names else []
     found = [json.loads(v) for v in values if v]
     return sorted(found, key=lambda w: w.get("model", {}).get("loaded_at") or 0, reverse=True)

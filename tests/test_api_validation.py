@@ -170,7 +170,7 @@ def test_api_keys_guard_every_route_but_livez(redis_srv: RedisServer) -> None:
 
 def test_unknown_route_and_method_are_json(http) -> None:  # type: ignore[no-untyped-def]
     assert error_of(http.get("/v1/nothing"))["code"] == "not_found"
-    response = http.get("/v1/jobs")
+    response = http.delete("/v1/jobs")
     assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
 
 

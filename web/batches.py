@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import time
 from typing import Any
 
 from flask import Blueprint, Response, g, request
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchStore, public_batch
-from qwen_deploy.errors import AppError, BadRequest, Conflict, Unprocessable, UnsupportedMediaType
-from qwen_deploy.jobs import new_id
+from qwen_deploy.errors import (AppError, BadRequest, Conflict, NotFound, QueueFull, TooManyRequests, Unprocessable,
+                                 UnsupportedMediaType)
+from qwen_deploy.jobs import new_id, valid_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
 from qwen_deploy.webhooks import check_request
 from web import services
-from web.jobs import missing
+from web.auth import current_owner
+from web.jobs import missing, owns
 from web.openai_api.batches import file_lines, line_endpoint, present_lines
 from web.openai_api.translate import job_request
 from web.openapi import Batch, ResultsQuery, doc
@@ -23,6 +27,9 @@ from web.schemas import BatchCreate
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
 MAX_LINE_INDEX = 2**31
+DEFAULT_RESULTS = 1000
+COUNT = re.compile(r"[0-9]{1,12}")  # str.isdigit() takes "²" and "١"
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # as OpenAI
 JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines", "text/jsonl"})
 
 
@@ -42,10 +49,9 @@ def _read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
     request.max_content_length = settings.max_bytes
     raw = request.get_data(cache=False)
     if request.mimetype in JSONL_TYPES:
+        lines = _jsonl_lines(raw, settings.max_lines, settings.max_line_bytes)
         items: list[tuple[int, Any]] = []
-        for n, text in enumerate(raw.split(b"\n"), start=1):
-            if not text.strip():
-                continue
+        for n, text in lines:
             try:
                 items.append((n, json.loads(text)))
             except (ValueError, RecursionError) as exc:
@@ -66,6 +72,33 @@ def _read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
         raise Unprocessable("webhook must be a URL string", code="invalid_type", param="webhook")
     g.batch_webhook = webhook
     return list(enumerate(body["requests"], start=1)), body.get("metadata"), {"endpoint": "/v1/jobs"}
+
+
+def _jsonl_lines(raw: bytes, max_lines: int, max_line_bytes: int) -> list[tuple[int, bytes]]:
+    """The non-blank lines, counted before any is parsed: 422 past `max_lines` or `max_line_bytes`."""
+    lines: list[tuple[int, bytes]] = []
+    for n, text in enumerate(io.BytesIO(raw), start=1):
+        if len(text) > max_line_bytes:
+            raise Unprocessable(f"line {n} is longer than {max_line_bytes} bytes", code="line_too_long",
+                                param="requests")
+        if text.strip():
+            lines.append((n, text))
+            if len(lines) > max_lines:
+                raise Unprocessable(f"the batch has more than {max_lines} lines", code="too_many_lines",
+                                    param="requests")
+    return lines
+
+
+def _check_metadata(metadata: Any) -> None:
+    """Up to 16 string pairs, keys up to 64 and values up to 512 characters (OpenAI's limits)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_KEYS:
+        raise Unprocessable(f"metadata must be an object of at most {METADATA_KEYS} keys", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS or not isinstance(value, str) or len(value) > METADATA_VALUE_CHARS:
+            raise Unprocessable(f"metadata keys must be up to {METADATA_KEY_CHARS} characters and values strings "
+                                f"up to {METADATA_VALUE_CHARS}", param=f"metadata.{key[:METADATA_KEY_CHARS]}")
 
 
 def _validate(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str, Any]:
@@ -109,6 +142,7 @@ def create_batch() -> Response:
     if len(items) > limit:
         raise Unprocessable(f"the batch has {len(items)} lines; the maximum is {limit}", code="too_many_lines",
                             param="requests")
+    _check_metadata(metadata)
     _check_ids(items)
     hook = check_request(g.get("batch_webhook") or request.args.get("webhook"), None, svc.settings)
     good: list[str] = []
@@ -129,8 +163,15 @@ def create_batch() -> Response:
     fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
               "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
               "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
-              "metadata": json.dumps(metadata) if metadata is not None else None, **extra, **hook}
+              "metadata": json.dumps(metadata) if metadata is not None else None, **extra, **hook,
+              "owner": current_owner()}
+    _check_capacity(len(messages))
     store().create(batch_id, fields, good, errors, messages)
+    if messages:
+        pipe = svc.redis.pipeline(transaction=False)
+        pipe.zadd(_open_key(), {batch_id: 0})
+        pipe.expire(_open_key(), lim.result_ttl)
+        pipe.execute()
     if hook and not messages:
         store().notify(batch_id)
     response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
@@ -138,10 +179,39 @@ def create_batch() -> Response:
     return response
 
 
+def _open_key() -> str:
+    """The caller's batches that may still be running."""
+    return f"{services().settings.key_prefix}:owner:{current_owner()}:batches"
+
+
+def _check_capacity(new_tasks: int) -> None:
+    """429 when the bulk queue would pass `limits.max_bulk_depth` or the caller has too many open batches."""
+    svc = services()
+    lim = svc.settings.limits
+    depth = int(svc.redis.llen(BULK))
+    if new_tasks and depth + new_tasks > lim.max_bulk_depth:
+        raise QueueFull(f"the bulk queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
+    key = _open_key()
+    open_ids = [i.decode() if isinstance(i, bytes) else i for i in svc.redis.zrange(key, 0, -1)]
+    if len(open_ids) >= lim.max_inflight_per_key:
+        records = [store().status(i) for i in open_ids]
+        done = [i for i, st in zip(open_ids, records) if not st or st in TERMINAL]
+        if done:
+            svc.redis.zrem(key, *done)
+        if len(open_ids) - len(done) >= lim.max_inflight_per_key:
+            raise TooManyRequests(f"this key has {len(open_ids) - len(done)} batches running",
+                                  code="too_many_inflight", headers={"Retry-After": "30"})
+
+
 def _load(batch_id: str) -> dict[str, str]:
+    """The caller's batch: 404 for a malformed id or another owner's batch, 410 once expired."""
+    if not valid_id(batch_id, BATCH_ID_PREFIX):
+        raise NotFound("no batch with this id", param="id")
     record = store().get(batch_id)
-    if record is None:
+    if record is None or "id" not in record:
         raise missing("batch", batch_id, BATCH_ID_PREFIX)
+    if not owns(record):
+        raise NotFound(f"no batch with id {batch_id}", param="id")
     return record
 
 
@@ -158,10 +228,14 @@ def batch_results(batch_id: str) -> Response:
     """Finished lines as JSONL, while the batch runs; `after` skips lines already read."""
     record = _load(batch_id)
     raw = request.args.get("after", "0")
-    if not raw.isdigit():
+    if not COUNT.fullmatch(raw):
         raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
     after = min(int(raw), MAX_LINE_INDEX)  # Redis indexes are 64-bit; nothing lies beyond this anyway
-    lines = present_lines(store().results(batch_id, after), record)
+    cap = services().settings.batches.max_results
+    raw = request.args.get("limit", str(DEFAULT_RESULTS))
+    if not COUNT.fullmatch(raw) or not 1 <= int(raw) <= cap:
+        raise Unprocessable(f"limit must be an integer from 1 to {cap}", param="limit")
+    lines = present_lines(store().results(batch_id, after, int(raw)), record)
     body = "".join(line + "\n" for line in lines)
     return Response(body, mimetype="application/x-ndjson", headers={"X-Next-After": str(after + len(lines))})
 

@@ -63,6 +63,17 @@ def register(app: Flask) -> None:
         err.type = "server_error"
         return _respond(err)
 
+    @app.errorhandler(redis.exceptions.ResponseError)
+    def _redis_refused(exc: redis.exceptions.ResponseError) -> Response:
+        oom = isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
+        if not oom:
+            return _unexpected(exc)
+        log.warning("redis is out of memory: %s", exc)
+        err = AppError("the job store (Redis) is full; try again later", code="redis_out_of_memory",
+                       status_code=503, headers={"Retry-After": "30"})
+        err.type = "server_error"
+        return _respond(err)
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, request, stream_with_context
+import redis
+from flask import Blueprint, Response, has_request_context, request, stream_with_context
 
-from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, Unprocessable
-from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job
+from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, TooManyRequests, Unprocessable
+from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from qwen_deploy.webhook_store import WebhookStore
 from qwen_deploy.webhooks import check_request
 from web import services
+from web.auth import current_owner
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
 
@@ -25,7 +29,21 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
 
 SSE_KEEPALIVE_S = 15.0
-STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # 64-bit parts
+STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")  # 64-bit parts
+SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces (like Stripe's 255)
+
+
+def request_hash(req: Any) -> str:
+    """A hash of a validated request, stored with its idempotency key."""
+    return hashlib.sha256(json.dumps(req, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise Unprocessable("Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
+                            code="invalid_idempotency_key", param="Idempotency-Key")
+    return key
 
 
 def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
@@ -34,9 +52,13 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     """Record and enqueue a job in one Redis round trip; return (job object, replayed)."""
     svc = services()
     job_id = new_job_id()
+    owner = current_owner()
     message = task_message(task, job_id, queue, [job_id], *limits)
     fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **extra}
-    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth, idempotency_key,
+    route = request.path if has_request_context() else kind
+    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
+                              check_idempotency_key(idempotency_key), owner=owner, route=route,
+                              body_hash=request_hash(req), max_inflight=svc.settings.limits.max_inflight_per_key,
                               engine=engine)
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
@@ -44,6 +66,12 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
         wait = retry_after or max(1, result.depth // 50)
         raise QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
                         headers={"Retry-After": str(wait)})
+    if result.status == "inflight":
+        raise TooManyRequests(f"this key has {result.depth} jobs queued or running; wait for some to finish",
+                              code="too_many_inflight", headers={"Retry-After": str(retry_after or 1)})
+    if result.status == "reused":
+        raise Unprocessable("this Idempotency-Key was used with a different request body",
+                            code="idempotency_key_reused", param="Idempotency-Key")
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
@@ -64,15 +92,31 @@ def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: st
                    idempotency_key, engine=True, max_new_tokens=str(req["max_new_tokens"]), **extra)
 
 
-def load_job(job_id: str) -> dict[str, Any]:
+def load_record(job_id: str) -> dict[str, str]:
+    """The caller's job record: 404 for a malformed id or another owner's job, 410 once expired."""
+    if not valid_id(job_id):
+        raise NotFound("no job with this id", param="id")
     record = services().store.get(job_id)
     if record is None:
         raise missing("job", job_id)
-    return public_job(record)
+    if not owns(record):
+        raise NotFound(f"no job with id {job_id}", param="id")
+    return record
+
+
+def owns(record: dict[str, str]) -> bool:
+    """Whether the caller owns a job or batch record (records without an owner are "anonymous")."""
+    return record.get("owner", "anonymous") == current_owner()
+
+
+def load_job(job_id: str) -> dict[str, Any]:
+    return public_job(load_record(job_id))
 
 
 def missing(kind: str, any_id: str, prefix: str = JOB_ID_PREFIX) -> Exception:
     """410 for a well-formed id older than the result TTL, else 404."""
+    if not valid_id(any_id, prefix):
+        return NotFound(f"no {kind} with this id", param="id")
     created = id_time(any_id, prefix)
     if created is not None and created + services().settings.limits.result_ttl <= time.time():
         return Gone(f"{kind} {any_id} has expired", param="id")
@@ -122,10 +166,7 @@ def get_job(job_id: str) -> Response:
     if raw is None:
         return _job_response(load_job(job_id))
     limit = services().settings.limits.max_wait
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = -1.0
+    wait = float(raw) if SECONDS.fullmatch(raw) else -1.0  # float() would take "nan", "1_0" and "١"
     if not 0 <= wait <= limit:
         raise Unprocessable(f"wait must be a number of seconds from 0 to {limit:g}", param="wait")
     return _job_response(wait_for(job_id, wait))
@@ -135,6 +176,7 @@ def get_job(job_id: str) -> Response:
 @doc(ok=202, model=Job, tags=("jobs",))
 def cancel_job(job_id: str) -> Response:
     """Cancel: a queued job at once, a running one within ~50 ms (keeping its partial text)."""
+    load_record(job_id)  # 404 for another owner's job (the owner of a job never changes)
     outcome = services().store.cancel(job_id)
     if outcome == "missing":
         raise missing("job", job_id)
@@ -155,9 +197,38 @@ def job_events(job_id: str) -> Response:
     if not STREAM_ID.fullmatch(start):
         raise Unprocessable("Last-Event-ID must be an event id from this stream (like 1795760951281-0)",
                             param="Last-Event-ID")
-    body = stream_with_context(_sse(job_id, start))
+    body = stream_with_context(_counted(_sse(job_id, start), _open_stream()))
     return Response(body, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _open_stream() -> tuple[redis.Redis, str, str]:
+    """Count an open stream against the caller's cap (429 `too_many_streams` past it)."""
+    svc, now = services(), time.time()
+    key, token = f"{svc.settings.key_prefix}:owner:{current_owner()}:streams", secrets.token_hex(8)
+    cap, ttl = svc.settings.limits.max_streams_per_key, svc.settings.limits.max_stream + 60
+    pipe = svc.redis.pipeline(transaction=True)
+    pipe.zremrangebyscore(key, "-inf", now)  # streams of a process that died lapse on their own
+    pipe.zadd(key, {token: now + ttl})
+    pipe.zcard(key)
+    pipe.expire(key, int(ttl))
+    count = pipe.execute()[2]
+    if count > cap:
+        svc.redis.zrem(key, token)
+        raise TooManyRequests(f"this key has {cap} event streams open; close one first", code="too_many_streams",
+                              headers={"Retry-After": "5"})
+    return svc.redis, key, token
+
+
+def _counted(events: Iterator[str], slot: tuple[redis.Redis, str, str]) -> Iterator[str]:
+    """The stream, releasing its slot when it ends or the client goes away."""
+    try:
+        yield from events
+    finally:
+        try:
+            slot[0].zrem(slot[1], slot[2])
+        except redis.RedisError:
+            pass  # the slot lapses at its score
 
 
 def _sse_event(event: str, data: dict[str, Any], event_id: str | None = None) -> str:

@@ -21,11 +21,12 @@ bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
 class DownloadCreate(WebhookFields):
     model_config = ConfigDict(extra="forbid")
-    repo_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", max_length=200)
-    revision: StrictStr | None = Field(None, max_length=200)
+    repo_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$", max_length=200)
+    revision: StrictStr | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-]|/[A-Za-z0-9_-])*$",
+                                       description="a branch, tag or commit (e.g. main, v1.0, refs/pr/1)")
     out: StrictStr | None = Field(None, description="directory relative to paths.models_root")
-    allow_patterns: list[StrictStr] | None = None
-    ignore_patterns: list[StrictStr] | None = None
+    allow_patterns: list[StrictStr] | None = Field(None, max_length=64)
+    ignore_patterns: list[StrictStr] | None = Field(None, max_length=64)
 
 
 class ExportCreate(WebhookFields):
@@ -34,7 +35,7 @@ class ExportCreate(WebhookFields):
     base: StrictStr = Field(description="base HF model directory, relative to paths.models_root")
     out: StrictStr = Field(description="new directory, relative to paths.models_root")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    max_shard_size: StrictStr = Field("2GB", pattern=r"^\d+(\.\d+)?\s*[KMG]i?B$")
+    max_shard_size: StrictStr = Field("2GB", pattern=r"^[0-9]{1,9}(\.[0-9]{1,6})? ?[KMG]i?B$")
 
 
 def _submit(kind: str, req: dict[str, Any]) -> Response:

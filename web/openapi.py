@@ -110,10 +110,11 @@ class WaitQuery(BaseModel):
 
 
 class ResultsQuery(BaseModel):
-    after: int | None = Field(None, ge=0, description="number of lines already read")
+    after: int | None = Field(None, ge=0, le=2**31, description="number of lines already read")
+    limit: int | None = Field(None, ge=1, le=10_000, description="lines to return (default 1000)")
 
 
-ERRORS = {f"HTTP_{code}": Error for code in (400, 401, 413, 415, 422, 429, 503)}
+ERRORS = {f"HTTP_{code}": Error for code in (400, 401, 403, 413, 415, 422, 429, 503)}
 
 
 def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str, ...] = (), **kwargs: Any) -> Any:

@@ -78,7 +78,7 @@ class BatchCreate(BaseModel):
     """
 
     requests: list[BatchLine | Any] = Field(min_length=1)
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 keys (64 chars), values 512")
     webhook: StrictStr | None = Field(None, description="called with batch.completed (JSONL form: ?webhook=)")
 
 
@@ -128,6 +128,8 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
                             code="max_new_tokens_too_large", param="max_new_tokens")
     if n < 1:
         raise Unprocessable("max_new_tokens must be at least 1", code="invalid_value", param="max_new_tokens")
+    if req.messages is not None and len(req.messages) > gen.max_messages:
+        raise Unprocessable(f"at most {gen.max_messages} messages", code="too_many_messages", param="messages")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > gen.max_stop_strings:
         raise Unprocessable(f"at most {gen.max_stop_strings} stop strings", code="too_many_stop_strings",

@@ -1,16 +1,54 @@
--- KEYS: job, queue, idem ('' when none), active, pending ('' when the job is not for the engine).
--- ARGV: ttl, max_depth, message, job id, reap at, fields...
+-- KEYS: job, queue, idem ('' when none), active, owner's job index, owner's in-flight set,
+-- pending ('' when the job is not for the engine).
 -- The record has no TTL until it is terminal (a job queued longer than the TTL must still end).
+-- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), fields...
+-- options: body (hash of the request, kept with the idempotency key), max_inflight (0: no cap),
+-- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
+-- below it have expired: trimmed from the index), index_max (index length kept).
+-- Returns {'ok', id} | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}.
+-- The owner's index is a sorted set with every score 0: ids embed their creation time, so lexical
+-- order is creation order (GET /v1/jobs pages it newest first with ZREVRANGEBYLEX).
+local opt = cjson.decode(ARGV[6])
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate', ARGV[4]} end
 if KEYS[3] ~= '' then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then return {'duplicate', existing} end
+  local existing = redis.call('HMGET', KEYS[3], 'id', 'body')
+  if existing[1] then
+    if existing[2] ~= opt.body then return {'reused', existing[1]} end
+    return {'duplicate', existing[1]}
+  end
 end
 local depth = redis.call('LLEN', KEYS[2])
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
-redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 6))
+local cap = tonumber(opt.max_inflight) or 0
+if cap > 0 and redis.call('ZCARD', KEYS[6]) >= cap then
+  -- Drop the oldest ids that finished or expired: only at the cap, and at most 32 per submit, so a
+  -- client hammering at its cap costs Redis little (jobs finish roughly in submit order).
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[6], 0, 31)) do
+    local st = redis.call('HGET', opt.job_key .. id, 'status')
+    if (not st) or st == 'succeeded' or st == 'failed' or st == 'canceled' or st == 'timed_out' then
+      redis.call('ZREM', KEYS[6], id)
+    end
+  end
+  local n = redis.call('ZCARD', KEYS[6])
+  if n >= cap then return {'inflight', tostring(n)} end
+end
+redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-if KEYS[5] ~= '' then redis.call('ZADD', KEYS[5], redis.call('HGET', KEYS[1], 'created_at'), ARGV[4]) end
+if KEYS[7] ~= '' then redis.call('ZADD', KEYS[7], redis.call('HGET', KEYS[1], 'created_at'), ARGV[4]) end
 redis.call('LPUSH', KEYS[2], ARGV[3])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
+if KEYS[3] ~= '' then
+  redis.call('HSET', KEYS[3], 'id', ARGV[4], 'body', opt.body)
+  redis.call('EXPIRE', KEYS[3], ARGV[1])
+end
+if KEYS[5] ~= '' then
+  redis.call('ZADD', KEYS[5], 0, ARGV[4])
+  redis.call('ZREMRANGEBYLEX', KEYS[5], '-', '(' .. opt.index_floor)
+  local over = redis.call('ZCARD', KEYS[5]) - tonumber(opt.index_max)
+  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, over - 1) end
+  redis.call('EXPIRE', KEYS[5], ARGV[1])
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[6], 0, ARGV[4])
+  redis.call('EXPIRE', KEYS[6], ARGV[1])
+end
 return {'ok', ARGV[4]}
