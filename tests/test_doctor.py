@@ -16,7 +16,7 @@ import redis
 import yaml
 
 from qwen_deploy import registry
-from qwen_deploy.redis_server import RedisServer, free_port
+from qwen_deploy.cli.redis_server import RedisServer, free_port
 from tests.helpers import ROOT
 
 SECRET = "hf_doctorSECRET"
@@ -91,7 +91,7 @@ def test_ready_worker_is_seen_and_the_worker_healthcheck_answers(tmp_path: Path,
                                                                  aof_redis: RedisServer) -> None:
     client = redis.Redis.from_url(aof_redis.url, decode_responses=True)
     env = doctor_env(tmp_path, aof_redis.url, {"model": {"name_or_path": str(demo_model), "threads": 1}})
-    healthcheck = [sys.executable, "-m", "qwen_deploy.doctor", "--worker-ready"]
+    healthcheck = [sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"]
 
     def probe() -> int:
         return subprocess.run(healthcheck, cwd=ROOT, env=env, capture_output=True, timeout=60).returncode
