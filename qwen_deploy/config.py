@@ -56,7 +56,8 @@ class LimitSettings(Section):
     max_queue_depth: int = Field(1000, ge=1)
     result_ttl: int = Field(86400, ge=1, description="seconds a finished job stays readable")
     max_wait: float = Field(30.0, ge=0)
-    max_stream: float = Field(300.0, gt=0, description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
+    max_stream: float = Field(300.0, gt=0,
+                              description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
     max_body_bytes: int = Field(1_048_576, ge=1024)
     convert_time_limit: float = Field(3600.0, ge=60)
     reap_after: float = Field(600.0, gt=0, description="seconds a job may stay queued before the reaper checks it")
@@ -71,8 +72,8 @@ class BatchSettings(Section):
 
 
 def default_cache_dir() -> Path:
-    """$QWEN_DEPLOY_CACHE, else ~/.cache/qwen-deploy."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-deploy")
+    """$QWEN_DEPLOY_CACHE (``~`` expanded), else ~/.cache/qwen-deploy: the one cache root."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-deploy").expanduser()
 
 
 class PathSettings(Section):

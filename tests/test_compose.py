@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
-import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
