@@ -156,3 +156,20 @@ def test_model_resolution(tmp_path: Path, aof_redis: RedisServer, model: str, ex
         assert "unreachable" in rows["model"]["detail"]
         assert rows["hf_token"]["status"] == "warn" and "not set" in rows["hf_token"]["detail"]
         assert rows["memory"]["status"] == "warn"
+
+
+@pytest.mark.parametrize(("host", "keys", "expected"), [("0.0.0.0", [], "fail"), ("0.0.0.0", ["k-1"], "pass"),
+                                                        ("127.0.0.1", [], "pass"), ("::1", [], "pass"),
+                                                        ("localhost", [], "pass"), ("192.168.1.5", [], "fail")])
+def test_no_api_keys_on_a_non_loopback_bind_blocks(host: str, keys: list[str], expected: str) -> None:
+    from qwen_deploy.cli.doctor import checks_system
+    from qwen_deploy.cli.doctor.context import Context
+    from qwen_deploy.config import load_settings
+
+    ctx = Context()
+    ctx.__dict__["config"] = (load_settings(environ={}, overrides={"web": {"host": host, "api_keys": keys}}), "")
+    status, detail, fix = checks_system.check_api_keys(ctx)
+    assert status == expected, detail
+    assert "k-1" not in detail
+    if expected == "fail":
+        assert "web.api_keys" in fix and host in detail
