@@ -120,5 +120,5 @@ def run_analysis(analyzer: Analyzer, records: Iterable[Record], runner: Any, don
 
 def _run_chunk(analyzer: Analyzer, pending: list[tuple[str, Record]], runner: Any) -> Iterator[Record]:
     outcomes = runner.run([analyzer.request(record) for _, record in pending])
-    for (key, record), (output, error) in zip(pending, outcomes):
+    for (key, record), (output, error) in zip(pending, outcomes, strict=True):
         yield analyzer.result(key, record, output, error)

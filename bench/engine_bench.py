@@ -31,10 +31,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
+from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
 from qwen_deploy.client import Client  # noqa: E402
-from qwen_deploy.launcher import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
 from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
-from qwen_deploy.redis_server import RedisServer, free_port  # noqa: E402
 
 WORDS = ["Beautiful", "Explicit", "Simple", "Complex", "Flat", "Sparse", "Readability", "Special", "Errors",
          "Now", "Namespaces", "Although", "If", "There", "In", "Unless"]

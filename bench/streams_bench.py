@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import selectors
+import signal
 import socket
 import statistics
 import subprocess
@@ -27,8 +27,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.launcher import web_command  # noqa: E402
-from qwen_deploy.redis_server import RedisServer, free_port  # noqa: E402
+from qwen_deploy.cli.launch import web_command  # noqa: E402
+from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

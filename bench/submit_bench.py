@@ -24,9 +24,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qwen_deploy.cli.launch import web_command  # noqa: E402
+from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
 from qwen_deploy.config import load_settings  # noqa: E402
-from qwen_deploy.launcher import web_command  # noqa: E402
-from qwen_deploy.redis_server import RedisServer, free_port  # noqa: E402
 
 POST_LUA = """wrk.method = "POST"
 wrk.body = '{"prompt": "Beautiful is better than", "max_new_tokens": 8}'

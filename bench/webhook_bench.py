@@ -27,9 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.launcher import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
+from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
+from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES  # noqa: E402
-from qwen_deploy.redis_server import RedisServer, free_port  # noqa: E402
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

@@ -27,6 +27,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 from tqdm.auto import tqdm as base_tqdm
 
+from conversion.errors import DownloadError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ALLOW = [
@@ -41,19 +43,6 @@ PROGRESS_INTERVAL_S = 0.25
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _RETRY_STATUS = {408, 429}
 T = TypeVar("T")
-
-
-class DownloadError(Exception):
-    """A download that failed; ``permanent`` says whether retrying later can help."""
-
-    def __init__(self, message: str, code: str, permanent: bool) -> None:
-        super().__init__(message, code, permanent)  # all arguments: survives pickling and Celery's JSON
-        self.message = message
-        self.code = code
-        self.permanent = permanent
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(frozen=True)

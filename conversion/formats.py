@@ -45,7 +45,7 @@ def open_checkpoint(path: Path, base: BaseModel) -> Checkpoint:
     """The first format whose detector accepts ``path``, loaded."""
     if not path.exists():
         raise ConversionError(f"checkpoint {path} does not exist")
-    for name, fmt in FORMATS.items():
+    for fmt in FORMATS.values():
         found = fmt.detect(path)
         if found is not None:
             ckpt = fmt.load(found, base)

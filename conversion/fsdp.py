@@ -47,7 +47,7 @@ def load_verl(d: Path, base: BaseModel) -> Checkpoint:
         )
     cache = FileCache(torch_load)
     states = [cache.get(f) for f in files]
-    for f, state in zip(files, states):
+    for f, state in zip(files, states, strict=True):
         if set(state) != set(states[0]):
             odd = sorted(set(state) ^ set(states[0]))[:5]
             raise ConversionError(f"{f.name} and {files[0].name} hold different tensors, e.g. {odd}")
@@ -68,7 +68,8 @@ def _world_size(d: Path) -> int:
         except (ValueError, KeyError, TypeError) as e:
             raise ConversionError(f"{config}: no usable world_size ({e})") from None
     if len(found) != 1:
-        raise ConversionError(f"{d}: expected model_world_size_N_rank_R.pt files of one world size, found {sorted(found)}")
+        raise ConversionError(f"{d}: expected model_world_size_N_rank_R.pt files of one world size, "
+                              f"found {sorted(found)}")
     return found.pop()
 
 

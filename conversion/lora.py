@@ -105,7 +105,8 @@ def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[d
         a_key = parts.get("lora_A") or parts.get("lora_embedding_A")
         b_key = parts.get("lora_B") or parts.get("lora_embedding_B")
         if a_key is None or b_key is None:
-            raise ConversionError(f"{module}: LoRA A and B tensors must come in pairs, found only {sorted(parts.values())}")
+            raise ConversionError(f"{module}: LoRA A and B tensors must come in pairs, "
+                                  f"found only {sorted(parts.values())}")
         base_key = next((k for k in (f"{module}.base_layer.weight", f"{module}.weight") if k in tensors), None)
         if base_key is None:
             raise ConversionError(f"{module}: LoRA tensors without a base weight ({module}.base_layer.weight)")
@@ -130,7 +131,8 @@ def _merged_loader(module: str, w: TensorRef, a: TensorRef, b: TensorRef, scale:
         delta = delta.T if transpose else delta
         base = w.load()
         if delta.shape != base.shape:
-            raise ConversionError(f"{module}: LoRA B@A has shape {tuple(delta.shape)}, the base weight {tuple(base.shape)}")
+            raise ConversionError(f"{module}: LoRA B@A has shape {tuple(delta.shape)}, "
+                                  f"the base weight {tuple(base.shape)}")
         return (base.float() + delta).to(base.dtype)
 
     return load

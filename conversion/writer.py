@@ -72,7 +72,7 @@ def plan_shards(plan: ExportPlan, max_bytes: int) -> list[Shard]:
         size += n
     total = len(groups)
     names = [SINGLE_NAME] if total == 1 else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-    return [Shard(name, keys, sum(plan.nbytes(k) for k in keys)) for name, keys in zip(names, groups)]
+    return [Shard(name, keys, sum(plan.nbytes(k) for k in keys)) for name, keys in zip(names, groups, strict=True)]
 
 
 def write_shards(out: Path, plan: ExportPlan, shards: list[Shard], release: ReleaseEvery,

@@ -80,6 +80,7 @@ class Client:
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             with self._call("GET", f"/v1/jobs/{job_id}/events", stream=True, headers=headers) as response:
+                data: list[str]
                 event, data = "message", []
                 for line in response.iter_lines(decode_unicode=True):
                     if line == "":

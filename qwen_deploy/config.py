@@ -57,7 +57,8 @@ class LimitSettings(Section):
     max_queue_depth: int = Field(1000, ge=1)
     result_ttl: int = Field(86400, ge=1, description="seconds a finished job stays readable")
     max_wait: float = Field(30.0, ge=0)
-    max_stream: float = Field(300.0, gt=0, description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
+    max_stream: float = Field(300.0, gt=0,
+                              description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_inflight_per_key: int = Field(1000, ge=1, description="queued or running jobs (and open batches) per API key")
     max_bulk_depth: int = Field(2000, ge=1, description="micro-batch tasks waiting on the bulk queue")
@@ -84,8 +85,8 @@ class FileSettings(Section):
 
 
 def default_cache_dir() -> Path:
-    """$QWEN_DEPLOY_CACHE, else ~/.cache/qwen-deploy."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-deploy")
+    """$QWEN_DEPLOY_CACHE (``~`` expanded), else ~/.cache/qwen-deploy: the one cache root."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-deploy").expanduser()
 
 
 class PathSettings(Section):
@@ -128,7 +129,7 @@ class EngineSettings(Section):
     max_batch_tokens: int = Field(65536, ge=64, description="prompt + max_new_tokens summed over running sequences")
     max_prefill_tokens: int = Field(8192, ge=64, description="prompt tokens prefilled together in one step")
     bulk_every: int = Field(4, ge=1, description="while interactive work runs, bulk rows step once in this many")
-    lease_seconds: float = Field(15.0, gt=0, description="a claimed job whose worker stops renewing is re-run after this")
+    lease_seconds: float = Field(10.0, gt=0, description="a claimed job whose worker stops renewing is re-run after")
     claim_interval_ms: int = Field(20, ge=1, description="how often a busy engine looks for waiting jobs")
 
 

@@ -6,8 +6,17 @@ from celery import Celery
 from kombu import Queue
 
 from qwen_deploy.config import Settings, get_settings
-from qwen_deploy.queues import (BATCH_CHUNK_TASK, BULK, CONVERT, DOWNLOAD_TASK, EXPORT_TASK, GENERATE_TASK, INTERACTIVE,
-                                WEBHOOKS, WEBHOOKS_TASK)
+from qwen_deploy.queues import (
+    BATCH_CHUNK_TASK,
+    BULK,
+    CONVERT,
+    DOWNLOAD_TASK,
+    EXPORT_TASK,
+    GENERATE_TASK,
+    INTERACTIVE,
+    WEBHOOKS,
+    WEBHOOKS_TASK,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

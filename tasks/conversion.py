@@ -13,7 +13,7 @@ LIMITS = {"time_limit": _limits.convert_time_limit, "soft_time_limit": _limits.c
 
 
 def _run(job_id: str, kind: str) -> str:
-    from conversion.jobs import execute
+    from worker.convert_job import execute
     from worker.runtime import process_name
 
     settings = get_settings()

@@ -15,11 +15,11 @@ import yaml
 from werkzeug.serving import make_server
 
 from qwen_deploy import registry
+from qwen_deploy.cli.launch import celery_command, worker_argv
+from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import Client
 from qwen_deploy.config import Settings, load_settings
-from qwen_deploy.launcher import celery_command, worker_argv
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES
-from qwen_deploy.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -117,4 +117,5 @@ def test_analyze_cli_resumes_without_redoing_records(stack: Stack, tmp_path: Pat
 def test_csv_input(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_text("id,text\na,Errors should never\nb,\"Now, is better\"\n")
-    assert list(read_records(path)) == [{"id": "a", "text": "Errors should never"}, {"id": "b", "text": "Now, is better"}]
+    assert list(read_records(path)) == [{"id": "a", "text": "Errors should never"},
+                                        {"id": "b", "text": "Now, is better"}]

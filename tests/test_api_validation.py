@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from qwen_deploy.cli.redis_server import RedisServer, free_port
 from qwen_deploy.config import load_settings
 from qwen_deploy.queues import INTERACTIVE
-from qwen_deploy.redis_server import RedisServer, free_port
 from web import create_app
 
 

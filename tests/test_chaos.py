@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import APIError, Client
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE
-from qwen_deploy.redis_server import RedisServer
 from tests.helpers import Stack, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
-from qwen_deploy.redis_server import free_port
+from qwen_deploy.cli.redis_server import free_port
 from tests.helpers import ROOT, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,9 +28,17 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
+def up_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of `up` with no Redis URL set anywhere (so it starts its own), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QWEN_DEPLOY_REDIS_URL")}
+    config = tmp_path / "config.yml"
+    config.write_text("log_level: INFO\n")
+    return {**env, "QWEN_DEPLOY_CONFIG": str(config), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"), **extra}
+
+
 def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Path) -> None:
     port = free_port()
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # unreachable: embedded redis
+    env = {**up_env(tmp_path),
            "QWEN_DEPLOY_CACHE": str(demo_model.parent), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"),
            "QWEN_DEPLOY_WEB__WORKERS": "1", "QWEN_DEPLOY_MODEL__THREADS": "1"}
     log = open(tmp_path / "up.log", "wb")
@@ -50,11 +60,24 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
                               "--max-new-tokens", "6", "--url", url], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0 and cli.stdout.startswith(" pass silently."), cli.stderr
+        log = (tmp_path / "up.log").read_text()
+        embedded = re.search(r"started redis-server at redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", log)
+        assert embedded, log[-3000:]
+        with pytest.raises(redis.AuthenticationError):  # NOAUTH: the embedded server wants the password
+            redis.Redis(port=int(embedded.group(1))).ping()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    assert "started redis-server" in (tmp_path / "up.log").read_text()
     wait_until(lambda: not group_alive(proc.pid), 30, 0.2, "every process started by up to exit")
+
+
+def test_up_with_an_unreachable_redis_url_is_an_error(tmp_path: Path) -> None:
+    url = f"redis://:pw-hidden@127.0.0.1:{free_port()}/0"  # set explicitly, nothing listens
+    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "up"], cwd=ROOT, env=up_env(tmp_path, REDIS_URL=url),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "does not answer" in out.stderr and "pw-hidden" not in out.stderr + out.stdout
+    assert "started redis-server" not in out.stderr
 
 
 def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path) -> None:

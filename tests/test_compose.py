@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
-import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from qwen_deploy.launcher import WORKER_ARGS
+from qwen_deploy.cli.launch import WORKER_ARGS
 from tests.helpers import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -82,7 +82,7 @@ def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) ->
         assert services[name]["healthcheck"]["test"], name
     assert "/livez" in words(services["web"]["healthcheck"]["test"])
     for name in ("worker", "worker-gpu"):
-        assert words(services[name]["healthcheck"]["test"]) == "CMD python -m qwen_deploy.doctor --worker-ready"
+        assert words(services[name]["healthcheck"]["test"]) == "CMD qwen-deploy healthcheck worker"
     assert "inspect ping -d convert@$$HOSTNAME" in words(services["convert-worker"]["healthcheck"]["test"])
     for name in (*APP_SERVICES, "flower"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name

@@ -15,7 +15,7 @@ import transformers
 
 from tests.helpers import ROOT
 from worker import demo_model
-from worker.demo_model import build_demo_model, default_cache_dir, demo_model_dir, zen_text
+from worker.demo_model import default_cache_dir, demo_model_dir, zen_text
 
 
 def _zen_lines() -> list[str]:

@@ -16,7 +16,7 @@ import redis
 import yaml
 
 from qwen_deploy import registry
-from qwen_deploy.redis_server import RedisServer, free_port
+from qwen_deploy.cli.redis_server import RedisServer, free_port
 from tests.helpers import ROOT
 
 SECRET = "hf_doctorSECRET"
@@ -91,7 +91,7 @@ def test_ready_worker_is_seen_and_the_worker_healthcheck_answers(tmp_path: Path,
                                                                  aof_redis: RedisServer) -> None:
     client = redis.Redis.from_url(aof_redis.url, decode_responses=True)
     env = doctor_env(tmp_path, aof_redis.url, {"model": {"name_or_path": str(demo_model), "threads": 1}})
-    healthcheck = [sys.executable, "-m", "qwen_deploy.doctor", "--worker-ready"]
+    healthcheck = [sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"]
 
     def probe() -> int:
         return subprocess.run(healthcheck, cwd=ROOT, env=env, capture_output=True, timeout=60).returncode
@@ -156,3 +156,20 @@ def test_model_resolution(tmp_path: Path, aof_redis: RedisServer, model: str, ex
         assert "unreachable" in rows["model"]["detail"]
         assert rows["hf_token"]["status"] == "warn" and "not set" in rows["hf_token"]["detail"]
         assert rows["memory"]["status"] == "warn"
+
+
+@pytest.mark.parametrize(("host", "keys", "expected"), [("0.0.0.0", [], "fail"), ("0.0.0.0", ["k-1"], "pass"),
+                                                        ("127.0.0.1", [], "pass"), ("::1", [], "pass"),
+                                                        ("localhost", [], "pass"), ("192.168.1.5", [], "fail")])
+def test_no_api_keys_on_a_non_loopback_bind_blocks(host: str, keys: list[str], expected: str) -> None:
+    from qwen_deploy.cli.doctor import checks_system
+    from qwen_deploy.cli.doctor.context import Context
+    from qwen_deploy.config import load_settings
+
+    ctx = Context()
+    ctx.__dict__["config"] = (load_settings(environ={}, overrides={"web": {"host": host, "api_keys": keys}}), "")
+    status, detail, fix = checks_system.check_api_keys(ctx)
+    assert status == expected, detail
+    assert "k-1" not in detail
+    if expected == "fail":
+        assert "web.api_keys" in fix and host in detail

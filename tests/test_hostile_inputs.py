@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 
+from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
-from qwen_deploy.redis_server import RedisServer
 from web import create_app
 
 

@@ -14,8 +14,8 @@ import requests
 from werkzeug.serving import make_server
 
 from qwen_deploy import registry
+from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
-from qwen_deploy.redis_server import RedisServer
 from tests.helpers import wait_until
 from web import create_app
 

@@ -37,7 +37,8 @@ def test_metrics_count_jobs_tokens_rejections_and_workers(stack: Stack, client: 
     client.cancel(queued["id"])
     client.cancel(busy["id"])
     client.wait(busy["id"])
-    assert requests.post(stack.url + "/v1/jobs", json={"prompt": "x", "max_new_tokens": 513}, timeout=5).status_code == 422
+    too_long = requests.post(stack.url + "/v1/jobs", json={"prompt": "x", "max_new_tokens": 513}, timeout=5)
+    assert too_long.status_code == 422
     after = scrape(stack)
     assert after[ok] - before.get(ok, 0) == 3
     assert after[canceled] - before.get(canceled, 0) == 2
@@ -45,7 +46,8 @@ def test_metrics_count_jobs_tokens_rejections_and_workers(stack: Stack, client: 
     assert after[tokens] - before.get(tokens, 0) >= 15
     assert after[r422] - before.get(r422, 0) == 1
     assert after[runs] - before.get(runs, 0) == 4  # the job canceled while queued never ran
-    assert after[("qwen_deploy_queue_seconds_bucket", (("le", "+Inf"),))] == after[("qwen_deploy_queue_seconds_count", ())]
+    inf_bucket = ("qwen_deploy_queue_seconds_bucket", (("le", "+Inf"),))
+    assert after[inf_bucket] == after[("qwen_deploy_queue_seconds_count", ())]
     assert after[("qwen_deploy_workers_ready", ())] == 1
     assert after[("qwen_deploy_queue_depth", (("queue", "interactive"),))] == 0
     loads = [v for (name, _), v in after.items() if name == "qwen_deploy_model_load_seconds"]

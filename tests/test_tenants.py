@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
+from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import ConfigError, load_settings
-from qwen_deploy.redis_server import RedisServer
 from tests.helpers import ROOT
 from web import create_app
 

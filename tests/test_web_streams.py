@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from qwen_deploy.cli.launch import web_command
+from qwen_deploy.cli.redis_server import RedisServer, free_port
 from qwen_deploy.config import load_settings
-from qwen_deploy.launcher import web_command
-from qwen_deploy.redis_server import RedisServer, free_port
 from tests.helpers import ROOT, wait_until
 
 STREAMS = 60  # more than gthread's default 2 processes x 16 threads

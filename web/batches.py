@@ -11,8 +11,16 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchStore, public_batch
-from qwen_deploy.errors import (AppError, BadRequest, Conflict, NotFound, QueueFull, TooManyRequests, Unprocessable,
-                                 UnsupportedMediaType)
+from qwen_deploy.errors import (
+    AppError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    QueueFull,
+    TooManyRequests,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from qwen_deploy.jobs import new_id, valid_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
 from qwen_deploy.webhooks import check_request

@@ -10,19 +10,20 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from qwen_deploy.paths import confine
 from qwen_deploy.queues import CONVERT, convert_task
+from qwen_deploy.webhooks import check_request
 from web import services
 from web.jobs import enqueue
 from web.openapi import Job, doc
-from qwen_deploy.webhooks import check_request
 from web.schemas import WebhookFields, read_json, validation_error
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
+REVISION = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-]|/[A-Za-z0-9_-])*$"  # a branch, tag or commit
 
 
 class DownloadCreate(WebhookFields):
     model_config = ConfigDict(extra="forbid")
     repo_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$", max_length=200)
-    revision: StrictStr | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-]|/[A-Za-z0-9_-])*$",
+    revision: StrictStr | None = Field(None, max_length=200, pattern=REVISION,
                                        description="a branch, tag or commit (e.g. main, v1.0, refs/pr/1)")
     out: StrictStr | None = Field(None, description="directory relative to paths.models_root")
     allow_patterns: list[StrictStr] | None = Field(None, max_length=64)

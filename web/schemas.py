@@ -139,7 +139,8 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
                             param="stop")
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
-    data = req.model_dump(exclude_none=True, exclude={"response_format", *WebhookFields.model_fields})  # kept in the record
+    # webhook fields are kept in the record, not in the request the worker reads
+    data = req.model_dump(exclude_none=True, exclude={"response_format", *WebhookFields.model_fields})
     if req.response_format is not None:
         check_response_format(req.response_format)
         data["response_format"] = body["response_format"]  # stored as given

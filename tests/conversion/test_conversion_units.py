@@ -23,7 +23,8 @@ def test_parse_size_rejects(size: str | int) -> None:
 
 
 def test_parse_dtype() -> None:
-    assert parse_dtype("auto") is None and parse_dtype("BF16") is torch.bfloat16 and parse_dtype("fp32") is torch.float32
+    assert parse_dtype("auto") is None and parse_dtype("BF16") is torch.bfloat16
+    assert parse_dtype("fp32") is torch.float32
     with pytest.raises(ConversionError, match="expected one of auto"):
         parse_dtype("int4")
 

@@ -85,7 +85,7 @@ def present_lines(lines: list[str], record: dict[str, str]) -> list[str]:
 
 def virtual_file(file_id: str) -> tuple[dict[str, Any], Callable[[], str]] | None:
     """A batch's output (lines without an error) or error file (lines with one), or None for another id."""
-    for prefix, purpose, keep in ((OUTPUT_FILE, "output", False), (ERROR_FILE, "errors", True)):
+    for prefix, purpose, keep in ((OUTPUT_FILE, "output", False), (ERROR_FILE, "errors", True)):  # noqa: B007
         if file_id.startswith(prefix):
             break
     else:

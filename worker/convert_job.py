@@ -1,4 +1,4 @@
-"""Download and export as queued jobs: claim the record, run the plain function, report, finish."""
+"""Download and export as convert-queue jobs: claim the record, run the conversion function, report, finish."""
 
 from __future__ import annotations
 
@@ -69,7 +69,6 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
     """Run a download/export job by id and record its terminal state."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from conversion.download import DownloadError
     from conversion.errors import ConversionError
     from qwen_deploy.errors import AppError
 
@@ -87,8 +86,8 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
         store.finish(job_id, "timed_out", {"error": {"code": "soft_time_limit",
                                                      "message": f"the {kind} ran past its time limit"}})
         return "timed_out"
-    except (DownloadError, ConversionError, AppError) as exc:
-        code = getattr(exc, "code", None) or f"{kind}_failed"
+    except (ConversionError, AppError) as exc:
+        code = exc.code or f"{kind}_failed"
         store.finish(job_id, "failed", {"error": {"code": code, "message": str(exc)}})
         return "failed"
     except Exception as exc:  # an unexpected error fails the job, not the worker

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -43,17 +44,23 @@ def reachable(url: str, timeout: float = 1.0) -> bool:
 
 
 class RedisServer:
-    """Start and stop one redis-server bound to loopback, with AOF persistence in `data_dir`."""
+    """Start and stop one redis-server bound to loopback, with AOF persistence in `data_dir`; optionally
+    with a password (`requirepass`) and without the CONFIG command (no one can rewrite its config)."""
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: Path | None = None, port: int | None = None, appendonly: bool = True,
+                 password: str | None = None, disable_config: bool = False) -> None:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="qwen-deploy-redis-"))
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
+        self.disable_config = disable_config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients use (it carries the password, when there is one)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,16 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
                 "--dir", str(self.data_dir), "--daemonize", "no", "--loglevel", "warning"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if self.disable_config:
+            args += ["--rename-command", "CONFIG", ""]
+        # The password goes in on stdin as a config file, so that `ps` does not show it.
+        stdin = subprocess.PIPE if self.password else subprocess.DEVNULL
+        if self.password:
+            args.insert(1, "-")
+        self.proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if self.proc.stdin:
+            self.proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
+            self.proc.stdin.close()
         deadline = time.monotonic() + timeout
         while not reachable(self.url, 0.2):
             if self.proc.poll() is not None:

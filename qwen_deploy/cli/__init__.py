@@ -1,0 +1,33 @@
+"""The `qwen-deploy` command: the application shell, the one part of `qwen_deploy` that may import
+the worker, conversion and analysis packages (lazily, inside the commands that need them)."""
+
+from __future__ import annotations
+
+import argparse
+
+from qwen_deploy.cli import healthcheck, jobs, serve
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qwen_deploy.cli import doctor
+
+    return doctor.run(as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(prog="qwen-deploy", description="A job queue for LLM work.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve.add_parsers(sub)
+    jobs.add_parsers(sub)
+    doc = sub.add_parser("doctor", help="pre-deployment checks; non-zero exit when a blocking check fails")
+    doc.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doc.set_defaults(func=cmd_doctor)
+    healthcheck.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the command; its exit code."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

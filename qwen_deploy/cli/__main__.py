@@ -1,0 +1,7 @@
+"""`python -m qwen_deploy.cli`."""
+
+import sys
+
+from qwen_deploy.cli import main
+
+sys.exit(main())

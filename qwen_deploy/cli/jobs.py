@@ -1,0 +1,172 @@
+"""Commands that do work: `generate`, `analyze` (through the API or in-process), `download`, `export`
+(in-process or as a convert-queue job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qwen_deploy.cli.common import client, print_progress, settings
+from qwen_deploy.client import APIError
+
+TERMINAL = ("succeeded", "failed", "canceled", "timed_out")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.local:
+        return _generate_local(args.prompt, args.max_new_tokens, args.temperature)
+    try:
+        job = client(args.url).generate(args.prompt, **params)
+    except APIError as exc:
+        sys.exit(f"qwen-deploy: {exc}")
+    print(job["output"]["text"])
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _generate_local(prompt: str, max_new_tokens: int | None, temperature: float | None) -> int:
+    from worker.handler import GenerationRequest, ModelHandler
+
+    config = settings()
+    handler = ModelHandler(config)
+    handler.setup()
+    n = max_new_tokens or config.generation.default_max_new_tokens
+    if n > config.generation.max_new_tokens_cap:
+        sys.exit(f"qwen-deploy: max_new_tokens is {n}; the maximum is {config.generation.max_new_tokens_cap}")
+    started = time.perf_counter()
+    result = handler.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, temperature=temperature))
+    print(result.text)
+    print(f"[{result.completion_tokens} tokens, {result.finish_reason}, "
+          f"{(time.perf_counter() - started) * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from analysis.base import LocalRunner, QueueRunner, run_analysis
+    from analysis.records import count_records, done_keys, load_analyzer, read_records
+
+    config = settings()
+    source, out = Path(args.input), Path(args.out)
+    analyzer = load_analyzer(args.analyzer)
+    runner: LocalRunner | QueueRunner
+    if args.local:
+        from worker.handler import ModelHandler
+
+        handler = ModelHandler(config)
+        handler.setup()
+        runner = LocalRunner(handler, config.batches.micro_batch_size)
+    else:
+        runner = QueueRunner(client(args.url))
+    done = done_keys(out)
+    total = count_records(source)
+    bar = tqdm(total=total, initial=min(len(done), total), unit="rec", desc="analyze", file=sys.stderr)
+    analysed = 0
+    with out.open("a", encoding="utf-8") as fh:
+        for line in run_analysis(analyzer, read_records(source), runner, done, chunk=args.chunk):
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            analysed += 1
+            bar.update(1)
+    bar.close()
+    print(f"{len(done)} already done, {analysed} analysed, results in {out}", file=sys.stderr)
+    return 0
+
+
+def _model_job(args: argparse.Namespace, kind: str, body: dict[str, Any],
+               local: Callable[[], dict[str, Any]]) -> int:
+    """Run `local()` in this process, or (with --queue) submit `body` as a convert-queue job and follow it;
+    print the result as JSON."""
+    from conversion.errors import ConversionError
+
+    if args.queue:
+        api = client(args.url)
+        try:
+            job = api.submit_model_job(kind, {k: v for k, v in body.items() if v is not None})
+            while job["status"] not in TERMINAL:
+                print_progress(job["progress"])
+                job = api.get(job["id"], wait=2)
+        except APIError as exc:
+            sys.exit(f"qwen-deploy: {exc}")
+        if job["status"] != "succeeded":
+            sys.exit(f"\nqwen-deploy: {kind} {job['status']}: {job['error']['message']}")
+        result = job["output"]
+    else:
+        try:
+            result = local()
+        except ConversionError as exc:
+            sys.exit(f"\nqwen-deploy: {kind} failed ({exc.code}): {exc}")
+    print(file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    def local() -> dict[str, Any]:
+        from conversion.download import download_model
+
+        return download_model(args.repo_id, revision=args.revision, out=Path(args.out) if args.out else None,
+                              token=settings().token, progress=print_progress)
+
+    return _model_job(args, "download", {"repo_id": args.repo_id, "revision": args.revision, "out": args.out}, local)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    def local() -> dict[str, Any]:
+        from conversion import export_checkpoint
+
+        return export_checkpoint(Path(args.checkpoint), Path(args.base), Path(args.out), dtype=args.dtype,
+                                 max_shard_size=args.max_shard_size,
+                                 progress=lambda stage, f: print_progress({"phase": stage, "fraction": f"{f:.2f}"}))
+
+    body = {"checkpoint": args.checkpoint, "base": args.base, "out": args.out, "dtype": args.dtype,
+            "max_shard_size": args.max_shard_size}
+    return _model_job(args, "export", body, local)
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the work commands."""
+    gen = sub.add_parser("generate", help="one job through the API (or in-process with --local)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    where = gen.add_mutually_exclusive_group()
+    where.add_argument("--url")
+    where.add_argument("--local", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    ana = sub.add_parser("analyze", help="bulk analysis of a JSONL/CSV file, resumable")
+    ana.add_argument("input")
+    ana.add_argument("--out", required=True)
+    ana.add_argument("--analyzer", default="analysis.example_analyzer:SentimentAnalyzer",
+                     help="module:Class of an Analyzer subclass")
+    ana.add_argument("--chunk", type=int, default=256, help="records per batch (written together)")
+    where = ana.add_mutually_exclusive_group()
+    where.add_argument("--url")
+    where.add_argument("--local", action="store_true")
+    ana.set_defaults(func=cmd_analyze)
+
+    dl = sub.add_parser("download", help="Hugging Face snapshot download (in-process, or --queue)")
+    dl.add_argument("repo_id")
+    dl.add_argument("--revision")
+    dl.add_argument("--out", help="local directory (with --queue: relative to paths.models_root)")
+    dl.add_argument("--queue", action="store_true", help="run it as a job on the convert queue")
+    dl.add_argument("--url")
+    dl.set_defaults(func=cmd_download)
+
+    ex = sub.add_parser("export", help="training/RL checkpoint -> validated HF safetensors directory")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--base", required=True, help="base HF model directory (config, tokenizer)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    ex.add_argument("--max-shard-size", default="2GB")
+    ex.add_argument("--queue", action="store_true", help="run it as a job on the convert queue (paths relative "
+                    "to paths.checkpoints_root / paths.models_root)")
+    ex.add_argument("--url")
+    ex.set_defaults(func=cmd_export)

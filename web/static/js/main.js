@@ -1,0 +1,74 @@
+// qwen-deploy job console: the served model and readiness, the API key, polling, and the wiring.
+import { ApiError, GONE, api, saved } from "./api.js";
+import { batches, renderBatches, submitBatch, watchBatch } from "./batches.js";
+import { cancelJob, recent, renderRecent, submitJob } from "./jobs.js";
+import { $, formatCount, showError } from "./ui.js";
+
+const POLL_MS = 2000;
+const MODEL_POLL_MS = 5000;
+
+async function loadModel() {
+  const ready = $("ready");
+  try {
+    const m = await api("GET", "/v1/model");
+    $("model-name").textContent = m.name;
+    $("model-device").textContent = m.device ?? "";
+    $("model-dtype").textContent = m.dtype ?? "";
+    $("model-params").textContent = m.parameters ? `${formatCount(m.parameters)} parameters` : "";
+    if (m.caps?.max_new_tokens) $("max-new-tokens").max = m.caps.max_new_tokens;
+    ready.textContent = `ready · ${m.workers} worker${m.workers === 1 ? "" : "s"}`;
+    ready.dataset.ready = "yes";
+  } catch (err) {
+    ready.textContent = `not ready: ${err instanceof ApiError ? err.code : "unreachable"}`;
+    ready.dataset.ready = "no";
+    if (err.status === 401) showError(err);
+  }
+}
+
+function setKey() {
+  saved.set("apiKey", $("api-key").value.trim());
+  showError(null);
+  for (const [id, job] of recent.seen) if (!GONE.has(job.status)) recent.seen.delete(id);
+  loadModel();
+  recent.poll();
+  batches.poll();
+}
+
+function promptMode() {
+  $("prompt-label").textContent = $("chat").checked ? "Message (sent as {role: user})" : "Prompt";
+}
+
+let polling = false;
+async function tick() {
+  if (polling) return;
+  polling = true;
+  try {
+    await Promise.all([recent.poll(), batches.poll()]);
+  } finally {
+    polling = false;
+  }
+}
+
+function init() {
+  $("api-key").value = saved.get("apiKey", "");
+  $("api-key").addEventListener("change", setKey);
+  $("key-form").addEventListener("submit", (event) => { event.preventDefault(); setKey(); });
+  $("job-form").addEventListener("submit", submitJob);
+  $("cancel").addEventListener("click", cancelJob);
+  $("chat").addEventListener("change", promptMode);
+  $("clear-recent").addEventListener("click", () => recent.clear());
+  $("submit-batch").addEventListener("click", submitBatch);
+  $("watch-batch").addEventListener("click", watchBatch);
+  $("error").addEventListener("click", () => showError(null));
+  promptMode();
+  renderRecent();
+  renderBatches();
+  loadModel();
+  tick();
+  setInterval(tick, POLL_MS);
+  setInterval(loadModel, MODEL_POLL_MS);
+}
+
+// Module scripts run deferred, after parsing: the DOM is there.
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+else init();
