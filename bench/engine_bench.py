@@ -1,5 +1,5 @@
-"""The batching engine through the whole system vs in-process batched generation, on random 100-150 M
-parameter Llama and Qwen2 models (1 torch thread, CPU), in one run:
+"""The batching engine through the whole system vs in-process batched generation, on random 128 M-parameter
+Llama and Qwen2 models (1 torch thread, CPU), in one run:
 
 - aggregate tokens/s of 1, 4, 8, 16 concurrent HTTP clients (32 tokens each) vs a static padded
   `generate` batch of the same requests in-process (goal >= 0.9x);
@@ -40,23 +40,11 @@ WORDS = ["Beautiful", "Explicit", "Simple", "Complex", "Flat", "Sparse", "Readab
          "Now", "Namespaces", "Although", "If", "There", "In", "Unless"]
 
 
-def build_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
-    """A random ~115 M-parameter model (hidden 768, 14 layers) with the demo tokenizer; cached."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def build_model(arch: str) -> Path:
+    """A random 128 M-parameter model (hidden 768, 12 layers, a 32k-token BPE trained locally); cached."""
+    from worker.builders.random import build_random_model
 
-    if (out / "done").exists():
-        return out
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), hidden_size=768, intermediate_size=2560, num_hidden_layers=14,
-                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "done").write_text("1")
-    return out
+    return build_random_model(arch, "128m", log=lambda msg: print(f"  {msg}", file=sys.stderr))
 
 
 def body(i: int, tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
@@ -187,8 +175,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def bench(arch: str, demo: Path, cache: Path, quick: bool) -> dict[str, Any]:
-    model_dir = build_model(arch, demo, cache / f"bench-{arch}-115m")
+def bench(arch: str, quick: bool) -> dict[str, Any]:
+    model_dir = build_model(arch)
     ref = InProcess(model_dir)
     out: dict[str, Any] = {"arch": arch, "parameters_m": round(ref.params / 1e6, 1)}
     levels = [1, 4, 8] if quick else [1, 4, 8, 16]
@@ -217,9 +205,7 @@ def bench(arch: str, demo: Path, cache: Path, quick: bool) -> dict[str, Any]:
             probe = body(21, 32)
             alone = median([system.lone_ms(probe) for _ in range(2)])
             batch_id = system.batch([body(i, 32) for i in range(64)])
-            while system.batch_status(batch_id)["request_counts"]["completed"] < 1 and \
-                    system.batch_status(batch_id)["status"] == "in_progress":
-                time.sleep(0.2)
+            time.sleep(3.0)  # the first micro-batch (32 lines) is prefilled and decoding
             during = system.lone_ms(probe)
             while system.batch_status(batch_id)["status"] not in ("completed", "failed", "cancelled"):
                 time.sleep(0.5)
@@ -252,13 +238,8 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["llama", "qwen2"], choices=["llama", "qwen2"])
     parser.add_argument("--quick", action="store_true", help="1, 4 and 8 clients only")
     args = parser.parse_args()
-    from qwen_deploy.config import default_cache_dir
-    from worker.demo_model import build_demo_model
-
-    demo = build_demo_model(log=lambda msg: None)
-    cache = default_cache_dir()
     print(f"$ uv run python bench/engine_bench.py --arch {' '.join(args.arch)}{' --quick' if args.quick else ''}")
-    results = [bench(arch, demo, cache, args.quick) for arch in args.arch]
+    results = [bench(arch, args.quick) for arch in args.arch]
     for r in results:
         report(r)
     print("\n" + json.dumps(results))

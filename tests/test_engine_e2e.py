@@ -103,3 +103,34 @@ def test_cancel_mid_flight_stops_one_and_spares_its_siblings(stack: Stack, local
     assert [done[0]["output"]["text"], done[2]["output"]["text"]] == [expected(local, bodies[0]),
                                                                         expected(local, bodies[2])]
     print(f"\nENGINE cancel_latency_ms={1000 * (done[1]['completed_at'] - asked):.0f}")
+
+
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]},
+                                           "score": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                                    "maxItems": 2}},
+          "required": ["label", "score", "tags"], "additionalProperties": False}
+
+
+def test_structured_output_in_a_batch_and_a_job(stack: Stack) -> None:
+    """The demo model only knows the Zen of Python; constrained, every line is JSON valid for the schema."""
+    import json
+
+    import jsonschema
+    import requests
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA}}
+    lines = [{"custom_id": f"s{i}", "body": {"prompt": p, "max_new_tokens": 60, "response_format": fmt,
+                                            **({"temperature": 0.9, "seed": i} if i % 2 else {})}}
+             for i, p in enumerate(["Beautiful is better than", "Errors should never", "Flat is", "Now is"] * 2)]
+    created = requests.post(stack.url + "/v1/batches", json={"requests": lines}, timeout=30).json()
+    url = f"{stack.url}/v1/batches/{created['id']}"
+    final = wait_until(lambda: (b := requests.get(url, timeout=10).json())["status"] == "completed" and b, 60)
+    assert final["request_counts"]["completed"] == len(lines)
+    out = [json.loads(x) for x in requests.get(url + "/results", timeout=10).text.splitlines()]
+    for line in out:
+        body = line["response"]["body"]["output"]
+        assert body["finish_reason"] == "stop", body
+        jsonschema.validate(json.loads(body["text"]), SCHEMA)
+    job = stack.client().generate("Errors should never", max_new_tokens=40, response_format={"type": "json_object"})
+    assert isinstance(json.loads(job["output"]["text"]), dict)

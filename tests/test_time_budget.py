@@ -63,18 +63,3 @@ def test_a_micro_batch_that_times_out_marks_only_its_own_lines(small_limits: Sta
             assert line["error"] is None
             assert line["response"]["body"]["output"]["text"].startswith(" pass silently.")
 
-
-def test_a_job_at_its_budget_ends_while_its_co_batched_siblings_go_on(small_limits: Stack) -> None:
-    """The budget is per sequence: a long job times out with its partial text while short jobs that
-    joined the same engine finish with exactly their text."""
-    client = small_limits.client()
-    long = client.submit("Simple is better than complex. " * 400 + "Beautiful is better than", max_new_tokens=512,
-                         ignore_eos=True)
-    wait_until(lambda: small_limits.record(long["id"]).get("status") == "running", 30, 0.005, "the long job to run")
-    short = [client.submit("Errors should never", max_new_tokens=6),
-             client.submit("Beautiful is better than", max_new_tokens=4)]
-    done = [client.wait(j["id"], timeout=60) for j in (long, *short)]
-    assert done[0]["status"] == "timed_out" and 0 < done[0]["output"]["usage"]["completion_tokens"] < 512
-    assert [d["status"] for d in done[1:]] == ["succeeded", "succeeded"]
-    assert done[1]["output"]["text"].startswith(" pass silently.")
-    assert done[2]["output"]["text"].startswith(" ugly.")

@@ -2,8 +2,9 @@
 
 Sequences join between decode steps (arrivals of one step are prefilled together, identical prompts
 once, then merged into the running batch) and leave the moment they finish. Interactive and bulk
-sequences run as two batches on their own caches: while interactive work is active, the bulk batch
-takes one step in every `bulk_every`, so an interactive job is never stuck behind a micro-batch.
+sequences run as two batches on their own caches, each of up to `max_batch` rows: while interactive
+work is active, the bulk batch (and its prefills) takes one step in every `bulk_every`, so an
+interactive job is never stuck behind a micro-batch.
 A job is a batch of one: the same code path serves a lone job, n samples and a 32-line micro-batch.
 """
 
@@ -80,16 +81,17 @@ class Engine:
     def __len__(self) -> int:
         return sum(len(self.running[p]) + len(self.waiting[p]) for p in (INTERACTIVE, BULK))
 
-    def rows(self) -> int:
-        return len(self.running[INTERACTIVE]) + len(self.running[BULK])
+    def rows(self, priority: int | None = None) -> int:
+        classes = (INTERACTIVE, BULK) if priority is None else (priority,)
+        return sum(len(self.running[p]) for p in classes)
 
-    def room(self) -> int:
-        """How many more sequences fit (waiting ones count)."""
-        queued = len(self.waiting[INTERACTIVE]) + len(self.waiting[BULK])
-        return max(0, self.max_batch - self.rows() - queued)
+    def room(self, priority: int = INTERACTIVE) -> int:
+        """How many more sequences of a class fit (waiting ones count): each class has `max_batch` rows,
+        so a full micro-batch never keeps an interactive job out."""
+        return max(0, self.max_batch - self.rows(priority) - len(self.waiting[priority]))
 
-    def _reserved(self) -> int:
-        return sum(len(s.prompt) + s.max_new_tokens for p in (INTERACTIVE, BULK) for s in self.running[p])
+    def _reserved(self, priority: int) -> int:
+        return sum(len(s.prompt) + s.max_new_tokens for s in self.running[priority])
 
     # -- the loop ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -99,12 +101,14 @@ class Engine:
         now = time.monotonic()
         for p in (INTERACTIVE, BULK):
             self._sweep(p, now, finished)
-            self._admit(p, now, finished)
-        active = [p for p in (INTERACTIVE, BULK) if self.running[p]]
-        if BULK in active and INTERACTIVE in active and self.steps % self.bulk_every:
-            active.remove(BULK)
-        for p in active:
-            self._decode(p, finished)
+        self._admit(INTERACTIVE, now, finished)
+        # While interactive rows run, bulk rows (their prefills too) get one step in `bulk_every`.
+        bulk_turn = not self.running[INTERACTIVE] or self.steps % self.bulk_every == 0
+        if bulk_turn:
+            self._admit(BULK, now, finished)
+        for p in (INTERACTIVE, BULK):
+            if self.running[p] and (p == INTERACTIVE or bulk_turn):
+                self._decode(p, finished)
         self.steps += 1
         return finished
 
@@ -128,8 +132,8 @@ class Engine:
         if not waiting:
             return
         joining: list[Seq] = []
-        tokens, reserved = 0, self._reserved()
-        while waiting and self.rows() + len(joining) < self.max_batch:
+        tokens, reserved = 0, self._reserved(p)
+        while waiting and self.rows(p) + len(joining) < self.max_batch:
             seq = waiting[0]
             need = len(seq.prompt) + seq.max_new_tokens
             if joining and (tokens + len(seq.context()) > self.max_prefill_tokens
@@ -145,12 +149,23 @@ class Engine:
             reserved += need
         if not joining:
             return
+        groups = _by_length(joining)
+        for i, group in enumerate(groups):
+            try:
+                self._prefill(p, group, finished)
+            except BaseException:  # the groups not prefilled yet wait for the next step too
+                for rest in reversed(groups[i + 1:]):
+                    self.waiting[p].extendleft(reversed(rest))
+                raise
+
+    def _prefill(self, p: int, joining: list[Seq], finished: list[Seq]) -> None:
+        """One left-padded forward for sequences of similar length, then merge them into the batch."""
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
         try:
             group, logits = prefill(self.model, [list(k) for k in unique], self.pad_id)
-        except BaseException:  # interrupted (time limit) or failed: they wait for the next step
-            waiting.extendleft(reversed(joining))
+        except BaseException:  # interrupted or failed: they wait for the next step
+            self.waiting[p].extendleft(reversed(joining))
             raise
         if len(unique) < len(joining):  # n samples (or equal prompts) share one prefill
             index = torch.tensor(rows, device=logits.device)
@@ -224,6 +239,20 @@ class Engine:
             self.running[p], self.waiting[p] = [], deque()
             self.batches[p].reset()
         return finished
+
+
+def _by_length(seqs: list[Seq]) -> list[list[Seq]]:
+    """Arrivals split into prefill groups whose padding stays small (a long prompt does not make
+    every short one pay for its width)."""
+    groups: list[list[Seq]] = []
+    for seq in sorted(seqs, key=lambda s: len(s.context())):
+        group = groups[-1] if groups else None
+        width = len(seq.context())
+        if group is not None and width * (len(group) + 1) <= 1.25 * sum(len(s.context()) for s in (*group, seq)) + 64:
+            group.append(seq)
+        else:
+            groups.append([seq])
+    return groups
 
 
 def stable_text(seq: Seq, decode_ids: Callable[[list[int]], str]) -> str:

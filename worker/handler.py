@@ -183,7 +183,7 @@ class ModelHandler:
     def logprobs(self, seq: Seq) -> dict[str, Any]:
         """OpenAI's chat logprobs shape for the sequence's tokens."""
         def entry(tok: int, lp: float) -> dict[str, Any]:
-            text = self.tokenizer.decode([tok])
+            text = self.decode([tok])  # special tokens (EOS) are no text, as in the output
             return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
         return {"content": [{**entry(tok, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
                             for tok, lp, alts in seq.logprobs]}

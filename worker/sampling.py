@@ -87,8 +87,11 @@ def choose(logits: torch.Tensor, plans: list[RowPlan]) -> tuple[list[int], list[
             penalize(processed[i], p.context, p.sampling.repetition_penalty)
         if p.banned:
             processed[i, p.banned] = float("-inf")
-        if p.constraint is not None:
-            p.constraint.mask(processed[i])
+    constraints = [p.constraint for p in plans]
+    if any(c is not None for c in constraints):  # grammar masks, computed for all rows at once
+        from worker.structured import mask_batch
+
+        mask_batch(constraints, processed)
     greedy = processed.argmax(dim=-1).tolist()
     tokens = [greedy[i] if p.sampling.greedy else sample_row(processed[i], p.sampling) for i, p in enumerate(plans)]
     if lp is not None:

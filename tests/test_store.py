@@ -1,0 +1,106 @@
+"""The job transitions on a real redis-server, without workers: SUBMIT, CLAIM, PROGRESS, CANCEL and
+FINISH, with the races the engine relies on (leases, takeover, late writers)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from qwen_deploy.cli.redis_server import RedisServer
+from qwen_deploy.jobs import JobStore, new_job_id
+from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    s = RedisServer(data_dir=tmp_path_factory.mktemp("store-redis"), appendonly=False).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def store(server: RedisServer) -> JobStore:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushdb()
+    return JobStore(client, "t", ttl=600, reap_after=60)
+
+
+def submit(store: JobStore, prompt: str = "hi") -> str:
+    job_id = new_job_id()
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+    fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
+    assert store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True).status == "ok"
+    return job_id
+
+
+def test_claim_runs_a_queued_job_once_and_drops_its_wake_up_message(store: JobStore) -> None:
+    first, second = submit(store, "a"), submit(store, "b")
+    assert store.r.ttl(store.key(first)) == -1  # no TTL while not terminal
+    claims = store.claim("host:1", lease=30, max_deliveries=2, room=8)
+    assert [(c.outcome, c.job_id, json.loads(c.request)["prompt"], c.attempt) for c in claims] == [
+        ("run", first, "a", "1"), ("run", second, "b", "1")]  # oldest first
+    assert store.r.llen(INTERACTIVE) == 0 and store.r.zcard(store.pending_key()) == 0
+    assert store.r.smembers(store.held_key("host:1")) == {first, second}
+    assert [c.outcome for c in store.claim("host:2", 30, 2, 1, job_id=first)] == ["busy"]
+    assert [c.outcome for c in store.claim("host:1", 30, 2, 1, job_id=first)] == ["mine"]
+    assert store.claim("host:2", 30, 2, 8) == []  # nothing left to claim
+    assert store.get(first)["status"] == "running" and store.get(first)["deliveries"] == "1"
+
+
+def test_cancel_while_queued_is_final_and_never_claimed(store: JobStore) -> None:
+    job = submit(store)
+    assert store.cancel(job) == "canceled"
+    assert store.claim("host:1", 30, 2, 8) == []
+    assert [c.outcome for c in store.claim("host:1", 30, 2, 1, job_id=job)] == ["skip"]
+    assert store.get(job)["deliveries"] == "0" and store.r.ttl(store.key(job)) > 0
+
+
+def progress(store: JobStore, job: str, worker: str, text: str, ids: list[int]) -> int:
+    pipe = store.progress_pipeline()
+    store.queue_progress(pipe, job, worker, lease_until=9e12, tokens=len(ids), text=text, delta=text, out_ids=ids)
+    return int(pipe.execute()[0])
+
+
+def test_only_the_holder_writes_and_finishes(store: JobStore) -> None:
+    job = submit(store)
+    store.claim("host:1", 30, 2, 1, job_id=job)
+    assert progress(store, job, "host:1", " pass", [5, 6]) == 0
+    assert progress(store, job, "host:9", " nope", [1]) == -1
+    assert store.get(job)["text"] == " pass"
+    assert store.cancel(job) == "canceling"
+    assert progress(store, job, "host:1", " pass", [5, 6]) == 1  # the cancel flag reaches the holder
+    assert not store.finish(job, "succeeded", {"text": "x"}, holder="host:9")
+    assert store.finish(job, "canceled", {"text": " pass"}, holder="host:1")
+    assert not store.finish(job, "failed", {"text": "late"})  # the first terminal state stands
+    assert progress(store, job, "host:1", " more", [7]) == -1
+    record = store.get(job)
+    assert (record["status"], record["text"]) == ("canceled", " pass")
+    assert store.r.smembers(store.held_key("host:1")) == set()
+
+
+def test_an_expired_lease_is_claimed_again_and_resumes(store: JobStore) -> None:
+    job = submit(store)
+    store.claim("host:1", lease=-1, max_deliveries=2, room=1, job_id=job)  # a lease already run out
+    pipe = store.progress_pipeline()
+    store.queue_progress(pipe, job, "host:1", lease_until=0, tokens=2, text=" pass", delta=" pass", out_ids=[5, 6])
+    pipe.execute()
+    [again] = store.claim("host:2", 30, 2, 8)
+    assert (again.outcome, again.job_id, again.attempt, json.loads(again.out_ids), again.text) == (
+        "run", job, "2", [5, 6], " pass")
+    assert progress(store, job, "host:1", " stale", [9]) == -1  # the old holder is refused
+    assert store.get(job)["worker"] == "host:2"
+
+
+def test_takeover_of_a_dead_holder_and_exhausted_runs(store: JobStore) -> None:
+    jobs = [submit(store) for _ in range(3)]
+    store.claim("host:1", 30, 2, 8)
+    taken = store.claim("host:2", 30, 2, 8, takeover="host:1")
+    assert sorted(c.job_id for c in taken if c.outcome == "run") == sorted(jobs)
+    assert all(c.attempt == "2" for c in taken)
+    [last] = store.claim("host:3", 30, 2, 1, job_id=jobs[0], takeover="host:2")
+    assert last.outcome == "exhausted"
+    record = store.get(jobs[0])
+    assert record["status"] == "failed" and json.loads(record["error"])["code"] == "worker_lost"
