@@ -125,8 +125,8 @@ class WebSettings(Section):
 class EngineSettings(Section):
     """The continuously batched decode loop of each generation worker child."""
 
-    max_batch: int = Field(32, ge=1, description="sequences decoded together (interactive + bulk)")
-    max_batch_tokens: int = Field(65536, ge=64, description="prompt + max_new_tokens summed over running sequences")
+    max_batch: int = Field(32, ge=1, description="sequences decoded together, per class (interactive, bulk)")
+    max_batch_tokens: int = Field(65536, ge=64, description="prompt + max_new_tokens over a class's running rows")
     max_prefill_tokens: int = Field(8192, ge=64, description="prompt tokens prefilled together in one step")
     bulk_every: int = Field(4, ge=1, description="while interactive work runs, bulk rows step once in this many")
     lease_seconds: float = Field(10.0, gt=0, description="a claimed job whose worker stops renewing is re-run after")

@@ -64,10 +64,10 @@ def test_burst_of_500_jobs_from_16_threads(chaos: Stack) -> None:
     assert duplicates <= 1  # ≤ 0.2 %
 
 
-def test_child_killed_20_times(chaos: Stack) -> None:
+def test_child_killed_8_times(chaos: Stack) -> None:
     client = chaos.client()
     ids, recoveries = [], []
-    for _ in range(20):
+    for _ in range(8):
         job = client.submit(**KILLABLE)
         wait_until(lambda j=job: client.get(j["id"])["progress"]["tokens"] > 0, 60, 0.005, "the job to run")
         pid = int(chaos.record(job["id"])["worker"].rsplit(":", 1)[1])
@@ -78,8 +78,8 @@ def test_child_killed_20_times(chaos: Stack) -> None:
         recoveries.append(time.monotonic() - killed_at)
     done = finals(client, ids)
     stuck = sum(d["status"] not in TERMINAL for d in done)
-    figure("child_sigkill", runs=20, terminal=20 - stuck, rerun_ok=sum(d["status"] == "succeeded" for d in done),
-           stuck=stuck, recovery_p50_s=round(sorted(recoveries)[10], 2))
+    figure("child_sigkill", runs=8, terminal=8 - stuck, rerun_ok=sum(d["status"] == "succeeded" for d in done),
+           stuck=stuck, recovery_p50_s=round(sorted(recoveries)[4], 2))
     assert stuck == 0
     assert all(d["status"] == "succeeded" and d["attempts"] == 2 for d in done)
     assert client.generate("Errors should never", max_new_tokens=6)["output"]["text"].startswith(" pass silently.")
@@ -106,26 +106,6 @@ def test_poison_pill_fails_after_max_deliveries_and_others_flow(chaos: Stack) ->
     assert client.generate("Beautiful is better than", max_new_tokens=6)["output"]["text"].startswith(" ugly.")
 
 
-def test_lost_message_is_requeued_and_long_waits_are_left_alone(chaos: Stack) -> None:
-    """A queued job whose message vanished (popped by a consumer that died) while no engine was running
-    is pushed again by the reaper; a busy engine claims waiting jobs from their records anyway."""
-    client = chaos.client()
-    chaos.stop_worker()
-    lost = client.submit("Errors should never", max_new_tokens=6)["id"]
-    assert chaos.redis.lrem(INTERACTIVE, 1, chaos.record(lost)["message"]) == 1
-    chaos.start_worker()
-    found = client.wait(lost, timeout=60)
-    busy = [client.submit(**LONG)["id"] for _ in range(3)]
-    waiting = client.submit("Errors should never", max_new_tokens=6)["id"]
-    done = finals(client, [*busy, waiting])
-    figure("lost_message", lost=1, recovered=int(found["status"] == "succeeded"),
-           waiting_left_alone=int(done[-1]["attempts"] == 1))
-    assert found["status"] == "succeeded" and found["attempts"] == 1
-    assert found["output"]["text"].startswith(" pass silently.")
-    assert [d["status"] for d in done] == ["succeeded"] * 4
-    assert [d["attempts"] for d in done] == [1] * 4
-
-
 def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack) -> None:
     client = chaos.client()
     running = client.submit(**LONG)
@@ -134,11 +114,22 @@ def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack) ->
     os.killpg(chaos.worker.pid, signal.SIGKILL)
     chaos.worker.wait()
     killed_at = time.monotonic()
+    # While no worker runs, a job's message vanishes (popped by a consumer that died): the reaper pushes
+    # it again; a waiting job beside it keeps its one message and runs once.
+    lost = client.submit("Errors should never", max_new_tokens=6)["id"]
+    waiting = client.submit("Errors should never", max_new_tokens=6)["id"]
+    assert chaos.redis.lrem(INTERACTIVE, 1, chaos.record(lost)["message"]) == 1
     chaos.start_worker()
     done = finals(client, [running["id"], *queued])
     figure("parent_and_child_sigkill", jobs=11, completed=sum(d["status"] == "succeeded" for d in done),
            lost=sum(d["status"] not in TERMINAL for d in done), recovery_s=round(time.monotonic() - killed_at, 1))
     assert [d["status"] for d in done] == ["succeeded"] * 11
+    found, other = finals(client, [lost, waiting])
+    figure("lost_message", lost=1, recovered=int(found["status"] == "succeeded"),
+           waiting_left_alone=int(other["attempts"] == 1))
+    assert [found["status"], other["status"]] == ["succeeded", "succeeded"]
+    assert found["attempts"] == other["attempts"] == 1
+    assert found["output"]["text"].startswith(" pass silently.")
 
 
 def test_sigterm_lets_the_running_job_finish(chaos: Stack) -> None:
@@ -258,3 +249,30 @@ def test_child_killed_with_16_co_batched_jobs_resumes_them_all(chaos: Stack) -> 
         assert "".join(f.get("text", "") for _, f in stream if f["type"] == "token") == d["output"]["text"]
     expected = {b["prompt"]: client.generate(**b)["output"]["text"] for b in bodies[:4]}
     assert [d["output"]["text"] for d in done] == [expected[b["prompt"]] for b in bodies]
+
+
+def test_two_workers_share_the_work_without_running_a_job_twice(chaos: Stack) -> None:
+    """Two engines on one Redis: each job is claimed once (one attempt, one holder), none is lost."""
+    import subprocess
+
+    from qwen_deploy.cli.launch import celery_command, worker_argv
+    from qwen_deploy.queues import GENERATION_QUEUES
+    from tests.helpers import ROOT
+
+    log = open(chaos.tmp / "second-worker.log", "ab")
+    second = subprocess.Popen(celery_command(worker_argv(GENERATION_QUEUES, f"second{os.getpid()}", "INFO")),
+                              env=chaos.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: sum(w["state"] == "ready" for w in chaos.workers()) >= 2, 90, 0.2, "two ready workers")
+        client = chaos.client()
+        ids = [client.submit("Beautiful is better than", max_new_tokens=60, ignore_eos=True)["id"] for _ in range(48)]
+        done = finals(client, ids)
+        holders = {chaos.record(i)["worker"] for i in ids}
+        figure("two_workers", jobs=48, succeeded=sum(d["status"] == "succeeded" for d in done),
+               reruns=sum(d["attempts"] > 1 for d in done), engines_used=len(holders))
+        assert [d["status"] for d in done] == ["succeeded"] * 48
+        assert all(d["attempts"] == 1 and d["output"]["usage"]["completion_tokens"] == 60 for d in done)
+        assert len({d["output"]["text"] for d in done}) == 1
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=30)
