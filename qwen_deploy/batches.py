@@ -34,20 +34,22 @@ class BatchStore:
     def key(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{batch_id}"
 
-    def index(self) -> str:
-        """Sorted set of batch ids by creation time (for listing without a keyspace scan)."""
-        return f"{self.prefix}:batches"
+    def index(self, owner: str) -> str:
+        """An owner's batch ids by creation time (for listing without a keyspace scan)."""
+        return f"{self.prefix}:owner:{owner}:batch_index"
 
-    def page(self, after: str | None, limit: int) -> tuple[list[str], bool] | None:
-        """Up to `limit` ids after the id `after`, newest first, and whether more follow (None: unknown `after`)."""
-        self.r.zremrangebyscore(self.index(), "-inf", time.time() - self.ttl)
+    def page(self, owner: str, after: str | None, limit: int) -> tuple[list[str], bool] | None:
+        """Up to `limit` of the owner's ids after the id `after`, newest first, and whether more follow
+        (None: unknown `after`)."""
+        index = self.index(owner)
+        self.r.zremrangebyscore(index, "-inf", time.time() - self.ttl)
         start = 0
         if after:
-            rank = self.r.zrevrank(self.index(), after)
+            rank = self.r.zrevrank(index, after)
             if rank is None:
                 return None
             start = int(rank) + 1
-        ids = [_text(i) for i in self.r.zrevrange(self.index(), start, start + limit)]
+        ids = [_text(i) for i in self.r.zrevrange(index, start, start + limit)]
         return ids[:limit], len(ids) > limit
 
     def keys(self, batch_id: str) -> tuple[str, str, str, str]:
@@ -68,7 +70,9 @@ class BatchStore:
         if errors:
             pipe.rpush(out, *errors)
             pipe.expire(out, self.ttl)
-        pipe.zadd(self.index(), {batch_id: float(fields["created_at"])})
+        index = self.index(fields.get("owner") or "anonymous")
+        pipe.zadd(index, {batch_id: float(fields["created_at"])})
+        pipe.expire(index, self.ttl)
         for queue, message in messages:
             pipe.lpush(queue, message)
         pipe.execute()

@@ -32,8 +32,8 @@ UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchan
 UNACKED_INDEX = "unacked_index"
 
 
-def _unacked_tags(client: redis.Redis, job_id: str) -> list[str]:
-    """Delivery tags of unacked copies of this job's message."""
+def unacked_tags(client: redis.Redis, job_id: str) -> list[str]:
+    """Delivery tags of unacked copies of this job's message (held by a Celery consumer)."""
     needle = f'"id": "{job_id}"'
     return [tag for tag, raw in client.hgetall(UNACKED).items() if needle in raw or f'"id":"{job_id}"' in raw]
 
@@ -63,19 +63,20 @@ def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, run
         if lease > now:  # renewed meanwhile
             client.zadd(store.active_key(), {job_id: lease})
             return "waiting"
-        _drop_unacked(client, _unacked_tags(client, job_id))  # a copy held by a consumer that is gone
+        drop_unacked(client, unacked_tags(client, job_id))  # a copy held by a consumer that is gone
         return _wake(store, job_id, record, now, max_deliveries, store.reap_after)
-    tags = _unacked_tags(client, job_id)
+    tags = unacked_tags(client, job_id)
     if record["status"] == "queued":
         if tags or (message and client.lpos(queue, message) is not None):
             client.zadd(store.active_key(), {job_id: now + store.reap_after})
             return "waiting"
     else:  # running past its limit: the consumer holding this copy is gone
-        _drop_unacked(client, tags)
+        drop_unacked(client, tags)
     return _wake(store, job_id, record, now, max_deliveries, running_for + store.reap_after)
 
 
-def _drop_unacked(client: redis.Redis, tags: list[str]) -> None:
+def drop_unacked(client: redis.Redis, tags: list[str]) -> None:
+    """Forget unacked copies whose consumer is gone (else kombu would restore them hours later)."""
     if tags:
         pipe = client.pipeline()
         pipe.hdel(UNACKED, *tags)

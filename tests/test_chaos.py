@@ -102,7 +102,8 @@ def test_poison_pill_fails_after_max_deliveries_and_others_flow(chaos: Stack) ->
     figure("poison_pill", deliveries_allowed=chaos.settings.limits.max_deliveries, runs=done["attempts"] - 1,
            status=done["status"])
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost"
-    assert "died 2 time(s)" in done["error"]["message"] and done["attempts"] == 3
+    # failed either by the next claim (a third run refused) or by the reaper (its lease ran out first)
+    assert "2 time(s)" in done["error"]["message"] and done["attempts"] in (2, 3)
     assert client.generate("Beautiful is better than", max_new_tokens=6)["output"]["text"].startswith(" ugly.")
 
 

@@ -160,3 +160,24 @@ def test_a_bad_key_list_never_prints_the_keys(raw: str) -> None:
     message = str(info.value)
     assert "sekrit" not in message
     assert "QWEN_DEPLOY_WEB__API_KEYS" in message
+
+
+def test_files_and_batch_listings_are_per_key(http: Any) -> None:
+    import io
+
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}\n'
+    up = http.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(line), "in.jsonl")}, headers=auth(K1))
+    assert up.status_code == 200, up.get_json()
+    file_id = up.get_json()["id"]
+    for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"):
+        assert http.get(path, headers=auth(K2)).status_code == 404
+        assert http.get(path, headers=auth(K1)).status_code == 200
+    assert http.delete(f"/v1/files/{file_id}", headers=auth(K2)).status_code == 404
+    assert [f["id"] for f in http.get("/v1/files", headers=auth(K1)).get_json()["data"]] == [file_id]
+    assert http.get("/v1/files", headers=auth(K2)).get_json()["data"] == []
+    batch = http.post("/v1/batches", json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]},
+                      headers=auth(K1)).get_json()
+    assert [b["id"] for b in http.get("/v1/batches", headers=auth(K1)).get_json()["data"]] == [batch["id"]]
+    assert http.get("/v1/batches", headers=auth(K2)).get_json()["data"] == []
+    output = "file-out-" + batch["id"].removeprefix("batch_")
+    assert http.get(f"/v1/files/{output}", headers=auth(K2)).status_code == 404

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.logs import event
+from qwen_deploy.reaper import drop_unacked, unacked_tags
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import GenerationRequest, ModelHandler
 
@@ -98,9 +99,9 @@ class Driver:
         if outcome and outcome.outcome == "busy" and not holder_alive(outcome.detail):
             dead = outcome.detail  # its child was killed: take over its job and everything else it held
             claims = self.store.claim(self.worker, self.lease, self.max_deliveries, 1, job_id=job_id, takeover=dead)
-            self._admit(claims)
+            self._admit(claims, taken_over=True)
             self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, self.engine.room(),
-                                         takeover=dead))
+                                         takeover=dead), taken_over=True)
             outcome = claims[0] if claims else None
         else:
             self._admit(claims)
@@ -115,11 +116,13 @@ class Driver:
         if room > 0:
             self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, room))
 
-    def _admit(self, claims: list[Any]) -> None:
+    def _admit(self, claims: list[Any], taken_over: bool = False) -> None:
         budget = self.settings.limits.generation_budget
         for c in claims:
             if c.outcome != "run":
                 continue
+            if taken_over:  # the dead process's worker may have held the job's message unacked
+                drop_unacked(self.store.r, unacked_tags(self.store.r, c.job_id))
             try:
                 req = GenerationRequest.from_dict(json.loads(c.request))
                 resume = json.loads(c.out_ids) if c.out_ids and int(c.attempt) > 1 else None
@@ -173,7 +176,7 @@ class Driver:
         for holder in client.smembers(key):
             if holder != self.worker and not holder_alive(holder):
                 self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, self.engine.room(),
-                                             takeover=holder))
+                                             takeover=holder), taken_over=True)
                 client.srem(key, holder)
 
     def _drive(self, done: Callable[[], bool], slice_end: float) -> None:

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE, BatchStore, public_batch
 from qwen_deploy.errors import BadRequest, NotFound, Unprocessable
 from web import services
+from web.auth import current_owner
 from web.openai_api.objects import chat_completion, text_completion
 from web.openai_api.translate import CHAT, COMPLETIONS, JOBS, model_id, unsupported
 
@@ -92,7 +93,7 @@ def virtual_file(file_id: str) -> tuple[dict[str, Any], Callable[[], str]] | Non
         return None
     batch_id = BATCH_ID_PREFIX + file_id.removeprefix(prefix)
     record = _store().get(batch_id)
-    if record is None:
+    if record is None or record.get("owner", current_owner()) != current_owner():  # another key's: 404
         raise NotFound(f"no file with id {file_id}", param="file_id")
     lines = [line for line in present_lines(_store().results(batch_id, 0), record)
              if (json.loads(line).get("error") is not None) == keep]
@@ -111,7 +112,7 @@ def list_batches() -> Response:
     if not raw.isdigit() or not 1 <= int(raw) <= 100:
         raise BadRequest("limit must be an integer from 1 to 100", code="invalid_value", param="limit")
     store = _store()
-    found = store.page(request.args.get("after"), int(raw))
+    found = store.page(current_owner(), request.args.get("after"), int(raw))
     if found is None:
         raise BadRequest(f"after: no batch with id {request.args.get('after')}", code="invalid_value", param="after")
     ids, more = found
