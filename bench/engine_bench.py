@@ -216,6 +216,29 @@ def bench(arch: str, quick: bool) -> dict[str, Any]:
     return out
 
 
+def lone_only(arch: str, runs: int) -> None:
+    """Lone-job latency only: in-process `generate` and HTTP, `runs` each, interleaved in time."""
+    import gc
+
+    model_dir = build_model(arch)
+    ref = InProcess(model_dir)
+    lone = body(3, 32)
+    ref.lone_ms(lone)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        system = System(Path(tmp), model_dir)
+        try:
+            system.lone_ms(body(0, 4))
+            pairs = []
+            for _ in range(runs):
+                gc.collect()
+                pairs.append((ref.lone_ms(lone), system.lone_ms(lone)))
+        finally:
+            system.stop()
+    local, http = median([a for a, _ in pairs]), median([b for _, b in pairs])
+    print(f"{arch}: lone job (32 tokens), {runs} interleaved runs: in-process p50 {local:.1f} ms, "
+          f"HTTP p50 {http:.1f} ms, ratio {http / local:.3f}")
+
+
 def report(r: dict[str, Any]) -> None:
     print(f"\n## {r['arch']} ({r['parameters_m']} M parameters, random weights, 1 torch thread)")
     print("| clients | in-process static batch tok/s | through HTTP tok/s | ratio |")
@@ -237,7 +260,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["llama", "qwen2"], choices=["llama", "qwen2"])
     parser.add_argument("--quick", action="store_true", help="1, 4 and 8 clients only")
+    parser.add_argument("--lone-only", type=int, metavar="RUNS", help="only the lone-job latency, RUNS each")
     args = parser.parse_args()
+    if args.lone_only:
+        for arch in args.arch:
+            lone_only(arch, args.lone_only)
+        return
     print(f"$ uv run python bench/engine_bench.py --arch {' '.join(args.arch)}{' --quick' if args.quick else ''}")
     results = [bench(arch, args.quick) for arch in args.arch]
     for r in results:
