@@ -114,8 +114,12 @@ def test_cancel_mid_batch(stack: Stack) -> None:
     counts = final["request_counts"]
     assert final["status"] == "cancelled"
     assert counts["completed"] + counts["failed"] == 160 and counts["failed"] >= 64
-    codes = {o["error"]["code"] for o in results(stack, created["id"]) if o["error"]}
+    lines = results(stack, created["id"])
+    codes = {o["error"]["code"] for o in lines if o["error"]}
     assert codes == {"batch_cancelled"}
+    stopped = [o for o in lines if o["response"] and o["response"]["body"]["output"]["finish_reason"] == "canceled"]
+    assert stopped, "the running micro-batch was not stopped mid-flight"
+    assert all(0 < o["response"]["body"]["output"]["usage"]["completion_tokens"] < 300 for o in stopped)
     again = requests.post(f"{stack.url}/v1/batches/{created['id']}/cancel", timeout=10)
     assert again.status_code == 409 and again.json()["error"]["code"] == "batch_finished"
 

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.logs import event
+from qwen_deploy.queues import BULK
 from qwen_deploy.reaper import drop_unacked, unacked_tags
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import GenerationRequest, ModelHandler
@@ -219,11 +220,13 @@ class Driver:
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
-        return not self.units and bool(self.store.r.llen("bulk"))
+        return not self.units and bool(self.store.r.llen(BULK))
 
     def flush(self) -> None:
         """Publish partial text, renew leases, read cancel flags: one round trip for every running job."""
         self.next_flush = time.monotonic() + self.flush_every
+        for unit in list(self.units.values()):
+            unit.poll()
         if not self.jobs:
             return
         pipe = self.store.progress_pipeline()
@@ -248,8 +251,6 @@ class Driver:
                 for seq in job.seqs:
                     seq.canceled = True
                 job.lost = True
-        for unit in list(self.units.values()):
-            unit.poll()
 
     def finished(self, seqs: list[Seq]) -> None:
         for seq in seqs:
