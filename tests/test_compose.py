@@ -177,7 +177,7 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
     for extra in ((), ("--profile", "gpu")):
         result = config(*extra)
         assert result.returncode == 0, result.stderr
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    result = config(env_path=empty)
+    no_redis_password = tmp_path / "no-redis-password.env"
+    no_redis_password.write_text("FLOWER_USER=admin\nFLOWER_PASSWORD=secret\n")
+    result = config(env_path=no_redis_password)
     assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_deploy.config import load_settings
+from tests.test_handler import make_handler
 from worker.engine import Seq
 from worker.handler import GenerationRequest, ModelHandler
 
@@ -32,19 +32,11 @@ def tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def make_handler(path: Path) -> ModelHandler:
-    settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
-                             overrides={"model": {"name_or_path": str(path), "threads": 1}})
-    handler = ModelHandler(settings)
-    handler.setup()
-    return handler
-
-
 @pytest.fixture(scope="module", params=["qwen2", "llama", "demo"])
 def handler(request: pytest.FixtureRequest, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelHandler:
     if request.param == "demo":
-        return make_handler(demo_model)
-    return make_handler(tiny(request.param, tmp_path_factory.mktemp(request.param), demo_model))
+        return make_handler(str(demo_model))
+    return make_handler(str(tiny(request.param, tmp_path_factory.mktemp(request.param), demo_model)))
 
 
 def reference(handler: ModelHandler, req: GenerationRequest) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from qwen_deploy.client import Client
-from qwen_deploy.config import load_settings
 from tests.helpers import Stack, wait_until
+from tests.test_handler import make_handler
 from worker.handler import GenerationRequest, ModelHandler
 
 pytestmark = pytest.mark.e2e
@@ -41,11 +41,7 @@ BODIES: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def local(demo_model: Path) -> ModelHandler:
     """The same model in this process, one request at a time: the reference."""
-    settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
-                             overrides={"model": {"name_or_path": str(demo_model), "threads": 1}})
-    handler = ModelHandler(settings)
-    handler.setup()
-    return handler
+    return make_handler(str(demo_model))
 
 
 def expected(local: ModelHandler, body: dict[str, Any]) -> str:
