@@ -31,6 +31,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     s.stop()
 
 
+@pytest.fixture(scope="session")
+def oai(stack: Stack):  # type: ignore[no-untyped-def]
+    """The official openai SDK pointed at the shared stack (real HTTP on loopback)."""
+    import openai
+
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=2, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def model(oai) -> str:  # type: ignore[no-untyped-def]
+    """The served model's id, as /v1/models names it."""
+    return str(oai.models.list().data[0].id)
+
+
 @pytest.fixture()
 def client(stack: Stack):  # type: ignore[no-untyped-def]
     return stack.client()

@@ -17,15 +17,6 @@ CHAT = [{"role": "user", "content": "Errors should never"}]
 LONG = {"ignore_eos": True}  # vLLM-style extension, through extra_body
 
 
-@pytest.fixture(scope="module")
-def oai(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=2, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(oai: openai.OpenAI) -> str:
-    return oai.models.list().data[0].id
-
 
 def job_count(stack: Stack) -> int:
     return sum(1 for key in stack.redis.scan_iter(f"{stack.settings.key_prefix}:job:job_*") if not key.endswith(":ev"))

@@ -13,15 +13,6 @@ from tests.helpers import Stack, wait_until
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def oai(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=2, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(oai: openai.OpenAI) -> str:
-    return oai.models.list().data[0].id
-
 
 def jsonl(lines: list[dict]) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()

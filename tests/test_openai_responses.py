@@ -14,15 +14,6 @@ pytestmark = pytest.mark.e2e
 TERMINAL = ("completed", "failed", "cancelled", "incomplete")
 
 
-@pytest.fixture(scope="module")
-def oai(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=2, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(oai: openai.OpenAI) -> str:
-    return oai.models.list().data[0].id
-
 
 def poll(oai: openai.OpenAI, response_id: str) -> openai.types.responses.Response:
     return wait_until(lambda: (r := oai.responses.retrieve(response_id)).status in TERMINAL and r, 30, 0.05,
