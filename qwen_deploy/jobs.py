@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,11 +210,12 @@ class JobStore:
         return self.r.pipeline(transaction=False)
 
     def queue_progress(self, pipe: Any, job_id: str, worker: str, lease_until: float, tokens: int, text: str | None,
-                       delta: str, out_ids: list[int]) -> None:
-        """Add one job's partial output (and lease renewal) to `pipe`; its reply is 1 cancel, 0 go on, -1 lost."""
+                       delta: str, out_ids: list[int], others: Sequence[tuple[int, str]] = ()) -> None:
+        """Add one job's partial output (and lease renewal) to `pipe`; its reply is 1 cancel, 0 go on, -1 lost.
+        `others`: (sample index, text delta) of samples after the first (token events with an `index`)."""
         self._progress(keys=[self.key(job_id), self.events_key(job_id), self.active_key()],
                        args=[worker, repr(lease_until), "0" if text is None else "1", tokens, text or "", delta,
-                             json.dumps(out_ids)], client=pipe)
+                             json.dumps(out_ids), json.dumps(list(others))], client=pipe)
 
     def report(self, job_id: str, progress: dict[str, Any]) -> bool:
         """Publish the progress of a non-generation job; return True when cancellation was requested."""

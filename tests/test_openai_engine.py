@@ -68,3 +68,21 @@ def test_stream_with_n(oai: openai.OpenAI, model: str) -> None:
                 finished.add(c.index)
     greedy = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=8).choices[0].message.content
     assert texts == {0: greedy, 1: greedy} and finished == {0, 1}
+
+
+def test_every_sample_streams_as_it_is_generated(client) -> None:  # type: ignore[no-untyped-def]
+    """With n > 1 every sample's text arrives token by token (events carry its `index`), not at the end."""
+    job = client.submit(prompt="Errors should never", n=2, max_new_tokens=160, ignore_eos=True)
+    streamed = {0: "", 1: ""}
+    events = {0: 0, 1: 0}
+    for kind, data in client.stream(job["id"]):
+        if kind == "token":
+            i = int(data.get("index", 0))
+            streamed[i] += data["text"]
+            events[i] += 1
+        elif kind == "done":
+            job = data
+    texts = [c["text"] for c in job["output"]["choices"]]
+    assert job["status"] == "succeeded" and texts[0] == texts[1] == job["output"]["text"]
+    assert streamed[0] == texts[0]  # the first sample's events concatenate to output.text, as before
+    assert events[1] >= 2 and texts[1].startswith(streamed[1]) and len(streamed[1]) > len(texts[1]) // 2, events

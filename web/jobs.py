@@ -258,8 +258,9 @@ def _sse(job_id: str, last: str) -> Iterator[str]:
         for event_id, ev in events:
             last = event_id
             kind = ev.get("type")
-            if kind == "token":
-                yield _sse_event("token", {"text": ev.get("text", ""), "tokens": int(ev.get("tokens", 0))}, event_id)
+            if kind == "token":  # samples after the first (n > 1) carry their index
+                data = {"text": ev.get("text", ""), "tokens": int(ev.get("tokens", 0))}
+                yield _sse_event("token", {**data, "index": int(ev["index"])} if ev.get("index") else data, event_id)
             elif kind == "status":
                 yield _sse_event("status", {"status": ev.get("status"), "attempt": int(ev.get("attempt", 1))},
                                  event_id)

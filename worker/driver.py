@@ -53,8 +53,23 @@ class RunningJob:
     attempt: int
     sent: str = ""  # text already published to the record and stream
     sent_tokens: int = -1
+    sent_others: list[str] = field(default_factory=list)  # the same for samples after the first
     lost: bool = False  # no longer this worker's (canceled while queued, expired, taken over)
     started: float = field(default_factory=time.perf_counter)
+
+
+def _other_deltas(job: RunningJob, decode: Any) -> list[tuple[int, str]]:
+    """New stable text of the samples after the first, as (index, delta); remembered as sent."""
+    if not job.sent_others:
+        job.sent_others = [""] * (len(job.seqs) - 1)
+    deltas = []
+    for i, seq in enumerate(job.seqs[1:], 1):
+        sent = job.sent_others[i - 1]
+        text = sent if seq.done else stable_text(seq, decode)
+        if len(text) > len(sent) and text.startswith(sent):
+            deltas.append((i, text[len(sent):]))
+            job.sent_others[i - 1] = text
+    return deltas
 
 
 def holder_alive(holder: str) -> bool:
@@ -238,8 +253,9 @@ class Driver:
             text = stable_text(first, self.handler.decode) if not first.done else job.sent
             changed = tokens != job.sent_tokens
             delta = text[len(job.sent):] if changed and text.startswith(job.sent) else ""
+            others = _other_deltas(job, self.handler.decode) if changed and len(job.seqs) > 1 else []
             self.store.queue_progress(pipe, job.job_id, self.worker, lease_until, tokens,
-                                      text if changed else None, delta, first.out)
+                                      text if changed else None, delta, first.out, others)
             if changed:
                 job.sent, job.sent_tokens = (text if text.startswith(job.sent) else job.sent), tokens
             order.append(job)
