@@ -83,3 +83,33 @@ def test_jsonl_body_with_completion_lines(oai: openai.OpenAI, stack: Stack, mode
     reply = requests.post(stack.url + "/v1/batches", data=jsonl(mixed),
                           headers={"Content-Type": "application/x-ndjson"}, timeout=10)
     assert reply.status_code == 422 and reply.json()["error"]["code"] == "mixed_endpoints"
+
+
+REVIEW = {"type": "object",
+          "properties": {"verdict": {"enum": ["good", "bad"]}, "score": {"type": "integer", "minimum": 0, "maximum": 5}},
+          "required": ["verdict", "score"], "additionalProperties": False}
+
+
+def test_structured_output_through_the_sdk(oai: openai.OpenAI, model: str) -> None:
+    """`response_format` json_schema on a batch of chat lines and on a direct call: every answer is JSON that
+    validates against the schema (the demo model only knows the Zen of Python, so the grammar does it)."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW, "strict": True}}
+    lines = [chat_line(f"r{i}", model, text, 48) for i, text in enumerate(["Errors should never", "Flat is", "Now"])]
+    for line in lines:
+        line["body"]["response_format"] = fmt
+    uploaded = oai.files.create(file=("reviews.jsonl", jsonl(lines)), purpose="batch")
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_until(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b, 60, 0.1,
+                      "a completed batch")
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 0
+    output = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in output) == ["r0", "r1", "r2"]
+    for x in output:
+        choice = x["response"]["body"]["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), REVIEW)
+    direct = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Beautiful is"}],
+                                         max_tokens=48, response_format=fmt)  # type: ignore[arg-type]
+    jsonschema.validate(json.loads(direct.choices[0].message.content or ""), REVIEW)
