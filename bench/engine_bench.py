@@ -3,7 +3,10 @@ Llama and Qwen2 models (1 torch thread, CPU), in one run:
 
 - aggregate tokens/s of 1, 4, 8, 16 concurrent HTTP clients (32 tokens each) vs a static padded
   `generate` batch of the same requests in-process (goal >= 0.9x);
-- 8 clients with mixed lengths 8-64 tokens vs the static batch of the same 8 (goal >= 1.3x);
+- 8 clients with mixed lengths 8-64 tokens vs the static batch of the same 8 (goal >= 1.3x), with short
+  prompts (~12 tokens) and with document-sized prompts (~130-370 tokens); beside it the same 8 through the
+  engine in-process, and the most any scheduler can gain on this hardware: the static batch's step cost
+  over the sum of the step costs of a batch whose rows leave when done (decode steps measured at 1..8 rows);
 - one job alone: HTTP submit -> result vs in-process `generate` (goal <= 1.05x);
 - time to first token of a job arriving while 15 others decode;
 - an interactive job during a 64-line batch vs the same job alone (goal <= 3x);
@@ -47,9 +50,16 @@ def build_model(arch: str) -> Path:
     return build_random_model(arch, "128m", log=lambda msg: print(f"  {msg}", file=sys.stderr))
 
 
-def body(i: int, tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
-    return {"prompt": f"{WORDS[i % len(WORDS)]} is better than {i} things, and", "max_new_tokens": tokens,
+def body(i: int, tokens: int, ignore_eos: bool = True, document: int = 0) -> dict[str, Any]:
+    """A short prompt, or (document > 0) one that quotes `document` sentences of text first."""
+    text = (" ".join(WORDS) + ". ") * document
+    return {"prompt": f"{text}{WORDS[i % len(WORDS)]} is better than {i} things, and", "max_new_tokens": tokens,
             "ignore_eos": ignore_eos}
+
+
+def mixed(document: int = 0) -> list[dict[str, Any]]:
+    """8 requests of 8, 16, ..., 64 tokens, EOS on."""
+    return [body(i, 8 + 8 * i, ignore_eos=False, document=document and document + 2 * i) for i in range(8)]
 
 
 class InProcess:
@@ -81,6 +91,38 @@ class InProcess:
             h.model.generate(x, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=h.eos_ids,
                              pad_token_id=h.pad_id, **extra)
         return sum(b["max_new_tokens"] for b in bodies) / (time.perf_counter() - started)
+
+    def engine(self, bodies: list[dict[str, Any]]) -> float:
+        """Useful tokens/s of the same requests through the batching engine in this process."""
+        engine = self.h.engine()
+        for i, b in enumerate(bodies):
+            for seq in self.h.sequences(self.Req.from_dict(b), str(i), budget=600.0)[0]:
+                engine.add(seq)
+        started, tokens = time.perf_counter(), 0
+        while len(engine):
+            tokens += sum(len(s.out) for s in engine.step())
+        return tokens / (time.perf_counter() - started)
+
+    def bound(self, bodies: list[dict[str, Any]]) -> float:
+        """The most leaving rows can gain over the static batch: c(B) * max(L) / sum over steps of c(rows),
+        with c(k) a measured decode step at k rows (prefill and overheads left out)."""
+        from worker.kv import decode, prefill
+
+        torch, h = self.torch, self.h
+        ids = [h.encode(self.Req.from_dict(b))[0] for b in bodies]
+        cost = {}
+        with torch.inference_mode():
+            for k in range(1, len(ids) + 1):
+                batch, logits = prefill(h.model, ids[:k], h.pad_id)
+                batch.last = logits.argmax(-1)
+                decode(h.model, batch)
+                started = time.perf_counter()
+                for _ in range(4):
+                    batch.last = decode(h.model, batch).argmax(-1)
+                cost[k] = (time.perf_counter() - started) / 4
+        lengths = [b["max_new_tokens"] for b in bodies]
+        leaving = sum(cost[sum(1 for n in lengths if n > t)] for t in range(max(lengths)))
+        return cost[len(ids)] * max(lengths) / leaving
 
     def lone_ms(self, b: dict[str, Any]) -> float:
         torch, h = self.torch, self.h
@@ -182,8 +224,11 @@ def bench(arch: str, quick: bool) -> dict[str, Any]:
     levels = [1, 4, 8] if quick else [1, 4, 8, 16]
     ref.static([body(0, 4)])  # warm-up
     out["ref_tokens_s"] = {n: round(ref.static([body(i, 32) for i in range(n)]), 2) for n in levels}
-    mixed = [body(i, 8 + 8 * i, ignore_eos=False) for i in range(8)]  # 8, 16, ..., 64 tokens, EOS on
-    out["ref_mixed_tokens_s"] = round(ref.static(mixed), 2)
+    for name, work in (("mixed", mixed()), ("mixed_doc", mixed(document=4))):
+        out[f"ref_{name}_tokens_s"] = round(median([ref.static(work) for _ in range(2)]), 2)
+        out[f"engine_{name}_tokens_s"] = round(median([ref.engine(work) for _ in range(2)]), 2)
+        out[f"bound_{name}"] = round(ref.bound(work), 3)
+        out[f"{name}_prompt_tokens"] = [len(ref.h.encode(ref.Req.from_dict(b))[0]) for b in work]
     lone = body(3, 32)
     out["ref_lone_ms"] = round(median([ref.lone_ms(lone) for _ in range(3)]), 1)
     del ref
@@ -193,7 +238,8 @@ def bench(arch: str, quick: bool) -> dict[str, Any]:
             system.lone_ms(body(0, 4))  # warm-up
             out["http_lone_ms"] = round(median([system.lone_ms(lone) for _ in range(3)]), 1)
             out["http_tokens_s"] = {n: round(system.concurrent([body(i, 32) for i in range(n)]), 2) for n in levels}
-            out["http_mixed_tokens_s"] = round(system.concurrent(mixed), 2)
+            for name, work in (("mixed", mixed()), ("mixed_doc", mixed(document=4))):
+                out[f"http_{name}_tokens_s"] = round(median([system.concurrent(work) for _ in range(2)]), 2)
             # time to first token of a job arriving while 15 others decode
             busy = [system.client.submit(**body(i, 96)) for i in range(15)]
             time.sleep(1.0)
@@ -246,8 +292,15 @@ def report(r: dict[str, Any]) -> None:
     for n, ref in r["ref_tokens_s"].items():
         got = r["http_tokens_s"][n]
         print(f"| {n} x 32 tokens | {ref} | {got} | {got / ref:.2f} |")
-    print(f"| 8 mixed 8-64 tokens | {r['ref_mixed_tokens_s']} | {r['http_mixed_tokens_s']} | "
-          f"{r['http_mixed_tokens_s'] / r['ref_mixed_tokens_s']:.2f} |")
+    for name, label in (("mixed", "8 mixed 8-64 tokens, short prompts"), ("mixed_doc", "8 mixed 8-64 tokens, documents")):
+        ref, got = r[f"ref_{name}_tokens_s"], r[f"http_{name}_tokens_s"]
+        print(f"| {label} | {ref} | {got} | {got / ref:.2f} |")
+    for name in ("mixed", "mixed_doc"):
+        ref = r[f"ref_{name}_tokens_s"]
+        prompts = r[f"{name}_prompt_tokens"]
+        print(f"{name} (prompts {min(prompts)}-{max(prompts)} tokens): engine in-process "
+              f"{r[f'engine_{name}_tokens_s'] / ref:.2f}x static, HTTP {r[f'http_{name}_tokens_s'] / ref:.2f}x; "
+              f"bound from measured step costs {r[f'bound_{name}']:.2f}x")
     print(f"lone job (32 tokens): in-process {r['ref_lone_ms']} ms, HTTP {r['http_lone_ms']} ms, "
           f"ratio {r['http_lone_ms'] / r['ref_lone_ms']:.3f}")
     print(f"time to first token: alone {r['ttft_ms_alone']} ms, while 15 others decode {r['ttft_ms_under_15']} ms")
