@@ -114,6 +114,24 @@ def test_cancel_and_budget_stop_one_row_and_spare_the_others(handler: ModelHandl
     assert [s.finish_reason for s in (seqs[0], seqs[2])] == ["length", "length"]
 
 
+def test_extreme_sampling_values_never_fail_the_shared_step(handler: ModelHandler) -> None:
+    """A denormal temperature or a tiny penalty overflows to inf; the row still gets a token, and the
+    greedy job batched beside it keeps its one-at-a-time text."""
+    plain = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=12, ignore_eos=True)
+    odd = [GenerationRequest(prompt=PROMPTS[1], max_new_tokens=12, ignore_eos=True, temperature=5e-324, seed=1),
+           GenerationRequest(prompt=PROMPTS[2], max_new_tokens=12, ignore_eos=True, temperature=1.0,
+                             repetition_penalty=1e-300, top_p=1e-300, seed=2)]
+    engine = handler.engine()
+    seqs = [handler.sequences(r, str(i), budget=60)[0][0] for i, r in enumerate([plain, *odd])]
+    for seq in seqs:
+        engine.add(seq)
+    while len(engine):
+        engine.step()
+    assert [s.finish_reason for s in seqs] == ["length"] * 3
+    assert [len(s.out) for s in seqs] == [12, 12, 12]
+    assert seqs[0].text == reference(handler, plain)
+
+
 def test_n_samples_share_a_prefill_and_logprobs(handler: ModelHandler) -> None:
     req = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=6, n=3, temperature=1.0, seed=3, logprobs=True,
                             top_logprobs=2, ignore_eos=True)

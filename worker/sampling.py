@@ -50,8 +50,13 @@ def penalize(row: torch.Tensor, context: list[int], penalty: float) -> None:
 
 
 def sample_row(row: torch.Tensor, s: Sampling) -> int:
-    """Temperature, then top-k, then top-p, then one draw with the row's generator."""
-    row = row / s.temperature
+    """Temperature, then top-k, then top-p, then one draw with the row's generator.
+
+    Extreme but valid settings (a denormal temperature, a tiny repetition penalty) overflow to inf:
+    those become the largest float (the top tokens tie), and a row with nothing left to draw from
+    takes its argmax, so one row's settings can never fail the step its batch shares."""
+    row = (row / s.temperature).nan_to_num(nan=float("-inf"), posinf=torch.finfo(row.dtype).max,
+                                           neginf=float("-inf"))
     if s.top_k and 0 < s.top_k < row.shape[0]:
         kth = torch.topk(row, s.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
@@ -61,6 +66,8 @@ def sample_row(row: torch.Tensor, s: Sampling) -> int:
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set reaching top_p (at least one)
         row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(row, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(row.argmax())
     return int(torch.multinomial(probs, 1, generator=s.generator).item())
 
 
