@@ -15,9 +15,10 @@ import redis
 
 from qwen_deploy.jobs import _text, strings
 from qwen_deploy.lua import script
+from qwen_deploy.states import BATCH_TERMINAL
 
 BATCH_ID_PREFIX = "batch_"
-TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+TERMINAL = BATCH_TERMINAL
 OUTPUT_FILE, ERROR_FILE = "file-out-", "file-err-"  # + the batch id's hex: virtual files of its lines
 
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import requests
 
-TERMINAL = ("succeeded", "failed", "canceled", "timed_out")
+from qwen_deploy.states import JOB_TERMINAL
+
+TERMINAL = JOB_TERMINAL
 
 
 class APIError(Exception):

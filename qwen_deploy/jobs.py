@@ -19,8 +19,9 @@ from typing import Any
 import redis
 
 from qwen_deploy.lua import script
+from qwen_deploy.states import JOB_TERMINAL
 
-TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
+TERMINAL = JOB_TERMINAL
 JOB_ID_PREFIX = "job_"
 ID_RE = re.compile(r"[a-z]+_[0-9a-f]{28}")
 INDEX_MAX = 100_000  # ids kept in an owner's job index (GET /v1/jobs); older ones are trimmed

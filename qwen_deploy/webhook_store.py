@@ -23,6 +23,7 @@ import redis
 from qwen_deploy.config import Settings
 from qwen_deploy.jobs import _text, public_job
 from qwen_deploy.lua import script
+from qwen_deploy.states import JOB_TERMINAL
 from qwen_deploy.webhooks import Attempt, next_delay, post, sign
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class WebhookStore:
         for job_id in self._claim(keys=[self.watch_key()], args=[repr(time.time()), self.hooks.output_interval, limit]):
             job_id = _text(job_id)
             status = _text(self.r.hget(f"{self.prefix}:job:{job_id}", "status"))
-            if status in ("", "succeeded", "failed", "canceled", "timed_out"):
+            if not status or status in JOB_TERMINAL:
                 self.r.zrem(self.watch_key(), job_id)
             elif status == "running":
                 added += self.enqueue("job", job_id, "output", f"msg_{job_id}_output_{time.time_ns() // 1_000_000}")

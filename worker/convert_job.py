@@ -90,9 +90,10 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
         code = exc.code or f"{kind}_failed"
         store.finish(job_id, "failed", {"error": {"code": code, "message": str(exc)}})
         return "failed"
-    except Exception as exc:  # an unexpected error fails the job, not the worker
+    except Exception:  # an unexpected error fails the job, not the worker
         log.exception("%s job %s failed", kind, job_id)
-        store.finish(job_id, "failed", {"error": {"code": f"{kind}_failed", "message": f"{type(exc).__name__}: {exc}"}})
+        store.finish(job_id, "failed", {"error": {"code": f"{kind}_failed",
+                                                  "message": f"the {kind} failed unexpectedly (see the worker log)"}})
         return "failed"
     store.finish(job_id, "succeeded", {"result": _jsonable(result), "progress": {"phase": "done", "fraction": 1.0}})
     event(log, "job.finished", id=job_id, queue="convert", type=kind, status="succeeded")

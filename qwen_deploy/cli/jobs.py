@@ -13,8 +13,9 @@ from typing import Any
 
 from qwen_deploy.cli.common import client, print_progress, settings
 from qwen_deploy.client import APIError
+from qwen_deploy.states import JOB_TERMINAL
 
-TERMINAL = ("succeeded", "failed", "canceled", "timed_out")
+TERMINAL = JOB_TERMINAL
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
