@@ -53,6 +53,20 @@ def test_document_and_viewer(short_stack: Stack) -> None:
     assert viewer.status_code == 200 and "swagger" in viewer.text.lower()
 
 
+def test_document_caps_come_from_the_settings() -> None:
+    from qwen_deploy.config import load_settings
+    from web import create_app
+
+    settings = load_settings(overrides={"limits": {"max_wait": 2}, "redis_url": "redis://127.0.0.1:1/0",
+                                        "generation": {"max_new_tokens_cap": 100, "default_max_new_tokens": 10}})
+    doc = create_app(settings).test_client().get("/openapi.json").get_json()
+    body = next(v for k, v in doc["components"]["schemas"].items() if k.split(".")[0] == "JobCreate")
+    assert body["properties"]["max_new_tokens"]["maximum"] == 100
+    assert "1 to 100" in body["properties"]["max_new_tokens"]["description"]
+    wait = next(p for p in doc["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"] if p["name"] == "wait")
+    assert [b.get("maximum") for b in wait["schema"]["anyOf"]] == [2.0, None]
+
+
 def sse(url: str, headers: dict[str, str] | None = None) -> list[tuple[str | None, str, str]]:
     """(id, event, data) of a whole SSE response."""
     events, current = [], {"id": None, "event": "message", "data": ""}

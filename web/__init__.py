@@ -29,7 +29,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     app = Flask(__name__)
     logs.configure(settings.log_format, settings.log_level)
-    app.config.update(MAX_CONTENT_LENGTH=settings.limits.max_body_bytes, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=settings.limits.max_body_bytes)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # objects keep their documented field order
     app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
 
     from web import (auth, batches, console, errors, health, job_list, jobs, metrics, models, openai_api, openapi,

@@ -7,6 +7,7 @@ validation stays in web/schemas.py so that every error keeps the `{"error": {...
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from flask import Flask, Response, jsonify, redirect
@@ -16,6 +17,7 @@ from spectree import SecurityScheme, SpecTree
 from spectree.models import SecureType, SecuritySchemeData
 
 from qwen_deploy import __version__
+from qwen_deploy.config import Settings
 
 spec = SpecTree(
     "flask", title="qwen-deploy", version=__version__, path="docs", mode="strict",
@@ -149,14 +151,45 @@ def _events_path(document: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
+def _set_maximum(node: Any, value: float) -> None:
+    """Replace every `maximum` under a property or parameter schema (through anyOf/oneOf branches)."""
+    if isinstance(node, dict):
+        if "maximum" in node:
+            node["maximum"] = value
+        for child in node.values():
+            _set_maximum(child, value)
+    elif isinstance(node, list):
+        for child in node:
+            _set_maximum(child, value)
+
+
+def with_settings(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The document with this deployment's caps (a copy): `max_new_tokens` and `wait` maxima."""
+    document = copy.deepcopy(document)
+    cap = settings.generation.max_new_tokens_cap
+    for name, schema in document.get("components", {}).get("schemas", {}).items():
+        prop = schema.get("properties", {}).get("max_new_tokens")
+        if name.split(".")[0] == "JobCreate" and prop is not None:
+            _set_maximum(prop, cap)
+            prop["description"] = f"1 to {cap}; default {settings.generation.default_max_new_tokens}"
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            for param in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                if param.get("name") == "wait" and param.get("in") == "query":
+                    _set_maximum(param, settings.limits.max_wait)
+    return document
+
+
 def register(app: Flask) -> None:
     spec.register(app)
 
     @app.get("/openapi.json")
     def openapi_json() -> Response:
+        from web import services
+
         document = dict(spec.spec)
         document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
-        return jsonify(document)
+        return jsonify(with_settings(document, services().settings))
 
     @app.get("/docs")
     def docs() -> Response:
