@@ -18,15 +18,23 @@ PROMPTS = ["Beautiful is better than", "Errors should never", "Simple is", "a",
 LENGTHS = [5, 17, 30, 8, 12, 25, 3, 20]
 
 
-def tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def tiny(arch: str, out: Path, tokenizer_dir: Path, layers: int = 2) -> Path:
+    import transformers
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}), "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+               # sliding-window attention over 8 positions: prompts and outputs here are longer
+               "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+               "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                          {"head_dim": 16, "sliding_window": 8,
+                           "layer_types": ["sliding_attention"] * (layers - 1) + ["full_attention"]})}
+    config_cls, model_cls, extra = classes[arch]
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(Qwen2Config(**common)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -112,6 +120,26 @@ def test_cancel_and_budget_stop_one_row_and_spare_the_others(handler: ModelHandl
     assert late.finish_reason == "time_limit"
     assert [seqs[0].text, seqs[2].text] == [expected[0], expected[2]]
     assert [s.finish_reason for s in (seqs[0], seqs[2])] == ["length", "length"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "gemma3"])
+def test_other_architectures_and_sliding_windows_match_generate(arch: str, demo_model: Path,
+                                                               tmp_path: Path) -> None:
+    """Qwen3, and models whose attention slides over 8 positions (Mistral; Gemma 3 mixing sliding and full
+    layers): staggered joins, contexts past the window, still exactly `generate`'s text."""
+    handler = make_handler(str(tiny(arch, tmp_path / arch, demo_model, layers=3)))
+    reqs = [GenerationRequest(prompt=p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, LENGTHS)][:5]
+    expected = [reference(handler, r) for r in reqs]
+    engine = handler.engine()
+    seqs = []
+    for i, r in enumerate(reqs):
+        seqs.append(handler.sequences(r, str(i), budget=60)[0][0])
+        engine.add(seqs[-1])
+        for _ in range(3):
+            engine.step()
+    while len(engine):
+        engine.step()
+    assert [s.text for s in seqs] == expected
 
 
 def test_extreme_sampling_values_never_fail_the_shared_step(handler: ModelHandler) -> None:

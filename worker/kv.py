@@ -104,7 +104,7 @@ def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch,
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full layers everywhere: sliding-window layers are masked, not cropped
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                 **{cache_keyword(type(model)): cache})
     batch = KVBatch()
