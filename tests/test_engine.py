@@ -23,6 +23,7 @@ def tiny(arch: str, out: Path, tokenizer_dir: Path, layers: int = 2) -> Path:
 
     classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}), "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
                "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+               "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),  # learned absolute positions
                # sliding-window attention over 8 positions: prompts and outputs here are longer
                "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
                "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
@@ -122,10 +123,10 @@ def test_cancel_and_budget_stop_one_row_and_spare_the_others(handler: ModelHandl
     assert [s.finish_reason for s in (seqs[0], seqs[2])] == ["length", "length"]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2", "mistral", "gemma3"])
 def test_other_architectures_and_sliding_windows_match_generate(arch: str, demo_model: Path,
                                                                tmp_path: Path) -> None:
-    """Qwen3, and models whose attention slides over 8 positions (Mistral; Gemma 3 mixing sliding and full
+    """Qwen3, GPT-2, and models whose attention slides over 8 positions (Mistral; Gemma 3 mixing sliding and full
     layers): staggered joins, contexts past the window, still exactly `generate`'s text."""
     handler = make_handler(str(tiny(arch, tmp_path / arch, demo_model, layers=3)))
     reqs = [GenerationRequest(prompt=p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, LENGTHS)][:5]
