@@ -110,6 +110,15 @@ def test_unknown_model_is_a_404(pools: Stack) -> None:
     assert (err.value.status, err.value.code, err.value.param) == (404, "model_not_found", "model")
 
 
+def test_an_idempotency_key_is_bound_to_the_model(pools: Stack) -> None:
+    client = Client(pools.url)
+    first = client.submit("x", model="tiny", max_new_tokens=2, idempotency_key="same-key")
+    assert client.submit("x", model="tiny", max_new_tokens=2, idempotency_key="same-key")["id"] == first["id"]
+    with pytest.raises(APIError) as err:
+        client.submit("x", model="demo", max_new_tokens=2, idempotency_key="same-key")
+    assert err.value.code == "idempotency_key_reused"
+
+
 def test_a_batch_runs_on_its_model(pools: Stack, local: dict[str, ModelHandler]) -> None:
     client = Client(pools.url, timeout=60)
     lines = [{"custom_id": f"r{i}", "body": {"prompt": p, "max_new_tokens": 5, "ignore_eos": True, "model": "tiny"}}

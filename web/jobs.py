@@ -14,16 +14,7 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, has_request_context, request, stream_with_context
 
-from qwen_deploy.errors import (
-    Conflict,
-    GatewayTimeout,
-    Gone,
-    NotFound,
-    QueueFull,
-    ServiceUnavailable,
-    TooManyRequests,
-    Unprocessable,
-)
+from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
@@ -32,6 +23,7 @@ from qwen_deploy.webhook_store import WebhookStore
 from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
+from web.errors import refused
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
 
@@ -69,27 +61,17 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()),
               **({"model": model} if model else {}), **extra}
     route = request.path if has_request_context() else kind
+    hashed = req if model in (None, svc.store.default_model) else {**req, "model": model}  # another model: new body
     result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
                               check_idempotency_key(idempotency_key), owner=owner, route=route,
-                              body_hash=request_hash(req), max_inflight=svc.settings.limits.max_inflight_per_key,
+                              body_hash=request_hash(hashed), max_inflight=svc.settings.limits.max_inflight_per_key,
                               engine=engine, model=model,
                               unserved_cap=svc.settings.limits.max_queued_unserved if engine else None)
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
-    if result.status == "full":
-        wait = retry_after or max(1, result.depth // 50)
-        raise QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
-                        headers={"Retry-After": str(wait)})
-    if result.status == "unavailable":
-        raise ServiceUnavailable(f"no worker serves the model {model!r} now and {result.depth} jobs wait for it; "
-                                 "try again later (GET /readyz?model=... says why)", code="model_unavailable",
-                                 param="model", headers={"Retry-After": str(retry_after or 10)})
-    if result.status == "inflight":
-        raise TooManyRequests(f"this key has {result.depth} jobs queued or running; wait for some to finish",
-                              code="too_many_inflight", headers={"Retry-After": str(retry_after or 1)})
-    if result.status == "reused":
-        raise Unprocessable("this Idempotency-Key was used with a different request body",
-                            code="idempotency_key_reused", param="Idempotency-Key")
+    refusal = refused(result, queue, model, retry_after)
+    if refusal is not None:
+        raise refusal
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
