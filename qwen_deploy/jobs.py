@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from qwen_deploy import registry
 from qwen_deploy.lua import script
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
@@ -124,7 +125,7 @@ class JobStore:
 
     def model_workers_key(self, model: str) -> str:
         """Live workers of one model, scored by their registration's expiry (see qwen_deploy.registry)."""
-        return f"{self.prefix}:model:{model}:workers"
+        return registry.model_key(self.prefix, model)
 
     def held_key(self, worker: str) -> str:
         """The jobs a worker's engine has claimed (taken over at once when that worker is found dead)."""

@@ -25,7 +25,7 @@ def index_key(prefix: str) -> str:
 
 
 def model_key(prefix: str, alias: str) -> str:
-    return f"{prefix}:model:{alias}:workers"  # the same name as JobStore.model_workers_key
+    return f"{prefix}:model:{alias}:workers"
 
 
 def loads_key(prefix: str) -> str:
