@@ -134,6 +134,7 @@ def public_batch(record: dict[str, str]) -> dict[str, Any]:
         "id": record["id"],
         "object": "batch",
         "endpoint": record.get("endpoint") or "/v1/jobs",
+        "model": record.get("model"),
         "input_file_id": record.get("input_file_id"),
         "completion_window": record.get("completion_window") or "24h",
         "output_file_id": batch_file_id(record["id"], OUTPUT_FILE) if ended else None,

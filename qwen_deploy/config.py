@@ -39,6 +39,15 @@ class ModelSettings(Section):
     trust_remote_code: bool = False
 
 
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # it names queues and keys: no ':', '/' or spaces
+
+
+class ModelEntry(ModelSettings):
+    """One model of `models:`; `alias` is its id in `model` fields and /v1/models, and names its queues."""
+
+    alias: str = Field(pattern=ALIAS_PATTERN, description="letters, digits, '.', '_' or '-' (up to 64)")
+
+
 class GenerationSettings(Section):
     max_new_tokens_cap: int = Field(512, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
@@ -62,6 +71,8 @@ class LimitSettings(Section):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_inflight_per_key: int = Field(1000, ge=1, description="queued or running jobs (and open batches) per API key")
     max_bulk_depth: int = Field(2000, ge=1, description="micro-batch tasks waiting on the bulk queue")
+    max_queued_unserved: int = Field(16, ge=0, description="jobs queued for a model no live worker serves "
+                                                            "(beyond: 503 model_unavailable)")
     max_streams_per_key: int = Field(100, ge=1, description="open SSE streams per API key")
     convert_time_limit: float = Field(3600.0, ge=60)
     reap_after: float = Field(600.0, gt=0, description="seconds a job may stay queued before the reaper checks it")
@@ -136,6 +147,8 @@ class EngineSettings(Section):
 class WorkerSettings(Section):
     proc_alive_timeout: float = Field(120.0, gt=0)
     heartbeat_interval: float = Field(10.0, gt=0)
+    model: str | None = Field(None, description="alias of the model a generation worker serves; default: the first "
+                                                "(or the one whose queues it consumes)")
 
 
 class WebhookSettings(Section):
@@ -172,6 +185,7 @@ class Settings(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     model: ModelSettings = Field(default_factory=ModelSettings)
+    models: list[ModelEntry] = Field(default_factory=list, description="several models; the first is the default")
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
@@ -192,6 +206,17 @@ class Settings(Section):
             )
         if gen.default_max_new_tokens > gen.max_new_tokens_cap:
             raise ValueError("generation.default_max_new_tokens exceeds generation.max_new_tokens_cap")
+        if self.models:
+            if "model" in self.model_fields_set:
+                raise ValueError("give either `model` (one model) or `models` (a list), not both")
+            aliases = [m.alias for m in self.models]
+            if len(set(aliases)) != len(aliases):
+                raise ValueError(f"models: aliases must be unique, got {', '.join(aliases)}")
+            clash = set(aliases[1:]) & set(self.web.model_aliases)
+            if clash:
+                raise ValueError(f"web.model_aliases names the alias of another model: {', '.join(sorted(clash))}")
+            self.model = ModelSettings(**self.models[0].model_dump(exclude={"alias"}))  # the default's settings
+            self.model_fields_set.discard("model")
         return self
 
     @property

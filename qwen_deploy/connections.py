@@ -8,6 +8,7 @@ import redis
 
 from qwen_deploy.config import Settings
 from qwen_deploy.jobs import JobStore
+from qwen_deploy.served import default_alias
 
 
 @functools.cache
@@ -26,7 +27,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 def job_store(settings: Settings) -> JobStore:
     return JobStore(redis_client(settings), settings.key_prefix, settings.limits.result_ttl,
-                    settings.limits.reap_after)
+                    settings.limits.reap_after, default_model=default_alias(settings))
 
 
 def reset_after_fork() -> None:

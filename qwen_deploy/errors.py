@@ -73,3 +73,7 @@ class ServiceUnavailable(AppError):
 
 class GatewayTimeout(AppError):
     status_code, code, type = 504, "generation_timeout", "server_error"
+
+
+class ModelNotFound(AppError):
+    status_code, code, type = 404, "model_not_found", "invalid_request_error"

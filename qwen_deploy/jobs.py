@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from qwen_deploy import registry
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
 
@@ -66,7 +67,7 @@ def _flat(fields: dict[str, Any]) -> list[str]:
 class Claim:
     """One entry of a CLAIM reply."""
 
-    outcome: str  # run | mine | busy | skip | missing | exhausted
+    outcome: str  # run | mine | busy | skip | missing | exhausted | other (another model's job)
     job_id: str
     detail: str  # the holder (busy), the status (skip)
     request: str
@@ -77,7 +78,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class SubmitResult:
-    status: str  # ok | duplicate | reused | full | inflight
+    status: str  # ok | duplicate | reused | full | inflight | unavailable
     job_id: str
     depth: int = 0
 
@@ -85,9 +86,11 @@ class SubmitResult:
 class JobStore:
     """Reads and writes job records; every method is one Redis round trip."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400, reap_after: float = 600.0) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400, reap_after: float = 600.0,
+                 default_model: str = "") -> None:
         self.r = client
         self.prefix = prefix
+        self.default_model = default_model  # its pending set keeps the plain key
         self.ttl = ttl
         self.reap_after = reap_after
         self._submit = client.register_script(script("submit"))
@@ -109,9 +112,22 @@ class JobStore:
     def active_key(self) -> str:
         return f"{self.prefix}:active"
 
-    def pending_key(self) -> str:
-        """Queued generation jobs, scored by submit time: what engines claim from, oldest first."""
-        return f"{self.prefix}:pending:interactive"
+    def pending_key(self, model: str | None = None) -> str:
+        """A model's queued generation jobs, scored by submit time: what its engines claim from, oldest
+        first. The default model (None or `default_model`) keeps the plain key."""
+        if model is None or model == self.default_model:
+            return f"{self.prefix}:pending:interactive"
+        return f"{self.prefix}:pending:interactive:{model}"
+
+    def engines_key(self, host: str, model: str | None = None) -> str:
+        """Engine processes of one model seen on a host (a replacement child takes over dead ones' jobs)."""
+        if model is None or model == self.default_model:
+            return f"{self.prefix}:engines:{host}"
+        return f"{self.prefix}:engines:{host}:{model}"
+
+    def model_workers_key(self, model: str) -> str:
+        """Live workers of one model, scored by their registration's expiry (see qwen_deploy.registry)."""
+        return registry.model_key(self.prefix, model)
 
     def held_key(self, worker: str) -> str:
         """The jobs a worker's engine has claimed (taken over at once when that worker is found dead)."""
@@ -134,23 +150,28 @@ class JobStore:
 
     def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any], max_depth: int,
                idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",
-               max_inflight: int = 0, engine: bool = False) -> SubmitResult:
+               max_inflight: int = 0, engine: bool = False, model: str | None = None,
+               unserved_cap: int | None = None) -> SubmitResult:
         """Write the record, index it under its owner and enqueue the message, unless the idempotency
-        key was seen, the queue is full or the owner has `max_inflight` jobs in flight."""
+        key was seen, the queue is full, the owner has `max_inflight` jobs in flight, or (with
+        `unserved_cap`) no live worker serves `model` and its pending set holds that many jobs."""
         fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(time.time()),
                   "tokens": "0", "deliveries": "0", **({"owner": owner} if owner else {}), **fields}
         idem = self.idem_key(idempotency_key, owner, route) if idempotency_key else ""
         floor = f"{JOB_ID_PREFIX}{max(0, int((time.time() - self.ttl) * 1000)):012x}"
         options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""),
-                   "index_floor": floor, "index_max": INDEX_MAX}
+                   "index_floor": floor, "index_max": INDEX_MAX, "now": time.time(),
+                   "unserved_cap": -1 if unserved_cap is None else unserved_cap}
+        served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
         status, value = self._submit(
             keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
-                  self.inflight_key(owner) if owner and max_inflight else "", self.pending_key() if engine else ""],
+                  self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",
+                  served],
             args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), json.dumps(options),
                   *_flat(fields)],
         )
         status, value = _text(status), _text(value)
-        if status in ("full", "inflight"):
+        if status in ("full", "inflight", "unavailable"):
             return SubmitResult(status, job_id, int(value))
         return SubmitResult(status, value)
 
@@ -196,14 +217,16 @@ class JobStore:
         return bool(done)
 
     def claim(self, worker: str, lease: float, max_deliveries: int, room: int, job_id: str = "",
-              takeover: str = "") -> list[Claim]:
-        """Claim queued (or orphaned) generation jobs for an engine: one job by id, or up to `room`."""
+              takeover: str = "", model: str | None = None) -> list[Claim]:
+        """Claim queued (or orphaned) generation jobs of `model` (default: the default model) for an engine:
+        one job by id, or up to `room`. A job of another model is never claimed (outcome `other`)."""
         error = {"code": "worker_lost", "message": (
             f"the worker running this job died {max_deliveries} time(s); the job was not retried again")}
         now = time.time()
-        flat = self._claim(keys=[self.pending_key(), self.active_key(), self.stats_key(), self.held_key(worker)],
+        flat = self._claim(keys=[self.pending_key(model), self.active_key(), self.stats_key(), self.held_key(worker)],
                            args=[self.prefix, repr(now), worker, repr(now + lease), max_deliveries, self.ttl,
-                                 json.dumps(error), room, takeover, job_id])
+                                 json.dumps(error), room, takeover, job_id, model or self.default_model,
+                                 self.default_model])
         flat = [_text(v) for v in flat]
         return [Claim(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
 
@@ -264,6 +287,7 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
         "type": kind,
         "status": status,
         "queue": record.get("queue"),
+        **({"model": record["model"]} if record.get("model") else {}),
         "created_at": num("created_at"),
         "started_at": num("started_at"),
         "completed_at": num("completed_at"),

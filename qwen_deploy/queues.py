@@ -30,6 +30,12 @@ WEBHOOKS_TASK = "qwen_deploy.webhooks_dispatch"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+def model_queues(alias: str, default: bool) -> tuple[str, str]:
+    """A model's (interactive, bulk) queues: the default model keeps the plain names, another
+    `interactive.{alias}` and `bulk.{alias}`."""
+    return GENERATION_QUEUES if default else (f"{INTERACTIVE}.{alias}", f"{BULK}.{alias}")
+
+
 def engine_queue(prefix: str, node: str) -> str:
     """The queue only this generation worker consumes: hand-offs that keep its engine driven."""
     return f"{prefix}.engine.{node}"

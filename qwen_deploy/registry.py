@@ -2,7 +2,9 @@
 
 A record is a key that expires `ttl` after its last refresh, listed in one sorted set
 (`{prefix}:workers`) scored by that expiry: readers prune lapsed entries by score and never scan
-the keyspace.
+the keyspace. A record names the model alias the worker serves (`alias`); the worker is also listed,
+by the same expiry, in its model's set `{prefix}:model:{alias}:workers`, which SUBMIT reads to know
+whether any live worker serves a job's model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ def index_key(prefix: str) -> str:
     return f"{prefix}:workers"
 
 
+def model_key(prefix: str, alias: str) -> str:
+    return f"{prefix}:model:{alias}:workers"
+
+
 def loads_key(prefix: str) -> str:
     return f"{prefix}:stats:model_loads"
 
@@ -33,13 +39,18 @@ def publish(client: redis.Redis, prefix: str, name: str, info: dict[str, Any], t
     pipe = client.pipeline(transaction=True)
     pipe.set(worker_key(prefix, name), json.dumps(info), px=int(ttl * 1000))
     pipe.zadd(index_key(prefix), {name: now + ttl})
+    if info.get("alias"):
+        pipe.zadd(model_key(prefix, info["alias"]), {name: now + ttl})
+        pipe.zremrangebyscore(model_key(prefix, info["alias"]), "-inf", now)
     pipe.execute()
 
 
-def remove(client: redis.Redis, prefix: str, name: str) -> None:
+def remove(client: redis.Redis, prefix: str, name: str, alias: str | None = None) -> None:
     pipe = client.pipeline(transaction=True)
     pipe.delete(worker_key(prefix, name))
     pipe.zrem(index_key(prefix), name)
+    if alias:
+        pipe.zrem(model_key(prefix, alias), name)
     pipe.execute()
 
 
@@ -52,3 +63,8 @@ def workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     values = client.mget([worker_key(prefix, n) for n in names]) if names else []
     found = [json.loads(v) for v in values if v]
     return sorted(found, key=lambda w: w.get("model", {}).get("loaded_at") or 0, reverse=True)
+
+
+def by_model(found: list[dict[str, Any]], alias: str, default: bool) -> list[dict[str, Any]]:
+    """The records of workers serving `alias` (a record without an alias is the default model's)."""
+    return [w for w in found if w.get("alias") == alias or (default and not w.get("alias"))]

@@ -10,14 +10,19 @@ from celery import signals
 
 from qwen_deploy.config import get_settings
 from qwen_deploy.queues import GENERATION_QUEUES
+from qwen_deploy.served import all_generation_queues
 
 log = logging.getLogger(__name__)
 
 
-def _serves_generation(app: object) -> bool:
+def _consumed(app: object) -> set[str]:
     consume = getattr(getattr(app, "amqp", None), "queues", None)
-    names = set(getattr(consume, "consume_from", None) or {}) or set(GENERATION_QUEUES)
-    return bool(names & set(GENERATION_QUEUES))
+    return set(getattr(consume, "consume_from", None) or {}) or set(GENERATION_QUEUES)
+
+
+def _serves_generation(app: object) -> bool:
+    """Whether this worker consumes any model's interactive or bulk queue."""
+    return bool(_consumed(app) & all_generation_queues(get_settings()))
 
 
 @signals.after_setup_logger.connect
@@ -51,10 +56,13 @@ def _before_fork(sender: object = None, **_: object) -> None:
     from tasks.app import app
 
     if _serves_generation(app):
+        from qwen_deploy.served import for_worker
         from worker.handler import ModelHandler
 
         try:
-            ModelHandler(get_settings()).preload_modules()
+            settings = get_settings()
+            model = for_worker(settings, _consumed(app)).model
+            ModelHandler(settings.model_copy(update={"model": model})).preload_modules()
         except Exception as exc:  # the child loads (and reports) for real
             log.warning("could not preload the model's modules: %s", exc)
 
@@ -67,9 +75,11 @@ def _load_model(**_: object) -> None:
     reset_after_fork()
     if not _serves_generation(app):
         return
+    from qwen_deploy.served import for_worker
     from worker.runtime import init_process
 
-    init_process(get_settings())
+    settings = get_settings()
+    init_process(settings, for_worker(settings, _consumed(app)))
 
 
 @signals.worker_process_shutdown.connect

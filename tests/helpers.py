@@ -48,6 +48,8 @@ class Stack:
         self.redis_url = redis_url
         cfg = {"model": {"name_or_path": str(model_dir), "threads": 1},
                "worker": {"heartbeat_interval": 1.0}, **(config or {})}
+        if "models" in cfg:  # several models: `models` replaces the single `model` section
+            del cfg["model"]
         self.config_path = tmp / "config.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.env = {**os.environ, "QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,
@@ -69,6 +71,26 @@ class Stack:
         if wait:
             self.wait_ready()
         return self.worker
+
+    def start_model_worker(self, alias: str) -> subprocess.Popen[bytes]:
+        """A generation worker for one alias of `models:` on that model's queues, as `qwen-deploy worker
+        --model ALIAS` starts it (not waited for; see wait_model_ready)."""
+        from qwen_deploy.served import find_model
+
+        served = find_model(self.settings, alias)
+        assert served is not None, alias
+        argv = celery_command(worker_argv(served.queues, f"gen-{alias}{os.getpid()}", "INFO"))
+        log = open(self.tmp / f"worker-{alias}.log", "ab")
+        proc = subprocess.Popen(argv, env={**self.env, "QWEN_DEPLOY_WORKER__MODEL": alias}, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.others.append(proc)
+        return proc
+
+    def wait_model_ready(self, alias: str, timeout: float = 90.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            found = [w for w in self.workers() if w["state"] == "ready" and w.get("alias") == alias]
+            return found[0] if found else None
+        return wait_until(ready, timeout, 0.1, f"a ready worker for {alias}")
 
     def start_convert_worker(self) -> subprocess.Popen[bytes]:
         argv = celery_command(worker_argv(CONVERT_WORKER_QUEUES, f"convert{os.getpid()}", "INFO"))

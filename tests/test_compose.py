@@ -181,3 +181,12 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
     no_redis_password.write_text("FLOWER_USER=admin\nFLOWER_PASSWORD=secret\n")
     result = config(env_path=no_redis_password)
     assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr
+
+
+def test_one_service_per_pool(services: dict[str, dict[str, Any]]) -> None:
+    """The default model's CPU and GPU pools, a second model's pool, and convert work without a device."""
+    small = services["worker-small"]
+    assert words(small["command"]) == "qwen-deploy worker --model small" and small["profiles"] == ["models"]
+    assert small["image"] == services["worker"]["image"] and "deploy" not in small  # CPU
+    assert words(small["healthcheck"]["test"]) == "CMD qwen-deploy healthcheck worker"
+    assert "deploy" not in services["convert-worker"]

@@ -62,3 +62,42 @@ def test_bad_config_stops_the_web_process_at_start() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "limits.max_wait" in out.stderr
+
+
+@pytest.fixture()
+def no_env(tmp_path: Path) -> dict[str, str]:
+    """No config file, no .env: only what a test passes."""
+    (tmp_path / "empty.yml").write_text("{}\n")
+    return {"QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"), "QWEN_DEPLOY_CONFIG": str(tmp_path / "empty.yml")}
+
+
+def test_models_list_and_the_single_model_as_one_entry(no_env: dict[str, str]) -> None:
+    from qwen_deploy.served import find_model, for_worker, served_models
+
+    env = no_env
+    one = load_settings(environ=env, overrides={"web": {"model_aliases": ["gpt-x"]}})
+    [only] = served_models(one)
+    assert (only.alias, only.default, only.queues) == ("Qwen/Qwen2.5-0.5B-Instruct", True, ("interactive", "bulk"))
+    assert find_model(one, "Qwen2.5-0.5B-Instruct") == find_model(one, "gpt-x") == only
+    models = [{"alias": "big", "name_or_path": "org/big", "device": "cuda"},
+              {"alias": "small.v2", "name_or_path": "org/small", "device": "cpu"}]
+    two = load_settings(environ=env, overrides={"models": models, "web": {"model_aliases": ["gpt-x"]}})
+    big, small = served_models(two)
+    assert two.model.name_or_path == "org/big" and two.model.device == "cuda"  # `model` is the default's
+    assert small.queues == ("interactive.small.v2", "bulk.small.v2") and not small.default
+    assert find_model(two, None) == big and find_model(two, "gpt-x") == big and find_model(two, "org/big") is None
+    assert for_worker(two, {"bulk.small.v2"}) == small and for_worker(two, {"convert"}) == big
+    pinned = load_settings(environ={**env, "QWEN_DEPLOY_WORKER__MODEL": "small.v2"}, overrides={"models": models})
+    assert for_worker(pinned, {"interactive"}).alias == "small.v2"
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"models": [{"alias": "a:b", "name_or_path": "x"}]}, "models.0.alias"),
+    ({"models": [{"alias": "a", "name_or_path": "x"}, {"alias": "a", "name_or_path": "y"}]}, "unique"),
+    ({"models": [{"alias": "a", "name_or_path": "x"}], "model": {"name_or_path": "y"}}, "not both"),
+    ({"models": [{"alias": "a", "name_or_path": "x"}, {"alias": "b", "name_or_path": "y"}],
+      "web": {"model_aliases": ["b"]}}, "another model"),
+])
+def test_bad_models_are_config_errors(overrides: dict[str, object], needle: str, no_env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(environ=no_env, overrides=overrides)

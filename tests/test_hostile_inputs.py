@@ -176,7 +176,8 @@ def test_odd_values_in_every_route_param_and_header_are_never_5xx(http: Any) -> 
                 for headers in ({}, {"Last-Event-ID": value, "Idempotency-Key": value, "Authorization": value}):
                     body = {"prompt": value} if path != "/v1/generate" else {"prompt": value, "top_k": value}
                     response = http.open(url, method=method.upper(), query_string=args, json=body, headers=headers)
-                    no_worker = response.status_code == 503 and url in ("/readyz", "/v1/model")  # none runs here
+                    unserved = b'"model_unavailable"' in response.get_data()  # its few queued jobs are here
+                    no_worker = response.status_code == 503 and (url in ("/readyz", "/v1/model") or unserved)
                     assert response.status_code < 500 or no_worker, (method, url, args, headers,
                                                                      response.get_data()[:300])
                     response.close()

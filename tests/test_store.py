@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from qwen_deploy import registry
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.jobs import JobStore, new_job_id
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
@@ -104,3 +105,46 @@ def test_takeover_of_a_dead_holder_and_exhausted_runs(store: JobStore) -> None:
     assert last.outcome == "exhausted"
     record = store.get(jobs[0])
     assert record["status"] == "failed" and json.loads(record["error"])["code"] == "worker_lost"
+
+
+def submit_for(store: JobStore, model: str, queue: str, cap: int | None = None) -> tuple[str, str]:
+    """A generation job for `model` (as web submits it): (status, job id)."""
+    job_id = new_job_id()
+    message = task_message(GENERATE_TASK, job_id, queue, [job_id])
+    fields = {"type": "generation", "model": model, "request": json.dumps({"prompt": "x", "max_new_tokens": 4})}
+    result = store.submit(job_id, queue, message, fields, 100, engine=True, model=model, unserved_cap=cap)
+    return result.status, job_id
+
+
+def test_claims_are_per_model(server: RedisServer) -> None:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushdb()
+    store = JobStore(client, "t", ttl=600, reap_after=60, default_model="demo")
+    assert store.pending_key("demo") == store.pending_key() == "t:pending:interactive"
+    assert store.pending_key("tiny") == "t:pending:interactive:tiny"
+    _, a = submit_for(store, "demo", INTERACTIVE)
+    _, b = submit_for(store, "tiny", "interactive.tiny")
+    assert store.r.zrange(store.pending_key("tiny"), 0, -1) == [b]
+    assert [(c.outcome, c.job_id) for c in store.claim("host:1", 30, 2, 8)] == [("run", a)]  # default model
+    assert [(c.outcome, c.detail) for c in store.claim("host:1", 30, 2, 1, job_id=b)] == [("other", "tiny")]
+    assert store.get(b)["status"] == "queued" and store.r.llen("interactive.tiny") == 1
+    [got] = store.claim("host:2", 1, 2, 8, model="tiny")
+    assert (got.outcome, got.job_id) == ("run", b) and store.r.llen("interactive.tiny") == 0
+    store.r.zadd(store.active_key(), {a: 0, b: 0})  # both leases ran out (their workers vanished)
+    for job in (a, b):
+        store.r.hset(store.key(job), "lease_until", "0")
+    assert [c.job_id for c in store.claim("host:3", 30, 2, 8, model="tiny") if c.outcome == "run"] == [b]
+    assert [c.job_id for c in store.claim("host:4", 30, 2, 8) if c.outcome == "run"] == [a]
+    _, c = submit_for(store, "tiny", "interactive.tiny")
+    assert store.cancel(c) == "canceled" and store.r.zcard(store.pending_key("tiny")) == 0
+
+
+def test_submit_caps_a_model_no_live_worker_serves(server: RedisServer) -> None:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushdb()
+    store = JobStore(client, "t", ttl=600, reap_after=60, default_model="demo")
+    assert [submit_for(store, "ghost", "interactive.ghost", cap=2)[0] for _ in range(3)] == ["ok", "ok", "unavailable"]
+    registry.publish(client, "t", "host:9", {"alias": "ghost", "state": "loading"}, ttl=30)  # a live worker
+    assert submit_for(store, "ghost", "interactive.ghost", cap=2)[0] == "ok"
+    registry.remove(client, "t", "host:9", "ghost")
+    assert submit_for(store, "ghost", "interactive.ghost", cap=2)[0] == "unavailable"

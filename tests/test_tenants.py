@@ -35,7 +35,9 @@ def make_app(url: str, **sections: Any) -> Any:
 @pytest.fixture()
 def http(redis_srv: RedisServer) -> Any:
     redis.Redis.from_url(redis_srv.url).flushdb()
-    return make_app(redis_srv.url, web={"api_keys": [K1, K2], "admin_keys": [ADMIN]}).test_client()
+    # no worker runs here: the jobs wait, past the small queue of a model no worker serves
+    return make_app(redis_srv.url, web={"api_keys": [K1, K2], "admin_keys": [ADMIN]},
+                    limits={"max_queued_unserved": 1000}).test_client()
 
 
 def auth(key: str) -> dict[str, str]:

@@ -22,7 +22,8 @@ from qwen_deploy.errors import (
     UnsupportedMediaType,
 )
 from qwen_deploy.jobs import new_id, valid_id
-from qwen_deploy.queues import BATCH_CHUNK_TASK, BULK, task_message
+from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
+from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
@@ -155,15 +156,24 @@ def create_batch() -> Response:
     hook = check_request(g.get("batch_webhook") or request.args.get("webhook"), None, svc.settings)
     good: list[str] = []
     errors: list[str] = []
+    model: str | None = None  # a batch runs on one model: its first valid line's
     for line, item in items:
         try:
-            good.append(json.dumps(_validate(line, item, jsonl, extra["endpoint"])))
+            valid = _validate(line, item, jsonl, extra["endpoint"])
+            model = model or valid["body"]["model"]
+            if valid["body"]["model"] != model:
+                raise Unprocessable(f"a batch runs on one model ({model!r}, from its first valid line); this line "
+                                    f"names {valid['body']['model']!r}", code="mixed_models", param="body.model")
+            good.append(json.dumps(valid))
         except AppError as err:
             cid = item.get("custom_id") if isinstance(item, dict) else None
             errors.append(json.dumps(_line_error(line, cid, err.code, err.message, err.param)))
+    served = find_model(svc.settings, model)
+    assert served is not None  # every line's model was checked
+    bulk = served.bulk
     batch_id = new_id(BATCH_ID_PREFIX)
     size, lim = svc.settings.batches.micro_batch_size, svc.settings.limits
-    messages = [(BULK, task_message(BATCH_CHUNK_TASK, f"{batch_id}:{start}", BULK,
+    messages = [(bulk, task_message(BATCH_CHUNK_TASK, f"{batch_id}:{start}", bulk,
                                     [batch_id, start, min(start + size, len(good))],
                                     lim.hard_time_limit, lim.soft_time_limit))
                 for start in range(0, len(good), size)]
@@ -172,8 +182,8 @@ def create_batch() -> Response:
               "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
               "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
               "metadata": json.dumps(metadata) if metadata is not None else None, **extra, **hook,
-              "owner": current_owner()}
-    _check_capacity(len(messages))
+              "owner": current_owner(), "model": served.alias}
+    _check_capacity(len(messages), bulk)
     store().create(batch_id, fields, good, errors, messages)
     if messages:
         pipe = svc.redis.pipeline(transaction=False)
@@ -192,13 +202,14 @@ def _open_key() -> str:
     return f"{services().settings.key_prefix}:owner:{current_owner()}:batches"
 
 
-def _check_capacity(new_tasks: int) -> None:
-    """429 when the bulk queue would pass `limits.max_bulk_depth` or the caller has too many open batches."""
+def _check_capacity(new_tasks: int, bulk: str) -> None:
+    """429 when the model's bulk queue would pass `limits.max_bulk_depth` or the caller has too many open
+    batches."""
     svc = services()
     lim = svc.settings.limits
-    depth = int(svc.redis.llen(BULK))
+    depth = int(svc.redis.llen(bulk))
     if new_tasks and depth + new_tasks > lim.max_bulk_depth:
-        raise QueueFull(f"the bulk queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
+        raise QueueFull(f"the {bulk} queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
     key = _open_key()
     open_ids = [i.decode() if isinstance(i, bytes) else i for i in svc.redis.zrange(key, 0, -1)]
     if len(open_ids) >= lim.max_inflight_per_key:

@@ -8,7 +8,8 @@ import redis
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from qwen_deploy.errors import AppError
+from qwen_deploy.errors import AppError, QueueFull, ServiceUnavailable, TooManyRequests, Unprocessable
+from qwen_deploy.jobs import SubmitResult
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,25 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 
 
 
 REJECTIONS_COUNTED = frozenset({400, 401, 413, 415, 422, 429})
+
+
+def refused(result: SubmitResult, queue: str, model: str | None, retry_after: int | None) -> AppError | None:
+    """The error for a submit that SUBMIT refused (None when it was accepted or replayed)."""
+    if result.status == "full":
+        wait = retry_after or max(1, result.depth // 50)
+        return QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
+                         headers={"Retry-After": str(wait)})
+    if result.status == "unavailable":
+        return ServiceUnavailable(f"no worker serves the model {model!r} now and {result.depth} jobs wait for it; "
+                                  "try again later (GET /readyz?model=... says why)", code="model_unavailable",
+                                  param="model", headers={"Retry-After": str(retry_after or 10)})
+    if result.status == "inflight":
+        return TooManyRequests(f"this key has {result.depth} jobs queued or running; wait for some to finish",
+                               code="too_many_inflight", headers={"Retry-After": str(retry_after or 1)})
+    if result.status == "reused":
+        return Unprocessable("this Idempotency-Key was used with a different request body",
+                             code="idempotency_key_reused", param="Idempotency-Key")
+    return None
 
 
 def _count_rejection(status: int) -> None:

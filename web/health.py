@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from qwen_deploy import registry
 from qwen_deploy.errors import ServiceUnavailable
+from qwen_deploy.served import Served
 from web import services
 from web.openapi import ModelInfo, Status, doc
+from web.schemas import pick_model
 
 bp = Blueprint("health", __name__)
 
@@ -21,25 +23,48 @@ def livez() -> Response:
     return jsonify(status="ok")
 
 
-def _ready_worker() -> dict[str, Any]:
-    """The newest ready generation worker, or a 503 that says why there is none."""
+def model_workers(found: list[dict[str, Any]], served: Served) -> dict[str, Any]:
+    """A model's live workers: counts, the newest ready one, and why it is not ready (None when it is)."""
+    mine = registry.by_model(found, served.alias, served.default)
+    ready = [w for w in mine if w.get("state") == "ready"]
+    reason = None if ready else ("model_loading" if mine else "no_worker")
+    return {"live": len(mine), "ready": len(ready), "newest": ready[0] if ready else None, "reason": reason}
+
+
+REASONS = {"model_loading": "a generation worker is loading its model",
+           "no_worker": "no generation worker is running"}
+
+
+def _ready_worker(served: Served | None = None) -> dict[str, Any]:
+    """The newest ready generation worker (of `served`, else of any model), or a 503 that says why there
+    is none."""
     svc = services()
     svc.redis.ping()
     found = registry.workers(svc.redis, svc.settings.key_prefix)
+    if served is not None:
+        state = model_workers(found, served)
+        if state["newest"]:
+            return state["newest"] | {"count": state["ready"]}
+        raise ServiceUnavailable(f"{REASONS[state['reason']]} for the model {served.alias!r}", code=state["reason"],
+                                 param="model")
     ready = [w for w in found if w.get("state") == "ready"]
     if ready:
         return ready[0] | {"count": len(ready)}
     if found:
-        raise ServiceUnavailable("a generation worker is loading its model", code="model_loading")
-    raise ServiceUnavailable("no generation worker is running", code="no_worker")
+        raise ServiceUnavailable(REASONS["model_loading"], code="model_loading")
+    raise ServiceUnavailable(REASONS["no_worker"], code="no_worker")
 
 
 @bp.get("/readyz")
 @doc(model=Status, tags=("health",))
 def readyz() -> Response:
-    """Ready when Redis answers and a generation worker has its model loaded; else 503 with the reason."""
-    worker = _ready_worker()
-    return jsonify(status="ready", workers=worker["count"], model=worker["model"]["name"])
+    """Ready when Redis answers and a generation worker has its model loaded (with `?model=`: a worker of
+    that model); else 503 with the reason."""
+    name = request.args.get("model")
+    served = pick_model(name, services().settings) if name is not None else None
+    worker = _ready_worker(served)
+    return jsonify(status="ready", workers=worker["count"], model=worker["model"]["name"],
+                   **({"alias": served.alias} if served else {}))
 
 
 @bp.get("/v1/model")

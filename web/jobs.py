@@ -14,14 +14,16 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, has_request_context, request, stream_with_context
 
-from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, TooManyRequests, Unprocessable
+from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
 from qwen_deploy.logs import event
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, task_message
+from qwen_deploy.served import find_model
 from qwen_deploy.webhook_store import WebhookStore
 from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
+from web.errors import refused
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
 
@@ -48,30 +50,28 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
             idempotency_key: str | None, retry_after: int | None = None, engine: bool = False,
-            **extra: str) -> tuple[dict[str, Any], bool]:
-    """Record and enqueue a job in one Redis round trip; return (job object, replayed)."""
+            model: str | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
+    """Record and enqueue a job in one Redis round trip; return (job object, replayed). A generation job
+    (`engine`) for `model` goes onto that model's pending set; while no live worker serves it, only
+    `limits.max_queued_unserved` such jobs are accepted."""
     svc = services()
     job_id = new_job_id()
     owner = current_owner()
     message = task_message(task, job_id, queue, [job_id], *limits)
-    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **extra}
+    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()),
+              **({"model": model} if model else {}), **extra}
     route = request.path if has_request_context() else kind
+    hashed = req if model in (None, svc.store.default_model) else {**req, "model": model}  # another model: new body
     result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
                               check_idempotency_key(idempotency_key), owner=owner, route=route,
-                              body_hash=request_hash(req), max_inflight=svc.settings.limits.max_inflight_per_key,
-                              engine=engine)
+                              body_hash=request_hash(hashed), max_inflight=svc.settings.limits.max_inflight_per_key,
+                              engine=engine, model=model,
+                              unserved_cap=svc.settings.limits.max_queued_unserved if engine else None)
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
-    if result.status == "full":
-        wait = retry_after or max(1, result.depth // 50)
-        raise QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
-                        headers={"Retry-After": str(wait)})
-    if result.status == "inflight":
-        raise TooManyRequests(f"this key has {result.depth} jobs queued or running; wait for some to finish",
-                              code="too_many_inflight", headers={"Retry-After": str(retry_after or 1)})
-    if result.status == "reused":
-        raise Unprocessable("this Idempotency-Key was used with a different request body",
-                            code="idempotency_key_reused", param="Idempotency-Key")
+    refusal = refused(result, queue, model, retry_after)
+    if refusal is not None:
+        raise refusal
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
@@ -86,10 +86,15 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
 
 
 def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: str) -> tuple[dict[str, Any], bool]:
-    """Enqueue an already validated generation request (see parse_job)."""
-    lim = services().settings.limits
-    return enqueue("generation", GENERATE_TASK, INTERACTIVE, req, (lim.hard_time_limit, lim.soft_time_limit),
-                   idempotency_key, engine=True, max_new_tokens=str(req["max_new_tokens"]), **extra)
+    """Enqueue an already validated generation request (see parse_job) on its model's interactive queue."""
+    settings = services().settings
+    lim, req = settings.limits, dict(req)
+    served = find_model(settings, req.pop("model", None))
+    if served is None:  # parse_job checked it
+        raise NotFound("no such model", code="model_not_found", param="model")
+    return enqueue("generation", GENERATE_TASK, served.interactive, req, (lim.hard_time_limit, lim.soft_time_limit),
+                   idempotency_key, engine=True, model=served.alias, max_new_tokens=str(req["max_new_tokens"]),
+                   **extra)
 
 
 def load_record(job_id: str) -> dict[str, str]:

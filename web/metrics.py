@@ -16,7 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from qwen_deploy import registry
 from qwen_deploy.lua import HISTOGRAM_BUCKETS
-from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
+from qwen_deploy.queues import CONVERT
+from qwen_deploy.served import served_models
 from web import services
 
 bp = Blueprint("metrics", __name__)
@@ -26,8 +27,10 @@ HISTOGRAMS = {"queue_seconds": "Time from submit to the first start of a job",
 
 
 class RedisStatsCollector:
-    def __init__(self, stats: dict[str, str], depths: dict[str, int], workers: list[dict[str, Any]]) -> None:
+    def __init__(self, stats: dict[str, str], depths: dict[str, int], workers: list[dict[str, Any]],
+                 per_model: dict[str, dict[str, int]] | None = None) -> None:
         self.stats, self.depths, self.workers = stats, depths, workers
+        self.per_model = per_model or {}
 
     def _by_prefix(self, prefix: str) -> Iterator[tuple[list[str], float]]:
         for key, value in self.stats.items():
@@ -61,6 +64,13 @@ class RedisStatsCollector:
         for queue, value in self.depths.items():
             depth.add_metric([queue], value)
         yield depth
+        work = GaugeMetricFamily(f"{NS}_model_queue_depth", "Work per model: messages on its interactive and bulk "
+                                 "queues, and jobs its engines hold (the autoscaling metric: sum the parts)",
+                                 labels=["model", "part"])
+        for alias, parts in self.per_model.items():
+            for part, value in parts.items():
+                work.add_metric([alias, part], value)
+        yield work
         ready = [w for w in self.workers if w.get("state") == "ready"]
         yield GaugeMetricFamily(f"{NS}_workers_ready", "Generation workers with their model loaded", value=len(ready))
         load = GaugeMetricFamily(f"{NS}_model_load_seconds", "Model load time per worker", labels=["worker", "model"])
@@ -74,11 +84,18 @@ def metrics() -> Response:
     svc = services()
     pipe = svc.redis.pipeline(transaction=False)
     pipe.hgetall(f"{svc.settings.key_prefix}:stats")
-    queues = (INTERACTIVE, BULK, CONVERT)
+    models = served_models(svc.settings)
+    queues = (*(q for m in models for q in m.queues), CONVERT)
     for queue in queues:
         pipe.llen(queue)
     stats, *depths = pipe.execute()
+    by_queue = dict(zip(queues, depths))
     found = registry.workers(svc.redis, svc.settings.key_prefix)
+    per_model = {}
+    for m in models:  # running: the jobs held by the model's live engines (one SCARD each)
+        names = [str(w.get("name")) for w in registry.by_model(found, m.alias, m.default)]
+        held = sum(svc.redis.scard(svc.store.held_key(n)) for n in names) if names else 0
+        per_model[m.alias] = {"interactive": by_queue[m.interactive], "bulk": by_queue[m.bulk], "running": held}
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RedisStatsCollector(stats, dict(zip(queues, depths)), found))
+    reg.register(RedisStatsCollector(stats, by_queue, found, per_model))
     return Response(generate_latest(reg), mimetype="text/plain; version=0.0.4; charset=utf-8")

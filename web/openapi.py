@@ -63,6 +63,7 @@ class Job(BaseModel):
     type: Literal["generation", "download", "export"]
     status: Literal["queued", "running", "canceling", "succeeded", "failed", "canceled", "timed_out"]
     queue: str | None = None
+    model: str | None = Field(None, description="the served model's id (generation jobs)")
     created_at: float | None = None
     started_at: float | None = None
     completed_at: float | None = None
@@ -76,6 +77,7 @@ class Batch(BaseModel):
     id: str
     object: Literal["batch"]
     endpoint: str
+    model: str | None = None
     status: Literal["validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled",
                     "expired"]
     created_at: float | None = None

@@ -9,7 +9,8 @@ from flask import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from qwen_deploy.config import Settings
-from qwen_deploy.errors import BadRequest, UnsupportedMediaType, Unprocessable
+from qwen_deploy.errors import BadRequest, ModelNotFound, UnsupportedMediaType, Unprocessable
+from qwen_deploy.served import Served, find_model, served_models
 from web.response_format import ResponseFormat, check_response_format
 
 Number = StrictFloat | StrictInt
@@ -40,6 +41,8 @@ class JobCreate(WebhookFields):
     """Body of POST /v1/jobs and /v1/generate: a prompt or chat messages, and generation settings."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF_PROMPT)
+    model: StrictStr | None = Field(None, max_length=256, description="a model id from GET /v1/models; "
+                                                                      "default: the first")
     prompt: StrictStr | None = None
     messages: list[Message] | None = Field(None, min_length=1)
     max_new_tokens: StrictInt | None = Field(
@@ -111,8 +114,18 @@ def validation_error(exc: ValidationError) -> Unprocessable:
     return Unprocessable(f"{param}: {err['msg']}" if param else err["msg"], code=code, param=param)
 
 
+def pick_model(name: Any, settings: Settings) -> Served:
+    """The served model a request's `model` names (absent: the default); 404 model_not_found otherwise."""
+    found = find_model(settings, name) if name is None or isinstance(name, str) else None
+    if found is None:
+        ids = ", ".join(repr(m.alias) for m in served_models(settings))
+        raise ModelNotFound(f"the model {name!r} does not exist; this server serves {ids}", param="model")
+    return found
+
+
 def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
-    """Validate a job body against the schema and the configured caps; return the stored request."""
+    """Validate a job body against the schema and the configured caps; return the stored request, with
+    `model` the chosen model's alias (submit_request takes it out: the record keeps it as a field)."""
     if not isinstance(body, dict):
         raise Unprocessable("request body must be a JSON object", code="invalid_type")
     try:
@@ -140,9 +153,9 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
     # webhook fields are kept in the record, not in the request the worker reads
-    data = req.model_dump(exclude_none=True, exclude={"response_format", *WebhookFields.model_fields})
+    data = req.model_dump(exclude_none=True, exclude={"model", "response_format", *WebhookFields.model_fields})
     if req.response_format is not None:
         check_response_format(req.response_format)
         data["response_format"] = body["response_format"]  # stored as given
-    data.update(max_new_tokens=n, stop=stop)
+    data.update(max_new_tokens=n, stop=stop, model=pick_model(req.model, settings).alias)
     return data

@@ -27,8 +27,8 @@ from redis.exceptions import RedisError
 
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.logs import event
-from qwen_deploy.queues import BULK
 from qwen_deploy.reaper import drop_unacked, unacked_tags
+from qwen_deploy.served import Served
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import GenerationRequest, ModelHandler
 
@@ -90,8 +90,11 @@ class Driver:
     """The engine of one worker child and the bookkeeping that ties its sequences to job records."""
 
     def __init__(self, handler: ModelHandler, store: JobStore, worker: str,
-                 handoff: Callable[[], None] | None = None) -> None:
+                 handoff: Callable[[], None] | None = None, model: Served | None = None) -> None:
         self.handler, self.store, self.worker = handler, store, worker
+        # The model this engine serves: it claims only that model's jobs and yields to its bulk queue.
+        self.model = model.alias if model else None
+        self.bulk_queue = model.bulk if model else "bulk"
         self.settings = handler.settings
         self.engine: Engine = handler.engine()
         self.jobs: dict[str, RunningJob] = {}
@@ -110,14 +113,13 @@ class Driver:
         """Claim one job for this engine: run | mine | busy | skip | missing | exhausted."""
         if job_id in self.jobs:
             return "mine"
-        claims = self.store.claim(self.worker, self.lease, self.max_deliveries, 1, job_id=job_id)
+        claims = self._claim(1, job_id=job_id)
         outcome = claims[0] if claims else None
         if outcome and outcome.outcome == "busy" and not holder_alive(outcome.detail):
             dead = outcome.detail  # its child was killed: take over its job and everything else it held
-            claims = self.store.claim(self.worker, self.lease, self.max_deliveries, 1, job_id=job_id, takeover=dead)
+            claims = self._claim(1, job_id=job_id, takeover=dead)
             self._admit(claims, taken_over=True)
-            self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, self.engine.room(),
-                                         takeover=dead), taken_over=True)
+            self._admit(self._claim(self.engine.room(), takeover=dead), taken_over=True)
             outcome = claims[0] if claims else None
         else:
             self._admit(claims)
@@ -127,10 +129,14 @@ class Driver:
             event(log, "job.skipped", logging.INFO, id=job_id, reason=outcome.outcome, detail=outcome.detail or None)
         return outcome.outcome
 
+    def _claim(self, room: int, job_id: str = "", takeover: str = "") -> list[Any]:
+        return self.store.claim(self.worker, self.lease, self.max_deliveries, room, job_id=job_id,
+                                takeover=takeover, model=self.model)
+
     def claim_waiting(self) -> None:
         room = self.engine.room()
         if room > 0:
-            self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, room))
+            self._admit(self._claim(room))
 
     def _admit(self, claims: list[Any], taken_over: bool = False) -> None:
         budget = self.settings.limits.generation_budget
@@ -186,13 +192,12 @@ class Driver:
 
     def adopt_orphans(self) -> None:
         """Take over the jobs of engines on this host whose process died (a killed child's successor)."""
-        key = f"{self.store.prefix}:engines:{socket.gethostname()}"
+        key = self.store.engines_key(socket.gethostname(), self.model)
         client = self.store.r
         client.sadd(key, self.worker)
         for holder in client.smembers(key):
             if holder != self.worker and not holder_alive(holder):
-                self._admit(self.store.claim(self.worker, self.lease, self.max_deliveries, self.engine.room(),
-                                             takeover=holder), taken_over=True)
+                self._admit(self._claim(self.engine.room(), takeover=holder), taken_over=True)
                 client.srem(key, holder)
 
     def _drive(self, done: Callable[[], bool], slice_end: float) -> None:
@@ -235,7 +240,7 @@ class Driver:
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
-        return not self.units and bool(self.store.r.llen(BULK))
+        return not self.units and bool(self.store.r.llen(self.bulk_queue))
 
     def flush(self) -> None:
         """Publish partial text, renew leases, read cancel flags: one round trip for every running job."""

@@ -14,12 +14,14 @@ from qwen_deploy import registry
 from qwen_deploy.config import Settings
 from qwen_deploy.connections import job_store, redis_client
 from qwen_deploy.reaper import reap_if_due
+from qwen_deploy.served import Served, served_models
 from worker.handler import ModelHandler
 
 log = logging.getLogger(__name__)
 
 _handler: ModelHandler | None = None
 _driver: Any = None
+_served: Served | None = None  # the model this process serves
 _stop = threading.Event()
 
 
@@ -29,15 +31,25 @@ def process_name() -> str:
 
 def _record(settings: Settings, state: str, handler: ModelHandler | None) -> dict[str, object]:
     info = handler.info if handler else None
-    return {"pid": os.getpid(), "hostname": socket.gethostname(), "state": state,
+    return {"pid": os.getpid(), "hostname": socket.gethostname(), "state": state, "alias": served().alias,
             "model": asdict(info) if info else {"name": settings.model.name_or_path}}
 
 
-def init_process(settings: Settings) -> ModelHandler:
-    """Load the model (once per process) and start publishing this worker as ready."""
-    global _handler
+def served() -> Served:
+    """The model this process serves (chosen by `init_process`)."""
+    if _served is None:
+        raise RuntimeError("no model was loaded in this process")
+    return _served
+
+
+def init_process(settings: Settings, model: Served | None = None) -> ModelHandler:
+    """Load `model` (default: the default model; once per process) and start publishing this worker as
+    ready. The handler sees settings whose `model` section is that model's entry."""
+    global _handler, _served
     if _handler is not None:
         return _handler
+    _served = model or served_models(settings)[0]
+    settings = settings.model_copy(update={"model": _served.model})
     client = redis_client(settings)
     name, ttl = process_name(), settings.worker.heartbeat_interval * 3
     registry.publish(client, settings.key_prefix, name, _record(settings, "loading", None), ttl)
@@ -81,7 +93,7 @@ def get_driver(settings: Settings, node: str) -> Any:
                 task_id = f"drive-{uuid.uuid4().hex}"
                 client.lpush(queue, task_message(DRIVE_TASK, task_id, queue, []))
 
-        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff)
+        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff, model=served())
         try:
             _driver.adopt_orphans()
         except Exception as exc:  # Redis away: leases and the reaper settle those jobs later
@@ -92,6 +104,6 @@ def get_driver(settings: Settings, node: str) -> Any:
 def shutdown_process(settings: Settings) -> None:
     _stop.set()
     try:
-        registry.remove(redis_client(settings), settings.key_prefix, process_name())
+        registry.remove(redis_client(settings), settings.key_prefix, process_name(), served().alias)
     except Exception as exc:
         log.warning("could not remove worker registration: %s", exc)

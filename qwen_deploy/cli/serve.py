@@ -13,9 +13,11 @@ from qwen_deploy.cli.common import child_environ, redacted, settings
 from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv
 from qwen_deploy.cli.redis_server import RedisServer, reachable
 from qwen_deploy.config import ConfigError, Settings, default_cache_dir
-from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES
+from qwen_deploy.queues import CONVERT_WORKER_QUEUES
+from qwen_deploy.served import Served, served_models
 
 MODEL_ENV = "QWEN_DEPLOY_MODEL__NAME_OR_PATH"
+WORKER_MODEL_ENV = "QWEN_DEPLOY_WORKER__MODEL"
 
 
 def demo_env() -> dict[str, str]:
@@ -56,12 +58,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         extra["QWEN_DEPLOY_WEB__HOST"] = host  # the app's Host check and bind check see the real bind
         sup = Supervisor(env=extra)
         try:
-            sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "gen", config.log_level)))
+            for served in served_models(config):  # one generation worker per model
+                sup.env[WORKER_MODEL_ENV] = served.alias
+                sup.start(f"worker {served.alias}", celery_command(worker_argv(served.queues, node_name(served),
+                                                                               config.log_level)))
+            sup.env.pop(WORKER_MODEL_ENV, None)
             sup.start("convert-worker", celery_command(worker_argv(CONVERT_WORKER_QUEUES, "convert",
                                                                    config.log_level)))
             sup.start("web", web_cmd)
-            print(f"qwen-deploy: serving {config.model.name_or_path} at http://{host}:{config.web.port} "
-                  f"(Ctrl-C to stop)", file=sys.stderr)
+            aliases = ", ".join(m.alias for m in served_models(config))
+            print(f"qwen-deploy: serving {aliases} at http://{host}:{config.web.port} (Ctrl-C to stop)",
+                  file=sys.stderr)
             return sup.wait()
         finally:
             sup.stop()
@@ -90,18 +97,29 @@ def cmd_web(args: argparse.Namespace) -> NoReturn:
     os.execv(sys.executable, argv)
 
 
-def _run_worker(args: argparse.Namespace, queues: tuple[str, ...] | list[str], name: str) -> NoReturn:
-    extra = demo_env() if getattr(args, "demo", False) else {}
+def node_name(served: Served) -> str:
+    """The Celery node name of a model's worker (its engine queue is named after it): `gen`, `gen-{alias}`."""
+    return "gen" if served.default else f"gen-{served.alias}"
+
+
+def _run_worker(queues: tuple[str, ...] | list[str], name: str, extra: dict[str, str]) -> NoReturn:
     env = child_environ(extra)
     os.execve(sys.executable, celery_command(worker_argv(queues, name, settings(env).log_level)), env)
 
 
 def cmd_worker(args: argparse.Namespace) -> NoReturn:
-    _run_worker(args, GENERATION_QUEUES, "gen")
+    """A generation worker for one model (`--model ALIAS`, default: the first) on that model's queues."""
+    extra = demo_env() if args.demo else {}
+    models = served_models(settings(child_environ(extra)))
+    served = next((m for m in models if args.model in (None, m.alias)), None)
+    if served is None:
+        sys.exit(f"qwen-deploy: no model with alias {args.model!r} in the config (models: "
+                 f"{', '.join(m.alias for m in models)})")
+    _run_worker(served.queues, node_name(served), {**extra, WORKER_MODEL_ENV: served.alias})
 
 
 def cmd_convert_worker(args: argparse.Namespace) -> NoReturn:
-    _run_worker(args, CONVERT_WORKER_QUEUES, "convert")
+    _run_worker(CONVERT_WORKER_QUEUES, "convert", demo_env() if args.demo else {})
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -130,6 +148,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                             ("convert-worker", cmd_convert_worker, "a worker for the convert queue")):
         p = sub.add_parser(name, help=doc)
         p.add_argument("--demo", action="store_true", help="serve the built-in demo model")
+        if name == "worker":
+            p.add_argument("--model", metavar="ALIAS", help="the alias (in `models:`) this worker serves; "
+                           "default: the first model")
         p.set_defaults(func=func)
 
     demo = sub.add_parser("demo-model", help="build (once) the demo model and print its directory")

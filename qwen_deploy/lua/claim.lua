@@ -3,12 +3,15 @@
 -- queued message (a wake-up for idle workers) is removed: the record, not the message, says who runs it.
 -- KEYS: pending, active, stats, held (this worker's set of claimed job ids).
 -- ARGV: prefix, now, worker, lease until, max deliveries, ttl, exhausted error json, room,
---       takeover (a holder known to be dead, or ''), job id ('' = scan pending and expired leases).
+--       takeover (a holder known to be dead, or ''), job id ('' = scan pending and expired leases),
+--       this engine's model alias, the default alias (a record without `model` is the default's).
 -- Returns a flat list of entries {outcome, id, detail, request, attempt, out_ids, text}; outcome is
--- run | mine | busy | skip | missing | exhausted (detail: the holder for busy, the status for skip).
+-- run | mine | busy | skip | missing | exhausted | other (another model's job: never claimed)
+-- (detail: the holder for busy, the status for skip, the job's model for other).
 --#include common
 local prefix, now, me, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local max_deliveries, ttl, exhausted, room, takeover = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local my_model, default_model = ARGV[11], ARGV[12]
 local out = {}
 local function put(outcome, id, detail, req, attempt, ids, text)
   for _, v in ipairs({outcome, id, detail or '', req or '', attempt or '0', ids or '', text or ''}) do
@@ -29,6 +32,8 @@ local function claim(id)
     put('skip', id, st)
     return false
   end
+  local model = redis.call('HGET', job, 'model') or default_model
+  if model ~= my_model then put('other', id, model) return false end
   if st == 'running' then
     local holder = redis.call('HGET', job, 'worker') or ''
     if holder == me then put('mine', id, holder) return false end
@@ -70,10 +75,12 @@ if takeover ~= '' then  -- every job the dead holder had claimed
     if claim(id) then room = room - 1 end
   end
 end
-if room > 0 then  -- leases that ran out: their worker died or was cut off
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, room)) do
+if room > 0 then  -- leases that ran out: their worker died or was cut off (other models' jobs are passed over)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, room + 32)) do
+    if room <= 0 then break end
     local job = prefix .. ':job:' .. id
-    if redis.call('HGET', job, 'lease_until') and redis.call('HGET', job, 'status') == 'running' then
+    local f = redis.call('HMGET', job, 'lease_until', 'status', 'model')
+    if f[1] and f[2] == 'running' and (f[3] or default_model) == my_model then
       if claim(id) then room = room - 1 end
     end
   end

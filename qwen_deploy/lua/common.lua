@@ -32,6 +32,8 @@ local function close_job(job, ev, stats, active, pending, status, now, ttl)
   local id = redis.call('HGET', job, 'id')
   redis.call('ZREM', active, id)
   if pending ~= '' then redis.call('ZREM', pending, id) end
+  local own = redis.call('HGET', job, 'pending')  -- the pending set of the job's model
+  if own and own ~= pending then redis.call('ZREM', own, id) end
   local held = redis.call('HGET', job, 'held')
   if held then redis.call('SREM', held, id) end
   redis.call('HSET', job, 'status', status, 'completed_at', now)

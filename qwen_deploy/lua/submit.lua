@@ -1,11 +1,12 @@
 -- KEYS: job, queue, idem ('' when none), active, owner's job index, owner's in-flight set,
--- pending ('' when the job is not for the engine).
+-- pending ('' when the job is not for the engine), the model's live workers ('' = no check).
 -- The record has no TTL until it is terminal (a job queued longer than the TTL must still end).
 -- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), fields...
 -- options: body (hash of the request, kept with the idempotency key), max_inflight (0: no cap),
 -- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
 -- below it have expired: trimmed from the index), index_max (index length kept).
--- Returns {'ok', id} | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}.
+-- Returns {'ok', id} | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}
+-- | {'unavailable', pending}.
 -- The owner's index is a sorted set with every score 0: ids embed their creation time, so lexical
 -- order is creation order (GET /v1/jobs pages it newest first with ZREVRANGEBYLEX).
 local opt = cjson.decode(ARGV[6])
@@ -19,6 +20,10 @@ if KEYS[3] ~= '' then
 end
 local depth = redis.call('LLEN', KEYS[2])
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
+if KEYS[8] ~= '' and redis.call('ZCOUNT', KEYS[8], opt.now, '+inf') == 0 then
+  local queued = redis.call('ZCARD', KEYS[7])
+  if queued >= tonumber(opt.unserved_cap) then return {'unavailable', tostring(queued)} end
+end
 local cap = tonumber(opt.max_inflight) or 0
 if cap > 0 and redis.call('ZCARD', KEYS[6]) >= cap then
   -- Drop the oldest ids that finished or expired: only at the cap, and at most 32 per submit, so a
@@ -34,7 +39,10 @@ if cap > 0 and redis.call('ZCARD', KEYS[6]) >= cap then
 end
 redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-if KEYS[7] ~= '' then redis.call('ZADD', KEYS[7], redis.call('HGET', KEYS[1], 'created_at'), ARGV[4]) end
+if KEYS[7] ~= '' then
+  redis.call('ZADD', KEYS[7], redis.call('HGET', KEYS[1], 'created_at'), ARGV[4])
+  redis.call('HSET', KEYS[1], 'pending', KEYS[7])  -- closing the job removes it from its model's set
+end
 redis.call('LPUSH', KEYS[2], ARGV[3])
 if KEYS[3] ~= '' then
   redis.call('HSET', KEYS[3], 'id', ARGV[4], 'body', opt.body)

@@ -71,7 +71,7 @@ def present_lines(lines: list[str], record: dict[str, str]) -> list[str]:
     present = PRESENT.get(record.get("endpoint") or JOBS)
     if present is None:
         return lines
-    model, out = model_id(services().settings), []
+    model, out = record.get("model") or model_id(services().settings), []
     for raw in lines:
         line = json.loads(raw)
         body = (line.get("response") or {}).get("body")

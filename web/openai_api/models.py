@@ -1,4 +1,5 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`: the served model under its public id."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: every served model under its public id (alias), with
+its live workers and readiness."""
 
 from __future__ import annotations
 
@@ -7,29 +8,38 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from qwen_deploy import registry
+from qwen_deploy.served import Served, served_models
 from web import services
-from web.openai_api.translate import ModelNotFound, model_id, model_names
+from web.health import model_workers
+from web.schemas import pick_model
 
 bp = Blueprint("openai_models", __name__, url_prefix="/v1/models")
 
 STARTED = int(time.time())
 
 
-def model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": STARTED, "owned_by": "qwen-deploy"}
+def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict[str, Any]:
+    state = model_workers(found, served)
+    return {"id": name, "object": "model", "created": STARTED, "owned_by": "qwen-deploy",
+            "default": served.default, "workers": state["live"], "ready": state["reason"] is None,
+            "reason": state["reason"]}
+
+
+def _workers() -> list[dict[str, Any]]:
+    svc = services()
+    return registry.workers(svc.redis, svc.settings.key_prefix)
 
 
 @bp.get("")
 def list_models() -> Response:
-    """The served model (its id is what `model` should name)."""
-    return jsonify(object="list", data=[model_object(model_id(services().settings))])
+    """Every served model, the default first (its id is what `model` should name)."""
+    found = _workers()
+    return jsonify(object="list", data=[model_object(m.alias, m, found) for m in served_models(services().settings)])
 
 
 @bp.get("/<path:name>")
 def get_model(name: str) -> Response:
-    """The served model by any of its names; 404 model_not_found otherwise."""
-    settings = services().settings
-    if name not in model_names(settings):
-        raise ModelNotFound(f"the model {name!r} does not exist; this server serves {model_id(settings)!r}",
-                            param="model")
-    return jsonify(model_object(name))
+    """A served model by any of its names; 404 model_not_found otherwise."""
+    served = pick_model(name, services().settings)
+    return jsonify(model_object(name, served, _workers()))

@@ -76,7 +76,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise BadRequest("request body must be a JSON object", code="invalid_type")
     check_keys(body, KEYS)
     settings = services().settings
-    check_model(body, settings)
+    alias = check_model(body, settings).alias
     text = body.get("text")
     if text is not None and text != {"format": {"type": "text"}}:
         raise unsupported("text", "supports only {\"format\": {\"type\": \"text\"}}")
@@ -86,7 +86,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(body["instructions"], str):
             raise BadRequest("instructions must be a string", code="invalid_type", param="instructions")
         chat = [{"role": "system", "content": body["instructions"]}, *chat]
-    job: dict[str, Any] = {"messages": chat}
+    job: dict[str, Any] = {"model": alias, "messages": chat}
     for key in ("temperature", "top_p", "top_k", "seed", "ignore_eos"):
         if body.get(key) is not None:
             job[key] = body[key]

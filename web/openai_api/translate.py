@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from qwen_deploy.config import Settings
-from qwen_deploy.errors import AppError, BadRequest
-from web.schemas import JobCreate, parse_job
+from qwen_deploy.errors import AppError, BadRequest, ModelNotFound
+from qwen_deploy.served import Served, served_models
+from web.schemas import JobCreate, parse_job, pick_model
 
 CHAT, COMPLETIONS, JOBS = "/v1/chat/completions", "/v1/completions", "/v1/jobs"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -23,8 +23,7 @@ COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "echo": (False,), "best_of": (1,)}
 
 
-class ModelNotFound(AppError):
-    status_code, code, type = 404, "model_not_found", "invalid_request_error"
+__all__ = ["ModelNotFound"]
 
 
 def unsupported(param: str, why: str = "is not supported by this server") -> BadRequest:
@@ -32,25 +31,21 @@ def unsupported(param: str, why: str = "is not supported by this server") -> Bad
 
 
 def model_names(settings: Settings) -> list[str]:
-    """The served model's public id first, then the other names that select it."""
-    path = settings.model.name_or_path
-    local = Path(path).expanduser().exists() or path.startswith(("/", ".", "~"))
-    names = [Path(path).name, path] if local else [path, path.rsplit("/", 1)[-1]]
-    return list(dict.fromkeys([*names, *settings.web.model_aliases]))
+    """Every name that selects a served model, each model's id (alias) first."""
+    return [name for m in served_models(settings) for name in m.names]
 
 
 def model_id(settings: Settings) -> str:
-    return model_names(settings)[0]
+    """The default model's id."""
+    return served_models(settings)[0].alias
 
 
-def check_model(body: dict[str, Any], settings: Settings) -> str:
+def check_model(body: dict[str, Any], settings: Settings) -> Served:
+    """The served model an OpenAI body names (`model` is required there)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model is required (see GET /v1/models)", code="missing_field", param="model")
-    if model not in model_names(settings):
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {model_id(settings)!r}",
-                            param="model")
-    return model
+    return pick_model(model, settings)
 
 
 def _text(content: Any, where: str) -> str:
@@ -138,8 +133,7 @@ def chat_request(body: Any, settings: Settings) -> dict[str, Any]:
     """A chat.completions body → a validated job request."""
     body = _object(body)
     check_keys(body, CHAT_KEYS)
-    check_model(body, settings)
-    job: dict[str, Any] = {"messages": messages(body.get("messages"))}
+    job: dict[str, Any] = {"model": check_model(body, settings).alias, "messages": messages(body.get("messages"))}
     renames: dict[str, str] = {}
     limit = _max_tokens(body, ("max_completion_tokens", "max_tokens"), renames)
     if limit is not None:
@@ -155,13 +149,13 @@ def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
     """A completions body → a validated job request (`logprobs: k` → logprobs with k alternatives)."""
     body = _object(body)
     check_keys(body, COMPLETION_KEYS)
-    check_model(body, settings)
+    alias = check_model(body, settings).alias
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise unsupported("prompt", "must be a string (or a list of one string)")
-    job: dict[str, Any] = {"prompt": prompt}
+    job: dict[str, Any] = {"model": alias, "prompt": prompt}
     renames: dict[str, str] = {"top_logprobs": "logprobs"}
     limit = _max_tokens(body, ("max_tokens",), renames)
     if limit is not None:

@@ -42,9 +42,13 @@ class Context:
 
     @cached_property
     def config(self) -> tuple[Settings | None, str]:
+        """The settings, with `model` the entry this host's worker serves (`worker.model`, else the first)."""
+        from qwen_deploy.served import for_worker
+
         try:
-            return load_settings(), ""
-        except ConfigError as exc:
+            settings = load_settings()
+            return settings.model_copy(update={"model": for_worker(settings).model}), ""
+        except (ConfigError, ValueError) as exc:
             return None, str(exc)
 
     @property
