@@ -23,6 +23,7 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 JOB_ID_PREFIX = "job_"
 ID_RE = re.compile(r"[a-z]+_[0-9a-f]{28}")
 INDEX_MAX = 100_000  # ids kept in an owner's job index (GET /v1/jobs); older ones are trimmed
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}  # pending score: rank * 1e10 + submit time
 
 
 def valid_id(any_id: str, prefix: str = JOB_ID_PREFIX) -> bool:
@@ -108,8 +109,13 @@ class JobStore:
         return f"{self.prefix}:active"
 
     def pending_key(self) -> str:
-        """Queued generation jobs, scored by submit time: what engines claim from, oldest first."""
+        """Queued generation jobs, scored by priority rank * 1e10 + submit time: what engines claim from
+        (high before normal before low, oldest first within a priority)."""
         return f"{self.prefix}:pending:interactive"
+
+    def deadlines_key(self) -> str:
+        """Jobs with a deadline, scored by it (the deadline sweep)."""
+        return f"{self.prefix}:deadlines"
 
     def held_key(self, worker: str) -> str:
         """The jobs a worker's engine has claimed (taken over at once when that worker is found dead)."""
@@ -132,19 +138,24 @@ class JobStore:
 
     def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any], max_depth: int,
                idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",
-               max_inflight: int = 0, engine: bool = False) -> SubmitResult:
+               max_inflight: int = 0, engine: bool = False, priority: str = "normal",
+               deadline: float | None = None) -> SubmitResult:
         """Write the record, index it under its owner and enqueue the message, unless the idempotency
         key was seen, the queue is full or the owner has `max_inflight` jobs in flight."""
-        fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(time.time()),
-                  "tokens": "0", "deliveries": "0", **({"owner": owner} if owner else {}), **fields}
+        now = time.time()
+        fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(now), "tokens": "0",
+                  "deliveries": "0", "priority": priority, "deadline": None if deadline is None else repr(deadline),
+                  **({"owner": owner} if owner else {}), **fields}
         idem = self.idem_key(idempotency_key, owner, route) if idempotency_key else ""
-        floor = f"{JOB_ID_PREFIX}{max(0, int((time.time() - self.ttl) * 1000)):012x}"
-        options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""),
-                   "index_floor": floor, "index_max": INDEX_MAX}
+        floor = f"{JOB_ID_PREFIX}{max(0, int((now - self.ttl) * 1000)):012x}"
+        score = PRIORITY_RANK[priority] * 1e10 + float(fields["created_at"])
+        options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""), "index_floor": floor,
+                   "index_max": INDEX_MAX, "pending_score": score, "deadline": deadline}
         status, value = self._submit(
             keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
-                  self.inflight_key(owner) if owner and max_inflight else "", self.pending_key() if engine else ""],
-            args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), json.dumps(options),
+                  self.inflight_key(owner) if owner and max_inflight else "", self.pending_key() if engine else "",
+                  self.deadlines_key() if deadline is not None else ""],
+            args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), json.dumps(options),
                   *_flat(fields)],
         )
         status, value = _text(status), _text(value)
@@ -245,6 +256,8 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
 
     status = record.get("status", "queued")
     kind = record.get("type", "generation")
+    lifecycle = {"priority": record.get("priority", "normal"), "deadline": num("deadline"),
+                 "retry_of": record.get("retry_of") or None, "queue_position": None, "estimated_start_seconds": None}
     if kind == "generation":
         progress = {"tokens": int(record.get("tokens") or 0), "max_new_tokens": int(record.get("max_new_tokens") or 0)}
         output = None
@@ -268,4 +281,5 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
         "progress": progress,
         "output": output,
         "error": obj("error"),
+        **lifecycle,
     }

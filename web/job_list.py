@@ -14,6 +14,7 @@ from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen_deploy.jobs import public_job, valid_id
+from qwen_deploy.lifecycle import with_positions
 from web import services
 from web.auth import current_owner
 from web.openapi import Job, doc
@@ -83,6 +84,7 @@ def list_jobs() -> Response:
         more = scanned >= SCAN_MAX
     if more and len(found) == q.limit:
         cursor = str(found[-1]["id"])
+    found = with_positions(store, found)
     body = {"object": "list", "data": found, "first_id": found[0]["id"] if found else None,
             "last_id": cursor if more else (found[-1]["id"] if found else None), "has_more": more}
     return Response(json.dumps(body), mimetype="application/json")

@@ -16,12 +16,14 @@ from flask import Blueprint, Response, has_request_context, request, stream_with
 
 from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, TooManyRequests, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
+from qwen_deploy.lifecycle import current, with_positions
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from qwen_deploy.webhook_store import WebhookStore
 from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
+from web.job_options import JobOptions, body_options
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
 
@@ -48,18 +50,20 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
             idempotency_key: str | None, retry_after: int | None = None, engine: bool = False,
-            **extra: str) -> tuple[dict[str, Any], bool]:
+            options: JobOptions | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
     """Record and enqueue a job in one Redis round trip; return (job object, replayed)."""
     svc = services()
     job_id = new_job_id()
     owner = current_owner()
     message = task_message(task, job_id, queue, [job_id], *limits)
-    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **extra}
+    options = options or JobOptions()
+    deadline = options.deadline()
+    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()), **options.fields(), **extra}
     route = request.path if has_request_context() else kind
     result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
                               check_idempotency_key(idempotency_key), owner=owner, route=route,
                               body_hash=request_hash(req), max_inflight=svc.settings.limits.max_inflight_per_key,
-                              engine=engine)
+                              engine=engine, priority=options.priority, deadline=deadline)
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
     if result.status == "full":
@@ -75,21 +79,23 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
-    return public_job({"id": job_id, "status": "queued", "queue": queue, **fields}), False
+    return public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
+                       **({"deadline": repr(deadline)} if deadline else {}), **fields}), False
 
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
     """Validate and enqueue a generation job."""
     req = parse_job(body, services().settings)
     hook = check_request(body.get("webhook"), body.get("webhook_events_filter"), services().settings)
-    return submit_request(req, idempotency_key, **hook)
+    return submit_request(req, idempotency_key, body_options(body), **hook)
 
 
-def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: str) -> tuple[dict[str, Any], bool]:
+def submit_request(req: dict[str, Any], idempotency_key: str | None, options: JobOptions | None = None,
+                   **extra: str) -> tuple[dict[str, Any], bool]:
     """Enqueue an already validated generation request (see parse_job)."""
     lim = services().settings.limits
     return enqueue("generation", GENERATE_TASK, INTERACTIVE, req, (lim.hard_time_limit, lim.soft_time_limit),
-                   idempotency_key, engine=True, max_new_tokens=str(req["max_new_tokens"]), **extra)
+                   idempotency_key, engine=True, options=options, max_new_tokens=str(req["max_new_tokens"]), **extra)
 
 
 def load_record(job_id: str) -> dict[str, str]:
@@ -110,7 +116,9 @@ def owns(record: dict[str, str]) -> bool:
 
 
 def load_job(job_id: str) -> dict[str, Any]:
-    return public_job(load_record(job_id))
+    """The caller's job object; a queued one past its deadline is closed first, one still queued gets
+    its queue position."""
+    return with_positions(services().store, [public_job(current(services().store, load_record(job_id)))])[0]
 
 
 def missing(kind: str, any_id: str, prefix: str = JOB_ID_PREFIX) -> Exception:

@@ -68,6 +68,14 @@ class Job(BaseModel):
     progress: dict[str, Any]
     output: Output | dict[str, Any] | None = None
     error: JobError | None = None
+    priority: Literal["high", "normal", "low"] = "normal"
+    deadline: float | None = Field(None, description="when the job is canceled (error deadline_exceeded) if not done")
+    retry_of: str | None = Field(None, description="the job this one retries (POST /v1/jobs/{id}/retry)")
+    queue_position: int | None = Field(
+        None, description="while queued: generation jobs ahead of this one in the claim order (0 = next)")
+    estimated_start_seconds: float | None = Field(
+        None, description="while queued: (queue_position + 1) / generation jobs completed per second over the "
+                          "last minute; null without recent completions")
 
 
 class Batch(BaseModel):

@@ -1,10 +1,11 @@
 -- KEYS: job, queue, idem ('' when none), active, owner's job index, owner's in-flight set,
--- pending ('' when the job is not for the engine).
+-- pending ('' when the job is not for the engine), deadlines ('' when the job has none).
 -- The record has no TTL until it is terminal (a job queued longer than the TTL must still end).
 -- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), fields...
 -- options: body (hash of the request, kept with the idempotency key), max_inflight (0: no cap),
 -- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
--- below it have expired: trimmed from the index), index_max (index length kept).
+-- below it have expired: trimmed from the index), index_max (index length kept), pending_score
+-- (priority rank * 1e10 + submit time), deadline (absolute time, when KEYS[8] is given).
 -- Returns {'ok', id} | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}.
 -- The owner's index is a sorted set with every score 0: ids embed their creation time, so lexical
 -- order is creation order (GET /v1/jobs pages it newest first with ZREVRANGEBYLEX).
@@ -34,7 +35,10 @@ if cap > 0 and redis.call('ZCARD', KEYS[6]) >= cap then
 end
 redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-if KEYS[7] ~= '' then redis.call('ZADD', KEYS[7], redis.call('HGET', KEYS[1], 'created_at'), ARGV[4]) end
+if KEYS[7] ~= '' then
+  redis.call('ZADD', KEYS[7], opt.pending_score or redis.call('HGET', KEYS[1], 'created_at'), ARGV[4])
+end
+if KEYS[8] and KEYS[8] ~= '' then redis.call('ZADD', KEYS[8], opt.deadline, ARGV[4]) end
 redis.call('LPUSH', KEYS[2], ARGV[3])
 if KEYS[3] ~= '' then
   redis.call('HSET', KEYS[3], 'id', ARGV[4], 'body', opt.body)
