@@ -79,8 +79,9 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
-    return public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
-                       **({"deadline": repr(deadline)} if deadline else {}), **fields}), False
+    job = public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
+                      **({"deadline": repr(deadline)} if deadline else {}), **fields})
+    return with_positions(svc.store, [job])[0], False
 
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
