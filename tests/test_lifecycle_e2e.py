@@ -4,7 +4,6 @@ sweep closes a late queued job without anyone reading it."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -6,12 +6,10 @@ import hashlib
 import json
 import logging
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
 from flask import Blueprint, Response, has_request_context, request, stream_with_context
 
 from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, TooManyRequests, Unprocessable
@@ -26,6 +24,7 @@ from web.auth import current_owner
 from web.job_options import JobOptions, body_options
 from web.openapi import Job, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
+from web.stream_slots import counted, open_stream
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
@@ -206,38 +205,9 @@ def job_events(job_id: str) -> Response:
     if not STREAM_ID.fullmatch(start):
         raise Unprocessable("Last-Event-ID must be an event id from this stream (like 1795760951281-0)",
                             param="Last-Event-ID")
-    body = stream_with_context(_counted(_sse(job_id, start), _open_stream()))
+    body = stream_with_context(counted(_sse(job_id, start), open_stream()))
     return Response(body, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _open_stream() -> tuple[redis.Redis, str, str]:
-    """Count an open stream against the caller's cap (429 `too_many_streams` past it)."""
-    svc, now = services(), time.time()
-    key, token = f"{svc.settings.key_prefix}:owner:{current_owner()}:streams", secrets.token_hex(8)
-    cap, ttl = svc.settings.limits.max_streams_per_key, svc.settings.limits.max_stream + 60
-    pipe = svc.redis.pipeline(transaction=True)
-    pipe.zremrangebyscore(key, "-inf", now)  # streams of a process that died lapse on their own
-    pipe.zadd(key, {token: now + ttl})
-    pipe.zcard(key)
-    pipe.expire(key, int(ttl))
-    count = pipe.execute()[2]
-    if count > cap:
-        svc.redis.zrem(key, token)
-        raise TooManyRequests(f"this key has {cap} event streams open; close one first", code="too_many_streams",
-                              headers={"Retry-After": "5"})
-    return svc.redis, key, token
-
-
-def _counted(events: Iterator[str], slot: tuple[redis.Redis, str, str]) -> Iterator[str]:
-    """The stream, releasing its slot when it ends or the client goes away."""
-    try:
-        yield from events
-    finally:
-        try:
-            slot[0].zrem(slot[1], slot[2])
-        except redis.RedisError:
-            pass  # the slot lapses at its score
 
 
 def _sse_event(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
