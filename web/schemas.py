@@ -91,6 +91,10 @@ class BatchCreate(BaseModel):
     requests: list[BatchLine | Any] = Field(min_length=1)
     metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 keys (64 chars), values 512")
     webhook: StrictStr | None = Field(None, description="called with batch.completed (JSONL form: ?webhook=)")
+    completion_window: StrictStr | None = Field(
+        None, description="default 24h (the most); a shorter duration like 1h or 30s (JSONL form: "
+                          "?completion_window=). Lines not done by then end with error batch_expired and the batch "
+                          "ends expired")
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
