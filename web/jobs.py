@@ -22,7 +22,7 @@ from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
 from web.job_options import JobOptions, body_options
-from web.openapi import Job, WaitQuery, doc
+from web.openapi import Job, SubmitHeaders, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
 from web.stream_slots import counted, open_stream
 
@@ -156,7 +156,7 @@ def _job_response(job: dict[str, Any], status: int = 200, **headers: str) -> Res
 
 
 @bp.post("/jobs")
-@doc(ok=202, model=Job, json=JobCreate, tags=("jobs",))
+@doc(ok=202, model=Job, json=JobCreate, headers=SubmitHeaders, tags=("jobs",))
 def create_job() -> Response:
     """Submit a generation job (202); `Idempotency-Key` returns the earlier job for a repeated key."""
     job, replayed = submit_job(read_json(request), request.headers.get("Idempotency-Key"))
@@ -248,7 +248,7 @@ def _sse(job_id: str, last: str) -> Iterator[str]:
 
 
 @bp.post("/generate")
-@doc(model=Job, json=JobCreate, tags=("jobs",))
+@doc(model=Job, json=JobCreate, headers=SubmitHeaders, tags=("jobs",))
 def generate_sync() -> Response:
     """Submit and wait for the finished job (504 past the hard time limit)."""
     job, _ = submit_job(read_json(request), request.headers.get("Idempotency-Key"))

@@ -117,6 +117,15 @@ class WaitQuery(BaseModel):
     wait: float | None = Field(None, ge=0, le=30, description="seconds to wait for a terminal state")
 
 
+class SubmitHeaders(BaseModel):
+    """Optional headers of POST /v1/jobs and /v1/generate."""
+
+    model_config = {"populate_by_name": True}
+    idempotency_key: str | None = Field(None, alias="Idempotency-Key", description="repeat-safe submits")
+    cancel_after: str | None = Field(None, alias="Cancel-After", description="deadline: 30s, 5m, 1h30m, 250ms or "
+                                                                            "seconds (at most 24 h)")
+
+
 class ResultsQuery(BaseModel):
     after: int | None = Field(None, ge=0, le=2**31, description="number of lines already read")
     limit: int | None = Field(None, ge=1, le=10_000, description="lines to return (default 1000)")
