@@ -79,6 +79,8 @@ class SubmitResult:
     status: str  # ok | duplicate | reused | full | inflight
     job_id: str
     depth: int = 0
+    position: int | None = None  # an engine job's queue position, and the recent completion rate
+    rate: float | None = None
 
 
 class JobStore:
@@ -151,7 +153,7 @@ class JobStore:
         score = PRIORITY_RANK[priority] * 1e10 + float(fields["created_at"])
         options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""), "index_floor": floor,
                    "index_max": INDEX_MAX, "pending_score": score, "deadline": deadline}
-        status, value = self._submit(
+        status, value, *standing = self._submit(
             keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
                   self.inflight_key(owner) if owner and max_inflight else "", self.pending_key() if engine else "",
                   self.deadlines_key() if deadline is not None else ""],
@@ -161,6 +163,8 @@ class JobStore:
         status, value = _text(status), _text(value)
         if status in ("full", "inflight"):
             return SubmitResult(status, job_id, int(value))
+        if standing:
+            return SubmitResult(status, value, position=int(standing[0]), rate=float(_text(standing[1]) or 0) or None)
         return SubmitResult(status, value)
 
     def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:

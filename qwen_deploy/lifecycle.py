@@ -21,7 +21,6 @@ from qwen_deploy.jobs import JobStore, _text
 from qwen_deploy.lua import script
 
 MAX_DEADLINE_SECONDS = 86400.0  # a deadline further ahead is refused (400/422)
-RATE_WINDOW = 60.0  # seconds of recent completions behind estimated_start_seconds
 PURGED = {"code": "purged", "message": "the queue was purged by an administrator"}
 PURGE_PAGE = 500
 
@@ -66,30 +65,21 @@ def purge(store: JobStore, queue: str, pending: bool) -> int:
         offset += len(ids) - closed  # closed ones left the set; the others stay ahead of the next page
 
 
-def completion_rate(times: list[float], now: float) -> float | None:
-    """Completions per second over the last RATE_WINDOW seconds (None: none in it)."""
-    recent = [t for t in times if now - RATE_WINDOW < t <= now]
-    if not recent:
-        return None
-    full = len(times) > len(recent) or len(times) < 256  # the window is covered by what we kept
-    span = RATE_WINDOW if full else max(1.0, now - min(recent))
-    return len(recent) / span
+def estimate(position: int, rate: float | None) -> float | None:
+    """Seconds until a job `position` places back starts, at `rate` completions per second."""
+    return round((position + 1) / rate, 1) if rate else None
 
 
 def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill `queue_position` and `estimated_start_seconds` of the queued generation jobs (one round trip)."""
+    """Fill `queue_position` and `estimated_start_seconds` of the queued generation jobs (one script)."""
     queued = [j for j in jobs if j["status"] == "queued" and j["type"] == "generation"]
     if not queued:
         return jobs
-    pipe = store.r.pipeline(transaction=False)
-    for job in queued:
-        pipe.zrank(store.pending_key(), job["id"])
-    pipe.lrange(done_times_key(store), 0, -1)
-    *ranks, raw_times = pipe.execute()
-    rate = completion_rate([float(t) for t in raw_times], time.time())
+    rate, *ranks = store.r.register_script(script("position"))(
+        keys=[store.pending_key()], args=[store.prefix, repr(time.time()), *(j["id"] for j in queued)])
+    per_second = float(_text(rate)) if _text(rate) else None
     for job, rank in zip(queued, ranks):
-        if rank is None:
-            continue
-        job["queue_position"] = int(rank)
-        job["estimated_start_seconds"] = round((int(rank) + 1) / rate, 1) if rate else None
+        if int(rank) >= 0:
+            job["queue_position"] = int(rank)
+            job["estimated_start_seconds"] = estimate(int(rank), per_second)
     return jobs

@@ -9,20 +9,25 @@ import time
 import pytest
 
 from qwen_deploy.errors import BadRequest
-from qwen_deploy.jobs import JobStore, new_job_id
-from qwen_deploy.lifecycle import completion_rate, current, purge, sweep_deadlines, with_positions
+from qwen_deploy.jobs import JobStore, SubmitResult, new_job_id
+from qwen_deploy.lifecycle import current, done_times_key, purge, sweep_deadlines, with_positions
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from tests.helpers import wait_until
 from web.job_options import parse_duration
 
 
-def submit(store: JobStore, prompt: str = "hi", priority: str = "normal", deadline: float | None = None) -> str:
+def submit_result(store: JobStore, prompt: str = "hi", priority: str = "normal",
+                  deadline: float | None = None) -> SubmitResult:
     job_id = new_job_id()
     message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
     fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
     result = store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True, priority=priority, deadline=deadline)
-    assert result.status == "ok"
-    return job_id
+    assert result.status == "ok" and result.job_id == job_id
+    return result
+
+
+def submit(store: JobStore, prompt: str = "hi", priority: str = "normal", deadline: float | None = None) -> str:
+    return submit_result(store, prompt, priority, deadline).job_id
 
 
 def test_claims_take_high_then_normal_then_low_fifo_within(store: JobStore) -> None:
@@ -93,6 +98,8 @@ def test_positions_decrease_as_jobs_are_claimed_and_the_estimate_follows_complet
         return [j["queue_position"] for j in with_positions(store, [_job(store, i) for i in ids])]
 
     assert positions() == [0, 1, 2, 3, 4]
+    fresh = submit_result(store)
+    assert (fresh.position, fresh.rate) == (5, None)  # SUBMIT answers the new job's standing itself
     assert with_positions(store, [_job(store, ids[4])])[0]["estimated_start_seconds"] is None  # no completions yet
     first = store.claim("host:1", 30, 2, 2)
     assert positions() == [None, None, 0, 1, 2]
@@ -111,13 +118,21 @@ def _job(store: JobStore, job_id: str) -> dict[str, object]:
     return public_job(store.get(job_id) or {})
 
 
-def test_completion_rate_counts_the_last_minute() -> None:
-    now = 1000.0
-    assert completion_rate([], now) is None
-    assert completion_rate([900.0], now) is None
-    assert completion_rate([999.0, 990.0, 900.0], now) == pytest.approx(2 / 60)
-    burst = [now - i * 0.01 for i in range(256)]  # the kept list is full and all of it recent
-    assert completion_rate(burst, now) == pytest.approx(256 / 2.55, rel=0.01)
+def test_the_estimate_counts_the_completions_of_the_last_minute(store: JobStore) -> None:
+    ids = [submit(store, f"q{i}") for i in range(51)]  # the last one has 50 jobs ahead
+
+    def eta(times: list[float]) -> object:
+        store.r.delete(done_times_key(store))
+        if times:
+            store.r.rpush(done_times_key(store), *times)
+        return with_positions(store, [_job(store, ids[-1])])[0]["estimated_start_seconds"]
+
+    now = time.time()
+    assert eta([]) is None
+    assert eta([now - 100]) is None  # nothing in the last minute: unknown
+    assert eta([now - 1, now - 10, now - 100]) == pytest.approx(51 / (2 / 60), abs=0.1)
+    assert eta([now - i * 0.05 for i in range(256)]) == pytest.approx(51 / (256 / 12.75), abs=0.15)  # all recent
+    assert eta([now - i * 0.05 for i in range(100)]) == pytest.approx(51 / (100 / 60), abs=0.1)  # all ever kept
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [("30s", 30), ("5m", 300), ("1h30m", 5400), ("45", 45), ("1.5s", 1.5),

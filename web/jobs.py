@@ -14,7 +14,7 @@ from flask import Blueprint, Response, has_request_context, request, stream_with
 
 from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, QueueFull, TooManyRequests, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
-from qwen_deploy.lifecycle import current, with_positions
+from qwen_deploy.lifecycle import current, estimate, with_positions
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from qwen_deploy.webhook_store import WebhookStore
@@ -80,7 +80,9 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
     job = public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
                       **({"deadline": repr(deadline)} if deadline else {}), **fields})
-    return with_positions(svc.store, [job])[0], False
+    if result.position is not None:
+        job.update(queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate))
+    return job, False
 
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:

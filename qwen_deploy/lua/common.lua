@@ -50,6 +50,23 @@ local function close_job(job, ev, stats, active, pending, status, now, ttl)
   end
   notify_job(job, stats, 'completed', now)
 end
+-- Generation completions per second over the last minute, from the last 256 completion times ('' when
+-- none in it); when all 256 kept are recent, over the span they cover. Behind estimated_start_seconds.
+local function completion_rate(prefix, now)
+  local times = redis.call('LRANGE', prefix .. ':done_times', 0, -1)
+  local recent, oldest = 0, now
+  for _, raw in ipairs(times) do
+    local t = tonumber(raw)
+    if t > now - 60 and t <= now then
+      recent = recent + 1
+      if t < oldest then oldest = t end
+    end
+  end
+  if recent == 0 then return '' end
+  local span = 60
+  if #times >= 256 and recent == #times then span = math.max(1, now - oldest) end
+  return tostring(recent / span)
+end
 -- Deadlines (Cancel-After / deadline_seconds): the record's `deadline` is an absolute time.
 local DEADLINE_ERROR = '{"code": "deadline_exceeded", "message": "the job reached its deadline ' ..
   '(Cancel-After or deadline_seconds) before it finished"}'

@@ -6,9 +6,11 @@
 -- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
 -- below it have expired: trimmed from the index), index_max (index length kept), pending_score
 -- (priority rank * 1e10 + submit time), deadline (absolute time, when KEYS[8] is given).
--- Returns {'ok', id} | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}.
+-- Returns {'ok', id[, queue position, completion rate]} (position and rate for an engine job: see
+-- qwen_deploy/lifecycle.py) | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}.
 -- The owner's index is a sorted set with every score 0: ids embed their creation time, so lexical
 -- order is creation order (GET /v1/jobs pages it newest first with ZREVRANGEBYLEX).
+--#include common
 local opt = cjson.decode(ARGV[6])
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate', ARGV[4]} end
 if KEYS[3] ~= '' then
@@ -54,5 +56,10 @@ end
 if cap > 0 then
   redis.call('ZADD', KEYS[6], 0, ARGV[4])
   redis.call('EXPIRE', KEYS[6], ARGV[1])
+end
+if KEYS[7] ~= '' then
+  local prefix = string.sub(KEYS[4], 1, -8)  -- KEYS[4] is {prefix}:active
+  return {'ok', ARGV[4], redis.call('ZRANK', KEYS[7], ARGV[4]),
+          completion_rate(prefix, tonumber(redis.call('HGET', KEYS[1], 'created_at')))}
 end
 return {'ok', ARGV[4]}
