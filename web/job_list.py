@@ -59,7 +59,8 @@ def list_jobs() -> Response:
     found: list[dict[str, object]] = []
     cursor, scanned, more = q.after, 0, False
     while len(found) <= q.limit and scanned < SCAN_MAX:
-        ids = store.owned_ids(owner, cursor, min(200, SCAN_MAX - scanned))
+        chunk = 200 if q.status or q.type else q.limit + 1  # unfiltered: read only what the page needs
+        ids = store.owned_ids(owner, cursor, min(chunk, SCAN_MAX - scanned))
         if not ids:
             break
         records = store.get_many(ids)
