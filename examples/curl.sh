@@ -30,6 +30,15 @@ JOB=$(c "${JSON[@]}" -d '{"prompt": "Beautiful is better than", "max_new_tokens"
 c -X POST "$BASE/v1/jobs/$JOB/cancel"
 c "$BASE/v1/jobs/$JOB?wait=10"
 
+echo "# retry it: a new job with the same request (retry_of); a high-priority job with a deadline"
+RETRY=$(c -X POST "$BASE/v1/jobs/$JOB/retry" | field id)
+c -X POST "$BASE/v1/jobs/$RETRY/cancel"
+c "${JSON[@]}" -H 'Cancel-After: 30s' -d '{"prompt": "Errors should never", "max_new_tokens": 6, "priority": "high"}' \
+  "$BASE/v1/jobs"
+echo "# queue depths and workers; purge the queued interactive jobs (admin key)"
+c "$BASE/v1/queues"
+c -X POST "$BASE/v1/queues/interactive/purge"
+
 echo "# a batch in the OpenAI Batch JSONL format"
 BATCH=$(printf '%s\n' \
   '{"custom_id": "a", "method": "POST", "url": "/v1/jobs", "body": {"prompt": "Beautiful is better than", "max_new_tokens": 6}}' \

@@ -19,6 +19,7 @@ from qwen_deploy.states import BATCH_TERMINAL
 
 BATCH_ID_PREFIX = "batch_"
 TERMINAL = BATCH_TERMINAL
+EXPIRED_CODE = "batch_expired"  # a line its batch's completion_window ended (the batch then ends `expired`)
 OUTPUT_FILE, ERROR_FILE = "file-out-", "file-err-"  # + the batch id's hex: virtual files of its lines
 
 
@@ -105,10 +106,11 @@ class BatchStore:
     def chunk_done(self, batch_id: str, start: int, lines: list[dict[str, Any]]) -> bool:
         """Append a chunk's output lines and count them, once; finalize the batch after the last chunk."""
         completed = sum(1 for line in lines if line.get("error") is None)
+        expired = sum(1 for line in lines if (line.get("error") or {}).get("code") == EXPIRED_CODE)
         keys = list(self.keys(batch_id))
         keys = [keys[0], keys[2], keys[3], f"{self.prefix}:stats"]
         done = self._chunk_done(keys=keys, args=[start, repr(time.time()), self.ttl, completed,
-                                                 len(lines) - completed, *[json.dumps(x) for x in lines]])
+                                                 len(lines) - completed, expired, *[json.dumps(x) for x in lines]])
         self.notify(batch_id)  # also on a re-run: the first run may have died before this line
         return bool(done)
 
@@ -140,10 +142,10 @@ def public_batch(record: dict[str, str]) -> dict[str, Any]:
         "output_file_id": batch_file_id(record["id"], OUTPUT_FILE) if ended else None,
         "error_file_id": batch_file_id(record["id"], ERROR_FILE) if ended and int(record.get("failed") or 0) else None,
         "errors": None,
-        "expires_at": created + 86400 if created is not None else None,
+        "expires_at": stamp("expires_at") or (created + 86400 if created is not None else None),
         "finalizing_at": None,
         "failed_at": stamp("completed_at") if status == "failed" else None,
-        "expired_at": None,
+        "expired_at": stamp("expired_at"),
         "status": record.get("status"),
         "created_at": num("created_at"),
         "in_progress_at": num("created_at"),

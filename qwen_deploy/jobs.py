@@ -26,6 +26,7 @@ TERMINAL = JOB_TERMINAL
 JOB_ID_PREFIX = "job_"
 ID_RE = re.compile(r"[a-z]+_[0-9a-f]{28}")
 INDEX_MAX = 100_000  # ids kept in an owner's job index (GET /v1/jobs); older ones are trimmed
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}  # pending score: rank * 1e10 + submit time
 
 
 def valid_id(any_id: str, prefix: str = JOB_ID_PREFIX) -> bool:
@@ -81,6 +82,8 @@ class SubmitResult:
     status: str  # ok | duplicate | reused | full | inflight | unavailable
     job_id: str
     depth: int = 0
+    position: int | None = None  # an engine job's queue position, and the recent completion rate
+    rate: float | None = None
 
 
 class JobStore:
@@ -113,8 +116,9 @@ class JobStore:
         return f"{self.prefix}:active"
 
     def pending_key(self, model: str | None = None) -> str:
-        """A model's queued generation jobs, scored by submit time: what its engines claim from, oldest
-        first. The default model (None or `default_model`) keeps the plain key."""
+        """A model's queued generation jobs, scored by priority rank * 1e10 + submit time: what its engines
+        claim from (high before normal before low, oldest first within a priority). The default model
+        (None or `default_model`) keeps the plain key."""
         if model is None or model == self.default_model:
             return f"{self.prefix}:pending:interactive"
         return f"{self.prefix}:pending:interactive:{model}"
@@ -128,6 +132,10 @@ class JobStore:
     def model_workers_key(self, model: str) -> str:
         """Live workers of one model, scored by their registration's expiry (see qwen_deploy.registry)."""
         return registry.model_key(self.prefix, model)
+
+    def deadlines_key(self) -> str:
+        """Jobs with a deadline, scored by it (the deadline sweep)."""
+        return f"{self.prefix}:deadlines"
 
     def held_key(self, worker: str) -> str:
         """The jobs a worker's engine has claimed (taken over at once when that worker is found dead)."""
@@ -151,28 +159,34 @@ class JobStore:
     def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any], max_depth: int,
                idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",
                max_inflight: int = 0, engine: bool = False, model: str | None = None,
-               unserved_cap: int | None = None) -> SubmitResult:
+               unserved_cap: int | None = None, priority: str = "normal",
+               deadline: float | None = None) -> SubmitResult:
         """Write the record, index it under its owner and enqueue the message, unless the idempotency
         key was seen, the queue is full, the owner has `max_inflight` jobs in flight, or (with
         `unserved_cap`) no live worker serves `model` and its pending set holds that many jobs."""
-        fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(time.time()),
-                  "tokens": "0", "deliveries": "0", **({"owner": owner} if owner else {}), **fields}
+        now = time.time()
+        fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(now), "tokens": "0",
+                  "deliveries": "0", "priority": priority, "deadline": None if deadline is None else repr(deadline),
+                  **({"owner": owner} if owner else {}), **fields}
         idem = self.idem_key(idempotency_key, owner, route) if idempotency_key else ""
-        floor = f"{JOB_ID_PREFIX}{max(0, int((time.time() - self.ttl) * 1000)):012x}"
-        options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""),
-                   "index_floor": floor, "index_max": INDEX_MAX, "now": time.time(),
+        floor = f"{JOB_ID_PREFIX}{max(0, int((now - self.ttl) * 1000)):012x}"
+        score = PRIORITY_RANK[priority] * 1e10 + float(fields["created_at"])
+        options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""), "index_floor": floor,
+                   "index_max": INDEX_MAX, "pending_score": score, "deadline": deadline, "now": now,
                    "unserved_cap": -1 if unserved_cap is None else unserved_cap}
         served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
-        status, value = self._submit(
+        status, value, *standing = self._submit(
             keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
                   self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",
-                  served],
-            args=[self.ttl, max_depth, message, job_id, repr(time.time() + self.reap_after), json.dumps(options),
+                  served, self.deadlines_key() if deadline is not None else ""],
+            args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), json.dumps(options),
                   *_flat(fields)],
         )
         status, value = _text(status), _text(value)
         if status in ("full", "inflight", "unavailable"):
             return SubmitResult(status, job_id, int(value))
+        if standing:
+            return SubmitResult(status, value, position=int(standing[0]), rate=float(_text(standing[1]) or 0) or None)
         return SubmitResult(status, value)
 
     def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:
@@ -271,6 +285,8 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
 
     status = record.get("status", "queued")
     kind = record.get("type", "generation")
+    lifecycle = {"priority": record.get("priority", "normal"), "deadline": num("deadline"),
+                 "retry_of": record.get("retry_of") or None, "queue_position": None, "estimated_start_seconds": None}
     if kind == "generation":
         progress = {"tokens": int(record.get("tokens") or 0), "max_new_tokens": int(record.get("max_new_tokens") or 0)}
         output = None
@@ -295,4 +311,5 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
         "progress": progress,
         "output": output,
         "error": obj("error"),
+        **lifecycle,
     }

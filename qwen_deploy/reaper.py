@@ -11,6 +11,8 @@ its time is:
   the broker's unacked copy is dropped and the message pushed again, or, after `max_deliveries`
   runs, the job fails with `worker_lost`.
 
+Jobs past their deadline are swept first (see qwen_deploy/lifecycle.py).
+
 Workers run `reap()` from their heartbeat thread; a short Redis lock lets one run at a time.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import redis
 
 from qwen_deploy.jobs import TERMINAL, JobStore
+from qwen_deploy.lifecycle import sweep_deadlines
 from qwen_deploy.logs import event
 
 log = logging.getLogger(__name__)
@@ -116,7 +119,9 @@ def _fresh_tag(message: str) -> str:
 
 
 def reap_if_due(store: JobStore, interval: float, max_deliveries: int, running_for: float) -> dict[str, int] | None:
-    """Run `reap` unless another process ran it within `interval` seconds."""
+    """Sweep the jobs past their deadline (every call: one cheap script), then run `reap` unless another
+    process ran it within `interval` seconds."""
+    sweep_deadlines(store)
     if not store.r.set(f"{store.prefix}:reaper:lock", "1", nx=True, px=max(1, int(interval * 1000))):
         return None
     return reap(store, max_deliveries, running_for)

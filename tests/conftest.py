@@ -7,10 +7,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from qwen_deploy.cli.redis_server import RedisServer
+from qwen_deploy.jobs import JobStore
 from tests.helpers import Stack
 
 FAKE_HF_TOKEN = "hf_stackTOKENneverLOGGED"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A bare redis-server for store-level tests (no workers, no web)."""
+    s = RedisServer(data_dir=tmp_path_factory.mktemp("store-redis"), appendonly=False).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def store(server: RedisServer) -> JobStore:
+    """A JobStore on a flushed database of `server`."""
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushdb()
+    return JobStore(client, "t", ttl=600, reap_after=60)
 
 
 @pytest.fixture(scope="session")

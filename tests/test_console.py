@@ -151,6 +151,28 @@ def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: d
     browser.save_screenshot(str(tmp_path / "recent.png"))
 
 
+def test_your_jobs_lists_the_api_listing_with_a_status_filter(browser: webdriver.Chrome, stack: Stack,
+                                                             submitted: dict[str, str]) -> None:
+    if set(submitted) != {"zen", "long"}:
+        pytest.skip("needs the two jobs the tests above submit through the page")
+    from selenium.webdriver.support.ui import Select
+
+    def listed(d: webdriver.Chrome) -> dict[str, str]:  # read in one script: the table is redrawn every poll
+        return dict(d.execute_script("return [...document.querySelectorAll('#job-list tr')]"
+                                     ".map(r => [r.dataset.id, r.dataset.status])"))
+
+    wait(browser, lambda d: {submitted["zen"], submitted["long"]} <= set(listed(d)), "both jobs in the job list")
+    api_ids = [j["id"] for j in stack.client()._call("GET", "/v1/jobs?limit=20").json()["data"]]
+    wait(browser, lambda d: list(listed(d)) == api_ids, "GET /v1/jobs, newest first")
+    Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("canceled")
+    wait(browser, lambda d: (rows := listed(d)) and submitted["zen"] not in rows and submitted["long"] in rows,
+         "the canceled jobs only")
+    assert set(listed(browser).values()) == {"canceled"}
+    wait(browser, lambda d: "worker" in text(d, "queues"), "the queue overview")
+    assert text(browser, "queues").startswith("queued: interactive ") and "1 worker" in text(browser, "queues")
+    Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("all")
+
+
 def test_api_errors_are_shown(browser: webdriver.Chrome, stack: Stack) -> None:
     browser.get(stack.url + "/")
     fill(browser, "prompt", "Beautiful is better than")

@@ -4,29 +4,13 @@ FINISH, with the races the engine relies on (leases, takeover, late writers)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from qwen_deploy import registry
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.jobs import JobStore, new_job_id
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    s = RedisServer(data_dir=tmp_path_factory.mktemp("store-redis"), appendonly=False).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture()
-def store(server: RedisServer) -> JobStore:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushdb()
-    return JobStore(client, "t", ttl=600, reap_after=60)
 
 
 def submit(store: JobStore, prompt: str = "hi") -> str:

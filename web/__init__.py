@@ -33,14 +33,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # objects keep their documented field order
     app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
 
-    from web import (auth, batches, console, errors, health, job_list, jobs, metrics, models, openai_api, openapi,
-                     webhooks)
+    from web import (auth, batches, console, errors, health, job_actions, job_list, jobs, metrics, models,
+                     openai_api, openapi, webhooks)
 
     errors.register(app)
     auth.register(app, settings)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(job_list.bp)
+    app.register_blueprint(job_actions.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(metrics.bp)

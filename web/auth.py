@@ -36,6 +36,13 @@ def current_owner() -> str:
     return str(g.get("owner", ANONYMOUS))
 
 
+def require_admin() -> None:
+    """403 `admin_required` unless the request carries an admin key (or keys are off)."""
+    if not g.get("admin", False):
+        raise Forbidden("this route needs an admin key (web.admin_keys)", code="admin_required",
+                        param="Authorization")
+
+
 def is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True

@@ -27,6 +27,7 @@ from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
+from web.job_options import parse_duration
 from web.jobs import missing, owns
 from web.openai_api.batches import file_lines, line_endpoint, present_lines
 from web.openai_api.translate import job_request
@@ -80,7 +81,13 @@ def _read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
     if webhook is not None and not isinstance(webhook, str):
         raise Unprocessable("webhook must be a URL string", code="invalid_type", param="webhook")
     g.batch_webhook = webhook
-    return list(enumerate(body["requests"], start=1)), body.get("metadata"), {"endpoint": "/v1/jobs"}
+    extra = {"endpoint": "/v1/jobs"}
+    if body.get("completion_window") is not None:
+        if not isinstance(body["completion_window"], str):
+            raise Unprocessable("completion_window must be a duration like 24h", code="invalid_type",
+                                param="completion_window")
+        extra["completion_window"] = body["completion_window"]
+    return list(enumerate(body["requests"], start=1)), body.get("metadata"), extra
 
 
 def _jsonl_lines(raw: bytes, max_lines: int, max_line_bytes: int) -> list[tuple[int, bytes]]:
@@ -178,6 +185,9 @@ def create_batch() -> Response:
                                     lim.hard_time_limit, lim.soft_time_limit))
                 for start in range(0, len(good), size)]
     now = repr(time.time())
+    window = extra.pop("completion_window", None) or request.args.get("completion_window") or "24h"
+    extra.update(completion_window=window,
+                 expires_at=repr(float(now) + parse_duration(window, "completion_window")))
     fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
               "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
               "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),

@@ -14,6 +14,7 @@ from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen_deploy.jobs import public_job, valid_id
+from qwen_deploy.lifecycle import with_positions
 from web import services
 from web.auth import current_owner
 from web.openapi import Job, doc
@@ -58,7 +59,8 @@ def list_jobs() -> Response:
     found: list[dict[str, object]] = []
     cursor, scanned, more = q.after, 0, False
     while len(found) <= q.limit and scanned < SCAN_MAX:
-        ids = store.owned_ids(owner, cursor, min(200, SCAN_MAX - scanned))
+        chunk = 200 if q.status or q.type else q.limit + 1  # unfiltered: read only what the page needs
+        ids = store.owned_ids(owner, cursor, min(chunk, SCAN_MAX - scanned))
         if not ids:
             break
         records = store.get_many(ids)
@@ -83,6 +85,7 @@ def list_jobs() -> Response:
         more = scanned >= SCAN_MAX
     if more and len(found) == q.limit:
         cursor = str(found[-1]["id"])
+    found = with_positions(store, found)
     body = {"object": "list", "data": found, "first_id": found[0]["id"] if found else None,
             "last_id": cursor if more else (found[-1]["id"] if found else None), "has_more": more}
     return Response(json.dumps(body), mimetype="application/json")

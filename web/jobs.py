@@ -6,16 +6,15 @@ import hashlib
 import json
 import logging
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
 from flask import Blueprint, Response, has_request_context, request, stream_with_context
 
-from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unprocessable
+from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
+from qwen_deploy.lifecycle import current, estimate, with_positions
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
 from qwen_deploy.served import find_model
@@ -24,8 +23,10 @@ from qwen_deploy.webhooks import check_request
 from web import services
 from web.auth import current_owner
 from web.errors import refused
-from web.openapi import Job, WaitQuery, doc
+from web.job_options import JobOptions, body_options
+from web.openapi import Job, SubmitHeaders, WaitQuery, doc
 from web.schemas import JobCreate, parse_job, read_json
+from web.stream_slots import counted, open_stream
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
             idempotency_key: str | None, retry_after: int | None = None, engine: bool = False,
-            model: str | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
+            model: str | None = None, options: JobOptions | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
     """Record and enqueue a job in one Redis round trip; return (job object, replayed). A generation job
     (`engine`) for `model` goes onto that model's pending set; while no live worker serves it, only
     `limits.max_queued_unserved` such jobs are accepted."""
@@ -58,15 +59,18 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     job_id = new_job_id()
     owner = current_owner()
     message = task_message(task, job_id, queue, [job_id], *limits)
+    options = options or JobOptions()
+    deadline = options.deadline()
     fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()),
-              **({"model": model} if model else {}), **extra}
+              **({"model": model} if model else {}), **options.fields(), **extra}
     route = request.path if has_request_context() else kind
     hashed = req if model in (None, svc.store.default_model) else {**req, "model": model}  # another model: new body
     result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
                               check_idempotency_key(idempotency_key), owner=owner, route=route,
                               body_hash=request_hash(hashed), max_inflight=svc.settings.limits.max_inflight_per_key,
                               engine=engine, model=model,
-                              unserved_cap=svc.settings.limits.max_queued_unserved if engine else None)
+                              unserved_cap=svc.settings.limits.max_queued_unserved if engine else None,
+                              priority=options.priority, deadline=deadline)
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
     refusal = refused(result, queue, model, retry_after)
@@ -75,17 +79,22 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
-    return public_job({"id": job_id, "status": "queued", "queue": queue, **fields}), False
+    job = public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
+                      **({"deadline": repr(deadline)} if deadline else {}), **fields})
+    if result.position is not None:
+        job.update(queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate))
+    return job, False
 
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
     """Validate and enqueue a generation job."""
     req = parse_job(body, services().settings)
     hook = check_request(body.get("webhook"), body.get("webhook_events_filter"), services().settings)
-    return submit_request(req, idempotency_key, **hook)
+    return submit_request(req, idempotency_key, body_options(body), **hook)
 
 
-def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: str) -> tuple[dict[str, Any], bool]:
+def submit_request(req: dict[str, Any], idempotency_key: str | None, options: JobOptions | None = None,
+                   **extra: str) -> tuple[dict[str, Any], bool]:
     """Enqueue an already validated generation request (see parse_job) on its model's interactive queue."""
     settings = services().settings
     lim, req = settings.limits, dict(req)
@@ -93,8 +102,8 @@ def submit_request(req: dict[str, Any], idempotency_key: str | None, **extra: st
     if served is None:  # parse_job checked it
         raise NotFound("no such model", code="model_not_found", param="model")
     return enqueue("generation", GENERATE_TASK, served.interactive, req, (lim.hard_time_limit, lim.soft_time_limit),
-                   idempotency_key, engine=True, model=served.alias, max_new_tokens=str(req["max_new_tokens"]),
-                   **extra)
+                   idempotency_key, engine=True, model=served.alias, options=options,
+                   max_new_tokens=str(req["max_new_tokens"]), **extra)
 
 
 def load_record(job_id: str) -> dict[str, str]:
@@ -115,7 +124,9 @@ def owns(record: dict[str, str]) -> bool:
 
 
 def load_job(job_id: str) -> dict[str, Any]:
-    return public_job(load_record(job_id))
+    """The caller's job object; a queued one past its deadline is closed first, one still queued gets
+    its queue position."""
+    return with_positions(services().store, [public_job(current(services().store, load_record(job_id)))])[0]
 
 
 def missing(kind: str, any_id: str, prefix: str = JOB_ID_PREFIX) -> Exception:
@@ -153,7 +164,7 @@ def _job_response(job: dict[str, Any], status: int = 200, **headers: str) -> Res
 
 
 @bp.post("/jobs")
-@doc(ok=202, model=Job, json=JobCreate, tags=("jobs",))
+@doc(ok=202, model=Job, json=JobCreate, headers=SubmitHeaders, tags=("jobs",))
 def create_job() -> Response:
     """Submit a generation job (202); `Idempotency-Key` returns the earlier job for a repeated key."""
     job, replayed = submit_job(read_json(request), request.headers.get("Idempotency-Key"))
@@ -202,38 +213,9 @@ def job_events(job_id: str) -> Response:
     if not STREAM_ID.fullmatch(start):
         raise Unprocessable("Last-Event-ID must be an event id from this stream (like 1795760951281-0)",
                             param="Last-Event-ID")
-    body = stream_with_context(_counted(_sse(job_id, start), _open_stream()))
+    body = stream_with_context(counted(_sse(job_id, start), open_stream()))
     return Response(body, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _open_stream() -> tuple[redis.Redis, str, str]:
-    """Count an open stream against the caller's cap (429 `too_many_streams` past it)."""
-    svc, now = services(), time.time()
-    key, token = f"{svc.settings.key_prefix}:owner:{current_owner()}:streams", secrets.token_hex(8)
-    cap, ttl = svc.settings.limits.max_streams_per_key, svc.settings.limits.max_stream + 60
-    pipe = svc.redis.pipeline(transaction=True)
-    pipe.zremrangebyscore(key, "-inf", now)  # streams of a process that died lapse on their own
-    pipe.zadd(key, {token: now + ttl})
-    pipe.zcard(key)
-    pipe.expire(key, int(ttl))
-    count = pipe.execute()[2]
-    if count > cap:
-        svc.redis.zrem(key, token)
-        raise TooManyRequests(f"this key has {cap} event streams open; close one first", code="too_many_streams",
-                              headers={"Retry-After": "5"})
-    return svc.redis, key, token
-
-
-def _counted(events: Iterator[str], slot: tuple[redis.Redis, str, str]) -> Iterator[str]:
-    """The stream, releasing its slot when it ends or the client goes away."""
-    try:
-        yield from events
-    finally:
-        try:
-            slot[0].zrem(slot[1], slot[2])
-        except redis.RedisError:
-            pass  # the slot lapses at its score
 
 
 def _sse_event(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
@@ -275,7 +257,7 @@ def _sse(job_id: str, last: str) -> Iterator[str]:
 
 
 @bp.post("/generate")
-@doc(model=Job, json=JobCreate, tags=("jobs",))
+@doc(model=Job, json=JobCreate, headers=SubmitHeaders, tags=("jobs",))
 def generate_sync() -> Response:
     """Submit and wait for the finished job (504 past the hard time limit)."""
     job, _ = submit_job(read_json(request), request.headers.get("Idempotency-Key"))

@@ -71,6 +71,14 @@ class Job(BaseModel):
     progress: dict[str, Any]
     output: Output | dict[str, Any] | None = None
     error: JobError | None = None
+    priority: Literal["high", "normal", "low"] = "normal"
+    deadline: float | None = Field(None, description="when the job is canceled (error deadline_exceeded) if not done")
+    retry_of: str | None = Field(None, description="the job this one retries (POST /v1/jobs/{id}/retry)")
+    queue_position: int | None = Field(
+        None, description="while queued: generation jobs ahead of this one in the claim order (0 = next)")
+    estimated_start_seconds: float | None = Field(
+        None, description="while queued: (queue_position + 1) / generation jobs completed per second over the "
+                          "last minute; null without recent completions")
 
 
 class Batch(BaseModel):
@@ -111,6 +119,15 @@ class Status(BaseModel):
 
 class WaitQuery(BaseModel):
     wait: float | None = Field(None, ge=0, le=30, description="seconds to wait for a terminal state")
+
+
+class SubmitHeaders(BaseModel):
+    """Optional headers of POST /v1/jobs and /v1/generate."""
+
+    model_config = {"populate_by_name": True}
+    idempotency_key: str | None = Field(None, alias="Idempotency-Key", description="repeat-safe submits")
+    cancel_after: str | None = Field(None, alias="Cancel-After", description="deadline: 30s, 5m, 1h30m, 250ms or "
+                                                                            "seconds (at most 24 h)")
 
 
 class ResultsQuery(BaseModel):

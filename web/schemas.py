@@ -37,7 +37,18 @@ class WebhookFields(BaseModel):
         None, min_length=1, description='default ["completed"]')
 
 
-class JobCreate(WebhookFields):
+class LifecycleFields(BaseModel):
+    """Optional priority and deadline of a job (see web/job_options.py); kept in the record."""
+
+    priority: Literal["high", "normal", "low"] | None = Field(
+        None, description="claim order among queued jobs: high, then normal (default), then low; FIFO within")
+    deadline_seconds: Number | None = Field(
+        None, gt=0, le=86400, description="cancel the job this many seconds after submit (also the Cancel-After "
+                                          "header; the earlier wins): queued → canceled, running → stopped with its "
+                                          "partial text; error code deadline_exceeded")
+
+
+class JobCreate(WebhookFields, LifecycleFields):
     """Body of POST /v1/jobs and /v1/generate: a prompt or chat messages, and generation settings."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF_PROMPT)
@@ -83,6 +94,10 @@ class BatchCreate(BaseModel):
     requests: list[BatchLine | Any] = Field(min_length=1)
     metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 keys (64 chars), values 512")
     webhook: StrictStr | None = Field(None, description="called with batch.completed (JSONL form: ?webhook=)")
+    completion_window: StrictStr | None = Field(
+        None, description="default 24h (the most); a shorter duration like 1h or 30s (JSONL form: "
+                          "?completion_window=). Lines not done by then end with error batch_expired and the batch "
+                          "ends expired")
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
@@ -152,8 +167,9 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
                             param="stop")
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
-    # webhook fields are kept in the record, not in the request the worker reads
-    data = req.model_dump(exclude_none=True, exclude={"model", "response_format", *WebhookFields.model_fields})
+    # webhook and lifecycle fields are kept in the record, not in the request the worker reads
+    data = req.model_dump(exclude_none=True, exclude={"model", "response_format", *WebhookFields.model_fields,
+                                                      *LifecycleFields.model_fields})
     if req.response_format is not None:
         check_response_format(req.response_format)
         data["response_format"] = body["response_format"]  # stored as given

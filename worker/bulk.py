@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from qwen_deploy.batches import BatchStore
+from qwen_deploy.batches import EXPIRED_CODE, BatchStore
 from qwen_deploy.logs import event
 from worker.engine import BULK, Seq
 from worker.handler import GenerationRequest, GenerationResult
@@ -20,6 +20,7 @@ INCOMPLETE = {
     "canceled": ("batch_cancelled", "the batch was cancelled"),
     "error": ("generation_error", "the model failed while generating (see the worker log)"),
 }
+EXPIRED = (EXPIRED_CODE, "the batch's completion_window ended before this line finished")
 
 
 def line_id(batch_id: str, line: int) -> str:
@@ -31,15 +32,17 @@ def failed_lines(batch_id: str, items: list[dict[str, Any]], code: str, message:
              "error": {"code": code, "message": message, "line": i["line"]}} for i in items]
 
 
-def result_line(batch_id: str, item: dict[str, Any], outcome: GenerationResult) -> dict[str, Any]:
-    """One output line in the OpenAI Batch shape."""
+def result_line(batch_id: str, item: dict[str, Any], outcome: GenerationResult,
+                expired: bool = False) -> dict[str, Any]:
+    """One output line in the OpenAI Batch shape (`expired`: a time limit that was the batch's window)."""
     base = {"id": line_id(batch_id, item["line"]), "custom_id": item["custom_id"]}
     output: dict[str, Any] = {"text": outcome.text, "finish_reason": outcome.finish_reason, "usage": outcome.usage()}
     if outcome.choices:
         output["choices"] = outcome.choices
     error = None
     if outcome.finish_reason in INCOMPLETE:
-        code, message = INCOMPLETE[outcome.finish_reason]
+        late = expired and outcome.finish_reason == "time_limit"
+        code, message = EXPIRED if late else INCOMPLETE[outcome.finish_reason]
         error = {"code": code, "message": message, "line": item["line"]}
         if outcome.finish_reason == "error":
             return {**base, "response": None, "error": error}
@@ -51,8 +54,9 @@ class ChunkUnit:
     """Lines [start, end) of a batch, running as bulk sequences of one driver's engine."""
 
     def __init__(self, driver: Any, batches: BatchStore, batch_id: str, start: int, items: list[dict[str, Any]],
-                 budget: float) -> None:
+                 budget: float, expires_at: float | None = None) -> None:
         self.driver, self.batches, self.batch_id, self.start = driver, batches, batch_id, start
+        self.expires_at = expires_at
         self.key = f"{batch_id}:{start}"
         self.items = items
         self.lines: dict[int, Any] = {}
@@ -81,7 +85,8 @@ class ChunkUnit:
         req, seqs, prompt_tokens, truncated = self.lines[index]
         if all(s.done for s in seqs):
             result = self.driver.handler.result(seqs, prompt_tokens, truncated, req)
-            self._record(index, result_line(self.batch_id, self.items[index], result))
+            expired = self.expires_at is not None and time.time() >= self.expires_at - 0.25
+            self._record(index, result_line(self.batch_id, self.items[index], result, expired))
 
     def poll(self) -> None:
         """Stop every line of this micro-batch when its batch is being cancelled (and retry a failed record)."""
@@ -119,10 +124,17 @@ def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: 
         batches.chunk_done(batch_id, start, failed_lines(
             batch_id, items, "worker_lost", f"the worker running this micro-batch died {max_deliveries} time(s)"))
         return "exhausted"
-    if batches.status(batch_id) in ("cancelling", "cancelled"):
+    record = batches.get(batch_id) or {}
+    if record.get("status") in ("cancelling", "cancelled"):
         batches.chunk_done(batch_id, start, failed_lines(batch_id, items, *INCOMPLETE["canceled"]))
         return "cancelled"
+    expires_at = float(record["expires_at"]) if record.get("expires_at") else None
+    if expires_at is not None and time.time() >= expires_at:  # its window ended while it waited
+        batches.chunk_done(batch_id, start, failed_lines(batch_id, items, *EXPIRED))
+        return "expired"
     budget = min(driver.settings.limits.generation_budget, max(1.0, slice_end - time.monotonic() - 1.0))
-    unit = ChunkUnit(driver, batches, batch_id, start, items, budget)
+    if expires_at is not None:
+        budget = min(budget, expires_at - time.time())
+    unit = ChunkUnit(driver, batches, batch_id, start, items, budget, expires_at)
     driver.drive(lambda: unit.key not in driver.units, slice_end)
     return "done" if unit.key not in driver.units else "running"

@@ -39,6 +39,8 @@ ERRORS = {
     "timed_out": {"code": "time_limit", "message": "generation stopped at its time budget"},
     "failed": {"code": "generation_error", "message": "the model failed while generating (see the worker log)"},
 }
+DEADLINE_ERROR = {"code": "deadline_exceeded", "message": "the job reached its deadline (Cancel-After or "
+                                                          "deadline_seconds); output holds the partial text"}
 
 
 @dataclass
@@ -55,6 +57,7 @@ class RunningJob:
     sent_tokens: int = -1
     sent_others: list[str] = field(default_factory=list)  # the same for samples after the first
     lost: bool = False  # no longer this worker's (canceled while queued, expired, taken over)
+    deadline: float | None = None  # the job's Cancel-After deadline (epoch seconds)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -145,18 +148,20 @@ class Driver:
                 continue
             if taken_over:  # the dead process's worker may have held the job's message unacked
                 drop_unacked(self.store.r, unacked_tags(self.store.r, c.job_id))
+            deadline = float(c.detail) if c.detail else None  # a run's detail is its deadline
             try:
                 req = GenerationRequest.from_dict(json.loads(c.request))
                 resume = json.loads(c.out_ids) if c.out_ids and int(c.attempt) > 1 else None
-                seqs, prompt_tokens, truncated = self.handler.sequences(req, c.job_id, budget=budget, tag=c.job_id,
-                                                                        resume=resume)
+                seqs, prompt_tokens, truncated = self.handler.sequences(
+                    req, c.job_id, budget=budget if deadline is None else min(budget, deadline - time.time()),
+                    tag=c.job_id, resume=resume)
             except Exception as exc:  # a request this model cannot run fails alone
                 log.warning("job %s cannot run: %s", c.job_id, exc)
                 code = getattr(exc, "code", None) or "invalid_request"
                 self.store.finish(c.job_id, "failed", {"error": {"code": code, "message": str(exc)}},
                                   holder=self.worker)
                 continue
-            job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, int(c.attempt))
+            job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, int(c.attempt), deadline=deadline)
             if resume:
                 job.sent, job.sent_tokens = c.text, len(resume)
             self.jobs[c.job_id] = job
@@ -304,6 +309,8 @@ class Driver:
             fields["choices"] = result.choices
         if status in ERRORS:
             fields["error"] = ERRORS[status]
+        if status in ("timed_out", "canceled") and job.deadline is not None and time.time() >= job.deadline - 0.25:
+            status, fields["finish_reason"], fields["error"] = "canceled", "canceled", DEADLINE_ERROR
         delta = result.text[len(job.sent):] if result.text.startswith(job.sent) else ""
         self.store.finish(job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker)
         event(log, "job.finished", id=job.job_id, queue="interactive", status=status,

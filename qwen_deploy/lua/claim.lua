@@ -7,7 +7,9 @@
 --       this engine's model alias, the default alias (a record without `model` is the default's).
 -- Returns a flat list of entries {outcome, id, detail, request, attempt, out_ids, text}; outcome is
 -- run | mine | busy | skip | missing | exhausted | other (another model's job: never claimed)
--- (detail: the holder for busy, the status for skip, the job's model for other).
+-- (detail: the holder for busy, the status for skip, the job's model for other, the deadline for run).
+-- A job past its deadline is closed `canceled` (deadline_exceeded) instead of claimed.
+-- Pending is scored by priority rank * 1e10 + submit time: high, then normal, then low, FIFO within.
 --#include common
 local prefix, now, me, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local max_deliveries, ttl, exhausted, room, takeover = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
@@ -42,6 +44,11 @@ local function claim(id)
     local old = redis.call('HGET', job, 'held')
     if old then redis.call('SREM', old, id) end
   end
+  if past_deadline(job, now) then  -- queued (or orphaned) past its deadline: never started again
+    close_at_deadline(job, KEYS[3], KEYS[2], KEYS[1], ARGV[2], ttl)
+    put('skip', id, 'canceled')
+    return false
+  end
   local n = redis.call('HINCRBY', job, 'deliveries', 1)
   if n > max_deliveries then
     redis.call('HSET', job, 'error', exhausted, 'finish_reason', 'error')
@@ -62,7 +69,7 @@ local function claim(id)
   redis.call('XADD', job .. ':ev', '*', 'type', 'status', 'status', 'running', 'attempt', n)
   if n == 1 then notify_job(job, KEYS[3], 'start', ARGV[2]) end
   local f = redis.call('HMGET', job, 'request', 'out_ids', 'text')
-  put('run', id, '', f[1], tostring(n), f[2], f[3])
+  put('run', id, redis.call('HGET', job, 'deadline') or '', f[1], tostring(n), f[2], f[3])
   return true
 end
 if ARGV[10] ~= '' then

@@ -1,6 +1,6 @@
 -- Shared by the job scripts. KEYS[1] job hash, KEYS[2] its event stream, KEYS[3] the stats hash,
 -- KEYS[4] the active set (non-terminal job ids scored by when the reaper should look at them),
--- KEYS[5] the pending set of the engine (queued generation jobs, scored by submit time).
+-- KEYS[5] the pending set of the engine (queued generation jobs, scored by priority rank * 1e10 + submit time).
 local terminal = {succeeded=true, failed=true, canceled=true, timed_out=true}
 local BUCKETS = {--[[BUCKETS]]}
 local function observe_in(stats, name, value)
@@ -30,7 +30,9 @@ local function notify(event, now) notify_job(KEYS[1], KEYS[3], event, now) end
 -- Move a job to a terminal status: out of the active, pending and held sets, `done` event, TTL, counters.
 local function close_job(job, ev, stats, active, pending, status, now, ttl)
   local id = redis.call('HGET', job, 'id')
+  local prefix = string.sub(stats, 1, -7)
   redis.call('ZREM', active, id)
+  redis.call('ZREM', prefix .. ':deadlines', id)
   if pending ~= '' then redis.call('ZREM', pending, id) end
   local own = redis.call('HGET', job, 'pending')  -- the pending set of the job's model
   if own and own ~= pending then redis.call('ZREM', own, id) end
@@ -44,7 +46,39 @@ local function close_job(job, ev, stats, active, pending, status, now, ttl)
   redis.call('HINCRBY', stats, 'jobs:' .. kind .. ':' .. status, 1)
   local started = redis.call('HGET', job, 'started_at')
   if started then observe_in(stats, 'run_seconds', tonumber(now) - tonumber(started)) end
+  if started and kind == 'generation' then  -- recent completions: the queue position's time estimate
+    redis.call('LPUSH', prefix .. ':done_times', now)
+    redis.call('LTRIM', prefix .. ':done_times', 0, 255)
+  end
   notify_job(job, stats, 'completed', now)
+end
+-- Generation completions per second over the last minute, from the last 256 completion times ('' when
+-- none in it); when all 256 kept are recent, over the span they cover. Behind estimated_start_seconds.
+local function completion_rate(prefix, now)
+  local times = redis.call('LRANGE', prefix .. ':done_times', 0, -1)
+  local recent, oldest = 0, now
+  for _, raw in ipairs(times) do
+    local t = tonumber(raw)
+    if t > now - 60 and t <= now then
+      recent = recent + 1
+      if t < oldest then oldest = t end
+    end
+  end
+  if recent == 0 then return '' end
+  local span = 60
+  if #times >= 256 and recent == #times then span = math.max(1, now - oldest) end
+  return tostring(recent / span)
+end
+-- Deadlines (Cancel-After / deadline_seconds): the record's `deadline` is an absolute time.
+local DEADLINE_ERROR = '{"code": "deadline_exceeded", "message": "the job reached its deadline ' ..
+  '(Cancel-After or deadline_seconds) before it finished"}'
+local function past_deadline(job, now)
+  local d = tonumber(redis.call('HGET', job, 'deadline') or '')
+  return d ~= nil and d <= tonumber(now)
+end
+local function close_at_deadline(job, stats, active, pending, now, ttl)
+  redis.call('HSET', job, 'error', DEADLINE_ERROR, 'finish_reason', 'canceled', 'cancel', '1')
+  close_job(job, job .. ':ev', stats, active, pending, 'canceled', now, ttl)
 end
 local function close(status, now, ttl)
   close_job(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5] or '', status, now, ttl)

@@ -1,14 +1,19 @@
 -- KEYS: job, queue, idem ('' when none), active, owner's job index, owner's in-flight set,
--- pending ('' when the job is not for the engine), the model's live workers ('' = no check).
+-- pending ('' when the job is not for the engine), the model's live workers ('' = no check),
+-- deadlines ('' when the job has none).
 -- The record has no TTL until it is terminal (a job queued longer than the TTL must still end).
 -- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), fields...
 -- options: body (hash of the request, kept with the idempotency key), max_inflight (0: no cap),
 -- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
--- below it have expired: trimmed from the index), index_max (index length kept).
--- Returns {'ok', id} | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}
+-- below it have expired: trimmed from the index), index_max (index length kept), pending_score
+-- (priority rank * 1e10 + submit time), deadline (absolute time, when KEYS[9] is given), now and
+-- unserved_cap (with KEYS[8]: no live worker serves the model and its pending set holds that many).
+-- Returns {'ok', id[, queue position, completion rate]} (position and rate for an engine job: see
+-- qwen_deploy/lifecycle.py) | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}
 -- | {'unavailable', pending}.
 -- The owner's index is a sorted set with every score 0: ids embed their creation time, so lexical
 -- order is creation order (GET /v1/jobs pages it newest first with ZREVRANGEBYLEX).
+--#include common
 local opt = cjson.decode(ARGV[6])
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate', ARGV[4]} end
 if KEYS[3] ~= '' then
@@ -40,9 +45,10 @@ end
 redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 if KEYS[7] ~= '' then
-  redis.call('ZADD', KEYS[7], redis.call('HGET', KEYS[1], 'created_at'), ARGV[4])
+  redis.call('ZADD', KEYS[7], opt.pending_score or redis.call('HGET', KEYS[1], 'created_at'), ARGV[4])
   redis.call('HSET', KEYS[1], 'pending', KEYS[7])  -- closing the job removes it from its model's set
 end
+if KEYS[9] and KEYS[9] ~= '' then redis.call('ZADD', KEYS[9], opt.deadline, ARGV[4]) end
 redis.call('LPUSH', KEYS[2], ARGV[3])
 if KEYS[3] ~= '' then
   redis.call('HSET', KEYS[3], 'id', ARGV[4], 'body', opt.body)
@@ -58,5 +64,10 @@ end
 if cap > 0 then
   redis.call('ZADD', KEYS[6], 0, ARGV[4])
   redis.call('EXPIRE', KEYS[6], ARGV[1])
+end
+if KEYS[7] ~= '' then
+  local prefix = string.sub(KEYS[4], 1, -8)  -- KEYS[4] is {prefix}:active
+  return {'ok', ARGV[4], redis.call('ZRANK', KEYS[7], ARGV[4]),
+          completion_rate(prefix, tonumber(redis.call('HGET', KEYS[1], 'created_at')))}
 end
 return {'ok', ARGV[4]}

@@ -12,6 +12,7 @@ from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE, BatchS
 from qwen_deploy.errors import BadRequest, NotFound, Unprocessable
 from web import services
 from web.auth import current_owner
+from web.job_options import parse_duration
 from web.openai_api.objects import chat_completion, text_completion
 from web.openai_api.translate import CHAT, COMPLETIONS, JOBS, model_id, unsupported
 
@@ -47,8 +48,10 @@ def file_lines(body: dict[str, Any]) -> tuple[list[tuple[int, Any]], Any, dict[s
     endpoint, window, metadata = body.get("endpoint"), body.get("completion_window", "24h"), body.get("metadata")
     if endpoint not in ENDPOINTS:
         raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}", code="invalid_value", param="endpoint")
-    if window != "24h":
-        raise BadRequest("completion_window must be 24h", code="invalid_value", param="completion_window")
+    if not isinstance(window, str):
+        raise BadRequest("completion_window must be a duration like 24h", code="invalid_type",
+                         param="completion_window")
+    parse_duration(window, "completion_window")  # 24h, or a shorter window
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16
                                  or not all(isinstance(v, str) for v in metadata.values())):
         raise BadRequest("metadata must map at most 16 keys to strings", code="invalid_value", param="metadata")

@@ -12,6 +12,7 @@ from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
 from web import services
+from web.job_options import service_tier_options
 from web.jobs import iter_job_events, submit_request, wait_for
 from web.openai_api.objects import PRESENTERS, choices, finish_reason, usage
 from web.openai_api.translate import chat_request, completion_request
@@ -96,7 +97,7 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
 def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> Response:
     body = read_json(request)
     req = translate(body, services().settings)
-    job, _ = submit_request(req, request.headers.get("Idempotency-Key"))
+    job, _ = submit_request(req, request.headers.get("Idempotency-Key"), service_tier_options(body))
     g.openai_job_id = job["id"]
     model = body["model"]
     if body.get("stream"):

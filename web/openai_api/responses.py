@@ -11,6 +11,7 @@ from flask import Blueprint, Response, g, request, stream_with_context
 from qwen_deploy.errors import BadRequest, NotFound
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL
 from web import services
+from web.job_options import service_tier_options
 from web.jobs import iter_job_events, load_job, missing, submit_request, wait_for
 from web.openai_api.completions import finished
 from web.openai_api.objects import finish_reason, job_body
@@ -21,7 +22,7 @@ bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
 
 PREFIX = "resp_"
 KEYS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "background",
-                  "stream", "metadata", "store", "user", "text", "top_k", "seed", "ignore_eos"})
+                  "service_tier", "stream", "metadata", "store", "user", "text", "top_k", "seed", "ignore_eos"})
 STATUS = {"queued": "queued", "running": "in_progress", "canceling": "in_progress", "succeeded": "completed",
           "failed": "failed", "canceled": "cancelled", "timed_out": "incomplete"}
 
@@ -163,7 +164,8 @@ def create_response() -> Response:
     """Create a response (a job); `background: true` answers at once with status queued."""
     body = read_json(request)
     req, meta = _request(body)
-    job, _ = submit_request(req, request.headers.get("Idempotency-Key"), response=json.dumps(meta))
+    job, _ = submit_request(req, request.headers.get("Idempotency-Key"), service_tier_options(body),
+                            response=json.dumps(meta))
     g.openai_job_id = job["id"]
     if body.get("stream"):
         return _stream(job["id"], meta, -1, cancel_on_close=not meta["background"])

@@ -15,7 +15,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Parameters passed to the job body under the same name (top_k, repetition_penalty and ignore_eos are the
 # usual extensions of OpenAI-compatible servers, sent with the SDK's `extra_body`).
 PASSED = ("temperature", "top_p", "n", "stop", "seed", "top_k", "repetition_penalty", "ignore_eos")
-COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", "frequency_penalty",
+COMMON = frozenset({"service_tier", "model", "max_tokens", "stream", "stream_options", "user", "frequency_penalty",
                     "presence_penalty", "response_format", *PASSED})
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}

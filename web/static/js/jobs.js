@@ -1,5 +1,6 @@
 // The current job (submit, stream its events, cancel) and the recent-jobs table.
 import { ApiError, GONE, TERMINAL, api, authHeaders, errorOf, jobPath, sleep, sseEvents, tracker } from "./api.js";
+import { loadWebhooks, queueText } from "./joblist.js";
 import { $, bar, el, showError, statusBadge } from "./ui.js";
 
 export const recent = tracker({ key: "jobs", path: jobPath, done: GONE, render: renderRecent });
@@ -37,12 +38,16 @@ function jobBody() {
   const stop = splitStops($("stop").value);
   if (stop.length) body.stop = stop;
   if ($("ignore-eos").checked) body.ignore_eos = true;
+  if ($("priority").value !== "normal") body.priority = $("priority").value;
+  const deadline = $("deadline").value.trim();
+  if (deadline !== "") body.deadline_seconds = Number(deadline);
   return body;
 }
 
 function describe(job) {
   const parts = [];
   const out = job.output;
+  if (queueText(job)) parts.push(queueText(job));
   if (out?.finish_reason) parts.push(out.finish_reason);
   if (job.error) parts.push(`${job.error.code}: ${job.error.message}`);
   if (job.attempts > 1) parts.push(`attempt ${job.attempts}`);
@@ -68,14 +73,23 @@ function showJob(job) {
   setStatus(job.status, describe(job));
   setProgress(job.progress?.tokens ?? 0, job.progress?.max_new_tokens ?? 0, job.status === "succeeded");
   if (job.output && TERMINAL.has(job.status)) $("output").textContent = job.output.text ?? "";
+  if (TERMINAL.has(job.status)) loadWebhooks(job.id).catch(() => {});
+}
+
+/** While the current job is queued, refresh its position (the stream only says when it starts). */
+export async function refreshQueued() {
+  if (!current || $("status").dataset.status !== "queued") return;
+  const job = await api("GET", jobPath(current.id));
+  if (current?.id === job.id && job.status === "queued") setStatus("queued", describe(job));
 }
 
 /** Make `job` the current job and stream its events (from the start) into the output box. */
-function follow(job) {
+export function follow(job) {
   current?.controller.abort();
   current = { id: job.id, max: job.progress?.max_new_tokens ?? 0, controller: new AbortController() };
   $("job-id").textContent = job.id;
   $("output").textContent = "";
+  $("webhooks-box").hidden = true;
   showJob(job);
   if (TERMINAL.has(job.status)) return;  // nothing more will happen: no stream needed
   const { signal } = current.controller;

@@ -1,7 +1,8 @@
 // qwen-deploy job console: the served model and readiness, the API key, polling, and the wiring.
 import { ApiError, GONE, api, saved } from "./api.js";
 import { batches, renderBatches, submitBatch, watchBatch } from "./batches.js";
-import { cancelJob, recent, renderRecent, submitJob } from "./jobs.js";
+import { loadJobs, loadQueues } from "./joblist.js";
+import { cancelJob, follow, recent, refreshQueued, renderRecent, submitJob } from "./jobs.js";
 import { $, formatCount, showError } from "./ui.js";
 
 const POLL_MS = 2000;
@@ -43,7 +44,9 @@ async function tick() {
   if (polling) return;
   polling = true;
   try {
-    await Promise.all([recent.poll(), batches.poll()]);
+    const quiet = (p) => p.catch(() => {});  // a 401 is shown by loadModel
+    await Promise.all([recent.poll(), batches.poll(), quiet(loadJobs(follow)), quiet(loadQueues()),
+                       quiet(refreshQueued())]);
   } finally {
     polling = false;
   }
@@ -60,6 +63,7 @@ function init() {
   $("submit-batch").addEventListener("click", submitBatch);
   $("watch-batch").addEventListener("click", watchBatch);
   $("error").addEventListener("click", () => showError(null));
+  $("jobs-status").addEventListener("change", () => loadJobs(follow).catch(showError));
   promptMode();
   renderRecent();
   renderBatches();
