@@ -12,7 +12,6 @@ import redis
 
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
-from qwen_deploy.jobs import JobStore
 from tests.helpers import wait_until
 from web import create_app
 from web.openai_api.translate import model_id
@@ -86,7 +85,7 @@ def test_positions_follow_priority_and_shrink_as_jobs_leave(http: Any, server: R
     listed = {j["id"]: j["queue_position"] for j in http.get("/v1/jobs", headers=auth()).get_json()["data"]}
     assert listed == {low["id"]: 4, **{j["id"]: i + 1 for i, j in enumerate(normal)}}
     assert http.post(f"/v1/jobs/{normal[0]['id']}/cancel", headers=auth()).status_code == 202
-    store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
+    store = http.application.extensions["qwen_deploy"].store  # the app's own (its default model)
     claimed = store.claim("host:1", 30, 2, 1)  # an engine takes the next one: the high-priority job
     assert [c.job_id for c in claimed] == [high["id"]]
     assert [position(j) for j in normal[1:]] == [0, 1] and position(low) == 2
@@ -107,7 +106,7 @@ def test_retry_makes_a_linked_job_with_the_same_request_for_the_same_owner(http:
     assert job["retry_of"] == first["id"] and job["id"] != first["id"] and job["status"] == "queued"
     assert again.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert job["priority"] == "high" and job["deadline"] - job["created_at"] == pytest.approx(600, abs=1)
-    store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
+    store = http.application.extensions["qwen_deploy"].store  # the app's own (its default model)
     old, new = store.get(first["id"]), store.get(job["id"])
     assert json.loads(new["request"]) == json.loads(old["request"])
     assert new["owner"] == old["owner"] and new["webhook"] == hook["webhook"]
