@@ -177,7 +177,10 @@ def test_redis_killed_with_100_jobs_queued(chaos: Stack) -> None:
     client = chaos.client()
     busy = client.submit(**LONG)["id"]  # in flight when Redis dies
     ids = [client.submit("Errors should never", max_new_tokens=4)["id"] for _ in range(100)]
-    time.sleep(1.2)  # appendfsync everysec
+    def written() -> bool:  # in the AOF file (a kill -9 keeps it): nothing buffered, no fsync pending
+        info = chaos.redis.info("persistence")
+        return info["aof_buffer_length"] == 0 and info["aof_pending_bio_fsync"] == 0
+    wait_until(written, 30, 0.05, "the AOF to hold every submit")
     server = chaos.redis_server
     assert server is not None
     server.kill()
