@@ -63,6 +63,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
     app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle",
                                               "tasks.webhooks"])
     app.conf.update(celery_config(settings))
+    from tasks.lifecycle import PromptRespawn
+
+    app.steps["worker"].add(PromptRespawn)
     return app
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from celery import signals
+from celery import bootsteps, signals
 
 from qwen_deploy.config import get_settings
 from qwen_deploy.queues import GENERATION_QUEUES
@@ -23,6 +23,19 @@ def _consumed(app: object) -> set[str]:
 def _serves_generation(app: object) -> bool:
     """Whether this worker consumes any model's interactive or bulk queue."""
     return bool(_consumed(app) & all_generation_queues(get_settings()))
+
+
+class PromptRespawn(bootsteps.StartStopStep):
+    """Replace a dead child within a quarter of a second. Celery learns of a child's exit from its sentinel
+    fd, but for a child that itself replaced a dead one that can be missed until the pool's 5 s maintenance
+    timer: a killed child's jobs then wait up to 5 s for their successor."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def register_with_event_loop(self, worker: object, hub: object) -> None:
+        maintain = getattr(getattr(worker, "pool", None), "maintain_pool", None)
+        if maintain is not None:
+            hub.call_repeatedly(0.25, maintain)  # type: ignore[attr-defined]
 
 
 @signals.after_setup_logger.connect

@@ -32,6 +32,39 @@ def store(server: RedisServer) -> JobStore:
     return JobStore(client, "t", ttl=600, reap_after=60)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (in addopts): two processes for the whole suite, none (plain pytest) for chosen files.
+
+    Most tests wait on subprocesses (workers, redis-server, clients), so two processes fill two cores; more
+    would only duplicate the session fixtures. PYTEST_XDIST_AUTO_NUM_WORKERS overrides, as in pytest-xdist."""
+    if "PYTEST_XDIST_AUTO_NUM_WORKERS" in os.environ:
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    whole_suite = all(Path(arg).resolve() == config.rootpath / "tests" for arg in config.args)
+    return min(2, os.cpu_count() or 1) if whole_suite else 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked slow first, each kept whole (stable sort): with `--dist loadfile` a file runs in one
+    process, and starting the long ones first leaves no long file for the end."""
+    def slow(item: pytest.Item) -> bool:
+        module = item.getparent(pytest.Module)
+        return module is not None and module.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: not slow(item))
+
+
+def _redis_url() -> str | None:
+    """REDIS_URL for the shared stack; each pytest-xdist process takes its own database (db + worker number)."""
+    url = os.environ.get("REDIS_URL")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    if url is None or worker == "gw0":
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0) + int(worker.removeprefix("gw"))
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     from worker.demo_model import build_demo_model
@@ -43,7 +76,7 @@ def demo_model() -> Path:
 def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
     """The shared deployment for end-to-end tests (default limits)."""
     s = Stack(tmp_path_factory.mktemp("stack"), demo_model, {"log_format": "json"},
-              redis_url=os.environ.get("REDIS_URL"), env={"HF_TOKEN": FAKE_HF_TOKEN})
+              redis_url=_redis_url(), env={"HF_TOKEN": FAKE_HF_TOKEN})
     s.start_worker()
     s.start_web()
     yield s

@@ -118,14 +118,17 @@ class Stack:
         return int(self.redis.get(registry.loads_key(self.settings.key_prefix)) or 0)
 
     def stop_worker(self) -> None:
-        for proc in [self.worker, *self.others]:
-            if proc and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        """SIGTERM to every worker at once (each takes seconds to shut down), then wait for them all."""
+        running = [proc for proc in [self.worker, *self.others] if proc and proc.poll() is None]
+        for proc in running:
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         self.worker, self.others = None, []
 
     # -- web ----------------------------------------------------------------------------------

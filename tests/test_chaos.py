@@ -177,7 +177,10 @@ def test_redis_killed_with_100_jobs_queued(chaos: Stack) -> None:
     client = chaos.client()
     busy = client.submit(**LONG)["id"]  # in flight when Redis dies
     ids = [client.submit("Errors should never", max_new_tokens=4)["id"] for _ in range(100)]
-    time.sleep(1.2)  # appendfsync everysec
+    def written() -> bool:  # in the AOF file (a kill -9 keeps it): nothing buffered, no fsync pending
+        info = chaos.redis.info("persistence")
+        return info["aof_buffer_length"] == 0 and info["aof_pending_bio_fsync"] == 0
+    wait_until(written, 30, 0.05, "the AOF to hold every submit")
     server = chaos.redis_server
     assert server is not None
     server.kill()
@@ -252,6 +255,14 @@ def test_child_killed_with_16_co_batched_jobs_resumes_them_all(chaos: Stack) -> 
     assert [d["output"]["text"] for d in done] == [expected[b["prompt"]] for b in bodies]
 
 
+def children(proc: object) -> list[str]:
+    pid = proc.pid  # type: ignore[attr-defined]
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
 def test_two_workers_share_the_work_without_running_a_job_twice(chaos: Stack) -> None:
     """Two engines on one Redis: each job is claimed once (one attempt, one holder), none is lost."""
     import subprocess
@@ -264,7 +275,11 @@ def test_two_workers_share_the_work_without_running_a_job_twice(chaos: Stack) ->
     second = subprocess.Popen(celery_command(worker_argv(GENERATION_QUEUES, f"second{os.getpid()}", "INFO")),
                               env=chaos.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until(lambda: sum(w["state"] == "ready" for w in chaos.workers()) >= 2, 90, 0.2, "two ready workers")
+        def both_ready() -> bool:  # each one's own child: a killed child's record lingers for its TTL
+            assert second.poll() is None, (chaos.tmp / "second-worker.log").read_text()[-3000:]
+            ready = {str(w["pid"]) for w in chaos.workers() if w["state"] == "ready"}
+            return all(ready & set(children(proc)) for proc in (chaos.worker, second))
+        wait_until(both_ready, 90, 0.2, "two ready workers")
         client = chaos.client()
         ids = [client.submit("Beautiful is better than", max_new_tokens=60, ignore_eos=True)["id"] for _ in range(48)]
         done = finals(client, ids)

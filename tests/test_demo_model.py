@@ -32,6 +32,8 @@ def _prompt(line: str, lines: list[str]) -> str:
     return " ".join(words[:k])
 
 
+pytestmark = pytest.mark.slow  # builds the model from scratch, twice at once
+
 ZEN_LINES = _zen_lines()
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import Stack, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
