@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -22,6 +23,7 @@ from qwen_deploy.lua import script
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 JOB_ID_PREFIX = "job_"
 ID_RE = re.compile(r"[a-z]+_[0-9a-f]{28}")
+log = logging.getLogger(__name__)
 INDEX_MAX = 100_000  # ids kept in an owner's job index (GET /v1/jobs); older ones are trimmed
 
 
@@ -88,6 +90,7 @@ class JobStore:
         self.prefix = prefix
         self.ttl = ttl
         self.reap_after = reap_after
+        self.wait_replicas, self.wait_ms = 0, 100  # WAIT after a submit (Sentinel: survive a failover)
         self._submit = client.register_script(script("submit"))
         self._start = client.register_script(script("start"))
         self._cancel = client.register_script(script("cancel"))
@@ -148,9 +151,20 @@ class JobStore:
                   *_flat(fields)],
         )
         status, value = _text(status), _text(value)
+        if status == "ok" and self.wait_replicas:
+            self.replicated()
         if status in ("full", "inflight"):
             return SubmitResult(status, job_id, int(value))
         return SubmitResult(status, value)
+
+    def replicated(self) -> int:
+        """WAIT until `wait_replicas` replicas have the writes so far (or `wait_ms` passed); how many did.
+        Fewer is logged, not refused: the job is accepted on the master (see docs/RELIABILITY.md)."""
+        acked = int(self.r.wait(self.wait_replicas, self.wait_ms))
+        if acked < self.wait_replicas:
+            log.warning("submit: %d of %d replicas acknowledged within %d ms", acked, self.wait_replicas,
+                        self.wait_ms)
+        return acked
 
     def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:
         """Up to `count` of the owner's job ids, newest first, older than `after` when given."""

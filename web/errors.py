@@ -54,7 +54,7 @@ def register(app: Flask) -> None:
             response.headers["Allow"] = exc.get_response().headers["Allow"]
         return response
 
-    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.ConnectionError)  # MasterNotFoundError too (Sentinel failover)
     @app.errorhandler(redis.exceptions.TimeoutError)
     def _redis_down(exc: Exception) -> Response:
         log.warning("redis unavailable: %s", exc)
@@ -65,6 +65,8 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(redis.exceptions.ResponseError)
     def _redis_refused(exc: redis.exceptions.ResponseError) -> Response:
+        if isinstance(exc, redis.exceptions.ReadOnlyError):  # a demoted master: a failover is under way
+            return _redis_down(exc)
         oom = isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
         if not oom:
             return _unexpected(exc)
