@@ -41,6 +41,7 @@ class SentinelGroup:
     def __init__(self, tmp: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 2000,
                  host: str = "127.0.0.1") -> None:
         self.tmp, self.host = tmp, host
+        tmp.mkdir(parents=True, exist_ok=True)
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
         self.data_ports = [free_port(), free_port()]  # master first, then the replica
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -116,6 +117,17 @@ class SentinelGroup:
                 return None
             return port if self.node(port).info("replication").get("role") == "master" else None
         return int(_wait(promoted, timeout, "a promoted replica"))  # type: ignore[call-overload]
+
+    def restart_killed(self, timeout: float = 30.0) -> None:
+        """Start the killed nodes again (AOF reloads them) and wait until each is a replica in sync."""
+        for port, proc in list(self.procs.items()):
+            if proc.poll() is None or port not in self.data_ports:
+                continue
+            log = open(self.tmp / f"node-{port}.log", "ab")
+            self.procs[port] = subprocess.Popen([redis_server_binary(), str(self.tmp / f"node-{port}.conf")],
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            _wait(lambda p=port: self.node(p).info("replication").get("master_link_status") == "up", timeout,
+                  f"node {port} back as a replica")
 
     def stop(self) -> None:
         for proc in self.procs.values():
