@@ -6,13 +6,16 @@ replica, web and worker follow it, and every job accepted before or after the fa
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qwen_deploy.connections import connect, is_sentinel, parse_sentinel
-from tests.helpers import Stack
+from tests.helpers import ROOT, Stack
 from tests.sentinel_group import SentinelGroup, failover_burst
 
 pytestmark = [pytest.mark.e2e]
@@ -75,3 +78,17 @@ def test_master_killed_mid_burst_then_every_accepted_job_ends(deployment: Stack,
     # The worker follows too: a job submitted now runs on the promoted master.
     job = deployment.client().submit("Errors should never", max_new_tokens=4)
     assert deployment.client().wait(job["id"], timeout=30)["status"] == "succeeded"
+
+
+def test_doctor_and_healthcheck_follow_the_failover(deployment: Stack, group: SentinelGroup) -> None:
+    """Run after the failover: both find the promoted master through the sentinels."""
+    env = {**deployment.env, "QWEN_DEPLOY_REDIS_MASTER_NAME": "mymaster"}
+    doctor = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "doctor", "--json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    rows = {row["name"]: row for row in json.loads(doctor.stdout[doctor.stdout.index("{"):])["checks"]}
+    assert rows["redis"]["status"] == "pass", rows["redis"]
+    assert f":{group.master_port()}," in rows["redis"]["detail"]
+    assert rows["redis_persistence"]["status"] == "pass", rows["redis_persistence"]
+    health = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0, health.stdout + health.stderr
