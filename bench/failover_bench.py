@@ -3,7 +3,7 @@
     uv run python bench/failover_bench.py [--rounds 1] [--down-after-ms 1000]
 
 Starts a master, a replica and three sentinels on loopback (quorum 2), a Celery worker on the demo model
-and the web app, all on the sentinel:// URL with `redis_wait_replicas: 1`. Prints, per round: seconds from
+and the web app, all on the sentinel:// URL (a submit WAITs for 1 replica, the default behind Sentinel). Prints, per round: seconds from
 the kill to the promotion and to the first accepted submit, submits refused (all 503 + Retry-After), jobs
 accepted and lost (goal 0). Then the cost of the WAIT after a submit (store level, with a replica).
 """
@@ -55,7 +55,7 @@ def main() -> None:
     model = build_demo_model(log=lambda msg: None)
     tmp = Path(tempfile.mkdtemp(prefix="failover-bench-"))
     group = SentinelGroup(tmp / "sentinel", down_after_ms=args.down_after_ms).start()
-    config = {"redis_wait_replicas": 1, "redis_wait_ms": 200,
+    config = {"redis_wait_ms": 200,
               "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5}, "engine": {"lease_seconds": 3}}
     stack = Stack(tmp / "stack", model, config, redis_url=group.url)
     try:

@@ -104,7 +104,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 def job_store(settings: Settings) -> JobStore:
     store = JobStore(redis_client(settings), settings.key_prefix, settings.limits.result_ttl,
                      settings.limits.reap_after)
-    store.wait_replicas, store.wait_ms = settings.redis_wait_replicas, settings.redis_wait_ms
+    store.wait_replicas, store.wait_ms = settings.wait_replicas, settings.redis_wait_ms
     return store
 
 

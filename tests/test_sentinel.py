@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen_deploy.config import Settings, load_settings
 from qwen_deploy.connections import connect, is_sentinel, parse_sentinel
 from tests.helpers import ROOT, Stack
 from tests.sentinel_group import SentinelGroup, failover_burst
@@ -31,6 +32,15 @@ def test_sentinel_urls_are_parsed_like_kombu() -> None:
         parse_sentinel("sentinel://h1:26379;redis://h2:6379")
 
 
+def test_submits_wait_for_a_replica_behind_sentinel_by_default() -> None:
+    def settings(**environ: str) -> Settings:
+        return load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "no.env", **environ})
+    assert settings(REDIS_URL="sentinel://h1:26379;sentinel://h2:26379").wait_replicas == 1
+    assert settings(REDIS_URL="redis://h:6379/0").wait_replicas == 0
+    assert settings(REDIS_URL="sentinel://h1", QWEN_DEPLOY_REDIS_WAIT_REPLICAS="0").wait_replicas == 0
+    assert settings(QWEN_DEPLOY_REDIS_MASTER_NAME="prod").redis_master_name == "prod"
+
+
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
     g = SentinelGroup(tmp_path_factory.mktemp("sentinel"))
@@ -42,7 +52,7 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, group: SentinelGroup) -> Iterator[Stack]:
-    config = {"redis_wait_replicas": 1, "redis_wait_ms": 200,
+    config = {"redis_wait_ms": 200,  # and WAIT 1, the default behind Sentinel
               "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
               "engine": {"lease_seconds": 3}}
     s = Stack(tmp_path_factory.mktemp("sentinel-stack"), demo_model, config, redis_url=group.url)
