@@ -31,8 +31,19 @@ from qwen_deploy.connections import connect  # noqa: E402
 from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
 
 
-def run(model: Path, workers: int, jobs: int, tokens: int) -> tuple[float, list[int]]:
-    """Completion tokens/s of `jobs` concurrent jobs on `workers` worker processes, and jobs per worker."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (from /proc)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def run(model: Path, workers: int, jobs: int, tokens: int) -> tuple[float, list[int], float]:
+    """Completion tokens/s of `jobs` concurrent jobs on `workers` worker processes, jobs per worker, and
+    the cores the worker children got meanwhile (CPU seconds / wall seconds: below `workers` when the
+    machine is shared)."""
     system = System(Path(tempfile.mkdtemp(prefix="scaleout-")), model)
     try:
         for k in range(1, workers):
@@ -45,9 +56,12 @@ def run(model: Path, workers: int, jobs: int, tokens: int) -> tuple[float, list[
             time.sleep(0.2)
         system.concurrent([body(i, 8) for i in range(2 * workers)])  # warm up every engine
         client.delete(*client.keys("qd:job:job_*") or ["none"])
+        children = [int(w["pid"]) for w in registry.workers(client, "qd")]
+        cpu0, t0 = cpu_seconds(children), time.monotonic()
         tps = system.concurrent([body(i, tokens) for i in range(jobs)])
+        cores = (cpu_seconds(children) - cpu0) / (time.monotonic() - t0)
         by_worker = Counter(client.hget(k, "worker") for k in client.keys("qd:job:job_*") if not k.endswith(":ev"))
-        return tps, sorted(by_worker.values(), reverse=True)
+        return tps, sorted(by_worker.values(), reverse=True), cores
     finally:
         system.stop()
 
@@ -68,9 +82,10 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     for r in range(args.rounds):
         for workers in (1, 2):
-            tps, spread = run(model, workers, args.jobs, args.tokens)
+            tps, spread, cores = run(model, workers, args.jobs, args.tokens)
             figures[workers].append(tps)
-            print(f"round {r + 1}: {workers} worker(s): {tps:.1f} tokens/s, jobs per worker {spread}, "
+            print(f"round {r + 1}: {workers} worker(s): {tps:.1f} tokens/s, jobs per worker {spread}, worker "
+                  f"children got {cores:.2f} cores ({tps / max(cores, 1e-9):.1f} tokens per CPU-second), "
                   f"load {os.getloadavg()[0]:.2f}")
     one, two = statistics.median(figures[1]), statistics.median(figures[2])
     print(f"median: 1 worker {one:.1f} tokens/s, 2 workers {two:.1f} tokens/s, ratio {two / one:.2f}x "
