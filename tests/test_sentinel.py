@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen_deploy.cli.redis_server import free_port, reachable
 from qwen_deploy.config import Settings, load_settings
 from qwen_deploy.connections import connect, is_sentinel, parse_sentinel
 from tests.helpers import ROOT, Stack
@@ -69,6 +70,7 @@ def test_a_client_finds_the_master_through_the_sentinels(group: SentinelGroup) -
     client.set("probe", "1")
     assert client.wait(1, 1000) == 1
     assert client.info("server")["tcp_port"] == group.master_port()
+    assert reachable(group.url) and not reachable(f"sentinel://127.0.0.1:{free_port()}", 0.3)  # what `up` checks
 
 
 def test_master_killed_mid_burst_then_every_accepted_job_ends(deployment: Stack, group: SentinelGroup) -> None:
