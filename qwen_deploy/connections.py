@@ -23,8 +23,8 @@ from qwen_deploy.jobs import JobStore
 SENTINEL_SCHEME = "sentinel://"
 SENTINEL_TIMEOUT_S = 0.5  # one sentinel's answer; the next one is asked when it does not come
 CONNECT_TIMEOUT_S = 2.0
-# Errors that mean "no writable master right now" (a failover in progress, Redis restarting):
-# retried by the workers, answered 503 + Retry-After by the web. MasterNotFoundError is a ConnectionError.
+# Errors that mean "no writable master right now" (Redis restarting, a failover under way: READONLY from a
+# demoted master; MasterNotFoundError is a ConnectionError): answered 503 + Retry-After by the web.
 UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError)
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import redis.sentinel
 
 from qwen_deploy.cli.redis_server import free_port, reachable
 from qwen_deploy.config import Settings, load_settings
@@ -40,6 +42,22 @@ def test_submits_wait_for_a_replica_behind_sentinel_by_default() -> None:
     assert settings(REDIS_URL="redis://h:6379/0").wait_replicas == 0
     assert settings(REDIS_URL="sentinel://h1", QWEN_DEPLOY_REDIS_WAIT_REPLICAS="0").wait_replicas == 0
     assert settings(QWEN_DEPLOY_REDIS_MASTER_NAME="prod").redis_master_name == "prod"
+
+
+@pytest.mark.parametrize("error", [redis.exceptions.ConnectionError("refused"), redis.exceptions.TimeoutError("slow"),
+                                   redis.exceptions.ReadOnlyError("READONLY"),
+                                   redis.sentinel.MasterNotFoundError("No master found for 'mymaster'")])
+def test_no_writable_master_is_503_with_retry_after(error: Exception) -> None:
+    from web import create_app
+
+    app = create_app(load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "no.env", "REDIS_URL": "sentinel://h1"}))
+
+    def boom() -> None:
+        raise error
+    app.add_url_rule("/boom", "boom", boom)
+    resp = app.test_client().get("/boom")
+    assert resp.status_code == 503 and resp.headers["Retry-After"]
+    assert resp.get_json()["error"]["code"] == "redis_unavailable"
 
 
 @pytest.fixture(scope="module")

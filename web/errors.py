@@ -8,6 +8,7 @@ import redis
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from qwen_deploy.connections import UNAVAILABLE
 from qwen_deploy.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def register(app: Flask) -> None:
             response.headers["Allow"] = exc.get_response().headers["Allow"]
         return response
 
-    @app.errorhandler(redis.exceptions.ConnectionError)  # MasterNotFoundError too (Sentinel failover)
-    @app.errorhandler(redis.exceptions.TimeoutError)
     def _redis_down(exc: Exception) -> Response:
         log.warning("redis unavailable: %s", exc)
         err = AppError("the job store (Redis) is unreachable; try again shortly", code="redis_unavailable",
@@ -63,10 +62,11 @@ def register(app: Flask) -> None:
         err.type = "server_error"
         return _respond(err)
 
+    for unavailable in UNAVAILABLE:  # no writable master: Redis restarting, or a Sentinel failover under way
+        app.register_error_handler(unavailable, _redis_down)
+
     @app.errorhandler(redis.exceptions.ResponseError)
     def _redis_refused(exc: redis.exceptions.ResponseError) -> Response:
-        if isinstance(exc, redis.exceptions.ReadOnlyError):  # a demoted master: a failover is under way
-            return _redis_down(exc)
         oom = isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
         if not oom:
             return _unexpected(exc)
