@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -61,9 +61,16 @@ def parse_sentinel(url: str) -> SentinelURL:
     return SentinelURL(tuple(hosts), password, username, db)
 
 
+def sentinel_options() -> dict[str, object]:
+    """How a sentinel is asked: a short timeout and no retry, so a dead sentinel costs 0.5 s at most before
+    the next one is asked (redis-py's default retry backs off 1 + 2 + 4 s on each dead one)."""
+    return {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0)}
+
+
 @functools.cache
 def _sentinel(hosts: tuple[tuple[str, int], ...]) -> Sentinel:
-    return Sentinel(list(hosts), socket_timeout=SENTINEL_TIMEOUT_S, socket_connect_timeout=SENTINEL_TIMEOUT_S)
+    return Sentinel(list(hosts), sentinel_kwargs=sentinel_options())
 
 
 def connect(url: str, master_name: str = "mymaster", *, socket_timeout: float | None = 10.0,

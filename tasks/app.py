@@ -6,7 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from qwen_deploy.config import Settings, get_settings
-from qwen_deploy.connections import SENTINEL_TIMEOUT_S, is_sentinel
+from qwen_deploy.connections import is_sentinel, sentinel_options
 from qwen_deploy.queues import (
     BATCH_CHUNK_TASK,
     BULK,
@@ -29,7 +29,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
     if is_sentinel(settings.redis_url):  # kombu's sentinel:// transport asks the sentinels for the master
         transport |= {"master_name": settings.redis_master_name, "socket_timeout": 10,
-                      "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT_S}}
+                      "sentinel_kwargs": sentinel_options()}
     return {
         "broker_url": settings.redis_url,
         "broker_transport_options": transport,

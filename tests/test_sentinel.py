@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,13 @@ def test_a_client_finds_the_master_through_the_sentinels(group: SentinelGroup) -
     assert client.wait(1, 1000) == 1
     assert client.info("server")["tcp_port"] == group.master_port()
     assert reachable(group.url) and not reachable(f"sentinel://127.0.0.1:{free_port()}", 0.3)  # what `up` checks
+
+
+def test_a_dead_sentinel_listed_first_is_passed_over(group: SentinelGroup) -> None:
+    started = time.monotonic()
+    client = connect(f"sentinel://127.0.0.1:{free_port()};{group.url}")
+    assert client.ping()
+    print(f"\nfound the master past a dead sentinel in {time.monotonic() - started:.2f} s")
 
 
 def test_master_killed_mid_burst_then_every_accepted_job_ends(deployment: Stack, group: SentinelGroup) -> None:
