@@ -82,6 +82,11 @@ class Cluster:
         entries = self.stack.redis.xrange(self.stack.settings.key_prefix + f":job:{job_id}:ev")
         return sum(1 for _, fields in entries if fields.get("type") == "done")
 
+    def streamed_text(self, job_id: str) -> str:
+        """The token deltas of the job's event stream, joined: the text an SSE client was shown."""
+        entries = self.stack.redis.xrange(self.stack.settings.key_prefix + f":job:{job_id}:ev")
+        return "".join(fields.get("text", "") for _, fields in entries if fields.get("type") == "token")
+
     def final(self, job_id: str, timeout: float) -> dict[str, Any]:
         return self.client.wait(job_id, timeout=timeout)
 
@@ -130,6 +135,7 @@ def busy_partition(c: Cluster, cut_s: float) -> dict[str, Any]:
             == {k: after.get(k) for k in ("status", "text", "worker", "completed_at")},
             "late_run_dropped": dropped,
             "done_events": c.done_events(job), "resumed": final["output"]["text"].startswith(text_before),
+            "stream_equals_text": c.streamed_text(job) == final["output"]["text"],
             "tokens": final["progress"]["tokens"], "heal_to_ready_s": round(time.monotonic() - healed, 2)}
 
 

@@ -51,6 +51,7 @@ def test_busy_host_partitioned_job_finishes_once_and_late_writes_are_refused(res
     assert r["finished_by"] != r["victim"]
     assert (r["status"], r["attempts"]) == ("succeeded", 2)  # the documented attempt change
     assert r["resumed"], "the text was restarted instead of resumed"
+    assert r["stream_equals_text"], "the streamed deltas are not the final text (a restart shown to clients)"
     assert r["late_run_dropped"], "the partitioned run's first write after the heal was not refused"
     assert r["unchanged_after_heal"], "the partitioned run wrote after the heal"
     assert r["done_events"] == 1
