@@ -172,6 +172,10 @@ def host_kill(c: Cluster) -> dict[str, Any]:
             "lease_s": LEASE, "done_events": c.done_events(job)}
 
 
+class NamespacesUnavailable(RuntimeError):
+    """This machine cannot make the namespaces or their links (not root, no veth, …)."""
+
+
 def run_in_namespaces(tmp: Path, cut: float = 15.0, idle_cut: float = 10.0, cases: str = "",
                       timeout: float = 240.0) -> dict[str, Any]:
     """Make the namespaces, run the cases inside the Redis one, delete them with every process left; the
@@ -180,11 +184,14 @@ def run_in_namespaces(tmp: Path, cut: float = 15.0, idle_cut: float = 10.0, case
 
     reason = unavailable()
     if reason:
-        raise RuntimeError(reason)
+        raise NamespacesUnavailable(reason)
     model = build_random_model("qwen2", "38m")
     hosts, out = Hosts(), tmp / "results.json"
     try:
-        hosts.create()
+        try:
+            hosts.create()
+        except subprocess.CalledProcessError as exc:
+            raise NamespacesUnavailable(f"cannot make the hosts: {' '.join(exc.cmd)}: {exc.stderr.strip()}") from exc
         argv = ["ip", "netns", "exec", hosts.redis_ns, sys.executable, "-m", "tests.hosts_scenarios",
                 "--tag", hosts.tag, "--net", str(hosts.net), "--model", str(model), "--tmp", str(tmp),
                 "--out", str(out), "--cut", str(cut), "--idle-cut", str(idle_cut), *(["--cases", cases] if cases else [])]

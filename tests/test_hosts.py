@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests import netns
-from tests.hosts_scenarios import LEASE, run_in_namespaces
+from tests.hosts_scenarios import LEASE, NamespacesUnavailable, run_in_namespaces
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 CUT_S = 15.0
@@ -22,10 +21,10 @@ CUT_S = 15.0
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    reason = netns.unavailable()
-    if reason:
-        pytest.skip(reason)
-    found = run_in_namespaces(tmp_path_factory.mktemp("hosts"), cut=CUT_S, idle_cut=10.0)
+    try:
+        found = run_in_namespaces(tmp_path_factory.mktemp("hosts"), cut=CUT_S, idle_cut=10.0)
+    except NamespacesUnavailable as exc:
+        pytest.skip(str(exc))
     print(f"\nRELIABILITY hosts: {json.dumps(found)}")
     return found
 
