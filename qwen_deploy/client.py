@@ -66,7 +66,7 @@ class Client:
         job = self.get(job_id)
         while job["status"] not in TERMINAL and time.monotonic() < deadline:
             try:
-                job = self.get(job_id, wait=max(0.0, min(poll, deadline - time.monotonic())))
+                job = self.get(job_id, wait=round(max(0.0, min(poll, deadline - time.monotonic())), 3))
             except APIError as exc:
                 if exc.param != "wait" or poll <= 1:
                     raise

@@ -46,6 +46,11 @@ PLAIN_ENV = {"HF_TOKEN": ("hf_token",), "PORT": ("web", "port"), "REDIS_URL": ("
 
 class Settings(Section):
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_master_name: str = Field("mymaster", min_length=1,
+                                   description="the Sentinel master's name, for a sentinel:// redis_url")
+    redis_wait_replicas: int | None = Field(None, ge=0, description=(
+        "WAIT for this many replicas after a submit (0: no WAIT); default 1 for a sentinel:// URL, else 0"))
+    redis_wait_ms: int = Field(100, ge=1, description="the WAIT's timeout in milliseconds")
     hf_token: SecretStr | None = None
     key_prefix: str = "qd"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -95,6 +100,13 @@ class Settings(Section):
         """The first admin key, else the first API key: what this host's own CLI sends."""
         keys = self.web.admin_keys or self.web.api_keys  # the admin key, so `download --queue` works
         return keys[0].get_secret_value() if keys else None
+
+    @property
+    def wait_replicas(self) -> int:
+        """Replicas a submit waits for (WAIT): the setting, else 1 behind Sentinel and 0 for a lone Redis."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_url.strip().lower().startswith("sentinel://") else 0
 
     @property
     def visibility_timeout(self) -> int:

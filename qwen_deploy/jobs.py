@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -25,6 +26,7 @@ from qwen_deploy.states import JOB_TERMINAL
 TERMINAL = JOB_TERMINAL
 JOB_ID_PREFIX = "job_"
 ID_RE = re.compile(r"[a-z]+_[0-9a-f]{28}")
+log = logging.getLogger(__name__)
 INDEX_MAX = 100_000  # ids kept in an owner's job index (GET /v1/jobs); older ones are trimmed
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}  # pending score: rank * 1e10 + submit time
 
@@ -96,6 +98,7 @@ class JobStore:
         self.default_model = default_model  # its pending set keeps the plain key
         self.ttl = ttl
         self.reap_after = reap_after
+        self.wait_replicas, self.wait_ms = 0, 100  # WAIT after a submit (Sentinel: survive a failover)
         self._submit = client.register_script(script("submit"))
         self._start = client.register_script(script("start"))
         self._cancel = client.register_script(script("cancel"))
@@ -183,11 +186,22 @@ class JobStore:
                   *_flat(fields)],
         )
         status, value = _text(status), _text(value)
+        if status == "ok" and self.wait_replicas:
+            self.replicated()
         if status in ("full", "inflight", "unavailable"):
             return SubmitResult(status, job_id, int(value))
         if standing:
             return SubmitResult(status, value, position=int(standing[0]), rate=float(_text(standing[1]) or 0) or None)
         return SubmitResult(status, value)
+
+    def replicated(self) -> int:
+        """WAIT until `wait_replicas` replicas have the writes so far (or `wait_ms` passed); how many did.
+        Fewer is logged, not refused: the job is accepted on the master (see docs/RELIABILITY.md)."""
+        acked = int(self.r.wait(self.wait_replicas, self.wait_ms))
+        if acked < self.wait_replicas:
+            log.warning("submit: %d of %d replicas acknowledged within %d ms", acked, self.wait_replicas,
+                        self.wait_ms)
+        return acked
 
     def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:
         """Up to `count` of the owner's job ids, newest first, older than `after` when given."""

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from qwen_deploy.config import Settings
+from qwen_deploy.connections import settings_client
 from qwen_deploy.jobs import _text, public_job
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
@@ -151,8 +152,7 @@ class Dispatcher:
     """A thread that sends due deliveries (several at once) and adds `output` events."""
 
     def __init__(self, settings: Settings, senders: int = 8, idle: float = 0.05) -> None:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=2.0,
-                                      socket_timeout=10.0, health_check_interval=30)
+        client = settings_client(settings, socket_timeout=10.0)
         self.store, self.idle = WebhookStore(client, settings), idle
         self.pool = ThreadPoolExecutor(senders, thread_name_prefix="webhook")
         self.senders = senders

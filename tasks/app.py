@@ -6,6 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from qwen_deploy.config import Settings, get_settings
+from qwen_deploy.connections import is_sentinel, sentinel_options
 from qwen_deploy.queues import (
     BATCH_CHUNK_TASK,
     BULK,
@@ -26,6 +27,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "queue_order_strategy": "priority",  # interactive before bulk, always
         "socket_connect_timeout": 5,
     }
+    if is_sentinel(settings.redis_url):  # kombu's sentinel:// transport asks the sentinels for the master
+        transport |= {"master_name": settings.redis_master_name, "socket_timeout": 10,
+                      "sentinel_kwargs": sentinel_options()}
     return {
         "broker_url": settings.redis_url,
         "broker_transport_options": transport,

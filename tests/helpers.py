@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
 import yaml
 from werkzeug.serving import make_server
 
@@ -19,6 +18,7 @@ from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import Client
 from qwen_deploy.config import Settings, load_settings
+from qwen_deploy.connections import connect
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ class Stack:
         self.env = {**os.environ, "QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,
                     "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.settings: Settings = load_settings(environ=self.env)
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = connect(redis_url, self.settings.redis_master_name)
         self.worker: subprocess.Popen[bytes] | None = None
         self.others: list[subprocess.Popen[bytes]] = []
         self.log_path = tmp / "worker.log"

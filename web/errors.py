@@ -8,6 +8,7 @@ import redis
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from qwen_deploy.connections import UNAVAILABLE
 from qwen_deploy.errors import AppError, QueueFull, ServiceUnavailable, TooManyRequests, Unprocessable
 from qwen_deploy.jobs import SubmitResult
 
@@ -74,14 +75,15 @@ def register(app: Flask) -> None:
             response.headers["Allow"] = exc.get_response().headers["Allow"]
         return response
 
-    @app.errorhandler(redis.exceptions.ConnectionError)
-    @app.errorhandler(redis.exceptions.TimeoutError)
     def _redis_down(exc: Exception) -> Response:
         log.warning("redis unavailable: %s", exc)
         err = AppError("the job store (Redis) is unreachable; try again shortly", code="redis_unavailable",
                        status_code=503, headers={"Retry-After": "5"})
         err.type = "server_error"
         return _respond(err)
+
+    for unavailable in UNAVAILABLE:  # no writable master: Redis restarting, or a Sentinel failover under way
+        app.register_error_handler(unavailable, _redis_down)
 
     @app.errorhandler(redis.exceptions.ResponseError)
     def _redis_refused(exc: redis.exceptions.ResponseError) -> Response:

@@ -31,7 +31,9 @@ def print_progress(progress: Mapping[str, object]) -> None:
 
 
 def redacted(url: str) -> str:
-    """The URL with its password replaced by ***."""
+    """The URL with its password replaced by *** (each part of a `sentinel://…;sentinel://…` URL)."""
+    if ";" in url:
+        return ";".join(redacted(part) for part in url.split(";"))
     head, sep, tail = url.rpartition("@")
     if not sep or "://" not in head:
         return url

@@ -9,6 +9,7 @@ import redis
 
 from qwen_deploy import registry
 from qwen_deploy.cli.common import settings
+from qwen_deploy.connections import settings_client
 
 REDIS_TIMEOUT_S = 2.0
 
@@ -16,7 +17,7 @@ REDIS_TIMEOUT_S = 2.0
 def worker_ready() -> int:
     """0 when a generation worker on this host has loaded its model (the container healthcheck)."""
     config, host = settings(), socket.gethostname()
-    client = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S)
+    client = settings_client(config, socket_timeout=REDIS_TIMEOUT_S)
     try:
         mine = [w for w in registry.workers(client, config.key_prefix) if w.get("hostname") == host]
     except redis.RedisError as exc:

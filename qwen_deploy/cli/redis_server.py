@@ -13,6 +13,8 @@ from urllib.parse import quote
 
 import redis
 
+from qwen_deploy.connections import connect
+
 
 def redis_server_binary() -> str:
     """Path of a redis-server executable."""
@@ -36,9 +38,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def reachable(url: str, timeout: float = 1.0) -> bool:
+def reachable(url: str, timeout: float = 1.0, master_name: str = "mymaster") -> bool:
+    """Whether Redis (for a sentinel:// URL: the master the sentinels name) answers a PING."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+        return bool(connect(url, master_name, socket_timeout=timeout, connect_timeout=timeout).ping())
     except (redis.RedisError, OSError, ValueError):
         return False
 

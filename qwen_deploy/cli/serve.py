@@ -33,7 +33,7 @@ def embedded_redis(config: Settings) -> RedisServer | None:
 
     An explicitly configured Redis that does not answer is an error, never a reason to start another."""
     if "redis_url" in config.model_fields_set:
-        if not reachable(config.redis_url):
+        if not reachable(config.redis_url, master_name=config.redis_master_name):
             sys.exit(f"qwen-deploy: Redis at {redacted(config.redis_url)} does not answer: start it, or unset "
                      "REDIS_URL (and redis_url in config.yml) to let `up` start its own")
         return None

@@ -7,6 +7,7 @@ import redis
 from qwen_deploy import registry
 from qwen_deploy.cli.common import redacted
 from qwen_deploy.cli.doctor.context import Context, Outcome, passed
+from qwen_deploy.connections import is_sentinel
 from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
 
 QUEUES = (INTERACTIVE, BULK, CONVERT)
@@ -18,7 +19,12 @@ def check_redis(ctx: Context) -> Outcome:
     client, error = ctx.connection
     if client is None:
         return "fail", f"{redacted(ctx.redis_url)} unreachable: {error}", FIX_REDIS
-    return passed(f"{redacted(ctx.redis_url)} (redis {client.info('server').get('redis_version', '?')})")
+    version = client.info("server").get("redis_version", "?")
+    if is_sentinel(ctx.redis_url):  # name the master the sentinels gave (it changes with a failover)
+        host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
+        return passed(f"{redacted(ctx.redis_url)} (master {ctx.master_name} at {host}:{port}, redis {version}; "
+                      "the replicas need AOF too)")
+    return passed(f"{redacted(ctx.redis_url)} (redis {version})")
 
 
 def _config_get(client: redis.Redis, key: str) -> str | None:

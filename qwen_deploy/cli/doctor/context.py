@@ -12,6 +12,7 @@ import redis
 import requests
 
 from qwen_deploy.config import ConfigError, Settings, load_settings
+from qwen_deploy.connections import connect
 
 Status = Literal["pass", "warn", "fail"]
 Outcome = tuple[Status, str, str]  # status, detail, fix
@@ -66,10 +67,18 @@ class Context:
         return os.environ.get("REDIS_URL") or str(Settings.model_fields["redis_url"].default)
 
     @cached_property
+    def master_name(self) -> str:
+        """The Sentinel master's name (a sentinel:// URL), from the settings or the environment."""
+        if self.config[0]:
+            return self.config[0].redis_master_name
+        default = str(Settings.model_fields["redis_master_name"].default)
+        return os.environ.get("QWEN_DEPLOY_REDIS_MASTER_NAME") or default
+
+    @cached_property
     def connection(self) -> tuple[redis.Redis | None, str]:
         try:
-            client = redis.Redis.from_url(self.redis_url, decode_responses=True,
-                                          socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
+            client = connect(self.redis_url, self.master_name, socket_timeout=REDIS_TIMEOUT_S,
+                             connect_timeout=REDIS_TIMEOUT_S)
             client.ping()
             return client, ""
         except (redis.RedisError, OSError, ValueError) as exc:
