@@ -111,3 +111,14 @@ def test_export_command_prints_the_report_and_fails_clearly(demo_model: Path, tm
         main(["export", str(tmp_path / "nope.pt"), "--base", str(demo_model), "--out", str(tmp_path / "out3")])
     assert "export failed" in str(failed.value.code)
     assert not (tmp_path / "out3").exists()
+
+
+def test_up_takes_a_model_or_the_demo_not_both(tmp_path: Path) -> None:
+    from qwen_deploy.cli import build_parser
+    from qwen_deploy.cli.serve import cmd_up
+
+    args = build_parser().parse_args(["up", "--model", str(tmp_path / "my-model")])
+    assert args.func is cmd_up and args.model == str(tmp_path / "my-model") and not args.demo
+    both = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--model", "x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -52,6 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             extra["REDIS_URL"] = server.url
         if args.demo:
             extra.update(demo_env())
+        elif getattr(args, "model", None):
+            extra[MODEL_ENV] = args.model  # a hub id or a local directory, instead of config's `model`
         config = settings(child_environ(extra))
         host = args.host or config.web.host
         web_cmd = web_argv(config, host, config.web.port)
@@ -134,7 +136,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     """Register the serving commands."""
     up = sub.add_parser("up", help="start redis (unless REDIS_URL is set), a worker, a convert worker and the web "
                         "server")
-    up.add_argument("--demo", action="store_true", help="serve the built-in demo model")
+    which = up.add_mutually_exclusive_group()
+    which.add_argument("--demo", action="store_true", help="serve the built-in demo model")
+    which.add_argument("--model", metavar="NAME_OR_PATH",
+                       help="serve this model (a hub id or a local directory) instead of config.yml's `model`")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)
