@@ -7,7 +7,6 @@ finish) are Lua scripts, so each is one atomic round trip. A terminal record is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -19,7 +18,7 @@ from typing import Any
 
 import redis
 
-from qwen_deploy import registry
+from qwen_deploy.keys import JobKeys
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
 
@@ -88,14 +87,13 @@ class SubmitResult:
     rate: float | None = None
 
 
-class JobStore:
+class JobStore(JobKeys):
     """Reads and writes job records; every method is one Redis round trip."""
 
     def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400, reap_after: float = 600.0,
                  default_model: str = "") -> None:
+        super().__init__(prefix, default_model)
         self.r = client
-        self.prefix = prefix
-        self.default_model = default_model  # its pending set keeps the plain key
         self.ttl = ttl
         self.reap_after = reap_after
         self.wait_replicas, self.wait_ms = 0, 100  # WAIT after a submit (Sentinel: survive a failover)
@@ -106,58 +104,8 @@ class JobStore:
         self._claim = client.register_script(script("claim"))
         self._progress = client.register_script(script("progress"))
 
-    def key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def events_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:ev"
-
-    def stats_key(self) -> str:
-        return f"{self.prefix}:stats"
-
-    def active_key(self) -> str:
-        return f"{self.prefix}:active"
-
-    def pending_key(self, model: str | None = None) -> str:
-        """A model's queued generation jobs, scored by priority rank * 1e10 + submit time: what its engines
-        claim from (high before normal before low, oldest first within a priority). The default model
-        (None or `default_model`) keeps the plain key."""
-        if model is None or model == self.default_model:
-            return f"{self.prefix}:pending:interactive"
-        return f"{self.prefix}:pending:interactive:{model}"
-
-    def engines_key(self, host: str, model: str | None = None) -> str:
-        """Engine processes of one model seen on a host (a replacement child takes over dead ones' jobs)."""
-        if model is None or model == self.default_model:
-            return f"{self.prefix}:engines:{host}"
-        return f"{self.prefix}:engines:{host}:{model}"
-
-    def model_workers_key(self, model: str) -> str:
-        """Live workers of one model, scored by their registration's expiry (see qwen_deploy.registry)."""
-        return registry.model_key(self.prefix, model)
-
-    def deadlines_key(self) -> str:
-        """Jobs with a deadline, scored by it (the deadline sweep)."""
-        return f"{self.prefix}:deadlines"
-
-    def held_key(self, worker: str) -> str:
-        """The jobs a worker's engine has claimed (taken over at once when that worker is found dead)."""
-        return f"{self.prefix}:held:{worker}"
-
     def _keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_key(job_id), self.stats_key(), self.active_key(), self.pending_key()]
-
-    def idem_key(self, key: str, owner: str = "", route: str = "") -> str:
-        """Idempotency keys are scoped per owner and route (hashed: a key may hold any characters)."""
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        return f"{self.prefix}:idem:{owner}:{route}:{digest}"
-
-    def index_key(self, owner: str) -> str:
-        """The owner's jobs, newest last (ids sort by creation time)."""
-        return f"{self.prefix}:owner:{owner}:jobs"
-
-    def inflight_key(self, owner: str) -> str:
-        return f"{self.prefix}:owner:{owner}:inflight"
 
     def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any], max_depth: int,
                idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",

@@ -14,13 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -31,6 +29,7 @@ from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.served import Served
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import GenerationRequest, ModelHandler
+from worker.running import RunningJob, holder_alive, other_deltas
 
 log = logging.getLogger(__name__)
 
@@ -41,52 +40,6 @@ ERRORS = {
 }
 DEADLINE_ERROR = {"code": "deadline_exceeded", "message": "the job reached its deadline (Cancel-After or "
                                                           "deadline_seconds); output holds the partial text"}
-
-
-@dataclass
-class RunningJob:
-    """A generation job whose samples are in this engine."""
-
-    job_id: str
-    req: GenerationRequest
-    seqs: list[Seq]
-    prompt_tokens: int
-    truncated: bool
-    attempt: int
-    sent: str = ""  # text already published to the record and stream
-    sent_tokens: int = -1
-    sent_others: list[str] = field(default_factory=list)  # the same for samples after the first
-    lost: bool = False  # no longer this worker's (canceled while queued, expired, taken over)
-    deadline: float | None = None  # the job's Cancel-After deadline (epoch seconds)
-    started: float = field(default_factory=time.perf_counter)
-
-
-def _other_deltas(job: RunningJob, decode: Any) -> list[tuple[int, str]]:
-    """New stable text of the samples after the first, as (index, delta); remembered as sent."""
-    if not job.sent_others:
-        job.sent_others = [""] * (len(job.seqs) - 1)
-    deltas = []
-    for i, seq in enumerate(job.seqs[1:], 1):
-        sent = job.sent_others[i - 1]
-        text = sent if seq.done else stable_text(seq, decode)
-        if len(text) > len(sent) and text.startswith(sent):
-            deltas.append((i, text[len(sent):]))
-            job.sent_others[i - 1] = text
-    return deltas
-
-
-def holder_alive(holder: str) -> bool:
-    """Whether a worker name `host:pid` may still be running (unknown hosts are assumed alive)."""
-    host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Driver:
@@ -263,7 +216,7 @@ class Driver:
             text = stable_text(first, self.handler.decode) if not first.done else job.sent
             changed = tokens != job.sent_tokens
             delta = text[len(job.sent):] if changed and text.startswith(job.sent) else ""
-            others = _other_deltas(job, self.handler.decode) if changed and len(job.seqs) > 1 else []
+            others = other_deltas(job, self.handler.decode) if changed and len(job.seqs) > 1 else []
             self.store.queue_progress(pipe, job.job_id, self.worker, lease_until, tokens,
                                       text if changed else None, delta, first.out, others)
             if changed:

@@ -1,0 +1,58 @@
+"""A generation job while its samples run in this child's engine, and the liveness check of a holder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.engine import Seq, stable_text
+from worker.handler import GenerationRequest
+
+
+@dataclass
+class RunningJob:
+    """A generation job whose samples are in this engine."""
+
+    job_id: str
+    req: GenerationRequest
+    seqs: list[Seq]
+    prompt_tokens: int
+    truncated: bool
+    attempt: int
+    sent: str = ""  # text already published to the record and stream
+    sent_tokens: int = -1
+    sent_others: list[str] = field(default_factory=list)  # the same for samples after the first
+    lost: bool = False  # no longer this worker's (canceled while queued, expired, taken over)
+    deadline: float | None = None  # the job's Cancel-After deadline (epoch seconds)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def other_deltas(job: RunningJob, decode: Any) -> list[tuple[int, str]]:
+    """New stable text of the samples after the first, as (index, delta); remembered as sent."""
+    if not job.sent_others:
+        job.sent_others = [""] * (len(job.seqs) - 1)
+    deltas = []
+    for i, seq in enumerate(job.seqs[1:], 1):
+        sent = job.sent_others[i - 1]
+        text = sent if seq.done else stable_text(seq, decode)
+        if len(text) > len(sent) and text.startswith(sent):
+            deltas.append((i, text[len(sent):]))
+            job.sent_others[i - 1] = text
+    return deltas
+
+
+def holder_alive(holder: str) -> bool:
+    """Whether a worker name `host:pid` may still be running (unknown hosts are assumed alive)."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
