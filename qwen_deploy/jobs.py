@@ -111,7 +111,7 @@ class JobStore(JobKeys):
                idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",
                max_inflight: int = 0, engine: bool = False, model: str | None = None,
                unserved_cap: int | None = None, priority: str = "normal",
-               deadline: float | None = None) -> SubmitResult:
+               deadline: float | None = None, fair_cost: float = 0.0) -> SubmitResult:
         """Write the record, index it under its owner and enqueue the message, unless the idempotency
         key was seen, the queue is full, the owner has `max_inflight` jobs in flight, or (with
         `unserved_cap`) no live worker serves `model` and its pending set holds that many jobs."""
@@ -124,12 +124,14 @@ class JobStore(JobKeys):
         score = PRIORITY_RANK[priority] * 1e10 + float(fields["created_at"])
         options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""), "index_floor": floor,
                    "index_max": INDEX_MAX, "pending_score": score, "deadline": deadline, "now": now,
+                   "rank": PRIORITY_RANK[priority], "owner": owner, "fair_cost": fair_cost,
                    "unserved_cap": -1 if unserved_cap is None else unserved_cap}
         served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
         status, value, *standing = self._submit(
             keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
                   self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",
-                  served, self.deadlines_key() if deadline is not None else ""],
+                  served, self.deadlines_key() if deadline is not None else "",
+                  self.fair_key(model) if engine and fair_cost > 0 else ""],
             args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), json.dumps(options),
                   *_flat(fields)],
         )

@@ -37,6 +37,10 @@ class JobKeys:
             return f"{self.prefix}:pending:interactive"
         return f"{self.prefix}:pending:interactive:{model}"
 
+    def fair_key(self, model: str | None = None) -> str:
+        """Each key's virtual clock for its model's pending set (start-time fair queueing, see SUBMIT)."""
+        return self.pending_key(model) + ":vt"
+
     def engines_key(self, host: str, model: str | None = None) -> str:
         """Engine processes of one model seen on a host (a replacement child takes over dead ones' jobs)."""
         if model is None or model == self.default_model:

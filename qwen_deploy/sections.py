@@ -61,6 +61,10 @@ class LimitSettings(Section):
     max_bulk_depth: int = Field(2000, ge=1, description="micro-batch tasks waiting on the bulk queue")
     max_queued_unserved: int = Field(16, ge=0, description="jobs queued for a model no live worker serves "
                                                             "(beyond: 503 model_unavailable)")
+    fair_tokens_per_second: float = Field(100.0, ge=0, description=(
+        "fair queueing across API keys: each queued generation job advances its key's virtual clock by "
+        "max_new_tokens x n / this many seconds, so one key's backlog never holds another key's new job "
+        "back; 0 = plain FIFO within a priority"))
     max_streams_per_key: int = Field(100, ge=1, description="open SSE streams per API key")
     convert_time_limit: float = Field(3600.0, ge=60)
     reap_after: float = Field(600.0, gt=0, description="seconds a job may stay queued before the reaper checks it")

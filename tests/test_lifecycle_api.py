@@ -92,6 +92,13 @@ def test_positions_follow_priority_and_shrink_as_jobs_leave(http: Any, server: R
     assert http.get(f"/v1/jobs/{high['id']}", headers=auth(K2)).get_json()["queue_position"] is None
 
 
+def test_one_keys_backlog_does_not_hold_another_keys_job_back(http: Any) -> None:
+    backlog = [post(http, {"max_new_tokens": 64}).get_json() for _ in range(12)]
+    other = post(http, {"max_new_tokens": 64}, key=K2).get_json()
+    assert [j["queue_position"] for j in backlog] == list(range(12))
+    assert other["queue_position"] <= 1  # behind at most the job K1 had queued first, not all 12
+
+
 def test_retry_makes_a_linked_job_with_the_same_request_for_the_same_owner(http: Any, server: RedisServer) -> None:
     hook = {"webhook": "http://127.0.0.1:9/hook", "webhook_events_filter": ["completed"]}
     first = post(http, {"prompt": "again", "priority": "high", "deadline_seconds": 600, **hook}).get_json()

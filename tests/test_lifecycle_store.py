@@ -41,6 +41,26 @@ def test_claims_take_high_then_normal_then_low_fifo_within(store: JobStore) -> N
     assert store.get(low)["priority"] == "low"
 
 
+def test_fair_queueing_puts_a_new_key_ahead_of_another_keys_backlog(store: JobStore) -> None:
+    def fair(owner: str, priority: str = "normal") -> str:
+        job_id = new_job_id()
+        message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+        fields = {"type": "generation", "request": json.dumps({"prompt": owner, "max_new_tokens": 64})}
+        result = store.submit(job_id, INTERACTIVE, message, fields, 1000, owner=owner, engine=True,
+                              priority=priority, fair_cost=0.64)
+        assert result.status == "ok"
+        return job_id
+
+    flood = [fair("a") for _ in range(30)]
+    b1, b2 = fair("b"), fair("b")
+    urgent = fair("a", "high")
+    order = [c.job_id for c in store.claim("host:1", lease=30, max_deliveries=2, room=40)]
+    assert order[0] == urgent  # priority still comes first
+    assert order[1:].index(b1) <= 1 and order[1:].index(b2) <= 3  # b waits for a job or two of a's, not 30
+    assert [j for j in order if j in flood] == flood  # each key keeps its FIFO order
+    assert set(order) == {*flood, b1, b2, urgent}
+
+
 def test_a_job_past_its_deadline_is_never_claimed(store: JobStore) -> None:
     late = submit(store, "late", deadline=time.time() + 0.3)
     fine = submit(store, "fine", deadline=time.time() + 600)

@@ -70,7 +70,7 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
                               body_hash=request_hash(hashed), max_inflight=svc.settings.limits.max_inflight_per_key,
                               engine=engine, model=model,
                               unserved_cap=svc.settings.limits.max_queued_unserved if engine else None,
-                              priority=options.priority, deadline=deadline)
+                              priority=options.priority, deadline=deadline, fair_cost=fair_cost(req, svc.settings))
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
     refusal = refused(result, queue, model, retry_after)
@@ -84,6 +84,13 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     if result.position is not None:
         job.update(queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate))
     return job, False
+
+
+def fair_cost(req: dict[str, Any], settings: Any) -> float:
+    """Seconds of its key's virtual clock a generation job takes (0: no fair queueing)."""
+    rate = settings.limits.fair_tokens_per_second
+    tokens = int(req.get("max_new_tokens") or 0) * int(req.get("n") or 1)
+    return tokens / rate if rate and tokens else 0.0
 
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:

@@ -1,6 +1,6 @@
 -- KEYS: job, queue, idem ('' when none), active, owner's job index, owner's in-flight set,
 -- pending ('' when the job is not for the engine), the model's live workers ('' = no check),
--- deadlines ('' when the job has none).
+-- deadlines ('' when the job has none), the keys' virtual clocks ('' = plain FIFO within a priority).
 -- The record has no TTL until it is terminal (a job queued longer than the TTL must still end).
 -- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), fields...
 -- options: body (hash of the request, kept with the idempotency key), max_inflight (0: no cap),
@@ -45,7 +45,19 @@ end
 redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 if KEYS[7] ~= '' then
-  redis.call('ZADD', KEYS[7], opt.pending_score or redis.call('HGET', KEYS[1], 'created_at'), ARGV[4])
+  local score = opt.pending_score or redis.call('HGET', KEYS[1], 'created_at')
+  if KEYS[10] and KEYS[10] ~= '' then
+    -- Start-time fair queueing across keys: a job starts (in virtual time) when its key's previous job
+    -- ends, and never before now; each job advances its key's clock by `fair_cost` seconds. One key's
+    -- jobs keep their FIFO order, a lone key is served in submit order, and a key that floods the queue
+    -- pushes only its own jobs back: another key's new job lands ahead of that backlog.
+    local clock = tonumber(redis.call('HGET', KEYS[10], opt.owner) or '0') or 0
+    local start = math.max(tonumber(opt.now), clock)
+    redis.call('HSET', KEYS[10], opt.owner, string.format('%.6f', start + tonumber(opt.fair_cost)))
+    redis.call('EXPIRE', KEYS[10], ARGV[1])
+    score = tonumber(opt.rank) * 1e10 + start
+  end
+  redis.call('ZADD', KEYS[7], score, ARGV[4])
   redis.call('HSET', KEYS[1], 'pending', KEYS[7])  -- closing the job removes it from its model's set
 end
 if KEYS[9] and KEYS[9] ~= '' then redis.call('ZADD', KEYS[9], opt.deadline, ARGV[4]) end
