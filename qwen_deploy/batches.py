@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from qwen_deploy.jobs import _text, strings
+from qwen_deploy.keys import queue_key
 from qwen_deploy.lua import script
 from qwen_deploy.states import BATCH_TERMINAL
 
@@ -76,7 +77,7 @@ class BatchStore:
         pipe.zadd(index, {batch_id: float(fields["created_at"])})
         pipe.expire(index, self.ttl)
         for queue, message in messages:
-            pipe.lpush(queue, message)
+            pipe.lpush(queue_key(self.prefix, queue), message)
         pipe.execute()
 
     def get(self, batch_id: str) -> dict[str, str] | None:

@@ -128,7 +128,8 @@ class JobStore(JobKeys):
                    "unserved_cap": -1 if unserved_cap is None else unserved_cap}
         served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
         status, value, *standing = self._submit(
-            keys=[self.key(job_id), queue, idem, self.active_key(), self.index_key(owner) if owner else "",
+            keys=[self.key(job_id), self.queue_key(queue), idem, self.active_key(),
+                  self.index_key(owner) if owner else "",
                   self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",
                   served, self.deadlines_key() if deadline is not None else "",
                   self.fair_key(model) if engine and fair_cost > 0 else ""],

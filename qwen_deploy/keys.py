@@ -10,12 +10,30 @@ import hashlib
 from qwen_deploy import registry
 
 
+def queue_key(prefix: str, queue: str) -> str:
+    """The Redis list of a Celery queue: kombu's transport runs with `global_keyprefix` = "{prefix}:"
+    (tasks/app.py), so two deployments with different `key_prefix` share one Redis database."""
+    return f"{prefix}:{queue}"
+
+
+def unacked_key(prefix: str) -> str:
+    """kombu's hash of delivered, unacknowledged messages: delivery tag -> [message, exchange, key]."""
+    return queue_key(prefix, "unacked")
+
+
+def unacked_index_key(prefix: str) -> str:
+    return queue_key(prefix, "unacked_index")
+
+
 class JobKeys:
     """Key names for one deployment (`prefix`); the default model's sets keep the plain names."""
 
     def __init__(self, prefix: str = "qd", default_model: str = "") -> None:
         self.prefix = prefix
         self.default_model = default_model
+
+    def queue_key(self, queue: str) -> str:
+        return queue_key(self.prefix, queue)
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

@@ -26,19 +26,17 @@ from typing import Any
 import redis
 
 from qwen_deploy.jobs import TERMINAL, JobStore
+from qwen_deploy.keys import unacked_index_key, unacked_key
 from qwen_deploy.lifecycle import sweep_deadlines
 from qwen_deploy.logs import event
 
 log = logging.getLogger(__name__)
 
-UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
-UNACKED_INDEX = "unacked_index"
-
-
-def unacked_tags(client: redis.Redis, job_id: str) -> list[str]:
+def unacked_tags(client: redis.Redis, prefix: str, job_id: str) -> list[str]:
     """Delivery tags of unacked copies of this job's message (held by a Celery consumer)."""
     needle = f'"id": "{job_id}"'
-    return [tag for tag, raw in client.hgetall(UNACKED).items() if needle in raw or f'"id":"{job_id}"' in raw]
+    return [tag for tag, raw in client.hgetall(unacked_key(prefix)).items()
+            if needle in raw or f'"id":"{job_id}"' in raw]
 
 
 def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 100) -> dict[str, int]:
@@ -66,24 +64,25 @@ def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, run
         if lease > now:  # renewed meanwhile
             client.zadd(store.active_key(), {job_id: lease})
             return "waiting"
-        drop_unacked(client, unacked_tags(client, job_id))  # a copy held by a consumer that is gone
+        # a copy held by a consumer that is gone
+        drop_unacked(client, store.prefix, unacked_tags(client, store.prefix, job_id))
         return _wake(store, job_id, record, now, max_deliveries, store.reap_after)
-    tags = unacked_tags(client, job_id)
+    tags = unacked_tags(client, store.prefix, job_id)
     if record["status"] == "queued":
-        if tags or (message and client.lpos(queue, message) is not None):
+        if tags or (message and client.lpos(store.queue_key(queue), message) is not None):
             client.zadd(store.active_key(), {job_id: now + store.reap_after})
             return "waiting"
     else:  # running past its limit: the consumer holding this copy is gone
-        drop_unacked(client, tags)
+        drop_unacked(client, store.prefix, tags)
     return _wake(store, job_id, record, now, max_deliveries, running_for + store.reap_after)
 
 
-def drop_unacked(client: redis.Redis, tags: list[str]) -> None:
+def drop_unacked(client: redis.Redis, prefix: str, tags: list[str]) -> None:
     """Forget unacked copies whose consumer is gone (else kombu would restore them hours later)."""
     if tags:
         pipe = client.pipeline()
-        pipe.hdel(UNACKED, *tags)
-        pipe.zrem(UNACKED_INDEX, *tags)
+        pipe.hdel(unacked_key(prefix), *tags)
+        pipe.zrem(unacked_index_key(prefix), *tags)
         pipe.execute()
 
 
@@ -103,7 +102,7 @@ def _wake(store: JobStore, job_id: str, record: dict[str, str], now: float, max_
         return "failed"
     pipe = client.pipeline()
     pipe.zadd(store.active_key(), {job_id: now + look_again})
-    pipe.lpush(queue, _fresh_tag(message))
+    pipe.lpush(store.queue_key(queue), _fresh_tag(message))
     pipe.execute()
     event(log, "job.reaped", logging.WARNING, id=job_id, outcome="requeued", status=record["status"])
     return "requeued"

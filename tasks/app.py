@@ -25,6 +25,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",  # interactive before bulk, always
+        "global_keyprefix": f"{settings.key_prefix}:",  # queues and unacked under key_prefix (keys.queue_key)
         "socket_connect_timeout": 5,
     }
     if is_sentinel(settings.redis_url):  # kombu's sentinel:// transport asks the sentinels for the master

@@ -36,7 +36,7 @@ def http(redis_srv: RedisServer):  # type: ignore[no-untyped-def]
 def queued(redis_srv: RedisServer) -> int:
     import redis
 
-    return int(redis.Redis.from_url(redis_srv.url).llen(INTERACTIVE))
+    return int(redis.Redis.from_url(redis_srv.url).llen(f"qd:{INTERACTIVE}"))  # queues live under key_prefix
 
 
 def error_of(response) -> dict:  # type: ignore[no-untyped-def]
@@ -115,7 +115,7 @@ def test_accepted_job_is_recorded_before_it_is_queued(http, redis_srv: RedisServ
     assert queued(redis_srv) == 1
     again = http.get(f"/v1/jobs/{job['id']}").get_json()
     assert again["id"] == job["id"] and again["status"] == "queued"
-    message = json.loads(__import__("redis").Redis.from_url(redis_srv.url).lindex(INTERACTIVE, 0))
+    message = json.loads(__import__("redis").Redis.from_url(redis_srv.url).lindex(f"qd:{INTERACTIVE}", 0))
     assert message["content-type"] == "application/json"
     assert message["headers"]["id"] == job["id"]
 

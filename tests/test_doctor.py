@@ -62,7 +62,7 @@ def statuses(rows: dict[str, dict[str, str]]) -> dict[str, str]:
 
 def test_healthy_setup_passes_and_hides_the_token(tmp_path: Path, demo_model: Path, aof_redis: RedisServer) -> None:
     client = redis.Redis.from_url(aof_redis.url, decode_responses=True)
-    client.lpush("bulk", "{}")
+    client.lpush("qd:bulk", "{}")
     env = doctor_env(tmp_path, aof_redis.url, {"model": {"name_or_path": str(demo_model), "threads": 1}},
                      HF_TOKEN=SECRET)
     try:

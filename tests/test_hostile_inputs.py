@@ -113,7 +113,7 @@ def test_an_8_mib_body_of_junk_lines_is_refused_at_once(http: Any, redis_srv: Re
     elapsed = time.monotonic() - started
     assert code_of(response) == (422, "too_many_lines")
     assert elapsed < 10, elapsed  # it took > 60 s when every line was parsed and stored first
-    assert redis.Redis.from_url(redis_srv.url).llen("bulk") == 0
+    assert redis.Redis.from_url(redis_srv.url).llen("qd:bulk") == 0
 
 
 def test_batch_size_caps(redis_srv: RedisServer) -> None:

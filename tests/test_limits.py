@@ -59,7 +59,7 @@ def test_jobs_in_flight_are_capped_per_key(redis_srv: RedisServer, r: redis.Redi
     assert http.post("/v1/jobs", json={"prompt": "x"}, headers=auth(K2)).status_code == 202  # another key
     assert http.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(K1)).status_code == 202
     assert http.post("/v1/jobs", json={"prompt": "x"}, headers=auth(K1)).status_code == 202
-    assert r.llen("interactive") == 5
+    assert r.llen("qd:interactive") == 5
 
 
 def test_batches_in_flight_and_the_bulk_queue_are_capped(redis_srv: RedisServer, r: redis.Redis) -> None:
@@ -75,7 +75,7 @@ def test_batches_in_flight_and_the_bulk_queue_are_capped(redis_srv: RedisServer,
     many = {"requests": [{"custom_id": str(i), "body": {"prompt": "x"}} for i in range(3)]}
     refused = http.post("/v1/batches", json=many, headers=auth(K2))
     assert code_of(refused) == (429, "queue_full") and refused.headers["Retry-After"]
-    assert r.llen("bulk") == 3
+    assert r.llen("qd:bulk") == 3
 
 
 def test_redis_out_of_memory_is_503_with_retry_after(tmp_path: Any) -> None:

@@ -27,7 +27,7 @@ def test_claim_runs_a_queued_job_once_and_drops_its_wake_up_message(store: JobSt
     claims = store.claim("host:1", lease=30, max_deliveries=2, room=8)
     assert [(c.outcome, c.job_id, json.loads(c.request)["prompt"], c.attempt) for c in claims] == [
         ("run", first, "a", "1"), ("run", second, "b", "1")]  # oldest first
-    assert store.r.llen(INTERACTIVE) == 0 and store.r.zcard(store.pending_key()) == 0
+    assert store.r.llen(store.queue_key(INTERACTIVE)) == 0 and store.r.zcard(store.pending_key()) == 0
     assert store.r.smembers(store.held_key("host:1")) == {first, second}
     assert [c.outcome for c in store.claim("host:2", 30, 2, 1, job_id=first)] == ["busy"]
     assert [c.outcome for c in store.claim("host:1", 30, 2, 1, job_id=first)] == ["mine"]
@@ -111,9 +111,9 @@ def test_claims_are_per_model(server: RedisServer) -> None:
     assert store.r.zrange(store.pending_key("tiny"), 0, -1) == [b]
     assert [(c.outcome, c.job_id) for c in store.claim("host:1", 30, 2, 8)] == [("run", a)]  # default model
     assert [(c.outcome, c.detail) for c in store.claim("host:1", 30, 2, 1, job_id=b)] == [("other", "tiny")]
-    assert store.get(b)["status"] == "queued" and store.r.llen("interactive.tiny") == 1
+    assert store.get(b)["status"] == "queued" and store.r.llen(store.queue_key("interactive.tiny")) == 1
     [got] = store.claim("host:2", 1, 2, 8, model="tiny")
-    assert (got.outcome, got.job_id) == ("run", b) and store.r.llen("interactive.tiny") == 0
+    assert (got.outcome, got.job_id) == ("run", b) and store.r.llen(store.queue_key("interactive.tiny")) == 0
     store.r.zadd(store.active_key(), {a: 0, b: 0})  # both leases ran out (their workers vanished)
     for job in (a, b):
         store.r.hset(store.key(job), "lease_until", "0")

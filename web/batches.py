@@ -217,7 +217,7 @@ def _check_capacity(new_tasks: int, bulk: str) -> None:
     batches."""
     svc = services()
     lim = svc.settings.limits
-    depth = int(svc.redis.llen(bulk))
+    depth = int(svc.redis.llen(svc.store.queue_key(bulk)))
     if new_tasks and depth + new_tasks > lim.max_bulk_depth:
         raise QueueFull(f"the {bulk} queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
     key = _open_key()

@@ -79,8 +79,8 @@ def queues() -> Response:
     svc = services()
     pipe = svc.redis.pipeline(transaction=False)
     pipe.zcard(svc.store.pending_key())
-    pipe.llen(BULK)
-    pipe.llen(CONVERT)
+    pipe.llen(svc.store.queue_key(BULK))
+    pipe.llen(svc.store.queue_key(CONVERT))
     interactive, bulk, convert = pipe.execute()
     ready = [w for w in registry.workers(svc.redis, svc.settings.key_prefix) if w.get("state") == "ready"]
     data = [{"name": INTERACTIVE, "depth": interactive}, {"name": BULK, "depth": bulk},

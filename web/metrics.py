@@ -87,7 +87,7 @@ def metrics() -> Response:
     models = served_models(svc.settings)
     queues = (*(q for m in models for q in m.queues), CONVERT)
     for queue in queues:
-        pipe.llen(queue)
+        pipe.llen(svc.store.queue_key(queue))
     stats, *depths = pipe.execute()
     by_queue = dict(zip(queues, depths))
     found = registry.workers(svc.redis, svc.settings.key_prefix)

@@ -100,7 +100,7 @@ class Driver:
             if c.outcome != "run":
                 continue
             if taken_over:  # the dead process's worker may have held the job's message unacked
-                drop_unacked(self.store.r, unacked_tags(self.store.r, c.job_id))
+                drop_unacked(self.store.r, self.store.prefix, unacked_tags(self.store.r, self.store.prefix, c.job_id))
             deadline = float(c.detail) if c.detail else None  # a run's detail is its deadline
             try:
                 req = GenerationRequest.from_dict(json.loads(c.request))
@@ -198,7 +198,7 @@ class Driver:
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
-        return not self.units and bool(self.store.r.llen(self.bulk_queue))
+        return not self.units and bool(self.store.r.llen(self.store.queue_key(self.bulk_queue)))
 
     def flush(self) -> None:
         """Publish partial text, renew leases, read cancel flags: one round trip for every running job."""

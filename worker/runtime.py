@@ -83,15 +83,16 @@ def get_driver(settings: Settings, node: str) -> Any:
     """This child's engine driver (created on first use); hand-offs go to the worker's own queue."""
     global _driver
     if _driver is None:
+        from qwen_deploy.keys import queue_key
         from qwen_deploy.queues import DRIVE_TASK, engine_queue, task_message
         from worker.driver import Driver
 
         client, queue = redis_client(settings), engine_queue(settings.key_prefix, node)
 
         def handoff() -> None:
-            if not client.llen(queue):
+            if not client.llen(queue_key(settings.key_prefix, queue)):
                 task_id = f"drive-{uuid.uuid4().hex}"
-                client.lpush(queue, task_message(DRIVE_TASK, task_id, queue, []))
+                client.lpush(queue_key(settings.key_prefix, queue), task_message(DRIVE_TASK, task_id, queue, []))
 
         _driver = Driver(get_handler(), job_store(settings), process_name(), handoff, model=served())
         try:

@@ -61,7 +61,7 @@ local function claim(id)
     redis.call('HSET', job, 'started_at', ARGV[2], 'tokens', 0, 'text', '')
   end
   local qm = redis.call('HMGET', job, 'queue', 'message')
-  if qm[1] and qm[2] then redis.call('LREM', qm[1], 1, qm[2]) end  -- its wake-up message is not needed now
+  if qm[1] and qm[2] then redis.call('LREM', prefix .. ':' .. qm[1], 1, qm[2]) end  -- its wake-up message is not needed now
   redis.call('HSET', job, 'status', 'running', 'worker', me, 'lease_until', lease, 'held', KEYS[4])
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZADD', KEYS[2], lease, id)
