@@ -132,3 +132,17 @@ def test_submit_caps_a_model_no_live_worker_serves(server: RedisServer) -> None:
     assert submit_for(store, "ghost", "interactive.ghost", cap=2)[0] == "ok"
     registry.remove(client, "t", "host:9", "ghost")
     assert submit_for(store, "ghost", "interactive.ghost", cap=2)[0] == "unavailable"
+
+
+def test_two_deployments_share_one_database_by_prefix(store: JobStore) -> None:
+    """Every key of a deployment is under its prefix, the Celery queue lists too: two prefixes on one
+    database never see each other's queues, pending sets or claims."""
+    other = JobStore(store.r, "u", ttl=600, reap_after=60)
+    mine, theirs = submit(store, "mine"), submit(other, "theirs")
+    assert store.queue_key(INTERACTIVE) == "t:interactive" and other.queue_key(INTERACTIVE) == "u:interactive"
+    assert store.r.llen("t:interactive") == 1 and store.r.llen("u:interactive") == 1
+    assert store.r.llen(INTERACTIVE) == 0  # nothing on the unprefixed list
+    assert [c.job_id for c in store.claim("host:1", 30, 2, 8)] == [mine]
+    assert store.r.llen("t:interactive") == 0 and store.r.llen("u:interactive") == 1  # only its own wake-up
+    assert [c.job_id for c in other.claim("host:2", 30, 2, 8)] == [theirs]
+    assert all(k.startswith(("t:", "u:")) for k in store.r.keys("*")), store.r.keys("*")
