@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,30 +12,23 @@ from qwen_deploy.queues import INTERACTIVE
 from web import create_app
 
 
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False).start()
-    yield server
-    server.stop()
-
-
 def make_app(url: str, **sections: dict) -> object:
     settings = load_settings(environ={"REDIS_URL": url, "QWEN_DEPLOY_ENV_FILE": "no.env"}, overrides=sections)
     return create_app(settings)
 
 
 @pytest.fixture()
-def http(redis_srv: RedisServer):  # type: ignore[no-untyped-def]
+def http(server: RedisServer):  # type: ignore[no-untyped-def]
     import redis
 
-    redis.Redis.from_url(redis_srv.url).flushdb()
-    return make_app(redis_srv.url).test_client()
+    redis.Redis.from_url(server.url).flushdb()
+    return make_app(server.url).test_client()
 
 
-def queued(redis_srv: RedisServer) -> int:
+def queued(server: RedisServer) -> int:
     import redis
 
-    return int(redis.Redis.from_url(redis_srv.url).llen(f"qd:{INTERACTIVE}"))  # queues live under key_prefix
+    return int(redis.Redis.from_url(server.url).llen(f"qd:{INTERACTIVE}"))  # queues live under key_prefix
 
 
 def error_of(response) -> dict:  # type: ignore[no-untyped-def]
@@ -64,13 +56,13 @@ def error_of(response) -> dict:  # type: ignore[no-untyped-def]
     ({"messages": [{"role": "robot", "content": "y"}]}, "invalid_value", "messages.0.role"),
     ({"messages": [{"role": "user"}]}, "missing_field", "messages.0.content"),
 ])
-def test_invalid_bodies_are_422(http, redis_srv: RedisServer, body: dict, code: str, param: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_bodies_are_422(http, server: RedisServer, body: dict, code: str, param: str) -> None:  # type: ignore[no-untyped-def]
     response = http.post("/v1/jobs", json=body)
     assert response.status_code == 422
     error = error_of(response)
     assert (error["code"], error["param"]) == (code, param)
     assert error["message"]
-    assert queued(redis_srv) == 0
+    assert queued(server) == 0
 
 
 def test_body_not_an_object_is_422(http) -> None:  # type: ignore[no-untyped-def]
@@ -78,12 +70,12 @@ def test_body_not_an_object_is_422(http) -> None:  # type: ignore[no-untyped-def
     assert response.status_code == 422 and error_of(response)["code"] == "invalid_type"
 
 
-def test_bad_json_is_400(http, redis_srv: RedisServer) -> None:  # type: ignore[no-untyped-def]
+def test_bad_json_is_400(http, server: RedisServer) -> None:  # type: ignore[no-untyped-def]
     for raw in (b'{"prompt": ', b"\xff\xfe", b"[" * 100000):
         response = http.post("/v1/jobs", data=raw, content_type="application/json")
         assert response.status_code == 400
         assert error_of(response)["code"] == "invalid_json"
-    assert queued(redis_srv) == 0
+    assert queued(server) == 0
 
 
 def test_wrong_content_type_is_415(http) -> None:  # type: ignore[no-untyped-def]
@@ -92,11 +84,11 @@ def test_wrong_content_type_is_415(http) -> None:  # type: ignore[no-untyped-def
     assert error_of(response)["code"] == "unsupported_media_type"
 
 
-def test_oversized_body_is_413(http, redis_srv: RedisServer) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_body_is_413(http, server: RedisServer) -> None:  # type: ignore[no-untyped-def]
     response = http.post("/v1/jobs", json={"prompt": "x" * 2_000_000})
     assert response.status_code == 413
     assert error_of(response)["code"] == "body_too_large"
-    assert queued(redis_srv) == 0
+    assert queued(server) == 0
 
 
 def test_bad_wait_is_422(http) -> None:  # type: ignore[no-untyped-def]
@@ -106,16 +98,16 @@ def test_bad_wait_is_422(http) -> None:  # type: ignore[no-untyped-def]
         assert response.status_code == 422 and error_of(response)["param"] == "wait"
 
 
-def test_accepted_job_is_recorded_before_it_is_queued(http, redis_srv: RedisServer) -> None:  # type: ignore[no-untyped-def]
+def test_accepted_job_is_recorded_before_it_is_queued(http, server: RedisServer) -> None:  # type: ignore[no-untyped-def]
     response = http.post("/v1/jobs", json={"prompt": "Beautiful is better than", "max_new_tokens": 7})
     assert response.status_code == 202
     job = response.get_json()
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["progress"] == {"tokens": 0, "max_new_tokens": 7}
-    assert queued(redis_srv) == 1
+    assert queued(server) == 1
     again = http.get(f"/v1/jobs/{job['id']}").get_json()
     assert again["id"] == job["id"] and again["status"] == "queued"
-    message = json.loads(__import__("redis").Redis.from_url(redis_srv.url).lindex(f"qd:{INTERACTIVE}", 0))
+    message = json.loads(__import__("redis").Redis.from_url(server.url).lindex(f"qd:{INTERACTIVE}", 0))
     assert message["content-type"] == "application/json"
     assert message["headers"]["id"] == job["id"]
 
@@ -130,17 +122,17 @@ def test_cancel_queued_and_409_after(http) -> None:  # type: ignore[no-untyped-d
     assert missing.status_code == 404
 
 
-def test_full_queue_is_429_with_retry_after(redis_srv: RedisServer) -> None:
+def test_full_queue_is_429_with_retry_after(server: RedisServer) -> None:
     import redis
 
-    redis.Redis.from_url(redis_srv.url).flushdb()
-    http = make_app(redis_srv.url, limits={"max_queue_depth": 2}).test_client()
+    redis.Redis.from_url(server.url).flushdb()
+    http = make_app(server.url, limits={"max_queue_depth": 2}).test_client()
     codes = [http.post("/v1/jobs", json={"prompt": "x"}).status_code for _ in range(3)]
     assert codes == [202, 202, 429]
     response = http.post("/v1/jobs", json={"prompt": "x"})
     assert error_of(response)["code"] == "queue_full"
     assert int(response.headers["Retry-After"]) >= 1
-    assert queued(redis_srv) == 2
+    assert queued(server) == 2
 
 
 def test_redis_down_is_503() -> None:
@@ -158,8 +150,8 @@ def test_readiness_without_worker_is_503(http) -> None:  # type: ignore[no-untyp
     assert response.status_code == 503 and error_of(response)["code"] == "no_worker"
 
 
-def test_api_keys_guard_every_route_but_livez(redis_srv: RedisServer) -> None:
-    http = make_app(redis_srv.url, web={"api_keys": ["k-123"]}).test_client()
+def test_api_keys_guard_every_route_but_livez(server: RedisServer) -> None:
+    http = make_app(server.url, web={"api_keys": ["k-123"]}).test_client()
     assert http.get("/livez").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "}, {"Authorization": "k-123"}):
         response = http.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
@@ -174,8 +166,8 @@ def test_unknown_route_and_method_are_json(http) -> None:  # type: ignore[no-unt
     assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
 
 
-def test_batch_limits_on_bytes_and_lines(redis_srv: RedisServer) -> None:
-    http = make_app(redis_srv.url, batches={"max_bytes": 2048, "max_lines": 3}).test_client()
+def test_batch_limits_on_bytes_and_lines(server: RedisServer) -> None:
+    http = make_app(server.url, batches={"max_bytes": 2048, "max_lines": 3}).test_client()
     line = json.dumps({"custom_id": "a", "body": {"prompt": "x"}})
     big = "\n".join(json.dumps({"custom_id": str(i), "body": {"prompt": "x" * 500}}) for i in range(5))
     response = http.post("/v1/batches", data=big, content_type="application/x-ndjson")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,25 +14,18 @@ from qwen_deploy.config import load_settings
 from web import create_app
 
 
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False).start()
-    yield server
-    server.stop()
-
-
 def make_app(url: str, **sections: Any) -> Any:
     settings = load_settings(environ={"REDIS_URL": url, "QWEN_DEPLOY_ENV_FILE": "no.env"}, overrides=sections)
     return create_app(settings)
 
 
 @pytest.fixture()
-def http(redis_srv: RedisServer, tmp_path: Any) -> Any:
-    redis.Redis.from_url(redis_srv.url).flushdb()
+def http(server: RedisServer, tmp_path: Any) -> Any:
+    redis.Redis.from_url(server.url).flushdb()
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "models" / "base").mkdir(parents=True)
     paths = {"models_root": str(tmp_path / "models"), "checkpoints_root": str(tmp_path)}
-    return make_app(redis_srv.url, paths=paths).test_client()
+    return make_app(server.url, paths=paths).test_client()
 
 
 def code_of(response: Any) -> tuple[int, str]:
@@ -106,18 +98,18 @@ def test_nul_and_control_chars_in_export_paths_are_422(http: Any, field: str) ->
     assert http.post("/v1/models/exports", json=body).status_code in (202, 422)
 
 
-def test_an_8_mib_body_of_junk_lines_is_refused_at_once(http: Any, redis_srv: RedisServer) -> None:
+def test_an_8_mib_body_of_junk_lines_is_refused_at_once(http: Any, server: RedisServer) -> None:
     body = b"x\n" * (4 * 1024 * 1024)
     started = time.monotonic()
     response = http.post("/v1/batches", data=body, content_type="application/x-ndjson")
     elapsed = time.monotonic() - started
     assert code_of(response) == (422, "too_many_lines")
     assert elapsed < 10, elapsed  # it took > 60 s when every line was parsed and stored first
-    assert redis.Redis.from_url(redis_srv.url).llen("qd:bulk") == 0
+    assert redis.Redis.from_url(server.url).llen("qd:bulk") == 0
 
 
-def test_batch_size_caps(redis_srv: RedisServer) -> None:
-    http = make_app(redis_srv.url, batches={"max_line_bytes": 1024}).test_client()
+def test_batch_size_caps(server: RedisServer) -> None:
+    http = make_app(server.url, batches={"max_line_bytes": 1024}).test_client()
     long_line = json.dumps({"custom_id": "a", "body": {"prompt": "x" * 2000}})
     assert code_of(http.post("/v1/batches", data=long_line, content_type="application/x-ndjson")) == (
         422, "line_too_long")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,16 +21,9 @@ from web import create_app
 K1, K2 = "k-limits-one", "k-limits-two"
 
 
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture()
-def r(redis_srv: RedisServer) -> redis.Redis:
-    client = redis.Redis.from_url(redis_srv.url, decode_responses=True)
+def r(server: RedisServer) -> redis.Redis:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
     client.flushdb()
     return client
 
@@ -51,8 +43,8 @@ def code_of(response: Any) -> tuple[int, str]:
     return response.status_code, response.get_json()["error"]["code"]
 
 
-def test_jobs_in_flight_are_capped_per_key(redis_srv: RedisServer, r: redis.Redis) -> None:
-    http = make_http(redis_srv.url, limits={"max_inflight_per_key": 3})
+def test_jobs_in_flight_are_capped_per_key(server: RedisServer, r: redis.Redis) -> None:
+    http = make_http(server.url, limits={"max_inflight_per_key": 3})
     ids = [http.post("/v1/jobs", json={"prompt": "x"}, headers=auth(K1)).get_json()["id"] for _ in range(3)]
     refused = http.post("/v1/jobs", json={"prompt": "x"}, headers=auth(K1))
     assert code_of(refused) == (429, "too_many_inflight") and int(refused.headers["Retry-After"]) >= 1
@@ -62,8 +54,8 @@ def test_jobs_in_flight_are_capped_per_key(redis_srv: RedisServer, r: redis.Redi
     assert r.llen("qd:interactive") == 5
 
 
-def test_batches_in_flight_and_the_bulk_queue_are_capped(redis_srv: RedisServer, r: redis.Redis) -> None:
-    http = make_http(redis_srv.url, limits={"max_inflight_per_key": 2, "max_bulk_depth": 5},
+def test_batches_in_flight_and_the_bulk_queue_are_capped(server: RedisServer, r: redis.Redis) -> None:
+    http = make_http(server.url, limits={"max_inflight_per_key": 2, "max_bulk_depth": 5},
                      batches={"micro_batch_size": 1})
     one = {"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]}
     first = http.post("/v1/batches", json=one, headers=auth(K1)).get_json()
@@ -99,8 +91,8 @@ def test_redis_out_of_memory_is_503_with_retry_after(tmp_path: Any) -> None:
         server.stop()
 
 
-def test_open_streams_are_capped_per_key(redis_srv: RedisServer, r: redis.Redis) -> None:
-    settings = load_settings(environ={"REDIS_URL": redis_srv.url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
+def test_open_streams_are_capped_per_key(server: RedisServer, r: redis.Redis) -> None:
+    settings = load_settings(environ={"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
                              overrides={"web": {"api_keys": [K1, K2]}, "limits": {"max_streams_per_key": 2}})
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -130,8 +122,8 @@ def _owner(key: str) -> str:
     return owner_of(key)
 
 
-def test_workers_are_read_from_one_sorted_set_without_scanning(redis_srv: RedisServer, r: redis.Redis) -> None:
-    http = make_http(redis_srv.url)
+def test_workers_are_read_from_one_sorted_set_without_scanning(server: RedisServer, r: redis.Redis) -> None:
+    http = make_http(server.url)
     model = {"name": "m", "loaded_at": time.time()}
     registry.publish(r, "qd", "w-live", {"state": "ready", "model": model}, ttl=30)
     registry.publish(r, "qd", "w-gone", {"state": "ready", "model": model}, ttl=0.05)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,23 +19,16 @@ from web import create_app
 K1, K2, ADMIN = "k-tenant-one", "k-tenant-two", "k-admin-0"
 
 
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False).start()
-    yield server
-    server.stop()
-
-
 def make_app(url: str, **sections: Any) -> Any:
     settings = load_settings(environ={"REDIS_URL": url, "QWEN_DEPLOY_ENV_FILE": "no.env"}, overrides=sections)
     return create_app(settings)
 
 
 @pytest.fixture()
-def http(redis_srv: RedisServer) -> Any:
-    redis.Redis.from_url(redis_srv.url).flushdb()
+def http(server: RedisServer) -> Any:
+    redis.Redis.from_url(server.url).flushdb()
     # no worker runs here: the jobs wait, past the small queue of a model no worker serves
-    return make_app(redis_srv.url, web={"api_keys": [K1, K2], "admin_keys": [ADMIN]},
+    return make_app(server.url, web={"api_keys": [K1, K2], "admin_keys": [ADMIN]},
                     limits={"max_queued_unserved": 1000}).test_client()
 
 
@@ -44,9 +36,9 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_a_job_is_visible_only_to_its_key(http: Any, redis_srv: RedisServer) -> None:
+def test_a_job_is_visible_only_to_its_key(http: Any, server: RedisServer) -> None:
     job = http.post("/v1/jobs", json={"prompt": "x"}, headers=auth(K1)).get_json()
-    stored = redis.Redis.from_url(redis_srv.url, decode_responses=True).hgetall(f"qd:job:{job['id']}")
+    stored = redis.Redis.from_url(server.url, decode_responses=True).hgetall(f"qd:job:{job['id']}")
     assert stored["owner"] == hashlib.sha256(K1.encode()).hexdigest()[:16]
     assert K1 not in str(stored)
     for method, path in (("GET", ""), ("GET", "?wait=0.1"), ("GET", "/events"), ("POST", "/cancel")):
@@ -137,22 +129,22 @@ def test_untrusted_host_is_refused_but_probes_answer(http: Any) -> None:
     assert http.get("/v1/jobs", headers={**auth(K1), "Host": "127.0.0.1:8000"}).status_code == 200
 
 
-def test_open_non_loopback_bind_refuses_to_start(redis_srv: RedisServer) -> None:
+def test_open_non_loopback_bind_refuses_to_start(server: RedisServer) -> None:
     with pytest.raises(ConfigError, match="allow_unauthenticated"):
-        make_app(redis_srv.url, web={"host": "0.0.0.0"})
-    assert make_app(redis_srv.url, web={"host": "0.0.0.0", "allow_unauthenticated": True})
-    assert make_app(redis_srv.url, web={"host": "0.0.0.0", "api_keys": [K1]})
-    assert make_app(redis_srv.url, web={"host": "::1"})
-    env = {"REDIS_URL": redis_srv.url, "QWEN_DEPLOY_ENV_FILE": "no.env", "PATH": "/usr/bin:/bin"}
+        make_app(server.url, web={"host": "0.0.0.0"})
+    assert make_app(server.url, web={"host": "0.0.0.0", "allow_unauthenticated": True})
+    assert make_app(server.url, web={"host": "0.0.0.0", "api_keys": [K1]})
+    assert make_app(server.url, web={"host": "::1"})
+    env = {"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "web", "--host", "0.0.0.0", "--port", "1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "allow_unauthenticated" in out.stderr
 
 
-def test_empty_keys_are_rejected(redis_srv: RedisServer) -> None:
+def test_empty_keys_are_rejected(server: RedisServer) -> None:
     for section in ({"api_keys": [""]}, {"api_keys": ["  "]}, {"admin_keys": [""]}):
         with pytest.raises(ConfigError, match="web.(api|admin)_keys"):
-            make_app(redis_srv.url, web=section)
+            make_app(server.url, web=section)
 
 
 @pytest.mark.parametrize("raw", ['["sekrit-1", "sekrit-2"', '{sekrit-1: [', '["sekrit-1", 5]', '[["sekrit-1"]]'])

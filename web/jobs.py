@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, has_request_context, request, stream_with_context
 
+from qwen_deploy.config import Settings
 from qwen_deploy.errors import Conflict, GatewayTimeout, Gone, NotFound, Unprocessable
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, new_job_id, public_job, valid_id
 from qwen_deploy.lifecycle import current, estimate, with_positions
@@ -86,7 +87,7 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     return job, False
 
 
-def fair_cost(req: dict[str, Any], settings: Any) -> float:
+def fair_cost(req: dict[str, Any], settings: Settings) -> float:
     """Seconds of its key's virtual clock a generation job takes (0: no fair queueing)."""
     rate = settings.limits.fair_tokens_per_second
     tokens = int(req.get("max_new_tokens") or 0) * int(req.get("n") or 1)
