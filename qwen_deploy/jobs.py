@@ -186,13 +186,15 @@ class JobStore(JobKeys):
                                   args=[repr(time.time()), self.ttl]))
 
     def finish(self, job_id: str, status: str, fields: dict[str, Any], delta: str = "", tokens: int = 0,
-               holder: str = "") -> bool:
-        """Move a job to a terminal status, streaming the last text delta; False if it already was terminal
-        (or, with `holder`, if that worker no longer holds the job)."""
+               holder: str = "", others: Sequence[tuple[int, str]] = ()) -> bool:
+        """Move a job to a terminal status, streaming the last text delta (and `others`, the last deltas of
+        the samples after the first); False if it already was terminal (or, with `holder`, if that worker
+        no longer holds the job)."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
         done = self._finish(keys=self._keys(job_id),
-                            args=[repr(time.time()), status, self.ttl, delta, tokens, holder, *_flat(fields)])
+                            args=[repr(time.time()), status, self.ttl, delta, tokens, holder,
+                                  json.dumps(list(others)), *_flat(fields)])
         return bool(done)
 
     def claim(self, worker: str, lease: float, max_deliveries: int, room: int, job_id: str = "",

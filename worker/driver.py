@@ -29,7 +29,7 @@ from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.served import Served
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import GenerationRequest, ModelHandler
-from worker.running import RunningJob, holder_alive, other_deltas
+from worker.running import RunningJob, holder_alive, last_deltas, other_deltas
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,9 @@ class Driver:
         if status in ("timed_out", "canceled") and job.deadline is not None and time.time() >= job.deadline - 0.25:
             status, fields["finish_reason"], fields["error"] = "canceled", "canceled", DEADLINE_ERROR
         delta = result.text[len(job.sent):] if result.text.startswith(job.sent) else ""
-        self.store.finish(job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker)
+        others = last_deltas(job, [c["text"] for c in result.choices]) if len(job.seqs) > 1 else []
+        self.store.finish(job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker,
+                          others=others)
         event(log, "job.finished", id=job.job_id, queue="interactive", status=status,
               prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
               prompt_truncated=result.prompt_truncated, finish_reason=result.finish_reason, attempt=job.attempt,

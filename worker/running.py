@@ -44,6 +44,13 @@ def other_deltas(job: RunningJob, decode: Any) -> list[tuple[int, str]]:
     return deltas
 
 
+def last_deltas(job: RunningJob, texts: list[str]) -> list[tuple[int, str]]:
+    """The final text of the samples after the first that was not streamed yet, as (index, delta)."""
+    sent = job.sent_others or [""] * (len(job.seqs) - 1)
+    return [(i, text[len(done):]) for i, (text, done) in enumerate(zip(texts[1:], sent), 1)
+            if len(text) > len(done) and text.startswith(done)]
+
+
 def holder_alive(holder: str) -> bool:
     """Whether a worker name `host:pid` may still be running (unknown hosts are assumed alive)."""
     host, _, pid = holder.rpartition(":")
