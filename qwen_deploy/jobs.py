@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from qwen_deploy.group_commit import GroupCommit
 from qwen_deploy.keys import JobKeys
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
@@ -98,6 +99,7 @@ class JobStore(JobKeys):
         self.reap_after = reap_after
         self.wait_replicas, self.wait_ms = 0, 100  # WAIT after a submit (Sentinel: survive a failover)
         self._submit = client.register_script(script("submit"))
+        self._grouped = GroupCommit(client)  # concurrent submits share a round trip
         self._start = client.register_script(script("start"))
         self._cancel = client.register_script(script("cancel"))
         self._finish = client.register_script(script("finish"))
@@ -127,7 +129,8 @@ class JobStore(JobKeys):
                    "rank": PRIORITY_RANK[priority], "owner": owner, "fair_cost": fair_cost,
                    "unserved_cap": -1 if unserved_cap is None else unserved_cap}
         served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
-        status, value, *standing = self._submit(
+        status, value, *standing = self._grouped(
+            self._submit,
             keys=[self.key(job_id), self.queue_key(queue), idem, self.active_key(),
                   self.index_key(owner) if owner else "",
                   self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",

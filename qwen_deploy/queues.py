@@ -8,10 +8,13 @@ Celery task protocol 2, JSON body). The web process therefore needs neither Cele
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import re
 import socket
 import uuid
+from typing import Any
 
 INTERACTIVE = "interactive"
 BULK = "bulk"
@@ -47,27 +50,42 @@ def convert_task(kind: str) -> str:
 
 def task_message(task: str, task_id: str, queue: str, args: list[object],
                  time_limit: float | None = None, soft_time_limit: float | None = None) -> str:
-    """The JSON string kombu's Redis transport stores for one Celery task message."""
+    """The JSON string kombu's Redis transport stores for one Celery task message (every submit builds
+    one: the envelope is rendered once per task and queue, then filled in)."""
     body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    fill = {"@@body@@": base64.b64encode(body.encode()).decode(), "@@id@@": _json_str(task_id),
+            "@@argsrepr@@": _json_str(repr(args)), "@@tag@@": str(uuid.uuid4())}
+    head, *parts = _envelope(task, queue, time_limit, soft_time_limit)
+    return head + "".join(fill[name] + text for name, text in parts)
+
+
+def _json_str(text: str) -> str:
+    return json.dumps(text)[1:-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _envelope(task: str, queue: str, time_limit: float | None, soft_time_limit: float | None) -> list[Any]:
+    """The message with @@name@@ holes, split as [text, (name, text), ...]."""
     headers = {
-        "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
+        "lang": "py", "task": task, "id": "@@id@@", "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0,
-        "timelimit": [time_limit, soft_time_limit], "root_id": task_id, "parent_id": None,
-        "argsrepr": repr(args), "kwargsrepr": "{}", "origin": _ORIGIN, "ignore_result": True,
+        "timelimit": [time_limit, soft_time_limit], "root_id": "@@id@@", "parent_id": None,
+        "argsrepr": "@@argsrepr@@", "kwargsrepr": "{}", "origin": _ORIGIN, "ignore_result": True,
     }
     message = {
-        "body": base64.b64encode(body.encode()).decode(),
+        "body": "@@body@@",
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
         "properties": {
-            "correlation_id": task_id,
+            "correlation_id": "@@id@@",
             "reply_to": "",
             "delivery_mode": 2,
             "delivery_info": {"exchange": queue, "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": "@@tag@@",
         },
     }
-    return json.dumps(message)
+    pieces = re.split(r"(@@[a-z]+@@)", json.dumps(message))
+    return [pieces[0], *zip(pieces[1::2], pieces[2::2])]

@@ -41,8 +41,23 @@ def legacy_names(path: str) -> list[str]:
     return [Path(path).name, path] if local else [path, path.rsplit("/", 1)[-1]]
 
 
+_SERVED: dict[int, tuple[Settings, list[Served]]] = {}  # by settings object: every request asks
+
+
 def served_models(settings: Settings) -> list[Served]:
-    """Every served model, the default first. `web.model_aliases` are more names of the default."""
+    """Every served model, the default first. `web.model_aliases` are more names of the default. Read once
+    per settings object (settings are not changed once in use)."""
+    cached = _SERVED.get(id(settings))
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    found = _served_models(settings)
+    if len(_SERVED) >= 16:
+        _SERVED.clear()
+    _SERVED[id(settings)] = (settings, found)
+    return found
+
+
+def _served_models(settings: Settings) -> list[Served]:
     extra = settings.web.model_aliases
     if not settings.models:
         names = legacy_names(settings.model.name_or_path)

@@ -1,0 +1,88 @@
+"""Group commit on a real redis-server: concurrent script calls share round trips, each gets its own answer."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from qwen_deploy.cli.redis_server import RedisServer
+from qwen_deploy.group_commit import GroupCommit
+from tests.helpers import wait_until
+
+ECHO = """
+if ARGV[1] == 'bad' then return redis.error_reply('ERR bad argument') end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
+
+@pytest.fixture()
+def client(server: RedisServer) -> redis.Redis:
+    r = redis.Redis.from_url(server.url, decode_responses=True)
+    r.flushdb()
+    return r
+
+
+def run_together(commit: GroupCommit, script: Any, client: redis.Redis, values: list[str]) -> dict[str, Any]:
+    """One call is in flight while Redis is paused; the others queue meanwhile, then run."""
+    answers: dict[str, Any] = {}
+
+    def one(value: str) -> None:
+        try:
+            answers[value] = commit(script, ["out"], [value])
+        except Exception as exc:
+            answers[value] = exc
+
+    client.client_pause(1000)  # Redis holds every command for a second: the first call stays in flight
+    first = threading.Thread(target=one, args=("first",))
+    first.start()
+    wait_until(lambda: commit._busy, 10, 0.001, "the first call in flight")
+    threads = [threading.Thread(target=one, args=(v,)) for v in values]
+    for t in threads:
+        t.start()
+    for t in [first, *threads]:
+        t.join(timeout=60)
+    return answers
+
+
+def test_calls_made_during_a_round_trip_go_together_and_each_gets_its_answer(client: redis.Redis) -> None:
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    values = [f"v{i}" for i in range(12)]
+    answers = run_together(commit, script, client, values)
+    assert answers == {"first": "first", **{v: v for v in values}}
+    assert sorted(client.lrange("out", 0, -1)) == sorted(["first", *values])
+    assert commit.calls == 13 and commit.groups <= 4 and commit.largest >= 6, (commit.groups, commit.largest)
+
+
+def test_an_error_reaches_only_its_caller(client: redis.Redis) -> None:
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    answers = run_together(commit, script, client, ["a", "bad", "b"])
+    assert answers["first"] == "first" and answers["a"] == "a" and answers["b"] == "b"
+    assert isinstance(answers["bad"], redis.ResponseError) and "bad argument" in str(answers["bad"])
+    assert sorted(client.lrange("out", 0, -1)) == ["a", "b", "first"]
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(client: redis.Redis) -> None:
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    assert commit(script, ["out"], ["warm"]) == "warm"
+    client.script_flush()
+    answers = run_together(commit, script, client, ["x", "y", "z"])
+    assert answers == {"first": "first", "x": "x", "y": "y", "z": "z"}
+    assert commit.largest >= 2  # the grouped path met NOSCRIPT, not only the lone one
+
+
+def test_a_lost_connection_fails_every_call_of_its_group_and_the_next_call_works(server: RedisServer) -> None:
+    r = redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=0.5)
+    r.flushdb()
+    commit = GroupCommit(r)
+    script = r.register_script(ECHO)
+    answers = run_together(commit, script, r, ["p", "q"])  # paused for 1 s: past the socket timeout
+    assert all(isinstance(a, redis.RedisError) for a in answers.values()), answers
+    wait_until(lambda: r.ping(), 10, 0.05, "Redis awake")
+    assert commit(script, ["out"], ["after"]) == "after" and not commit._busy
