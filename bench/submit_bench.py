@@ -41,6 +41,8 @@ def start(app: str, env: dict[str, str], probe: str) -> tuple[subprocess.Popen[b
                        settings.web.worker_connections)
     argv = [a for a in argv if a not in ("--access-logfile", "-")]
     argv[-1] = app
+    if os.environ.get("WCLASS"):
+        argv[argv.index("--worker-class") + 1] = os.environ["WCLASS"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import requests
 
+from qwen_deploy.batches import BatchStore
 from qwen_deploy.client import Client
 from tests.helpers import Stack, wait_until
 
@@ -107,7 +108,14 @@ def test_results_stream_before_completion_and_interactive_first(stack: Stack, cl
 def test_cancel_mid_batch(stack: Stack) -> None:
     long = {"prompt": "Beautiful is better than", "max_new_tokens": 300, "ignore_eos": True}
     created = post_jsonl(stack, [line(f"c{i}", long) for i in range(160)]).json()
-    wait_until(lambda: batch(stack, created["id"])["request_counts"]["completed"] > 0, 120, 0.05, "a first chunk")
+    record = BatchStore(stack.redis, stack.settings.key_prefix).key(created["id"])
+
+    def running() -> bool:  # a micro-batch has started (its delivery is counted) and is not recorded yet
+        started, recorded = stack.redis.hkeys(record + ":tries"), stack.redis.smembers(record + ":chunks")
+        return bool(set(started) - set(recorded))
+
+    wait_until(lambda: batch(stack, created["id"])["request_counts"]["completed"] > 0 and running(), 120, 0.05,
+               "a first chunk, then another one running")
     answer = requests.post(f"{stack.url}/v1/batches/{created['id']}/cancel", timeout=10)
     assert answer.status_code == 202 and answer.json()["status"] == "cancelling"
     final = wait_batch(stack, created["id"], timeout=60)
