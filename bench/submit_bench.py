@@ -4,7 +4,9 @@
 
 Both run under the same gunicorn settings (the launcher's: gevent, `web.workers` processes) on the
 same redis-server, one after the other, alternating for `--rounds`; wrk (Debian package `wrk`) posts
-the same JSON body. Prints req/s and latency percentiles for each, and the ratio.
+the same JSON body. Prints req/s and latency percentiles for each, the ratio, and the CPU time each
+request cost the app's gunicorn processes and redis-server (from /proc: on a machine shared with other
+work, req/s moves with the load while CPU per request stays comparable).
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ def start(app: str, env: dict[str, str], probe: str) -> tuple[subprocess.Popen[b
                        settings.web.worker_connections)
     argv = [a for a in argv if a not in ("--access-logfile", "-")]
     argv[-1] = app
-    if os.environ.get("WCLASS"):
-        argv[argv.index("--worker-class") + 1] = os.environ["WCLASS"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -54,6 +54,19 @@ def start(app: str, env: dict[str, str], probe: str) -> tuple[subprocess.Popen[b
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (gunicorn's workers), from /proc."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wrk(url: str, script: Path, duration: int, connections: int) -> dict[str, float]:
@@ -86,10 +99,16 @@ def main() -> None:
            "QWEN_DEPLOY_LIMITS__MAX_QUEUED_UNSERVED": "100000000"}
     apps = {"qwen-deploy": start("web.wsgi:app", env, "/v1/jobs"), "naive": start("bench.naive_app:app", env, "/v1/jobs")}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
+    redis_pid = server.proc.pid if server.proc else 0
     try:
         for _ in range(args.rounds):
-            for name, (_, url) in apps.items():
-                results[name].append(wrk(url, script, args.duration, args.connections))
+            for name, (proc, url) in apps.items():
+                before, redis_before = cpu_seconds(proc.pid), cpu_seconds(redis_pid)
+                figures = wrk(url, script, args.duration, args.connections)
+                done = figures["rps"] * args.duration
+                figures["web_us"] = (cpu_seconds(proc.pid) - before) / done * 1e6
+                figures["redis_us"] = (cpu_seconds(redis_pid) - redis_before) / done * 1e6
+                results[name].append(figures)
     finally:
         for proc, _ in apps.values():
             proc.terminate()
@@ -101,12 +120,16 @@ def main() -> None:
     for name, runs in results.items():
         for i, f in enumerate(runs, 1):
             print(f"{name:12s} round {i}: {f['rps']:8.0f} req/s  p50 {f['p50']:6.1f} ms  p90 {f['p90']:6.1f} ms  "
-                  f"p99 {f['p99']:6.1f} ms  non-2xx {f['non2xx']:.0f}")
+                  f"p99 {f['p99']:6.1f} ms  non-2xx {f['non2xx']:.0f}  CPU/request: web {f['web_us']:5.0f} us, "
+                  f"redis {f['redis_us']:4.0f} us")
         best[name] = max(f["rps"] for f in runs)
         median[name] = sorted(f["rps"] for f in runs)[len(runs) // 2]
     print(f"ratio: best round {best['qwen-deploy'] / best['naive']:.2f}x, median round "
           f"{median['qwen-deploy'] / median['naive']:.2f}x the naive app's req/s; load average "
           f"{os.getloadavg()[0]:.1f}")
+    cost = {name: sorted(f["web_us"] + f["redis_us"] for f in runs)[len(runs) // 2] for name, runs in results.items()}
+    print(f"CPU per request (web + redis, median round): qwen-deploy {cost['qwen-deploy']:.0f} us, naive "
+          f"{cost['naive']:.0f} us: the naive app spends {cost['naive'] / cost['qwen-deploy']:.2f}x as much")
     if any(f["non2xx"] for runs in results.values() for f in runs):
         print("WARNING: some answers were not 2xx; these figures do not measure accepted submits")
 
