@@ -1,4 +1,5 @@
-"""Fixtures: the demo model, and a whole stack (real redis-server, worker processes, web server)."""
+"""Fixtures: the demo model, and whole stacks (real redis-server, worker processes, web server); the layer
+markers by folder. The store layer's redis-server and flushed JobStore are in tests/store/conftest.py."""
 
 from __future__ import annotations
 
@@ -7,29 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from qwen_deploy.cli.redis_server import RedisServer
-from qwen_deploy.jobs import JobStore
 from tests.helpers import Stack
 
 FAKE_HF_TOKEN = "hf_stackTOKENneverLOGGED"
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A bare redis-server for store-level tests (no workers, no web)."""
-    s = RedisServer(data_dir=tmp_path_factory.mktemp("store-redis"), appendonly=False).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture()
-def store(server: RedisServer) -> JobStore:
-    """A JobStore on a flushed database of `server`."""
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushdb()
-    return JobStore(client, "t", ttl=600, reap_after=60)
+# tests/<layer>/...: each test gets its folder's marker (`-m unit`, `-m "not e2e"`, ...).
+LAYERS = ("unit", "store", "e2e", "browser")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -43,9 +28,17 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return min(2, os.cpu_count() or 1) if whole_suite else 0
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files marked slow first, each kept whole (stable sort): with `--dist loadfile` a file runs in one
-    process, and starting the long ones first leaves no long file for the end."""
+@pytest.hookimpl(tryfirst=True)  # the markers are set before `-m` deselects by them
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets the marker of its layer folder. Files marked slow first, each kept whole (stable sort):
+    with `--dist loadfile` a file runs in one process, and starting the long ones first leaves no long file
+    for the end."""
+    tests = config.rootpath / "tests"
+    for item in items:
+        parts = item.path.relative_to(tests).parts if item.path.is_relative_to(tests) else ()
+        if len(parts) > 1 and parts[0] in LAYERS:
+            item.add_marker(parts[0])
+
     def slow(item: pytest.Item) -> bool:
         module = item.getparent(pytest.Module)
         return module is not None and module.get_closest_marker("slow") is not None
