@@ -4,8 +4,10 @@ markers by folder. The store layer's redis-server and flushed JobStore are in te
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +76,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     s.start_web()
     yield s
     s.stop()
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture(scope="module")
+def stack_factory(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[StackFactory]:
+    """Builds Stacks for one module (own redis-server unless `redis_url`; the demo model unless `model`), each
+    under its own tmp dir, and stops every one it made at the module's end. Nothing is started: the caller
+    starts the workers and web server it needs."""
+    made: list[Stack] = []
+
+    def build(config: dict[str, Any] | None = None, model: Path | None = None, redis_url: str | None = None,
+              env: dict[str, str] | None = None, name: str = "stack") -> Stack:
+        s = Stack(tmp_path_factory.mktemp(name), model or demo_model, config, redis_url=redis_url, env=env)
+        made.append(s)
+        return s
+
+    yield build
+    with ExitStack() as stops:  # every one is stopped, even past a failing stop
+        for s in made:
+            stops.callback(s.stop)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import pickle
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import requests
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import APIError, Client
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE
+from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -30,14 +30,13 @@ KILLABLE = {"prompt": "Beautiful is better than", "max_new_tokens": 400, "ignore
 
 
 @pytest.fixture(scope="module")
-def chaos(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+def chaos(stack_factory: StackFactory) -> Stack:
     limits = {"max_queue_depth": 100_000, "reap_after": 3, "reap_grace": 1, "reap_interval": 0.5,
               "generation_budget": 10, "soft_time_limit": 12, "hard_time_limit": 15}
-    s = Stack(tmp_path_factory.mktemp("chaos"), demo_model, {"limits": limits})
+    s = stack_factory({"limits": limits}, name="chaos")
     s.start_worker()
     s.start_web()
-    yield s
-    s.stop()
+    return s
 
 
 def figure(name: str, **values: object) -> None:

@@ -3,11 +3,11 @@ re-run, and the replacement child serves the next job (no "Timed out waiting for
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -26,14 +26,13 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Pa
 
 
 @pytest.fixture(scope="module")
-def hard(tmp_path_factory: pytest.TempPathFactory, wide_model: Path) -> Iterator[Stack]:
+def hard(stack_factory: StackFactory, wide_model: Path) -> Stack:
     config = {"limits": {"generation_budget": 0.1, "soft_time_limit": 0.5, "hard_time_limit": 0.8},
               "generation": {"max_prompt_tokens": 8192}}
-    s = Stack(tmp_path_factory.mktemp("hard"), wide_model, config)
+    s = stack_factory(config, model=wide_model, name="hard")
     s.start_worker()
     s.start_web()
-    yield s
-    s.stop()
+    return s
 
 
 def test_hard_limit_kills_the_child_marks_timed_out_and_never_reruns(hard: Stack) -> None:

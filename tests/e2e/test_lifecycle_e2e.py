@@ -5,13 +5,12 @@ sweep closes a late queued job without anyone reading it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
 
 LONG_PROMPT = "Simple is better than complex. " * 400 + "Beautiful is better than"
@@ -33,12 +32,11 @@ def test_a_running_job_stops_at_its_deadline_with_its_partial_text(stack: Stack)
 
 
 @pytest.fixture(scope="module")
-def one_row(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+def one_row(stack_factory: StackFactory) -> Stack:
     """A stack whose engine decodes one sequence at a time; its worker starts inside the test."""
-    s = Stack(tmp_path_factory.mktemp("one-row"), demo_model, {"engine": {"max_batch": 1}})
+    s = stack_factory({"engine": {"max_batch": 1}}, name="one-row")
     s.start_web()
-    yield s
-    s.stop()
+    return s
 
 
 def test_positions_decrease_as_a_busy_worker_drains_the_queue(one_row: Stack) -> None:

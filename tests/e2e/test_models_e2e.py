@@ -13,6 +13,7 @@ import requests
 import torch
 
 from qwen_deploy.client import Client
+from tests.conftest import StackFactory
 from tests.helpers import Stack
 from tests.unit.conversion.test_download import COMMIT, Handler, Hub, Repo, tiny_files
 
@@ -51,14 +52,13 @@ def roots(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def convert(roots: dict[str, Path], hub: Hub, demo_model: Path) -> Iterator[Stack]:
+def convert(roots: dict[str, Path], hub: Hub, stack_factory: StackFactory) -> Stack:
     paths = {"models_root": str(roots["models"]), "checkpoints_root": str(roots["checkpoints"])}
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(roots["tmp"] / "hub"), "HF_TOKEN": TOKEN}
-    s = Stack(roots["tmp"] / "stack", roots["models"] / "exported", {"paths": paths}, env=env)
+    s = stack_factory({"paths": paths}, model=roots["models"] / "exported", env=env)
     s.start_convert_worker()
     s.start_web()
-    yield s
-    s.stop()
+    return s
 
 
 def post(stack: Stack, path: str, body: dict) -> requests.Response:

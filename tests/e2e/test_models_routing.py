@@ -7,7 +7,6 @@ unserved model takes a few jobs, then answers 503 model_unavailable, and /readyz
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import requests
 
 from qwen_deploy.client import APIError, Client
+from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
 from tests.unit.test_handler import make_handler
 from worker.handler import GenerationRequest, ModelHandler
@@ -32,21 +32,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Pa
 
 
 @pytest.fixture(scope="module")
-def pools(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, tiny_model: Path) -> Iterator[Stack]:
+def pools(stack_factory: StackFactory, demo_model: Path, tiny_model: Path) -> Stack:
     models = [{"alias": "demo", "name_or_path": str(demo_model), "threads": 1},
               {"alias": "tiny", "name_or_path": str(tiny_model), "threads": 1},
               {"alias": "ghost", "name_or_path": str(tiny_model), "threads": 1}]  # configured, never started
-    stack = Stack(tmp_path_factory.mktemp("pools"), demo_model,
-                  {"models": models, "limits": {"max_queued_unserved": CAP}})
-    try:
-        stack.start_model_worker("demo")
-        stack.start_model_worker("tiny")
-        stack.start_web()
-        stack.wait_model_ready("demo")
-        stack.wait_model_ready("tiny")
-        yield stack
-    finally:
-        stack.stop()
+    stack = stack_factory({"models": models, "limits": {"max_queued_unserved": CAP}}, name="pools")
+    stack.start_model_worker("demo")
+    stack.start_model_worker("tiny")
+    stack.start_web()
+    stack.wait_model_ready("demo")
+    stack.wait_model_ready("tiny")
+    return stack
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from qwen_deploy.client import Client
+from tests.conftest import StackFactory
 from tests.helpers import ROOT, Stack
 
 pytestmark = pytest.mark.slow
@@ -21,14 +21,13 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
 
 
 @pytest.fixture(scope="module")
-def short_stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+def short_stack(stack_factory: StackFactory) -> Stack:
     """Short waits and streams, so generated waits and never-ending queued jobs stay cheap."""
     limits = {"max_wait": 2, "max_stream": 2, "generation_budget": 1, "soft_time_limit": 2, "hard_time_limit": 3}
-    s = Stack(tmp_path_factory.mktemp("openapi"), demo_model, {"limits": limits})
+    s = stack_factory({"limits": limits}, name="openapi")
     s.start_worker()
     s.start_web()
-    yield s
-    s.stop()
+    return s
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_mismatches(short_stack: Stack, tmp_path: Path) -> None:

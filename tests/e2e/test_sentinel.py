@@ -11,12 +11,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from qwen_deploy.cli.redis_server import free_port, reachable
 from qwen_deploy.connections import connect
+from tests.conftest import StackFactory
 from tests.helpers import ROOT, Stack
 from tests.sentinel_group import SentinelGroup, failover_burst
 
@@ -31,17 +31,14 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, group: SentinelGroup) -> Iterator[Stack]:
+def deployment(group: SentinelGroup, stack_factory: StackFactory) -> Stack:
     config = {"redis_wait_ms": 200,  # and WAIT 1, the default behind Sentinel
               "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
               "engine": {"lease_seconds": 3}}
-    s = Stack(tmp_path_factory.mktemp("sentinel-stack"), demo_model, config, redis_url=group.url)
-    try:
-        s.start_worker()
-        s.start_web()
-        yield s
-    finally:
-        s.stop()
+    s = stack_factory(config, redis_url=group.url, name="sentinel-stack")
+    s.start_worker()
+    s.start_web()
+    return s
 
 
 def test_a_client_finds_the_master_through_the_sentinels(group: SentinelGroup) -> None:

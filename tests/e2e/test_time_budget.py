@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def small_limits(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
+def small_limits(stack_factory: StackFactory) -> Stack:
     limits = {"generation_budget": 0.25, "soft_time_limit": 10, "hard_time_limit": 12}
-    s = Stack(tmp_path_factory.mktemp("budget"), demo_model, {"limits": limits})
+    s = stack_factory({"limits": limits}, name="budget")
     s.start_worker()
     s.start_web()
-    yield s
-    s.stop()
+    return s
 
 
 def test_time_budget_gives_timed_out_with_partial_text(small_limits: Stack) -> None:
