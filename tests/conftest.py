@@ -1,35 +1,22 @@
-"""Fixtures: the demo model, and a whole stack (real redis-server, worker processes, web server)."""
+"""Fixtures: the demo model, and whole stacks (real redis-server, worker processes, web server); the layer
+markers by folder. The store layer's redis-server and flushed JobStore are in tests/store/conftest.py."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
-import redis
 
-from qwen_deploy.cli.redis_server import RedisServer
-from qwen_deploy.jobs import JobStore
 from tests.helpers import Stack
 
 FAKE_HF_TOKEN = "hf_stackTOKENneverLOGGED"
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A bare redis-server for store-level tests (no workers, no web)."""
-    s = RedisServer(data_dir=tmp_path_factory.mktemp("store-redis"), appendonly=False).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture()
-def store(server: RedisServer) -> JobStore:
-    """A JobStore on a flushed database of `server`."""
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushdb()
-    return JobStore(client, "t", ttl=600, reap_after=60)
+# tests/<layer>/...: each test gets its folder's marker (`-m unit`, `-m "not e2e"`, ...).
+LAYERS = ("unit", "store", "e2e", "browser")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -43,9 +30,17 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return min(2, os.cpu_count() or 1) if whole_suite else 0
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files marked slow first, each kept whole (stable sort): with `--dist loadfile` a file runs in one
-    process, and starting the long ones first leaves no long file for the end."""
+@pytest.hookimpl(tryfirst=True)  # the markers are set before `-m` deselects by them
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets the marker of its layer folder. Files marked slow first, each kept whole (stable sort):
+    with `--dist loadfile` a file runs in one process, and starting the long ones first leaves no long file
+    for the end."""
+    tests = config.rootpath / "tests"
+    for item in items:
+        parts = item.path.relative_to(tests).parts if item.path.is_relative_to(tests) else ()
+        if len(parts) > 1 and parts[0] in LAYERS:
+            item.add_marker(parts[0])
+
     def slow(item: pytest.Item) -> bool:
         module = item.getparent(pytest.Module)
         return module is not None and module.get_closest_marker("slow") is not None
@@ -81,6 +76,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     s.start_web()
     yield s
     s.stop()
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture(scope="module")
+def stack_factory(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[StackFactory]:
+    """Builds Stacks for one module (own redis-server unless `redis_url`; the demo model unless `model`), each
+    under its own tmp dir, and stops every one it made at the module's end. Nothing is started: the caller
+    starts the workers and web server it needs."""
+    made: list[Stack] = []
+
+    def build(config: dict[str, Any] | None = None, model: Path | None = None, redis_url: str | None = None,
+              env: dict[str, str] | None = None, name: str = "stack") -> Stack:
+        s = Stack(tmp_path_factory.mktemp(name), model or demo_model, config, redis_url=redis_url, env=env)
+        made.append(s)
+        return s
+
+    yield build
+    with ExitStack() as stops:  # every one is stopped, even past a failing stop
+        for s in made:
+            stops.callback(s.stop)
 
 
 @pytest.fixture(scope="session")

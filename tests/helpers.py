@@ -48,8 +48,12 @@ class Stack:
         self.redis_url = redis_url
         cfg = {"model": {"name_or_path": str(model_dir), "threads": 1},
                "worker": {"heartbeat_interval": 1.0}, **(config or {})}
+        # device cpu unless the config names one: never CUDA or MPS by accident, whatever the machine has.
         if "models" in cfg:  # several models: `models` replaces the single `model` section
             del cfg["model"]
+            cfg["models"] = [{"device": "cpu", **entry} for entry in cfg["models"]]
+        else:
+            cfg["model"] = {"device": "cpu", **cfg["model"]}
         self.config_path = tmp / "config.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.env = {**os.environ, "QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,

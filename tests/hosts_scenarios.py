@@ -6,7 +6,7 @@ Starts redis-server and the web app in the Redis namespace, one Celery generatio
 (its own namespace and hostname, reaching Redis over its veth), then runs the cases in order and writes
 their figures as JSON: `busy_partition` (the host running a job is cut for `--cut` seconds, then healed),
 `idle_partition` (an idle host is cut right after jobs were enqueued), `host_kill` (kill -9 of every
-process of the host running a job). The caller (tests/test_hosts.py, bench/hosts_bench.py) judges them.
+process of the host running a job). The caller (tests/e2e/test_hosts.py, bench/hosts_bench.py) judges them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,229 @@
+"""The job console at `/`, end to end in headless Chromium: submit, stream, cancel, recent jobs, keys."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.serving import make_server
+
+from qwen_deploy.config import load_settings
+from tests.helpers import Stack
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+WAIT_S = 30
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+         "--window-size=1280,1100"]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def submitted() -> dict[str, str]:
+    """Job ids the tests submitted through the page, by test."""
+    return {}
+
+
+def text(driver: webdriver.Chrome, element_id: str) -> str:
+    """textContent, untrimmed (WebElement.text strips the leading space of " ugly.")."""
+    return driver.find_element(By.ID, element_id).get_property("textContent")
+
+
+def status(driver: webdriver.Chrome) -> str:
+    return driver.find_element(By.ID, "status").get_attribute("data-status") or ""
+
+
+def wait(driver: webdriver.Chrome, predicate: Any, what: str) -> Any:
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: predicate(d), what)
+
+
+def fill(driver: webdriver.Chrome, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def set_checkbox(driver: webdriver.Chrome, element_id: str, on: bool) -> None:
+    box = driver.find_element(By.ID, element_id)
+    if box.is_selected() != on:
+        box.click()
+
+
+def test_page_shows_model_and_streams_zen(browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str],
+                                          tmp_path: Path) -> None:
+    browser.get(stack.url + "/")
+    model = stack.client().model()
+    wait(browser, lambda d: text(d, "model-name") == model["name"], "the model name")
+    assert browser.find_element(By.ID, "ready").get_attribute("data-ready") == "yes"
+
+    fill(browser, "prompt", "Beautiful is better than")
+    fill(browser, "max-new-tokens", "8")
+    set_checkbox(browser, "ignore-eos", False)
+    browser.find_element(By.ID, "submit").click()
+    wait(browser, lambda d: status(d) == "succeeded", "status succeeded")
+    browser.save_screenshot(str(tmp_path / "zen.png"))
+
+    job_id = text(browser, "job-id")
+    job = stack.client().get(job_id)
+    out = text(browser, "output")
+    assert out.startswith(" ugly.") and out == job["output"]["text"]
+    progress = browser.find_element(By.ID, "progress")
+    assert float(progress.get_property("max")) == 8 and progress.get_property("value") == progress.get_property("max")
+    assert text(browser, "progress-text") == "8 / 8 tokens"
+    # Everything the page loaded came from the server itself; nothing logged an error.
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(stack.url + "/") for u in urls), urls
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    submitted["zen"] = job_id
+
+
+def test_cancel_a_long_job_keeps_its_partial_text(browser: webdriver.Chrome, stack: Stack,
+                                                   submitted: dict[str, str], tmp_path: Path) -> None:
+    if not browser.current_url.startswith(stack.url):
+        browser.get(stack.url + "/")
+    before = text(browser, "job-id")
+    fill(browser, "prompt", "Beautiful is better than")
+    fill(browser, "max-new-tokens", "512")
+    set_checkbox(browser, "ignore-eos", True)
+    browser.find_element(By.ID, "submit").click()
+    # The demo model writes 512 tokens in about half a second: watch for the first ones in the page.
+    job_id = WebDriverWait(browser, WAIT_S, poll_frequency=0.01).until(lambda d: d.execute_script(
+        "const id = document.getElementById('job-id').textContent;"
+        "return id.startsWith('job_') && id !== arguments[0] && document.getElementById('output').textContent"
+        " && id", before), "streamed output")
+    assert status(browser) == "running"  # the text arrived token by token, before the job ended
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser, lambda d: status(d) == "canceled", "status canceled")
+    browser.save_screenshot(str(tmp_path / "canceled.png"))
+
+    job = stack.client().get(job_id)
+    out = text(browser, "output")
+    assert job["status"] == "canceled" and job["output"]["finish_reason"] == "canceled"
+    assert out and out == job["output"]["text"]
+    assert 0 < job["progress"]["tokens"] < 512
+    assert float(browser.find_element(By.ID, "progress").get_property("value")) == job["progress"]["tokens"]
+    assert not browser.find_element(By.ID, "cancel").is_enabled()
+    submitted["long"] = job_id
+
+
+def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: dict[str, str],
+                                         tmp_path: Path) -> None:
+    if set(submitted) != {"zen", "long"}:
+        pytest.skip("needs the two jobs the tests above submit through the page")
+
+    def row_status(job_id: str) -> str | None:
+        rows = browser.find_elements(By.CSS_SELECTOR, f'#recent tr[data-id="{job_id}"]')
+        return rows[0].find_element(By.CSS_SELECTOR, ".status").text if rows else None
+
+    wait(browser, lambda d: row_status(submitted["zen"]) == "succeeded" and row_status(submitted["long"]) == "canceled",
+         "both jobs in the recent list")
+    ids = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#recent tr")]
+    assert ids[:2] == [submitted["long"], submitted["zen"]]  # newest first
+    snippet = browser.find_element(By.CSS_SELECTOR, f'#recent tr[data-id="{submitted["zen"]}"] .snippet')
+    assert snippet.get_property("textContent").startswith(" ugly.")
+    browser.save_screenshot(str(tmp_path / "recent.png"))
+
+
+def test_your_jobs_lists_the_api_listing_with_a_status_filter(browser: webdriver.Chrome, stack: Stack,
+                                                             submitted: dict[str, str]) -> None:
+    if set(submitted) != {"zen", "long"}:
+        pytest.skip("needs the two jobs the tests above submit through the page")
+    from selenium.webdriver.support.ui import Select
+
+    def listed(d: webdriver.Chrome) -> dict[str, str]:  # read in one script: the table is redrawn every poll
+        return dict(d.execute_script("return [...document.querySelectorAll('#job-list tr')]"
+                                     ".map(r => [r.dataset.id, r.dataset.status])"))
+
+    wait(browser, lambda d: {submitted["zen"], submitted["long"]} <= set(listed(d)), "both jobs in the job list")
+    api_ids = [j["id"] for j in stack.client()._call("GET", "/v1/jobs?limit=20").json()["data"]]
+    wait(browser, lambda d: list(listed(d)) == api_ids, "GET /v1/jobs, newest first")
+    Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("canceled")
+    wait(browser, lambda d: (rows := listed(d)) and submitted["zen"] not in rows and submitted["long"] in rows,
+         "the canceled jobs only")
+    assert set(listed(browser).values()) == {"canceled"}
+    wait(browser, lambda d: "worker" in text(d, "queues"), "the queue overview")
+    assert text(browser, "queues").startswith("queued: interactive ") and "1 worker" in text(browser, "queues")
+    Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("all")
+
+
+def test_api_errors_are_shown(browser: webdriver.Chrome, stack: Stack) -> None:
+    browser.get(stack.url + "/")
+    fill(browser, "prompt", "Beautiful is better than")
+    fill(browser, "max-new-tokens", "513")
+    browser.find_element(By.ID, "submit").click()
+    error = wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"),
+                 "the error box")
+    assert error.get_attribute("data-code") == "max_new_tokens_too_large"
+    assert "422" in error.text and "max_new_tokens" in error.text
+
+
+def test_batch_from_jsonl_shows_its_progress(browser: webdriver.Chrome, stack: Stack) -> None:
+    browser.get(stack.url + "/")
+    lines = [{"custom_id": f"zen-{n}", "method": "POST", "url": "/v1/jobs",
+              "body": {"prompt": "Errors should never", "max_new_tokens": 6}} for n in range(2)]
+    fill(browser, "batch-jsonl", "\n".join(json.dumps(line) for line in lines))
+    browser.find_element(By.ID, "submit-batch").click()
+    row = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#batch-list tr[data-status="completed"]'),
+               "a completed batch")[0]
+    assert row.find_element(By.CSS_SELECTOR, ".counts").text == "2 ok · 0 failed / 2"
+    bar = row.find_element(By.TAG_NAME, "progress")
+    assert float(bar.get_property("value")) == float(bar.get_property("max")) == 2
+    batch_id = row.get_attribute("data-id")
+    assert stack.client().batch(batch_id)["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    row.find_element(By.XPATH, ".//button[text()='results']").click()
+    wait(browser, lambda d: text(d, "batch-results").count("pass silently") == 2, "the results")
+
+
+@pytest.fixture()
+def keyed_url(stack: Stack) -> Iterator[str]:
+    """A second web server on the shared stack's Redis and worker, with an API key configured."""
+    from web import create_app
+
+    settings = load_settings(environ={**stack.env, "QWEN_DEPLOY_WEB__API_KEYS": '["console-key"]'})
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_api_key_is_sent_as_bearer(browser: webdriver.Chrome, keyed_url: str, tmp_path: Path) -> None:
+    browser.get(keyed_url + "/")  # the page and its assets are open; the API is not
+    wait(browser, lambda d: d.find_element(By.ID, "ready").get_attribute("data-ready") == "no", "a 401")
+    assert "invalid_api_key" in text(browser, "ready")
+    fill(browser, "api-key", "console-key")
+    browser.find_element(By.ID, "prompt").click()  # blur: the key is saved on change
+    wait(browser, lambda d: d.find_element(By.ID, "ready").get_attribute("data-ready") == "yes", "the model")
+    assert browser.execute_script("return sessionStorage.getItem('qd.apiKey')") == '"console-key"'
+
+    fill(browser, "prompt", "Errors should never")
+    fill(browser, "max-new-tokens", "6")
+    set_checkbox(browser, "ignore-eos", False)
+    browser.find_element(By.ID, "submit").click()
+    wait(browser, lambda d: status(d) == "succeeded", "status succeeded")
+    assert text(browser, "output").startswith(" pass silently")
+    browser.save_screenshot(str(tmp_path / "keyed.png"))

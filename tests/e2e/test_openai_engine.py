@@ -1,0 +1,87 @@
+"""n samples and logprobs through the OpenAI routes (need the generation engine that writes `output.choices`)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.helpers import Stack
+
+pytest.importorskip("worker.engine")
+CHAT = [{"role": "user", "content": "Errors should never"}]
+
+
+@pytest.fixture(scope="module")
+def oai(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(oai: openai.OpenAI) -> str:
+    return oai.models.list().data[0].id
+
+
+def test_n_samples_with_a_seed(oai: openai.OpenAI, model: str) -> None:
+    def run() -> openai.types.chat.ChatCompletion:
+        return oai.chat.completions.create(model=model, messages=CHAT, n=3, temperature=1.0, seed=11, max_tokens=8,
+                                           logprobs=True)
+
+    done = run()
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert all(c.message.content and c.finish_reason in ("stop", "length") for c in done.choices)
+    assert done.usage.completion_tokens == sum(len(c.logprobs.content) for c in done.choices)
+    assert [c.message.content for c in run().choices] == [c.message.content for c in done.choices]  # seeded
+
+
+def test_chat_logprobs(oai: openai.OpenAI, model: str) -> None:
+    done = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=8, logprobs=True, top_logprobs=3)
+    choice = done.choices[0]
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    assert choice.message.content.startswith("pass")
+    for t in tokens:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        alts = [a.logprob for a in t.top_logprobs]
+        assert alts == sorted(alts, reverse=True) and all(a <= 0 for a in alts)
+        assert t.top_logprobs[0].token == t.token  # greedy: the chosen token is the most likely
+        assert list(t.token.encode()) == t.bytes
+
+
+def test_completion_logprobs(oai: openai.OpenAI, model: str) -> None:
+    done = oai.completions.create(model=model, prompt="Beautiful is better than", max_tokens=6, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and done.choices[0].text.startswith(" ugly.")
+    assert all(x <= 0 for x in lp.token_logprobs) and all(len(alts) == 2 for alts in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_stream_with_n(oai: openai.OpenAI, model: str) -> None:
+    chunks = list(oai.chat.completions.create(model=model, messages=CHAT, n=2, max_tokens=8, stream=True))
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    greedy = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=8).choices[0].message.content
+    assert texts == {0: greedy, 1: greedy} and finished == {0, 1}
+
+
+def test_every_sample_streams_as_it_is_generated(client) -> None:  # type: ignore[no-untyped-def]
+    """With n > 1 every sample's text arrives as it is generated (events carry its `index`), as often as the
+    first sample's, and each sample's events concatenate to its final text."""
+    job = client.submit(prompt="Errors should never", n=2, max_new_tokens=160, ignore_eos=True)
+    streamed = {0: "", 1: ""}
+    events = {0: 0, 1: 0}
+    for kind, data in client.stream(job["id"]):
+        if kind == "token":
+            i = int(data.get("index", 0))
+            streamed[i] += data["text"]
+            events[i] += 1
+        elif kind == "done":
+            job = data
+    texts = [c["text"] for c in job["output"]["choices"]]
+    assert job["status"] == "succeeded" and texts[0] == texts[1] == job["output"]["text"]
+    assert streamed[0] == texts[0]  # the first sample's events concatenate to output.text, as before
+    assert streamed[1] == texts[1] and events[1] == events[0] >= 1, events

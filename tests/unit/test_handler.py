@@ -1,0 +1,84 @@
+"""The model runtime in-process: caps, truncation, stop strings, sampling, hub-id loading (offline cache)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_deploy.config import load_settings
+from tests.helpers import ROOT
+from worker.handler import GenerationRequest, ModelHandler
+
+
+def make_handler(name: str, **overrides: object) -> ModelHandler:
+    settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
+                             overrides={"model": {"name_or_path": name, "threads": 1}, **overrides})
+    handler = ModelHandler(settings)
+    handler.setup()
+    return handler
+
+
+@pytest.fixture(scope="module")
+def handler(demo_model: Path) -> ModelHandler:
+    return make_handler(str(demo_model))
+
+
+def test_greedy_zen_and_usage(handler: ModelHandler) -> None:
+    result = handler.generate(GenerationRequest(prompt="Errors should never", max_new_tokens=5))
+    assert result.text.startswith(" pass silently")
+    assert (result.finish_reason, result.completion_tokens, result.prompt_truncated) == ("length", 5, False)
+    assert result.prompt_tokens == len(handler.tokenizer("Errors should never")["input_ids"])
+
+
+def test_info_describes_the_loaded_model(handler: ModelHandler, demo_model: Path) -> None:
+    info = handler.info
+    assert info is not None and info.name == str(demo_model)
+    assert (info.device, info.dtype, info.threads) == ("cpu", "float32", 1)
+    assert info.parameters == sum(p.numel() for p in handler.model.parameters())
+
+
+def test_truncation_keeps_the_last_tokens(demo_model: Path) -> None:
+    small = make_handler(str(demo_model), generation={"max_prompt_tokens": 6})
+    prompt = "Simple is better than complex. " * 5 + "Errors should never"
+    ids, truncated = small.encode(GenerationRequest(prompt=prompt))
+    full = small.tokenizer(prompt)["input_ids"]
+    assert truncated and len(full) > 6 and ids == full[-6:]
+    assert small.tokenizer.decode(ids).endswith("should never")
+
+
+def test_stop_strings_and_ignore_eos(handler: ModelHandler) -> None:
+    stopped = handler.generate(GenerationRequest(prompt="Beautiful is better than", max_new_tokens=64,
+                                                 stop=["\n", "zzz"]))
+    assert (stopped.text, stopped.finish_reason) == (" ugly.", "stop")
+    chat = [{"role": "user", "content": "Beautiful is better than"}]
+    full = handler.generate(GenerationRequest(messages=chat, max_new_tokens=40, ignore_eos=True))
+    assert full.completion_tokens == 40 and full.finish_reason == "length"
+
+
+def test_sampling_is_reproducible_with_a_seed(handler: ModelHandler) -> None:
+    req = GenerationRequest(prompt="Now is better than", max_new_tokens=20, temperature=1.5, seed=7)
+    assert handler.generate(req).text == handler.generate(req).text
+
+
+def test_loads_a_hub_id_from_the_local_cache_offline(demo_model: Path, tmp_path: Path) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--zen--demo"
+    shutil.copytree(demo_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # The hub library reads HF_HUB_OFFLINE at import: run in a fresh process, as a worker would.
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("from tests.unit.test_handler import make_handler; from worker.handler import GenerationRequest; "
+            "h = make_handler('zen/demo'); print(h.info.revision); "
+            "print(repr(h.generate(GenerationRequest(prompt='Errors should never', max_new_tokens=3)).text))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    revision, text = out.stdout.splitlines()[-2:]
+    assert revision == commit
+    assert text.startswith("' pass")
