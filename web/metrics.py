@@ -18,7 +18,7 @@ from qwen_deploy import registry
 from qwen_deploy.lua import HISTOGRAM_BUCKETS
 from qwen_deploy.queues import CONVERT
 from qwen_deploy.served import served_models
-from web import services
+from web.context import current_services
 
 bp = Blueprint("metrics", __name__)
 NS = "qwen_deploy"
@@ -81,7 +81,7 @@ class RedisStatsCollector:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    svc = services()
+    svc = current_services()
     pipe = svc.redis.pipeline(transaction=False)
     pipe.hgetall(f"{svc.settings.key_prefix}:stats")
     models = served_models(svc.settings)

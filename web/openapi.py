@@ -204,11 +204,11 @@ def register(app: Flask) -> None:
 
     @app.get("/openapi.json")
     def openapi_json() -> Response:
-        from web import services
+        from web.context import current_services
 
         document = dict(spec.spec)
         document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
-        return jsonify(with_settings(document, services().settings))
+        return jsonify(with_settings(document, current_services().settings))
 
     @app.get("/docs")
     def docs() -> Response:

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import redis
 
 from qwen_deploy.errors import TooManyRequests
-from web import services
 from web.auth import current_owner
+from web.context import current_services
 
 
 def open_stream() -> tuple[redis.Redis, str, str]:
     """Count an open stream against the caller's cap (429 `too_many_streams` past it)."""
-    svc, now = services(), time.time()
+    svc, now = current_services(), time.time()
     key, token = f"{svc.settings.key_prefix}:owner:{current_owner()}:streams", secrets.token_hex(8)
     cap, ttl = svc.settings.limits.max_streams_per_key, svc.settings.limits.max_stream + 60
     pipe = svc.redis.pipeline(transaction=True)
