@@ -121,6 +121,6 @@ def reap_if_due(store: JobStore, interval: float, max_deliveries: int, running_f
     """Sweep the jobs past their deadline (every call: one cheap script), then run `reap` unless another
     process ran it within `interval` seconds."""
     sweep_deadlines(store)
-    if not store.r.set(f"{store.prefix}:reaper:lock", "1", nx=True, px=max(1, int(interval * 1000))):
+    if not store.r.set(store.reaper_lock_key(), "1", nx=True, px=max(1, int(interval * 1000))):
         return None
     return reap(store, max_deliveries, running_for)

@@ -204,7 +204,7 @@ def create_batch() -> Response:
 
 def _open_key() -> str:
     """The caller's batches that may still be running."""
-    return f"{current_services().settings.key_prefix}:owner:{current_owner()}:batches"
+    return batch_store().names.open_key(current_owner())
 
 
 def _check_capacity(new_tasks: int, bulk: str) -> None:

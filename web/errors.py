@@ -47,7 +47,7 @@ def _count_rejection(status: int) -> None:
         return
     try:
         svc = current_services()
-        svc.redis.hincrby(f"{svc.settings.key_prefix}:stats", f"rejected:{status}", 1)
+        svc.redis.hincrby(svc.store.stats_key(), f"rejected:{status}", 1)
     except redis.RedisError:
         pass
 

@@ -83,7 +83,7 @@ class RedisStatsCollector:
 def metrics() -> Response:
     svc = current_services()
     pipe = svc.redis.pipeline(transaction=False)
-    pipe.hgetall(f"{svc.settings.key_prefix}:stats")
+    pipe.hgetall(svc.store.stats_key())
     models = served_models(svc.settings)
     queues = (*(q for m in models for q in m.queues), CONVERT)
     for queue in queues:

@@ -9,6 +9,7 @@ from flask import Blueprint, Response
 from pydantic import BaseModel
 
 from qwen_deploy.batches import BATCH_ID_PREFIX
+from qwen_deploy.keys import BatchKeys
 from web.context import current_services
 from web.openapi import doc
 from web.services import missing, webhook_store
@@ -51,5 +52,5 @@ def job_webhooks(job_id: str) -> Response:
 def batch_webhooks(batch_id: str) -> Response:
     """The batch's webhook delivery attempts, oldest first."""
     svc = current_services()
-    exists = bool(svc.redis.exists(f"{svc.settings.key_prefix}:batch:{batch_id}"))
+    exists = bool(svc.redis.exists(BatchKeys(svc.settings.key_prefix).key(batch_id)))
     return _attempts("batch", batch_id, exists, BATCH_ID_PREFIX)

@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from qwen_deploy.jobs import new_id
+from qwen_deploy.keys import FileKeys
 from web.auth import current_owner
 from web.context import current_services
 
@@ -15,17 +16,18 @@ FILE_PREFIX = "file-"
 
 
 class FileStore:
-    """A file is a hash `{prefix}:file:{id}` (meta + content); `{prefix}:files` indexes ids by creation time."""
+    """A file is a hash (meta + content, `FileKeys.key`); the owner's index (`FileKeys.index_key`) holds ids by
+    creation time."""
 
     def __init__(self, client: redis.Redis, prefix: str, ttl: int, owner: str = "anonymous") -> None:
         self.r, self.prefix, self.ttl, self.owner = client, prefix, ttl, owner
 
     def key(self, file_id: str) -> str:
-        return f"{self.prefix}:file:{file_id}"
+        return FileKeys(self.prefix).key(file_id)
 
     def index(self) -> str:
         """The owner's file ids by creation time."""
-        return f"{self.prefix}:owner:{self.owner}:files"
+        return FileKeys(self.prefix).index_key(self.owner)
 
     def create(self, filename: str, purpose: str, content: str) -> dict[str, Any]:
         file_id, now = new_id(FILE_PREFIX), time.time()
