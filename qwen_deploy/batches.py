@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
-from qwen_deploy.jobs import _text, strings
+from qwen_deploy.jobs import _text, mapping
 from qwen_deploy.keys import BatchKeys, WebhookKeys, queue_key, stats_key
 from qwen_deploy.lua import script
 from qwen_deploy.states import BATCH_TERMINAL
@@ -52,7 +52,7 @@ class BatchStore:
             rank = self.r.zrevrank(index, after)
             if rank is None:
                 return None
-            start = int(rank) + 1
+            start = int(cast(int, rank)) + 1  # ZREVRANK without WITHSCORE: an int
         ids = [_text(i) for i in self.r.zrevrange(index, start, start + limit)]
         return ids[:limit], len(ids) > limit
 
@@ -66,7 +66,7 @@ class BatchStore:
         """Record, request lines, up-front error lines and chunk messages, in one transaction."""
         record, req, out, _ = self.keys(batch_id)
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(record, mapping=strings(fields))
+        pipe.hset(record, mapping=mapping(fields))
         pipe.expire(record, self.ttl)
         if requests:
             pipe.rpush(req, *requests)

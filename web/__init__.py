@@ -19,8 +19,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # objects keep their documented field order
     app.extensions[EXTENSION] = Services(settings, redis_client(settings), job_store(settings))
 
-    from web import (auth, batches, console, errors, health, job_actions, job_list, jobs, metrics, models,
-                     openai_api, openapi, webhooks)
+    from web import (
+        auth,
+        batches,
+        console,
+        errors,
+        health,
+        job_actions,
+        job_list,
+        jobs,
+        metrics,
+        models,
+        openai_api,
+        openapi,
+        webhooks,
+    )
 
     errors.register(app)
     auth.register(app, settings)

@@ -21,7 +21,7 @@ from qwen_deploy.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from qwen_deploy.jobs import new_id, valid_id
+from qwen_deploy.jobs import _text, new_id, strings, valid_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
@@ -197,7 +197,7 @@ def create_batch() -> Response:
         pipe.execute()
     if hook and not messages:
         batch_store().notify(batch_id)
-    response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
+    response = Response(json.dumps(public_batch(strings(fields))), status=202, mimetype="application/json")
     response.headers["Location"] = f"/v1/batches/{batch_id}"
     return response
 
@@ -216,7 +216,7 @@ def _check_capacity(new_tasks: int, bulk: str) -> None:
     if new_tasks and depth + new_tasks > lim.max_bulk_depth:
         raise QueueFull(f"the {bulk} queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
     key = _open_key()
-    open_ids = [i.decode() if isinstance(i, bytes) else i for i in svc.redis.zrange(key, 0, -1)]
+    open_ids = [_text(i) for i in svc.redis.zrange(key, 0, -1)]
     if len(open_ids) >= lim.max_inflight_per_key:
         records = [batch_store().status(i) for i in open_ids]
         done = [i for i, st in zip(open_ids, records) if not st or st in TERMINAL]

@@ -75,7 +75,8 @@ class RedisStatsCollector:
         yield GaugeMetricFamily(f"{NS}_workers_ready", "Generation workers with their model loaded", value=len(ready))
         load = GaugeMetricFamily(f"{NS}_model_load_seconds", "Model load time per worker", labels=["worker", "model"])
         for w in ready:
-            load.add_metric([str(w.get("name")), str(w["model"].get("name"))], float(w["model"].get("load_seconds") or 0))
+            model = w["model"]
+            load.add_metric([str(w.get("name")), str(model.get("name"))], float(model.get("load_seconds") or 0))
         yield load
 
 

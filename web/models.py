@@ -43,7 +43,7 @@ def _submit(kind: str, req: dict[str, Any]) -> Response:
     limit = current_services().settings.limits.convert_time_limit
     hook = check_request(req.pop("webhook", None), req.pop("webhook_events_filter", None), current_services().settings)
     job, _ = enqueue(kind, convert_task(kind), CONVERT, req, (limit, limit - 30),
-                     request.headers.get("Idempotency-Key"), retry_after=60, **hook)
+                     request.headers.get("Idempotency-Key"), retry_after=60, extra=hook)
     return Response(json.dumps(job), status=202, mimetype="application/json",
                     headers={"Location": f"/v1/jobs/{job['id']}"})
 

@@ -146,7 +146,8 @@ def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str,
 
 def _error_ref(document: dict[str, Any]) -> dict[str, Any]:
     name = next(n for n in document["components"]["schemas"] if n.split(".")[0] == "Error")
-    return {"description": "error", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+    schema = {"$ref": f"#/components/schemas/{name}"}
+    return {"description": "error", "content": {"application/json": {"schema": schema}}}
 
 
 SSE_EVENT = {  # one server-sent event; `data` is JSON: {text, tokens}, {status, attempt}, or the job

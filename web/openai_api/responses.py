@@ -115,8 +115,8 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
         start = {**present(load_job(job_id), meta), "output": []}
         yield emit("response.created", response=start)
         yield emit("response.in_progress", response={**start, "status": "in_progress"})
-        item = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress", "role": "assistant",
-                "content": []}
+        item: dict[str, Any] = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress",
+                                "role": "assistant", "content": []}
         place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
         yield emit("response.output_item.added", output_index=0, item=item)
         yield emit("response.content_part.added", **place,

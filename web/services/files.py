@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from qwen_deploy.jobs import new_id
+from qwen_deploy.jobs import _text, mapping, new_id
 from qwen_deploy.keys import FileKeys
 from web.auth import current_owner
 from web.context import current_services
@@ -34,7 +34,7 @@ class FileStore:
         meta = {"id": file_id, "filename": filename, "purpose": purpose, "created_at": str(int(now)),
                 "bytes": str(len(content.encode()))}
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.key(file_id), mapping={**meta, "owner": self.owner, "content": content})
+        pipe.hset(self.key(file_id), mapping=mapping({**meta, "owner": self.owner, "content": content}))
         pipe.expire(self.key(file_id), self.ttl)
         pipe.zadd(self.index(), {file_id: now})
         pipe.zremrangebyscore(self.index(), "-inf", now - self.ttl)
@@ -47,10 +47,11 @@ class FileStore:
         values = dict(zip(fields, self.r.hmget(self.key(file_id), fields)))
         if not values["id"] or values.pop("owner") != self.owner:  # another key's file: not found
             return None
-        return values
+        return {k: _text(v) for k, v in values.items()}
 
     def content(self, file_id: str) -> str | None:
-        return self.r.hget(self.key(file_id), "content") if self.meta(file_id) else None
+        raw = self.r.hget(self.key(file_id), "content") if self.meta(file_id) else None
+        return None if raw is None else _text(raw)
 
     def delete(self, file_id: str) -> bool:
         if self.meta(file_id) is None:
@@ -63,7 +64,7 @@ class FileStore:
     def ids(self) -> list[str]:
         """Newest first."""
         self.r.zremrangebyscore(self.index(), "-inf", time.time() - self.ttl)
-        return list(self.r.zrevrange(self.index(), 0, -1))
+        return [_text(i) for i in self.r.zrevrange(self.index(), 0, -1)]
 
 
 def file_object(meta: dict[str, Any], ttl: int | None = None) -> dict[str, Any]:

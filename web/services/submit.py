@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flask import has_request_context, request
@@ -45,11 +46,13 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 
 def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
-            idempotency_key: str | None, retry_after: int | None = None, engine: bool = False,
-            model: str | None = None, options: JobOptions | None = None, **extra: str) -> tuple[dict[str, Any], bool]:
+            idempotency_key: str | None, *, retry_after: int | None = None, engine: bool = False,
+            model: str | None = None, options: JobOptions | None = None,
+            extra: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
     """Record and enqueue a job in one Redis round trip; return (job object, replayed). A generation job
     (`engine`) for `model` goes onto that model's pending set; while no live worker serves it, only
-    `limits.max_queued_unserved` such jobs are accepted."""
+    `limits.max_queued_unserved` such jobs are accepted. `extra`: more record fields (webhook, retry_of...)."""
+    extra = extra or {}
     svc = current_services()
     job_id = new_job_id()
     owner = current_owner()
@@ -105,4 +108,4 @@ def submit_request(req: dict[str, Any], idempotency_key: str | None, options: Jo
         raise NotFound("no such model", code="model_not_found", param="model")
     return enqueue("generation", GENERATE_TASK, served.interactive, req, (lim.hard_time_limit, lim.soft_time_limit),
                    idempotency_key, engine=True, model=served.alias, options=options,
-                   max_new_tokens=str(req["max_new_tokens"]), **extra)
+                   extra={"max_new_tokens": str(req["max_new_tokens"]), **extra})
