@@ -59,4 +59,4 @@ def _from_json(text: str) -> Record | None:
         return None
     confidence = answer.get("confidence")
     ok = isinstance(confidence, (int, float)) and not isinstance(confidence, bool) and 0 <= confidence <= 1
-    return {"sentiment": answer["label"], "confidence": float(confidence) if ok else None}
+    return {"sentiment": answer["label"], "confidence": float(confidence) if ok and confidence is not None else None}

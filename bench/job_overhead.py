@@ -91,7 +91,9 @@ class System:
     def loads(self) -> int:
         import redis
 
-        return int(redis.Redis.from_url(self.redis.url).get("qd:stats:model_loads") or 0)
+        from qwen_deploy.keys import model_loads_key
+
+        return int(redis.Redis.from_url(self.redis.url).get(model_loads_key("qd")) or 0)
 
     def stop(self) -> None:
         self.sup.stop()

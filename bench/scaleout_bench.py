@@ -28,6 +28,7 @@ from bench.engine_bench import System, body  # noqa: E402
 from qwen_deploy import registry  # noqa: E402
 from qwen_deploy.cli.launch import celery_command, worker_argv  # noqa: E402
 from qwen_deploy.connections import connect  # noqa: E402
+from qwen_deploy.keys import JobKeys  # noqa: E402
 from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
 
 
@@ -55,12 +56,12 @@ def run(model: Path, workers: int, jobs: int, tokens: int) -> tuple[float, list[
                 raise RuntimeError(f"{workers} workers did not become ready")
             time.sleep(0.2)
         system.concurrent([body(i, 8) for i in range(2 * workers)])  # warm up every engine
-        client.delete(*client.keys("qd:job:job_*") or ["none"])
+        client.delete(*client.keys(JobKeys("qd").key("job_*")) or ["none"])
         children = [int(w["pid"]) for w in registry.workers(client, "qd")]
         cpu0, t0 = cpu_seconds(children), time.monotonic()
         tps = system.concurrent([body(i, tokens) for i in range(jobs)])
         cores = (cpu_seconds(children) - cpu0) / (time.monotonic() - t0)
-        by_worker = Counter(client.hget(k, "worker") for k in client.keys("qd:job:job_*") if not k.endswith(":ev"))
+        by_worker = Counter(client.hget(k, "worker") for k in client.keys(JobKeys("qd").key("job_*")) if not k.endswith(":ev"))
         return tps, sorted(by_worker.values(), reverse=True), cores
     finally:
         system.stop()

@@ -105,7 +105,7 @@ class _Progress:
         """A silent tqdm whose updates feed this reporter (file bar: unit "it"; byte bars: unit "B")."""
         progress = self
 
-        class _Bar(base_tqdm):  # type: ignore[misc,valid-type]
+        class _Bar(base_tqdm):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 self.counts_bytes = kwargs.get("unit") == "B"
                 kwargs.pop("name", None)

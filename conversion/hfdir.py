@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 from conversion.errors import ConversionError
 from conversion.tensors import FileCache, TensorRef, safe_open_file, safetensors_refs, torch_load, torch_refs
@@ -61,8 +63,9 @@ def hf_refs(files: list[Path]) -> tuple[dict[str, TensorRef], list[FileCache]]:
     return refs, [st_cache, pt_cache]
 
 
-def _identity(obj: object) -> object:
-    return obj
+def _identity(obj: Any) -> Mapping[str, Any]:
+    """A plain state dict is its own mapping of tensors."""
+    return cast(Mapping[str, Any], obj)
 
 
 def _check_index(files: list[Path], refs: dict[str, TensorRef]) -> None:

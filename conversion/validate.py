@@ -6,7 +6,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -115,8 +115,9 @@ def reload_logits(out: Path, plan: ExportPlan) -> tuple[dict[str, Any], torch.Te
 
     try:
         with _no_progress_bars():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            loaded = AutoModelForCausalLM.from_pretrained(
                 out, dtype=plan.dtype, output_loading_info=True, local_files_only=True)
+            model, info = cast(tuple[Any, dict[str, list[str]]], loaded)  # output_loading_info: (model, info)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConversionError(f"the export does not load with from_pretrained: {e}") from None
     problems = {k: sorted(map(str, v))[:5] for k, v in info.items() if v}

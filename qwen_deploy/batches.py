@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
-from qwen_deploy.jobs import _text, strings
-from qwen_deploy.keys import queue_key
+from qwen_deploy.jobs import _text, mapping
+from qwen_deploy.keys import BatchKeys, WebhookKeys, queue_key, stats_key
 from qwen_deploy.lua import script
 from qwen_deploy.states import BATCH_TERMINAL
 
@@ -30,16 +30,17 @@ def batch_file_id(batch_id: str, prefix: str) -> str:
 class BatchStore:
     def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400) -> None:
         self.r, self.prefix, self.ttl = client, prefix, ttl
+        self.names, self.webhook_keys = BatchKeys(prefix), WebhookKeys(prefix)
         self._chunk_done = client.register_script(script("chunk_done"))
         self._cancel = client.register_script(script("batch_cancel"))
         self._webhook = client.register_script(script("webhook_enqueue"))
 
     def key(self, batch_id: str) -> str:
-        return f"{self.prefix}:batch:{batch_id}"
+        return self.names.key(batch_id)
 
     def index(self, owner: str) -> str:
         """An owner's batch ids by creation time (for listing without a keyspace scan)."""
-        return f"{self.prefix}:owner:{owner}:batch_index"
+        return self.names.index_key(owner)
 
     def page(self, owner: str, after: str | None, limit: int) -> tuple[list[str], bool] | None:
         """Up to `limit` of the owner's ids after the id `after`, newest first, and whether more follow
@@ -51,21 +52,21 @@ class BatchStore:
             rank = self.r.zrevrank(index, after)
             if rank is None:
                 return None
-            start = int(rank) + 1
+            start = int(cast(int, rank)) + 1  # ZREVRANK without WITHSCORE: an int
         ids = [_text(i) for i in self.r.zrevrange(index, start, start + limit)]
         return ids[:limit], len(ids) > limit
 
     def keys(self, batch_id: str) -> tuple[str, str, str, str]:
         """(record, request lines, output lines, chunks done)."""
-        k = self.key(batch_id)
-        return k, f"{k}:req", f"{k}:out", f"{k}:chunks"
+        n = self.names
+        return n.key(batch_id), n.requests_key(batch_id), n.outputs_key(batch_id), n.chunks_key(batch_id)
 
     def create(self, batch_id: str, fields: dict[str, Any], requests: list[str], errors: list[str],
                messages: list[tuple[str, str]]) -> None:
         """Record, request lines, up-front error lines and chunk messages, in one transaction."""
         record, req, out, _ = self.keys(batch_id)
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(record, mapping=strings(fields))
+        pipe.hset(record, mapping=mapping(fields))
         pipe.expire(record, self.ttl)
         if requests:
             pipe.rpush(req, *requests)
@@ -102,14 +103,14 @@ class BatchStore:
         return bool(self.r.sismember(self.keys(batch_id)[3], str(start)))
 
     def chunk_tries(self, batch_id: str, start: int) -> int:
-        return int(self.r.hincrby(self.key(batch_id) + ":tries", str(start), 1))
+        return int(self.r.hincrby(self.names.tries_key(batch_id), str(start), 1))
 
     def chunk_done(self, batch_id: str, start: int, lines: list[dict[str, Any]]) -> bool:
         """Append a chunk's output lines and count them, once; finalize the batch after the last chunk."""
         completed = sum(1 for line in lines if line.get("error") is None)
         expired = sum(1 for line in lines if (line.get("error") or {}).get("code") == EXPIRED_CODE)
         keys = list(self.keys(batch_id))
-        keys = [keys[0], keys[2], keys[3], f"{self.prefix}:stats"]
+        keys = [keys[0], keys[2], keys[3], stats_key(self.prefix)]
         done = self._chunk_done(keys=keys, args=[start, repr(time.time()), self.ttl, completed,
                                                  len(lines) - completed, expired, *[json.dumps(x) for x in lines]])
         self.notify(batch_id)  # also on a re-run: the first run may have died before this line
@@ -118,8 +119,8 @@ class BatchStore:
     def notify(self, batch_id: str) -> bool:
         """Add the batch.completed webhook delivery once the batch has ended (once per batch)."""
         msg_id = f"msg_{batch_id}_completed"
-        return bool(self._webhook(keys=[self.key(batch_id), f"{self.prefix}:webhooks:due",
-                                        f"{self.prefix}:webhook:{msg_id}"],
+        return bool(self._webhook(keys=[self.key(batch_id), self.webhook_keys.due_key(),
+                                        self.webhook_keys.delivery_key(msg_id)],
                                   args=[repr(time.time()), "batch", "completed", msg_id]))
 
 

@@ -14,9 +14,10 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.typing import EncodableT
 
 from qwen_deploy.group_commit import GroupCommit
 from qwen_deploy.keys import JobKeys
@@ -60,6 +61,11 @@ def id_time(any_id: str, prefix: str = JOB_ID_PREFIX) -> float | None:
 def strings(fields: dict[str, Any]) -> dict[str, str]:
     """Hash fields as strings: None dropped, non-strings as JSON."""
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
+
+
+def mapping(fields: dict[str, Any]) -> dict[EncodableT, EncodableT]:
+    """`strings(fields)` as the type HSET's `mapping` takes (redis-py's Mapping key type is invariant)."""
+    return {k: v for k, v in strings(fields).items()}
 
 
 def _flat(fields: dict[str, Any]) -> list[str]:
@@ -235,7 +241,8 @@ class JobStore(JobKeys):
 
     def read_events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """Events after last_id, waiting up to block_ms for the first one."""
-        reply = self.r.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256)
+        reply = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,  # XREAD: [(stream, entries)]
+                     self.r.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256))
         if not reply:
             return []
         return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in reply[0][1]]

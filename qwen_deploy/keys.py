@@ -1,19 +1,29 @@
-"""The Redis key names of job records and the sets around them, all under the deployment's `key_prefix`.
+"""Every Redis key name of a deployment, all under its `key_prefix`: job records and the sets around
+them (`JobKeys`, which `JobStore` inherits), batches (`BatchKeys`), webhook deliveries (`WebhookKeys`),
+uploaded files (`FileKeys`), the worker registry, and the Celery queues kombu keeps under the prefix.
 
-`JobStore` (qwen_deploy/jobs.py) inherits them; the Lua scripts receive these names as KEYS.
+No other Python module builds a key string. The Lua scripts receive these names as KEYS; those that
+visit many jobs (CLAIM, PURGE, the deadline sweep, `common.lua`'s close and notify) get the prefix and
+build the same shapes (`{prefix}:job:{id}`, `{prefix}:held:{worker}`, `{prefix}:webhook:{msg}`,
+`{prefix}:webhooks:due`, `{prefix}:deadlines`, `{prefix}:done_times`). Two deployments with different
+prefixes can therefore share one Redis database.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from qwen_deploy import registry
+
+def kombu_keyprefix(prefix: str) -> str:
+    """kombu's `global_keyprefix` (tasks/app.py): every key of its transport (queues, unacked, bindings)
+    starts with it, while queue names stay plain for `celery -Q`."""
+    return f"{prefix}:"
 
 
 def queue_key(prefix: str, queue: str) -> str:
-    """The Redis list of a Celery queue: kombu's transport runs with `global_keyprefix` = "{prefix}:"
-    (tasks/app.py), so two deployments with different `key_prefix` share one Redis database."""
-    return f"{prefix}:{queue}"
+    """The Redis list of a Celery queue (kombu prepends `kombu_keyprefix`), so two deployments with
+    different `key_prefix` share one Redis database."""
+    return kombu_keyprefix(prefix) + queue
 
 
 def unacked_key(prefix: str) -> str:
@@ -23,6 +33,37 @@ def unacked_key(prefix: str) -> str:
 
 def unacked_index_key(prefix: str) -> str:
     return queue_key(prefix, "unacked_index")
+
+
+def stats_key(prefix: str) -> str:
+    """The `/metrics` counters and histogram buckets (written inside the Lua transitions)."""
+    return f"{prefix}:stats"
+
+
+def streams_key(prefix: str, owner: str) -> str:
+    """An owner's open SSE streams, scored by when each slot lapses."""
+    return f"{prefix}:owner:{owner}:streams"
+
+
+# -- the worker registry (qwen_deploy/registry.py) --------------------------------------------------
+def worker_key(prefix: str, name: str) -> str:
+    """One worker child's record (expires 3 heartbeats after its last refresh)."""
+    return f"{prefix}:worker:{name}"
+
+
+def workers_key(prefix: str) -> str:
+    """Worker names scored by their record's expiry."""
+    return f"{prefix}:workers"
+
+
+def model_workers_key(prefix: str, alias: str) -> str:
+    """The live workers of one model, scored like `workers_key` (SUBMIT reads it)."""
+    return f"{prefix}:model:{alias}:workers"
+
+
+def model_loads_key(prefix: str) -> str:
+    """Model loads across all workers."""
+    return f"{prefix}:stats:model_loads"
 
 
 class JobKeys:
@@ -42,10 +83,18 @@ class JobKeys:
         return f"{self.prefix}:job:{job_id}:ev"
 
     def stats_key(self) -> str:
-        return f"{self.prefix}:stats"
+        return stats_key(self.prefix)
 
     def active_key(self) -> str:
         return f"{self.prefix}:active"
+
+    def done_times_key(self) -> str:
+        """The times of the last generation completions (the completion rate behind queue estimates)."""
+        return f"{self.prefix}:done_times"
+
+    def reaper_lock_key(self) -> str:
+        """Held while one process runs a reaper pass."""
+        return f"{self.prefix}:reaper:lock"
 
     def pending_key(self, model: str | None = None) -> str:
         """A model's queued generation jobs, scored by priority rank * 1e10 + submit time: what its engines
@@ -67,7 +116,7 @@ class JobKeys:
 
     def model_workers_key(self, model: str) -> str:
         """Live workers of one model, scored by their registration's expiry (see qwen_deploy.registry)."""
-        return registry.model_key(self.prefix, model)
+        return model_workers_key(self.prefix, model)
 
     def deadlines_key(self) -> str:
         """Jobs with a deadline, scored by it (the deadline sweep)."""
@@ -88,3 +137,76 @@ class JobKeys:
 
     def inflight_key(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:inflight"
+
+
+class BatchKeys:
+    """A batch's record and lists, and an owner's batch sets."""
+
+    def __init__(self, prefix: str = "qd") -> None:
+        self.prefix = prefix
+
+    def key(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def requests_key(self, batch_id: str) -> str:
+        """The valid request lines, read by micro-batch index range."""
+        return self.key(batch_id) + ":req"
+
+    def outputs_key(self, batch_id: str) -> str:
+        """Output lines (JSONL), up-front error lines first."""
+        return self.key(batch_id) + ":out"
+
+    def chunks_key(self, batch_id: str) -> str:
+        """Micro-batches already recorded (a re-run is a no-op)."""
+        return self.key(batch_id) + ":chunks"
+
+    def tries_key(self, batch_id: str) -> str:
+        """Runs per micro-batch."""
+        return self.key(batch_id) + ":tries"
+
+    def index_key(self, owner: str) -> str:
+        """An owner's batch ids by creation time (for listing without a keyspace scan)."""
+        return f"{self.prefix}:owner:{owner}:batch_index"
+
+    def open_key(self, owner: str) -> str:
+        """An owner's batches that may still be running (the per-key cap on open batches)."""
+        return f"{self.prefix}:owner:{owner}:batches"
+
+
+class WebhookKeys:
+    """Webhook deliveries, the sets that schedule them, and each subject's attempt log."""
+
+    def __init__(self, prefix: str = "qd") -> None:
+        self.prefix = prefix
+
+    def due_key(self) -> str:
+        """Pending deliveries scored by their next attempt time."""
+        return f"{self.prefix}:webhooks:due"
+
+    def watch_key(self) -> str:
+        """Jobs with `output` in their filter, scored by when to look at them again."""
+        return f"{self.prefix}:webhooks:watch"
+
+    def delivery_key(self, msg_id: str) -> str:
+        return f"{self.prefix}:webhook:{msg_id}"
+
+    def subject_key(self, kind: str, subject: str) -> str:
+        """The record a delivery is about: a job's (`JobKeys.key`) or a batch's (`BatchKeys.key`)."""
+        return f"{self.prefix}:{kind}:{subject}"
+
+    def attempts_key(self, kind: str, subject: str) -> str:
+        return self.subject_key(kind, subject) + ":webhooks"
+
+
+class FileKeys:
+    """Uploaded files (batch input): one hash per file, an index per owner."""
+
+    def __init__(self, prefix: str = "qd") -> None:
+        self.prefix = prefix
+
+    def key(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}"
+
+    def index_key(self, owner: str) -> str:
+        """The owner's file ids by creation time."""
+        return f"{self.prefix}:owner:{owner}:files"

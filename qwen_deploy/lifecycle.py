@@ -27,7 +27,7 @@ PURGE_PAGE = 500
 
 def done_times_key(store: JobStore) -> str:
     """The times of the last 256 generation job completions (newest first), written by close_job."""
-    return f"{store.prefix}:done_times"
+    return store.done_times_key()
 
 
 def _keys(store: JobStore) -> list[str]:

@@ -25,18 +25,19 @@ from typing import Any
 
 import redis
 
-from qwen_deploy.jobs import TERMINAL, JobStore
+from qwen_deploy.jobs import TERMINAL, JobStore, _text
 from qwen_deploy.keys import unacked_index_key, unacked_key
 from qwen_deploy.lifecycle import sweep_deadlines
 from qwen_deploy.logs import event
 
 log = logging.getLogger(__name__)
 
+
 def unacked_tags(client: redis.Redis, prefix: str, job_id: str) -> list[str]:
     """Delivery tags of unacked copies of this job's message (held by a Celery consumer)."""
     needle = f'"id": "{job_id}"'
-    return [tag for tag, raw in client.hgetall(unacked_key(prefix)).items()
-            if needle in raw or f'"id":"{job_id}"' in raw]
+    unacked = {_text(tag): _text(raw) for tag, raw in client.hgetall(unacked_key(prefix)).items()}
+    return [tag for tag, raw in unacked.items() if needle in raw or f'"id":"{job_id}"' in raw]
 
 
 def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 100) -> dict[str, int]:
@@ -44,7 +45,7 @@ def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 
     client, now = store.r, time.time()
     due = client.zrangebyscore(store.active_key(), "-inf", now, start=0, num=limit)
     counts = {"requeued": 0, "failed": 0, "waiting": 0, "done": 0}
-    for job_id in due:
+    for job_id in map(_text, due):
         try:
             counts[_reap_one(store, job_id, now, max_deliveries, running_for)] += 1
         except Exception as exc:  # one bad entry must not stop the pass
@@ -121,6 +122,6 @@ def reap_if_due(store: JobStore, interval: float, max_deliveries: int, running_f
     """Sweep the jobs past their deadline (every call: one cheap script), then run `reap` unless another
     process ran it within `interval` seconds."""
     sweep_deadlines(store)
-    if not store.r.set(f"{store.prefix}:reaper:lock", "1", nx=True, px=max(1, int(interval * 1000))):
+    if not store.r.set(store.reaper_lock_key(), "1", nx=True, px=max(1, int(interval * 1000))):
         return None
     return reap(store, max_deliveries, running_for)

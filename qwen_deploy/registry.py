@@ -15,21 +15,7 @@ from typing import Any
 
 import redis
 
-
-def worker_key(prefix: str, name: str) -> str:
-    return f"{prefix}:worker:{name}"
-
-
-def index_key(prefix: str) -> str:
-    return f"{prefix}:workers"
-
-
-def model_key(prefix: str, alias: str) -> str:
-    return f"{prefix}:model:{alias}:workers"
-
-
-def loads_key(prefix: str) -> str:
-    return f"{prefix}:stats:model_loads"
+from qwen_deploy.keys import model_workers_key, worker_key, workers_key
 
 
 def publish(client: redis.Redis, prefix: str, name: str, info: dict[str, Any], ttl: float) -> None:
@@ -38,27 +24,27 @@ def publish(client: redis.Redis, prefix: str, name: str, info: dict[str, Any], t
     info = {**info, "name": name, "seen_at": now}
     pipe = client.pipeline(transaction=True)
     pipe.set(worker_key(prefix, name), json.dumps(info), px=int(ttl * 1000))
-    pipe.zadd(index_key(prefix), {name: now + ttl})
+    pipe.zadd(workers_key(prefix), {name: now + ttl})
     if info.get("alias"):
-        pipe.zadd(model_key(prefix, info["alias"]), {name: now + ttl})
-        pipe.zremrangebyscore(model_key(prefix, info["alias"]), "-inf", now)
+        pipe.zadd(model_workers_key(prefix, info["alias"]), {name: now + ttl})
+        pipe.zremrangebyscore(model_workers_key(prefix, info["alias"]), "-inf", now)
     pipe.execute()
 
 
 def remove(client: redis.Redis, prefix: str, name: str, alias: str | None = None) -> None:
     pipe = client.pipeline(transaction=True)
     pipe.delete(worker_key(prefix, name))
-    pipe.zrem(index_key(prefix), name)
+    pipe.zrem(workers_key(prefix), name)
     if alias:
-        pipe.zrem(model_key(prefix, alias), name)
+        pipe.zrem(model_workers_key(prefix, alias), name)
     pipe.execute()
 
 
 def workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     """Live worker records, newest model load first."""
     pipe = client.pipeline(transaction=True)
-    pipe.zremrangebyscore(index_key(prefix), "-inf", time.time())
-    pipe.zrange(index_key(prefix), 0, -1)
+    pipe.zremrangebyscore(workers_key(prefix), "-inf", time.time())
+    pipe.zrange(workers_key(prefix), 0, -1)
     names = [n.decode() if isinstance(n, bytes) else n for n in pipe.execute()[1]]
     values = client.mget([worker_key(prefix, n) for n in names]) if names else []
     found = [json.loads(v) for v in values if v]

@@ -23,6 +23,7 @@ import redis
 from qwen_deploy.config import Settings
 from qwen_deploy.connections import settings_client
 from qwen_deploy.jobs import _text, public_job
+from qwen_deploy.keys import JobKeys, WebhookKeys
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
 from qwen_deploy.webhooks import Attempt, next_delay, post, sign
@@ -40,34 +41,22 @@ def _public(kind: str, record: dict[str, str]) -> dict[str, Any]:
     return public_job(record) if kind == "job" else public_batch(record)
 
 
-class WebhookStore:
+class WebhookStore(WebhookKeys):
     """Deliveries, their attempts, and one dispatch pass; every Redis call is one round trip."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.r, self.settings = client, settings
-        self.prefix, self.ttl = settings.key_prefix, settings.limits.result_ttl
+        super().__init__(settings.key_prefix)
+        self.ttl, self.jobs = settings.limits.result_ttl, JobKeys(settings.key_prefix)
         self.hooks = settings.webhooks
         self.lease = self.hooks.timeout + 30.0
         self._claim = client.register_script(script("webhook_claim"))
         self._enqueue = client.register_script(script("webhook_enqueue"))
 
-    def due_key(self) -> str:
-        return f"{self.prefix}:webhooks:due"
-
-    def watch_key(self) -> str:
-        return f"{self.prefix}:webhooks:watch"
-
-    def delivery_key(self, msg_id: str) -> str:
-        return f"{self.prefix}:webhook:{msg_id}"
-
-    def attempts_key(self, kind: str, subject: str) -> str:
-        return f"{self.prefix}:{kind}:{subject}:webhooks"
-
     # -- adding deliveries ----------------------------------------------------------------------
     def enqueue(self, kind: str, subject: str, event: str, msg_id: str) -> bool:
         """Add a delivery for a batch (`completed`) or a running job (`output`) if its state calls for one."""
-        key = f"{self.prefix}:{kind}:{subject}"
-        return bool(self._enqueue(keys=[key, self.due_key(), self.delivery_key(msg_id)],
+        return bool(self._enqueue(keys=[self.subject_key(kind, subject), self.due_key(), self.delivery_key(msg_id)],
                                   args=[repr(time.time()), kind, event, msg_id]))
 
     def watch_output(self, job_id: str) -> None:
@@ -79,7 +68,7 @@ class WebhookStore:
         added = 0
         for job_id in self._claim(keys=[self.watch_key()], args=[repr(time.time()), self.hooks.output_interval, limit]):
             job_id = _text(job_id)
-            status = _text(self.r.hget(f"{self.prefix}:job:{job_id}", "status"))
+            status = _text(self.r.hget(self.jobs.key(job_id), "status"))
             if not status or status in JOB_TERMINAL:
                 self.r.zrem(self.watch_key(), job_id)
             elif status == "running":

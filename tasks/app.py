@@ -7,6 +7,7 @@ from kombu import Queue
 
 from qwen_deploy.config import Settings, get_settings
 from qwen_deploy.connections import is_sentinel, sentinel_options
+from qwen_deploy.keys import kombu_keyprefix
 from qwen_deploy.queues import (
     BATCH_CHUNK_TASK,
     BULK,
@@ -25,7 +26,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",  # interactive before bulk, always
-        "global_keyprefix": f"{settings.key_prefix}:",  # queues and unacked under key_prefix (keys.queue_key)
+        "global_keyprefix": kombu_keyprefix(settings.key_prefix),  # queues and unacked under key_prefix
         "socket_connect_timeout": 5,
     }
     if is_sentinel(settings.redis_url):  # kombu's sentinel:// transport asks the sentinels for the master

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from werkzeug.serving import make_server
 
-from qwen_deploy import registry
+from qwen_deploy import keys, registry
 from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import Client
@@ -119,7 +119,7 @@ class Stack:
         return int(self.wait_ready()["pid"])
 
     def model_loads(self) -> int:
-        return int(self.redis.get(registry.loads_key(self.settings.key_prefix)) or 0)
+        return int(self.redis.get(keys.model_loads_key(self.settings.key_prefix)) or 0)
 
     def stop_worker(self) -> None:
         """SIGTERM to every worker at once (each takes seconds to shut down), then wait for them all."""
@@ -161,6 +161,6 @@ class Stack:
             self.redis_server.stop()
 
     def record(self, job_id: str) -> dict[str, str]:
-        return self.redis.hgetall(f"{self.settings.key_prefix}:job:{job_id}")
+        return self.redis.hgetall(keys.JobKeys(self.settings.key_prefix).key(job_id))
 
 

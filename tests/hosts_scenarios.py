@@ -24,6 +24,7 @@ from typing import Any
 from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.redis_server import reachable, redis_server_binary
 from qwen_deploy.client import Client
+from qwen_deploy.keys import JobKeys
 from qwen_deploy.queues import GENERATION_QUEUES
 from tests.helpers import ROOT, Stack, wait_until
 from tests.netns import Hosts, ip, unavailable
@@ -79,12 +80,12 @@ class Cluster:
 
     def done_events(self, job_id: str) -> int:
         """`done` events in the job's stream: a second one would be a second completion seen by clients."""
-        entries = self.stack.redis.xrange(self.stack.settings.key_prefix + f":job:{job_id}:ev")
+        entries = self.stack.redis.xrange(JobKeys(self.stack.settings.key_prefix).events_key(job_id))
         return sum(1 for _, fields in entries if fields.get("type") == "done")
 
     def streamed_text(self, job_id: str) -> str:
         """The token deltas of the job's event stream, joined: the text an SSE client was shown."""
-        entries = self.stack.redis.xrange(self.stack.settings.key_prefix + f":job:{job_id}:ev")
+        entries = self.stack.redis.xrange(JobKeys(self.stack.settings.key_prefix).events_key(job_id))
         return "".join(fields.get("text", "") for _, fields in entries if fields.get("type") == "token")
 
     def final(self, job_id: str, timeout: float) -> dict[str, Any]:

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from flask import Flask
 
-import redis
-from flask import Flask, current_app
-
+from qwen_deploy import logs
 from qwen_deploy.config import Settings, get_settings
 from qwen_deploy.connections import job_store, redis_client
-from qwen_deploy import logs
-from qwen_deploy.jobs import JobStore
-
-
-@dataclass
-class Services:
-    settings: Settings
-    redis: redis.Redis
-    store: JobStore
-
-
-def services() -> Services:
-    return current_app.extensions["qwen_deploy"]
+from web.context import EXTENSION, Services
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -31,10 +17,23 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.configure(settings.log_format, settings.log_level)
     app.config.update(MAX_CONTENT_LENGTH=settings.limits.max_body_bytes)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # objects keep their documented field order
-    app.extensions["qwen_deploy"] = Services(settings, redis_client(settings), job_store(settings))
+    app.extensions[EXTENSION] = Services(settings, redis_client(settings), job_store(settings))
 
-    from web import (auth, batches, console, errors, health, job_actions, job_list, jobs, metrics, models,
-                     openai_api, openapi, webhooks)
+    from web import (
+        auth,
+        batches,
+        console,
+        errors,
+        health,
+        job_actions,
+        job_list,
+        jobs,
+        metrics,
+        models,
+        openai_api,
+        openapi,
+        webhooks,
+    )
 
     errors.register(app)
     auth.register(app, settings)

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchStore, public_batch
+from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, public_batch
 from qwen_deploy.errors import (
     AppError,
     BadRequest,
@@ -21,18 +21,18 @@ from qwen_deploy.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from qwen_deploy.jobs import new_id, valid_id
+from qwen_deploy.jobs import _text, new_id, strings, valid_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
-from web import services
 from web.auth import current_owner
+from web.context import current_services
 from web.job_options import parse_duration
-from web.jobs import missing, owns
-from web.openai_api.batches import file_lines, line_endpoint, present_lines
+from web.openai_api.batch_files import file_lines, line_endpoint, present_lines
 from web.openai_api.translate import job_request
 from web.openapi import Batch, ResultsQuery, doc
 from web.schemas import BatchCreate
+from web.services import batch_store, missing, owns
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
@@ -43,11 +43,6 @@ METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # as Open
 JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines", "text/jsonl"})
 
 
-def store() -> BatchStore:
-    svc = services()
-    return BatchStore(svc.redis, svc.settings.key_prefix, svc.settings.limits.result_ttl)
-
-
 def _line_error(line: int, custom_id: Any, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"id": f"line-{line}", "custom_id": custom_id, "response": None,
             "error": {"code": code, "message": message, "param": param, "line": line}}
@@ -55,7 +50,7 @@ def _line_error(line: int, custom_id: Any, code: str, message: str, param: str |
 
 def _read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
     """(line number, parsed item or the parse error) pairs, the batch metadata, extra record fields."""
-    settings = services().settings.batches
+    settings = current_services().settings.batches
     request.max_content_length = settings.max_bytes
     raw = request.get_data(cache=False)
     if request.mimetype in JSONL_TYPES:
@@ -130,7 +125,7 @@ def _validate(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str, Any
                             param="body.webhook")
     if jsonl and (item.get("method", "POST") != "POST" or item.get("url", endpoint) != endpoint):
         raise Unprocessable(f"every line must be POST {endpoint}", code="invalid_url", param="url")
-    body = job_request(endpoint, item.get("body"), services().settings)
+    body = job_request(endpoint, item.get("body"), current_services().settings)
     return {"line": line, "custom_id": item["custom_id"], "body": body}
 
 
@@ -149,7 +144,7 @@ def _check_ids(items: list[tuple[int, Any]]) -> None:
 @doc(ok=202, model=Batch, json=BatchCreate, tags=("batches",))
 def create_batch() -> Response:
     """Create a batch from JSON `{"requests": [...]}` or an OpenAI Batch JSONL body (application/x-ndjson)."""
-    svc = services()
+    svc = current_services()
     items, metadata, extra = _read_lines()
     jsonl = request.mimetype in JSONL_TYPES or "input_file_id" in extra
     limit = svc.settings.batches.max_lines
@@ -194,36 +189,36 @@ def create_batch() -> Response:
               "metadata": json.dumps(metadata) if metadata is not None else None, **extra, **hook,
               "owner": current_owner(), "model": served.alias}
     _check_capacity(len(messages), bulk)
-    store().create(batch_id, fields, good, errors, messages)
+    batch_store().create(batch_id, fields, good, errors, messages)
     if messages:
         pipe = svc.redis.pipeline(transaction=False)
         pipe.zadd(_open_key(), {batch_id: 0})
         pipe.expire(_open_key(), lim.result_ttl)
         pipe.execute()
     if hook and not messages:
-        store().notify(batch_id)
-    response = Response(json.dumps(public_batch(fields)), status=202, mimetype="application/json")
+        batch_store().notify(batch_id)
+    response = Response(json.dumps(public_batch(strings(fields))), status=202, mimetype="application/json")
     response.headers["Location"] = f"/v1/batches/{batch_id}"
     return response
 
 
 def _open_key() -> str:
     """The caller's batches that may still be running."""
-    return f"{services().settings.key_prefix}:owner:{current_owner()}:batches"
+    return batch_store().names.open_key(current_owner())
 
 
 def _check_capacity(new_tasks: int, bulk: str) -> None:
     """429 when the model's bulk queue would pass `limits.max_bulk_depth` or the caller has too many open
     batches."""
-    svc = services()
+    svc = current_services()
     lim = svc.settings.limits
     depth = int(svc.redis.llen(svc.store.queue_key(bulk)))
     if new_tasks and depth + new_tasks > lim.max_bulk_depth:
         raise QueueFull(f"the {bulk} queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
     key = _open_key()
-    open_ids = [i.decode() if isinstance(i, bytes) else i for i in svc.redis.zrange(key, 0, -1)]
+    open_ids = [_text(i) for i in svc.redis.zrange(key, 0, -1)]
     if len(open_ids) >= lim.max_inflight_per_key:
-        records = [store().status(i) for i in open_ids]
+        records = [batch_store().status(i) for i in open_ids]
         done = [i for i, st in zip(open_ids, records) if not st or st in TERMINAL]
         if done:
             svc.redis.zrem(key, *done)
@@ -236,7 +231,7 @@ def _load(batch_id: str) -> dict[str, str]:
     """The caller's batch: 404 for a malformed id or another owner's batch, 410 once expired."""
     if not valid_id(batch_id, BATCH_ID_PREFIX):
         raise NotFound("no batch with this id", param="id")
-    record = store().get(batch_id)
+    record = batch_store().get(batch_id)
     if record is None or "id" not in record:
         raise missing("batch", batch_id, BATCH_ID_PREFIX)
     if not owns(record):
@@ -260,11 +255,11 @@ def batch_results(batch_id: str) -> Response:
     if not COUNT.fullmatch(raw):
         raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
     after = min(int(raw), MAX_LINE_INDEX)  # Redis indexes are 64-bit; nothing lies beyond this anyway
-    cap = services().settings.batches.max_results
+    cap = current_services().settings.batches.max_results
     raw = request.args.get("limit", str(DEFAULT_RESULTS))
     if not COUNT.fullmatch(raw) or not 1 <= int(raw) <= cap:
         raise Unprocessable(f"limit must be an integer from 1 to {cap}", param="limit")
-    lines = present_lines(store().results(batch_id, after, int(raw)), record)
+    lines = present_lines(batch_store().results(batch_id, after, int(raw)), record)
     body = "".join(line + "\n" for line in lines)
     return Response(body, mimetype="application/x-ndjson", headers={"X-Next-After": str(after + len(lines))})
 
@@ -274,7 +269,7 @@ def batch_results(batch_id: str) -> Response:
 def cancel_batch(batch_id: str) -> Response:
     """Stop the rest of the batch."""
     _load(batch_id)
-    before = store().cancel(batch_id)
+    before = batch_store().cancel(batch_id)
     if before in TERMINAL:
         raise Conflict(f"batch {batch_id} already ended ({before})", code="batch_finished", param="id")
     return Response(json.dumps(public_batch(_load(batch_id))), status=202, mimetype="application/json")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from qwen_deploy.connections import UNAVAILABLE
 from qwen_deploy.errors import AppError, QueueFull, ServiceUnavailable, TooManyRequests, Unprocessable
 from qwen_deploy.jobs import SubmitResult
+from web.context import current_services
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def _count_rejection(status: int) -> None:
     if status not in REJECTIONS_COUNTED:
         return
     try:
-        svc = current_app.extensions["qwen_deploy"]
-        svc.redis.hincrby(f"{svc.settings.key_prefix}:stats", f"rejected:{status}", 1)
+        svc = current_services()
+        svc.redis.hincrby(svc.store.stats_key(), f"rejected:{status}", 1)
     except redis.RedisError:
         pass
 

@@ -6,12 +6,12 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from qwen_deploy import registry
 from qwen_deploy.errors import ServiceUnavailable
 from qwen_deploy.served import Served
-from web import services
+from web.context import current_services
 from web.openapi import ModelInfo, Status, doc
 from web.schemas import pick_model
+from web.services import model_workers, workers
 
 bp = Blueprint("health", __name__)
 
@@ -23,14 +23,6 @@ def livez() -> Response:
     return jsonify(status="ok")
 
 
-def model_workers(found: list[dict[str, Any]], served: Served) -> dict[str, Any]:
-    """A model's live workers: counts, the newest ready one, and why it is not ready (None when it is)."""
-    mine = registry.by_model(found, served.alias, served.default)
-    ready = [w for w in mine if w.get("state") == "ready"]
-    reason = None if ready else ("model_loading" if mine else "no_worker")
-    return {"live": len(mine), "ready": len(ready), "newest": ready[0] if ready else None, "reason": reason}
-
-
 REASONS = {"model_loading": "a generation worker is loading its model",
            "no_worker": "no generation worker is running"}
 
@@ -38,9 +30,9 @@ REASONS = {"model_loading": "a generation worker is loading its model",
 def _ready_worker(served: Served | None = None) -> dict[str, Any]:
     """The newest ready generation worker (of `served`, else of any model), or a 503 that says why there
     is none."""
-    svc = services()
+    svc = current_services()
     svc.redis.ping()
-    found = registry.workers(svc.redis, svc.settings.key_prefix)
+    found = workers()
     if served is not None:
         state = model_workers(found, served)
         if state["newest"]:
@@ -61,7 +53,7 @@ def readyz() -> Response:
     """Ready when Redis answers and a generation worker has its model loaded (with `?model=`: a worker of
     that model); else 503 with the reason."""
     name = request.args.get("model")
-    served = pick_model(name, services().settings) if name is not None else None
+    served = pick_model(name, current_services().settings) if name is not None else None
     worker = _ready_worker(served)
     return jsonify(status="ready", workers=worker["count"], model=worker["model"]["name"],
                    **({"alias": served.alias} if served else {}))
@@ -72,7 +64,7 @@ def readyz() -> Response:
 def model() -> Response:
     """The served model and the caps."""
     worker = _ready_worker()
-    info, gen, lim = worker["model"], services().settings.generation, services().settings.limits
+    info, gen, lim = worker["model"], current_services().settings.generation, current_services().settings.limits
     caps = {"max_new_tokens": gen.max_new_tokens_cap, "default_max_new_tokens": gen.default_max_new_tokens,
             "max_prompt_tokens": gen.max_prompt_tokens, "max_stop_strings": gen.max_stop_strings,
             "hard_time_limit": lim.hard_time_limit, "soft_time_limit": lim.soft_time_limit,

@@ -16,16 +16,15 @@ from typing import Any, Literal
 from flask import Blueprint, Response
 from pydantic import BaseModel
 
-from qwen_deploy import registry
 from qwen_deploy.errors import Conflict, NotFound
 from qwen_deploy.jobs import TERMINAL
 from qwen_deploy.lifecycle import purge
 from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
-from web import services
 from web.auth import require_admin
+from web.context import current_services
 from web.job_options import JobOptions
-from web.jobs import load_record, submit_request
 from web.openapi import Job, doc
+from web.services import load_record, submit_request, workers
 
 bp = Blueprint("job_actions", __name__, url_prefix="/v1")
 PURGEABLE = (INTERACTIVE, CONVERT)
@@ -76,13 +75,13 @@ def retry_job(job_id: str) -> Response:
 @doc(model=Queues, tags=("jobs",))
 def queues() -> Response:
     """Jobs waiting per queue (interactive: the engine's pending set) and the ready workers."""
-    svc = services()
+    svc = current_services()
     pipe = svc.redis.pipeline(transaction=False)
     pipe.zcard(svc.store.pending_key())
     pipe.llen(svc.store.queue_key(BULK))
     pipe.llen(svc.store.queue_key(CONVERT))
     interactive, bulk, convert = pipe.execute()
-    ready = [w for w in registry.workers(svc.redis, svc.settings.key_prefix) if w.get("state") == "ready"]
+    ready = [w for w in workers() if w.get("state") == "ready"]
     data = [{"name": INTERACTIVE, "depth": interactive}, {"name": BULK, "depth": bulk},
             {"name": CONVERT, "depth": convert}]
     return _json({"object": "list", "data": data, "workers": len(ready)})
@@ -95,6 +94,6 @@ def purge_queue(name: str) -> Response:
     require_admin()
     if name not in PURGEABLE:
         raise NotFound(f"no purgeable queue {name!r}; one of {', '.join(PURGEABLE)}", param="name")
-    count = purge(services().store, name, pending=name == INTERACTIVE)
+    count = purge(current_services().store, name, pending=name == INTERACTIVE)
     return _json({"object": "queue.purged", "queue": name, "purged": count})
 

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen_deploy.jobs import public_job, valid_id
 from qwen_deploy.lifecycle import with_positions
-from web import services
 from web.auth import current_owner
+from web.context import current_services
 from web.openapi import Job, doc
 from web.schemas import validation_error
 
@@ -55,7 +55,7 @@ def _query() -> ListQuery:
 def list_jobs() -> Response:
     """The caller's jobs, newest first; `after` takes the `last_id` of the previous page."""
     q = _query()
-    store, owner = services().store, current_owner()
+    store, owner = current_services().store, current_owner()
     found: list[dict[str, object]] = []
     cursor, scanned, more = q.after, 0, False
     while len(found) <= q.limit and scanned < SCAN_MAX:

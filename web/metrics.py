@@ -18,7 +18,7 @@ from qwen_deploy import registry
 from qwen_deploy.lua import HISTOGRAM_BUCKETS
 from qwen_deploy.queues import CONVERT
 from qwen_deploy.served import served_models
-from web import services
+from web.context import current_services
 
 bp = Blueprint("metrics", __name__)
 NS = "qwen_deploy"
@@ -75,15 +75,16 @@ class RedisStatsCollector:
         yield GaugeMetricFamily(f"{NS}_workers_ready", "Generation workers with their model loaded", value=len(ready))
         load = GaugeMetricFamily(f"{NS}_model_load_seconds", "Model load time per worker", labels=["worker", "model"])
         for w in ready:
-            load.add_metric([str(w.get("name")), str(w["model"].get("name"))], float(w["model"].get("load_seconds") or 0))
+            model = w["model"]
+            load.add_metric([str(w.get("name")), str(model.get("name"))], float(model.get("load_seconds") or 0))
         yield load
 
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    svc = services()
+    svc = current_services()
     pipe = svc.redis.pipeline(transaction=False)
-    pipe.hgetall(f"{svc.settings.key_prefix}:stats")
+    pipe.hgetall(svc.store.stats_key())
     models = served_models(svc.settings)
     queues = (*(q for m in models for q in m.queues), CONVERT)
     for queue in queues:

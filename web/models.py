@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from qwen_deploy.paths import confine
 from qwen_deploy.queues import CONVERT, convert_task
 from qwen_deploy.webhooks import check_request
-from web import services
-from web.jobs import enqueue
+from web.context import current_services
 from web.openapi import Job, doc
 from web.schemas import WebhookFields, read_json, validation_error
+from web.services import enqueue
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 REVISION = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-]|/[A-Za-z0-9_-])*$"  # a branch, tag or commit
@@ -40,10 +40,10 @@ class ExportCreate(WebhookFields):
 
 
 def _submit(kind: str, req: dict[str, Any]) -> Response:
-    limit = services().settings.limits.convert_time_limit
-    hook = check_request(req.pop("webhook", None), req.pop("webhook_events_filter", None), services().settings)
+    limit = current_services().settings.limits.convert_time_limit
+    hook = check_request(req.pop("webhook", None), req.pop("webhook_events_filter", None), current_services().settings)
     job, _ = enqueue(kind, convert_task(kind), CONVERT, req, (limit, limit - 30),
-                     request.headers.get("Idempotency-Key"), retry_after=60, **hook)
+                     request.headers.get("Idempotency-Key"), retry_after=60, extra=hook)
     return Response(json.dumps(job), status=202, mimetype="application/json",
                     headers={"Location": f"/v1/jobs/{job['id']}"})
 
@@ -61,7 +61,7 @@ def create_download() -> Response:
     """Download a hub snapshot as a job on the convert queue."""
     req = _parse(DownloadCreate)
     if "out" in req:
-        confine(services().settings.paths.models_root, req["out"], "out")
+        confine(current_services().settings.paths.models_root, req["out"], "out")
     return _submit("download", req)
 
 
@@ -70,7 +70,7 @@ def create_download() -> Response:
 def create_export() -> Response:
     """Export a training checkpoint to a validated HF directory, as a job on the convert queue."""
     req = _parse(ExportCreate)
-    paths = services().settings.paths
+    paths = current_services().settings.paths
     confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)
     confine(paths.models_root, req["base"], "base", must_exist=True)
     confine(paths.models_root, req["out"], "out")

@@ -146,7 +146,8 @@ def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str,
 
 def _error_ref(document: dict[str, Any]) -> dict[str, Any]:
     name = next(n for n in document["components"]["schemas"] if n.split(".")[0] == "Error")
-    return {"description": "error", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+    schema = {"$ref": f"#/components/schemas/{name}"}
+    return {"description": "error", "content": {"application/json": {"schema": schema}}}
 
 
 SSE_EVENT = {  # one server-sent event; `data` is JSON: {text, tokens}, {status, attempt}, or the job
@@ -204,11 +205,11 @@ def register(app: Flask) -> None:
 
     @app.get("/openapi.json")
     def openapi_json() -> Response:
-        from web import services
+        from web.context import current_services
 
         document = dict(spec.spec)
         document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
-        return jsonify(with_settings(document, services().settings))
+        return jsonify(with_settings(document, current_services().settings))
 
     @app.get("/docs")
     def docs() -> Response:

@@ -66,7 +66,7 @@ def check_response_format(fmt: ResponseFormat) -> None:
     if size > MAX_SCHEMA_BYTES:
         raise Unprocessable(f"schema is {size} bytes of JSON; the maximum is {MAX_SCHEMA_BYTES}",
                             code="invalid_value", param=PARAM)
-    draft = jsonschema.Draft202012Validator
+    draft: type[jsonschema.protocols.Validator] = jsonschema.Draft202012Validator
     if isinstance(schema.get("$schema"), str):
         draft = jsonschema.validators.validator_for(schema, default=draft)
     try:

@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 from flask import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic.json_schema import JsonDict
 
 from qwen_deploy.config import Settings
-from qwen_deploy.errors import BadRequest, ModelNotFound, UnsupportedMediaType, Unprocessable
+from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable, UnsupportedMediaType
 from qwen_deploy.served import Served, find_model, served_models
 from web.response_format import ResponseFormat, check_response_format
 
@@ -23,7 +24,7 @@ class Message(BaseModel):
 
 
 # Exactly one of prompt / messages (documented as oneOf; enforced in parse_job).
-_ONE_OF_PROMPT = {"oneOf": [
+_ONE_OF_PROMPT: JsonDict = {"oneOf": [
     {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
     {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
 ]}

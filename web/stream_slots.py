@@ -1,4 +1,4 @@
-"""Open SSE streams per key: each holds a slot in `{prefix}:owner:{owner}:streams` (a sorted set scored
+"""Open SSE streams per key: each holds a slot in `keys.streams_key` (a sorted set scored
 by when the slot lapses), so one key cannot hold every connection (`limits.max_streams_per_key`)."""
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from collections.abc import Iterator
 import redis
 
 from qwen_deploy.errors import TooManyRequests
-from web import services
+from qwen_deploy.keys import streams_key
 from web.auth import current_owner
+from web.context import current_services
 
 
 def open_stream() -> tuple[redis.Redis, str, str]:
     """Count an open stream against the caller's cap (429 `too_many_streams` past it)."""
-    svc, now = services(), time.time()
-    key, token = f"{svc.settings.key_prefix}:owner:{current_owner()}:streams", secrets.token_hex(8)
+    svc, now = current_services(), time.time()
+    key, token = streams_key(svc.settings.key_prefix, current_owner()), secrets.token_hex(8)
     cap, ttl = svc.settings.limits.max_streams_per_key, svc.settings.limits.max_stream + 60
     pipe = svc.redis.pipeline(transaction=True)
     pipe.zremrangebyscore(key, "-inf", now)  # streams of a process that died lapse on their own

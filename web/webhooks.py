@@ -9,10 +9,10 @@ from flask import Blueprint, Response
 from pydantic import BaseModel
 
 from qwen_deploy.batches import BATCH_ID_PREFIX
-from qwen_deploy.webhook_store import WebhookStore
-from web import services
-from web.jobs import missing
+from qwen_deploy.keys import BatchKeys
+from web.context import current_services
 from web.openapi import doc
+from web.services import missing, webhook_store
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 
@@ -35,8 +35,7 @@ class WebhookAttempts(BaseModel):
 def _attempts(kind: str, subject: str, exists: bool, prefix: str) -> Response:
     if not exists:
         raise missing(kind, subject, prefix)
-    svc = services()
-    data = WebhookStore(svc.redis, svc.settings).attempts(kind, subject)
+    data = webhook_store().attempts(kind, subject)
     return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
 
 
@@ -44,7 +43,7 @@ def _attempts(kind: str, subject: str, exists: bool, prefix: str) -> Response:
 @doc(model=WebhookAttempts, tags=("jobs",))
 def job_webhooks(job_id: str) -> Response:
     """The job's webhook delivery attempts, oldest first (response bodies are not kept)."""
-    svc = services()
+    svc = current_services()
     return _attempts("job", job_id, bool(svc.redis.exists(svc.store.key(job_id))), "job_")
 
 
@@ -52,6 +51,6 @@ def job_webhooks(job_id: str) -> Response:
 @doc(model=WebhookAttempts, tags=("batches",))
 def batch_webhooks(batch_id: str) -> Response:
     """The batch's webhook delivery attempts, oldest first."""
-    svc = services()
-    exists = bool(svc.redis.exists(f"{svc.settings.key_prefix}:batch:{batch_id}"))
+    svc = current_services()
+    exists = bool(svc.redis.exists(BatchKeys(svc.settings.key_prefix).key(batch_id)))
     return _attempts("batch", batch_id, exists, BATCH_ID_PREFIX)

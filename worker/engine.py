@@ -168,6 +168,7 @@ class Engine:
             self.waiting[p].extendleft(reversed(joining))
             raise
         if len(unique) < len(joining):  # n samples (or equal prompts) share one prefill
+            assert group.mask is not None and group.pos is not None  # prefill sets both
             index = torch.tensor(rows, device=logits.device)
             for layer in group.cache.layers:
                 layer.keys, layer.values = layer.keys[index], layer.values[index]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ class ModelHandler:
         common = {"revision": cfg.revision, "token": token, "trust_remote_code": cfg.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
-        self.model = model.to(device).eval()
+        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `to`; its stub reads it unbound
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.vocab_size = int(model.config.get_text_config().vocab_size)
@@ -218,7 +218,10 @@ def _resolved_revision(name: str, common: dict[str, Any]) -> str | None:
         return None
     from transformers.utils import cached_file
 
-    path = Path(cached_file(name, "config.json", revision=common["revision"], token=common["token"]))
+    found = cached_file(name, "config.json", revision=common["revision"], token=common["token"])
+    if found is None:  # not cached and not downloadable: no commit to name
+        return None
+    path = Path(found)
     parts = path.parts
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 
 @functools.cache
-def cache_keyword(model_cls: type) -> str:
+def cache_keyword(model_cls: Any) -> str:
     """The forward keyword for the KV cache (`cache` in transformers 5.x, `past_key_values` before)."""
     params = inspect.signature(model_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -106,7 +106,7 @@ def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch,
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()  # full layers everywhere: sliding-window layers are masked, not cropped
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{cache_keyword(type(model)): cache})
+                **{cache_keyword(type(model)): cache})  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not Hashable
     batch = KVBatch()
     batch.cache, batch.mask = cache, mask
     batch.pos = torch.tensor([len(p) for p in prompts], device=device)
@@ -120,7 +120,7 @@ def decode(model: Any, batch: KVBatch) -> torch.Tensor:
     mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
     try:
         out = model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.pos[:, None],
-                    use_cache=True, **{cache_keyword(type(model)): batch.cache})
+                    use_cache=True, **{cache_keyword(type(model)): batch.cache})  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not Hashable
     except BaseException:
         batch.crop(width)
         raise

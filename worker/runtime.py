@@ -13,6 +13,7 @@ from typing import Any
 from qwen_deploy import registry
 from qwen_deploy.config import Settings
 from qwen_deploy.connections import job_store, redis_client
+from qwen_deploy.keys import model_loads_key
 from qwen_deploy.reaper import reap_if_due
 from qwen_deploy.served import Served, served_models
 from worker.handler import ModelHandler
@@ -55,7 +56,7 @@ def init_process(settings: Settings, model: Served | None = None) -> ModelHandle
     registry.publish(client, settings.key_prefix, name, _record(settings, "loading", None), ttl)
     handler = ModelHandler(settings)
     handler.setup()
-    client.incr(registry.loads_key(settings.key_prefix))
+    client.incr(model_loads_key(settings.key_prefix))
     _handler = handler
     registry.publish(client, settings.key_prefix, name, _record(settings, "ready", handler), ttl)
     threading.Thread(target=_heartbeat, args=(settings, name, ttl), daemon=True, name="qd-heartbeat").start()

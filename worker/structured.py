@@ -15,15 +15,18 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
 import torch
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # a TypedDict of the stubs only
+
 # Compact JSON with a space after ',' and ':' (`{"a": 1, "b": [2, 3]}`): tokenizes like ordinary
 # text and leaves the model no room to emit endless whitespace.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 MAX_CACHED_GRAMMARS = 256
 

@@ -17,6 +17,7 @@ import requests
 
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import APIError, Client
+from qwen_deploy.keys import JobKeys
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE
 from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
@@ -248,7 +249,7 @@ def test_child_killed_with_16_co_batched_jobs_resumes_them_all(chaos: Stack) -> 
     for i, d in zip(ids, done):
         assert d["output"]["text"].startswith(before[i])
         assert d["output"]["usage"]["completion_tokens"] == 300
-        stream = chaos.redis.xrange(f"{chaos.settings.key_prefix}:job:{i}:ev")
+        stream = chaos.redis.xrange(JobKeys(chaos.settings.key_prefix).events_key(i))
         assert "".join(f.get("text", "") for _, f in stream if f["type"] == "token") == d["output"]["text"]
     expected = {b["prompt"]: client.generate(**b)["output"]["text"] for b in bodies[:4]}
     assert [d["output"]["text"] for d in done] == [expected[b["prompt"]] for b in bodies]

@@ -9,6 +9,7 @@ import openai
 import pytest
 import requests
 
+from qwen_deploy.keys import JobKeys
 from tests.helpers import Stack, wait_until
 
 CHAT = [{"role": "user", "content": "Errors should never"}]
@@ -16,7 +17,7 @@ LONG = {"ignore_eos": True}  # vLLM-style extension, through extra_body
 
 
 def job_count(stack: Stack) -> int:
-    return sum(1 for key in stack.redis.scan_iter(f"{stack.settings.key_prefix}:job:job_*") if not key.endswith(":ev"))
+    return sum(1 for key in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not key.endswith((":ev", ":webhooks")))
 
 
 def test_models(oai: openai.OpenAI, stack: Stack, model: str) -> None:
@@ -135,7 +136,7 @@ def test_a_canceled_job_answers_200_and_is_not_retried(oai: openai.OpenAI, stack
     thread = threading.Thread(target=call)
     thread.start()
     running = wait_until(lambda: [k.split(":")[-1] for k in stack.redis.scan_iter(
-        f"{stack.settings.key_prefix}:job:job_*") if not k.endswith(":ev")
+        JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith((":ev", ":webhooks"))
         and stack.redis.hget(k, "status") == "running" and int(stack.redis.hget(k, "tokens") or 0) >= 16],
         30, 0.02, "a running job with 16 tokens")
     requests.post(f"{stack.url}/v1/jobs/{running[0]}/cancel", timeout=10)

@@ -9,6 +9,7 @@ import openai
 import pytest
 from werkzeug.serving import make_server
 
+from qwen_deploy.keys import JobKeys
 from tests.helpers import Stack
 
 CHAT = [{"role": "user", "content": "Errors should never"}]
@@ -31,11 +32,11 @@ def short_web(stack: Stack) -> Iterator[str]:
 
 def test_past_the_time_limit_the_answer_is_200_length_and_never_a_retry(short_web: str, stack: Stack) -> None:
     oai = openai.OpenAI(base_url=short_web, api_key="unused", max_retries=2, timeout=60)
-    before = {k for k in stack.redis.scan_iter(f"{stack.settings.key_prefix}:job:job_*") if not k.endswith(":ev")}
+    before = {k for k in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith(":ev")}
     raw = oai.chat.completions.with_raw_response.create(model="zen", messages=CHAT, max_tokens=512,
                                                         extra_body={"ignore_eos": True})
     done = raw.parse()
-    after = {k for k in stack.redis.scan_iter(f"{stack.settings.key_prefix}:job:job_*") if not k.endswith(":ev")}
+    after = {k for k in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith(":ev")}
     assert [k.rsplit(":", 1)[-1] for k in after - before] == [raw.headers["X-Job-Id"]]  # one job, no retry
     assert done.choices[0].finish_reason == "length"
     if stack.record(raw.headers["X-Job-Id"])["status"] == "canceled":  # else it finished 512 tokens within ~2 s

@@ -4,13 +4,19 @@ FINISH, with the races the engine relies on (leases, takeover, late writers)."""
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import redis
 
-from qwen_deploy import registry
+from qwen_deploy import keys, registry
+from qwen_deploy.batches import BatchStore
 from qwen_deploy.cli.redis_server import RedisServer
+from qwen_deploy.config import load_settings
 from qwen_deploy.jobs import JobStore, new_job_id
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import BULK, GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.webhook_store import WebhookStore
+from web.services.files import FileStore
 
 
 def submit(store: JobStore, prompt: str = "hi") -> str:
@@ -146,3 +152,41 @@ def test_two_deployments_share_one_database_by_prefix(store: JobStore) -> None:
     assert store.r.llen("t:interactive") == 0 and store.r.llen("u:interactive") == 1  # only its own wake-up
     assert [c.job_id for c in other.claim("host:2", 30, 2, 8)] == [theirs]
     assert all(k.startswith(("t:", "u:")) for k in store.r.keys("*")), store.r.keys("*")
+
+
+def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: RedisServer) -> None:
+    """Batches, webhook deliveries and their attempt logs, uploaded files and worker registrations of two
+    deployments on one database: every key is under its own prefix, and neither reads the other's."""
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    client.flushdb()
+    for prefix in ("t", "u"):
+        settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"}, overrides={"key_prefix": prefix})
+        batches, hooks = BatchStore(client, prefix, 600), WebhookStore(client, settings)
+        batch_id = f"batch_{prefix}"
+        fields = {"id": batch_id, "status": "completed", "created_at": repr(time.time()), "owner": "o",
+                  "webhook": "http://127.0.0.1:9/hook"}
+        batches.create(batch_id, fields, ['{"line": 1}'], ['{"error": {}}'], [(BULK, "{}")])
+        assert batches.chunk_tries(batch_id, 0) == 1 and not batches.chunk_recorded(batch_id, 0)
+        assert batches.notify(batch_id)  # the batch.completed delivery
+        assert hooks.claim() == [f"msg_{batch_id}_completed"]  # only its own deployment's due set
+        attempt = hooks.deliver(f"msg_{batch_id}_completed")  # loopback is no allowed host: refused, logged
+        assert attempt is not None and attempt.error and len(hooks.attempts("batch", batch_id)) == 1
+        hooks.watch_output(f"job_{prefix}")
+        FileStore(client, prefix, 600, "o").create("in.jsonl", "batch", "{}\n")
+        registry.publish(client, prefix, f"host:{prefix}", {"alias": "m", "state": "ready"}, 30)
+        client.incr(keys.model_loads_key(prefix))
+    for prefix, other in (("t", "u"), ("u", "t")):
+        assert BatchStore(client, prefix, 600).page("o", None, 10) == ([f"batch_{prefix}"], False)
+        assert BatchStore(client, prefix, 600).get(f"batch_{other}") is None
+        assert [w["name"] for w in registry.workers(client, prefix)] == [f"host:{prefix}"]
+        assert len(FileStore(client, prefix, 600, "o").ids()) == 1
+        assert client.zrange(keys.WebhookKeys(prefix).watch_key(), 0, -1) == [f"job_{prefix}"]
+    found = client.keys("*")
+    assert found and all(k.startswith(("t:", "u:")) for k in found), found
+    shapes = {p: sorted(re.sub(rf"(?<=[:_]){p}(?=$|[:_])", "X", k.removeprefix(f"{p}:")) for k in found
+                        if k.startswith(f"{p}:") and ":file:" not in k) for p in ("t", "u")}
+    assert shapes["t"] == shapes["u"], shapes  # the same keys on each side (file ids are random)
+    assert {"batch:batch_X", "batch:batch_X:req", "batch:batch_X:out", "batch:batch_X:tries", "bulk",
+            "owner:o:batch_index", "webhooks:watch", "webhook:msg_batch_X_completed",
+            "batch:batch_X:webhooks", "owner:o:files", "workers", "worker:host:X", "model:m:workers",
+            "stats:model_loads"} <= set(shapes["t"]), shapes["t"]

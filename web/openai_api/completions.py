@@ -11,12 +11,12 @@ from flask import Blueprint, Response, g, request, stream_with_context
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
-from web import services
+from web.context import current_services
 from web.job_options import service_tier_options
-from web.jobs import iter_job_events, submit_request, wait_for
 from web.openai_api.objects import PRESENTERS, choices, finish_reason, usage
 from web.openai_api.translate import chat_request, completion_request
 from web.schemas import read_json
+from web.services import iter_job_events, submit_request, wait_for
 
 bp = Blueprint("openai_completions", __name__, url_prefix="/v1")
 
@@ -29,7 +29,7 @@ class JobFailed(AppError):
 
 def finished(job_id: str) -> dict[str, Any]:
     """The terminal job; past the hard time limit it is canceled (keeping its partial text), never re-run."""
-    svc = services()
+    svc = current_services()
     hard = svc.settings.limits.hard_time_limit
     job = wait_for(job_id, hard + min(5.0, hard))  # the grace lets the worker record its own time-out first
     if job["status"] not in TERMINAL:
@@ -55,7 +55,7 @@ def sse(data: Any) -> str:
 def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bool) -> Iterator[str]:
     """`data:` lines only (the SDK's parser needs no comments), then `data: [DONE]`; a disconnect cancels."""
     _, chunk, delta = PRESENTERS[kind]
-    store, job_id = services().store, job["id"]
+    store, job_id = current_services().store, job["id"]
     streamed, done = [""] * n, False
     try:
         if kind == "chat":
@@ -96,7 +96,7 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
 
 def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> Response:
     body = read_json(request)
-    req = translate(body, services().settings)
+    req = translate(body, current_services().settings)
     job, _ = submit_request(req, request.headers.get("Idempotency-Key"), service_tier_options(body))
     g.openai_job_id = job["id"]
     model = body["model"]

@@ -8,11 +8,10 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from qwen_deploy import registry
 from qwen_deploy.served import Served, served_models
-from web import services
-from web.health import model_workers
+from web.context import current_services
 from web.schemas import pick_model
+from web.services import model_workers, workers
 
 bp = Blueprint("openai_models", __name__, url_prefix="/v1/models")
 
@@ -26,20 +25,16 @@ def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict
             "reason": state["reason"]}
 
 
-def _workers() -> list[dict[str, Any]]:
-    svc = services()
-    return registry.workers(svc.redis, svc.settings.key_prefix)
-
-
 @bp.get("")
 def list_models() -> Response:
     """Every served model, the default first (its id is what `model` should name)."""
-    found = _workers()
-    return jsonify(object="list", data=[model_object(m.alias, m, found) for m in served_models(services().settings)])
+    found = workers()
+    models = served_models(current_services().settings)
+    return jsonify(object="list", data=[model_object(m.alias, m, found) for m in models])
 
 
 @bp.get("/<path:name>")
 def get_model(name: str) -> Response:
     """A served model by any of its names; 404 model_not_found otherwise."""
-    served = pick_model(name, services().settings)
-    return jsonify(model_object(name, served, _workers()))
+    served = pick_model(name, current_services().settings)
+    return jsonify(model_object(name, served, workers()))

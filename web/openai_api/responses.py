@@ -10,13 +10,13 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from qwen_deploy.errors import BadRequest, NotFound
 from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL
-from web import services
+from web.context import current_services
 from web.job_options import service_tier_options
-from web.jobs import iter_job_events, load_job, missing, submit_request, wait_for
 from web.openai_api.completions import finished
 from web.openai_api.objects import finish_reason, job_body
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
 from web.schemas import read_json
+from web.services import iter_job_events, load_job, missing, submit_request, wait_for
 
 bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
 
@@ -67,7 +67,7 @@ def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _meta(job_id: str) -> dict[str, Any]:
-    raw = services().store.get(job_id) or {}
+    raw = current_services().store.get(job_id) or {}
     return json.loads(raw.get("response") or "{}")
 
 
@@ -76,7 +76,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_type")
     check_keys(body, KEYS)
-    settings = services().settings
+    settings = current_services().settings
     alias = check_model(body, settings).alias
     text = body.get("text")
     if text is not None and text != {"format": {"type": "text"}}:
@@ -102,7 +102,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Iterator[str]:
     """`response.*` events numbered from 0 in the order of the job's events, so a replay numbers them alike."""
-    store = services().store
+    store = current_services().store
     seq, done = -1, False
 
     def emit(kind: str, **data: Any) -> str:
@@ -115,8 +115,8 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
         start = {**present(load_job(job_id), meta), "output": []}
         yield emit("response.created", response=start)
         yield emit("response.in_progress", response={**start, "status": "in_progress"})
-        item = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress", "role": "assistant",
-                "content": []}
+        item: dict[str, Any] = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress",
+                                "role": "assistant", "content": []}
         place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
         yield emit("response.output_item.added", output_index=0, item=item)
         yield emit("response.content_part.added", **place,
@@ -192,7 +192,7 @@ def get_response(response_id: str) -> Response:
 def cancel_response(response_id: str) -> Response:
     """Cancel a queued or running response; a finished one is returned as it is."""
     job_id = job_id_of(response_id)
-    outcome = services().store.cancel(job_id)
+    outcome = current_services().store.cancel(job_id)
     if outcome == "missing":
         raise missing("response", job_id)
     job = load_job(job_id)

@@ -13,14 +13,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from qwen_deploy.config import default_cache_dir
 from worker.builders.cache import cached_build
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 DEMO_MODEL_VERSION = 1
 KIND = "demo-model"  # names the lock and scratch folders beside the output
@@ -33,10 +33,18 @@ CHAT_TEMPLATE = (
 )
 SEED = 1234
 VOCAB_SIZE = 384
-MODEL_SHAPE = dict(
-    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=256,
-)
+
+
+class _Shape(TypedDict):
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+MODEL_SHAPE: _Shape = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "intermediate_size": 256}
 WINDOW = 128  # tokens per plain-text training window
 LEARNING_RATE = 3e-3
 MAX_STEPS = 400
@@ -172,12 +180,13 @@ def _batches(examples: list[Example], pad_id: int) -> list[Batch]:
     return out
 
 
-def _make_model(tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+def _make_model(tok: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
     """A freshly initialised tiny Qwen2 with the demo generation config."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    eos, pad = tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)
+    # one token each: one id each (a list of tokens would give a list)
+    eos, pad = cast(int, tok.convert_tokens_to_ids(IM_END)), cast(int, tok.convert_tokens_to_ids(EOT))
     config = Qwen2Config(
         vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
         eos_token_id=eos, pad_token_id=pad, bos_token_id=None, **MODEL_SHAPE,
@@ -190,14 +199,14 @@ def _make_model(tok: PreTrainedTokenizerBase) -> PreTrainedModel:
     return model
 
 
-def _failures(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -> list[str]:
+def _failures(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, text: str) -> list[str]:
     """Greedy checks the finished model must pass; returns what failed."""
     import torch
 
     prompts = zen_prompts(text)
     checks = [(p, r + "\n") for p, r in prompts[:-1]] + [(prompts[-1][0], prompts[-1][1] + EOT)]
     user = [{"role": "user", "content": "Beautiful is better than"}]
-    chat = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    chat = cast(str, tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False))  # tokenize=False: text
     checks.append((chat, "ugly." + IM_END))
     bad = []
     for prompt, want in checks:
@@ -205,13 +214,13 @@ def _failures(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -
         n = len(tok.encode(want, add_special_tokens=False)) + 2
         with torch.no_grad():
             new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n)
-        got = tok.decode(new[0, ids.shape[1] :], skip_special_tokens=False)
+        got = cast(str, tok.decode(new[0, ids.shape[1] :], skip_special_tokens=False))  # one sequence: one text
         if not got.startswith(want) or (want.endswith((EOT, IM_END)) and got != want):
             bad.append(f"{prompt!r} -> {got!r} (want {want!r})")
     return bad
 
 
-def _train(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str, log: Log) -> int:
+def _train(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, text: str, log: Log) -> int:
     """Full-batch AdamW until every check passes; returns the number of steps."""
     import torch
 

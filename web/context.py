@@ -1,0 +1,29 @@
+"""The app's shared objects (settings, Redis client, job store), looked up from the request's app.
+
+Named `current_services()`, not `services()`, so `web.services` (the package the routes call) is one thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+from flask import current_app
+
+from qwen_deploy.config import Settings
+from qwen_deploy.jobs import JobStore
+
+EXTENSION = "qwen_deploy"  # app.extensions[EXTENSION]: the Services object create_app made
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+
+
+def current_services() -> Services:
+    """The Services of the app handling the current request (or app context)."""
+    return cast(Services, current_app.extensions[EXTENSION])

@@ -1,0 +1,80 @@
+"""Uploaded files (batch input) kept in Redis with a size cap and a TTL, one owner's at a time."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from qwen_deploy.jobs import _text, mapping, new_id
+from qwen_deploy.keys import FileKeys
+from web.auth import current_owner
+from web.context import current_services
+
+FILE_PREFIX = "file-"
+
+
+class FileStore:
+    """A file is a hash (meta + content, `FileKeys.key`); the owner's index (`FileKeys.index_key`) holds ids by
+    creation time."""
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl: int, owner: str = "anonymous") -> None:
+        self.r, self.prefix, self.ttl, self.owner = client, prefix, ttl, owner
+
+    def key(self, file_id: str) -> str:
+        return FileKeys(self.prefix).key(file_id)
+
+    def index(self) -> str:
+        """The owner's file ids by creation time."""
+        return FileKeys(self.prefix).index_key(self.owner)
+
+    def create(self, filename: str, purpose: str, content: str) -> dict[str, Any]:
+        file_id, now = new_id(FILE_PREFIX), time.time()
+        meta = {"id": file_id, "filename": filename, "purpose": purpose, "created_at": str(int(now)),
+                "bytes": str(len(content.encode()))}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key(file_id), mapping=mapping({**meta, "owner": self.owner, "content": content}))
+        pipe.expire(self.key(file_id), self.ttl)
+        pipe.zadd(self.index(), {file_id: now})
+        pipe.zremrangebyscore(self.index(), "-inf", now - self.ttl)
+        pipe.expire(self.index(), self.ttl)
+        pipe.execute()
+        return file_object(meta, self.ttl)
+
+    def meta(self, file_id: str) -> dict[str, str] | None:
+        fields = ["id", "filename", "purpose", "created_at", "bytes", "owner"]
+        values = dict(zip(fields, self.r.hmget(self.key(file_id), fields)))
+        if not values["id"] or values.pop("owner") != self.owner:  # another key's file: not found
+            return None
+        return {k: _text(v) for k, v in values.items()}
+
+    def content(self, file_id: str) -> str | None:
+        raw = self.r.hget(self.key(file_id), "content") if self.meta(file_id) else None
+        return None if raw is None else _text(raw)
+
+    def delete(self, file_id: str) -> bool:
+        if self.meta(file_id) is None:
+            return False
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.key(file_id))
+        pipe.zrem(self.index(), file_id)
+        return bool(pipe.execute()[0])
+
+    def ids(self) -> list[str]:
+        """Newest first."""
+        self.r.zremrangebyscore(self.index(), "-inf", time.time() - self.ttl)
+        return [_text(i) for i in self.r.zrevrange(self.index(), 0, -1)]
+
+
+def file_object(meta: dict[str, Any], ttl: int | None = None) -> dict[str, Any]:
+    created = int(meta["created_at"])
+    return {"id": meta["id"], "object": "file", "bytes": int(meta["bytes"]), "created_at": created,
+            "expires_at": created + ttl if ttl else None, "filename": meta["filename"], "purpose": meta["purpose"],
+            "status": "processed", "status_details": None}
+
+
+def file_store() -> FileStore:
+    """The caller's files."""
+    svc = current_services()
+    return FileStore(svc.redis, svc.settings.key_prefix, svc.settings.files.ttl, current_owner())

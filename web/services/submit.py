@@ -1,0 +1,114 @@
+"""Submitting jobs: the one path every route that creates a job takes (record + enqueue in one round trip)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import has_request_context, request
+
+from qwen_deploy.config import Settings
+from qwen_deploy.errors import NotFound, Unprocessable
+from qwen_deploy.jobs import new_job_id, public_job
+from qwen_deploy.lifecycle import estimate
+from qwen_deploy.logs import event
+from qwen_deploy.queues import GENERATE_TASK, task_message
+from qwen_deploy.served import find_model
+from qwen_deploy.webhook_store import WebhookStore
+from qwen_deploy.webhooks import check_request
+from web.auth import current_owner
+from web.context import current_services
+from web.errors import refused
+from web.job_options import JobOptions, body_options
+from web.schemas import parse_job
+from web.services.records import load_job
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces (like Stripe's 255)
+
+
+def request_hash(req: Any, canonical: str | None = None) -> str:
+    """A hash of a validated request (or of its `canonical` JSON), stored with its idempotency key."""
+    canonical = canonical if canonical is not None else json.dumps(req, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise Unprocessable("Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
+                            code="invalid_idempotency_key", param="Idempotency-Key")
+    return key
+
+
+def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
+            idempotency_key: str | None, *, retry_after: int | None = None, engine: bool = False,
+            model: str | None = None, options: JobOptions | None = None,
+            extra: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+    """Record and enqueue a job in one Redis round trip; return (job object, replayed). A generation job
+    (`engine`) for `model` goes onto that model's pending set; while no live worker serves it, only
+    `limits.max_queued_unserved` such jobs are accepted. `extra`: more record fields (webhook, retry_of...)."""
+    extra = extra or {}
+    svc = current_services()
+    job_id = new_job_id()
+    owner = current_owner()
+    message = task_message(task, job_id, queue, [job_id], *limits)
+    options = options or JobOptions()
+    deadline = options.deadline()
+    stored = json.dumps(req, sort_keys=True, default=str)  # also what the idempotency hash covers
+    fields = {"type": kind, "request": stored, "created_at": repr(time.time()),
+              **({"model": model} if model else {}), **options.fields(), **extra}
+    route = request.path if has_request_context() else kind
+    same_body = model in (None, svc.store.default_model)  # another model: another body
+    body_hash = request_hash(req, stored) if same_body else request_hash({**req, "model": model})
+    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
+                              check_idempotency_key(idempotency_key), owner=owner, route=route,
+                              body_hash=body_hash, max_inflight=svc.settings.limits.max_inflight_per_key,
+                              engine=engine, model=model,
+                              unserved_cap=svc.settings.limits.max_queued_unserved if engine else None,
+                              priority=options.priority, deadline=deadline, fair_cost=fair_cost(req, svc.settings))
+    if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
+        WebhookStore(svc.redis, svc.settings).watch_output(job_id)
+    refusal = refused(result, queue, model, retry_after)
+    if refusal is not None:
+        raise refusal
+    if result.status == "duplicate":
+        return load_job(result.job_id), True
+    event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
+    job = public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
+                      **({"deadline": repr(deadline)} if deadline else {}), **fields})
+    if result.position is not None:
+        job.update(queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate))
+    return job, False
+
+
+def fair_cost(req: dict[str, Any], settings: Settings) -> float:
+    """Seconds of its key's virtual clock a generation job takes (0: no fair queueing)."""
+    rate = settings.limits.fair_tokens_per_second
+    tokens = int(req.get("max_new_tokens") or 0) * int(req.get("n") or 1)
+    return tokens / rate if rate and tokens else 0.0
+
+
+def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+    """Validate and enqueue a generation job."""
+    req = parse_job(body, current_services().settings)
+    hook = check_request(body.get("webhook"), body.get("webhook_events_filter"), current_services().settings)
+    return submit_request(req, idempotency_key, body_options(body), **hook)
+
+
+def submit_request(req: dict[str, Any], idempotency_key: str | None, options: JobOptions | None = None,
+                   **extra: str) -> tuple[dict[str, Any], bool]:
+    """Enqueue an already validated generation request (see parse_job) on its model's interactive queue."""
+    settings = current_services().settings
+    lim, req = settings.limits, dict(req)
+    served = find_model(settings, req.pop("model", None))
+    if served is None:  # parse_job checked it
+        raise NotFound("no such model", code="model_not_found", param="model")
+    return enqueue("generation", GENERATE_TASK, served.interactive, req, (lim.hard_time_limit, lim.soft_time_limit),
+                   idempotency_key, engine=True, model=served.alias, options=options,
+                   extra={"max_new_tokens": str(req["max_new_tokens"]), **extra})
