@@ -81,12 +81,20 @@ def register(app: Flask, settings: Settings) -> None:
     admin = [k.get_secret_value().encode() for k in settings.web.admin_keys]
     keys = [k.get_secret_value().encode() for k in settings.web.api_keys] + admin
     hosts = trusted_hosts(settings)
+    seen: dict[str, bool] = {}  # Host header -> trusted (werkzeug IDNA-encodes on every check)
+
+    def trusted(host: str) -> bool:
+        if host not in seen:
+            if len(seen) >= 256:
+                seen.clear()
+            seen[host] = host_is_trusted(host, hosts)
+        return seen[host]
 
     @app.before_request
     def _check_host() -> None:
         if hosts is None or request.path in PROBE_PATHS:
             return
-        if not host_is_trusted(request.host, hosts):
+        if not trusted(request.host):
             raise AppError("this Host is not served here (web.trusted_hosts)", code="untrusted_host",
                            param="Host", status_code=400)
 

@@ -139,9 +139,21 @@ ERRORS = {f"HTTP_{code}": Error for code in (400, 401, 403, 413, 415, 422, 429, 
 
 
 def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str, ...] = (), **kwargs: Any) -> Any:
-    """spectree's decorator in documentation mode (validation happens in our own code)."""
+    """spectree's decorator in documentation mode (validation happens in our own code). The route keeps
+    its own function: spectree's wrapper would run on every request only to skip validation, so its
+    metadata is filed under the route function instead (where spectree keeps it; else the wrapper stays)."""
     codes = {f"HTTP_{ok}": model, **ERRORS, "HTTP_404": Error, "HTTP_409": Error, "HTTP_410": Error}
-    return spec.validate(resp=Responses(**codes), tags=list(tags), skip_validation=True, **kwargs)
+    decorate = spec.validate(resp=Responses(**codes), tags=list(tags), skip_validation=True, **kwargs)
+
+    def register(func: Any) -> Any:
+        wrapper = decorate(func)
+        metadata, table = spec.get_function_metadata(wrapper), getattr(spec, "_function_metadata", None)
+        if metadata is None or table is None:
+            return wrapper
+        table[func] = metadata
+        return func
+
+    return register
 
 
 def _error_ref(document: dict[str, Any]) -> dict[str, Any]:
