@@ -184,8 +184,9 @@ def _from_cache(req: _Request, report: _Progress, cause: Exception | None) -> di
         if cause is None:
             raise req.error(f"HF_HUB_OFFLINE is set and {req.where} is not (completely) in the local cache; "
                             "download it once with network access.", "offline_not_cached", False) from None
-        why = req.scrub(_summary(cause))
-        raise req.error(f"the hub at {req.hub} is unreachable or failing ({why}) and {req.where} is not "
+        log.warning("download of %s: the hub failed (%s) and the cache cannot serve it", req.where,
+                    req.scrub(_summary(cause)))  # the detail goes to the log; the job gets a code and a sentence
+        raise req.error(f"the hub at {req.hub} is unreachable or failing and {req.where} is not "
                         "(completely) in the local cache; try again later.", "network", False) from None
     on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     on_disk = [n for n in on_disk if not n.startswith(".cache/")]
