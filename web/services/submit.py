@@ -33,10 +33,9 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces (like Stripe's 255)
 
 
-def request_hash(req: Any, canonical: str | None = None) -> str:
-    """A hash of a validated request (or of its `canonical` JSON), stored with its idempotency key."""
-    canonical = canonical if canonical is not None else json.dumps(req, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+def request_hash(req: Any) -> str:
+    """A hash of a validated request, stored with its idempotency key."""
+    return hashlib.sha256(json.dumps(req, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def check_idempotency_key(key: str | None) -> str | None:
@@ -60,12 +59,11 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     message = task_message(task, job_id, queue, [job_id], *limits)
     options = options or JobOptions()
     deadline = options.deadline()
-    stored = json.dumps(req, sort_keys=True, default=str)  # also what the idempotency hash covers
-    fields = {"type": kind, "request": stored, "created_at": repr(time.time()),
+    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()),
               **({"model": model} if model else {}), **options.fields(), **extra}
     route = request.path if has_request_context() else kind
     same_body = model in (None, svc.store.default_model)  # another model: another body
-    body_hash = request_hash(req, stored) if same_body else request_hash({**req, "model": model})
+    body_hash = request_hash(req if same_body else {**req, "model": model})
     result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
                               check_idempotency_key(idempotency_key), owner=owner, route=route,
                               body_hash=body_hash, max_inflight=svc.settings.limits.max_inflight_per_key,
