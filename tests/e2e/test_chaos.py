@@ -192,7 +192,7 @@ def test_redis_killed_with_100_jobs_queued(chaos: Stack) -> None:
     time.sleep(2)
     down_at = time.monotonic()
     chaos.redis_server = RedisServer(data_dir=server.data_dir, port=server.port).start()
-    done = finals(client, [busy, *ids], timeout=120)
+    done = finals(client, [busy, *ids], timeout=240)  # generous: a loaded machine recovers slowly
     ok = sum(d["status"] == "succeeded" for d in done)
     figure("redis_kill_9", queued=100, in_flight=1, completed=ok, lost=101 - ok,
            recovery_s=round(time.monotonic() - down_at, 1))
