@@ -143,7 +143,7 @@ class JobStore(JobKeys):
                   served, self.deadlines_key() if deadline is not None else "",
                   self.fair_key(model) if engine and fair_cost > 0 else ""],
             args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), json.dumps(options),
-                  *_flat(fields)],
+                  json.dumps(strings(fields), ensure_ascii=False)],  # one argument: redis-py packs each one
         )
         status, value = _text(status), _text(value)
         if status == "ok" and self.wait_replicas:

@@ -2,7 +2,7 @@
 -- pending ('' when the job is not for the engine), the model's live workers ('' = no check),
 -- deadlines ('' when the job has none), the keys' virtual clocks ('' = plain FIFO within a priority).
 -- The record has no TTL until it is terminal (a job queued longer than the TTL must still end).
--- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), fields...
+-- ARGV: ttl, max_depth, message, job id, reap at, options (JSON), the record's fields (JSON object of strings).
 -- options: body (hash of the request, kept with the idempotency key), max_inflight (0: no cap),
 -- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
 -- below it have expired: trimmed from the index), index_max (index length kept), pending_score
@@ -42,7 +42,12 @@ if cap > 0 and redis.call('ZCARD', KEYS[6]) >= cap then
   local n = redis.call('ZCARD', KEYS[6])
   if n >= cap then return {'inflight', tostring(n)} end
 end
-redis.call('HSET', KEYS[1], 'message', ARGV[3], unpack(ARGV, 7))
+local record = {'message', ARGV[3]}
+for name, value in pairs(cjson.decode(ARGV[7])) do
+  record[#record + 1] = name
+  record[#record + 1] = value
+end
+redis.call('HSET', KEYS[1], unpack(record))
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 if KEYS[7] ~= '' then
   local score = opt.pending_score or redis.call('HGET', KEYS[1], 'created_at')

@@ -190,3 +190,17 @@ def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: R
             "owner:o:batch_index", "webhooks:watch", "webhook:msg_batch_X_completed",
             "batch:batch_X:webhooks", "owner:o:files", "workers", "worker:host:X", "model:m:workers",
             "stats:model_loads"} <= set(shapes["t"]), shapes["t"]
+
+
+def test_submit_stores_every_field_byte_for_byte(store: JobStore) -> None:
+    """The record's fields travel as one JSON argument; odd text arrives unchanged."""
+    job_id = new_job_id()
+    odd = 'é 😀 \x00 "quoted" \\back\\ \u2028 {"json": [1]} ' + "x" * 5000
+    fields = {"type": "generation", "request": json.dumps({"prompt": odd}), "webhook": odd, "n": 3, "none": None}
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+    assert store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True).status == "ok"
+    record = store.get(job_id)
+    assert record is not None
+    assert record["webhook"] == odd and json.loads(record["request"]) == {"prompt": odd}
+    assert record["n"] == "3" and "none" not in record and record["message"] == message
+    assert record["status"] == "queued" and record["id"] == job_id
