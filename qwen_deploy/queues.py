@@ -52,11 +52,14 @@ def task_message(task: str, task_id: str, queue: str, args: list[object],
                  time_limit: float | None = None, soft_time_limit: float | None = None) -> str:
     """The JSON string kombu's Redis transport stores for one Celery task message (every submit builds
     one: the envelope is rendered once per task and queue, then filled in)."""
-    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    body = "[" + json.dumps(args) + _BODY_TAIL  # [args, kwargs, embed], as json.dumps would write it
     fill = {"@@body@@": base64.b64encode(body.encode()).decode(), "@@id@@": _json_str(task_id),
             "@@argsrepr@@": _json_str(repr(args)), "@@tag@@": str(uuid.uuid4())}
     head, *parts = _envelope(task, queue, time_limit, soft_time_limit)
     return head + "".join(fill[name] + text for name, text in parts)
+
+
+_BODY_TAIL = ', {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
 
 
 def _json_str(text: str) -> str:

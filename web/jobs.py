@@ -26,8 +26,16 @@ STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")  # 64-bit parts
 SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 
 
+class _JobResponse(Response):
+    """A job object (200 or 202): its headers are final as set (an ASCII `Location`, a known length), so
+    werkzeug's per-response pass over them (IRI quoting, fixes for bodiless statuses) is skipped."""
+
+    def get_wsgi_headers(self, environ: Any) -> Any:
+        return self.headers
+
+
 def _job_response(job: dict[str, Any], status: int = 200, **headers: str) -> Response:
-    response = Response(json.dumps(job), status=status, mimetype="application/json")
+    response = _JobResponse(json.dumps(job), status=status, mimetype="application/json")
     response.headers.update(headers)
     return response
 
