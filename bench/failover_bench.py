@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qwen_deploy.connections import connect  # noqa: E402
-from qwen_deploy.jobs import JobStore, new_job_id  # noqa: E402
+from qwen_deploy.job_records import new_job_id  # noqa: E402
+from qwen_deploy.jobs import JobStore  # noqa: E402
 from qwen_deploy.queues import INTERACTIVE  # noqa: E402
 from tests.helpers import Stack  # noqa: E402
 from tests.sentinel_group import SentinelGroup, failover_burst  # noqa: E402

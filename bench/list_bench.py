@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.submit_bench import start  # noqa: E402
 from qwen_deploy.cli.redis_server import RedisServer  # noqa: E402
-from qwen_deploy.jobs import PRIORITY_RANK, JobStore, new_job_id  # noqa: E402
+from qwen_deploy.job_records import new_job_id  # noqa: E402
+from qwen_deploy.jobs import PRIORITY_RANK, JobStore  # noqa: E402
 from web.auth import owner_of  # noqa: E402
 
 KEY_A, KEY_B = "bench-key-a", "bench-key-b"

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import redis
 
-from qwen_deploy.jobs import _text, mapping
+from qwen_deploy.job_records import _text, mapping
 from qwen_deploy.keys import BatchKeys, WebhookKeys, queue_key, stats_key
 from qwen_deploy.lua import script
 from qwen_deploy.states import BATCH_TERMINAL

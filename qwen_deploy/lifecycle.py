@@ -17,7 +17,8 @@ import json
 import time
 from typing import Any
 
-from qwen_deploy.jobs import JobStore, _text
+from qwen_deploy.job_records import _text
+from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import script
 
 MAX_DEADLINE_SECONDS = 86400.0  # a deadline further ahead is refused (400/422)

@@ -25,7 +25,8 @@ from typing import Any
 
 import redis
 
-from qwen_deploy.jobs import TERMINAL, JobStore, _text
+from qwen_deploy.job_records import _text
+from qwen_deploy.jobs import TERMINAL, JobStore
 from qwen_deploy.keys import unacked_index_key, unacked_key
 from qwen_deploy.lifecycle import sweep_deadlines
 from qwen_deploy.logs import event

@@ -22,7 +22,7 @@ import redis
 
 from qwen_deploy.config import Settings
 from qwen_deploy.connections import settings_client
-from qwen_deploy.jobs import _text, public_job
+from qwen_deploy.job_records import _text, public_job
 from qwen_deploy.keys import JobKeys, WebhookKeys
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL

@@ -21,7 +21,7 @@ from qwen_deploy.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from qwen_deploy.jobs import _text, new_id, strings, valid_id
+from qwen_deploy.job_records import _text, new_id, strings, valid_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request

@@ -13,7 +13,7 @@ from typing import Literal
 from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qwen_deploy.jobs import public_job, valid_id
+from qwen_deploy.job_records import public_job, valid_id
 from qwen_deploy.lifecycle import with_positions
 from web.auth import current_owner
 from web.context import current_services

@@ -12,7 +12,8 @@ from typing import Any
 from flask import Blueprint, Response, request, stream_with_context
 
 from qwen_deploy.errors import Conflict, GatewayTimeout, Unprocessable
-from qwen_deploy.jobs import TERMINAL, public_job
+from qwen_deploy.job_records import public_job
+from qwen_deploy.jobs import TERMINAL
 from web.context import current_services
 from web.openapi import Job, SubmitHeaders, WaitQuery, doc
 from web.schemas import JobCreate, read_json

@@ -23,7 +23,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from qwen_deploy.jobs import JobStore, _text
+from qwen_deploy.job_records import _text
+from qwen_deploy.jobs import JobStore
 from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.served import Served

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from qwen_deploy.client import APIError, Client
-from qwen_deploy.jobs import new_job_id
+from qwen_deploy.job_records import new_job_id
 from tests.helpers import ROOT, Stack, wait_until
 
 LONG = {"prompt": "Beautiful is better than", "max_new_tokens": 512, "ignore_eos": True}

@@ -6,7 +6,7 @@ import openai
 import pytest
 import requests
 
-from qwen_deploy.jobs import new_job_id
+from qwen_deploy.job_records import new_job_id
 from tests.helpers import Stack, wait_until
 
 TERMINAL = ("completed", "failed", "cancelled", "incomplete")

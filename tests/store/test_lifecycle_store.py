@@ -9,7 +9,8 @@ import time
 import pytest
 
 from qwen_deploy.errors import BadRequest
-from qwen_deploy.jobs import JobStore, SubmitResult, new_job_id
+from qwen_deploy.job_records import new_job_id
+from qwen_deploy.jobs import JobStore, SubmitResult
 from qwen_deploy.lifecycle import current, done_times_key, purge, sweep_deadlines, with_positions
 from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
 from tests.helpers import wait_until
@@ -133,7 +134,7 @@ def test_positions_decrease_as_jobs_are_claimed_and_the_estimate_follows_complet
 
 
 def _job(store: JobStore, job_id: str) -> dict[str, object]:
-    from qwen_deploy.jobs import public_job
+    from qwen_deploy.job_records import public_job
 
     return public_job(store.get(job_id) or {})
 

@@ -13,7 +13,8 @@ from qwen_deploy import keys, registry
 from qwen_deploy.batches import BatchStore
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
-from qwen_deploy.jobs import JobStore, new_job_id
+from qwen_deploy.job_records import new_job_id
+from qwen_deploy.jobs import JobStore
 from qwen_deploy.queues import BULK, GENERATE_TASK, INTERACTIVE, task_message
 from qwen_deploy.webhook_store import WebhookStore
 from web.services.files import FileStore

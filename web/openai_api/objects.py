@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_deploy.jobs import JOB_ID_PREFIX
+from qwen_deploy.job_records import JOB_ID_PREFIX
 
 # Job finish reasons → OpenAI's: a cut-off text (token cap, time budget, cancel) is "length".
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "length", "canceled": "length"}

@@ -9,7 +9,8 @@ from typing import Any
 from flask import Blueprint, Response, g, request, stream_with_context
 
 from qwen_deploy.errors import BadRequest, NotFound
-from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL
+from qwen_deploy.job_records import JOB_ID_PREFIX
+from qwen_deploy.jobs import TERMINAL
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.completions import finished

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from qwen_deploy.jobs import _text, mapping, new_id
+from qwen_deploy.job_records import _text, mapping, new_id
 from qwen_deploy.keys import FileKeys
 from web.auth import current_owner
 from web.context import current_services

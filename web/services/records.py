@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from qwen_deploy.errors import Gone, NotFound
-from qwen_deploy.jobs import JOB_ID_PREFIX, TERMINAL, id_time, public_job, valid_id
+from qwen_deploy.job_records import JOB_ID_PREFIX, id_time, public_job, valid_id
+from qwen_deploy.jobs import TERMINAL
 from qwen_deploy.lifecycle import current, with_positions
 from web.auth import current_owner
 from web.context import current_services

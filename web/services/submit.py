@@ -14,7 +14,7 @@ from flask import has_request_context, request
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import NotFound, Unprocessable
-from qwen_deploy.jobs import new_job_id, public_job
+from qwen_deploy.job_records import new_job_id, public_job
 from qwen_deploy.lifecycle import estimate
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
