@@ -1,6 +1,6 @@
 """Download a model snapshot from the Hugging Face hub as a plain function: pick the files, retry
 transient failures, fall back to the local cache, classify errors, report progress. The token never
-appears in results, messages or logs."""
+appears in results, messages or logs. Which failures are retried and how each is worded: hub_failures.py."""
 
 from __future__ import annotations
 
@@ -9,25 +9,15 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx2
-from huggingface_hub import HfApi, constants, is_offline_mode, snapshot_download
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from tqdm.auto import tqdm as base_tqdm
 
-from conversion.errors import DownloadError
+from conversion.hub_failures import HubRequest, classify, is_transient, retrying, summary
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +31,6 @@ DEFAULT_IGNORE = ["consolidated*.safetensors", "original/*"]  # duplicate non-HF
 API_TIMEOUT_S = 30.0
 PROGRESS_INTERVAL_S = 0.25
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_RETRY_STATUS = {408, 429}
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class _Request:
-    repo_id: str
-    revision: str | None
-    out: Path | None
-    cache_dir: Path | None
-    token: str | None
-    allow: list[str] | None
-    ignore: list[str] | None
-    endpoint: str | None
-
-    def scrub(self, text: str) -> str:
-        return text.replace(self.token, "***") if self.token else text
-
-    def error(self, message: str, code: str, permanent: bool) -> DownloadError:
-        return DownloadError(self.scrub(message), code, permanent)
-
-    @property
-    def hub(self) -> str:
-        return (self.endpoint or constants.ENDPOINT).rstrip("/")
-
-    @property
-    def where(self) -> str:
-        return f"{self.repo_id}@{self.revision or constants.DEFAULT_REVISION}"
 
 
 class _Progress:
@@ -141,23 +103,23 @@ def download_model(
     sleeping ``backoff * 2**i`` between them; then the local cache is tried. ``progress`` may be
     called from download threads. Raises :class:`DownloadError`.
     """
-    req = _Request(repo_id, revision, out, cache_dir, token, allow_patterns, ignore_patterns, endpoint)
+    req = HubRequest(repo_id, revision, out, cache_dir, token, allow_patterns, ignore_patterns, endpoint)
     report = _Progress(progress)
     report.emit("listing")
     if is_offline_mode():  # HF_HUB_OFFLINE=1 (read by huggingface_hub at import)
         return _from_cache(req, report, cause=None)
     try:
-        return _retrying(lambda: _from_hub(req, report), req, retries, backoff)
+        return retrying(lambda: _from_hub(req, report), req, retries, backoff)
     except Exception as exc:
-        if _is_transient(exc):
+        if is_transient(exc):
             return _from_cache(req, report, cause=exc)
-        error = _classify(exc, req)
+        error = classify(exc, req)
         if error is None:
             raise
         raise error from None  # the hub's exception stays out of tracebacks and logs
 
 
-def _from_hub(req: _Request, report: _Progress) -> dict:
+def _from_hub(req: HubRequest, report: _Progress) -> dict:
     """List the repo, choose the files, download them (resuming what is already there)."""
     info = HfApi(endpoint=req.endpoint, token=req.token).model_info(
         req.repo_id, revision=req.revision, files_metadata=True, timeout=API_TIMEOUT_S
@@ -173,7 +135,7 @@ def _from_hub(req: _Request, report: _Progress) -> dict:
     return _result(req, report, Path(path), _commit_of(Path(path), req) or info.sha, chosen, offline=False)
 
 
-def _from_cache(req: _Request, report: _Progress, cause: Exception | None) -> dict:
+def _from_cache(req: HubRequest, report: _Progress, cause: Exception | None) -> dict:
     """Serve the snapshot from the local cache (or ``out``) without the network."""
     try:
         path = Path(snapshot_download(
@@ -185,7 +147,7 @@ def _from_cache(req: _Request, report: _Progress, cause: Exception | None) -> di
             raise req.error(f"HF_HUB_OFFLINE is set and {req.where} is not (completely) in the local cache; "
                             "download it once with network access.", "offline_not_cached", False) from None
         log.warning("download of %s: the hub failed (%s) and the cache cannot serve it", req.where,
-                    req.scrub(_summary(cause)))  # the detail goes to the log; the job gets a code and a sentence
+                    req.scrub(summary(cause)))  # the detail goes to the log; the job gets a code and a sentence
         raise req.error(f"the hub at {req.hub} is unreachable or failing and {req.where} is not "
                         "(completely) in the local cache; try again later.", "network", False) from None
     on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
@@ -195,7 +157,7 @@ def _from_cache(req: _Request, report: _Progress, cause: Exception | None) -> di
     return _result(req, report, path, _commit_of(path, req), names, offline=True)
 
 
-def _patterns(names: list[str], req: _Request) -> tuple[list[str], list[str] | None]:
+def _patterns(names: list[str], req: HubRequest) -> tuple[list[str], list[str] | None]:
     """The caller's patterns, or the defaults: safetensors when the repo has any, else ``*.bin``."""
     if req.allow is not None:
         return req.allow, req.ignore
@@ -205,7 +167,7 @@ def _patterns(names: list[str], req: _Request) -> tuple[list[str], list[str] | N
     return (DEFAULT_ALLOW if has_safetensors else DEFAULT_ALLOW + BIN_FALLBACK), ignore
 
 
-def _commit_of(path: Path, req: _Request) -> str | None:
+def _commit_of(path: Path, req: HubRequest) -> str | None:
     """The commit of a cache snapshot (its folder name) or of a ``local_dir`` download (its metadata)."""
     if req.revision and _COMMIT.fullmatch(req.revision):
         return req.revision
@@ -218,78 +180,11 @@ def _commit_of(path: Path, req: _Request) -> str | None:
     return None
 
 
-def _result(req: _Request, report: _Progress, path: Path, commit: str | None, names: list[str], offline: bool) -> dict:
+def _result(req: HubRequest, report: _Progress, path: Path, commit: str | None, names: list[str],
+            offline: bool) -> dict:
     files = [name for name in names if (path / name).is_file()]
     size = sum((path / name).stat().st_size for name in files)
     report.files_total, report.bytes_total = len(files), size
     report.emit("done", len(files), size)
     return {"repo_id": req.repo_id, "revision": req.revision, "commit": commit, "path": str(path),
             "files": files, "bytes": size, "offline": offline}
-
-
-def _retrying(attempt: Callable[[], T], req: _Request, retries: int, backoff: float) -> T:
-    """Run ``attempt`` up to ``retries`` times while it fails transiently; re-raise the last failure."""
-    attempts = max(1, retries)
-    for i in range(attempts):
-        try:
-            return attempt()
-        except Exception as exc:
-            if not _is_transient(exc) or i + 1 == attempts:
-                raise
-            delay = backoff * 2**i
-            log.warning("download of %s failed (%s); attempt %d/%d in %.2fs",
-                        req.where, req.scrub(_summary(exc)), i + 2, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
-    return getattr(response, "status_code", None)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Network trouble worth retrying: transport errors, timeouts, 408/429/5xx, a file the hub didn't serve."""
-    if isinstance(exc, (httpx2.TransportError, TimeoutError, ConnectionError, LocalEntryNotFoundError)):
-        return True
-    status = _status(exc)
-    return status is not None and (status in _RETRY_STATUS or status >= 500)
-
-
-def _is(*types: type[BaseException]) -> Callable[[BaseException], bool]:
-    return lambda exc: isinstance(exc, types)
-
-
-def _has_status(code: int) -> Callable[[BaseException], bool]:
-    return lambda exc: _status(exc) == code
-
-
-# Permanent failures, first match wins: code -> (test, message). GatedRepoError subclasses
-# RepositoryNotFoundError and the hub answers 401 for private repos, so the order matters.
-_PERMANENT: dict[str, tuple[Callable[[BaseException], bool], str]] = {
-    "gated": (_is(GatedRepoError), "{where} is a gated repo: accept its licence at {page} with your account, "
-              "then set HF_TOKEN to a read token of that account ({auth})."),
-    "bad_revision": (_is(RevisionNotFoundError), "revision {revision!r} does not exist in {repo}."),
-    "unauthorized": (_has_status(401), "the hub refused access to {where} (401; {auth}). A private or gated "
-                     "repo needs HF_TOKEN set to a token with read access."),
-    "not_found": (_is(RepositoryNotFoundError, RemoteEntryNotFoundError), "{where} was not found on the hub "
-                  "(check the name; a private repo also needs HF_TOKEN; {auth})."),
-    "disabled": (_is(DisabledRepoError), "{where} has been disabled on the hub."),
-    "forbidden": (_has_status(403), "the hub forbids access to {where} (403; {auth})."),
-}
-
-
-def _classify(exc: BaseException, req: _Request) -> DownloadError | None:
-    """The permanent :class:`DownloadError` for ``exc``, or None when it is not a known hub error."""
-    auth = "a token was given" if req.token else "no token was given"
-    page = f"{req.hub}/{req.repo_id}"
-    for code, (matches, template) in _PERMANENT.items():
-        if matches(exc):
-            text = template.format(where=req.where, repo=req.repo_id, revision=req.revision, auth=auth, page=page)
-            return req.error(text, code, True)
-    return None
-
-
-def _summary(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from huggingface_hub import constants
 
-from conversion.download import DownloadError, download_model
+from conversion.download import download_model
+from conversion.errors import DownloadError
 
 COMMIT = "a" * 40
 OTHER_COMMIT = "b" * 40
@@ -243,7 +244,8 @@ def test_hf_hub_offline_env(tmp_path: Path) -> None:
     """HF_HUB_OFFLINE is read at import, hence a fresh interpreter."""
     build_cache(tmp_path)
     script = (
-        "import json, sys\nfrom pathlib import Path\nfrom conversion.download import DownloadError, download_model\n"
+        "import json, sys\nfrom pathlib import Path\nfrom conversion.download import download_model\n"
+        "from conversion.errors import DownloadError\n"
         "cache = Path(sys.argv[1])\nout = {'hit': download_model('org/cached', cache_dir=cache)}\n"
         "try:\n    download_model('org/other', cache_dir=cache)\n"
         "except DownloadError as e:\n    out['miss'] = [e.code, e.permanent, str(e)]\nprint(json.dumps(out))\n"
