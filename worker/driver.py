@@ -30,17 +30,9 @@ from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.served import Served
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import GenerationRequest, ModelHandler
-from worker.running import RunningJob, holder_alive, last_deltas, other_deltas
+from worker.running import RunningJob, holder_alive, last_deltas, other_deltas, terminal_state
 
 log = logging.getLogger(__name__)
-
-STATUS_BY_REASON = {"time_limit": "timed_out", "canceled": "canceled", "error": "failed"}
-ERRORS = {
-    "timed_out": {"code": "time_limit", "message": "generation stopped at its time budget"},
-    "failed": {"code": "generation_error", "message": "the model failed while generating (see the worker log)"},
-}
-DEADLINE_ERROR = {"code": "deadline_exceeded", "message": "the job reached its deadline (Cancel-After or "
-                                                          "deadline_seconds); output holds the partial text"}
 
 
 class Driver:
@@ -254,17 +246,7 @@ class Driver:
             event(log, "job.dropped", logging.WARNING, id=job.job_id, reason="no longer held by this worker")
             return
         result = self.handler.result(job.seqs, job.prompt_tokens, job.truncated, job.req)
-        status = STATUS_BY_REASON.get(result.finish_reason, "succeeded")
-        fields: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
-                                  "tokens": str(result.completion_tokens), "usage": result.usage()}
-        if result.finish_reason == "error":
-            fields["finish_reason"] = None
-        if result.choices:
-            fields["choices"] = result.choices
-        if status in ERRORS:
-            fields["error"] = ERRORS[status]
-        if status in ("timed_out", "canceled") and job.deadline is not None and time.time() >= job.deadline - 0.25:
-            status, fields["finish_reason"], fields["error"] = "canceled", "canceled", DEADLINE_ERROR
+        status, fields = terminal_state(job, result)
         delta = result.text[len(job.sent):] if result.text.startswith(job.sent) else ""
         others = last_deltas(job, [c["text"] for c in result.choices]) if len(job.seqs) > 1 else []
         self.store.finish(job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker,

@@ -1,4 +1,5 @@
-"""A generation job while its samples run in this child's engine, and the liveness check of a holder."""
+"""A generation job while its samples run in this child's engine, the record it leaves when it ends, and the
+liveness check of a holder."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.engine import Seq, stable_text
-from worker.handler import GenerationRequest
+from worker.handler import GenerationRequest, GenerationResult
+
+STATUS_BY_REASON = {"time_limit": "timed_out", "canceled": "canceled", "error": "failed"}
+ERRORS = {
+    "timed_out": {"code": "time_limit", "message": "generation stopped at its time budget"},
+    "failed": {"code": "generation_error", "message": "the model failed while generating (see the worker log)"},
+}
+DEADLINE_ERROR = {"code": "deadline_exceeded", "message": "the job reached its deadline (Cancel-After or "
+                                                          "deadline_seconds); output holds the partial text"}
 
 
 @dataclass
@@ -49,6 +58,23 @@ def last_deltas(job: RunningJob, texts: list[str]) -> list[tuple[int, str]]:
     sent = job.sent_others or [""] * (len(job.seqs) - 1)
     return [(i, text[len(done):]) for i, (text, done) in enumerate(zip(texts[1:], sent), 1)
             if len(text) > len(done) and text.startswith(done)]
+
+
+def terminal_state(job: RunningJob, result: GenerationResult) -> tuple[str, dict[str, Any]]:
+    """The terminal status and record fields of a finished job; stopped at its deadline, it is `canceled`
+    with `deadline_exceeded`."""
+    status = STATUS_BY_REASON.get(result.finish_reason, "succeeded")
+    fields: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
+                              "tokens": str(result.completion_tokens), "usage": result.usage()}
+    if result.finish_reason == "error":
+        fields["finish_reason"] = None
+    if result.choices:
+        fields["choices"] = result.choices
+    if status in ERRORS:
+        fields["error"] = ERRORS[status]
+    if status in ("timed_out", "canceled") and job.deadline is not None and time.time() >= job.deadline - 0.25:
+        status, fields["finish_reason"], fields["error"] = "canceled", "canceled", DEADLINE_ERROR
+    return status, fields
 
 
 def holder_alive(holder: str) -> bool:
