@@ -1,19 +1,37 @@
-"""Group commit: script calls that many request handlers make at the same time reach Redis as one pipeline.
+"""Group commit: script calls that many request handlers make at the same time reach Redis in one write.
 
 A caller that finds no round trip in flight sends its call at once, so a lone request waits for nothing.
 Calls that arrive while a round trip is in flight queue up; when it returns, the first of them sends all
-of them in one pipeline. Under load this turns N round trips (N sends and reads here, N wake-ups and
+of them in one write. Under load this turns N round trips (N sends and reads here, N wake-ups and
 socket reads in Redis, all on the same cores) into one, without a timer. Each call is still its own
 script run, atomic on its own; only the transport is shared. Works with threads and with gevent's
 patched `threading` (gunicorn's gevent worker) alike.
+
+The round trips go over one connection of the group's own (only the leader of a round trip uses it),
+packed and read by `qwen_deploy.resp`, not through redis-py's command path, which costs more CPU than the
+round trip itself. A script Redis no longer has (NOSCRIPT) and a demoted master (READONLY) take redis-py's
+path for that call; a lost connection fails the calls of its round trip as redis-py's errors, and a lone
+call is tried again only where redis-py would have (a client configured with retries).
 """
 
 from __future__ import annotations
 
+import builtins
+import os
 import threading
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    ConnectionError,
+    DataError,
+    InvalidResponse,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+    TimeoutError,
+)
+
+from qwen_deploy.resp import Replies, pack_evalsha
 
 
 class _Call:
@@ -37,6 +55,8 @@ class GroupCommit:
         self._queue: list[_Call] = []
         self._busy = False
         self.calls = self.groups = self.largest = 0  # how well it groups (for tests and benchmarks)
+        self._conn: Any = None
+        self._pid = 0
 
     def __call__(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
         call = _Call(script, keys, args)
@@ -75,30 +95,65 @@ class GroupCommit:
                 following.lead = True
                 following.done.set()
 
+    def _connection(self) -> Any:
+        """The connection only the leader of a round trip uses (one per process: made after a fork)."""
+        if self._conn is None or self._pid != os.getpid():
+            self._conn, self._pid = self.client.connection_pool.make_connection(), os.getpid()
+        if self._conn._sock is None:
+            self._conn.connect()
+        return self._conn
+
     def _send(self, group: list[_Call]) -> None:
-        if len(group) == 1:  # a lone call: the plain path (redis-py loads a missing script itself)
-            one = group[0]
-            try:
-                one.result = one.script(keys=one.keys, args=one.args)
-            except Exception as exc:
-                one.error = exc
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for call in group:
-            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        """Every call's EVALSHA in one write, then one reply per call, on the leaders' own connection."""
+        conn = None
         try:
-            replies = pipe.execute(raise_on_error=False)
-        except Exception as exc:  # the connection failed: every call of the group fails as a lone one would
+            conn = self._connection()
+            conn._sock.sendall(b"".join([pack_evalsha(c.script.sha, c.keys, c.args) for c in group]))
+            replies = Replies(conn)
             for call in group:
-                call.error = exc
+                reply = replies.next()
+                if isinstance(reply, ResponseError):
+                    call.error = reply
+                else:
+                    call.result = reply
+        except (ConnectionError, TimeoutError, InvalidResponse, DataError, OSError) as raw:
+            exc = _as_redis_error(raw)  # what redis-py raises: the web answers those 503
+            if conn is not None:
+                conn.disconnect()
+            if len(group) == 1 and _retried(self.client, exc):  # as redis-py would: again, with the client's retries
+                group[0].error = None
+                self._plain(group[0])
+                return
+            for call in group:  # as a failed pipeline: every call of the group fails
+                if call.result is None and call.error is None:
+                    call.error = exc
             return
-        for call, reply in zip(group, replies):
-            if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts: the plain path
-                try:
-                    reply = call.script(keys=call.keys, args=call.args)
-                except Exception as exc:
-                    reply = exc
-            if isinstance(reply, Exception):
-                call.error = reply
-            else:
-                call.result = reply
+        for call in group:
+            if isinstance(call.error, NoScriptError | ReadOnlyError):  # scripts flushed; a master demoted
+                if isinstance(call.error, ReadOnlyError):
+                    conn.disconnect()  # the next round trip asks for the master again
+                call.error = None
+                self._plain(call)
+
+    @staticmethod
+    def _plain(call: _Call) -> None:
+        """redis-py's own script call: loads a missing script, retries as the client is configured."""
+        try:
+            call.result = call.script(keys=call.keys, args=call.args)
+        except Exception as exc:
+            call.error = exc
+
+
+def _retried(client: Any, exc: BaseException) -> bool:
+    """Whether redis-py's own call would have tried again after `exc` (a client configured with retries)."""
+    retry = client.get_retry() or client.connection_pool.connection_kwargs.get("retry")
+    return bool(retry and retry.get_retries() > 0 and isinstance(exc, (ConnectionError, TimeoutError, OSError)))
+
+
+def _as_redis_error(exc: BaseException) -> BaseException:
+    """A socket error as redis-py's exception for it (a timeout, a lost connection)."""
+    if not isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, builtins.TimeoutError):
+        return TimeoutError(f"Timeout reading from Redis: {exc}")
+    return ConnectionError(f"Error talking to Redis: {exc}")

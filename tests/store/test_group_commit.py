@@ -26,7 +26,8 @@ def client(server: RedisServer) -> redis.Redis:
     return r
 
 
-def run_together(commit: GroupCommit, script: Any, client: redis.Redis, values: list[str]) -> dict[str, Any]:
+def run_together(commit: GroupCommit, script: Any, client: redis.Redis, values: list[str],
+                 pause_ms: int = 1000) -> dict[str, Any]:
     """One call is in flight while Redis is paused; the others queue meanwhile, then run."""
     answers: dict[str, Any] = {}
 
@@ -36,7 +37,7 @@ def run_together(commit: GroupCommit, script: Any, client: redis.Redis, values: 
         except Exception as exc:
             answers[value] = exc
 
-    client.client_pause(1000)  # Redis holds every command for a second: the first call stays in flight
+    client.client_pause(pause_ms)  # Redis holds every command: the first call stays in flight
     first = threading.Thread(target=one, args=("first",))
     first.start()
     wait_until(lambda: commit._busy, 10, 0.001, "the first call in flight")
@@ -82,7 +83,14 @@ def test_a_lost_connection_fails_every_call_of_its_group_and_the_next_call_works
     r.flushdb()
     commit = GroupCommit(r)
     script = r.register_script(ECHO)
-    answers = run_together(commit, script, r, ["p", "q"])  # paused for 1 s: past the socket timeout
+    # paused for 3 s: the first call's round trip and the next one's both outlast the 0.5 s socket timeout
+    answers = run_together(commit, script, r, ["p", "q"], pause_ms=3000)
     assert all(isinstance(a, redis.RedisError) for a in answers.values()), answers
-    wait_until(lambda: r.ping(), 10, 0.05, "Redis awake")
+    def awake() -> bool:
+        try:
+            return bool(r.ping())
+        except redis.RedisError:  # still paused: a ping times out too
+            return False
+
+    wait_until(awake, 20, 0.05, "Redis awake")
     assert commit(script, ["out"], ["after"]) == "after" and not commit._busy
