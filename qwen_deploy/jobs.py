@@ -20,6 +20,7 @@ import redis
 
 from qwen_deploy.group_commit import GroupCommit
 from qwen_deploy.job_records import JOB_ID_PREFIX, JobRecords, _text, strings
+from qwen_deploy.jsontext import dumpb
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
 
@@ -103,8 +104,8 @@ class JobStore(JobRecords):
                   self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",
                   served, self.deadlines_key() if deadline is not None else "",
                   self.fair_key(model) if engine and fair_cost > 0 else ""],
-            args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), json.dumps(options),
-                  json.dumps(strings(fields), ensure_ascii=False)],  # one argument: redis-py packs each one
+            args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), dumpb(options),
+                  dumpb(strings(fields))],  # one argument: redis-py packs each one
         )
         status, value = _text(status), _text(value)
         if status == "ok" and self.wait_replicas:

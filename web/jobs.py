@@ -14,6 +14,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from qwen_deploy.errors import Conflict, GatewayTimeout, Unprocessable
 from qwen_deploy.job_records import public_job
 from qwen_deploy.jobs import TERMINAL
+from qwen_deploy.jsontext import dumpb
 from web.context import current_services
 from web.openapi import Job, SubmitHeaders, WaitQuery, doc
 from web.schemas import JobCreate, read_json
@@ -36,9 +37,7 @@ class _JobResponse(Response):
 
 
 def _job_response(job: dict[str, Any], status: int = 200, **headers: str) -> Response:
-    response = _JobResponse(json.dumps(job), status=status, mimetype="application/json")
-    response.headers.update(headers)
-    return response
+    return _JobResponse(dumpb(job), status=status, headers=headers, content_type="application/json")
 
 
 @bp.post("/jobs")
