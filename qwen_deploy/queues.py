@@ -7,13 +7,12 @@ Celery task protocol 2, JSON body). The web process therefore needs neither Cele
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import json
 import os
 import re
 import socket
-import uuid
 from typing import Any
 
 INTERACTIVE = "interactive"
@@ -53,13 +52,20 @@ def task_message(task: str, task_id: str, queue: str, args: list[object],
     """The JSON string kombu's Redis transport stores for one Celery task message (every submit builds
     one: the envelope is rendered once per task and queue, then filled in)."""
     body = "[" + json.dumps(args) + _BODY_TAIL  # [args, kwargs, embed], as json.dumps would write it
-    fill = {"@@body@@": base64.b64encode(body.encode()).decode(), "@@id@@": _json_str(task_id),
-            "@@argsrepr@@": _json_str(repr(args)), "@@tag@@": str(uuid.uuid4())}
+    fill = {"@@body@@": binascii.b2a_base64(body.encode(), newline=False).decode(), "@@id@@": _json_str(task_id),
+            "@@argsrepr@@": _json_str(repr(args)), "@@tag@@": _uuid4()}
     head, *parts = _envelope(task, queue, time_limit, soft_time_limit)
     return head + "".join(fill[name] + text for name, text in parts)
 
 
 _BODY_TAIL = ', {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+
+
+def _uuid4() -> str:
+    """str(uuid.uuid4()) without the UUID object: random bits with version 4 and the RFC 4122 variant."""
+    bits = (int.from_bytes(os.urandom(16)) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _json_str(text: str) -> str:

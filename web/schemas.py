@@ -107,7 +107,7 @@ _CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
 
 def read_json(request: Request) -> Any:
     """The request's JSON body: 415 for another content type, 400 when it does not parse."""
-    if request.mimetype != "application/json":
+    if request.environ.get("CONTENT_TYPE") != "application/json" and request.mimetype != "application/json":
         raise UnsupportedMediaType(
             f"expected Content-Type application/json, got {request.mimetype or 'none'}",
             code="unsupported_media_type", param="Content-Type")
@@ -137,6 +137,9 @@ def pick_model(name: Any, settings: Settings) -> Served:
         ids = ", ".join(repr(m.alias) for m in served_models(settings))
         raise ModelNotFound(f"the model {name!r} does not exist; this server serves {ids}", param="model")
     return found
+
+
+_NOT_STORED = {"model", "response_format", *WebhookFields.model_fields, *LifecycleFields.model_fields}
 
 
 def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
@@ -169,8 +172,7 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
     # webhook and lifecycle fields are kept in the record, not in the request the worker reads
-    data = req.model_dump(exclude_none=True, exclude={"model", "response_format", *WebhookFields.model_fields,
-                                                      *LifecycleFields.model_fields})
+    data = req.model_dump(exclude_none=True, exclude=_NOT_STORED)
     if req.response_format is not None:
         check_response_format(req.response_format)
         data["response_format"] = body["response_format"]  # stored as given

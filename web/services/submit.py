@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces (like Stripe's 255)
 
 
+_SORTED = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(req, sort_keys=True, default=str), built once
+
+
 def request_hash(req: Any) -> str:
     """A hash of a validated request, stored with its idempotency key."""
-    return hashlib.sha256(json.dumps(req, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(_SORTED.encode(req).encode()).hexdigest()[:32]
 
 
 def check_idempotency_key(key: str | None) -> str | None:
