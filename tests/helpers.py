@@ -31,6 +31,15 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05, wh
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of this process group is left."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class Stack:
     """One isolated deployment: its own redis-server (or REDIS_URL + db), workers and web server (gunicorn),
     assembled by `qwen_deploy.cli.deployment.Deployment` as `up` assembles it; each child in its own process group,
