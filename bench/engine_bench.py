@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -34,10 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
-from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
+from qwen_deploy.cli.deployment import Deployment  # noqa: E402
+from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 from qwen_deploy.client import Client  # noqa: E402
-from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
 
 WORDS = ["Beautiful", "Explicit", "Simple", "Complex", "Flat", "Sparse", "Readability", "Special", "Errors",
          "Now", "Namespaces", "Although", "If", "There", "In", "Unless"]
@@ -139,25 +137,17 @@ class System:
     """redis-server + gunicorn web + one Celery generation worker (prefork, 1 child, 1 thread)."""
 
     def __init__(self, tmp: Path, model_dir: Path) -> None:
-        self.redis = RedisServer(data_dir=tmp / "redis", appendonly=False).start()
-        self.port = free_port()
         config = {"model": {"name_or_path": str(model_dir), "threads": 1},
                   "limits": {"max_queue_depth": 100_000}, "web": {"workers": 2, "threads": 32}}
         (tmp / "config.yml").write_text(yaml.safe_dump(config))
-        env = {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "REDIS_URL": self.redis.url,
-               "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}
-        self.sup = Supervisor(env)
-        os.chdir(ROOT)
-        self.sup.start("web", web_command("127.0.0.1", self.port, 2, 32) + ["--access-logfile", "/dev/null",
-                                                                           "--error-logfile", "/dev/null"])
-        self.sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "bench", "WARNING")))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.deployment = Deployment({"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"),
+                                      "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT)
+        self.redis = self.deployment.start_redis(data_dir=tmp / "redis", appendonly=False)
+        self.deployment.start_web("127.0.0.1", free_port(), "/dev/null", ["--error-logfile", "/dev/null"])
+        self.deployment.start_worker(node="bench", loglevel="WARNING")
+        self.url = self.deployment.url
         self.client = Client(self.url, timeout=300)
-        deadline = time.monotonic() + 180
-        while not self.client.ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the system did not become ready")
-            time.sleep(0.2)
+        self.deployment.wait_web(180, "/readyz")  # a worker is ready too
 
     def _pid(self) -> int:
         import redis
@@ -202,8 +192,7 @@ class System:
         return requests.get(f"{self.url}/v1/batches/{batch_id}", timeout=30).json()
 
     def stop(self) -> None:
-        self.sup.stop()
-        self.redis.stop()
+        self.deployment.stop()
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -11,7 +11,6 @@ accepted and lost (goal 0). Then the cost of the WAIT after a submit (store leve
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,6 @@ def wait_cost(url: str, n: int = 500) -> dict[str, float]:
 
 
 def main() -> None:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--down-after-ms", type=int, default=1000)

@@ -11,7 +11,6 @@ model loads; then POST /v1/jobs throughput with wrk (2 gunicorn workers, no work
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import statistics
@@ -26,10 +25,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
-from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
+from qwen_deploy.cli.deployment import Deployment  # noqa: E402
+from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 from qwen_deploy.client import Client  # noqa: E402
-from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
 
 PROMPT = "Beautiful is better than"
 
@@ -67,26 +65,18 @@ class System:
     """redis-server + gunicorn web + one Celery worker, configured by one YAML file."""
 
     def __init__(self, tmp: Path, model_dir: Path, worker: bool = True, threads: int = 1) -> None:
-        self.redis = RedisServer(data_dir=tmp / "redis", appendonly=False).start()
-        self.port = free_port()
         config = {"model": {"name_or_path": str(model_dir), "threads": threads},
                   "limits": {"max_queue_depth": 10_000_000}, "web": {"workers": 2, "threads": 16}}
         (tmp / "config.yml").write_text(yaml.safe_dump(config))
-        env = {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "REDIS_URL": self.redis.url,
-               "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}
-        self.sup = Supervisor(env)
-        os.chdir(ROOT)
-        self.sup.start("web", web_command("127.0.0.1", self.port, 2, 16) + ["--access-logfile", "/dev/null",
-                                                                           "--error-logfile", "/dev/null"])
+        self.deployment = Deployment({"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"),
+                                      "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT)
+        self.redis = self.deployment.start_redis(data_dir=tmp / "redis", appendonly=False)
+        self.deployment.start_web("127.0.0.1", free_port(), "/dev/null", ["--error-logfile", "/dev/null"])
         if worker:
-            self.sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "bench", "WARNING")))
-        self.url = f"http://127.0.0.1:{self.port}"
+            self.deployment.start_worker(node="bench", loglevel="WARNING")
+        self.url = self.deployment.url
         self.client = Client(self.url)
-        deadline = time.monotonic() + 120
-        while not (self.client.ready() if worker else _up(self.url)):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the system did not become ready")
-            time.sleep(0.2)
+        self.deployment.wait_web(120, "/readyz" if worker else "/livez")  # /readyz: a worker is ready too
 
     def loads(self) -> int:
         import redis
@@ -96,17 +86,7 @@ class System:
         return int(redis.Redis.from_url(self.redis.url).get(model_loads_key("qd")) or 0)
 
     def stop(self) -> None:
-        self.sup.stop()
-        self.redis.stop()
-
-
-def _up(url: str) -> bool:
-    import requests
-
-    try:
-        return requests.get(url + "/livez", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
+        self.deployment.stop()
 
 
 def over_http(system: System, tokens: int, runs: int) -> list[float]:

@@ -6,7 +6,7 @@ The records are written straight into a fresh redis-server with a pipeline, in t
 leave them (90 % succeeded, 5 % failed, 5 % canceled; each with its request and ~200 characters of
 text) and indexed under their owner as the submit script does; the newest 50 of the first key are
 queued in the engine's pending set, so its first page also computes queue positions. The web app runs
-under gunicorn with the launcher's settings (as in bench/submit_bench.py); requests are sequential
+under gunicorn as `up` starts it (`qwen_deploy/cli/deployment.py`); requests are sequential
 over one keep-alive connection. Prints p50/p95 per case.
 """
 
@@ -27,8 +27,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.submit_bench import start  # noqa: E402
-from qwen_deploy.cli.redis_server import RedisServer  # noqa: E402
+from qwen_deploy.cli.deployment import Deployment  # noqa: E402
+from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 from qwen_deploy.job_records import new_job_id  # noqa: E402
 from qwen_deploy.jobs import PRIORITY_RANK, JobStore  # noqa: E402
 from web.auth import owner_of  # noqa: E402
@@ -83,17 +83,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="list-bench-"))
-    server = RedisServer(data_dir=tmp, appendonly=False).start()
+    deployment = Deployment({"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
+                             "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
+                             "QWEN_DEPLOY_WEB__API_KEYS": json.dumps([KEY_A, KEY_B])}, logs=tmp, cwd=ROOT)
+    server = deployment.start_redis(data_dir=tmp, appendonly=False)
     store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
     t = time.perf_counter()
     ids_a = fill(store, owner_of(KEY_A), args.jobs, queued_newest=50)
     fill(store, owner_of(KEY_B), 1000)
     filled = time.perf_counter() - t
     memory = store.r.info("memory")["used_memory_human"]
-    env = {**os.environ, "REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env",
-           "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"), "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
-           "QWEN_DEPLOY_WEB__API_KEYS": json.dumps([KEY_A, KEY_B])}
-    proc, base = start("web.wsgi:app", env, "/v1/jobs")
+    deployment.start_web("127.0.0.1", free_port(), access_log=None)
+    base = deployment.wait_web(60)
     middle = ids_a[len(ids_a) // 2]
     cases = [
         ("key A, first page (20, with 20 queued positions)", KEY_A, "/v1/jobs"),
@@ -114,9 +115,7 @@ def main() -> None:
             print(f"{name:48s} p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  ({size} jobs per page)")
         print(f"load average {os.getloadavg()[0]:.1f}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        server.stop()
+        deployment.stop(timeout=30)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.engine_bench import System, body  # noqa: E402
 from qwen_deploy import registry  # noqa: E402
-from qwen_deploy.cli.launch import celery_command, worker_argv  # noqa: E402
 from qwen_deploy.connections import connect  # noqa: E402
 from qwen_deploy.keys import JobKeys  # noqa: E402
-from qwen_deploy.queues import GENERATION_QUEUES  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -48,7 +46,7 @@ def run(model: Path, workers: int, jobs: int, tokens: int) -> tuple[float, list[
     system = System(Path(tempfile.mkdtemp(prefix="scaleout-")), model)
     try:
         for k in range(1, workers):
-            system.sup.start(f"worker{k}", celery_command(worker_argv(GENERATION_QUEUES, f"bench{k}", "WARNING")))
+            system.deployment.start_worker(node=f"bench{k}", name=f"worker{k}", loglevel="WARNING")
         client = connect(system.redis.url)
         deadline = time.monotonic() + 180
         while sum(1 for w in registry.workers(client, "qd") if w.get("state") == "ready") < workers:

@@ -10,9 +10,7 @@ streamed job stays queued), opens N streams on one job, then times sequential `G
 from __future__ import annotations
 
 import argparse
-import os
 import selectors
-import signal
 import socket
 import statistics
 import subprocess
@@ -27,8 +25,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.cli.launch import web_command  # noqa: E402
-from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
+from qwen_deploy.cli.deployment import Deployment  # noqa: E402
+from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -80,27 +78,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=300)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
-    server = RedisServer(data_dir=tmp, appendonly=False).start()
-    env = {**os.environ, "REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env",
-           "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"), "QWEN_DEPLOY_LIMITS__MAX_STREAMS_PER_KEY": "100000",
-           "QWEN_DEPLOY_LIMITS__MAX_STREAM": "900", "QWEN_DEPLOY_LIMITS__MAX_QUEUE_DEPTH": "100000",
-           "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000", "QWEN_DEPLOY_LOG_LEVEL": "WARNING"}
+    env = {"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
+           "QWEN_DEPLOY_LIMITS__MAX_STREAMS_PER_KEY": "100000", "QWEN_DEPLOY_LIMITS__MAX_STREAM": "900",
+           "QWEN_DEPLOY_LIMITS__MAX_QUEUE_DEPTH": "100000", "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000",
+           "QWEN_DEPLOY_LOG_LEVEL": "WARNING", "QWEN_DEPLOY_WEB__WORKERS": str(args.workers),
+           "QWEN_DEPLOY_WEB__THREADS": "16", "QWEN_DEPLOY_WEB__WORKER_CLASS": args.worker_class,
+           "QWEN_DEPLOY_WEB__WORKER_CONNECTIONS": str(args.streams + 500)}
+    deployment = Deployment(env, logs=tmp, cwd=ROOT, quick_stop=True)  # quick: streams blocked in XREAD
+    server = deployment.start_redis(data_dir=tmp, appendonly=False)
     port = free_port()
-    argv = web_command("127.0.0.1", port, args.workers, 16, args.worker_class, args.streams + 500)
-    argv.remove("--access-logfile")
-    argv.remove("-")
-    web = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "web.log", "wb"))
-    url = f"http://127.0.0.1:{port}"
+    web = deployment.start_web("127.0.0.1", port, access_log=None)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(url + "/livez", timeout=1)
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        url = deployment.wait_web(60)
         idle_rss = rss_mib(web.pid)
         job = requests.post(url + "/v1/jobs", json={"prompt": "x"}, timeout=10).json()
         started = time.monotonic()
@@ -128,9 +117,7 @@ def main() -> None:
         for s in socks:
             s.close()
     finally:
-        web.send_signal(signal.SIGINT)  # quick shutdown
-        web.wait(timeout=30)
-        server.stop()
+        deployment.stop(timeout=30)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv  # noqa: E402
-from qwen_deploy.cli.redis_server import RedisServer, free_port  # noqa: E402
-from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES  # noqa: E402
+from qwen_deploy.cli.deployment import Deployment  # noqa: E402
+from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -105,21 +104,18 @@ def main() -> None:
 
     model = build_demo_model(log=lambda m: None)
     tmp = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
-    redis = RedisServer(data_dir=tmp / "redis").start()
-    port = free_port()
     config = {"model": {"name_or_path": str(model), "threads": 1}, "limits": {"max_queue_depth": 100_000},
               "webhooks": {"secret": SECRET, "allowed_hosts": ["127.0.0.1"], "retry_schedule": [0.5, 1, 2, 5]}}
     (tmp / "config.yml").write_text(yaml.safe_dump(config))
-    env = {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "REDIS_URL": redis.url,
-           "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}
-    sup = Supervisor(env)
+    deployment = Deployment({"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"),
+                             "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT)
+    deployment.start_redis(data_dir=tmp / "redis")
     receiver = Receiver()
-    base = f"http://127.0.0.1:{port}"
     try:
-        sup.start("worker", celery_command(worker_argv(GENERATION_QUEUES, "gen", "WARNING")))
-        sup.start("convert", celery_command(worker_argv(CONVERT_WORKER_QUEUES, "convert", "WARNING")))
-        sup.start("web", web_command("127.0.0.1", port, 2, 16) + ["--access-logfile", "/dev/null"])
-        assert wait_for(lambda: _up(base), 180), "the service did not become ready"
+        deployment.start_worker(name="worker", loglevel="WARNING")
+        deployment.start_convert_worker(name="convert", loglevel="WARNING")
+        deployment.start_web("127.0.0.1", free_port(), "/dev/null")
+        base = deployment.wait_web(180, "/readyz")
         job = {"prompt": "Beautiful is better than", "max_new_tokens": 2, "webhook": receiver.url}
 
         def submit(_: int) -> str:
@@ -153,16 +149,8 @@ def main() -> None:
         print(f"requests received {requests_seen} = {len(receiver.seen)} messages + {forced} forced retries "
               f"+ {extra} duplicates")
     finally:
-        sup.stop()
+        deployment.stop()
         receiver.server.shutdown()
-        redis.stop()
-
-
-def _up(base: str) -> bool:
-    try:
-        return requests.get(base + "/readyz", timeout=2).ok
-    except requests.RequestException:
-        return False
 
 
 if __name__ == "__main__":

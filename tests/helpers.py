@@ -1,25 +1,22 @@
-"""Test helpers: a whole stack (redis-server, Celery worker processes, web server) on loopback."""
+"""Test helpers: a whole stack (redis-server, Celery worker processes, gunicorn web server) on loopback."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from werkzeug.serving import make_server
 
 from qwen_deploy import keys, registry
-from qwen_deploy.cli.launch import celery_command, worker_argv
-from qwen_deploy.cli.redis_server import RedisServer
+from qwen_deploy.cli.deployment import Deployment
+from qwen_deploy.cli.redis_server import RedisServer, free_port
 from qwen_deploy.client import Client
 from qwen_deploy.config import Settings, load_settings
 from qwen_deploy.connections import connect
-from qwen_deploy.queues import CONVERT_WORKER_QUEUES, GENERATION_QUEUES
+from qwen_deploy.served import find_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,20 +31,35 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05, wh
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of this process group is left."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class Stack:
-    """One isolated deployment: its own redis-server (or REDIS_URL + db), worker and web server."""
+    """One isolated deployment: its own redis-server (or REDIS_URL + db), workers and web server (gunicorn),
+    assembled by `qwen_deploy.cli.deployment.Deployment` as `up` assembles it; each child in its own process group,
+    logging to a file in `tmp`.
+
+    The web tier runs one gunicorn process (`web.workers: 1` unless the config sets it), with `up`'s worker
+    class and settings otherwise: one process is what the in-process server of earlier tests was, and it
+    starts in about a second."""
 
     def __init__(self, tmp: Path, model_dir: Path, config: dict[str, Any] | None = None,
                  redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.redis_server: RedisServer | None = None
+        self.deployment = Deployment(logs=tmp, cwd=ROOT, session=True, quick_stop=True)
         if redis_url is None:
-            self.redis_server = RedisServer(data_dir=tmp / "redis").start()
-            redis_url = self.redis_server.url
+            redis_url = self.deployment.start_redis(data_dir=tmp / "redis").url
         self.redis_url = redis_url
         cfg = {"model": {"name_or_path": str(model_dir), "threads": 1},
                "worker": {"heartbeat_interval": 1.0}, **(config or {})}
+        cfg["web"] = {"workers": 1, **cfg.get("web", {})}
         # device cpu unless the config names one: never CUDA or MPS by accident, whatever the machine has.
         if "models" in cfg:  # several models: `models` replaces the single `model` section
             del cfg["model"]
@@ -56,22 +68,29 @@ class Stack:
             cfg["model"] = {"device": "cpu", **cfg["model"]}
         self.config_path = tmp / "config.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
-        self.env = {**os.environ, "QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,
-                    "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = self.deployment.env  # what every child gets
+        self.env.update({"QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,
+                         "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"), "PYTHONUNBUFFERED": "1", **(env or {})})
         self.settings: Settings = load_settings(environ=self.env)
         self.redis = connect(redis_url, self.settings.redis_master_name)
         self.worker: subprocess.Popen[bytes] | None = None
         self.others: list[subprocess.Popen[bytes]] = []
         self.log_path = tmp / "worker.log"
-        self._server: Any = None
         self.url = ""
+
+    @property
+    def redis_server(self) -> RedisServer | None:
+        """The redis-server started for this stack (None on a given REDIS_URL); a test may replace it."""
+        return self.deployment.redis
+
+    @redis_server.setter
+    def redis_server(self, server: RedisServer | None) -> None:
+        self.deployment.redis = server
 
     # -- worker -------------------------------------------------------------------------------
     def start_worker(self, wait: bool = True) -> subprocess.Popen[bytes]:
-        argv = celery_command(worker_argv(GENERATION_QUEUES, f"gen{os.getpid()}", "INFO"))
-        log = open(self.log_path, "ab")
-        self.worker = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+        """A generation worker for the default model (logging to `log_path`)."""
+        self.worker = self.deployment.start_worker(None, f"gen{os.getpid()}", "worker", "INFO")
         if wait:
             self.wait_ready()
         return self.worker
@@ -79,14 +98,9 @@ class Stack:
     def start_model_worker(self, alias: str) -> subprocess.Popen[bytes]:
         """A generation worker for one alias of `models:` on that model's queues, as `qwen-deploy worker
         --model ALIAS` starts it (not waited for; see wait_model_ready)."""
-        from qwen_deploy.served import find_model
-
         served = find_model(self.settings, alias)
         assert served is not None, alias
-        argv = celery_command(worker_argv(served.queues, f"gen-{alias}{os.getpid()}", "INFO"))
-        log = open(self.tmp / f"worker-{alias}.log", "ab")
-        proc = subprocess.Popen(argv, env={**self.env, "QWEN_DEPLOY_WORKER__MODEL": alias}, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = self.deployment.start_worker(served, f"gen-{alias}{os.getpid()}", f"worker-{alias}", "INFO")
         self.others.append(proc)
         return proc
 
@@ -97,10 +111,7 @@ class Stack:
         return wait_until(ready, timeout, 0.1, f"a ready worker for {alias}")
 
     def start_convert_worker(self) -> subprocess.Popen[bytes]:
-        argv = celery_command(worker_argv(CONVERT_WORKER_QUEUES, f"convert{os.getpid()}", "INFO"))
-        log = open(self.tmp / "convert-worker.log", "ab")
-        proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = self.deployment.start_convert_worker(f"convert{os.getpid()}", "convert-worker", "INFO")
         self.others.append(proc)
         return proc
 
@@ -122,27 +133,17 @@ class Stack:
         return int(self.redis.get(keys.model_loads_key(self.settings.key_prefix)) or 0)
 
     def stop_worker(self) -> None:
-        """SIGTERM to every worker at once (each takes seconds to shut down), then wait for them all."""
-        running = [proc for proc in [self.worker, *self.others] if proc and proc.poll() is None]
-        for proc in running:
-            os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        """SIGTERM to every worker's process group at once (each takes seconds to shut down), then wait for
+        them all (SIGKILL after 20 s)."""
+        self.deployment.stop_processes([proc for proc in [self.worker, *self.others] if proc])
         self.worker, self.others = None, []
 
     # -- web ----------------------------------------------------------------------------------
     def start_web(self) -> str:
-        from web import create_app
-
-        app = create_app(self.settings)
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        """The web tier as `up` runs it (gunicorn, web.wsgi:app) on a free loopback port, once /livez answers;
+        its access log and errors in `tmp/web.log`."""
+        self.deployment.start_web("127.0.0.1", free_port())
+        self.url = self.deployment.wait_web()
         return self.url
 
     def app(self) -> Any:
@@ -154,11 +155,9 @@ class Stack:
         return Client(self.url, timeout=60)
 
     def stop(self) -> None:
+        """Every process this stack started: the workers, the web server, the redis-server."""
         self.stop_worker()
-        if self._server:
-            self._server.shutdown()
-        if self.redis_server:
-            self.redis_server.stop()
+        self.deployment.stop()
 
     def record(self, job_id: str) -> dict[str, str]:
         return self.redis.hgetall(keys.JobKeys(self.settings.key_prefix).key(job_id))

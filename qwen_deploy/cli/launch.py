@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 WORKER_ARGS = ["--pool", "prefork", "--concurrency", "1", "--without-mingle", "--without-gossip"]
 
@@ -22,25 +24,41 @@ def celery_command(argv: list[str]) -> list[str]:
 
 
 def web_command(host: str, port: int, workers: int, threads: int, worker_class: str = "gevent",
-                connections: int = 2000) -> list[str]:
+                connections: int = 2000, access_log: str | None = "-") -> list[str]:
     """gunicorn: gevent (default; a long-poll or SSE stream is a greenlet, not a thread, and gunicorn
-    does the monkey patching) or gthread (each stream holds one of `threads`)."""
+    does the monkey patching) or gthread (each stream holds one of `threads`). `access_log`: where the
+    access log goes (`-`: stdout; None: none is written)."""
     per_worker = ["--worker-connections", str(connections)] if worker_class == "gevent" else ["--threads", str(threads)]
+    logs = ["--access-logfile", access_log] if access_log is not None else []
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
             "--worker-class", worker_class, *per_worker, "--timeout", "120",
-            "--graceful-timeout", "10", "--access-logfile", "-", "web.wsgi:app"]
+            "--graceful-timeout", "10", *logs, "web.wsgi:app"]
 
 
 class Supervisor:
-    """Children started here are stopped on exit, Ctrl-C or SIGTERM (TERM, then KILL)."""
+    """Children started here are stopped on exit, Ctrl-C or SIGTERM (their stop signal, then KILL).
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    `cwd`: the children's working directory (default: this one). `session`: each child in its own session,
+    signalled as a process group, so that a stop reaches what it forked (prefork children, gunicorn
+    workers) even when it dies first; without it (`up`), Ctrl-C at a terminal reaches them all at once."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, cwd: Path | None = None, session: bool = False) -> None:
         self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.session = session
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stop_signals: dict[int, int] = {}
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(command, env=self.env)
+    def start(self, name: str, command: list[str], env: Mapping[str, str] | None = None, log: Path | None = None,
+              stop_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+        """Start `command` with this supervisor's environment plus `env`; its stdout and stderr appended to
+        `log` when given (else this process's)."""
+        child_env = {**self.env, **env} if env else self.env
+        with open(log, "ab") if log else contextlib.nullcontext() as out:
+            proc = subprocess.Popen(command, env=child_env, cwd=self.cwd, stdout=out,
+                                    stderr=subprocess.STDOUT if out else None, start_new_session=self.session)
         self.children.append((name, proc))
+        self.stop_signals[proc.pid] = stop_signal
         return proc
 
     def wait(self) -> int:
@@ -60,14 +78,27 @@ class Supervisor:
             time.sleep(0.2)
         return 0
 
-    def stop(self, timeout: float = 20.0) -> None:
-        for _, proc in reversed(self.children):
+    def stop(self, procs: Sequence[subprocess.Popen[bytes]] | None = None, timeout: float = 20.0) -> None:
+        """Signal the children (`procs`, default all; the last started first) at once, wait up to `timeout`
+        for them together, then KILL what is left. Stopped children are forgotten."""
+        chosen = [proc for _, proc in reversed(self.children) if procs is None or proc in procs]
+        for proc in chosen:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                self._signal(proc, self.stop_signals.get(proc.pid, signal.SIGTERM))
         deadline = time.monotonic() + timeout
-        for _, proc in reversed(self.children):
+        for proc in chosen:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._signal(proc, signal.SIGKILL)
                 proc.wait()
+        self.children = [(name, proc) for name, proc in self.children if proc not in chosen]
+
+    def _signal(self, proc: subprocess.Popen[bytes], signum: int) -> None:
+        try:
+            if self.session:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+        except ProcessLookupError:  # already gone, with its whole group
+            pass

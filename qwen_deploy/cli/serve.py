@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from qwen_deploy.cli.common import child_environ, redacted, settings
-from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv
-from qwen_deploy.cli.redis_server import RedisServer, reachable
-from qwen_deploy.config import ConfigError, Settings, default_cache_dir
+from qwen_deploy.cli.common import child_environ, settings
+from qwen_deploy.cli.deployment import WEB_HOST_ENV, WORKER_MODEL_ENV, Deployment, node_name, web_argv
+from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
-from qwen_deploy.served import Served, served_models
+from qwen_deploy.served import served_models
 
 MODEL_ENV = "QWEN_DEPLOY_MODEL__NAME_OR_PATH"
-WORKER_MODEL_ENV = "QWEN_DEPLOY_WORKER__MODEL"
 
 
 def demo_env() -> dict[str, str]:
@@ -28,80 +25,38 @@ def demo_env() -> dict[str, str]:
     return {MODEL_ENV: str(path)}
 
 
-def embedded_redis(config: Settings) -> RedisServer | None:
-    """A private password-protected redis-server when no Redis URL was configured, else None.
-
-    An explicitly configured Redis that does not answer is an error, never a reason to start another."""
-    if "redis_url" in config.model_fields_set:
-        if not reachable(config.redis_url, master_name=config.redis_master_name):
-            sys.exit(f"qwen-deploy: Redis at {redacted(config.redis_url)} does not answer: start it, or unset "
-                     "REDIS_URL (and redis_url in config.yml) to let `up` start its own")
-        return None
-    data_dir = default_cache_dir() / "redis"
-    server = RedisServer(data_dir=data_dir, password=secrets.token_urlsafe(24), disable_config=True).start()
-    print(f"qwen-deploy: started redis-server at {redacted(server.url)} (data in {data_dir}; "
-          "the password reaches the children in REDIS_URL)", file=sys.stderr)
-    return server
-
-
 def cmd_up(args: argparse.Namespace) -> int:
-    extra = {"PORT": str(args.port)} if args.port is not None else {}
-    server = embedded_redis(settings(child_environ(extra)))
+    """Redis (unless configured), a generation worker per model, the convert worker and gunicorn, until
+    one of them exits or a stop signal arrives."""
+    deployment = Deployment({"PORT": str(args.port)} if args.port is not None else {})
+    deployment.env.pop(WORKER_MODEL_ENV, None)  # each generation worker gets its own alias; the others none
     try:
-        if server:
-            extra["REDIS_URL"] = server.url
+        deployment.embedded_redis()
         if args.demo:
-            extra.update(demo_env())
+            deployment.env.update(demo_env())
         elif getattr(args, "model", None):
-            extra[MODEL_ENV] = args.model  # a hub id or a local directory, instead of config's `model`
-        config = settings(child_environ(extra))
+            deployment.env[MODEL_ENV] = args.model  # a hub id or a local directory, instead of config's `model`
+        config = deployment.settings()
         host = args.host or config.web.host
-        web_cmd = web_argv(config, host, config.web.port)
-        extra["QWEN_DEPLOY_WEB__HOST"] = host  # the app's Host check and bind check see the real bind
-        sup = Supervisor(env=extra)
-        try:
-            for served in served_models(config):  # one generation worker per model
-                sup.env[WORKER_MODEL_ENV] = served.alias
-                sup.start(f"worker {served.alias}", celery_command(worker_argv(served.queues, node_name(served),
-                                                                               config.log_level)))
-            sup.env.pop(WORKER_MODEL_ENV, None)
-            sup.start("convert-worker", celery_command(worker_argv(CONVERT_WORKER_QUEUES, "convert",
-                                                                   config.log_level)))
-            sup.start("web", web_cmd)
-            aliases = ", ".join(m.alias for m in served_models(config))
-            print(f"qwen-deploy: serving {aliases} at http://{host}:{config.web.port} (Ctrl-C to stop)",
-                  file=sys.stderr)
-            return sup.wait()
-        finally:
-            sup.stop()
+        deployment.bind(host)  # before any process starts: an open non-loopback bind is refused
+        models = served_models(config)
+        for served in models:  # one generation worker per model
+            deployment.start_worker(served)
+        deployment.start_convert_worker()
+        deployment.start_web(host, config.web.port)
+        print(f"qwen-deploy: serving {', '.join(m.alias for m in models)} at http://{host}:{config.web.port} "
+              "(Ctrl-C to stop)", file=sys.stderr)
+        return deployment.wait()
     finally:
-        if server:
-            server.stop()
-
-
-def web_argv(config: Settings, host: str, port: int) -> list[str]:
-    """gunicorn's command line, after refusing an open non-loopback bind (the app checks it again)."""
-    from web.auth import check_bind
-
-    try:
-        check_bind(config, host)
-    except ConfigError as exc:
-        sys.exit(f"qwen-deploy: {exc}")
-    web = config.web
-    return web_command(host, port, web.workers, web.threads, web.worker_class, web.worker_connections)
+        deployment.stop()
 
 
 def cmd_web(args: argparse.Namespace) -> NoReturn:
     config = settings()
     host, port = args.host or config.web.host, args.port or config.web.port
     argv = web_argv(config, host, port)
-    os.environ["QWEN_DEPLOY_WEB__HOST"] = host  # the app's Host check and bind check see the real bind
+    os.environ[WEB_HOST_ENV] = host  # the app's Host check and bind check see the real bind
     os.execv(sys.executable, argv)
-
-
-def node_name(served: Served) -> str:
-    """The Celery node name of a model's worker (its engine queue is named after it): `gen`, `gen-{alias}`."""
-    return "gen" if served.default else f"gen-{served.alias}"
 
 
 def _run_worker(queues: tuple[str, ...] | list[str], name: str, extra: dict[str, str]) -> NoReturn:

@@ -15,17 +15,9 @@ import redis
 import requests
 
 from qwen_deploy.cli.redis_server import free_port
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, group_alive, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def up_env(tmp_path: Path, **extra: str) -> dict[str, str]:

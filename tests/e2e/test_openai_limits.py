@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
-from werkzeug.serving import make_server
 
 from qwen_deploy.keys import JobKeys
 from tests.helpers import Stack
@@ -16,18 +15,15 @@ CHAT = [{"role": "user", "content": "Errors should never"}]
 
 
 @pytest.fixture(scope="module")
-def short_web(stack: Stack) -> Iterator[str]:
+def short_web(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, stack: Stack) -> Iterator[str]:
     """Web waits only ~1 s + grace for a job (the worker keeps its own limits); 2 KiB uploads; a model alias."""
-    from web import create_app
-
-    settings = stack.settings.model_copy(deep=True)
-    settings.limits.generation_budget, settings.limits.soft_time_limit, settings.limits.hard_time_limit = 0.3, 0.5, 1
-    settings.files.max_bytes = 2048
-    settings.web.model_aliases = ["zen"]
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    config = {"limits": {"generation_budget": 0.3, "soft_time_limit": 0.5, "hard_time_limit": 1},
+              "files": {"max_bytes": 2048}, "web": {"model_aliases": ["zen"]}}
+    web = Stack(tmp_path_factory.mktemp("short-web"), demo_model, config, redis_url=stack.redis_url)
+    try:
+        yield web.start_web() + "/v1"
+    finally:
+        web.stop()
 
 
 def test_past_the_time_limit_the_answer_is_200_length_and_never_a_retry(short_web: str, stack: Stack) -> None:

@@ -4,7 +4,6 @@ and the web process never imports the model runtime (real redis-server and gunic
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,42 +13,25 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_deploy.cli.launch import web_command
-from qwen_deploy.cli.redis_server import RedisServer, free_port
-from qwen_deploy.config import load_settings
-from tests.helpers import ROOT, wait_until
+from qwen_deploy.cli.deployment import Deployment
+from qwen_deploy.cli.redis_server import free_port
+from tests.helpers import ROOT
 
 STREAMS = 60  # more than gthread's default 2 processes x 16 threads
 
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Redis and gunicorn with the repository's config.yml (the default web settings), as `up` starts them."""
     tmp = tmp_path_factory.mktemp("gunicorn")
-    server = RedisServer(data_dir=tmp, appendonly=False).start()
-    env = {**os.environ, "REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env",
-           "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml")}
-    settings = load_settings(environ=env)
-    port = free_port()
-    w = settings.web
-    argv = web_command("127.0.0.1", port, w.workers, w.threads, w.worker_class, w.worker_connections)
-    log = open(tmp / "web.log", "wb")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (tmp / "web.log").read_text()[-2000:]
-        try:
-            return requests.get(url + "/livez", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
+    deployment = Deployment({"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml")},
+                            logs=tmp, cwd=ROOT, session=True, quick_stop=True)  # quick: streams blocked in XREAD
     try:
-        wait_until(up, 60, 0.2, "gunicorn")
-        yield url
+        deployment.start_redis(data_dir=tmp, appendonly=False)
+        deployment.start_web("127.0.0.1", free_port())
+        yield deployment.wait_web(60)
     finally:
-        proc.send_signal(signal.SIGINT)  # quick shutdown: streams still blocked in XREAD need no grace
-        proc.wait(timeout=30)
-        server.stop()
+        deployment.stop(timeout=30)
 
 
 def open_stream(url: str, job_id: str) -> socket.socket:
