@@ -43,6 +43,9 @@ if cap > 0 and redis.call('ZCARD', KEYS[6]) >= cap then
   if n >= cap then return {'inflight', tostring(n)} end
 end
 local record = {'message', ARGV[3]}
+if KEYS[7] ~= '' then  -- closing the job removes it from its model's pending set
+  record[3], record[4] = 'pending', KEYS[7]
+end
 for name, value in pairs(cjson.decode(ARGV[7])) do
   record[#record + 1] = name
   record[#record + 1] = value
@@ -63,7 +66,6 @@ if KEYS[7] ~= '' then
     score = tonumber(opt.rank) * 1e10 + start
   end
   redis.call('ZADD', KEYS[7], score, ARGV[4])
-  redis.call('HSET', KEYS[1], 'pending', KEYS[7])  -- closing the job removes it from its model's set
 end
 if KEYS[9] and KEYS[9] ~= '' then redis.call('ZADD', KEYS[9], opt.deadline, ARGV[4]) end
 redis.call('LPUSH', KEYS[2], ARGV[3])
@@ -74,8 +76,7 @@ end
 if KEYS[5] ~= '' then
   redis.call('ZADD', KEYS[5], 0, ARGV[4])
   redis.call('ZREMRANGEBYLEX', KEYS[5], '-', '(' .. opt.index_floor)
-  local over = redis.call('ZCARD', KEYS[5]) - tonumber(opt.index_max)
-  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[5], 0, over - 1) end
+  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -tonumber(opt.index_max) - 1)  -- keep the newest index_max
   redis.call('EXPIRE', KEYS[5], ARGV[1])
 end
 if cap > 0 then
@@ -85,6 +86,6 @@ end
 if KEYS[7] ~= '' then
   local prefix = string.sub(KEYS[4], 1, -8)  -- KEYS[4] is {prefix}:active
   return {'ok', ARGV[4], redis.call('ZRANK', KEYS[7], ARGV[4]),
-          completion_rate(prefix, tonumber(redis.call('HGET', KEYS[1], 'created_at')))}
+          completion_rate(prefix, tonumber(opt.now))}
 end
 return {'ok', ARGV[4]}

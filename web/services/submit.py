@@ -15,6 +15,7 @@ from flask import has_request_context, request
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import NotFound, Unprocessable
 from qwen_deploy.job_records import new_job_id, public_job
+from qwen_deploy.jsontext import dumps
 from qwen_deploy.lifecycle import estimate
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
@@ -62,7 +63,7 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     message = task_message(task, job_id, queue, [job_id], *limits)
     options = options or JobOptions()
     deadline = options.deadline()
-    fields = {"type": kind, "request": json.dumps(req), "created_at": repr(time.time()),
+    fields = {"type": kind, "request": dumps(req), "created_at": repr(time.time()),
               **({"model": model} if model else {}), **options.fields(), **extra}
     route = request.path if has_request_context() else kind
     same_body = model in (None, svc.store.default_model)  # another model: another body
