@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 
 WORKER_ARGS = ["--pool", "prefork", "--concurrency", "1", "--without-mingle", "--without-gossip"]
@@ -32,7 +34,18 @@ def web_command(host: str, port: int, workers: int, threads: int, worker_class: 
     logs = ["--access-logfile", access_log] if access_log is not None else []
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
             "--worker-class", worker_class, *per_worker, "--timeout", "120",
-            "--graceful-timeout", "10", *logs, "web.wsgi:app"]
+            "--graceful-timeout", "10", *logs, *_no_control_socket(), "web.wsgi:app"]
+
+
+@functools.cache
+def _no_control_socket() -> list[str]:
+    """gunicorn 27 opens a control socket at one path per user (~/.gunicorn/gunicorn.ctl), so two servers
+    on a host (two deployments, a test's stacks) take it from each other; nothing here uses it."""
+    try:
+        major = int(metadata.version("gunicorn").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return []
+    return ["--no-control-socket"] if major >= 27 else []
 
 
 class Supervisor:
