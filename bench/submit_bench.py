@@ -3,8 +3,8 @@
     uv run python bench/submit_bench.py [--duration 10] [--connections 16] [--rounds 2]
 
 Both run under the same gunicorn settings (the launcher's: gevent, `web.workers` processes) on the
-same redis-server, one after the other, alternating for `--rounds`; wrk (Debian package `wrk`) posts
-the same JSON body. Prints req/s and latency percentiles for each, the ratio, and the CPU time each
+same redis-server, one after the other, alternating for `--rounds` (after a 2 s warm-up of each); wrk
+(Debian package `wrk`) posts the same JSON body. Prints req/s and latency percentiles for each, the ratio, and the CPU time each
 request cost the app's gunicorn processes and redis-server (from /proc: on a machine shared with other
 work, req/s moves with the load while CPU per request stays comparable).
 """
@@ -101,6 +101,8 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
     redis_pid = server.proc.pid if server.proc else 0
     try:
+        for _, url in apps.values():  # both gunicorn workers of each app past their first requests
+            wrk(url, script, 2, args.connections)
         for _ in range(args.rounds):
             for name, (proc, url) in apps.items():
                 before, redis_before = cpu_seconds(proc.pid), cpu_seconds(redis_pid)
