@@ -72,8 +72,9 @@ class LocalRunner:
             if isinstance(outcome, Exception):
                 out.append((None, {"code": "generation_error", "message": str(outcome)}))
             else:
-                out.append(({"text": outcome.text, "finish_reason": outcome.finish_reason,
-                             "usage": outcome.usage()}, None))
+                out.append(
+                    ({"text": outcome.text, "finish_reason": outcome.finish_reason, "usage": outcome.usage()}, None)
+                )
         return out
 
 
@@ -102,8 +103,9 @@ class QueueRunner:
         return [got[i] for i in range(len(bodies))]
 
 
-def run_analysis(analyzer: Analyzer, records: Iterable[Record], runner: Any, done: set[str],
-                 chunk: int = 64) -> Iterator[Record]:
+def run_analysis(
+    analyzer: Analyzer, records: Iterable[Record], runner: Any, done: set[str], chunk: int = 64
+) -> Iterator[Record]:
     """Result lines for the records whose key is not in `done`, chunk by chunk, in input order."""
     pending: list[tuple[str, Record]] = []
     for index, record in enumerate(records):

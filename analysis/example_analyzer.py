@@ -34,9 +34,11 @@ class SentimentAnalyzer(Analyzer):
     response_format = {"type": "json_schema", "json_schema": {"name": "sentiment", "schema": SCHEMA, "strict": True}}
 
     def prompt(self, record: Record) -> list[dict[str, str]]:
-        question = ("Classify the sentiment of this text as positive, negative or neutral. Answer in JSON: "
-                    '{"label": "positive" | "negative" | "neutral", "confidence": 0 to 1}.'
-                    f"\n\nText: {record.get('text', '')}")
+        question = (
+            "Classify the sentiment of this text as positive, negative or neutral. Answer in JSON: "
+            '{"label": "positive" | "negative" | "neutral", "confidence": 0 to 1}.'
+            f"\n\nText: {record.get('text', '')}"
+        )
         return [{"role": "user", "content": question}]
 
     def parse(self, record: Record, text: str) -> Record:

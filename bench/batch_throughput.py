@@ -107,15 +107,19 @@ def main() -> None:
             loads = system.loads()
         finally:
             system.stop()
-    print(f"$ uv run python bench/batch_throughput.py --prompts {args.prompts} --single {args.single} "
-          f"--tokens {args.tokens} --threads {args.threads}   (cwd {ROOT.name})")
+    print(
+        f"$ uv run python bench/batch_throughput.py --prompts {args.prompts} --single {args.single} "
+        f"--tokens {args.tokens} --threads {args.threads}   (cwd {ROOT.name})"
+    )
     print(f"bench model ~38M params, {args.tokens} new tokens per request, micro-batch 32, {args.threads} thread(s)")
     print(f"sequential single jobs : {single_rate:7.2f} req/s  (p50 {statistics.median(single_times) * 1000:.0f} ms)")
     print(f"one batch of {args.prompts:<9} : {batch_rate:7.2f} req/s  -> {batch_rate / single_rate:.2f}x single jobs")
     print(f"in-process batched     : {local:7.2f} req/s  -> queue reaches {batch_rate / local:.2f} of it")
-    print(f"interactive job during a 1000-line batch: {latency * 1000:.0f} ms "
-          f"(one micro-batch {micro * 1000:.0f} ms + the job alone {alone * 1000:.0f} ms = "
-          f"{(micro + alone) * 1000:.0f} ms budget)")
+    print(
+        f"interactive job during a 1000-line batch: {latency * 1000:.0f} ms "
+        f"(one micro-batch {micro * 1000:.0f} ms + the job alone {alone * 1000:.0f} ms = "
+        f"{(micro + alone) * 1000:.0f} ms budget)"
+    )
     print(f"model loads: {loads}")
 
 

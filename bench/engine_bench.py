@@ -37,8 +37,24 @@ from qwen_deploy.cli.deployment import Deployment  # noqa: E402
 from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 from qwen_deploy.client import Client  # noqa: E402
 
-WORDS = ["Beautiful", "Explicit", "Simple", "Complex", "Flat", "Sparse", "Readability", "Special", "Errors",
-         "Now", "Namespaces", "Although", "If", "There", "In", "Unless"]
+WORDS = [
+    "Beautiful",
+    "Explicit",
+    "Simple",
+    "Complex",
+    "Flat",
+    "Sparse",
+    "Readability",
+    "Special",
+    "Errors",
+    "Now",
+    "Namespaces",
+    "Although",
+    "If",
+    "There",
+    "In",
+    "Unless",
+]
 
 
 def build_model(arch: str) -> Path:
@@ -51,8 +67,11 @@ def build_model(arch: str) -> Path:
 def body(i: int, tokens: int, ignore_eos: bool = True, document: int = 0) -> dict[str, Any]:
     """A short prompt, or (document > 0) one that quotes `document` sentences of text first."""
     text = (" ".join(WORDS) + ". ") * document
-    return {"prompt": f"{text}{WORDS[i % len(WORDS)]} is better than {i} things, and", "max_new_tokens": tokens,
-            "ignore_eos": ignore_eos}
+    return {
+        "prompt": f"{text}{WORDS[i % len(WORDS)]} is better than {i} things, and",
+        "max_new_tokens": tokens,
+        "ignore_eos": ignore_eos,
+    }
 
 
 def mixed(document: int = 0) -> list[dict[str, Any]]:
@@ -86,8 +105,15 @@ class InProcess:
         extra = {"min_new_tokens": n} if all(b["ignore_eos"] for b in bodies) else {}
         started = time.perf_counter()
         with torch.inference_mode():
-            h.model.generate(x, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=h.eos_ids,
-                             pad_token_id=h.pad_id, **extra)
+            h.model.generate(
+                x,
+                attention_mask=mask,
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=h.eos_ids,
+                pad_token_id=h.pad_id,
+                **extra,
+            )
         return sum(b["max_new_tokens"] for b in bodies) / (time.perf_counter() - started)
 
     def engine(self, bodies: list[dict[str, Any]]) -> float:
@@ -127,9 +153,15 @@ class InProcess:
         ids = torch.tensor([h.encode(self.Req.from_dict(b))[0]])
         started = time.perf_counter()
         with torch.inference_mode():
-            h.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=b["max_new_tokens"],
-                             min_new_tokens=b["max_new_tokens"], do_sample=False, eos_token_id=h.eos_ids,
-                             pad_token_id=h.pad_id)
+            h.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=b["max_new_tokens"],
+                min_new_tokens=b["max_new_tokens"],
+                do_sample=False,
+                eos_token_id=h.eos_ids,
+                pad_token_id=h.pad_id,
+            )
         return (time.perf_counter() - started) * 1000
 
 
@@ -137,11 +169,15 @@ class System:
     """redis-server + gunicorn web + one Celery generation worker (prefork, 1 child, 1 thread)."""
 
     def __init__(self, tmp: Path, model_dir: Path) -> None:
-        config = {"model": {"name_or_path": str(model_dir), "threads": 1},
-                  "limits": {"max_queue_depth": 100_000}, "web": {"workers": 2, "threads": 32}}
+        config = {
+            "model": {"name_or_path": str(model_dir), "threads": 1},
+            "limits": {"max_queue_depth": 100_000},
+            "web": {"workers": 2, "threads": 32},
+        }
         (tmp / "config.yml").write_text(yaml.safe_dump(config))
-        self.deployment = Deployment({"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"),
-                                      "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT)
+        self.deployment = Deployment(
+            {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT
+        )
         self.redis = self.deployment.start_redis(data_dir=tmp / "redis", appendonly=False)
         self.deployment.start_web("127.0.0.1", free_port(), "/dev/null", ["--error-logfile", "/dev/null"])
         self.deployment.start_worker(node="bench", loglevel="WARNING")
@@ -159,10 +195,12 @@ class System:
 
     def concurrent(self, bodies: list[dict[str, Any]]) -> float:
         """Aggregate completion tokens/s of one client thread per body, all submitting at once."""
+
         def run(b: dict[str, Any]) -> int:
             job = Client(self.url, timeout=300).generate(**b)
             assert job["status"] == "succeeded", job
             return int(job["output"]["usage"]["completion_tokens"])
+
         started = time.perf_counter()
         with ThreadPoolExecutor(len(bodies)) as pool:
             tokens = sum(pool.map(run, bodies))
@@ -270,8 +308,10 @@ def lone_only(arch: str, runs: int) -> None:
         finally:
             system.stop()
     local, http = median([a for a, _ in pairs]), median([b for _, b in pairs])
-    print(f"{arch}: lone job (32 tokens), {runs} interleaved runs: in-process p50 {local:.1f} ms, "
-          f"HTTP p50 {http:.1f} ms, ratio {http / local:.3f}")
+    print(
+        f"{arch}: lone job (32 tokens), {runs} interleaved runs: in-process p50 {local:.1f} ms, "
+        f"HTTP p50 {http:.1f} ms, ratio {http / local:.3f}"
+    )
 
 
 def report(r: dict[str, Any]) -> None:
@@ -281,20 +321,29 @@ def report(r: dict[str, Any]) -> None:
     for n, ref in r["ref_tokens_s"].items():
         got = r["http_tokens_s"][n]
         print(f"| {n} x 32 tokens | {ref} | {got} | {got / ref:.2f} |")
-    for name, label in (("mixed", "8 mixed 8-64 tokens, short prompts"), ("mixed_doc", "8 mixed 8-64 tokens, documents")):
+    for name, label in (
+        ("mixed", "8 mixed 8-64 tokens, short prompts"),
+        ("mixed_doc", "8 mixed 8-64 tokens, documents"),
+    ):
         ref, got = r[f"ref_{name}_tokens_s"], r[f"http_{name}_tokens_s"]
         print(f"| {label} | {ref} | {got} | {got / ref:.2f} |")
     for name in ("mixed", "mixed_doc"):
         ref = r[f"ref_{name}_tokens_s"]
         prompts = r[f"{name}_prompt_tokens"]
-        print(f"{name} (prompts {min(prompts)}-{max(prompts)} tokens): engine in-process "
-              f"{r[f'engine_{name}_tokens_s'] / ref:.2f}x static, HTTP {r[f'http_{name}_tokens_s'] / ref:.2f}x; "
-              f"bound from measured step costs {r[f'bound_{name}']:.2f}x")
-    print(f"lone job (32 tokens): in-process {r['ref_lone_ms']} ms, HTTP {r['http_lone_ms']} ms, "
-          f"ratio {r['http_lone_ms'] / r['ref_lone_ms']:.3f}")
+        print(
+            f"{name} (prompts {min(prompts)}-{max(prompts)} tokens): engine in-process "
+            f"{r[f'engine_{name}_tokens_s'] / ref:.2f}x static, HTTP {r[f'http_{name}_tokens_s'] / ref:.2f}x; "
+            f"bound from measured step costs {r[f'bound_{name}']:.2f}x"
+        )
+    print(
+        f"lone job (32 tokens): in-process {r['ref_lone_ms']} ms, HTTP {r['http_lone_ms']} ms, "
+        f"ratio {r['http_lone_ms'] / r['ref_lone_ms']:.3f}"
+    )
     print(f"time to first token: alone {r['ttft_ms_alone']} ms, while 15 others decode {r['ttft_ms_under_15']} ms")
-    print(f"interactive job during a 64-line batch: {r['interactive_during_batch_ms']} ms vs "
-          f"{r['interactive_alone_ms']} ms alone ({r['interactive_during_batch_ms'] / r['interactive_alone_ms']:.2f}x)")
+    print(
+        f"interactive job during a 64-line batch: {r['interactive_during_batch_ms']} ms vs "
+        f"{r['interactive_alone_ms']} ms alone ({r['interactive_during_batch_ms'] / r['interactive_alone_ms']:.2f}x)"
+    )
     print(f"worker child peak RSS: {r['child_peak_rss_mb']} MB")
 
 

@@ -30,8 +30,15 @@ if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPE = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
-         "num_key_value_heads": 4, "tie_word_embeddings": False, "max_position_embeddings": 4096}
+SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+}
 SHARD_BYTES = 200 * 10**6  # of the generated checkpoint and base
 
 EXPORT = """
@@ -126,24 +133,30 @@ def main() -> None:
         return build(args.build, args.layers, args.layout)
     root = Path(tempfile.mkdtemp(prefix="export-bench-"))
     try:
-        built = _run([sys.executable, __file__, "--build", str(root), "--layers", str(args.layers),
-                      "--layout", args.layout])
+        built = _run(
+            [sys.executable, __file__, "--build", str(root), "--layers", str(args.layers), "--layout", args.layout]
+        )
         after_build = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         t = time.monotonic()
-        child = _run([sys.executable, "-c", EXPORT, str(built["checkpoint"]), str(built["base"]),
-                      str(root / "out"), args.dtype])
+        child = _run(
+            [sys.executable, "-c", EXPORT, str(built["checkpoint"]), str(built["base"]), str(root / "out"), args.dtype]
+        )
         wall = time.monotonic() - t
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         size_mb = built["bytes"] / 2**20
         base_mb, hwm = child["baseline_mb"], child["hwm_mb"]
         print(f"command: {shlex.join(['uv', 'run', 'python', 'bench/export_bench.py', *sys.argv[1:]])}")
-        print(f"checkpoint: {args.layout}, {size_mb:.0f} MiB ({args.layers} layers, bf16) -> {child['dtype']}, "
-              f"{child['shards']} output shard(s)")
+        print(
+            f"checkpoint: {args.layout}, {size_mb:.0f} MiB ({args.layers} layers, bf16) -> {child['dtype']}, "
+            f"{child['shards']} output shard(s)"
+        )
         print(f"wall: {wall:.1f} s for the export subprocess (export_checkpoint itself {child['export_s']:.1f} s)")
         valid = "valid" if peak > after_build else f"not valid: the builder's {after_build:.0f} MiB is larger"
         print(f"peak RSS, ru_maxrss(RUSAGE_CHILDREN): {peak:.0f} MiB = {peak / size_mb:.2f}x checkpoint ({valid})")
-        print(f"peak RSS, export child's VmHWM: {hwm:.0f} MiB = {hwm / size_mb:.2f}x checkpoint; above the "
-              f"{base_mb:.0f} MiB its imports take: {hwm - base_mb:.0f} MiB = {(hwm - base_mb) / size_mb:.2f}x")
+        print(
+            f"peak RSS, export child's VmHWM: {hwm:.0f} MiB = {hwm / size_mb:.2f}x checkpoint; above the "
+            f"{base_mb:.0f} MiB its imports take: {hwm - base_mb:.0f} MiB = {(hwm - base_mb) / size_mb:.2f}x"
+        )
     finally:
         if args.keep:
             print(f"kept: {root}")

@@ -54,8 +54,11 @@ def main() -> None:
     model = build_demo_model(log=lambda msg: None)
     tmp = Path(tempfile.mkdtemp(prefix="failover-bench-"))
     group = SentinelGroup(tmp / "sentinel", down_after_ms=args.down_after_ms).start()
-    config = {"redis_wait_ms": 200,
-              "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5}, "engine": {"lease_seconds": 3}}
+    config = {
+        "redis_wait_ms": 200,
+        "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
+        "engine": {"lease_seconds": 3},
+    }
     stack = Stack(tmp / "stack", model, config, redis_url=group.url)
     try:
         stack.start_worker()

@@ -34,14 +34,20 @@ def main() -> None:
         found = run_in_namespaces(Path(tempfile.mkdtemp(prefix="hosts-bench-")), args.cut, args.idle_cut)
         kill, busy, idle = (found.get(k, {}) for k in ("host_kill", "busy_partition", "idle_partition"))
         print(f"round {i + 1}:")
-        print(f"  host kill: takeover {kill.get('takeover_s')} s (lease {kill.get('lease_s')} s), finished "
-              f"{kill.get('finish_s')} s after the kill, {kill.get('status')} at attempt {kill.get('attempts')}")
-        lost = int(busy.get("status") not in ("succeeded", "failed", "canceled", "timed_out")) + int(idle.get("lost", 0))
+        print(
+            f"  host kill: takeover {kill.get('takeover_s')} s (lease {kill.get('lease_s')} s), finished "
+            f"{kill.get('finish_s')} s after the kill, {kill.get('status')} at attempt {kill.get('attempts')}"
+        )
+        lost = int(busy.get("status") not in ("succeeded", "failed", "canceled", "timed_out")) + int(
+            idle.get("lost", 0)
+        )
         twice = max(0, int(busy.get("done_events", 1)) - 1) + sum(max(0, n - 1) for n in idle.get("done_events", []))
-        print(f"  partitions ({args.cut:g} s busy, {args.idle_cut:g} s idle): jobs lost {lost}, completed twice "
-              f"as clients see it {twice}; busy job finished by the other host {busy.get('finish_s')} s into the "
-              f"cut, late run refused: {busy.get('late_run_dropped')}; idle-cut jobs all ended "
-              f"{idle.get('all_ended_s')} s into the cut (attempts {idle.get('attempts')})")
+        print(
+            f"  partitions ({args.cut:g} s busy, {args.idle_cut:g} s idle): jobs lost {lost}, completed twice "
+            f"as clients see it {twice}; busy job finished by the other host {busy.get('finish_s')} s into the "
+            f"cut, late run refused: {busy.get('late_run_dropped')}; idle-cut jobs all ended "
+            f"{idle.get('all_ended_s')} s into the cut (attempts {idle.get('attempts')})"
+        )
         print("  raw: " + json.dumps(found))
 
 

@@ -65,11 +65,15 @@ class System:
     """redis-server + gunicorn web + one Celery worker, configured by one YAML file."""
 
     def __init__(self, tmp: Path, model_dir: Path, worker: bool = True, threads: int = 1) -> None:
-        config = {"model": {"name_or_path": str(model_dir), "threads": threads},
-                  "limits": {"max_queue_depth": 10_000_000}, "web": {"workers": 2, "threads": 16}}
+        config = {
+            "model": {"name_or_path": str(model_dir), "threads": threads},
+            "limits": {"max_queue_depth": 10_000_000},
+            "web": {"workers": 2, "threads": 16},
+        }
         (tmp / "config.yml").write_text(yaml.safe_dump(config))
-        self.deployment = Deployment({"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"),
-                                      "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT)
+        self.deployment = Deployment(
+            {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT
+        )
         self.redis = self.deployment.start_redis(data_dir=tmp / "redis", appendonly=False)
         self.deployment.start_web("127.0.0.1", free_port(), "/dev/null", ["--error-logfile", "/dev/null"])
         if worker:
@@ -124,33 +128,54 @@ def run_model(name: str, model_dir: Path, tokens: int, runs: int, jobs: int) -> 
         finally:
             system.stop()
     p50_l, p50_r = statistics.median(local), statistics.median(remote)
-    return {"model": name, "tokens": tokens, "runs": runs,
-            "inproc_p50": p50_l, "inproc_p95": pct(local, 0.95),
-            "http_p50": p50_r, "http_p95": pct(remote, 0.95),
-            "overhead_ms_p50": p50_r - p50_l, "overhead_ms_p95": pct(remote, 0.95) - pct(local, 0.95),
-            "ratio_p50": p50_r / p50_l, "jobs_per_s": rate, "model_loads": loads}
+    return {
+        "model": name,
+        "tokens": tokens,
+        "runs": runs,
+        "inproc_p50": p50_l,
+        "inproc_p95": pct(local, 0.95),
+        "http_p50": p50_r,
+        "http_p95": pct(remote, 0.95),
+        "overhead_ms_p50": p50_r - p50_l,
+        "overhead_ms_p95": pct(remote, 0.95) - pct(local, 0.95),
+        "ratio_p50": p50_r / p50_l,
+        "jobs_per_s": rate,
+        "model_loads": loads,
+    }
 
 
 def run_wrk(model_dir: Path, seconds: int) -> str:
     if not shutil.which("wrk"):
         return "wrk not installed (apt-get install wrk): skipped"
-    script = ("wrk.method = 'POST'\nwrk.headers['Content-Type'] = 'application/json'\n"
-              "wrk.body = '{\"prompt\": \"Beautiful is better than\", \"max_new_tokens\": 8}'\n")
+    script = (
+        "wrk.method = 'POST'\nwrk.headers['Content-Type'] = 'application/json'\n"
+        'wrk.body = \'{"prompt": "Beautiful is better than", "max_new_tokens": 8}\'\n'
+    )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "post.lua").write_text(script)
         system = System(Path(tmp), model_dir, worker=False)
         try:
-            cmd = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s", str(Path(tmp) / "post.lua"),
-                   system.url + "/v1/jobs"]
+            cmd = [
+                "wrk",
+                "-t2",
+                "-c32",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                str(Path(tmp) / "post.lua"),
+                system.url + "/v1/jobs",
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         finally:
             system.stop()
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p99 = re.search(r"99%\s+([\d.]+\w+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return (f"POST /v1/jobs, wrk -t2 -c32 -d{seconds}s, 2 gunicorn gthread workers: "
-            f"{rps.group(1) if rps else '?'} req/s, p99 {p99.group(1) if p99 else '?'}, "
-            f"non-2xx {non2xx.group(1) if non2xx else 0}")
+    return (
+        f"POST /v1/jobs, wrk -t2 -c32 -d{seconds}s, 2 gunicorn gthread workers: "
+        f"{rps.group(1) if rps else '?'} req/s, p99 {p99.group(1) if p99 else '?'}, "
+        f"non-2xx {non2xx.group(1) if non2xx else 0}"
+    )
 
 
 def main() -> None:
@@ -169,16 +194,36 @@ def main() -> None:
         print(wrk)
         return
     bench = build_bench_model(demo, default_cache_dir() / "bench-model-qwen2-38m")
-    rows = [run_model("demo", demo, 64, args.runs, 100),
-            run_model("bench-38M", bench, 32, max(10, args.runs // 3), 10)]
+    rows = [run_model("demo", demo, 64, args.runs, 100), run_model("bench-38M", bench, 32, max(10, args.runs // 3), 10)]
     print(f"$ uv run python bench/job_overhead.py --runs {args.runs}")
-    head = ("model", "new tok", "inproc p50", "inproc p95", "http p50", "http p95", "+ms p50", "+ms p95",
-            "ratio p50", "jobs/s", "loads")
+    head = (
+        "model",
+        "new tok",
+        "inproc p50",
+        "inproc p95",
+        "http p50",
+        "http p95",
+        "+ms p50",
+        "+ms p95",
+        "ratio p50",
+        "jobs/s",
+        "loads",
+    )
     print(" | ".join(f"{h:>10}" for h in head))
     for r in rows:
-        cells = (r["model"], r["tokens"], f"{r['inproc_p50']:.1f}", f"{r['inproc_p95']:.1f}", f"{r['http_p50']:.1f}",
-                 f"{r['http_p95']:.1f}", f"{r['overhead_ms_p50']:.1f}", f"{r['overhead_ms_p95']:.1f}",
-                 f"{r['ratio_p50']:.3f}", f"{r['jobs_per_s']:.1f}", r["model_loads"])
+        cells = (
+            r["model"],
+            r["tokens"],
+            f"{r['inproc_p50']:.1f}",
+            f"{r['inproc_p95']:.1f}",
+            f"{r['http_p50']:.1f}",
+            f"{r['http_p95']:.1f}",
+            f"{r['overhead_ms_p50']:.1f}",
+            f"{r['overhead_ms_p95']:.1f}",
+            f"{r['ratio_p50']:.3f}",
+            f"{r['jobs_per_s']:.1f}",
+            r["model_loads"],
+        )
         print(" | ".join(f"{c:>10}" for c in cells))
     print(wrk)
 

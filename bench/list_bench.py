@@ -45,13 +45,27 @@ def fill(store: JobStore, owner: str, count: int, queued_newest: int = 0) -> lis
     for i, job_id in enumerate(ids):
         status = "succeeded" if i % 20 < 18 else "failed" if i % 20 == 18 else "canceled"
         queued = i >= count - queued_newest
-        record = {"id": job_id, "status": "queued" if queued else status, "type": "generation", "queue": "interactive",
-                  "owner": owner, "created_at": repr(now), "priority": "normal", "deliveries": "0" if queued else "1",
-                  "request": json.dumps({"prompt": "Beautiful is better than", "max_new_tokens": 64}),
-                  "max_new_tokens": "64", "tokens": "0" if queued else "64"}
+        record = {
+            "id": job_id,
+            "status": "queued" if queued else status,
+            "type": "generation",
+            "queue": "interactive",
+            "owner": owner,
+            "created_at": repr(now),
+            "priority": "normal",
+            "deliveries": "0" if queued else "1",
+            "request": json.dumps({"prompt": "Beautiful is better than", "max_new_tokens": 64}),
+            "max_new_tokens": "64",
+            "tokens": "0" if queued else "64",
+        }
         if not queued:
-            record.update(started_at=repr(now), completed_at=repr(now), text=TEXT, finish_reason="length",
-                          usage=json.dumps({"prompt_tokens": 6, "completion_tokens": 64, "prompt_truncated": False}))
+            record.update(
+                started_at=repr(now),
+                completed_at=repr(now),
+                text=TEXT,
+                finish_reason="length",
+                usage=json.dumps({"prompt_tokens": 6, "completion_tokens": 64, "prompt_truncated": False}),
+            )
             if status == "failed":
                 record["error"] = json.dumps({"code": "generation_error", "message": "bench"})
         else:
@@ -83,9 +97,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="list-bench-"))
-    deployment = Deployment({"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
-                             "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
-                             "QWEN_DEPLOY_WEB__API_KEYS": json.dumps([KEY_A, KEY_B])}, logs=tmp, cwd=ROOT)
+    deployment = Deployment(
+        {
+            "QWEN_DEPLOY_ENV_FILE": "no.env",
+            "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
+            "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
+            "QWEN_DEPLOY_WEB__API_KEYS": json.dumps([KEY_A, KEY_B]),
+        },
+        logs=tmp,
+        cwd=ROOT,
+    )
     server = deployment.start_redis(data_dir=tmp, appendonly=False)
     store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
     t = time.perf_counter()
@@ -108,8 +129,10 @@ def main() -> None:
         session = requests.Session()
         measure(session, base + "/v1/jobs", KEY_A, 20)  # warm up every gunicorn worker's connections
         print(f"$ uv run python bench/list_bench.py --jobs {args.jobs} --requests {args.requests}")
-        print(f"stored: {args.jobs} jobs for key A + 1000 for key B in {filled:.1f} s; redis used_memory {memory}; "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"stored: {args.jobs} jobs for key A + 1000 for key B in {filled:.1f} s; redis used_memory {memory}; "
+            f"{os.cpu_count()} CPUs"
+        )
         for name, key, path in cases:
             p50, p95, size = measure(session, base + path, key, args.requests)
             print(f"{name:48s} p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  ({size} jobs per page)")

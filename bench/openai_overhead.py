@@ -58,8 +58,9 @@ def main() -> None:
                 assert done["output"]["usage"]["completion_tokens"] == args.tokens, done
 
             def with_sdk() -> None:
-                reply = sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=args.tokens,
-                                                    extra_body={"ignore_eos": True})
+                reply = sdk.chat.completions.create(
+                    model=model, messages=MESSAGES, max_tokens=args.tokens, extra_body={"ignore_eos": True}
+                )
                 assert reply.usage.completion_tokens == args.tokens
 
             for call in (chat, job, with_sdk):  # warm-up
@@ -74,8 +75,11 @@ def main() -> None:
     print(f"$ uv run python bench/openai_overhead.py --runs {args.runs} --tokens {args.tokens}")
     print(f"demo model, {args.tokens} new tokens, {args.runs} requests per route, one at a time")
     base = statistics.median(times["jobs"])
-    labels = {"jobs": "POST /v1/jobs + GET ?wait", "chat": "POST /v1/chat/completions",
-              "sdk": "openai SDK chat.completions"}
+    labels = {
+        "jobs": "POST /v1/jobs + GET ?wait",
+        "chat": "POST /v1/chat/completions",
+        "sdk": "openai SDK chat.completions",
+    }
     for key, label in labels.items():
         p50 = statistics.median(times[key])
         print(f"{label:>30}: p50 {p50:7.1f} ms  p95 {pct(times[key], 0.95):7.1f} ms  (p50 {p50 - base:+.1f} ms)")

@@ -59,7 +59,9 @@ def run(model: Path, workers: int, jobs: int, tokens: int) -> tuple[float, list[
         cpu0, t0 = cpu_seconds(children), time.monotonic()
         tps = system.concurrent([body(i, tokens) for i in range(jobs)])
         cores = (cpu_seconds(children) - cpu0) / (time.monotonic() - t0)
-        by_worker = Counter(client.hget(k, "worker") for k in client.keys(JobKeys("qd").key("job_*")) if not k.endswith(":ev"))
+        by_worker = Counter(
+            client.hget(k, "worker") for k in client.keys(JobKeys("qd").key("job_*")) if not k.endswith(":ev")
+        )
         return tps, sorted(by_worker.values(), reverse=True), cores
     finally:
         system.stop()
@@ -83,12 +85,16 @@ def main() -> None:
         for workers in (1, 2):
             tps, spread, cores = run(model, workers, args.jobs, args.tokens)
             figures[workers].append(tps)
-            print(f"round {r + 1}: {workers} worker(s): {tps:.1f} tokens/s, jobs per worker {spread}, worker "
-                  f"children got {cores:.2f} cores ({tps / max(cores, 1e-9):.1f} tokens per CPU-second), "
-                  f"load {os.getloadavg()[0]:.2f}")
+            print(
+                f"round {r + 1}: {workers} worker(s): {tps:.1f} tokens/s, jobs per worker {spread}, worker "
+                f"children got {cores:.2f} cores ({tps / max(cores, 1e-9):.1f} tokens per CPU-second), "
+                f"load {os.getloadavg()[0]:.2f}"
+            )
     one, two = statistics.median(figures[1]), statistics.median(figures[2])
-    print(f"median: 1 worker {one:.1f} tokens/s, 2 workers {two:.1f} tokens/s, ratio {two / one:.2f}x "
-          f"({args.jobs} jobs x {args.tokens} tokens, engine.max_batch {args.max_batch}, {os.cpu_count()} cores)")
+    print(
+        f"median: 1 worker {one:.1f} tokens/s, 2 workers {two:.1f} tokens/s, ratio {two / one:.2f}x "
+        f"({args.jobs} jobs x {args.tokens} tokens, engine.max_batch {args.max_batch}, {os.cpu_count()} cores)"
+    )
 
 
 if __name__ == "__main__":

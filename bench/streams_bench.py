@@ -31,8 +31,9 @@ from qwen_deploy.cli.redis_server import free_port  # noqa: E402
 
 def rss_mib(pid: int) -> float:
     """Resident memory of a process and its children, MiB."""
-    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                     text=True).stdout.split()]
+    pids = [pid] + [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    ]
     total = 0
     for p in pids:
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
@@ -78,12 +79,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=300)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
-    env = {"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
-           "QWEN_DEPLOY_LIMITS__MAX_STREAMS_PER_KEY": "100000", "QWEN_DEPLOY_LIMITS__MAX_STREAM": "900",
-           "QWEN_DEPLOY_LIMITS__MAX_QUEUE_DEPTH": "100000", "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000",
-           "QWEN_DEPLOY_LOG_LEVEL": "WARNING", "QWEN_DEPLOY_WEB__WORKERS": str(args.workers),
-           "QWEN_DEPLOY_WEB__THREADS": "16", "QWEN_DEPLOY_WEB__WORKER_CLASS": args.worker_class,
-           "QWEN_DEPLOY_WEB__WORKER_CONNECTIONS": str(args.streams + 500)}
+    env = {
+        "QWEN_DEPLOY_ENV_FILE": "no.env",
+        "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
+        "QWEN_DEPLOY_LIMITS__MAX_STREAMS_PER_KEY": "100000",
+        "QWEN_DEPLOY_LIMITS__MAX_STREAM": "900",
+        "QWEN_DEPLOY_LIMITS__MAX_QUEUE_DEPTH": "100000",
+        "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000",
+        "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
+        "QWEN_DEPLOY_WEB__WORKERS": str(args.workers),
+        "QWEN_DEPLOY_WEB__THREADS": "16",
+        "QWEN_DEPLOY_WEB__WORKER_CLASS": args.worker_class,
+        "QWEN_DEPLOY_WEB__WORKER_CONNECTIONS": str(args.streams + 500),
+    }
     deployment = Deployment(env, logs=tmp, cwd=ROOT, quick_stop=True)  # quick: streams blocked in XREAD
     server = deployment.start_redis(data_dir=tmp, appendonly=False)
     port = free_port()
@@ -102,18 +110,24 @@ def main() -> None:
             assert session.get(url + "/livez", timeout=10).status_code == 200
             livez.append(time.perf_counter() - t)
             t = time.perf_counter()
-            assert session.post(url + "/v1/jobs", json={"prompt": "y", "max_new_tokens": 1}, timeout=10).status_code == 202
+            assert (
+                session.post(url + "/v1/jobs", json={"prompt": "y", "max_new_tokens": 1}, timeout=10).status_code == 202
+            )
             submit.append(time.perf_counter() - t)
         rss = rss_mib(web.pid)
         clients = redis.Redis.from_url(server.url).info("clients")["connected_clients"]
         alive = sum(1 for s in socks if s.fileno() != -1)
-        print(f"$ uv run python bench/streams_bench.py --streams {args.streams} --workers {args.workers} "
-              f"--worker-class {args.worker_class}")
+        print(
+            f"$ uv run python bench/streams_bench.py --streams {args.streams} --workers {args.workers} "
+            f"--worker-class {args.worker_class}"
+        )
         print(f"streams open: {alive} (opened in {open_s:.1f} s), {args.samples} samples each")
         print(f"GET /livez    p50 {statistics.median(livez) * 1000:.1f} ms  p99 {pct(livez, 0.99):.1f} ms")
         print(f"POST /v1/jobs p50 {statistics.median(submit) * 1000:.1f} ms  p99 {pct(submit, 0.99):.1f} ms")
-        print(f"web RSS (master + {args.workers} workers): idle {idle_rss:.0f} MiB, with streams {rss:.0f} MiB"
-              + f"; redis clients {clients}")
+        print(
+            f"web RSS (master + {args.workers} workers): idle {idle_rss:.0f} MiB, with streams {rss:.0f} MiB"
+            + f"; redis clients {clients}"
+        )
         for s in socks:
             s.close()
     finally:

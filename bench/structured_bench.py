@@ -24,15 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 40},
-    "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "mood": {"enum": ["happy", "sad", "neutral"]},
-    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
-    "required": ["name", "age", "mood", "tags"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "mood": {"enum": ["happy", "sad", "neutral"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "mood", "tags"],
+    "additionalProperties": False,
+}
 ANSWER = '{"name": "Ada Lovelace", "age": 36, "mood": "happy", "tags": ["math", "poetry"]}'
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 QWEN_VOCAB = 151936  # Qwen2's padded model vocabulary
 
 
@@ -48,7 +55,9 @@ def qwen_tokenizer(tiktoken_file: Path, out: Path) -> Path:
     TikTokenConverter.load_tiktoken_bpe = staticmethod(load)  # type: ignore[method-assign]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
     backend = TikTokenConverter(str(tiktoken_file), pattern=QWEN_PATTERN, extra_special_tokens=specials).converted()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    ).save_pretrained(out)
     return out
 
 
@@ -86,8 +95,10 @@ def run(tokenizer: Any, vocab: int) -> None:
         fill.append(t1 - t0)
         apply.append(t2 - t1)
     assert c.is_done() and c.error is None
-    print(f"one sequence, {len(ids)} steps: mask compute {median_us(fill)}, apply {median_us(apply)}, "
-          f"accept {median_us(accept)}")
+    print(
+        f"one sequence, {len(ids)} steps: mask compute {median_us(fill)}, apply {median_us(apply)}, "
+        f"accept {median_us(accept)}"
+    )
     for batch in (8, 32):
         rows = [first.fork() for _ in range(batch)]
         serial, batched = [], []

@@ -39,8 +39,14 @@ wrk.headers["Content-Type"] = "application/json"
 def start(app: str, env: dict[str, str], probe: str) -> tuple[subprocess.Popen[bytes], str]:
     settings = load_settings(environ=env)
     port = free_port()
-    argv = web_command("127.0.0.1", port, settings.web.workers, settings.web.threads, settings.web.worker_class,
-                       settings.web.worker_connections)
+    argv = web_command(
+        "127.0.0.1",
+        port,
+        settings.web.workers,
+        settings.web.threads,
+        settings.web.worker_class,
+        settings.web.worker_connections,
+    )
     argv = [a for a in argv if a not in ("--access-logfile", "-")]
     argv[-1] = app
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -70,8 +76,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wrk(url: str, script: Path, duration: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
-                          url + "/v1/jobs"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url + "/v1/jobs"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "90", "99"):
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
@@ -93,11 +103,20 @@ def main() -> None:
     script = tmp / "post.lua"
     script.write_text(POST_LUA)
     server = RedisServer(data_dir=tmp, appendonly=False).start()
-    env = {**os.environ, "REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env",
-           "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"), "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
-           "QWEN_DEPLOY_LIMITS__MAX_QUEUE_DEPTH": "100000000", "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000000",
-           "QWEN_DEPLOY_LIMITS__MAX_QUEUED_UNSERVED": "100000000"}
-    apps = {"qwen-deploy": start("web.wsgi:app", env, "/v1/jobs"), "naive": start("bench.naive_app:app", env, "/v1/jobs")}
+    env = {
+        **os.environ,
+        "REDIS_URL": server.url,
+        "QWEN_DEPLOY_ENV_FILE": "no.env",
+        "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
+        "QWEN_DEPLOY_LOG_LEVEL": "WARNING",
+        "QWEN_DEPLOY_LIMITS__MAX_QUEUE_DEPTH": "100000000",
+        "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000000",
+        "QWEN_DEPLOY_LIMITS__MAX_QUEUED_UNSERVED": "100000000",
+    }
+    apps = {
+        "qwen-deploy": start("web.wsgi:app", env, "/v1/jobs"),
+        "naive": start("bench.naive_app:app", env, "/v1/jobs"),
+    }
     results: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
     redis_pid = server.proc.pid if server.proc else 0
     try:
@@ -116,22 +135,30 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
         server.stop()
-    print(f"$ uv run python bench/submit_bench.py --duration {args.duration} --connections {args.connections} "
-          f"--rounds {args.rounds}   (wrk -t2 -c{args.connections}, {os.cpu_count()} CPUs)")
+    print(
+        f"$ uv run python bench/submit_bench.py --duration {args.duration} --connections {args.connections} "
+        f"--rounds {args.rounds}   (wrk -t2 -c{args.connections}, {os.cpu_count()} CPUs)"
+    )
     best, median = {}, {}
     for name, runs in results.items():
         for i, f in enumerate(runs, 1):
-            print(f"{name:12s} round {i}: {f['rps']:8.0f} req/s  p50 {f['p50']:6.1f} ms  p90 {f['p90']:6.1f} ms  "
-                  f"p99 {f['p99']:6.1f} ms  non-2xx {f['non2xx']:.0f}  CPU/request: web {f['web_us']:5.0f} us, "
-                  f"redis {f['redis_us']:4.0f} us")
+            print(
+                f"{name:12s} round {i}: {f['rps']:8.0f} req/s  p50 {f['p50']:6.1f} ms  p90 {f['p90']:6.1f} ms  "
+                f"p99 {f['p99']:6.1f} ms  non-2xx {f['non2xx']:.0f}  CPU/request: web {f['web_us']:5.0f} us, "
+                f"redis {f['redis_us']:4.0f} us"
+            )
         best[name] = max(f["rps"] for f in runs)
         median[name] = sorted(f["rps"] for f in runs)[len(runs) // 2]
-    print(f"ratio: best round {best['qwen-deploy'] / best['naive']:.2f}x, median round "
-          f"{median['qwen-deploy'] / median['naive']:.2f}x the naive app's req/s; load average "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"ratio: best round {best['qwen-deploy'] / best['naive']:.2f}x, median round "
+        f"{median['qwen-deploy'] / median['naive']:.2f}x the naive app's req/s; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     cost = {name: sorted(f["web_us"] + f["redis_us"] for f in runs)[len(runs) // 2] for name, runs in results.items()}
-    print(f"CPU per request (web + redis, median round): qwen-deploy {cost['qwen-deploy']:.0f} us, naive "
-          f"{cost['naive']:.0f} us: the naive app spends {cost['naive'] / cost['qwen-deploy']:.2f}x as much")
+    print(
+        f"CPU per request (web + redis, median round): qwen-deploy {cost['qwen-deploy']:.0f} us, naive "
+        f"{cost['naive']:.0f} us: the naive app spends {cost['naive'] / cost['qwen-deploy']:.2f}x as much"
+    )
     if any(f["non2xx"] for runs in results.values() for f in runs):
         print("WARNING: some answers were not 2xx; these figures do not measure accepted submits")
 

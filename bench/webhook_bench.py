@@ -91,8 +91,11 @@ def wait_for(predicate: Any, timeout: float) -> bool:
 
 
 def latencies(receiver: Receiver, ids: set[str], forced_ids: set[str]) -> list[float]:
-    return [(t - body["data"]["completed_at"]) * 1000 for msg, (t, body) in receiver.delivered().items()
-            if body["data"]["id"] in ids and msg not in forced_ids]
+    return [
+        (t - body["data"]["completed_at"]) * 1000
+        for msg, (t, body) in receiver.delivered().items()
+        if body["data"]["id"] in ids and msg not in forced_ids
+    ]
 
 
 def main() -> None:
@@ -104,11 +107,15 @@ def main() -> None:
 
     model = build_demo_model(log=lambda m: None)
     tmp = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
-    config = {"model": {"name_or_path": str(model), "threads": 1}, "limits": {"max_queue_depth": 100_000},
-              "webhooks": {"secret": SECRET, "allowed_hosts": ["127.0.0.1"], "retry_schedule": [0.5, 1, 2, 5]}}
+    config = {
+        "model": {"name_or_path": str(model), "threads": 1},
+        "limits": {"max_queue_depth": 100_000},
+        "webhooks": {"secret": SECRET, "allowed_hosts": ["127.0.0.1"], "retry_schedule": [0.5, 1, 2, 5]},
+    }
     (tmp / "config.yml").write_text(yaml.safe_dump(config))
-    deployment = Deployment({"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"),
-                             "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT)
+    deployment = Deployment(
+        {"QWEN_DEPLOY_CONFIG": str(tmp / "config.yml"), "QWEN_DEPLOY_ENV_FILE": str(tmp / "none.env")}, cwd=ROOT
+    )
     deployment.start_redis(data_dir=tmp / "redis")
     receiver = Receiver()
     try:
@@ -140,14 +147,20 @@ def main() -> None:
             burst_msgs = {m for m, _, b in receiver.calls if b["data"]["id"] in burst_ids}
         burst = latencies(receiver, burst_ids, receiver.forced)
         print(f"command: uv run python bench/webhook_bench.py --jobs {args.jobs} --sequential {args.sequential}")
-        print(f"idle: {len(idle)} jobs one at a time; delivery latency after completed_at "
-              f"p50 {pct(idle, 0.5):.0f} ms, p95 {pct(idle, 0.95):.0f} ms")
-        print(f"burst: {args.jobs} jobs submitted in {submitted:.1f} s; all delivered: {ok}, "
-              f"{len(burst_msgs)} distinct webhook ids in {elapsed:.1f} s; latency (first-try deliveries) "
-              f"p50 {pct(burst, 0.5):.0f} ms, p95 {pct(burst, 0.95):.0f} ms")
+        print(
+            f"idle: {len(idle)} jobs one at a time; delivery latency after completed_at "
+            f"p50 {pct(idle, 0.5):.0f} ms, p95 {pct(idle, 0.95):.0f} ms"
+        )
+        print(
+            f"burst: {args.jobs} jobs submitted in {submitted:.1f} s; all delivered: {ok}, "
+            f"{len(burst_msgs)} distinct webhook ids in {elapsed:.1f} s; latency (first-try deliveries) "
+            f"p50 {pct(burst, 0.5):.0f} ms, p95 {pct(burst, 0.95):.0f} ms"
+        )
         extra = requests_seen - len(receiver.seen) - forced
-        print(f"requests received {requests_seen} = {len(receiver.seen)} messages + {forced} forced retries "
-              f"+ {extra} duplicates")
+        print(
+            f"requests received {requests_seen} = {len(receiver.seen)} messages + {forced} forced retries "
+            f"+ {extra} duplicates"
+        )
     finally:
         deployment.stop()
         receiver.server.shutdown()

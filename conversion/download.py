@@ -22,9 +22,20 @@ from conversion.hub_failures import HubRequest, classify, is_transient, retrying
 log = logging.getLogger(__name__)
 
 DEFAULT_ALLOW = [
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "*.tiktoken", "chat_template.json",
-    "chat_template.jinja", "*.safetensors", "*.safetensors.index.json", "README.md", "LICENSE*",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "README.md",
+    "LICENSE*",
 ]
 BIN_FALLBACK = ["*.bin", "*.bin.index.json"]  # only for repos without safetensors
 DEFAULT_IGNORE = ["consolidated*.safetensors", "original/*"]  # duplicate non-HF weights (Mistral, Llama)
@@ -45,8 +56,15 @@ class _Progress:
 
     def emit(self, phase: str, files_done: int = 0, bytes_done: int = 0) -> None:
         if self.callback is not None:
-            self.callback({"phase": phase, "files_done": files_done, "files_total": self.files_total,
-                           "bytes_done": bytes_done, "bytes_total": self.bytes_total})
+            self.callback(
+                {
+                    "phase": phase,
+                    "files_done": files_done,
+                    "files_total": self.files_total,
+                    "bytes_done": bytes_done,
+                    "bytes_total": self.bytes_total,
+                }
+            )
 
     def start(self, files_total: int, bytes_total: int) -> None:
         with self.lock:
@@ -129,8 +147,15 @@ def _from_hub(req: HubRequest, report: _Progress) -> dict:
     chosen = list(filter_repo_objects(sorted(sizes), allow_patterns=allow, ignore_patterns=ignore))
     report.start(len(chosen), sum(sizes[name] for name in chosen))
     path = snapshot_download(
-        req.repo_id, revision=req.revision, cache_dir=req.cache_dir, local_dir=req.out, token=req.token,
-        allow_patterns=allow, ignore_patterns=ignore, endpoint=req.endpoint, tqdm_class=report.tqdm_class(),
+        req.repo_id,
+        revision=req.revision,
+        cache_dir=req.cache_dir,
+        local_dir=req.out,
+        token=req.token,
+        allow_patterns=allow,
+        ignore_patterns=ignore,
+        endpoint=req.endpoint,
+        tqdm_class=report.tqdm_class(),
     )
     return _result(req, report, Path(path), _commit_of(Path(path), req) or info.sha, chosen, offline=False)
 
@@ -138,18 +163,34 @@ def _from_hub(req: HubRequest, report: _Progress) -> dict:
 def _from_cache(req: HubRequest, report: _Progress, cause: Exception | None) -> dict:
     """Serve the snapshot from the local cache (or ``out``) without the network."""
     try:
-        path = Path(snapshot_download(
-            req.repo_id, revision=req.revision, cache_dir=req.cache_dir, local_dir=req.out, local_files_only=True,
-            allow_patterns=DEFAULT_ALLOW if req.allow is None else req.allow, ignore_patterns=_patterns([], req)[1],
-        ))
+        path = Path(
+            snapshot_download(
+                req.repo_id,
+                revision=req.revision,
+                cache_dir=req.cache_dir,
+                local_dir=req.out,
+                local_files_only=True,
+                allow_patterns=DEFAULT_ALLOW if req.allow is None else req.allow,
+                ignore_patterns=_patterns([], req)[1],
+            )
+        )
     except LocalEntryNotFoundError:  # includes IncompleteSnapshotError
         if cause is None:
-            raise req.error(f"HF_HUB_OFFLINE is set and {req.where} is not (completely) in the local cache; "
-                            "download it once with network access.", "offline_not_cached", False) from None
-        log.warning("download of %s: the hub failed (%s) and the cache cannot serve it", req.where,
-                    req.scrub(summary(cause)))  # the detail goes to the log; the job gets a code and a sentence
-        raise req.error(f"the hub at {req.hub} is unreachable or failing and {req.where} is not "
-                        "(completely) in the local cache; try again later.", "network", False) from None
+            raise req.error(
+                f"HF_HUB_OFFLINE is set and {req.where} is not (completely) in the local cache; "
+                "download it once with network access.",
+                "offline_not_cached",
+                False,
+            ) from None
+        log.warning(
+            "download of %s: the hub failed (%s) and the cache cannot serve it", req.where, req.scrub(summary(cause))
+        )  # the detail goes to the log; the job gets a code and a sentence
+        raise req.error(
+            f"the hub at {req.hub} is unreachable or failing and {req.where} is not "
+            "(completely) in the local cache; try again later.",
+            "network",
+            False,
+        ) from None
     on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     on_disk = [n for n in on_disk if not n.startswith(".cache/")]
     allow, ignore = _patterns(on_disk, req)
@@ -180,11 +221,19 @@ def _commit_of(path: Path, req: HubRequest) -> str | None:
     return None
 
 
-def _result(req: HubRequest, report: _Progress, path: Path, commit: str | None, names: list[str],
-            offline: bool) -> dict:
+def _result(
+    req: HubRequest, report: _Progress, path: Path, commit: str | None, names: list[str], offline: bool
+) -> dict:
     files = [name for name in names if (path / name).is_file()]
     size = sum((path / name).stat().st_size for name in files)
     report.files_total, report.bytes_total = len(files), size
     report.emit("done", len(files), size)
-    return {"repo_id": req.repo_id, "revision": req.revision, "commit": commit, "path": str(path),
-            "files": files, "bytes": size, "offline": offline}
+    return {
+        "repo_id": req.repo_id,
+        "revision": req.revision,
+        "commit": commit,
+        "path": str(path),
+        "files": files,
+        "bytes": size,
+        "offline": offline,
+    }

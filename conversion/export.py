@@ -26,13 +26,22 @@ from conversion.writer import ExportPlan, plan_shards, write_shards, write_suppo
 REPORT_NAME = "export_report.json"
 Progress = Callable[[str, float], None]
 STAGES: dict[str, tuple[float, float]] = {  # stage → (start, end) of the overall fraction
-    "load": (0.0, 0.05), "write": (0.05, 0.55), "validate": (0.55, 1.0),
+    "load": (0.0, 0.05),
+    "write": (0.05, 0.55),
+    "validate": (0.55, 1.0),
 }
 
 
-def export_checkpoint(checkpoint: Path, base: Path, out: Path, *, dtype: str = "auto",
-                      max_shard_size: str | int = "2GB", progress: Progress | None = None,
-                      lora_alpha: float | None = None) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint: Path,
+    base: Path,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    max_shard_size: str | int = "2GB",
+    progress: Progress | None = None,
+    lora_alpha: float | None = None,
+) -> dict[str, Any]:
     """Export ``checkpoint`` (layout auto-detected) onto ``base``'s architecture into ``out``.
 
     ``out`` appears only once everything is written and validated; returns the validation
@@ -59,9 +68,16 @@ def export_checkpoint(checkpoint: Path, base: Path, out: Path, *, dtype: str = "
             report = _write_and_check(tmp, out, plan, ckpt, base_model, max_bytes, release, say)
             report.update(
                 source={"path": str(checkpoint), "format": ckpt.format, **ckpt.details},
-                base={"path": str(base_dir), "has_weights": base_model.weights is not None,
-                      "weights_not_in_model": base_model.unused_weights[:5]},
-                out=str(out), requested_dtype=dtype, **notes, elapsed_s=round(time.monotonic() - started, 3))
+                base={
+                    "path": str(base_dir),
+                    "has_weights": base_model.weights is not None,
+                    "weights_not_in_model": base_model.unused_weights[:5],
+                },
+                out=str(out),
+                requested_dtype=dtype,
+                **notes,
+                elapsed_s=round(time.monotonic() - started, 3),
+            )
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
             _publish(tmp, out)
         except BaseException:
@@ -94,8 +110,16 @@ def auto_dtype(tensors: dict[str, TensorRef], base: BaseModel) -> torch.dtype:
     return named if isinstance(named, torch.dtype) else torch.float32
 
 
-def _write_and_check(tmp: Path, out: Path, plan: ExportPlan, ckpt: Checkpoint, base: BaseModel, max_bytes: int,
-                     release: ReleaseEvery, say: Callable[[str, float], None]) -> dict[str, Any]:
+def _write_and_check(
+    tmp: Path,
+    out: Path,
+    plan: ExportPlan,
+    ckpt: Checkpoint,
+    base: BaseModel,
+    max_bytes: int,
+    release: ReleaseEvery,
+    say: Callable[[str, float], None],
+) -> dict[str, Any]:
     shards = plan_shards(plan, max_bytes)
     total = sum(s.nbytes for s in shards) or 1
     say("write", 0.0)
@@ -105,8 +129,15 @@ def _write_and_check(tmp: Path, out: Path, plan: ExportPlan, ckpt: Checkpoint, b
     release.release()
     say("validate", 0.0)
     checks = validate(tmp, plan, shards, base, release, _ticker("validate", 2 * total, say))
-    return {"ok": True, "dtype": str(plan.dtype).removeprefix("torch."), "tensors": len(plan.tensors),
-            "total_bytes": total, "shards": [s.name for s in shards], "copied_files": copied, "checks": checks}
+    return {
+        "ok": True,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "tensors": len(plan.tensors),
+        "total_bytes": total,
+        "shards": [s.name for s in shards],
+        "copied_files": copied,
+        "checks": checks,
+    }
 
 
 def _check_out(out: Path) -> None:

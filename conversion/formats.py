@@ -88,8 +88,14 @@ def load_peft(p: Path, base: BaseModel) -> Checkpoint:
     adapter = _single_file_refs(weights)
     prefix = PEFT_PREFIX if all(k.startswith(PEFT_PREFIX) for k in adapter.tensors) else ""
     tensors = {prefix + k: ref for k, ref in base.weights.items()} | adapter.tensors
-    return Checkpoint("peft-adapter", p, tensors, adapter.caches, adapter_config=p / "adapter_config.json",
-                      details={"adapter_tensors": len(adapter.tensors)})
+    return Checkpoint(
+        "peft-adapter",
+        p,
+        tensors,
+        adapter.caches,
+        adapter_config=p / "adapter_config.json",
+        details={"adapter_tensors": len(adapter.tensors)},
+    )
 
 
 # -- DeepSpeed (ZeRO <= 2), OpenRLHF --------------------------------------------------------
@@ -165,8 +171,9 @@ def _single_file_refs(p: Path) -> Checkpoint:
     path = _nesting_path(obj, p)
     state = reduce(lambda o, k: o[k], path, obj)
     if any(_is_dtensor(v) for v in state.values()):
-        raise ConversionError(f"{p} holds one rank's shard of distributed (DTensor) weights; "
-                              "pass the directory with every rank's file")
+        raise ConversionError(
+            f"{p} holds one rank's shard of distributed (DTensor) weights; pass the directory with every rank's file"
+        )
     refs = torch_refs(state, cache, p, lambda o: reduce(lambda a, k: a[k], path, o))
     cache.release()
     return Checkpoint("state-dict-file", p, refs, [cache], details={"nested_under": list(path)})

@@ -51,12 +51,21 @@ def load_verl(d: Path, base: BaseModel) -> Checkpoint:
         if set(state) != set(states[0]):
             odd = sorted(set(state) ^ set(states[0]))[:5]
             raise ConversionError(f"{f.name} and {files[0].name} hold different tensors, e.g. {odd}")
-    refs = {key: _merged_ref(key, value, files, cache) for key, value in states[0].items()
-            if isinstance(value, torch.Tensor)}
+    refs = {
+        key: _merged_ref(key, value, files, cache)
+        for key, value in states[0].items()
+        if isinstance(value, torch.Tensor)
+    }
     cache.release()
     hf_dir = d / "huggingface"
-    return Checkpoint("verl-fsdp", d, refs, [cache], hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None,
-                      details={"world_size": world_size})
+    return Checkpoint(
+        "verl-fsdp",
+        d,
+        refs,
+        [cache],
+        hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None,
+        details={"world_size": world_size},
+    )
 
 
 def _world_size(d: Path) -> int:
@@ -68,8 +77,9 @@ def _world_size(d: Path) -> int:
         except (ValueError, KeyError, TypeError) as e:
             raise ConversionError(f"{config}: no usable world_size ({e})") from None
     if len(found) != 1:
-        raise ConversionError(f"{d}: expected model_world_size_N_rank_R.pt files of one world size, "
-                              f"found {sorted(found)}")
+        raise ConversionError(
+            f"{d}: expected model_world_size_N_rank_R.pt files of one world size, found {sorted(found)}"
+        )
     return found.pop()
 
 
@@ -81,8 +91,9 @@ def _merged_ref(key: str, value: torch.Tensor, files: list[Path], cache: FileCac
     dim, ranks = _layout(key, value)
     if max(ranks) >= len(files):
         raise ConversionError(f"{key}: its device mesh names rank {max(ranks)} but the world size is {len(files)}")
-    return TensorRef(tuple(value.shape), value.dtype,
-                     _gather_loader(cache, [files[r] for r in ranks], key, dim, tuple(value.shape)))
+    return TensorRef(
+        tuple(value.shape), value.dtype, _gather_loader(cache, [files[r] for r in ranks], key, dim, tuple(value.shape))
+    )
 
 
 def _layout(key: str, value: Any) -> tuple[int | None, list[int]]:
@@ -108,8 +119,9 @@ def _local_loader(cache: FileCache, f: Path, key: str) -> Callable[[], torch.Ten
     return lambda: cache.get(f)[key]
 
 
-def _gather_loader(cache: FileCache, files: list[Path], key: str, dim: int | None,
-                   shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+def _gather_loader(
+    cache: FileCache, files: list[Path], key: str, dim: int | None, shape: tuple[int, ...]
+) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         pieces = [cache.get(f)[key].to_local() for f in files]
         full = pieces[0] if dim is None else torch.cat(pieces, dim=dim)

@@ -68,8 +68,14 @@ def retrying(attempt: Callable[[], T], req: HubRequest, retries: int, backoff: f
             if not is_transient(exc) or i + 1 == attempts:
                 raise
             delay = backoff * 2**i
-            log.warning("download of %s failed (%s); attempt %d/%d in %.2fs",
-                        req.where, req.scrub(summary(exc)), i + 2, attempts, delay)
+            log.warning(
+                "download of %s failed (%s); attempt %d/%d in %.2fs",
+                req.where,
+                req.scrub(summary(exc)),
+                i + 2,
+                attempts,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -98,13 +104,21 @@ def _has_status(code: int) -> Callable[[BaseException], bool]:
 # Permanent failures, first match wins: code -> (test, message). GatedRepoError subclasses
 # RepositoryNotFoundError and the hub answers 401 for private repos, so the order matters.
 _PERMANENT: dict[str, tuple[Callable[[BaseException], bool], str]] = {
-    "gated": (_is(GatedRepoError), "{where} is a gated repo: accept its licence at {page} with your account, "
-              "then set HF_TOKEN to a read token of that account ({auth})."),
+    "gated": (
+        _is(GatedRepoError),
+        "{where} is a gated repo: accept its licence at {page} with your account, "
+        "then set HF_TOKEN to a read token of that account ({auth}).",
+    ),
     "bad_revision": (_is(RevisionNotFoundError), "revision {revision!r} does not exist in {repo}."),
-    "unauthorized": (_has_status(401), "the hub refused access to {where} (401; {auth}). A private or gated "
-                     "repo needs HF_TOKEN set to a token with read access."),
-    "not_found": (_is(RepositoryNotFoundError, RemoteEntryNotFoundError), "{where} was not found on the hub "
-                  "(check the name; a private repo also needs HF_TOKEN; {auth})."),
+    "unauthorized": (
+        _has_status(401),
+        "the hub refused access to {where} (401; {auth}). A private or gated "
+        "repo needs HF_TOKEN set to a token with read access.",
+    ),
+    "not_found": (
+        _is(RepositoryNotFoundError, RemoteEntryNotFoundError),
+        "{where} was not found on the hub (check the name; a private repo also needs HF_TOKEN; {auth}).",
+    ),
     "disabled": (_is(DisabledRepoError), "{where} has been disabled on the hub."),
     "forbidden": (_has_status(403), "the hub forbids access to {where} (403; {auth})."),
 }

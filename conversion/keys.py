@@ -118,15 +118,23 @@ def check_match(tensors: Tensors, base: BaseModel) -> None:
     missing = [k for k in base.reference if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in base.reference)
     if missing or unexpected:
-        parts = [f"{len(missing)} missing, e.g. {', '.join(missing[:SHOWN])}" if missing else "",
-                 f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:SHOWN])}" if unexpected else ""]
+        parts = [
+            f"{len(missing)} missing, e.g. {', '.join(missing[:SHOWN])}" if missing else "",
+            f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:SHOWN])}" if unexpected else "",
+        ]
         raise ConversionError(
             f"the checkpoint's tensors do not match the base model {base.path} after normalisation: "
-            + "; ".join(p for p in parts if p), "key_mismatch")
+            + "; ".join(p for p in parts if p),
+            "key_mismatch",
+        )
     wrong = [(k, tensors[k].shape, shape) for k, shape in base.reference.items() if tensors[k].shape != shape]
     if wrong:
-        hint = " (shape-(0,) tensors are ZeRO-3 placeholders: consolidate with zero_to_fp32.py first)" \
-            if any(s == (0,) for _, s, _ in wrong) else ""
+        hint = (
+            " (shape-(0,) tensors are ZeRO-3 placeholders: consolidate with zero_to_fp32.py first)"
+            if any(s == (0,) for _, s, _ in wrong)
+            else ""
+        )
         shown = "; ".join(f"{k}: checkpoint {list(s)} vs base {list(b)}" for k, s, b in wrong[:SHOWN])
-        raise ConversionError(f"{len(wrong)} tensor(s) have the wrong shape for {base.path}: {shown}{hint}",
-                              "shape_mismatch")
+        raise ConversionError(
+            f"{len(wrong)} tensor(s) have the wrong shape for {base.path}: {shown}{hint}", "shape_mismatch"
+        )

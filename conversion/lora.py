@@ -34,8 +34,9 @@ class LoraSettings:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def scale(self, module: str, rank: int) -> float:
-        alpha = next((a for pat, a in self.alpha_pattern.items() if re.fullmatch(rf"(?:.*\.)?(?:{pat})", module)),
-                     self.alpha)
+        alpha = next(
+            (a for pat, a in self.alpha_pattern.items() if re.fullmatch(rf"(?:.*\.)?(?:{pat})", module)), self.alpha
+        )
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
 
@@ -46,8 +47,10 @@ def has_lora(keys: Iterable[str]) -> bool:
 def find_adapter_config(checkpoint: Path) -> Path | None:
     """An adapter_config.json next to (or in a usual subfolder of) the checkpoint."""
     root = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    return next((root / d / "adapter_config.json" for d in ADAPTER_CONFIG_DIRS
-                 if (root / d / "adapter_config.json").is_file()), None)
+    return next(
+        (root / d / "adapter_config.json" for d in ADAPTER_CONFIG_DIRS if (root / d / "adapter_config.json").is_file()),
+        None,
+    )
 
 
 def lora_settings(config_file: Path | None, lora_alpha: float | None) -> LoraSettings:
@@ -63,13 +66,17 @@ def lora_settings(config_file: Path | None, lora_alpha: float | None) -> LoraSet
         raise ConversionError(
             "the checkpoint holds LoRA tensors but no adapter_config.json was found next to it: "
             "its lora_alpha is needed to merge them (place the adapter_config.json beside the "
-            "checkpoint or pass lora_alpha)", "lora_alpha_missing")
+            "checkpoint or pass lora_alpha)",
+            "lora_alpha_missing",
+        )
     pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
     if alpha == 0 or 0 in pattern.values():
         raise ConversionError(
             f"lora_alpha is 0 in {source}: the merge scale alpha/r would be 0 and the adapter "
             "silently dropped (verl writes lora_alpha 0 in its adapter_config.json); pass "
-            "lora_alpha=<the value used in training>", "lora_alpha_zero")
+            "lora_alpha=<the value used in training>",
+            "lora_alpha_zero",
+        )
     return LoraSettings(float(alpha), source, bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out")), pattern)
 
 
@@ -80,7 +87,7 @@ def _lora_part(key: str) -> tuple[str, str, str | None] | None:
         if p in REFUSED_PARTS:
             raise ConversionError(f"{key}: {REFUSED_PARTS[p]}")
         if p in LORA_PARTS and i > 0:
-            rest = [r for r in parts[i + 1:] if r != "weight"]
+            rest = [r for r in parts[i + 1 :] if r != "weight"]
             return ".".join(parts[:i]), p, rest[0] if rest else None
     return None
 
@@ -105,8 +112,9 @@ def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[d
         a_key = parts.get("lora_A") or parts.get("lora_embedding_A")
         b_key = parts.get("lora_B") or parts.get("lora_embedding_B")
         if a_key is None or b_key is None:
-            raise ConversionError(f"{module}: LoRA A and B tensors must come in pairs, "
-                                  f"found only {sorted(parts.values())}")
+            raise ConversionError(
+                f"{module}: LoRA A and B tensors must come in pairs, found only {sorted(parts.values())}"
+            )
         base_key = next((k for k in (f"{module}.base_layer.weight", f"{module}.weight") if k in tensors), None)
         if base_key is None:
             raise ConversionError(f"{module}: LoRA tensors without a base weight ({module}.base_layer.weight)")
@@ -119,20 +127,28 @@ def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[d
         out[f"{module}.weight"] = TensorRef(w.shape, w.dtype, _merged_loader(module, w, a, b, scale, transpose))
 
     renamed = _peft_renames(out, adapter)
-    report = {"modules": len(groups), "adapter": adapter, "scale": sorted(scales), "alpha_from": settings.source,
-              "use_rslora": settings.use_rslora, **renamed}
+    report = {
+        "modules": len(groups),
+        "adapter": adapter,
+        "scale": sorted(scales),
+        "alpha_from": settings.source,
+        "use_rslora": settings.use_rslora,
+        **renamed,
+    }
     return out, report
 
 
-def _merged_loader(module: str, w: TensorRef, a: TensorRef, b: TensorRef, scale: float,
-                   transpose: bool) -> Callable[[], torch.Tensor]:
+def _merged_loader(
+    module: str, w: TensorRef, a: TensorRef, b: TensorRef, scale: float, transpose: bool
+) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         delta = (b.load().float() @ a.load().float()) * scale
         delta = delta.T if transpose else delta
         base = w.load()
         if delta.shape != base.shape:
-            raise ConversionError(f"{module}: LoRA B@A has shape {tuple(delta.shape)}, "
-                                  f"the base weight {tuple(base.shape)}")
+            raise ConversionError(
+                f"{module}: LoRA B@A has shape {tuple(delta.shape)}, the base weight {tuple(base.shape)}"
+            )
         return (base.float() + delta).to(base.dtype)
 
     return load

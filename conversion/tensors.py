@@ -21,18 +21,40 @@ RELEASE_BYTES = 256 * 2**20  # unmap checkpoint files after reading this much
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[str, torch.dtype | None] = {
-    "auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-    "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32,
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
 }
 SIZE_UNITS: dict[str, int] = {
-    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 
 
@@ -148,8 +170,9 @@ def _safetensors_loader(cache: FileCache, path: Path, key: str) -> Callable[[], 
     return lambda: cache.get(path).get_tensor(key)
 
 
-def torch_refs(state: Mapping[str, Any], cache: FileCache, path: Path,
-               pick: Callable[[Any], Mapping[str, Any]]) -> dict[str, TensorRef]:
+def torch_refs(
+    state: Mapping[str, Any], cache: FileCache, path: Path, pick: Callable[[Any], Mapping[str, Any]]
+) -> dict[str, TensorRef]:
     """Refs for the plain tensors of ``pick(torch_load(path))``; ``state`` is that mapping now."""
     return {
         key: ref_of(value, _torch_loader(cache, path, pick, key))
@@ -158,8 +181,9 @@ def torch_refs(state: Mapping[str, Any], cache: FileCache, path: Path,
     }
 
 
-def _torch_loader(cache: FileCache, path: Path, pick: Callable[[Any], Mapping[str, Any]],
-                  key: str) -> Callable[[], torch.Tensor]:
+def _torch_loader(
+    cache: FileCache, path: Path, pick: Callable[[Any], Mapping[str, Any]], key: str
+) -> Callable[[], torch.Tensor]:
     return lambda: pick(cache.get(path))[key]
 
 

@@ -19,8 +19,14 @@ PROBE_TOKENS = 16
 LOGITS_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def validate(out: Path, plan: ExportPlan, shards: list[Shard], base: BaseModel, release: ReleaseEvery,
-             tick: Callable[[int], None]) -> dict[str, Any]:
+def validate(
+    out: Path,
+    plan: ExportPlan,
+    shards: list[Shard],
+    base: BaseModel,
+    release: ReleaseEvery,
+    tick: Callable[[int], None],
+) -> dict[str, Any]:
     checks: dict[str, Any] = {"keys_match": check_keys(out, plan, shards)}
     checks["tensors_equal"], checks["differs_from_base"] = check_tensors(out, plan, shards, base, release, tick)
     release.release()
@@ -49,8 +55,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def check_tensors(out: Path, plan: ExportPlan, shards: list[Shard], base: BaseModel, release: ReleaseEvery,
-                  tick: Callable[[int], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_tensors(
+    out: Path,
+    plan: ExportPlan,
+    shards: list[Shard],
+    base: BaseModel,
+    release: ReleaseEvery,
+    tick: Callable[[int], None],
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every written tensor bit-equal to the cast source; the first one that differs from the base."""
     differs: str | None = None
     for shard in shards:
@@ -71,7 +83,9 @@ def check_tensors(out: Path, plan: ExportPlan, shards: list[Shard], base: BaseMo
     if differs is None:
         raise ConversionError(
             f"every exported tensor equals the base model's ({base.path}): the checkpoint holds no "
-            "training (is it the base itself, or an adapter whose lora_B is still zero?)", "same_as_base")
+            "training (is it the base itself, or an adapter whose lora_B is still zero?)",
+            "same_as_base",
+        )
     return {"ok": True, "tensors": len(plan.tensors)}, {"ok": True, "first_different": differs}
 
 
@@ -116,7 +130,8 @@ def reload_logits(out: Path, plan: ExportPlan) -> tuple[dict[str, Any], torch.Te
     try:
         with _no_progress_bars():
             loaded = AutoModelForCausalLM.from_pretrained(
-                out, dtype=plan.dtype, output_loading_info=True, local_files_only=True)
+                out, dtype=plan.dtype, output_loading_info=True, local_files_only=True
+            )
             model, info = cast(tuple[Any, dict[str, list[str]]], loaded)  # output_loading_info: (model, info)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConversionError(f"the export does not load with from_pretrained: {e}") from None
@@ -146,5 +161,7 @@ def compare_logits(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol):
         raise ConversionError(
             f"the exported model's logits differ from the checkpoint's (max abs diff {diff:.3g}, "
-            f"tolerance {tol:g} in {str(dtype).removeprefix('torch.')})", "logits_mismatch")
+            f"tolerance {tol:g} in {str(dtype).removeprefix('torch.')})",
+            "logits_mismatch",
+        )
     return {"ok": True, "max_abs_diff": diff, "tolerance": tol, "tokens": PROBE_TOKENS}

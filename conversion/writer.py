@@ -24,8 +24,15 @@ ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SUPPORT_FILES = (  # copied from the checkpoint's own HF folder if it has them, else from the base
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
     "chat_template.json",
 )
 
@@ -75,26 +82,33 @@ def plan_shards(plan: ExportPlan, max_bytes: int) -> list[Shard]:
     return [Shard(name, keys, sum(plan.nbytes(k) for k in keys)) for name, keys in zip(names, groups, strict=True)]
 
 
-def write_shards(out: Path, plan: ExportPlan, shards: list[Shard], release: ReleaseEvery,
-                 tick: Callable[[int], None]) -> None:
+def write_shards(
+    out: Path, plan: ExportPlan, shards: list[Shard], release: ReleaseEvery, tick: Callable[[int], None]
+) -> None:
     for shard in shards:
         _write_safetensors(out / shard.name, shard.keys, plan, release, tick)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
-                 "weight_map": {k: s.name for s in shards for k in s.keys}}
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in shards)},
+            "weight_map": {k: s.name for s in shards for k in s.keys},
+        }
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_safetensors(path: Path, keys: list[str], plan: ExportPlan, release: ReleaseEvery,
-                       tick: Callable[[int], None]) -> None:
+def _write_safetensors(
+    path: Path, keys: list[str], plan: ExportPlan, release: ReleaseEvery, tick: Callable[[int], None]
+) -> None:
     if sys.byteorder != "little":
         raise ConversionError("safetensors export needs a little-endian machine")
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key in keys:
         n = plan.nbytes(key)
-        header[key] = {"dtype": ST_NAMES[plan.target(key)], "shape": list(plan.tensors[key].shape),
-                       "data_offsets": [offset, offset + n]}
+        header[key] = {
+            "dtype": ST_NAMES[plan.target(key)],
+            "shape": list(plan.tensors[key].shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes it

@@ -1,7 +1,7 @@
 """Using the service from Python with the client class the CLI uses (qwen_deploy.client.Client).
 
-    uv run qwen-deploy up --demo                 # in another terminal
-    uv run python examples/client.py [--url http://127.0.0.1:8000] [--api-key KEY]
+uv run qwen-deploy up --demo                 # in another terminal
+uv run python examples/client.py [--url http://127.0.0.1:8000] [--api-key KEY]
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def main() -> None:
     print("cancel:", client.wait(job["id"])["status"])
 
     # A batch: many prompts, batched generation, results while it runs.
-    lines = [{"custom_id": f"line-{i}", "body": {"prompt": p, "max_new_tokens": 6}}
-             for i, p in enumerate(["Beautiful is better than", "Errors should never", "Now is better than"])]
+    lines = [
+        {"custom_id": f"line-{i}", "body": {"prompt": p, "max_new_tokens": 6}}
+        for i, p in enumerate(["Beautiful is better than", "Errors should never", "Now is better than"])
+    ]
     batch = client.create_batch(lines)
     results: list[dict] = []
     while len(results) < len(lines):

@@ -27,6 +27,7 @@ OUTPUT_FILE, ERROR_FILE = "file-out-", "file-err-"  # + the batch id's hex: virt
 def batch_file_id(batch_id: str, prefix: str) -> str:
     return prefix + batch_id.removeprefix(BATCH_ID_PREFIX)
 
+
 class BatchStore:
     def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400) -> None:
         self.r, self.prefix, self.ttl = client, prefix, ttl
@@ -61,8 +62,14 @@ class BatchStore:
         n = self.names
         return n.key(batch_id), n.requests_key(batch_id), n.outputs_key(batch_id), n.chunks_key(batch_id)
 
-    def create(self, batch_id: str, fields: dict[str, Any], requests: list[str], errors: list[str],
-               messages: list[tuple[str, str]]) -> None:
+    def create(
+        self,
+        batch_id: str,
+        fields: dict[str, Any],
+        requests: list[str],
+        errors: list[str],
+        messages: list[tuple[str, str]],
+    ) -> None:
         """Record, request lines, up-front error lines and chunk messages, in one transaction."""
         record, req, out, _ = self.keys(batch_id)
         pipe = self.r.pipeline(transaction=True)
@@ -111,17 +118,30 @@ class BatchStore:
         expired = sum(1 for line in lines if (line.get("error") or {}).get("code") == EXPIRED_CODE)
         keys = list(self.keys(batch_id))
         keys = [keys[0], keys[2], keys[3], stats_key(self.prefix)]
-        done = self._chunk_done(keys=keys, args=[start, repr(time.time()), self.ttl, completed,
-                                                 len(lines) - completed, expired, *[json.dumps(x) for x in lines]])
+        done = self._chunk_done(
+            keys=keys,
+            args=[
+                start,
+                repr(time.time()),
+                self.ttl,
+                completed,
+                len(lines) - completed,
+                expired,
+                *[json.dumps(x) for x in lines],
+            ],
+        )
         self.notify(batch_id)  # also on a re-run: the first run may have died before this line
         return bool(done)
 
     def notify(self, batch_id: str) -> bool:
         """Add the batch.completed webhook delivery once the batch has ended (once per batch)."""
         msg_id = f"msg_{batch_id}_completed"
-        return bool(self._webhook(keys=[self.key(batch_id), self.webhook_keys.due_key(),
-                                        self.webhook_keys.delivery_key(msg_id)],
-                                  args=[repr(time.time()), "batch", "completed", msg_id]))
+        return bool(
+            self._webhook(
+                keys=[self.key(batch_id), self.webhook_keys.due_key(), self.webhook_keys.delivery_key(msg_id)],
+                args=[repr(time.time()), "batch", "completed", msg_id],
+            )
+        )
 
 
 def public_batch(record: dict[str, str]) -> dict[str, Any]:
@@ -154,8 +174,11 @@ def public_batch(record: dict[str, str]) -> dict[str, Any]:
         "completed_at": num("completed_at"),
         "cancelling_at": num("cancelling_at"),
         "cancelled_at": num("cancelled_at"),
-        "request_counts": {"total": int(record.get("total") or 0), "completed": int(record.get("completed") or 0),
-                           "failed": int(record.get("failed") or 0)},
+        "request_counts": {
+            "total": int(record.get("total") or 0),
+            "completed": int(record.get("completed") or 0),
+            "failed": int(record.get("failed") or 0),
+        },
         "micro_batches": int(record.get("chunks") or 0),
         "metadata": json.loads(record["metadata"]) if record.get("metadata") else None,
     }

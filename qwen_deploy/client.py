@@ -31,8 +31,9 @@ class APIError(Exception):
 class Client:
     """Submit, wait for, stream and cancel jobs."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 90.0) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 90.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = requests.Session()
         self.timeout = timeout
@@ -49,8 +50,14 @@ class Client:
             raise APIError(response.status_code, error)
         return response
 
-    def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-               idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
+    def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
         body = {"prompt": prompt, "messages": messages, **params}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         payload = {k: v for k, v in body.items() if v is not None}

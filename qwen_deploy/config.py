@@ -46,10 +46,16 @@ PLAIN_ENV = {"HF_TOKEN": ("hf_token",), "PORT": ("web", "port"), "REDIS_URL": ("
 
 class Settings(Section):
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_master_name: str = Field("mymaster", min_length=1,
-                                   description="the Sentinel master's name, for a sentinel:// redis_url")
-    redis_wait_replicas: int | None = Field(None, ge=0, description=(
-        "WAIT for this many replicas after a submit (0: no WAIT); default 1 for a sentinel:// URL, else 0"))
+    redis_master_name: str = Field(
+        "mymaster", min_length=1, description="the Sentinel master's name, for a sentinel:// redis_url"
+    )
+    redis_wait_replicas: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "WAIT for this many replicas after a submit (0: no WAIT); default 1 for a sentinel:// URL, else 0"
+        ),
+    )
     redis_wait_ms: int = Field(100, ge=1, description="the WAIT's timeout in milliseconds")
     hf_token: SecretStr | None = None
     key_prefix: str = "qd"

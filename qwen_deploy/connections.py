@@ -65,8 +65,11 @@ def parse_sentinel(url: str) -> SentinelURL:
 def sentinel_options() -> dict[str, object]:
     """How a sentinel is asked: a short timeout and no retry, so a dead sentinel costs 0.5 s at most before
     the next one is asked (redis-py's default retry backs off 1 + 2 + 4 s on each dead one)."""
-    return {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
-            "retry": Retry(NoBackoff(), 0)}
+    return {
+        "socket_timeout": SENTINEL_TIMEOUT_S,
+        "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 0),
+    }
 
 
 @functools.cache
@@ -74,22 +77,42 @@ def _sentinel(hosts: tuple[tuple[str, int], ...]) -> Sentinel:
     return Sentinel(list(hosts), sentinel_kwargs=sentinel_options())
 
 
-def connect(url: str, master_name: str = "mymaster", *, socket_timeout: float | None = 10.0,
-            connect_timeout: float = CONNECT_TIMEOUT_S, max_connections: int | None = None) -> redis.Redis:
+def connect(
+    url: str,
+    master_name: str = "mymaster",
+    *,
+    socket_timeout: float | None = 10.0,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    max_connections: int | None = None,
+) -> redis.Redis:
     """A client (decoded responses) for a plain or a Sentinel URL. Not cached: see `redis_client`."""
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout,
-                                    socket_timeout=socket_timeout, health_check_interval=30,
-                                    max_connections=max_connections)
+        return redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=socket_timeout,
+            health_check_interval=30,
+            max_connections=max_connections,
+        )
     parsed = parse_sentinel(url)
     # Two quick retries ride over a dropped connection to a demoted master; a longer outage raises at
     # once (the web answers 503, the workers retry on their own schedule), never a request hanging.
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2)
     extra = {"max_connections": max_connections} if max_connections else {}
     return _sentinel(parsed.hosts).master_for(
-        master_name, redis_class=redis.Redis, decode_responses=True, socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout, password=parsed.password, username=parsed.username,
-        db=parsed.db, health_check_interval=30, retry=retry, **extra)
+        master_name,
+        redis_class=redis.Redis,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        password=parsed.password,
+        username=parsed.username,
+        db=parsed.db,
+        health_check_interval=30,
+        retry=retry,
+        **extra,
+    )
 
 
 @functools.cache
@@ -105,13 +128,22 @@ def settings_client(settings: Settings, socket_timeout: float | None = 10.0) -> 
 def redis_client(settings: Settings) -> redis.Redis:
     """A client whose socket timeout outlasts the longest blocking read (long-poll), with a pool as
     large as the open connections a web process serves (each stream or long-poll blocks one)."""
-    return _client(settings.redis_url, settings.redis_master_name, settings.limits.max_wait + 10.0,
-                   settings.web.worker_connections + 64)
+    return _client(
+        settings.redis_url,
+        settings.redis_master_name,
+        settings.limits.max_wait + 10.0,
+        settings.web.worker_connections + 64,
+    )
 
 
 def job_store(settings: Settings) -> JobStore:
-    store = JobStore(redis_client(settings), settings.key_prefix, settings.limits.result_ttl,
-                     settings.limits.reap_after, default_model=default_alias(settings))
+    store = JobStore(
+        redis_client(settings),
+        settings.key_prefix,
+        settings.limits.result_ttl,
+        settings.limits.reap_after,
+        default_model=default_alias(settings),
+    )
     store.wait_replicas, store.wait_ms = settings.wait_replicas, settings.redis_wait_ms
     return store
 

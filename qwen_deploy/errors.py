@@ -10,8 +10,15 @@ class AppError(Exception):
     type = "invalid_request_error"
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 status_code: int | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message, code, param, status_code, headers)
         self.message = message
         self.code = code or self.code

@@ -75,7 +75,7 @@ class GroupCommit:
     def _lead(self) -> None:
         """Send the queued calls (the leader's own among them), then hand over to the next waiter."""
         with self._lock:
-            group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
+            group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
             self.calls, self.groups = self.calls + len(group), self.groups + 1
             self.largest = max(self.largest, len(group))
         try:

@@ -83,8 +83,10 @@ class JobRecords(JobKeys):
 
     def read_events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """Events after last_id, waiting up to block_ms for the first one."""
-        reply = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,  # XREAD: [(stream, entries)]
-                     self.r.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256))
+        reply = cast(
+            list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,  # XREAD: [(stream, entries)]
+            self.r.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256),
+        )
         if not reply:
             return []
         return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in reply[0][1]]
@@ -92,6 +94,7 @@ class JobRecords(JobKeys):
 
 def public_job(record: dict[str, str]) -> dict[str, Any]:
     """The job object of the HTTP API, from a stored record."""
+
     def num(name: str) -> float | None:
         return float(record[name]) if record.get(name) else None
 
@@ -100,14 +103,22 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
 
     status = record.get("status", "queued")
     kind = record.get("type", "generation")
-    lifecycle = {"priority": record.get("priority", "normal"), "deadline": num("deadline"),
-                 "retry_of": record.get("retry_of") or None, "queue_position": None, "estimated_start_seconds": None}
+    lifecycle = {
+        "priority": record.get("priority", "normal"),
+        "deadline": num("deadline"),
+        "retry_of": record.get("retry_of") or None,
+        "queue_position": None,
+        "estimated_start_seconds": None,
+    }
     if kind == "generation":
         progress = {"tokens": int(record.get("tokens") or 0), "max_new_tokens": int(record.get("max_new_tokens") or 0)}
         output = None
         if status != "queued" or record.get("text"):
-            output = {"text": record.get("text", ""), "finish_reason": record.get("finish_reason") or None,
-                      "usage": obj("usage")}
+            output = {
+                "text": record.get("text", ""),
+                "finish_reason": record.get("finish_reason") or None,
+                "usage": obj("usage"),
+            }
             if record.get("choices"):  # n samples and/or logprobs: one entry per sample, set at the end
                 output["choices"] = obj("choices")
     else:

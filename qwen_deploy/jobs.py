@@ -60,8 +60,14 @@ class JobStore(JobRecords):
     """Changes job records through the Lua transitions, on top of `JobRecords`' reads; every method is one
     Redis round trip."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "qd", ttl: int = 86400, reap_after: float = 600.0,
-                 default_model: str = "") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "qd",
+        ttl: int = 86400,
+        reap_after: float = 600.0,
+        default_model: str = "",
+    ) -> None:
         super().__init__(client, prefix, default_model)
         self.ttl = ttl
         self.reap_after = reap_after
@@ -77,35 +83,83 @@ class JobStore(JobRecords):
     def _keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_key(job_id), self.stats_key(), self.active_key(), self.pending_key()]
 
-    def submit(self, job_id: str, queue: str, message: str, fields: dict[str, Any], max_depth: int,
-               idempotency_key: str | None = None, *, owner: str = "", route: str = "", body_hash: str = "",
-               max_inflight: int = 0, engine: bool = False, model: str | None = None,
-               unserved_cap: int | None = None, priority: str = "normal",
-               deadline: float | None = None, fair_cost: float = 0.0) -> SubmitResult:
+    def submit(
+        self,
+        job_id: str,
+        queue: str,
+        message: str,
+        fields: dict[str, Any],
+        max_depth: int,
+        idempotency_key: str | None = None,
+        *,
+        owner: str = "",
+        route: str = "",
+        body_hash: str = "",
+        max_inflight: int = 0,
+        engine: bool = False,
+        model: str | None = None,
+        unserved_cap: int | None = None,
+        priority: str = "normal",
+        deadline: float | None = None,
+        fair_cost: float = 0.0,
+    ) -> SubmitResult:
         """Write the record, index it under its owner and enqueue the message, unless the idempotency
         key was seen, the queue is full, the owner has `max_inflight` jobs in flight, or (with
         `unserved_cap`) no live worker serves `model` and its pending set holds that many jobs."""
         now = time.time()
-        fields = {"id": job_id, "status": "queued", "queue": queue, "created_at": repr(now), "tokens": "0",
-                  "deliveries": "0", "priority": priority, "deadline": None if deadline is None else repr(deadline),
-                  **({"owner": owner} if owner else {}), **fields}
+        fields = {
+            "id": job_id,
+            "status": "queued",
+            "queue": queue,
+            "created_at": repr(now),
+            "tokens": "0",
+            "deliveries": "0",
+            "priority": priority,
+            "deadline": None if deadline is None else repr(deadline),
+            **({"owner": owner} if owner else {}),
+            **fields,
+        }
         idem = self.idem_key(idempotency_key, owner, route) if idempotency_key else ""
         floor = f"{JOB_ID_PREFIX}{max(0, int((now - self.ttl) * 1000)):012x}"
         score = PRIORITY_RANK[priority] * 1e10 + float(fields["created_at"])
-        options = {"body": body_hash, "max_inflight": max_inflight, "job_key": self.key(""), "index_floor": floor,
-                   "index_max": INDEX_MAX, "pending_score": score, "deadline": deadline, "now": now,
-                   "rank": PRIORITY_RANK[priority], "owner": owner, "fair_cost": fair_cost,
-                   "unserved_cap": -1 if unserved_cap is None else unserved_cap}
+        options = {
+            "body": body_hash,
+            "max_inflight": max_inflight,
+            "job_key": self.key(""),
+            "index_floor": floor,
+            "index_max": INDEX_MAX,
+            "pending_score": score,
+            "deadline": deadline,
+            "now": now,
+            "rank": PRIORITY_RANK[priority],
+            "owner": owner,
+            "fair_cost": fair_cost,
+            "unserved_cap": -1 if unserved_cap is None else unserved_cap,
+        }
         served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
         status, value, *standing = self._grouped(
             self._submit,
-            keys=[self.key(job_id), self.queue_key(queue), idem, self.active_key(),
-                  self.index_key(owner) if owner else "",
-                  self.inflight_key(owner) if owner and max_inflight else "", self.pending_key(model) if engine else "",
-                  served, self.deadlines_key() if deadline is not None else "",
-                  self.fair_key(model) if engine and fair_cost > 0 else ""],
-            args=[self.ttl, max_depth, message, job_id, repr(now + self.reap_after), dumpb(options),
-                  dumpb(strings(fields))],  # one argument: redis-py packs each one
+            keys=[
+                self.key(job_id),
+                self.queue_key(queue),
+                idem,
+                self.active_key(),
+                self.index_key(owner) if owner else "",
+                self.inflight_key(owner) if owner and max_inflight else "",
+                self.pending_key(model) if engine else "",
+                served,
+                self.deadlines_key() if deadline is not None else "",
+                self.fair_key(model) if engine and fair_cost > 0 else "",
+            ],
+            args=[
+                self.ttl,
+                max_depth,
+                message,
+                job_id,
+                repr(now + self.reap_after),
+                dumpb(options),
+                dumpb(strings(fields)),
+            ],  # one argument: redis-py packs each one
         )
         status, value = _text(status), _text(value)
         if status == "ok" and self.wait_replicas:
@@ -121,62 +175,121 @@ class JobStore(JobRecords):
         Fewer is logged, not refused: the job is accepted on the master (see docs/RELIABILITY.md)."""
         acked = int(self.r.wait(self.wait_replicas, self.wait_ms))
         if acked < self.wait_replicas:
-            log.warning("submit: %d of %d replicas acknowledged within %d ms", acked, self.wait_replicas,
-                        self.wait_ms)
+            log.warning("submit: %d of %d replicas acknowledged within %d ms", acked, self.wait_replicas, self.wait_ms)
         return acked
 
     def start(self, job_id: str, worker: str, max_deliveries: int, running_for: float = 3600.0) -> tuple[str, str]:
         """Mark running and count the delivery. Returns (run, request json) or (skip|missing|exhausted, why)."""
-        error = {"code": "worker_lost", "message": (
-            f"the worker running this job died {max_deliveries} time(s); the job was not retried again")}
+        error = {
+            "code": "worker_lost",
+            "message": (f"the worker running this job died {max_deliveries} time(s); the job was not retried again"),
+        }
         status, value = self._start(
             keys=self._keys(job_id),
-            args=[repr(time.time()), worker, max_deliveries, json.dumps(error), self.ttl,
-                  repr(time.time() + running_for)],
+            args=[
+                repr(time.time()),
+                worker,
+                max_deliveries,
+                json.dumps(error),
+                self.ttl,
+                repr(time.time() + running_for),
+            ],
         )
         return _text(status), _text(value)
 
     def cancel(self, job_id: str) -> str:
         """Cancel: 'canceled' (was queued), 'canceling' (running), 'terminal:<status>', or 'missing'."""
-        return _text(self._cancel(keys=self._keys(job_id),
-                                  args=[repr(time.time()), self.ttl]))
+        return _text(self._cancel(keys=self._keys(job_id), args=[repr(time.time()), self.ttl]))
 
-    def finish(self, job_id: str, status: str, fields: dict[str, Any], delta: str = "", tokens: int = 0,
-               holder: str = "", others: Sequence[tuple[int, str]] = ()) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        fields: dict[str, Any],
+        delta: str = "",
+        tokens: int = 0,
+        holder: str = "",
+        others: Sequence[tuple[int, str]] = (),
+    ) -> bool:
         """Move a job to a terminal status, streaming the last text delta (and `others`, the last deltas of
         the samples after the first); False if it already was terminal (or, with `holder`, if that worker
         no longer holds the job)."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
-        done = self._finish(keys=self._keys(job_id),
-                            args=[repr(time.time()), status, self.ttl, delta, tokens, holder,
-                                  json.dumps(list(others)), *_flat(fields)])
+        done = self._finish(
+            keys=self._keys(job_id),
+            args=[repr(time.time()), status, self.ttl, delta, tokens, holder, json.dumps(list(others)), *_flat(fields)],
+        )
         return bool(done)
 
-    def claim(self, worker: str, lease: float, max_deliveries: int, room: int, job_id: str = "",
-              takeover: str = "", model: str | None = None) -> list[Claim]:
+    def claim(
+        self,
+        worker: str,
+        lease: float,
+        max_deliveries: int,
+        room: int,
+        job_id: str = "",
+        takeover: str = "",
+        model: str | None = None,
+    ) -> list[Claim]:
         """Claim queued (or orphaned) generation jobs of `model` (default: the default model) for an engine:
         one job by id, or up to `room`. A job of another model is never claimed (outcome `other`)."""
-        error = {"code": "worker_lost", "message": (
-            f"the worker running this job died {max_deliveries} time(s); the job was not retried again")}
+        error = {
+            "code": "worker_lost",
+            "message": (f"the worker running this job died {max_deliveries} time(s); the job was not retried again"),
+        }
         now = time.time()
-        flat = self._claim(keys=[self.pending_key(model), self.active_key(), self.stats_key(), self.held_key(worker)],
-                           args=[self.prefix, repr(now), worker, repr(now + lease), max_deliveries, self.ttl,
-                                 json.dumps(error), room, takeover, job_id, model or self.default_model,
-                                 self.default_model])
+        flat = self._claim(
+            keys=[self.pending_key(model), self.active_key(), self.stats_key(), self.held_key(worker)],
+            args=[
+                self.prefix,
+                repr(now),
+                worker,
+                repr(now + lease),
+                max_deliveries,
+                self.ttl,
+                json.dumps(error),
+                room,
+                takeover,
+                job_id,
+                model or self.default_model,
+                self.default_model,
+            ],
+        )
         flat = [_text(v) for v in flat]
-        return [Claim(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
+        return [Claim(*flat[i : i + 7]) for i in range(0, len(flat), 7)]
 
     def progress_pipeline(self) -> Any:
         return self.r.pipeline(transaction=False)
 
-    def queue_progress(self, pipe: Any, job_id: str, worker: str, lease_until: float, tokens: int, text: str | None,
-                       delta: str, out_ids: list[int], others: Sequence[tuple[int, str]] = ()) -> None:
+    def queue_progress(
+        self,
+        pipe: Any,
+        job_id: str,
+        worker: str,
+        lease_until: float,
+        tokens: int,
+        text: str | None,
+        delta: str,
+        out_ids: list[int],
+        others: Sequence[tuple[int, str]] = (),
+    ) -> None:
         """Add one job's partial output (and lease renewal) to `pipe`; its reply is 1 cancel, 0 go on, -1 lost.
         `others`: (sample index, text delta) of samples after the first (token events with an `index`)."""
-        self._progress(keys=[self.key(job_id), self.events_key(job_id), self.active_key()],
-                       args=[worker, repr(lease_until), "0" if text is None else "1", tokens, text or "", delta,
-                             json.dumps(out_ids), json.dumps(list(others))], client=pipe)
+        self._progress(
+            keys=[self.key(job_id), self.events_key(job_id), self.active_key()],
+            args=[
+                worker,
+                repr(lease_until),
+                "0" if text is None else "1",
+                tokens,
+                text or "",
+                delta,
+                json.dumps(out_ids),
+                json.dumps(list(others)),
+            ],
+            client=pipe,
+        )
 
     def report(self, job_id: str, progress: dict[str, Any]) -> bool:
         """Publish the progress of a non-generation job; return True when cancellation was requested."""

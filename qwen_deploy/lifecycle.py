@@ -38,7 +38,8 @@ def _keys(store: JobStore) -> list[str]:
 def sweep_deadlines(store: JobStore, job_ids: list[str] | None = None, limit: int = 500) -> list[str]:
     """Close the queued jobs past their deadline (all due ones, or only `job_ids`); flag running ones."""
     closed = store.r.register_script(script("deadline"))(
-        keys=_keys(store), args=[store.prefix, repr(time.time()), store.ttl, limit, *(job_ids or [])])
+        keys=_keys(store), args=[store.prefix, repr(time.time()), store.ttl, limit, *(job_ids or [])]
+    )
     return [_text(i) for i in closed]
 
 
@@ -60,8 +61,12 @@ def purge(store: JobStore, queue: str, pending: bool) -> int:
         ids = [_text(i) for i in store.r.zrange(source, offset, offset + PURGE_PAGE - 1)]
         if not ids:
             return total
-        closed = int(run(keys=[store.stats_key(), store.active_key(), store.pending_key()],
-                         args=[store.prefix, queue, repr(time.time()), store.ttl, json.dumps(PURGED), *ids]))
+        closed = int(
+            run(
+                keys=[store.stats_key(), store.active_key(), store.pending_key()],
+                args=[store.prefix, queue, repr(time.time()), store.ttl, json.dumps(PURGED), *ids],
+            )
+        )
         total += closed
         offset += len(ids) - closed  # closed ones left the set; the others stay ahead of the next page
 
@@ -77,7 +82,8 @@ def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str
     if not queued:
         return jobs
     rate, *ranks = store.r.register_script(script("position"))(
-        keys=[store.pending_key()], args=[store.prefix, repr(time.time()), store.key(""), *(j["id"] for j in queued)])
+        keys=[store.pending_key()], args=[store.prefix, repr(time.time()), store.key(""), *(j["id"] for j in queued)]
+    )
     per_second = float(_text(rate)) if _text(rate) else None
     for job, rank in zip(queued, ranks):
         if int(rank) >= 0:

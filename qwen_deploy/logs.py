@@ -24,8 +24,11 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the event's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                                + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name}
+        data: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+        }
         fields = getattr(record, EVENT_ATTR, None)
         if fields:
             data.update(fields)

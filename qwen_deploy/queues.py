@@ -47,13 +47,23 @@ def convert_task(kind: str) -> str:
     return {"download": DOWNLOAD_TASK, "export": EXPORT_TASK}[kind]
 
 
-def task_message(task: str, task_id: str, queue: str, args: list[object],
-                 time_limit: float | None = None, soft_time_limit: float | None = None) -> str:
+def task_message(
+    task: str,
+    task_id: str,
+    queue: str,
+    args: list[object],
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+) -> str:
     """The JSON string kombu's Redis transport stores for one Celery task message (every submit builds
     one: the envelope is rendered once per task and queue, then filled in)."""
     body = "[" + json.dumps(args) + _BODY_TAIL  # [args, kwargs, embed], as json.dumps would write it
-    fill = {"@@body@@": binascii.b2a_base64(body.encode(), newline=False).decode(), "@@id@@": _json_str(task_id),
-            "@@argsrepr@@": _json_str(repr(args)), "@@tag@@": _uuid4()}
+    fill = {
+        "@@body@@": binascii.b2a_base64(body.encode(), newline=False).decode(),
+        "@@id@@": _json_str(task_id),
+        "@@argsrepr@@": _json_str(repr(args)),
+        "@@tag@@": _uuid4(),
+    }
     head, *parts = _envelope(task, queue, time_limit, soft_time_limit)
     return head + "".join(fill[name] + text for name, text in parts)
 
@@ -76,10 +86,22 @@ def _json_str(text: str) -> str:
 def _envelope(task: str, queue: str, time_limit: float | None, soft_time_limit: float | None) -> list[Any]:
     """The message with @@name@@ holes, split as [text, (name, text), ...]."""
     headers = {
-        "lang": "py", "task": task, "id": "@@id@@", "shadow": None, "eta": None, "expires": None,
-        "group": None, "group_index": None, "retries": 0,
-        "timelimit": [time_limit, soft_time_limit], "root_id": "@@id@@", "parent_id": None,
-        "argsrepr": "@@argsrepr@@", "kwargsrepr": "{}", "origin": _ORIGIN, "ignore_result": True,
+        "lang": "py",
+        "task": task,
+        "id": "@@id@@",
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [time_limit, soft_time_limit],
+        "root_id": "@@id@@",
+        "parent_id": None,
+        "argsrepr": "@@argsrepr@@",
+        "kwargsrepr": "{}",
+        "origin": _ORIGIN,
+        "ignore_result": True,
     }
     message = {
         "body": "@@body@@",

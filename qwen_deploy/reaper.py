@@ -88,8 +88,9 @@ def drop_unacked(client: redis.Redis, prefix: str, tags: list[str]) -> None:
         pipe.execute()
 
 
-def _wake(store: JobStore, job_id: str, record: dict[str, str], now: float, max_deliveries: int,
-          look_again: float) -> str:
+def _wake(
+    store: JobStore, job_id: str, record: dict[str, str], now: float, max_deliveries: int, look_again: float
+) -> str:
     """Push the job's message again (a worker's claim then runs or resumes it), or fail it when its
     runs are used up."""
     client = store.r

@@ -46,19 +46,19 @@ class Replies:
         chunk = self.sock.recv(65536)
         if not chunk:
             raise ConnectionError("Redis closed the connection")
-        self.buf = self.buf[self.pos:] + chunk
+        self.buf = self.buf[self.pos :] + chunk
         self.pos = 0
 
     def _line(self) -> bytes:
         while (end := self.buf.find(CRLF, self.pos)) < 0:
             self._fill()
-        line, self.pos = self.buf[self.pos:end], end + 2
+        line, self.pos = self.buf[self.pos : end], end + 2
         return line
 
     def _bulk(self, size: int) -> Any:
         while len(self.buf) - self.pos < size + 2:
             self._fill()
-        data, self.pos = self.buf[self.pos:self.pos + size], self.pos + size + 2
+        data, self.pos = self.buf[self.pos : self.pos + size], self.pos + size + 2
         return data.decode() if self.decode else data
 
     def next(self) -> Any:
@@ -79,8 +79,9 @@ class Replies:
             error: ResponseError = self.parse_error(rest.decode(errors="replace"))
             return error
         if kind == b"!":  # blob error (RESP3)
-            blob: ResponseError = self.parse_error(self._bulk(int(rest)) if self.decode else
-                                                   self._bulk(int(rest)).decode(errors="replace"))
+            blob: ResponseError = self.parse_error(
+                self._bulk(int(rest)) if self.decode else self._bulk(int(rest)).decode(errors="replace")
+            )
             return blob
         if kind == b"_":
             return None

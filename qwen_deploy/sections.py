@@ -54,17 +54,24 @@ class LimitSettings(Section):
     max_queue_depth: int = Field(1000, ge=1)
     result_ttl: int = Field(86400, ge=1, description="seconds a finished job stays readable")
     max_wait: float = Field(30.0, ge=0)
-    max_stream: float = Field(300.0, gt=0,
-                              description="seconds an SSE stream stays open; clients resume with Last-Event-ID")
+    max_stream: float = Field(
+        300.0, gt=0, description="seconds an SSE stream stays open; clients resume with Last-Event-ID"
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_inflight_per_key: int = Field(1000, ge=1, description="queued or running jobs (and open batches) per API key")
     max_bulk_depth: int = Field(2000, ge=1, description="micro-batch tasks waiting on the bulk queue")
-    max_queued_unserved: int = Field(16, ge=0, description="jobs queued for a model no live worker serves "
-                                                            "(beyond: 503 model_unavailable)")
-    fair_tokens_per_second: float = Field(100.0, ge=0, description=(
-        "fair queueing across API keys: each queued generation job advances its key's virtual clock by "
-        "max_new_tokens x n / this many seconds, so one key's backlog never holds another key's new job "
-        "back; 0 = plain FIFO within a priority"))
+    max_queued_unserved: int = Field(
+        16, ge=0, description="jobs queued for a model no live worker serves (beyond: 503 model_unavailable)"
+    )
+    fair_tokens_per_second: float = Field(
+        100.0,
+        ge=0,
+        description=(
+            "fair queueing across API keys: each queued generation job advances its key's virtual clock by "
+            "max_new_tokens x n / this many seconds, so one key's backlog never holds another key's new job "
+            "back; 0 = plain FIFO within a priority"
+        ),
+    )
     max_streams_per_key: int = Field(100, ge=1, description="open SSE streams per API key")
     convert_time_limit: float = Field(3600.0, ge=60)
     reap_after: float = Field(600.0, gt=0, description="seconds a job may stay queued before the reaper checks it")
@@ -139,8 +146,11 @@ class EngineSettings(Section):
 class WorkerSettings(Section):
     proc_alive_timeout: float = Field(120.0, gt=0)
     heartbeat_interval: float = Field(10.0, gt=0)
-    model: str | None = Field(None, description="alias of the model a generation worker serves; default: the first "
-                                                "(or the one whose queues it consumes)")
+    model: str | None = Field(
+        None,
+        description="alias of the model a generation worker serves; default: the first "
+        "(or the one whose queues it consumes)",
+    )
 
 
 class WebhookSettings(Section):

@@ -62,8 +62,10 @@ def _served_models(settings: Settings) -> list[Served]:
     if not settings.models:
         names = legacy_names(settings.model.name_or_path)
         return [Served(names[0], settings.model, True, tuple(dict.fromkeys([*names, *extra])))]
-    return [Served(m.alias, m, i == 0, tuple(dict.fromkeys([m.alias, *(extra if i == 0 else [])])))
-            for i, m in enumerate(settings.models)]
+    return [
+        Served(m.alias, m, i == 0, tuple(dict.fromkeys([m.alias, *(extra if i == 0 else [])])))
+        for i, m in enumerate(settings.models)
+    ]
 
 
 def find_model(settings: Settings, name: str | None) -> Served | None:
@@ -89,7 +91,9 @@ def for_worker(settings: Settings, consumed: set[str] | None = None) -> Served:
     if settings.worker.model is not None:
         found = next((m for m in models if m.alias == settings.worker.model), None)
         if found is None:
-            raise ValueError(f"worker.model {settings.worker.model!r} is not an alias of `models` "
-                             f"({', '.join(m.alias for m in models)})")
+            raise ValueError(
+                f"worker.model {settings.worker.model!r} is not an alias of `models` "
+                f"({', '.join(m.alias for m in models)})"
+            )
         return found
     return next((m for m in models if consumed and set(m.queues) & consumed), models[0])

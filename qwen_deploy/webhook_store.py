@@ -30,8 +30,12 @@ from qwen_deploy.webhooks import Attempt, next_delay, post, sign
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = {("job", "start"): "job.started", ("job", "output"): "job.output",
-               ("job", "completed"): "job.completed", ("batch", "completed"): "batch.completed"}
+EVENT_TYPES = {
+    ("job", "start"): "job.started",
+    ("job", "output"): "job.output",
+    ("job", "completed"): "job.completed",
+    ("batch", "completed"): "batch.completed",
+}
 MAX_ATTEMPTS_KEPT = 200
 
 
@@ -56,8 +60,12 @@ class WebhookStore(WebhookKeys):
     # -- adding deliveries ----------------------------------------------------------------------
     def enqueue(self, kind: str, subject: str, event: str, msg_id: str) -> bool:
         """Add a delivery for a batch (`completed`) or a running job (`output`) if its state calls for one."""
-        return bool(self._enqueue(keys=[self.subject_key(kind, subject), self.due_key(), self.delivery_key(msg_id)],
-                                  args=[repr(time.time()), kind, event, msg_id]))
+        return bool(
+            self._enqueue(
+                keys=[self.subject_key(kind, subject), self.due_key(), self.delivery_key(msg_id)],
+                args=[repr(time.time()), kind, event, msg_id],
+            )
+        )
 
     def watch_output(self, job_id: str) -> None:
         """Look at a job every `output_interval` seconds while it runs (for `output` events)."""
@@ -85,8 +93,9 @@ class WebhookStore(WebhookKeys):
         record = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
         kind = delivery["kind"]
         stamp = datetime.fromtimestamp(float(delivery["time"]), UTC).isoformat().replace("+00:00", "Z")
-        return json.dumps({"type": EVENT_TYPES[(kind, delivery["event"])], "timestamp": stamp,
-                           "data": _public(kind, record)})
+        return json.dumps(
+            {"type": EVENT_TYPES[(kind, delivery["event"])], "timestamp": stamp, "data": _public(kind, record)}
+        )
 
     def deliver(self, msg_id: str) -> Attempt | None:
         """One attempt of a claimed delivery; then reschedule it or close it."""
@@ -104,9 +113,15 @@ class WebhookStore(WebhookKeys):
         attempt = post(delivery["url"], body, headers, self.hooks.timeout, self.hooks.allowed_hosts)
         made = int(delivery.get("attempt") or 0) + 1
         delay = next_delay(attempt, made, self.hooks.retry_schedule)
-        entry = {"time": time.time(), "event": EVENT_TYPES[(delivery["kind"], delivery["event"])],
-                 "webhook_id": msg_id, "attempt": made, "status_code": attempt.status_code,
-                 "duration_ms": attempt.duration_ms, "error": attempt.error}
+        entry = {
+            "time": time.time(),
+            "event": EVENT_TYPES[(delivery["kind"], delivery["event"])],
+            "webhook_id": msg_id,
+            "attempt": made,
+            "status_code": attempt.status_code,
+            "duration_ms": attempt.duration_ms,
+            "error": attempt.error,
+        }
         log_key = self.attempts_key(delivery["kind"], delivery["subject"])
         pipe = self.r.pipeline(transaction=True)
         pipe.rpush(log_key, json.dumps(entry))

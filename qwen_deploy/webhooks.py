@@ -24,8 +24,13 @@ from qwen_deploy.errors import Unprocessable
 EVENTS = ("start", "output", "completed")
 DEFAULT_FILTER = ("completed",)
 # Addresses that are globally routable yet internal by convention (cloud metadata services).
-METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("100.100.100.200"),
-                      ipaddress.ip_address("fd00:ec2::254")})
+METADATA = frozenset(
+    {
+        ipaddress.ip_address("169.254.169.254"),
+        ipaddress.ip_address("100.100.100.200"),
+        ipaddress.ip_address("fd00:ec2::254"),
+    }
+)
 USER_AGENT = "qwen-deploy-webhooks/1"
 
 
@@ -76,8 +81,10 @@ def resolve(url: str, allowed_hosts: list[str] | tuple[str, ...] = ()) -> tuple[
     if host not in {h.lower().rstrip(".") for h in allowed_hosts}:
         bad = [a for a in addresses if blocked(ipaddress.ip_address(a))]
         if bad:
-            raise WebhookRefused(f"the webhook host {host!r} resolves to a non-public address ({bad[0]}); "
-                                 "list it in webhooks.allowed_hosts to allow it")
+            raise WebhookRefused(
+                f"the webhook host {host!r} resolves to a non-public address ({bad[0]}); "
+                "list it in webhooks.allowed_hosts to allow it"
+            )
     return scheme, host, port, addresses[0]
 
 
@@ -88,8 +95,9 @@ def check_request(url: Any, events: Any, settings: Any) -> dict[str, str]:
             raise Unprocessable("webhook_events_filter needs a webhook", code="invalid_webhook", param="webhook")
         return {}
     if settings.webhooks.secret is None:
-        raise Unprocessable("webhooks are not enabled here (webhooks.secret is not set)", code="invalid_webhook",
-                            param="webhook")
+        raise Unprocessable(
+            "webhooks are not enabled here (webhooks.secret is not set)", code="invalid_webhook", param="webhook"
+        )
     if len(url) > 2048:
         raise Unprocessable("the webhook URL is longer than 2048 characters", code="invalid_webhook", param="webhook")
     try:
@@ -159,8 +167,12 @@ def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_h
     watchdog = threading.Timer(timeout, _cut, (conn,))  # the whole attempt, not only each socket read
     watchdog.start()
     try:
-        conn.request("POST", target, body=body.encode(), headers={
-            "Content-Type": "application/json", "User-Agent": USER_AGENT, **headers})
+        conn.request(
+            "POST",
+            target,
+            body=body.encode(),
+            headers={"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers},
+        )
         response = conn.getresponse()
         response.read(65536)  # drained, never stored
         return Attempt(response.status, took(), None, _retry_after(response.getheader("Retry-After")))
@@ -188,8 +200,12 @@ def next_delay(attempt: Attempt, attempts_made: int, schedule: list[float]) -> f
     code = attempt.status_code
     if code is not None and 200 <= code < 300:
         return None
-    retriable = code is None and not (attempt.error or "").startswith("refused") or code == 429 or (
-        code is not None and code >= 500)
+    retriable = (
+        code is None
+        and not (attempt.error or "").startswith("refused")
+        or code == 429
+        or (code is not None and code >= 500)
+    )
     if not retriable or attempts_made > len(schedule):
         return None
     delay = schedule[attempts_made - 1]

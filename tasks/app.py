@@ -30,8 +30,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "socket_connect_timeout": 5,
     }
     if is_sentinel(settings.redis_url):  # kombu's sentinel:// transport asks the sentinels for the master
-        transport |= {"master_name": settings.redis_master_name, "socket_timeout": 10,
-                      "sentinel_kwargs": sentinel_options()}
+        transport |= {
+            "master_name": settings.redis_master_name,
+            "socket_timeout": 10,
+            "sentinel_kwargs": sentinel_options(),
+        }
     return {
         "broker_url": settings.redis_url,
         "broker_transport_options": transport,
@@ -51,9 +54,13 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_queues": [Queue(INTERACTIVE, routing_key=INTERACTIVE), Queue(BULK, routing_key=BULK)],
         "task_default_queue": INTERACTIVE,
         "task_create_missing_queues": True,
-        "task_routes": {GENERATE_TASK: {"queue": INTERACTIVE}, BATCH_CHUNK_TASK: {"queue": BULK},
-                        DOWNLOAD_TASK: {"queue": CONVERT},
-                        EXPORT_TASK: {"queue": CONVERT}, WEBHOOKS_TASK: {"queue": WEBHOOKS}},
+        "task_routes": {
+            GENERATE_TASK: {"queue": INTERACTIVE},
+            BATCH_CHUNK_TASK: {"queue": BULK},
+            DOWNLOAD_TASK: {"queue": CONVERT},
+            EXPORT_TASK: {"queue": CONVERT},
+            WEBHOOKS_TASK: {"queue": WEBHOOKS},
+        },
         "worker_concurrency": 1,
         "worker_pool": "prefork",
         "worker_prefetch_multiplier": 1,
@@ -66,8 +73,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("qwen_deploy", include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle",
-                                              "tasks.webhooks"])
+    app = Celery(
+        "qwen_deploy",
+        include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle", "tasks.webhooks"],
+    )
     app.conf.update(celery_config(settings))
     from tasks.lifecycle import PromptRespawn
 

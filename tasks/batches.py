@@ -34,8 +34,12 @@ class ChunkRequest(Request):
         batch_id, start, end = self.args
         try:
             store = batch_store()
-            lines = failed_lines(batch_id, store.requests(batch_id, start, end), "timed_out",
-                                 f"the micro-batch was stopped at the hard time limit ({timeout:g} s)")
+            lines = failed_lines(
+                batch_id,
+                store.requests(batch_id, start, end),
+                "timed_out",
+                f"the micro-batch was stopped at the hard time limit ({timeout:g} s)",
+            )
             store.chunk_done(batch_id, start, lines)
         except Exception as exc:
             log.error("could not record hard time limit for %s: %s", self.id, exc)
@@ -50,6 +54,14 @@ def batch_chunk(self: object, batch_id: str, start: int, end: int) -> str:
     try:
         return run_chunk(_driver(self), store, batch_id, start, end, slice_end(_soft_limit(self)))
     except SoftTimeLimitExceeded:
-        store.chunk_done(batch_id, start, failed_lines(batch_id, store.requests(batch_id, start, end),
-                                                       "timed_out", "the micro-batch ran past its soft time limit"))
+        store.chunk_done(
+            batch_id,
+            start,
+            failed_lines(
+                batch_id,
+                store.requests(batch_id, start, end),
+                "timed_out",
+                "the micro-batch ran past its soft time limit",
+            ),
+        )
         return "timed_out"

@@ -20,10 +20,16 @@ class JobRequest(Request):
         if soft:
             return
         try:
-            job_store(get_settings()).finish(self.id, "timed_out", {
-                "finish_reason": "time_limit",
-                "error": {"code": "hard_time_limit",
-                          "message": f"the job was stopped at the hard time limit ({timeout:g} s)"},
-            })
+            job_store(get_settings()).finish(
+                self.id,
+                "timed_out",
+                {
+                    "finish_reason": "time_limit",
+                    "error": {
+                        "code": "hard_time_limit",
+                        "message": f"the job was stopped at the hard time limit ({timeout:g} s)",
+                    },
+                },
+            )
         except Exception as exc:  # Redis away: the stuck-job check will settle it
             log.error("could not record hard time limit for %s: %s", self.id, exc)

@@ -44,6 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def slow(item: pytest.Item) -> bool:
         module = item.getparent(pytest.Module)
         return module is not None and module.get_closest_marker("slow") is not None
+
     items.sort(key=lambda item: not slow(item))
 
 
@@ -70,8 +71,13 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Stack]:
     """The shared deployment for end-to-end tests (default limits)."""
-    s = Stack(tmp_path_factory.mktemp("stack"), demo_model, {"log_format": "json"},
-              redis_url=_redis_url(), env={"HF_TOKEN": FAKE_HF_TOKEN})
+    s = Stack(
+        tmp_path_factory.mktemp("stack"),
+        demo_model,
+        {"log_format": "json"},
+        redis_url=_redis_url(),
+        env={"HF_TOKEN": FAKE_HF_TOKEN},
+    )
     s.start_worker()
     s.start_web()
     yield s
@@ -88,8 +94,13 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) ->
     starts the workers and web server it needs."""
     made: list[Stack] = []
 
-    def build(config: dict[str, Any] | None = None, model: Path | None = None, redis_url: str | None = None,
-              env: dict[str, str] | None = None, name: str = "stack") -> Stack:
+    def build(
+        config: dict[str, Any] | None = None,
+        model: Path | None = None,
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "stack",
+    ) -> Stack:
         s = Stack(tmp_path_factory.mktemp(name), model or demo_model, config, redis_url=redis_url, env=env)
         made.append(s)
         return s

@@ -49,16 +49,25 @@ class Stack:
     class and settings otherwise: one process is what the in-process server of earlier tests was, and it
     starts in about a second."""
 
-    def __init__(self, tmp: Path, model_dir: Path, config: dict[str, Any] | None = None,
-                 redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        model_dir: Path,
+        config: dict[str, Any] | None = None,
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.deployment = Deployment(logs=tmp, cwd=ROOT, session=True, quick_stop=True)
         if redis_url is None:
             redis_url = self.deployment.start_redis(data_dir=tmp / "redis").url
         self.redis_url = redis_url
-        cfg = {"model": {"name_or_path": str(model_dir), "threads": 1},
-               "worker": {"heartbeat_interval": 1.0}, **(config or {})}
+        cfg = {
+            "model": {"name_or_path": str(model_dir), "threads": 1},
+            "worker": {"heartbeat_interval": 1.0},
+            **(config or {}),
+        }
         cfg["web"] = {"workers": 1, **cfg.get("web", {})}
         # device cpu unless the config names one: never CUDA or MPS by accident, whatever the machine has.
         if "models" in cfg:  # several models: `models` replaces the single `model` section
@@ -69,8 +78,15 @@ class Stack:
         self.config_path = tmp / "config.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.env = self.deployment.env  # what every child gets
-        self.env.update({"QWEN_DEPLOY_CONFIG": str(self.config_path), "REDIS_URL": redis_url,
-                         "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"), "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.env.update(
+            {
+                "QWEN_DEPLOY_CONFIG": str(self.config_path),
+                "REDIS_URL": redis_url,
+                "QWEN_DEPLOY_ENV_FILE": str(tmp / "no.env"),
+                "PYTHONUNBUFFERED": "1",
+                **(env or {}),
+            }
+        )
         self.settings: Settings = load_settings(environ=self.env)
         self.redis = connect(redis_url, self.settings.redis_master_name)
         self.worker: subprocess.Popen[bytes] | None = None
@@ -108,6 +124,7 @@ class Stack:
         def ready() -> dict[str, Any] | None:
             found = [w for w in self.workers() if w["state"] == "ready" and w.get("alias") == alias]
             return found[0] if found else None
+
         return wait_until(ready, timeout, 0.1, f"a ready worker for {alias}")
 
     def start_convert_worker(self) -> subprocess.Popen[bytes]:
@@ -124,6 +141,7 @@ class Stack:
                 raise AssertionError(f"worker exited: {self.log_path.read_text()[-3000:]}")
             found = [w for w in self.workers() if w["state"] == "ready" and w["pid"] != exclude_pid]
             return found[0] if found else None
+
         return wait_until(ready, timeout, 0.1, "a ready worker")
 
     def child_pid(self) -> int:
@@ -161,5 +179,3 @@ class Stack:
 
     def record(self, job_id: str) -> dict[str, str]:
         return self.redis.hgetall(keys.JobKeys(self.settings.key_prefix).key(job_id))
-
-

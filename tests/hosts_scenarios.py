@@ -39,13 +39,34 @@ class Cluster:
         self.hosts, self.tmp = hosts, tmp
         (tmp / "redis").mkdir(parents=True, exist_ok=True)
         self.redis = subprocess.Popen(
-            [redis_server_binary(), "--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(tmp / "redis"), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                redis_server_binary(),
+                "--port",
+                "6379",
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(tmp / "redis"),
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(lambda: reachable("redis://127.0.0.1:6379/0", 0.2), 10, what="redis-server")
-        config = {"engine": {"lease_seconds": LEASE},
-                  "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
-                  "worker": {"heartbeat_interval": 0.5}}
+        config = {
+            "engine": {"lease_seconds": LEASE},
+            "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
+            "worker": {"heartbeat_interval": 0.5},
+        }
         self.stack = Stack(tmp / "stack", model, config, redis_url="redis://127.0.0.1:6379/0")
         self.stack.start_web()
         self.client = Client(self.stack.url, timeout=30)
@@ -55,13 +76,17 @@ class Cluster:
         env = {**self.stack.env, "REDIS_URL": f"redis://{self.hosts.redis_addr(host)}:6379/0"}
         argv = celery_command(worker_argv(GENERATION_QUEUES, host, "INFO"))
         log = open(self.tmp / f"worker-{host}.log", "ab")
-        self.workers[host] = subprocess.Popen(self.hosts.exec_argv(host, argv), env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers[host] = subprocess.Popen(
+            self.hosts.exec_argv(host, argv), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def ready_hosts(self) -> set[str]:
         names = {self.hosts.hostname(h): h for h in self.hosts.hosts}
-        return {names[w["hostname"]] for w in self.stack.workers()
-                if w.get("state") == "ready" and w.get("hostname") in names}
+        return {
+            names[w["hostname"]]
+            for w in self.stack.workers()
+            if w.get("state") == "ready" and w.get("hostname") in names
+        }
 
     def wait_ready(self, hosts: list[str], timeout: float = 120) -> None:
         wait_until(lambda: set(hosts) <= self.ready_hosts(), timeout, 0.1, f"ready workers on {hosts}")
@@ -74,8 +99,12 @@ class Cluster:
     def wait_running(self, job_id: str, tokens: int = 20, timeout: float = 60) -> str:
         def running() -> str | None:
             rec = self.stack.record(job_id)
-            return self.host_of(job_id) if rec.get("status") == "running" and int(rec.get("tokens") or 0) >= tokens \
+            return (
+                self.host_of(job_id)
+                if rec.get("status") == "running" and int(rec.get("tokens") or 0) >= tokens
                 else None
+            )
+
         return str(wait_until(running, timeout, 0.02, f"{job_id} running"))
 
     def done_events(self, job_id: str) -> int:
@@ -130,14 +159,22 @@ def busy_partition(c: Cluster, cut_s: float) -> dict[str, Any]:
         dropped = False
     after = c.stack.record(job)
     final = c.final(job, 30)
-    return {"victim": victim, "finished_during_cut": finished_during_cut, "finish_s": round(taken_s, 2),
-            "status": final["status"], "attempts": final["attempts"], "finished_by": c.host_of(job),
-            "unchanged_after_heal": {k: before.get(k) for k in ("status", "text", "worker", "completed_at")}
-            == {k: after.get(k) for k in ("status", "text", "worker", "completed_at")},
-            "late_run_dropped": dropped,
-            "done_events": c.done_events(job), "resumed": final["output"]["text"].startswith(text_before),
-            "stream_equals_text": c.streamed_text(job) == final["output"]["text"],
-            "tokens": final["progress"]["tokens"], "heal_to_ready_s": round(time.monotonic() - healed, 2)}
+    return {
+        "victim": victim,
+        "finished_during_cut": finished_during_cut,
+        "finish_s": round(taken_s, 2),
+        "status": final["status"],
+        "attempts": final["attempts"],
+        "finished_by": c.host_of(job),
+        "unchanged_after_heal": {k: before.get(k) for k in ("status", "text", "worker", "completed_at")}
+        == {k: after.get(k) for k in ("status", "text", "worker", "completed_at")},
+        "late_run_dropped": dropped,
+        "done_events": c.done_events(job),
+        "resumed": final["output"]["text"].startswith(text_before),
+        "stream_equals_text": c.streamed_text(job) == final["output"]["text"],
+        "tokens": final["progress"]["tokens"],
+        "heal_to_ready_s": round(time.monotonic() - healed, 2),
+    }
 
 
 def idle_partition(c: Cluster, cut_s: float, jobs: int = 4) -> dict[str, Any]:
@@ -154,10 +191,15 @@ def idle_partition(c: Cluster, cut_s: float, jobs: int = 4) -> dict[str, Any]:
         c.hosts.heal(idle)
     finals = [c.final(i, timeout=60) for i in ids]
     wait_until(lambda: c.ready_hosts() == set(c.hosts.hosts), 60, 0.2, "both workers ready after the heal")
-    return {"jobs": jobs, "ended_during_cut": during, "all_ended_s": round(all_s, 2),
-            "lost": sum(1 for f in finals if f["status"] not in TERMINAL),
-            "succeeded": sum(1 for f in finals if f["status"] == "succeeded"),
-            "done_events": [c.done_events(i) for i in ids], "attempts": [f["attempts"] for f in finals]}
+    return {
+        "jobs": jobs,
+        "ended_during_cut": during,
+        "all_ended_s": round(all_s, 2),
+        "lost": sum(1 for f in finals if f["status"] not in TERMINAL),
+        "succeeded": sum(1 for f in finals if f["status"] == "succeeded"),
+        "done_events": [c.done_events(i) for i in ids],
+        "attempts": [f["attempts"] for f in finals],
+    }
 
 
 def host_kill(c: Cluster) -> dict[str, Any]:
@@ -168,17 +210,26 @@ def host_kill(c: Cluster) -> dict[str, Any]:
     other = wait_until(lambda: (h := c.host_of(job)) != victim and h, LEASE + 30, 0.02, "a takeover")
     taken_s = time.monotonic() - t0
     final = c.final(job, timeout=60)
-    return {"victim": victim, "processes_killed": killed, "taken_over_by": other, "takeover_s": round(taken_s, 2),
-            "finish_s": round(time.monotonic() - t0, 2), "status": final["status"], "attempts": final["attempts"],
-            "lease_s": LEASE, "done_events": c.done_events(job)}
+    return {
+        "victim": victim,
+        "processes_killed": killed,
+        "taken_over_by": other,
+        "takeover_s": round(taken_s, 2),
+        "finish_s": round(time.monotonic() - t0, 2),
+        "status": final["status"],
+        "attempts": final["attempts"],
+        "lease_s": LEASE,
+        "done_events": c.done_events(job),
+    }
 
 
 class NamespacesUnavailable(RuntimeError):
     """This machine cannot make the namespaces or their links (not root, no veth, …)."""
 
 
-def run_in_namespaces(tmp: Path, cut: float = 15.0, idle_cut: float = 10.0, cases: str = "",
-                      timeout: float = 240.0) -> dict[str, Any]:
+def run_in_namespaces(
+    tmp: Path, cut: float = 15.0, idle_cut: float = 10.0, cases: str = "", timeout: float = 240.0
+) -> dict[str, Any]:
     """Make the namespaces, run the cases inside the Redis one, delete them with every process left; the
     figures by case (a case that could not run says `error`). Raises when namespaces are unavailable."""
     from worker.builders.random import build_random_model
@@ -193,9 +244,30 @@ def run_in_namespaces(tmp: Path, cut: float = 15.0, idle_cut: float = 10.0, case
             hosts.create()
         except subprocess.CalledProcessError as exc:
             raise NamespacesUnavailable(f"cannot make the hosts: {' '.join(exc.cmd)}: {exc.stderr.strip()}") from exc
-        argv = ["ip", "netns", "exec", hosts.redis_ns, sys.executable, "-m", "tests.hosts_scenarios",
-                "--tag", hosts.tag, "--net", str(hosts.net), "--model", str(model), "--tmp", str(tmp),
-                "--out", str(out), "--cut", str(cut), "--idle-cut", str(idle_cut), *(["--cases", cases] if cases else [])]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            hosts.redis_ns,
+            sys.executable,
+            "-m",
+            "tests.hosts_scenarios",
+            "--tag",
+            hosts.tag,
+            "--net",
+            str(hosts.net),
+            "--model",
+            str(model),
+            "--tmp",
+            str(tmp),
+            "--out",
+            str(out),
+            "--cut",
+            str(cut),
+            "--idle-cut",
+            str(idle_cut),
+            *(["--cases", cases] if cases else []),
+        ]
         try:
             subprocess.run(argv, cwd=ROOT, timeout=timeout, check=False, stdout=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:

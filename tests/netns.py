@@ -58,8 +58,20 @@ class Hosts:
             ip("-n", ns, "link", "set", "lo", "up")
         for i, host in enumerate(self.hosts, 1):
             veth = self._veth(host)
-            ip("link", "add", veth, "netns", self.redis_ns, "type", "veth", "peer", "name", "eth0",
-               "netns", self.ns(host))
+            ip(
+                "link",
+                "add",
+                veth,
+                "netns",
+                self.redis_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.ns(host),
+            )
             ip("-n", self.redis_ns, "addr", "add", f"10.{self.net}.{i}.1/24", "dev", veth)
             ip("-n", self.ns(host), "addr", "add", f"10.{self.net}.{i}.2/24", "dev", "eth0")
             ip("-n", self.redis_ns, "link", "set", veth, "up")
@@ -69,8 +81,19 @@ class Hosts:
     def exec_argv(self, host: str, argv: list[str]) -> list[str]:
         """`argv` run in the host's namespace under its own hostname (so worker names differ per host)."""
         name = f"{self.tag}-{host}"
-        return ["ip", "netns", "exec", self.ns(host), "unshare", "--uts", "sh", "-c",
-                f'hostname {name} && exec "$@"', "sh", *argv]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.ns(host),
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f'hostname {name} && exec "$@"',
+            "sh",
+            *argv,
+        ]
 
     def hostname(self, host: str) -> str:
         return f"{self.tag}-{host}"

@@ -38,8 +38,9 @@ def _wait(predicate: object, timeout: float, what: str) -> object:
 class SentinelGroup:
     """`start()` then `url` (kombu's sentinel:// form); `kill_master()` is a `kill -9` of the master."""
 
-    def __init__(self, tmp: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 2000,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, tmp: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 2000, host: str = "127.0.0.1"
+    ) -> None:
         self.tmp, self.host = tmp, host
         tmp.mkdir(parents=True, exist_ok=True)
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
@@ -56,26 +57,37 @@ class SentinelGroup:
         path.write_text(conf)
         (self.tmp / f"data-{port}").mkdir(parents=True, exist_ok=True)
         log = open(self.tmp / f"node-{port}.log", "ab")
-        self.procs[port] = subprocess.Popen([redis_server_binary(), str(path), *extra], stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[port] = subprocess.Popen(
+            [redis_server_binary(), str(path), *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def _data_conf(self, port: int) -> str:
-        return (f"port {port}\nbind {self.host}\ndir {self.tmp / f'data-{port}'}\nappendonly yes\n"
-                "appendfsync everysec\nsave \"\"\nmaxmemory-policy noeviction\nloglevel warning\n")
+        return (
+            f"port {port}\nbind {self.host}\ndir {self.tmp / f'data-{port}'}\nappendonly yes\n"
+            'appendfsync everysec\nsave ""\nmaxmemory-policy noeviction\nloglevel warning\n'
+        )
 
     def start(self, timeout: float = 20.0) -> SentinelGroup:
         master, replica = self.data_ports
         self._spawn(master, self._data_conf(master))
         self._spawn(replica, self._data_conf(replica) + f"replicaof {self.host} {master}\n")
         for port in self.sentinel_ports:
-            self._spawn(port, (
-                f"port {port}\nbind {self.host}\ndir {self.tmp}\nloglevel warning\n"
-                f"sentinel monitor {MASTER_NAME} {self.host} {master} 2\n"
-                f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {MASTER_NAME} 1\n"), "--sentinel")
-        _wait(lambda: self.node(replica).info("replication").get("master_link_status") == "up", timeout,
-              "the replica's link to the master")
+            self._spawn(
+                port,
+                (
+                    f"port {port}\nbind {self.host}\ndir {self.tmp}\nloglevel warning\n"
+                    f"sentinel monitor {MASTER_NAME} {self.host} {master} 2\n"
+                    f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                ),
+                "--sentinel",
+            )
+        _wait(
+            lambda: self.node(replica).info("replication").get("master_link_status") == "up",
+            timeout,
+            "the replica's link to the master",
+        )
         _wait(self._settled, timeout, "every sentinel to see the replica and the other two sentinels")
         return self
 
@@ -87,8 +99,9 @@ class SentinelGroup:
         return True
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(host=self.host, port=port, decode_responses=True, socket_timeout=1.0,
-                           socket_connect_timeout=1.0)
+        return redis.Redis(
+            host=self.host, port=port, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
 
     def master_port(self) -> int | None:
         """The master as the sentinels name it (the first that answers)."""
@@ -111,11 +124,13 @@ class SentinelGroup:
 
     def wait_promoted(self, old: int, timeout: float = 30.0) -> int:
         """The new master's port, once the sentinels name another node and it answers as a master."""
+
         def promoted() -> int | None:
             port = self.master_port()
             if port is None or port == old:
                 return None
             return port if self.node(port).info("replication").get("role") == "master" else None
+
         return int(_wait(promoted, timeout, "a promoted replica"))  # type: ignore[call-overload]
 
     def restart_killed(self, timeout: float = 30.0) -> None:
@@ -124,10 +139,17 @@ class SentinelGroup:
             if proc.poll() is None or port not in self.data_ports:
                 continue
             log = open(self.tmp / f"node-{port}.log", "ab")
-            self.procs[port] = subprocess.Popen([redis_server_binary(), str(self.tmp / f"node-{port}.conf")],
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            _wait(lambda p=port: self.node(p).info("replication").get("master_link_status") == "up", timeout,
-                  f"node {port} back as a replica")
+            self.procs[port] = subprocess.Popen(
+                [redis_server_binary(), str(self.tmp / f"node-{port}.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            _wait(
+                lambda p=port: self.node(p).info("replication").get("master_link_status") == "up",
+                timeout,
+                f"node {port} back as a replica",
+            )
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -167,16 +189,28 @@ class FailoverRun:
 
     def figures(self) -> dict[str, object]:
         done = sum(1 for i in self.accepted if self.finals.get(i) == "succeeded")
-        return {"promotion_s": None if self.promotion_s is None else round(self.promotion_s, 2),
-                "first_ok_s": None if self.first_ok_s is None else round(self.first_ok_s, 2),
-                "submits": len(self.submits), "refused": len(self.refused),
-                "refused_codes": sorted({f"{s.status}:{s.code}" for s in self.refused}),
-                "accepted": len(self.accepted), "succeeded": done, "lost": len(self.lost)}
+        return {
+            "promotion_s": None if self.promotion_s is None else round(self.promotion_s, 2),
+            "first_ok_s": None if self.first_ok_s is None else round(self.first_ok_s, 2),
+            "submits": len(self.submits),
+            "refused": len(self.refused),
+            "refused_codes": sorted({f"{s.status}:{s.code}" for s in self.refused}),
+            "accepted": len(self.accepted),
+            "succeeded": done,
+            "lost": len(self.lost),
+        }
 
 
-def failover_burst(group: SentinelGroup, base_url: str, body: dict[str, object], before: float = 2.0,
-                   after_ok: int = 20, deadline: float = 30.0, interval: float = 0.02,
-                   finish_timeout: float = 60.0) -> FailoverRun:
+def failover_burst(
+    group: SentinelGroup,
+    base_url: str,
+    body: dict[str, object],
+    before: float = 2.0,
+    after_ok: int = 20,
+    deadline: float = 30.0,
+    interval: float = 0.02,
+    finish_timeout: float = 60.0,
+) -> FailoverRun:
     """Submit `body` to POST /v1/jobs in a loop; `before` seconds in, kill -9 the master; go on until
     `after_ok` submits in a row were accepted after the outage (or `deadline`); then wait for every
     accepted job to end. Promotion is timed by a thread that polls the sentinels."""
@@ -206,8 +240,15 @@ def failover_burst(group: SentinelGroup, base_url: str, body: dict[str, object],
             outage, streak = True, 0
             continue
         error = resp.json().get("error", {}) if resp.status_code >= 400 else {}
-        run.submits.append(Submit(at, resp.status_code, resp.json()["id"] if resp.status_code < 300 else None,
-                                  resp.headers.get("Retry-After"), error.get("code")))
+        run.submits.append(
+            Submit(
+                at,
+                resp.status_code,
+                resp.json()["id"] if resp.status_code < 300 else None,
+                resp.headers.get("Retry-After"),
+                error.get("code"),
+            )
+        )
         if resp.status_code >= 300:
             outage, streak = True, 0
         elif killed_at:
@@ -229,8 +270,9 @@ def _final(session: requests.Session, base_url: str, job_id: str, end: float) ->
     status = "unknown"
     while time.monotonic() < end:
         try:
-            resp = session.get(f"{base_url}/v1/jobs/{job_id}", params={"wait": min(5.0, max(0.1, end - time.monotonic()))},
-                               timeout=15)
+            resp = session.get(
+                f"{base_url}/v1/jobs/{job_id}", params={"wait": min(5.0, max(0.1, end - time.monotonic()))}, timeout=15
+            )
         except requests.RequestException:
             time.sleep(0.1)
             continue

@@ -39,8 +39,7 @@ def current_owner() -> str:
 def require_admin() -> None:
     """403 `admin_required` unless the request carries an admin key (or keys are off)."""
     if not g.get("admin", False):
-        raise Forbidden("this route needs an admin key (web.admin_keys)", code="admin_required",
-                        param="Authorization")
+        raise Forbidden("this route needs an admin key (web.admin_keys)", code="admin_required", param="Authorization")
 
 
 def is_loopback(host: str) -> bool:
@@ -56,8 +55,10 @@ def check_bind(settings: Settings, host: str | None = None) -> None:
     """Refuse a non-loopback bind without API keys unless `web.allow_unauthenticated` says so."""
     host = host or settings.web.host
     if not settings.web.keyed and not is_loopback(host) and not settings.web.allow_unauthenticated:
-        raise ConfigError(f"refusing to serve {host} without API keys: set web.api_keys "
-                          "(QWEN_DEPLOY_WEB__API_KEYS) or web.allow_unauthenticated: true")
+        raise ConfigError(
+            f"refusing to serve {host} without API keys: set web.api_keys "
+            "(QWEN_DEPLOY_WEB__API_KEYS) or web.allow_unauthenticated: true"
+        )
 
 
 def trusted_hosts(settings: Settings) -> list[str] | None:
@@ -95,8 +96,9 @@ def register(app: Flask, settings: Settings) -> None:
         if hosts is None or request.path in PROBE_PATHS:
             return
         if not trusted(request.host):
-            raise AppError("this Host is not served here (web.trusted_hosts)", code="untrusted_host",
-                           param="Host", status_code=400)
+            raise AppError(
+                "this Host is not served here (web.trusted_hosts)", code="untrusted_host", param="Host", status_code=400
+            )
 
     @app.before_request
     def _check_key() -> None:
@@ -107,9 +109,9 @@ def register(app: Flask, settings: Settings) -> None:
         given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         raw = given.encode("utf-8", "surrogateescape")
         if not _match(raw, keys):
-            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)",
-                               param="Authorization")
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", param="Authorization")
         g.owner, g.admin = owner_of(given), _match(raw, admin)
         if (request.method, request.path) in ADMIN_ROUTES and not g.admin:
-            raise Forbidden("this route needs an admin key (web.admin_keys)", code="admin_required",
-                            param="Authorization")
+            raise Forbidden(
+                "this route needs an admin key (web.admin_keys)", code="admin_required", param="Authorization"
+            )

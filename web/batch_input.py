@@ -20,8 +20,12 @@ JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "applicati
 
 def line_error(line: int, custom_id: Any, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     """A rejected line's entry in the batch's error file."""
-    return {"id": f"line-{line}", "custom_id": custom_id, "response": None,
-            "error": {"code": code, "message": message, "param": param, "line": line}}
+    return {
+        "id": f"line-{line}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "param": param, "line": line},
+    }
 
 
 def read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
@@ -55,8 +59,9 @@ def read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
     extra = {"endpoint": "/v1/jobs"}
     if body.get("completion_window") is not None:
         if not isinstance(body["completion_window"], str):
-            raise Unprocessable("completion_window must be a duration like 24h", code="invalid_type",
-                                param="completion_window")
+            raise Unprocessable(
+                "completion_window must be a duration like 24h", code="invalid_type", param="completion_window"
+            )
         extra["completion_window"] = body["completion_window"]
     return list(enumerate(body["requests"], start=1)), body.get("metadata"), extra
 
@@ -66,13 +71,15 @@ def _jsonl_lines(raw: bytes, max_lines: int, max_line_bytes: int) -> list[tuple[
     lines: list[tuple[int, bytes]] = []
     for n, text in enumerate(io.BytesIO(raw), start=1):
         if len(text) > max_line_bytes:
-            raise Unprocessable(f"line {n} is longer than {max_line_bytes} bytes", code="line_too_long",
-                                param="requests")
+            raise Unprocessable(
+                f"line {n} is longer than {max_line_bytes} bytes", code="line_too_long", param="requests"
+            )
         if text.strip():
             lines.append((n, text))
             if len(lines) > max_lines:
-                raise Unprocessable(f"the batch has more than {max_lines} lines", code="too_many_lines",
-                                    param="requests")
+                raise Unprocessable(
+                    f"the batch has more than {max_lines} lines", code="too_many_lines", param="requests"
+                )
     return lines
 
 
@@ -84,8 +91,11 @@ def check_metadata(metadata: Any) -> None:
         raise Unprocessable(f"metadata must be an object of at most {METADATA_KEYS} keys", param="metadata")
     for key, value in metadata.items():
         if len(key) > METADATA_KEY_CHARS or not isinstance(value, str) or len(value) > METADATA_VALUE_CHARS:
-            raise Unprocessable(f"metadata keys must be up to {METADATA_KEY_CHARS} characters and values strings "
-                                f"up to {METADATA_VALUE_CHARS}", param=f"metadata.{key[:METADATA_KEY_CHARS]}")
+            raise Unprocessable(
+                f"metadata keys must be up to {METADATA_KEY_CHARS} characters and values strings "
+                f"up to {METADATA_VALUE_CHARS}",
+                param=f"metadata.{key[:METADATA_KEY_CHARS]}",
+            )
 
 
 def validate_line(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str, Any]:
@@ -97,8 +107,9 @@ def validate_line(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str,
     if not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
         raise Unprocessable("custom_id must be a non-empty string", code="invalid_value", param="custom_id")
     if isinstance(item.get("body"), dict) and {"webhook", "webhook_events_filter"} & item["body"].keys():
-        raise Unprocessable("a batch line cannot have its own webhook; give the batch one", code="unknown_field",
-                            param="body.webhook")
+        raise Unprocessable(
+            "a batch line cannot have its own webhook; give the batch one", code="unknown_field", param="body.webhook"
+        )
     if jsonl and (item.get("method", "POST") != "POST" or item.get("url", endpoint) != endpoint):
         raise Unprocessable(f"every line must be POST {endpoint}", code="invalid_url", param="url")
     body = job_request(endpoint, item.get("body"), current_services().settings)
@@ -111,6 +122,9 @@ def check_ids(items: list[tuple[int, Any]]) -> None:
         cid = item.get("custom_id") if isinstance(item, dict) else None
         if isinstance(cid, str) and cid:
             if cid in seen:
-                raise Unprocessable(f"custom_id {cid!r} appears on lines {seen[cid]} and {line}",
-                                    code="duplicate_custom_id", param="custom_id")
+                raise Unprocessable(
+                    f"custom_id {cid!r} appears on lines {seen[cid]} and {line}",
+                    code="duplicate_custom_id",
+                    param="custom_id",
+                )
             seen[cid] = line

@@ -41,8 +41,9 @@ def create_batch() -> Response:
     if not items:
         raise Unprocessable("the batch has no requests", code="empty_batch", param="requests")
     if len(items) > limit:
-        raise Unprocessable(f"the batch has {len(items)} lines; the maximum is {limit}", code="too_many_lines",
-                            param="requests")
+        raise Unprocessable(
+            f"the batch has {len(items)} lines; the maximum is {limit}", code="too_many_lines", param="requests"
+        )
     check_metadata(metadata)
     check_ids(items)
     hook = check_request(g.get("batch_webhook") or request.args.get("webhook"), None, svc.settings)
@@ -54,8 +55,12 @@ def create_batch() -> Response:
             valid = validate_line(line, item, jsonl, extra["endpoint"])
             model = model or valid["body"]["model"]
             if valid["body"]["model"] != model:
-                raise Unprocessable(f"a batch runs on one model ({model!r}, from its first valid line); this line "
-                                    f"names {valid['body']['model']!r}", code="mixed_models", param="body.model")
+                raise Unprocessable(
+                    f"a batch runs on one model ({model!r}, from its first valid line); this line "
+                    f"names {valid['body']['model']!r}",
+                    code="mixed_models",
+                    param="body.model",
+                )
             good.append(json.dumps(valid))
         except AppError as err:
             cid = item.get("custom_id") if isinstance(item, dict) else None
@@ -65,19 +70,39 @@ def create_batch() -> Response:
     bulk = served.bulk
     batch_id = new_id(BATCH_ID_PREFIX)
     size, lim = svc.settings.batches.micro_batch_size, svc.settings.limits
-    messages = [(bulk, task_message(BATCH_CHUNK_TASK, f"{batch_id}:{start}", bulk,
-                                    [batch_id, start, min(start + size, len(good))],
-                                    lim.hard_time_limit, lim.soft_time_limit))
-                for start in range(0, len(good), size)]
+    messages = [
+        (
+            bulk,
+            task_message(
+                BATCH_CHUNK_TASK,
+                f"{batch_id}:{start}",
+                bulk,
+                [batch_id, start, min(start + size, len(good))],
+                lim.hard_time_limit,
+                lim.soft_time_limit,
+            ),
+        )
+        for start in range(0, len(good), size)
+    ]
     now = repr(time.time())
     window = extra.pop("completion_window", None) or request.args.get("completion_window") or "24h"
-    extra.update(completion_window=window,
-                 expires_at=repr(float(now) + parse_duration(window, "completion_window")))
-    fields = {"id": batch_id, "status": "in_progress" if messages else "completed", "created_at": now,
-              "completed_at": None if messages else now, "total": str(len(items)), "completed": "0",
-              "failed": str(len(errors)), "chunks": str(len(messages)), "chunks_left": str(len(messages)),
-              "metadata": json.dumps(metadata) if metadata is not None else None, **extra, **hook,
-              "owner": current_owner(), "model": served.alias}
+    extra.update(completion_window=window, expires_at=repr(float(now) + parse_duration(window, "completion_window")))
+    fields = {
+        "id": batch_id,
+        "status": "in_progress" if messages else "completed",
+        "created_at": now,
+        "completed_at": None if messages else now,
+        "total": str(len(items)),
+        "completed": "0",
+        "failed": str(len(errors)),
+        "chunks": str(len(messages)),
+        "chunks_left": str(len(messages)),
+        "metadata": json.dumps(metadata) if metadata is not None else None,
+        **extra,
+        **hook,
+        "owner": current_owner(),
+        "model": served.alias,
+    }
     _check_capacity(len(messages), bulk)
     batch_store().create(batch_id, fields, good, errors, messages)
     if messages:
@@ -113,8 +138,11 @@ def _check_capacity(new_tasks: int, bulk: str) -> None:
         if done:
             svc.redis.zrem(key, *done)
         if len(open_ids) - len(done) >= lim.max_inflight_per_key:
-            raise TooManyRequests(f"this key has {len(open_ids) - len(done)} batches running",
-                                  code="too_many_inflight", headers={"Retry-After": "30"})
+            raise TooManyRequests(
+                f"this key has {len(open_ids) - len(done)} batches running",
+                code="too_many_inflight",
+                headers={"Retry-After": "30"},
+            )
 
 
 def _load(batch_id: str) -> dict[str, str]:

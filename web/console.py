@@ -15,13 +15,21 @@ bp = Blueprint("console", __name__)
 STATIC = Path(__file__).resolve().parent / "static"
 
 # Same-origin only: no CDN, no inline script, no framing; the favicon is an inline data: URL.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 @bp.get("/")
 def page() -> Response:
     response = send_from_directory(STATIC, "console.html", max_age=0)
-    response.headers.update({"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                             "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+    response.headers.update(
+        {
+            "Content-Security-Policy": CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        }
+    )
     return response

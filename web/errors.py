@@ -15,8 +15,13 @@ from web.context import current_services
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-               415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
 REJECTIONS_COUNTED = frozenset({400, 401, 413, 415, 422, 429})
@@ -26,18 +31,29 @@ def refused(result: SubmitResult, queue: str, model: str | None, retry_after: in
     """The error for a submit that SUBMIT refused (None when it was accepted or replayed)."""
     if result.status == "full":
         wait = retry_after or max(1, result.depth // 50)
-        return QueueFull(f"the {queue} queue holds {result.depth} jobs; try again later",
-                         headers={"Retry-After": str(wait)})
+        return QueueFull(
+            f"the {queue} queue holds {result.depth} jobs; try again later", headers={"Retry-After": str(wait)}
+        )
     if result.status == "unavailable":
-        return ServiceUnavailable(f"no worker serves the model {model!r} now and {result.depth} jobs wait for it; "
-                                  "try again later (GET /readyz?model=... says why)", code="model_unavailable",
-                                  param="model", headers={"Retry-After": str(retry_after or 10)})
+        return ServiceUnavailable(
+            f"no worker serves the model {model!r} now and {result.depth} jobs wait for it; "
+            "try again later (GET /readyz?model=... says why)",
+            code="model_unavailable",
+            param="model",
+            headers={"Retry-After": str(retry_after or 10)},
+        )
     if result.status == "inflight":
-        return TooManyRequests(f"this key has {result.depth} jobs queued or running; wait for some to finish",
-                               code="too_many_inflight", headers={"Retry-After": str(retry_after or 1)})
+        return TooManyRequests(
+            f"this key has {result.depth} jobs queued or running; wait for some to finish",
+            code="too_many_inflight",
+            headers={"Retry-After": str(retry_after or 1)},
+        )
     if result.status == "reused":
-        return Unprocessable("this Idempotency-Key was used with a different request body",
-                             code="idempotency_key_reused", param="Idempotency-Key")
+        return Unprocessable(
+            "this Idempotency-Key was used with a different request body",
+            code="idempotency_key_reused",
+            param="Idempotency-Key",
+        )
     return None
 
 
@@ -69,8 +85,7 @@ def register(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             message = f"request body is larger than {request.max_content_length} bytes"
-        err = AppError(message, code=_HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")),
-                       status_code=status)
+        err = AppError(message, code=_HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")), status_code=status)
         response = _respond(err)
         if status == 405 and exc.get_response().headers.get("Allow"):
             response.headers["Allow"] = exc.get_response().headers["Allow"]
@@ -78,8 +93,12 @@ def register(app: Flask) -> None:
 
     def _redis_down(exc: Exception) -> Response:
         log.warning("redis unavailable: %s", exc)
-        err = AppError("the job store (Redis) is unreachable; try again shortly", code="redis_unavailable",
-                       status_code=503, headers={"Retry-After": "5"})
+        err = AppError(
+            "the job store (Redis) is unreachable; try again shortly",
+            code="redis_unavailable",
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
         err.type = "server_error"
         return _respond(err)
 
@@ -92,8 +111,12 @@ def register(app: Flask) -> None:
         if not oom:
             return _unexpected(exc)
         log.warning("redis is out of memory: %s", exc)
-        err = AppError("the job store (Redis) is full; try again later", code="redis_out_of_memory",
-                       status_code=503, headers={"Retry-After": "30"})
+        err = AppError(
+            "the job store (Redis) is full; try again later",
+            code="redis_out_of_memory",
+            status_code=503,
+            headers={"Retry-After": "30"},
+        )
         err.type = "server_error"
         return _respond(err)
 

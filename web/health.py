@@ -23,8 +23,7 @@ def livez() -> Response:
     return jsonify(status="ok")
 
 
-REASONS = {"model_loading": "a generation worker is loading its model",
-           "no_worker": "no generation worker is running"}
+REASONS = {"model_loading": "a generation worker is loading its model", "no_worker": "no generation worker is running"}
 
 
 def _ready_worker(served: Served | None = None) -> dict[str, Any]:
@@ -37,8 +36,9 @@ def _ready_worker(served: Served | None = None) -> dict[str, Any]:
         state = model_workers(found, served)
         if state["newest"]:
             return state["newest"] | {"count": state["ready"]}
-        raise ServiceUnavailable(f"{REASONS[state['reason']]} for the model {served.alias!r}", code=state["reason"],
-                                 param="model")
+        raise ServiceUnavailable(
+            f"{REASONS[state['reason']]} for the model {served.alias!r}", code=state["reason"], param="model"
+        )
     ready = [w for w in found if w.get("state") == "ready"]
     if ready:
         return ready[0] | {"count": len(ready)}
@@ -55,8 +55,12 @@ def readyz() -> Response:
     name = request.args.get("model")
     served = pick_model(name, current_services().settings) if name is not None else None
     worker = _ready_worker(served)
-    return jsonify(status="ready", workers=worker["count"], model=worker["model"]["name"],
-                   **({"alias": served.alias} if served else {}))
+    return jsonify(
+        status="ready",
+        workers=worker["count"],
+        model=worker["model"]["name"],
+        **({"alias": served.alias} if served else {}),
+    )
 
 
 @bp.get("/v1/model")
@@ -65,10 +69,24 @@ def model() -> Response:
     """The served model and the caps."""
     worker = _ready_worker()
     info, gen, lim = worker["model"], current_services().settings.generation, current_services().settings.limits
-    caps = {"max_new_tokens": gen.max_new_tokens_cap, "default_max_new_tokens": gen.default_max_new_tokens,
-            "max_prompt_tokens": gen.max_prompt_tokens, "max_stop_strings": gen.max_stop_strings,
-            "hard_time_limit": lim.hard_time_limit, "soft_time_limit": lim.soft_time_limit,
-            "generation_budget": lim.generation_budget}
-    return jsonify(object="model", name=info["name"], revision=info.get("revision"), device=info.get("device"),
-                   dtype=info.get("dtype"), parameters=info.get("parameters"), loaded_at=info.get("loaded_at"),
-                   load_seconds=info.get("load_seconds"), workers=worker["count"], caps=caps)
+    caps = {
+        "max_new_tokens": gen.max_new_tokens_cap,
+        "default_max_new_tokens": gen.default_max_new_tokens,
+        "max_prompt_tokens": gen.max_prompt_tokens,
+        "max_stop_strings": gen.max_stop_strings,
+        "hard_time_limit": lim.hard_time_limit,
+        "soft_time_limit": lim.soft_time_limit,
+        "generation_budget": lim.generation_budget,
+    }
+    return jsonify(
+        object="model",
+        name=info["name"],
+        revision=info.get("revision"),
+        device=info.get("device"),
+        dtype=info.get("dtype"),
+        parameters=info.get("parameters"),
+        loaded_at=info.get("loaded_at"),
+        load_seconds=info.get("load_seconds"),
+        workers=worker["count"],
+        caps=caps,
+    )

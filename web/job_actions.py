@@ -57,8 +57,9 @@ def retry_job(job_id: str) -> Response:
     """A new job with the same request (RunPod's `/retry`), linked by `retry_of`; 409 until the original ends."""
     record = load_record(job_id)
     if record.get("status") not in TERMINAL:
-        raise Conflict(f"job {job_id} is {record.get('status')}; retry it once it has ended", code="job_not_finished",
-                       param="id")
+        raise Conflict(
+            f"job {job_id} is {record.get('status')}; retry it once it has ended", code="job_not_finished", param="id"
+        )
     if record.get("type", "generation") != "generation":
         raise Conflict("only generation jobs can be retried", code="not_retryable", param="id")
     seconds = record.get("deadline_seconds")
@@ -82,8 +83,11 @@ def queues() -> Response:
     pipe.llen(svc.store.queue_key(CONVERT))
     interactive, bulk, convert = pipe.execute()
     ready = [w for w in workers() if w.get("state") == "ready"]
-    data = [{"name": INTERACTIVE, "depth": interactive}, {"name": BULK, "depth": bulk},
-            {"name": CONVERT, "depth": convert}]
+    data = [
+        {"name": INTERACTIVE, "depth": interactive},
+        {"name": BULK, "depth": bulk},
+        {"name": CONVERT, "depth": convert},
+    ]
     return _json({"object": "list", "data": data, "workers": len(ready)})
 
 
@@ -96,4 +100,3 @@ def purge_queue(name: str) -> Response:
         raise NotFound(f"no purgeable queue {name!r}; one of {', '.join(PURGEABLE)}", param="name")
     count = purge(current_services().store, name, pending=name == INTERACTIVE)
     return _json({"object": "queue.purged", "queue": name, "purged": count})
-

@@ -86,6 +86,11 @@ def list_jobs() -> Response:
     if more and len(found) == q.limit:
         cursor = str(found[-1]["id"])
     found = with_positions(store, found)
-    body = {"object": "list", "data": found, "first_id": found[0]["id"] if found else None,
-            "last_id": cursor if more else (found[-1]["id"] if found else None), "has_more": more}
+    body = {
+        "object": "list",
+        "data": found,
+        "first_id": found[0]["id"] if found else None,
+        "last_id": cursor if more else (found[-1]["id"] if found else None),
+        "has_more": more,
+    }
     return Response(json.dumps(body), mimetype="application/json")

@@ -20,8 +20,10 @@ from flask import has_request_context, request
 from qwen_deploy.errors import BadRequest
 from qwen_deploy.lifecycle import MAX_DEADLINE_SECONDS
 
-DURATION = re.compile(r"(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m(?!s))?(?:([0-9]{1,9}(?:\.[0-9]{1,6})?)s)?"
-                      r"(?:([0-9]{1,9})ms)?")
+DURATION = re.compile(
+    r"(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m(?!s))?(?:([0-9]{1,9}(?:\.[0-9]{1,6})?)s)?"
+    r"(?:([0-9]{1,9})ms)?"
+)
 PLAIN = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 SERVICE_TIERS = {"priority": "high", "default": "normal", "auto": "normal", "flex": "low"}
 
@@ -51,15 +53,21 @@ def parse_duration(raw: str, param: str = "Cancel-After") -> float:
             h, m, s, ms = match.groups()
             seconds = int(h or 0) * 3600 + int(m or 0) * 60 + float(s or 0) + int(ms or 0) / 1000
     if seconds is None:
-        raise BadRequest(f"{param} must be a duration like 30s, 5m, 1h30m or a number of seconds, got {raw[:40]!r}",
-                         code="invalid_value", param=param)
+        raise BadRequest(
+            f"{param} must be a duration like 30s, 5m, 1h30m or a number of seconds, got {raw[:40]!r}",
+            code="invalid_value",
+            param=param,
+        )
     return check_deadline(seconds, param)
 
 
 def check_deadline(seconds: float, param: str) -> float:
     if not 0 < seconds <= MAX_DEADLINE_SECONDS:
-        raise BadRequest(f"{param} must be more than 0 and at most {MAX_DEADLINE_SECONDS:g} seconds",
-                         code="invalid_value", param=param)
+        raise BadRequest(
+            f"{param} must be more than 0 and at most {MAX_DEADLINE_SECONDS:g} seconds",
+            code="invalid_value",
+            param=param,
+        )
     return seconds
 
 
@@ -81,6 +89,7 @@ def service_tier_options(body: Any) -> JobOptions:
     """Options of an OpenAI body: `service_tier` mapped to a priority (400 for another value)."""
     tier = body.get("service_tier") if isinstance(body, dict) else None
     if tier is not None and tier not in SERVICE_TIERS:
-        raise BadRequest(f"service_tier must be one of {', '.join(SERVICE_TIERS)}", code="invalid_value",
-                         param="service_tier")
+        raise BadRequest(
+            f"service_tier must be one of {', '.join(SERVICE_TIERS)}", code="invalid_value", param="service_tier"
+        )
     return job_options(SERVICE_TIERS[tier] if tier is not None else None)

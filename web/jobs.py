@@ -88,11 +88,13 @@ def job_events(job_id: str) -> Response:
     load_job(job_id)  # 404/410 before the stream starts
     start = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     if not STREAM_ID.fullmatch(start):
-        raise Unprocessable("Last-Event-ID must be an event id from this stream (like 1795760951281-0)",
-                            param="Last-Event-ID")
+        raise Unprocessable(
+            "Last-Event-ID must be an event id from this stream (like 1795760951281-0)", param="Last-Event-ID"
+        )
     body = stream_with_context(counted(_sse(job_id, start), open_stream()))
-    return Response(body, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(
+        body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _sse_event(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
@@ -126,8 +128,7 @@ def _sse(job_id: str, last: str) -> Iterator[str]:
                 data = {"text": ev.get("text", ""), "tokens": int(ev.get("tokens", 0))}
                 yield _sse_event("token", {**data, "index": int(ev["index"])} if ev.get("index") else data, event_id)
             elif kind == "status":
-                yield _sse_event("status", {"status": ev.get("status"), "attempt": int(ev.get("attempt", 1))},
-                                 event_id)
+                yield _sse_event("status", {"status": ev.get("status"), "attempt": int(ev.get("attempt", 1))}, event_id)
             elif kind == "done":
                 yield _sse_event("done", load_job(job_id), event_id)
                 return
@@ -141,6 +142,9 @@ def generate_sync() -> Response:
     limits = current_services().settings.limits
     job = wait_for(job["id"], limits.hard_time_limit + 5.0)
     if job["status"] not in TERMINAL:
-        raise GatewayTimeout(f"job {job['id']} did not finish within {limits.hard_time_limit:g} s; "
-                             f"poll /v1/jobs/{job['id']}", param="id", headers={"Location": f"/v1/jobs/{job['id']}"})
+        raise GatewayTimeout(
+            f"job {job['id']} did not finish within {limits.hard_time_limit:g} s; poll /v1/jobs/{job['id']}",
+            param="id",
+            headers={"Location": f"/v1/jobs/{job['id']}"},
+        )
     return _job_response(job, 200)

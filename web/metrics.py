@@ -22,13 +22,20 @@ from web.context import current_services
 
 bp = Blueprint("metrics", __name__)
 NS = "qwen_deploy"
-HISTOGRAMS = {"queue_seconds": "Time from submit to the first start of a job",
-              "run_seconds": "Time from start to the terminal state of a job"}
+HISTOGRAMS = {
+    "queue_seconds": "Time from submit to the first start of a job",
+    "run_seconds": "Time from start to the terminal state of a job",
+}
 
 
 class RedisStatsCollector:
-    def __init__(self, stats: dict[str, str], depths: dict[str, int], workers: list[dict[str, Any]],
-                 per_model: dict[str, dict[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        stats: dict[str, str],
+        depths: dict[str, int],
+        workers: list[dict[str, Any]],
+        per_model: dict[str, dict[str, int]] | None = None,
+    ) -> None:
         self.stats, self.depths, self.workers = stats, depths, workers
         self.per_model = per_model or {}
 
@@ -45,8 +52,11 @@ class RedisStatsCollector:
         for name, status in (("timeouts", "timed_out"), ("cancellations", "canceled")):
             total = sum(v for (_, s), v in self._by_prefix("jobs:") if s == status)
             yield CounterMetricFamily(f"{NS}_{name}", f"Jobs that ended {status}", value=total)
-        yield CounterMetricFamily(f"{NS}_tokens_generated", "Completion tokens of finished generation jobs",
-                                  value=float(self.stats.get("tokens", 0)))
+        yield CounterMetricFamily(
+            f"{NS}_tokens_generated",
+            "Completion tokens of finished generation jobs",
+            value=float(self.stats.get("tokens", 0)),
+        )
         rejected = CounterMetricFamily(f"{NS}_rejections", "Requests refused by the API", labels=["status"])
         for (status,), value in self._by_prefix("rejected:"):
             rejected.add_metric([status], value)
@@ -58,15 +68,22 @@ class RedisStatsCollector:
         for name, doc in HISTOGRAMS.items():
             buckets = [(str(b), float(self.stats.get(f"{name}_bucket:{b}", 0))) for b in HISTOGRAM_BUCKETS]
             count = float(self.stats.get(f"{name}_count", 0))
-            yield HistogramMetricFamily(f"{NS}_{name}", doc, buckets=[*buckets, ("+Inf", count)],
-                                        sum_value=float(self.stats.get(f"{name}_sum", 0)))
+            yield HistogramMetricFamily(
+                f"{NS}_{name}",
+                doc,
+                buckets=[*buckets, ("+Inf", count)],
+                sum_value=float(self.stats.get(f"{name}_sum", 0)),
+            )
         depth = GaugeMetricFamily(f"{NS}_queue_depth", "Messages waiting per queue", labels=["queue"])
         for queue, value in self.depths.items():
             depth.add_metric([queue], value)
         yield depth
-        work = GaugeMetricFamily(f"{NS}_model_queue_depth", "Work per model: messages on its interactive and bulk "
-                                 "queues, and jobs its engines hold (the autoscaling metric: sum the parts)",
-                                 labels=["model", "part"])
+        work = GaugeMetricFamily(
+            f"{NS}_model_queue_depth",
+            "Work per model: messages on its interactive and bulk "
+            "queues, and jobs its engines hold (the autoscaling metric: sum the parts)",
+            labels=["model", "part"],
+        )
         for alias, parts in self.per_model.items():
             for part, value in parts.items():
                 work.add_metric([alias, part], value)

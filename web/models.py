@@ -23,8 +23,9 @@ REVISION = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-]|/[A-Za-z0-9_-])*$"  # a 
 class DownloadCreate(WebhookFields):
     model_config = ConfigDict(extra="forbid")
     repo_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$", max_length=200)
-    revision: StrictStr | None = Field(None, max_length=200, pattern=REVISION,
-                                       description="a branch, tag or commit (e.g. main, v1.0, refs/pr/1)")
+    revision: StrictStr | None = Field(
+        None, max_length=200, pattern=REVISION, description="a branch, tag or commit (e.g. main, v1.0, refs/pr/1)"
+    )
     out: StrictStr | None = Field(None, description="directory relative to paths.models_root")
     allow_patterns: list[StrictStr] | None = Field(None, max_length=64)
     ignore_patterns: list[StrictStr] | None = Field(None, max_length=64)
@@ -42,10 +43,19 @@ class ExportCreate(WebhookFields):
 def _submit(kind: str, req: dict[str, Any]) -> Response:
     limit = current_services().settings.limits.convert_time_limit
     hook = check_request(req.pop("webhook", None), req.pop("webhook_events_filter", None), current_services().settings)
-    job, _ = enqueue(kind, convert_task(kind), CONVERT, req, (limit, limit - 30),
-                     request.headers.get("Idempotency-Key"), retry_after=60, extra=hook)
-    return Response(json.dumps(job), status=202, mimetype="application/json",
-                    headers={"Location": f"/v1/jobs/{job['id']}"})
+    job, _ = enqueue(
+        kind,
+        convert_task(kind),
+        CONVERT,
+        req,
+        (limit, limit - 30),
+        request.headers.get("Idempotency-Key"),
+        retry_after=60,
+        extra=hook,
+    )
+    return Response(
+        json.dumps(job), status=202, mimetype="application/json", headers={"Location": f"/v1/jobs/{job['id']}"}
+    )
 
 
 def _parse(schema: type[BaseModel]) -> dict[str, Any]:

@@ -20,7 +20,11 @@ from qwen_deploy import __version__
 from qwen_deploy.config import Settings
 
 spec = SpecTree(
-    "flask", title="qwen-deploy", version=__version__, path="docs", mode="strict",
+    "flask",
+    title="qwen-deploy",
+    version=__version__,
+    path="docs",
+    mode="strict",
     annotations=False,
     # Keys are optional (web.api_keys): the scheme is described, not required by the document.
     security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(type=SecureType.HTTP, scheme="bearer"))],
@@ -75,10 +79,13 @@ class Job(BaseModel):
     deadline: float | None = Field(None, description="when the job is canceled (error deadline_exceeded) if not done")
     retry_of: str | None = Field(None, description="the job this one retries (POST /v1/jobs/{id}/retry)")
     queue_position: int | None = Field(
-        None, description="while queued: generation jobs ahead of this one in the claim order (0 = next)")
+        None, description="while queued: generation jobs ahead of this one in the claim order (0 = next)"
+    )
     estimated_start_seconds: float | None = Field(
-        None, description="while queued: (queue_position + 1) / generation jobs completed per second over the "
-                          "last minute; null without recent completions")
+        None,
+        description="while queued: (queue_position + 1) / generation jobs completed per second over the "
+        "last minute; null without recent completions",
+    )
 
 
 class Batch(BaseModel):
@@ -86,8 +93,9 @@ class Batch(BaseModel):
     object: Literal["batch"]
     endpoint: str
     model: str | None = None
-    status: Literal["validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled",
-                    "expired"]
+    status: Literal[
+        "validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled", "expired"
+    ]
     created_at: float | None = None
     in_progress_at: float | None = None
     completed_at: float | None = None
@@ -126,8 +134,9 @@ class SubmitHeaders(BaseModel):
 
     model_config = {"populate_by_name": True}
     idempotency_key: str | None = Field(None, alias="Idempotency-Key", description="repeat-safe submits")
-    cancel_after: str | None = Field(None, alias="Cancel-After", description="deadline: 30s, 5m, 1h30m, 250ms or "
-                                                                            "seconds (at most 24 h)")
+    cancel_after: str | None = Field(
+        None, alias="Cancel-After", description="deadline: 30s, 5m, 1h30m, 250ms or seconds (at most 24 h)"
+    )
 
 
 class ResultsQuery(BaseModel):
@@ -163,24 +172,39 @@ def _error_ref(document: dict[str, Any]) -> dict[str, Any]:
 
 
 SSE_EVENT = {  # one server-sent event; `data` is JSON: {text, tokens}, {status, attempt}, or the job
-    "type": "object", "required": ["data"],
-    "properties": {"event": {"enum": ["status", "token", "done", "timeout"]}, "id": {"type": "string"},
-                   "data": {"type": "string", "contentMediaType": "application/json"}},
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"enum": ["status", "token", "done", "timeout"]},
+        "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
 }
 
 
 def _events_path(document: dict[str, Any]) -> dict[str, Any]:
     """The SSE route, written by hand: spectree's response wrapper would buffer a stream."""
     error = _error_ref(document)
-    return {"get": {
-        "summary": "Server-sent events of a job: `status`, `token` (text deltas) and a final `done` with the job.",
-        "operationId": "get_jobs_events", "tags": ["jobs"],
-        "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
-                       {"name": "Last-Event-ID", "in": "header", "required": False,
-                        "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"}}],
-        "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {"schema": SSE_EVENT}}},
-                      **{code: error for code in ("401", "404", "410", "422", "503")}},
-    }}
+    return {
+        "get": {
+            "summary": "Server-sent events of a job: `status`, `token` (text deltas) and a final `done` with the job.",
+            "operationId": "get_jobs_events",
+            "tags": ["jobs"],
+            "parameters": [
+                {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"},
+                },
+            ],
+            "responses": {
+                "200": {"description": "event stream", "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+                **{code: error for code in ("401", "404", "410", "422", "503")},
+            },
+        }
+    }
 
 
 def _set_maximum(node: Any, value: float) -> None:

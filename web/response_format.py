@@ -20,14 +20,48 @@ MAX_SCHEMA_DEPTH = 10  # nested subschemas (OpenAI allows 10 levels of nesting)
 PARAM = "response_format.json_schema.schema"
 
 # Keywords the grammar compiler implements, and annotations it ignores.
-KEYWORDS = frozenset({
-    "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
-    "items", "prefixItems", "minItems", "maxItems", "anyOf", "oneOf", "allOf",
-    "$ref", "$defs", "definitions", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
-    "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
-    "writeOnly", "contentMediaType", "contentEncoding",
-})
+KEYWORDS = frozenset(
+    {
+        "type",
+        "enum",
+        "const",
+        "properties",
+        "required",
+        "additionalProperties",
+        "patternProperties",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "$defs",
+        "definitions",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$schema",
+        "$id",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "contentMediaType",
+        "contentEncoding",
+    }
+)
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 _ONE = ("items", "additionalProperties")  # keyword → one subschema
 _MAP = ("properties", "patternProperties", "$defs", "definitions")  # keyword → {name: subschema}
@@ -55,17 +89,22 @@ def check_response_format(fmt: ResponseFormat) -> None:
     """Refuse a json_schema format the worker could not compile (422 with the exact param)."""
     if fmt.type != "json_schema":
         if fmt.json_schema is not None:
-            raise Unprocessable("json_schema is only allowed with type json_schema", code="invalid_value",
-                                param="response_format.json_schema")
+            raise Unprocessable(
+                "json_schema is only allowed with type json_schema",
+                code="invalid_value",
+                param="response_format.json_schema",
+            )
         return
     if fmt.json_schema is None:
-        raise Unprocessable("type json_schema needs a json_schema object", code="missing_field",
-                            param="response_format.json_schema")
+        raise Unprocessable(
+            "type json_schema needs a json_schema object", code="missing_field", param="response_format.json_schema"
+        )
     schema = fmt.json_schema.schema_
     size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_SCHEMA_BYTES:
-        raise Unprocessable(f"schema is {size} bytes of JSON; the maximum is {MAX_SCHEMA_BYTES}",
-                            code="invalid_value", param=PARAM)
+        raise Unprocessable(
+            f"schema is {size} bytes of JSON; the maximum is {MAX_SCHEMA_BYTES}", code="invalid_value", param=PARAM
+        )
     draft: type[jsonschema.protocols.Validator] = jsonschema.Draft202012Validator
     if isinstance(schema.get("$schema"), str):
         draft = jsonschema.validators.validator_for(schema, default=draft)
@@ -93,8 +132,9 @@ def _walk(node: Any, root: dict[str, Any], path: str, depth: int) -> None:
         if key not in KEYWORDS:
             raise _unsupported(f"keyword {key!r} is not supported in structured output", f"{path}.{key}")
     if "format" in node and (not isinstance(node["format"], str) or node["format"] not in FORMATS):
-        raise _unsupported(f"format {node['format']!r} is not supported; use one of {sorted(FORMATS)}",
-                           f"{path}.format")
+        raise _unsupported(
+            f"format {node['format']!r} is not supported; use one of {sorted(FORMATS)}", f"{path}.format"
+        )
     if node.get("enum") == []:
         raise Unprocessable("enum needs at least one value", code="invalid_value", param=f"{path}.enum")
     if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
@@ -103,8 +143,9 @@ def _walk(node: Any, root: dict[str, Any], path: str, depth: int) -> None:
         _check_ref(node["$ref"], root, f"{path}.$ref")
     for key in (*_MAP, *_LIST):
         if key in node and not isinstance(node[key], dict if key in _MAP else list):
-            raise Unprocessable(f"{key} must be an {'object' if key in _MAP else 'array'}", code="invalid_value",
-                                param=f"{path}.{key}")
+            raise Unprocessable(
+                f"{key} must be an {'object' if key in _MAP else 'array'}", code="invalid_value", param=f"{path}.{key}"
+            )
     for key in _ONE:
         if key in node:
             if isinstance(node[key], list):
@@ -130,5 +171,6 @@ def _check_ref(ref: Any, root: dict[str, Any], param: str) -> None:
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
-            raise Unprocessable(f"reference {ref!r} does not resolve inside the schema", code="invalid_value",
-                                param=param)
+            raise Unprocessable(
+                f"reference {ref!r} does not resolve inside the schema", code="invalid_value", param=param
+            )

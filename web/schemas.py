@@ -24,10 +24,12 @@ class Message(BaseModel):
 
 
 # Exactly one of prompt / messages (documented as oneOf; enforced in parse_job).
-_ONE_OF_PROMPT: JsonDict = {"oneOf": [
-    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-    {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
-]}
+_ONE_OF_PROMPT: JsonDict = {
+    "oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]
+}
 
 
 class WebhookFields(BaseModel):
@@ -35,49 +37,63 @@ class WebhookFields(BaseModel):
 
     webhook: StrictStr | None = Field(None, max_length=2048, description="http(s) URL called on the events")
     webhook_events_filter: list[Literal["start", "output", "completed"]] | None = Field(
-        None, min_length=1, description='default ["completed"]')
+        None, min_length=1, description='default ["completed"]'
+    )
 
 
 class LifecycleFields(BaseModel):
     """Optional priority and deadline of a job (see web/job_options.py); kept in the record."""
 
     priority: Literal["high", "normal", "low"] | None = Field(
-        None, description="claim order among queued jobs: high, then normal (default), then low; FIFO within")
+        None, description="claim order among queued jobs: high, then normal (default), then low; FIFO within"
+    )
     deadline_seconds: Number | None = Field(
-        None, gt=0, le=86400, description="cancel the job this many seconds after submit (also the Cancel-After "
-                                          "header; the earlier wins): queued → canceled, running → stopped with its "
-                                          "partial text; error code deadline_exceeded")
+        None,
+        gt=0,
+        le=86400,
+        description="cancel the job this many seconds after submit (also the Cancel-After "
+        "header; the earlier wins): queued → canceled, running → stopped with its "
+        "partial text; error code deadline_exceeded",
+    )
 
 
 class JobCreate(WebhookFields, LifecycleFields):
     """Body of POST /v1/jobs and /v1/generate: a prompt or chat messages, and generation settings."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF_PROMPT)
-    model: StrictStr | None = Field(None, max_length=256, description="a model id from GET /v1/models; "
-                                                                      "default: the first")
+    model: StrictStr | None = Field(
+        None, max_length=256, description="a model id from GET /v1/models; default: the first"
+    )
     prompt: StrictStr | None = None
     messages: list[Message] | None = Field(None, min_length=1)
     max_new_tokens: StrictInt | None = Field(
-        None, description="1 to the configured cap (512); default 64",
-        json_schema_extra={"minimum": 1, "maximum": 512})
+        None, description="1 to the configured cap (512); default 64", json_schema_extra={"minimum": 1, "maximum": 512}
+    )
     temperature: Number | None = Field(None, ge=0, le=2, description="0 or absent: greedy")
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0)
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stop: StrictStr | list[StrictStr] | None = Field(
-        None, description="up to 4 strings of 1 to 64 characters",
-        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1, "maxLength": 64},
-                                     {"type": "array", "maxItems": 4,
-                                      "items": {"type": "string", "minLength": 1, "maxLength": 64}},
-                                     {"type": "null"}]})
+        None,
+        description="up to 4 strings of 1 to 64 characters",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": 64},
+                {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1, "maxLength": 64}},
+                {"type": "null"},
+            ]
+        },
+    )
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
     ignore_eos: StrictBool | None = None
     n: StrictInt | None = Field(None, ge=1, le=8, description="samples per request (default 1)")
     logprobs: StrictBool | None = Field(None, description="return each sampled token's log probability")
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=5, description="most likely alternatives per token; "
-                                                                         "needs logprobs")
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=5, description="most likely alternatives per token; needs logprobs"
+    )
     response_format: ResponseFormat | None = Field(
-        None, description="structured output: text, json_object, or json_schema {name, schema, strict}")
+        None, description="structured output: text, json_object, or json_schema {name, schema, strict}"
+    )
 
 
 class BatchLine(BaseModel):
@@ -96,9 +112,11 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 keys (64 chars), values 512")
     webhook: StrictStr | None = Field(None, description="called with batch.completed (JSONL form: ?webhook=)")
     completion_window: StrictStr | None = Field(
-        None, description="default 24h (the most); a shorter duration like 1h or 30s (JSONL form: "
-                          "?completion_window=). Lines not done by then end with error batch_expired and the batch "
-                          "ends expired")
+        None,
+        description="default 24h (the most); a shorter duration like 1h or 30s (JSONL form: "
+        "?completion_window=). Lines not done by then end with error batch_expired and the batch "
+        "ends expired",
+    )
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
@@ -110,7 +128,9 @@ def read_json(request: Request) -> Any:
     if request.environ.get("CONTENT_TYPE") != "application/json" and request.mimetype != "application/json":
         raise UnsupportedMediaType(
             f"expected Content-Type application/json, got {request.mimetype or 'none'}",
-            code="unsupported_media_type", param="Content-Type")
+            code="unsupported_media_type",
+            param="Content-Type",
+        )
     raw = request.get_data(cache=False)
     try:
         return json.loads(raw)
@@ -156,19 +176,22 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
         raise Unprocessable("give exactly one of prompt or messages", code="missing_prompt", param="prompt")
     n = gen.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
     if n > gen.max_new_tokens_cap:
-        raise Unprocessable(f"max_new_tokens is {n}; the maximum is {gen.max_new_tokens_cap}",
-                            code="max_new_tokens_too_large", param="max_new_tokens")
+        raise Unprocessable(
+            f"max_new_tokens is {n}; the maximum is {gen.max_new_tokens_cap}",
+            code="max_new_tokens_too_large",
+            param="max_new_tokens",
+        )
     if n < 1:
         raise Unprocessable("max_new_tokens must be at least 1", code="invalid_value", param="max_new_tokens")
     if req.messages is not None and len(req.messages) > gen.max_messages:
         raise Unprocessable(f"at most {gen.max_messages} messages", code="too_many_messages", param="messages")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > gen.max_stop_strings:
-        raise Unprocessable(f"at most {gen.max_stop_strings} stop strings", code="too_many_stop_strings",
-                            param="stop")
+        raise Unprocessable(f"at most {gen.max_stop_strings} stop strings", code="too_many_stop_strings", param="stop")
     if any(not s or len(s) > gen.max_stop_length for s in stop):
-        raise Unprocessable(f"stop strings must be 1 to {gen.max_stop_length} characters", code="invalid_value",
-                            param="stop")
+        raise Unprocessable(
+            f"stop strings must be 1 to {gen.max_stop_length} characters", code="invalid_value", param="stop"
+        )
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
     # webhook and lifecycle fields are kept in the record, not in the request the worker reads

@@ -28,8 +28,11 @@ def open_stream() -> tuple[redis.Redis, str, str]:
     count = pipe.execute()[2]
     if count > cap:
         svc.redis.zrem(key, token)
-        raise TooManyRequests(f"this key has {cap} event streams open; close one first", code="too_many_streams",
-                              headers={"Retry-After": "5"})
+        raise TooManyRequests(
+            f"this key has {cap} event streams open; close one first",
+            code="too_many_streams",
+            headers={"Retry-After": "5"},
+        )
     return svc.redis, key, token
 
 

@@ -28,12 +28,20 @@ def line_id(batch_id: str, line: int) -> str:
 
 
 def failed_lines(batch_id: str, items: list[dict[str, Any]], code: str, message: str) -> list[dict[str, Any]]:
-    return [{"id": line_id(batch_id, i["line"]), "custom_id": i["custom_id"], "response": None,
-             "error": {"code": code, "message": message, "line": i["line"]}} for i in items]
+    return [
+        {
+            "id": line_id(batch_id, i["line"]),
+            "custom_id": i["custom_id"],
+            "response": None,
+            "error": {"code": code, "message": message, "line": i["line"]},
+        }
+        for i in items
+    ]
 
 
-def result_line(batch_id: str, item: dict[str, Any], outcome: GenerationResult,
-                expired: bool = False) -> dict[str, Any]:
+def result_line(
+    batch_id: str, item: dict[str, Any], outcome: GenerationResult, expired: bool = False
+) -> dict[str, Any]:
     """One output line in the OpenAI Batch shape (`expired`: a time limit that was the batch's window)."""
     base = {"id": line_id(batch_id, item["line"]), "custom_id": item["custom_id"]}
     output: dict[str, Any] = {"text": outcome.text, "finish_reason": outcome.finish_reason, "usage": outcome.usage()}
@@ -46,15 +54,26 @@ def result_line(batch_id: str, item: dict[str, Any], outcome: GenerationResult,
         error = {"code": code, "message": message, "line": item["line"]}
         if outcome.finish_reason == "error":
             return {**base, "response": None, "error": error}
-    return {**base, "response": {"status_code": 200, "body": {"object": "generation", "output": output}},
-            "error": error}
+    return {
+        **base,
+        "response": {"status_code": 200, "body": {"object": "generation", "output": output}},
+        "error": error,
+    }
 
 
 class ChunkUnit:
     """Lines [start, end) of a batch, running as bulk sequences of one driver's engine."""
 
-    def __init__(self, driver: Any, batches: BatchStore, batch_id: str, start: int, items: list[dict[str, Any]],
-                 budget: float, expires_at: float | None = None) -> None:
+    def __init__(
+        self,
+        driver: Any,
+        batches: BatchStore,
+        batch_id: str,
+        start: int,
+        items: list[dict[str, Any]],
+        budget: float,
+        expires_at: float | None = None,
+    ) -> None:
         self.driver, self.batches, self.batch_id, self.start = driver, batches, batch_id, start
         self.expires_at = expires_at
         self.key = f"{batch_id}:{start}"
@@ -68,8 +87,9 @@ class ChunkUnit:
         for index, item in enumerate(items):
             try:
                 req = GenerationRequest.from_dict(item["body"])
-                seqs, prompt_tokens, truncated = handler.sequences(req, f"{self.key}:{index}", budget=budget,
-                                                                   priority=BULK, tag=self.key)
+                seqs, prompt_tokens, truncated = handler.sequences(
+                    req, f"{self.key}:{index}", budget=budget, priority=BULK, tag=self.key
+                )
             except Exception as exc:  # a line this model cannot run fails alone
                 self._record(index, failed_lines(batch_id, [item], "invalid_request", str(exc))[0])
                 continue
@@ -109,9 +129,15 @@ class ChunkUnit:
         lines = [line for line in self.done_lines if line is not None]
         self.batches.chunk_done(self.batch_id, self.start, lines)
         self.driver.units.pop(self.key, None)
-        event(log, "batch.micro_batch", batch=self.batch_id, queue="bulk", requests=len(self.items),
-              lines=f"{self.start}-{self.start + len(self.items)}",
-              run_ms=round((time.perf_counter() - self.started) * 1000, 1))
+        event(
+            log,
+            "batch.micro_batch",
+            batch=self.batch_id,
+            queue="bulk",
+            requests=len(self.items),
+            lines=f"{self.start}-{self.start + len(self.items)}",
+            run_ms=round((time.perf_counter() - self.started) * 1000, 1),
+        )
 
 
 def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: int, slice_end: float) -> str:
@@ -121,8 +147,13 @@ def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: 
     if batches.chunk_recorded(batch_id, start):
         return "skipped"
     if batches.chunk_tries(batch_id, start) > max_deliveries:
-        batches.chunk_done(batch_id, start, failed_lines(
-            batch_id, items, "worker_lost", f"the worker running this micro-batch died {max_deliveries} time(s)"))
+        batches.chunk_done(
+            batch_id,
+            start,
+            failed_lines(
+                batch_id, items, "worker_lost", f"the worker running this micro-batch died {max_deliveries} time(s)"
+            ),
+        )
         return "exhausted"
     record = batches.get(batch_id) or {}
     if record.get("status") in ("cancelling", "cancelled"):

@@ -42,9 +42,15 @@ def run_download(req: dict[str, Any], settings: Settings, report: Reporter) -> d
     from conversion.download import download_model
 
     out = confine(settings.paths.models_root, req["out"], "out") if req.get("out") else None
-    return download_model(req["repo_id"], revision=req.get("revision"), out=out, token=settings.token,
-                          allow_patterns=req.get("allow_patterns"), ignore_patterns=req.get("ignore_patterns"),
-                          progress=report)
+    return download_model(
+        req["repo_id"],
+        revision=req.get("revision"),
+        out=out,
+        token=settings.token,
+        allow_patterns=req.get("allow_patterns"),
+        ignore_patterns=req.get("ignore_patterns"),
+        progress=report,
+    )
 
 
 def run_export(req: dict[str, Any], settings: Settings, report: Reporter) -> dict[str, Any]:
@@ -55,8 +61,14 @@ def run_export(req: dict[str, Any], settings: Settings, report: Reporter) -> dic
     base = confine(paths.models_root, req["base"], "base", must_exist=True)
     out = confine(paths.models_root, req["out"], "out")
     report_ = lambda stage, fraction: report({"phase": stage, "fraction": round(fraction, 4)})  # noqa: E731
-    return export_checkpoint(checkpoint, base, out, dtype=req.get("dtype", "auto"),
-                             max_shard_size=req.get("max_shard_size", "2GB"), progress=report_)
+    return export_checkpoint(
+        checkpoint,
+        base,
+        out,
+        dtype=req.get("dtype", "auto"),
+        max_shard_size=req.get("max_shard_size", "2GB"),
+        progress=report_,
+    )
 
 
 RUNNERS: dict[str, Callable[[dict[str, Any], Settings, Reporter], dict[str, Any]]] = {
@@ -83,8 +95,11 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
         store.finish(job_id, "canceled", {"error": {"code": "canceled", "message": "the job was canceled"}})
         return "canceled"
     except SoftTimeLimitExceeded:
-        store.finish(job_id, "timed_out", {"error": {"code": "soft_time_limit",
-                                                     "message": f"the {kind} ran past its time limit"}})
+        store.finish(
+            job_id,
+            "timed_out",
+            {"error": {"code": "soft_time_limit", "message": f"the {kind} ran past its time limit"}},
+        )
         return "timed_out"
     except (ConversionError, AppError) as exc:
         code = exc.code or f"{kind}_failed"
@@ -92,8 +107,11 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
         return "failed"
     except Exception:  # an unexpected error fails the job, not the worker
         log.exception("%s job %s failed", kind, job_id)
-        store.finish(job_id, "failed", {"error": {"code": f"{kind}_failed",
-                                                  "message": f"the {kind} failed unexpectedly (see the worker log)"}})
+        store.finish(
+            job_id,
+            "failed",
+            {"error": {"code": f"{kind}_failed", "message": f"the {kind} failed unexpectedly (see the worker log)"}},
+        )
         return "failed"
     store.finish(job_id, "succeeded", {"result": _jsonable(result), "progress": {"phase": "done", "fraction": 1.0}})
     event(log, "job.finished", id=job_id, queue="convert", type=kind, status="succeeded")

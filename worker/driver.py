@@ -38,8 +38,14 @@ log = logging.getLogger(__name__)
 class Driver:
     """The engine of one worker child and the bookkeeping that ties its sequences to job records."""
 
-    def __init__(self, handler: ModelHandler, store: JobStore, worker: str,
-                 handoff: Callable[[], None] | None = None, model: Served | None = None) -> None:
+    def __init__(
+        self,
+        handler: ModelHandler,
+        store: JobStore,
+        worker: str,
+        handoff: Callable[[], None] | None = None,
+        model: Served | None = None,
+    ) -> None:
         self.handler, self.store, self.worker = handler, store, worker
         # The model this engine serves: it claims only that model's jobs and yields to its bulk queue.
         self.model = model.alias if model else None
@@ -79,8 +85,9 @@ class Driver:
         return outcome.outcome
 
     def _claim(self, room: int, job_id: str = "", takeover: str = "") -> list[Any]:
-        return self.store.claim(self.worker, self.lease, self.max_deliveries, room, job_id=job_id,
-                                takeover=takeover, model=self.model)
+        return self.store.claim(
+            self.worker, self.lease, self.max_deliveries, room, job_id=job_id, takeover=takeover, model=self.model
+        )
 
     def claim_waiting(self) -> None:
         room = self.engine.room()
@@ -99,13 +106,18 @@ class Driver:
                 req = GenerationRequest.from_dict(json.loads(c.request))
                 resume = json.loads(c.out_ids) if c.out_ids and int(c.attempt) > 1 else None
                 seqs, prompt_tokens, truncated = self.handler.sequences(
-                    req, c.job_id, budget=budget if deadline is None else min(budget, deadline - time.time()),
-                    tag=c.job_id, resume=resume)
+                    req,
+                    c.job_id,
+                    budget=budget if deadline is None else min(budget, deadline - time.time()),
+                    tag=c.job_id,
+                    resume=resume,
+                )
             except Exception as exc:  # a request this model cannot run fails alone
                 log.warning("job %s cannot run: %s", c.job_id, exc)
                 code = getattr(exc, "code", None) or "invalid_request"
-                self.store.finish(c.job_id, "failed", {"error": {"code": code, "message": str(exc)}},
-                                  holder=self.worker)
+                self.store.finish(
+                    c.job_id, "failed", {"error": {"code": code, "message": str(exc)}}, holder=self.worker
+                )
                 continue
             job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, int(c.attempt), deadline=deadline)
             if resume:
@@ -113,8 +125,15 @@ class Driver:
             self.jobs[c.job_id] = job
             for seq in seqs:
                 self.engine.add(seq)
-            event(log, "job.started", id=c.job_id, queue="interactive", worker=self.worker, attempt=int(c.attempt),
-                  resumed_tokens=len(resume or []))
+            event(
+                log,
+                "job.started",
+                id=c.job_id,
+                queue="interactive",
+                worker=self.worker,
+                attempt=int(c.attempt),
+                resumed_tokens=len(resume or []),
+            )
 
     # -- the loop --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -208,10 +227,11 @@ class Driver:
             tokens = sum(len(s.out) for s in job.seqs)
             text = stable_text(first, self.handler.decode) if not first.done else job.sent
             changed = tokens != job.sent_tokens
-            delta = text[len(job.sent):] if changed and text.startswith(job.sent) else ""
+            delta = text[len(job.sent) :] if changed and text.startswith(job.sent) else ""
             others = other_deltas(job, self.handler.decode) if changed and len(job.seqs) > 1 else []
-            self.store.queue_progress(pipe, job.job_id, self.worker, lease_until, tokens,
-                                      text if changed else None, delta, first.out, others)
+            self.store.queue_progress(
+                pipe, job.job_id, self.worker, lease_until, tokens, text if changed else None, delta, first.out, others
+            )
             if changed:
                 job.sent, job.sent_tokens = (text if text.startswith(job.sent) else job.sent), tokens
             order.append(job)
@@ -247,11 +267,21 @@ class Driver:
             return
         result = self.handler.result(job.seqs, job.prompt_tokens, job.truncated, job.req)
         status, fields = terminal_state(job, result)
-        delta = result.text[len(job.sent):] if result.text.startswith(job.sent) else ""
+        delta = result.text[len(job.sent) :] if result.text.startswith(job.sent) else ""
         others = last_deltas(job, [c["text"] for c in result.choices]) if len(job.seqs) > 1 else []
-        self.store.finish(job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker,
-                          others=others)
-        event(log, "job.finished", id=job.job_id, queue="interactive", status=status,
-              prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-              prompt_truncated=result.prompt_truncated, finish_reason=result.finish_reason, attempt=job.attempt,
-              run_ms=round((time.perf_counter() - job.started) * 1000, 1))
+        self.store.finish(
+            job.job_id, status, fields, delta, result.completion_tokens, holder=self.worker, others=others
+        )
+        event(
+            log,
+            "job.finished",
+            id=job.job_id,
+            queue="interactive",
+            status=status,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            prompt_truncated=result.prompt_truncated,
+            finish_reason=result.finish_reason,
+            attempt=job.attempt,
+            run_ms=round((time.perf_counter() - job.started) * 1000, 1),
+        )

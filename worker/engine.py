@@ -58,9 +58,18 @@ class Seq:
 class Engine:
     """Owns the model's decode loop; not thread-safe (one driver calls `step`)."""
 
-    def __init__(self, model: Any, decode_ids: Callable[[list[int]], str], eos_ids: list[int], pad_id: int, *,
-                 max_batch: int = 32, max_batch_tokens: int = 65536, bulk_every: int = 4,
-                 max_prefill_tokens: int = 8192) -> None:
+    def __init__(
+        self,
+        model: Any,
+        decode_ids: Callable[[list[int]], str],
+        eos_ids: list[int],
+        pad_id: int,
+        *,
+        max_batch: int = 32,
+        max_batch_tokens: int = 65536,
+        bulk_every: int = 4,
+        max_prefill_tokens: int = 8192,
+    ) -> None:
         self.model, self.decode_ids = model, decode_ids
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
@@ -136,8 +145,9 @@ class Engine:
         while waiting and self.rows(p) + len(joining) < self.max_batch:
             seq = waiting[0]
             need = len(seq.prompt) + seq.max_new_tokens
-            if joining and (tokens + len(seq.context()) > self.max_prefill_tokens
-                            or reserved + need > self.max_batch_tokens):
+            if joining and (
+                tokens + len(seq.context()) > self.max_prefill_tokens or reserved + need > self.max_batch_tokens
+            ):
                 break
             waiting.popleft()
             seq.deadline = now + seq.budget
@@ -154,7 +164,7 @@ class Engine:
             try:
                 self._prefill(p, group, finished)
             except BaseException:  # the groups not prefilled yet wait for the next step too
-                for rest in reversed(groups[i + 1:]):
+                for rest in reversed(groups[i + 1 :]):
                     self.waiting[p].extendleft(reversed(rest))
                 raise
 
@@ -196,8 +206,10 @@ class Engine:
 
     def _advance(self, seqs: list[Seq], batch: KVBatch, logits: torch.Tensor, finished: list[Seq]) -> None:
         """Choose each row's next token, append it and decide whether the row is done."""
-        plans = [RowPlan(s.sampling, s.context(), self.eos_ids if s.ignore_eos else [], s.constraint,
-                         s.top_logprobs) for s in seqs]
+        plans = [
+            RowPlan(s.sampling, s.context(), self.eos_ids if s.ignore_eos else [], s.constraint, s.top_logprobs)
+            for s in seqs
+        ]
         tokens, logprobs = choose(logits, plans)
         batch.last = torch.tensor(tokens, device=logits.device)
         for seq, tok, lp in zip(seqs, tokens, logprobs):

@@ -50,8 +50,13 @@ class GenerationRequest:
         return cls(**known)
 
     def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature or 0.0, top_p=self.top_p or 1.0, top_k=self.top_k or 0,
-                        repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed)
+        return Sampling(
+            temperature=self.temperature or 0.0,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -64,8 +69,11 @@ class GenerationResult:
     choices: list[dict[str, Any]] = field(default_factory=list)
 
     def usage(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "prompt_truncated": self.prompt_truncated}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prompt_truncated": self.prompt_truncated,
+        }
 
 
 @dataclass
@@ -111,9 +119,12 @@ class ModelHandler:
         self.info = ModelInfo(
             name=cfg.name_or_path,
             revision=_resolved_revision(cfg.name_or_path, common) or cfg.revision,
-            device=str(device), dtype=str(dtype).removeprefix("torch."),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
             parameters=sum(p.numel() for p in model.parameters()),
-            loaded_at=time.time(), load_seconds=round(time.perf_counter() - started, 3), threads=threads,
+            loaded_at=time.time(),
+            load_seconds=round(time.perf_counter() - started, 3),
+            threads=threads,
         )
         log.info("model loaded: %s", asdict(self.info))
         return self.info
@@ -125,11 +136,13 @@ class ModelHandler:
 
         cfg = self.settings.model
         token = self.settings.token
-        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, token=token,
-                                            trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
+        )
         AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (imports the modeling module)
-        AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, token=token,
-                                      trust_remote_code=cfg.trust_remote_code)
+        AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
+        )
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -150,12 +163,27 @@ class ModelHandler:
         """A batching engine on this model (one per process; `limits` override `engine.*` settings)."""
         assert self.info is not None, "setup() first"
         cfg = {**self.settings.engine.model_dump(), **limits}
-        return Engine(self.model, self.decode, self.eos_ids, self.pad_id, max_batch=cfg["max_batch"],
-                      max_batch_tokens=cfg["max_batch_tokens"], bulk_every=cfg["bulk_every"],
-                      max_prefill_tokens=cfg["max_prefill_tokens"])
+        return Engine(
+            self.model,
+            self.decode,
+            self.eos_ids,
+            self.pad_id,
+            max_batch=cfg["max_batch"],
+            max_batch_tokens=cfg["max_batch_tokens"],
+            bulk_every=cfg["bulk_every"],
+            max_prefill_tokens=cfg["max_prefill_tokens"],
+        )
 
-    def sequences(self, req: GenerationRequest, key: str, *, budget: float, priority: int = INTERACTIVE,
-                  tag: Any = None, resume: list[int] | None = None) -> tuple[list[Seq], int, bool]:
+    def sequences(
+        self,
+        req: GenerationRequest,
+        key: str,
+        *,
+        budget: float,
+        priority: int = INTERACTIVE,
+        tag: Any = None,
+        resume: list[int] | None = None,
+    ) -> tuple[list[Seq], int, bool]:
         """The request's samples as engine sequences; also (prompt tokens, prompt truncated)."""
         ids, truncated = self.encode(req)
         if not ids:
@@ -164,36 +192,68 @@ class ModelHandler:
         for i in range(max(1, req.n)):
             sampling = req.sampling()
             sampling.make_generator(self.model.device, offset=i)
-            constraint = compile_constraint(req.response_format, self.tokenizer, self.vocab_size,
-                                            eos_token_ids=self.eos_ids)
-            seqs.append(Seq(f"{key}#{i}", ids, req.max_new_tokens, sampling, list(req.stop), req.ignore_eos,
-                            budget, req.top_logprobs if req.logprobs else -1, constraint, priority,
-                            tag=(tag, i), out=list(resume or []) if i == 0 and req.n == 1 else []))
+            constraint = compile_constraint(
+                req.response_format, self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids
+            )
+            seqs.append(
+                Seq(
+                    f"{key}#{i}",
+                    ids,
+                    req.max_new_tokens,
+                    sampling,
+                    list(req.stop),
+                    req.ignore_eos,
+                    budget,
+                    req.top_logprobs if req.logprobs else -1,
+                    constraint,
+                    priority,
+                    tag=(tag, i),
+                    out=list(resume or []) if i == 0 and req.n == 1 else [],
+                )
+            )
         return seqs, len(ids), truncated
 
     def result(self, seqs: list[Seq], prompt_tokens: int, truncated: bool, req: GenerationRequest) -> GenerationResult:
         """The job's result from its finished samples (choice 0 is `text`)."""
-        choices = [{"index": i, "text": s.text, "finish_reason": s.finish_reason,
-                    "logprobs": self.logprobs(s) if req.logprobs else None} for i, s in enumerate(seqs)]
+        choices = [
+            {
+                "index": i,
+                "text": s.text,
+                "finish_reason": s.finish_reason,
+                "logprobs": self.logprobs(s) if req.logprobs else None,
+            }
+            for i, s in enumerate(seqs)
+        ]
         first = seqs[0]
-        return GenerationResult(first.text, first.finish_reason or "length", prompt_tokens,
-                                sum(len(s.out) for s in seqs), truncated,
-                                choices if (req.n > 1 or req.logprobs) else [])
+        return GenerationResult(
+            first.text,
+            first.finish_reason or "length",
+            prompt_tokens,
+            sum(len(s.out) for s in seqs),
+            truncated,
+            choices if (req.n > 1 or req.logprobs) else [],
+        )
 
     def logprobs(self, seq: Seq) -> dict[str, Any]:
         """OpenAI's chat logprobs shape for the sequence's tokens."""
+
         def entry(tok: int, lp: float) -> dict[str, Any]:
             text = self.decode([tok])  # special tokens (EOS) are no text, as in the output
             return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-        return {"content": [{**entry(tok, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
-                            for tok, lp, alts in seq.logprobs]}
+
+        return {
+            "content": [
+                {**entry(tok, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for tok, lp, alts in seq.logprobs
+            ]
+        }
 
     def generate(self, req: GenerationRequest, budget: float | None = None) -> GenerationResult:
         """Run one request to the end in-process (a batch of one; CLI --local, tests)."""
         return self.generate_batch([req], budget)[0]  # type: ignore[return-value]
 
-    def generate_batch(self, reqs: list[GenerationRequest], budget: float | None = None,
-                       max_batch: int | None = None) -> list[GenerationResult | Exception]:
+    def generate_batch(
+        self, reqs: list[GenerationRequest], budget: float | None = None, max_batch: int | None = None
+    ) -> list[GenerationResult | Exception]:
         """Run requests together through one engine; one result (or the request's exception) each."""
         engine = self.engine(**({"max_batch": max_batch} if max_batch else {}))
         budget = budget or self.settings.limits.generation_budget
@@ -243,5 +303,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if not ids:
         raise ValueError("the model defines no EOS token")
     return ids
-
-

@@ -105,8 +105,10 @@ def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch,
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()  # full layers everywhere: sliding-window layers are masked, not cropped
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{cache_keyword(type(model)): cache})  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not Hashable
+    keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{keyword: cache}
+    )
     batch = KVBatch()
     batch.cache, batch.mask = cache, mask
     batch.pos = torch.tensor([len(p) for p in prompts], device=device)
@@ -119,8 +121,14 @@ def decode(model: Any, batch: KVBatch) -> torch.Tensor:
     width = batch.width
     mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
     try:
-        out = model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.pos[:, None],
-                    use_cache=True, **{cache_keyword(type(model)): batch.cache})  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not Hashable
+        keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
+        out = model(
+            input_ids=batch.last[:, None],
+            attention_mask=mask,
+            position_ids=batch.pos[:, None],
+            use_cache=True,
+            **{keyword: batch.cache},
+        )
     except BaseException:
         batch.crop(width)
         raise

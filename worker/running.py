@@ -17,8 +17,10 @@ ERRORS = {
     "timed_out": {"code": "time_limit", "message": "generation stopped at its time budget"},
     "failed": {"code": "generation_error", "message": "the model failed while generating (see the worker log)"},
 }
-DEADLINE_ERROR = {"code": "deadline_exceeded", "message": "the job reached its deadline (Cancel-After or "
-                                                          "deadline_seconds); output holds the partial text"}
+DEADLINE_ERROR = {
+    "code": "deadline_exceeded",
+    "message": "the job reached its deadline (Cancel-After or deadline_seconds); output holds the partial text",
+}
 
 
 @dataclass
@@ -48,7 +50,7 @@ def other_deltas(job: RunningJob, decode: Any) -> list[tuple[int, str]]:
         sent = job.sent_others[i - 1]
         text = sent if seq.done else stable_text(seq, decode)
         if len(text) > len(sent) and text.startswith(sent):
-            deltas.append((i, text[len(sent):]))
+            deltas.append((i, text[len(sent) :]))
             job.sent_others[i - 1] = text
     return deltas
 
@@ -56,16 +58,23 @@ def other_deltas(job: RunningJob, decode: Any) -> list[tuple[int, str]]:
 def last_deltas(job: RunningJob, texts: list[str]) -> list[tuple[int, str]]:
     """The final text of the samples after the first that was not streamed yet, as (index, delta)."""
     sent = job.sent_others or [""] * (len(job.seqs) - 1)
-    return [(i, text[len(done):]) for i, (text, done) in enumerate(zip(texts[1:], sent), 1)
-            if len(text) > len(done) and text.startswith(done)]
+    return [
+        (i, text[len(done) :])
+        for i, (text, done) in enumerate(zip(texts[1:], sent), 1)
+        if len(text) > len(done) and text.startswith(done)
+    ]
 
 
 def terminal_state(job: RunningJob, result: GenerationResult) -> tuple[str, dict[str, Any]]:
     """The terminal status and record fields of a finished job; stopped at its deadline, it is `canceled`
     with `deadline_exceeded`."""
     status = STATUS_BY_REASON.get(result.finish_reason, "succeeded")
-    fields: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
-                              "tokens": str(result.completion_tokens), "usage": result.usage()}
+    fields: dict[str, Any] = {
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "tokens": str(result.completion_tokens),
+        "usage": result.usage(),
+    }
     if result.finish_reason == "error":
         fields["finish_reason"] = None
     if result.choices:

@@ -32,8 +32,13 @@ def process_name() -> str:
 
 def _record(settings: Settings, state: str, handler: ModelHandler | None) -> dict[str, object]:
     info = handler.info if handler else None
-    return {"pid": os.getpid(), "hostname": socket.gethostname(), "state": state, "alias": served().alias,
-            "model": asdict(info) if info else {"name": settings.model.name_or_path}}
+    return {
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "state": state,
+        "alias": served().alias,
+        "model": asdict(info) if info else {"name": settings.model.name_or_path},
+    }
 
 
 def served() -> Served:

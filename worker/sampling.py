@@ -55,8 +55,7 @@ def sample_row(row: torch.Tensor, s: Sampling) -> int:
     Extreme but valid settings (a denormal temperature, a tiny repetition penalty) overflow to inf:
     those become the largest float (the top tokens tie), and a row with nothing left to draw from
     takes its argmax, so one row's settings can never fail the step its batch shares."""
-    row = (row / s.temperature).nan_to_num(nan=float("-inf"), posinf=torch.finfo(row.dtype).max,
-                                           neginf=float("-inf"))
+    row = (row / s.temperature).nan_to_num(nan=float("-inf"), posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
     if s.top_k and 0 < s.top_k < row.shape[0]:
         kth = torch.topk(row, s.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))

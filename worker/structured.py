@@ -113,8 +113,9 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     table = _tables.get(key)
     if table is None:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        table = _tables[key] = torch.zeros(256, 8, dtype=logits.dtype).masked_fill_(bits == 0, float("-inf")).to(
-            logits.device)
+        table = _tables[key] = (
+            torch.zeros(256, 8, dtype=logits.dtype).masked_fill_(bits == 0, float("-inf")).to(logits.device)
+        )
     index = bitmask.view(torch.uint8).to(logits.device, torch.long, non_blocking=True)
     logits.add_(torch.nn.functional.embedding(index, table).flatten(-2)[..., : logits.shape[-1]])
 
@@ -129,20 +130,23 @@ def mask_batch(constraints: Sequence[Constraint | None], logits: torch.Tensor) -
     if len(rows) == 1:
         rows[0][0].fill_bitmask(bitmask[rows[0][1]])
     else:
-        _get_executor().unsafe_compute_mask_ptr([(c._matcher, i) for c, i in rows], bitmask.data_ptr(),
-                                                bitmask.shape[1] * 4, bitmask.shape[0])
+        _get_executor().unsafe_compute_mask_ptr(
+            [(c._matcher, i) for c, i in rows], bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
+        )
     apply_bitmask(logits, bitmask)
 
 
 def _check_vocab(logits: torch.Tensor, constraints: list[Constraint]) -> None:
     """The logits' last dimension must be the vocabulary the constraints were compiled for."""
     if any(c.vocab_size != logits.shape[-1] for c in constraints):
-        raise ValueError(f"logits have {logits.shape[-1]} entries; the constraint was compiled for "
-                         f"{constraints[0].vocab_size}")
+        raise ValueError(
+            f"logits have {logits.shape[-1]} entries; the constraint was compiled for {constraints[0].vocab_size}"
+        )
 
 
-def compile_constraint(response_format: dict[str, Any] | None, tokenizer: Any, vocab_size: int,
-                       eos_token_ids: Sequence[int] | None = None) -> Constraint | None:
+def compile_constraint(
+    response_format: dict[str, Any] | None, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None = None
+) -> Constraint | None:
     """The constraint for a stored request's `response_format`; None for absent or `{"type": "text"}`.
 
     `vocab_size` is the model's (logits) size; ids past the tokenizer's are never allowed.

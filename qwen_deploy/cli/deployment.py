@@ -57,8 +57,15 @@ class Deployment:
     gunicorn's quick shutdown (SIGINT: open streams are cut, not waited for up to the graceful timeout).
     The defaults are `up`'s."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, logs: Path | None = None, cwd: Path | None = None,
-                 session: bool = False, quick_stop: bool = False) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        logs: Path | None = None,
+        cwd: Path | None = None,
+        session: bool = False,
+        quick_stop: bool = False,
+    ) -> None:
         self.supervisor = Supervisor(env, cwd=cwd, session=session)
         self.logs = logs
         self.quick_stop = quick_stop
@@ -76,11 +83,18 @@ class Deployment:
         return settings(self.env)
 
     # -- Redis --------------------------------------------------------------------------------
-    def start_redis(self, data_dir: Path | None = None, port: int | None = None, appendonly: bool = True,
-                    password: str | None = None, disable_config: bool = False) -> RedisServer:
+    def start_redis(
+        self,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        appendonly: bool = True,
+        password: str | None = None,
+        disable_config: bool = False,
+    ) -> RedisServer:
         """A private redis-server on loopback (see `RedisServer`); the children get its URL in REDIS_URL."""
-        self.redis = RedisServer(data_dir=data_dir, port=port, appendonly=appendonly, password=password,
-                                 disable_config=disable_config).start()
+        self.redis = RedisServer(
+            data_dir=data_dir, port=port, appendonly=appendonly, password=password, disable_config=disable_config
+        ).start()
         self.env["REDIS_URL"] = self.redis.url
         return self.redis
 
@@ -90,18 +104,28 @@ class Deployment:
         config = self.settings()
         if "redis_url" in config.model_fields_set:
             if not reachable(config.redis_url, master_name=config.redis_master_name):
-                sys.exit(f"qwen-deploy: Redis at {redacted(config.redis_url)} does not answer: start it, or unset "
-                         "REDIS_URL (and redis_url in config.yml) to let `up` start its own")
+                sys.exit(
+                    f"qwen-deploy: Redis at {redacted(config.redis_url)} does not answer: start it, or unset "
+                    "REDIS_URL (and redis_url in config.yml) to let `up` start its own"
+                )
             return None
         data_dir = default_cache_dir() / "redis"
         server = self.start_redis(data_dir=data_dir, password=secrets.token_urlsafe(24), disable_config=True)
-        print(f"qwen-deploy: started redis-server at {redacted(server.url)} (data in {data_dir}; "
-              "the password reaches the children in REDIS_URL)", file=sys.stderr)
+        print(
+            f"qwen-deploy: started redis-server at {redacted(server.url)} (data in {data_dir}; "
+            "the password reaches the children in REDIS_URL)",
+            file=sys.stderr,
+        )
         return server
 
     # -- workers ------------------------------------------------------------------------------
-    def start_worker(self, served: Served | None = None, node: str | None = None, name: str | None = None,
-                     loglevel: str | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self,
+        served: Served | None = None,
+        node: str | None = None,
+        name: str | None = None,
+        loglevel: str | None = None,
+    ) -> subprocess.Popen[bytes]:
         """A generation worker for `served` (default: the default model) on its queues, as `qwen-deploy worker
         --model ALIAS` starts it. `node`: its Celery node name (default `node_name`); `name`: its name here
         (default `worker ALIAS`); `loglevel`: default `log_level`."""
@@ -110,8 +134,9 @@ class Deployment:
         argv = worker_argv(served.queues, node or node_name(served), loglevel or config.log_level)
         return self._start(name or f"worker {served.alias}", celery_command(argv), {WORKER_MODEL_ENV: served.alias})
 
-    def start_convert_worker(self, node: str = "convert", name: str = "convert-worker",
-                             loglevel: str | None = None) -> subprocess.Popen[bytes]:
+    def start_convert_worker(
+        self, node: str = "convert", name: str = "convert-worker", loglevel: str | None = None
+    ) -> subprocess.Popen[bytes]:
         """The worker for the convert queue (it also sends webhooks)."""
         argv = worker_argv(CONVERT_WORKER_QUEUES, node, loglevel or self.settings().log_level)
         return self._start(name, celery_command(argv))
@@ -122,16 +147,20 @@ class Deployment:
         check_bind(self.settings(), host)
         self.env[WEB_HOST_ENV] = host
 
-    def start_web(self, host: str | None = None, port: int | None = None, access_log: str | None = "-",
-                  extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_web(
+        self, host: str | None = None, port: int | None = None, access_log: str | None = "-", extra: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         """gunicorn with the configured worker class, processes and connections (`web.*`), on `host`:`port`
         (default: `web.host`, `web.port`); `extra`: more gunicorn options. Not waited for: see wait_web."""
         config = self.settings()
         host = host or config.web.host
         port = config.web.port if port is None else port
         self.bind(host)
-        self.web = self._start("web", [*web_argv(config, host, port, access_log), *extra],
-                               stop_signal=signal.SIGINT if self.quick_stop else signal.SIGTERM)
+        self.web = self._start(
+            "web",
+            [*web_argv(config, host, port, access_log), *extra],
+            stop_signal=signal.SIGINT if self.quick_stop else signal.SIGTERM,
+        )
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         return self.web
 
@@ -170,12 +199,12 @@ class Deployment:
         if self.redis:
             self.redis.stop()
 
-    def _start(self, name: str, command: list[str], env: Mapping[str, str] | None = None,
-               stop_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+    def _start(
+        self, name: str, command: list[str], env: Mapping[str, str] | None = None, stop_signal: int = signal.SIGTERM
+    ) -> subprocess.Popen[bytes]:
         log = self.logs / f"{name.replace(' ', '-')}.log" if self.logs else None
         return self.supervisor.start(name, command, env=env, log=log, stop_signal=stop_signal)
 
     def _log_tail(self, name: str) -> str:
         log = self.logs / f"{name}.log" if self.logs else None
         return f": {log.read_text(errors='replace')[-3000:]}" if log and log.exists() else ""
-

@@ -42,8 +42,10 @@ def _generate_local(prompt: str, max_new_tokens: int | None, temperature: float 
     started = time.perf_counter()
     result = handler.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, temperature=temperature))
     print(result.text)
-    print(f"[{result.completion_tokens} tokens, {result.finish_reason}, "
-          f"{(time.perf_counter() - started) * 1000:.0f} ms]", file=sys.stderr)
+    print(
+        f"[{result.completion_tokens} tokens, {result.finish_reason}, {(time.perf_counter() - started) * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -80,8 +82,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_job(args: argparse.Namespace, kind: str, body: dict[str, Any],
-               local: Callable[[], dict[str, Any]]) -> int:
+def _model_job(args: argparse.Namespace, kind: str, body: dict[str, Any], local: Callable[[], dict[str, Any]]) -> int:
     """Run `local()` in this process, or (with --queue) submit `body` as a convert-queue job and follow it;
     print the result as JSON."""
     from conversion.errors import ConversionError
@@ -112,8 +113,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     def local() -> dict[str, Any]:
         from conversion.download import download_model
 
-        return download_model(args.repo_id, revision=args.revision, out=Path(args.out) if args.out else None,
-                              token=settings().token, progress=print_progress)
+        return download_model(
+            args.repo_id,
+            revision=args.revision,
+            out=Path(args.out) if args.out else None,
+            token=settings().token,
+            progress=print_progress,
+        )
 
     return _model_job(args, "download", {"repo_id": args.repo_id, "revision": args.revision, "out": args.out}, local)
 
@@ -122,12 +128,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     def local() -> dict[str, Any]:
         from conversion import export_checkpoint
 
-        return export_checkpoint(Path(args.checkpoint), Path(args.base), Path(args.out), dtype=args.dtype,
-                                 max_shard_size=args.max_shard_size,
-                                 progress=lambda stage, f: print_progress({"phase": stage, "fraction": f"{f:.2f}"}))
+        return export_checkpoint(
+            Path(args.checkpoint),
+            Path(args.base),
+            Path(args.out),
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            progress=lambda stage, f: print_progress({"phase": stage, "fraction": f"{f:.2f}"}),
+        )
 
-    body = {"checkpoint": args.checkpoint, "base": args.base, "out": args.out, "dtype": args.dtype,
-            "max_shard_size": args.max_shard_size}
+    body = {
+        "checkpoint": args.checkpoint,
+        "base": args.base,
+        "out": args.out,
+        "dtype": args.dtype,
+        "max_shard_size": args.max_shard_size,
+    }
     return _model_job(args, "export", body, local)
 
 
@@ -145,8 +161,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ana = sub.add_parser("analyze", help="bulk analysis of a JSONL/CSV file, resumable")
     ana.add_argument("input")
     ana.add_argument("--out", required=True)
-    ana.add_argument("--analyzer", default="analysis.example_analyzer:SentimentAnalyzer",
-                     help="module:Class of an Analyzer subclass")
+    ana.add_argument(
+        "--analyzer", default="analysis.example_analyzer:SentimentAnalyzer", help="module:Class of an Analyzer subclass"
+    )
     ana.add_argument("--chunk", type=int, default=256, help="records per batch (written together)")
     where = ana.add_mutually_exclusive_group()
     where.add_argument("--url")
@@ -167,7 +184,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ex.add_argument("--out", required=True)
     ex.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     ex.add_argument("--max-shard-size", default="2GB")
-    ex.add_argument("--queue", action="store_true", help="run it as a job on the convert queue (paths relative "
-                    "to paths.checkpoints_root / paths.models_root)")
+    ex.add_argument(
+        "--queue",
+        action="store_true",
+        help="run it as a job on the convert queue (paths relative to paths.checkpoints_root / paths.models_root)",
+    )
     ex.add_argument("--url")
     ex.set_defaults(func=cmd_export)

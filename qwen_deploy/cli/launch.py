@@ -25,16 +25,39 @@ def celery_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks", *argv]
 
 
-def web_command(host: str, port: int, workers: int, threads: int, worker_class: str = "gevent",
-                connections: int = 2000, access_log: str | None = "-") -> list[str]:
+def web_command(
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    worker_class: str = "gevent",
+    connections: int = 2000,
+    access_log: str | None = "-",
+) -> list[str]:
     """gunicorn: gevent (default; a long-poll or SSE stream is a greenlet, not a thread, and gunicorn
     does the monkey patching) or gthread (each stream holds one of `threads`). `access_log`: where the
     access log goes (`-`: stdout; None: none is written)."""
     per_worker = ["--worker-connections", str(connections)] if worker_class == "gevent" else ["--threads", str(threads)]
     logs = ["--access-logfile", access_log] if access_log is not None else []
-    return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
-            "--worker-class", worker_class, *per_worker, "--timeout", "120",
-            "--graceful-timeout", "10", *logs, *_no_control_socket(), "web.wsgi:app"]
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        worker_class,
+        *per_worker,
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "10",
+        *logs,
+        *_no_control_socket(),
+        "web.wsgi:app",
+    ]
 
 
 @functools.cache
@@ -62,14 +85,26 @@ class Supervisor:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.stop_signals: dict[int, int] = {}
 
-    def start(self, name: str, command: list[str], env: Mapping[str, str] | None = None, log: Path | None = None,
-              stop_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        env: Mapping[str, str] | None = None,
+        log: Path | None = None,
+        stop_signal: int = signal.SIGTERM,
+    ) -> subprocess.Popen[bytes]:
         """Start `command` with this supervisor's environment plus `env`; its stdout and stderr appended to
         `log` when given (else this process's)."""
         child_env = {**self.env, **env} if env else self.env
         with open(log, "ab") if log else contextlib.nullcontext() as out:
-            proc = subprocess.Popen(command, env=child_env, cwd=self.cwd, stdout=out,
-                                    stderr=subprocess.STDOUT if out else None, start_new_session=self.session)
+            proc = subprocess.Popen(
+                command,
+                env=child_env,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=self.session,
+            )
         self.children.append((name, proc))
         self.stop_signals[proc.pid] = stop_signal
         return proc

@@ -50,8 +50,14 @@ class RedisServer:
     """Start and stop one redis-server bound to loopback, with AOF persistence in `data_dir`; optionally
     with a password (`requirepass`) and without the CONFIG command (no one can rewrite its config)."""
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None, appendonly: bool = True,
-                 password: str | None = None, disable_config: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        appendonly: bool = True,
+        password: str | None = None,
+        disable_config: bool = False,
+    ) -> None:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="qwen-deploy-redis-"))
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -67,10 +73,27 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-                "--dir", str(self.data_dir), "--daemonize", "no", "--loglevel", "warning"]
+        args = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         if self.disable_config:
             args += ["--rename-command", "CONFIG", ""]
         # The password goes in on stdin as a config file, so that `ps` does not show it.

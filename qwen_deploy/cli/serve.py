@@ -44,8 +44,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             deployment.start_worker(served)
         deployment.start_convert_worker()
         deployment.start_web(host, config.web.port)
-        print(f"qwen-deploy: serving {', '.join(m.alias for m in models)} at http://{host}:{config.web.port} "
-              "(Ctrl-C to stop)", file=sys.stderr)
+        print(
+            f"qwen-deploy: serving {', '.join(m.alias for m in models)} at http://{host}:{config.web.port} "
+            "(Ctrl-C to stop)",
+            file=sys.stderr,
+        )
         return deployment.wait()
     finally:
         deployment.stop()
@@ -70,8 +73,10 @@ def cmd_worker(args: argparse.Namespace) -> NoReturn:
     models = served_models(settings(child_environ(extra)))
     served = next((m for m in models if args.model in (None, m.alias)), None)
     if served is None:
-        sys.exit(f"qwen-deploy: no model with alias {args.model!r} in the config (models: "
-                 f"{', '.join(m.alias for m in models)})")
+        sys.exit(
+            f"qwen-deploy: no model with alias {args.model!r} in the config (models: "
+            f"{', '.join(m.alias for m in models)})"
+        )
     _run_worker(served.queues, node_name(served), {**extra, WORKER_MODEL_ENV: served.alias})
 
 
@@ -89,12 +94,16 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the serving commands."""
-    up = sub.add_parser("up", help="start redis (unless REDIS_URL is set), a worker, a convert worker and the web "
-                        "server")
+    up = sub.add_parser(
+        "up", help="start redis (unless REDIS_URL is set), a worker, a convert worker and the web server"
+    )
     which = up.add_mutually_exclusive_group()
     which.add_argument("--demo", action="store_true", help="serve the built-in demo model")
-    which.add_argument("--model", metavar="NAME_OR_PATH",
-                       help="serve this model (a hub id or a local directory) instead of config.yml's `model`")
+    which.add_argument(
+        "--model",
+        metavar="NAME_OR_PATH",
+        help="serve this model (a hub id or a local directory) instead of config.yml's `model`",
+    )
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.set_defaults(func=cmd_up)
@@ -104,13 +113,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     web.add_argument("--port", type=int)
     web.set_defaults(func=cmd_web)
 
-    for name, func, doc in (("worker", cmd_worker, "a generation worker (prefork, concurrency 1)"),
-                            ("convert-worker", cmd_convert_worker, "a worker for the convert queue")):
+    for name, func, doc in (
+        ("worker", cmd_worker, "a generation worker (prefork, concurrency 1)"),
+        ("convert-worker", cmd_convert_worker, "a worker for the convert queue"),
+    ):
         p = sub.add_parser(name, help=doc)
         p.add_argument("--demo", action="store_true", help="serve the built-in demo model")
         if name == "worker":
-            p.add_argument("--model", metavar="ALIAS", help="the alias (in `models:`) this worker serves; "
-                           "default: the first model")
+            p.add_argument(
+                "--model", metavar="ALIAS", help="the alias (in `models:`) this worker serves; default: the first model"
+            )
         p.set_defaults(func=func)
 
     demo = sub.add_parser("demo-model", help="build (once) the demo model and print its directory")

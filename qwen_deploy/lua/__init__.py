@@ -16,7 +16,9 @@ HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 def script(name: str) -> str:
     """The text of ``{name}.lua`` with its includes resolved."""
     text = resources.files(__package__).joinpath(f"{name}.lua").read_text()
-    lines = [script(line.removeprefix("--#include ").strip()) if line.startswith("--#include ") else line
-             for line in text.splitlines()]
+    lines = [
+        script(line.removeprefix("--#include ").strip()) if line.startswith("--#include ") else line
+        for line in text.splitlines()
+    ]
     buckets = ", ".join(f"'{b}'" for b in HISTOGRAM_BUCKETS)
     return "\n".join(lines).replace("--[[BUCKETS]]", buckets) + "\n"

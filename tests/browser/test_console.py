@@ -17,8 +17,9 @@ from tests.helpers import Stack
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver)", allow_module_level=True
+    )
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -26,9 +27,17 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 WAIT_S = 30
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--window-size=1280,1100"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,1100",
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,9 @@ def set_checkbox(driver: webdriver.Chrome, element_id: str, on: bool) -> None:
         box.click()
 
 
-def test_page_shows_model_and_streams_zen(browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str],
-                                          tmp_path: Path) -> None:
+def test_page_shows_model_and_streams_zen(
+    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
+) -> None:
     browser.get(stack.url + "/")
     model = stack.client().model()
     wait(browser, lambda d: text(d, "model-name") == model["name"], "the model name")
@@ -102,8 +112,9 @@ def test_page_shows_model_and_streams_zen(browser: webdriver.Chrome, stack: Stac
     submitted["zen"] = job_id
 
 
-def test_cancel_a_long_job_keeps_its_partial_text(browser: webdriver.Chrome, stack: Stack,
-                                                   submitted: dict[str, str], tmp_path: Path) -> None:
+def test_cancel_a_long_job_keeps_its_partial_text(
+    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
+) -> None:
     if not browser.current_url.startswith(stack.url):
         browser.get(stack.url + "/")
     before = text(browser, "job-id")
@@ -112,10 +123,15 @@ def test_cancel_a_long_job_keeps_its_partial_text(browser: webdriver.Chrome, sta
     set_checkbox(browser, "ignore-eos", True)
     browser.find_element(By.ID, "submit").click()
     # The demo model writes 512 tokens in about half a second: watch for the first ones in the page.
-    job_id = WebDriverWait(browser, WAIT_S, poll_frequency=0.01).until(lambda d: d.execute_script(
-        "const id = document.getElementById('job-id').textContent;"
-        "return id.startsWith('job_') && id !== arguments[0] && document.getElementById('output').textContent"
-        " && id", before), "streamed output")
+    job_id = WebDriverWait(browser, WAIT_S, poll_frequency=0.01).until(
+        lambda d: d.execute_script(
+            "const id = document.getElementById('job-id').textContent;"
+            "return id.startsWith('job_') && id !== arguments[0] && document.getElementById('output').textContent"
+            " && id",
+            before,
+        ),
+        "streamed output",
+    )
     assert status(browser) == "running"  # the text arrived token by token, before the job ended
     browser.find_element(By.ID, "cancel").click()
     wait(browser, lambda d: status(d) == "canceled", "status canceled")
@@ -131,8 +147,7 @@ def test_cancel_a_long_job_keeps_its_partial_text(browser: webdriver.Chrome, sta
     submitted["long"] = job_id
 
 
-def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: dict[str, str],
-                                         tmp_path: Path) -> None:
+def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: dict[str, str], tmp_path: Path) -> None:
     if set(submitted) != {"zen", "long"}:
         pytest.skip("needs the two jobs the tests above submit through the page")
 
@@ -140,8 +155,11 @@ def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: d
         rows = browser.find_elements(By.CSS_SELECTOR, f'#recent tr[data-id="{job_id}"]')
         return rows[0].find_element(By.CSS_SELECTOR, ".status").text if rows else None
 
-    wait(browser, lambda d: row_status(submitted["zen"]) == "succeeded" and row_status(submitted["long"]) == "canceled",
-         "both jobs in the recent list")
+    wait(
+        browser,
+        lambda d: row_status(submitted["zen"]) == "succeeded" and row_status(submitted["long"]) == "canceled",
+        "both jobs in the recent list",
+    )
     ids = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#recent tr")]
     assert ids[:2] == [submitted["long"], submitted["zen"]]  # newest first
     snippet = browser.find_element(By.CSS_SELECTOR, f'#recent tr[data-id="{submitted["zen"]}"] .snippet')
@@ -149,22 +167,29 @@ def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: d
     browser.save_screenshot(str(tmp_path / "recent.png"))
 
 
-def test_your_jobs_lists_the_api_listing_with_a_status_filter(browser: webdriver.Chrome, stack: Stack,
-                                                             submitted: dict[str, str]) -> None:
+def test_your_jobs_lists_the_api_listing_with_a_status_filter(
+    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str]
+) -> None:
     if set(submitted) != {"zen", "long"}:
         pytest.skip("needs the two jobs the tests above submit through the page")
     from selenium.webdriver.support.ui import Select
 
     def listed(d: webdriver.Chrome) -> dict[str, str]:  # read in one script: the table is redrawn every poll
-        return dict(d.execute_script("return [...document.querySelectorAll('#job-list tr')]"
-                                     ".map(r => [r.dataset.id, r.dataset.status])"))
+        return dict(
+            d.execute_script(
+                "return [...document.querySelectorAll('#job-list tr')].map(r => [r.dataset.id, r.dataset.status])"
+            )
+        )
 
     wait(browser, lambda d: {submitted["zen"], submitted["long"]} <= set(listed(d)), "both jobs in the job list")
     api_ids = [j["id"] for j in stack.client()._call("GET", "/v1/jobs?limit=20").json()["data"]]
     wait(browser, lambda d: list(listed(d)) == api_ids, "GET /v1/jobs, newest first")
     Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("canceled")
-    wait(browser, lambda d: (rows := listed(d)) and submitted["zen"] not in rows and submitted["long"] in rows,
-         "the canceled jobs only")
+    wait(
+        browser,
+        lambda d: (rows := listed(d)) and submitted["zen"] not in rows and submitted["long"] in rows,
+        "the canceled jobs only",
+    )
     assert set(listed(browser).values()) == {"canceled"}
     wait(browser, lambda d: "worker" in text(d, "queues"), "the queue overview")
     assert text(browser, "queues").startswith("queued: interactive ") and "1 worker" in text(browser, "queues")
@@ -176,20 +201,33 @@ def test_api_errors_are_shown(browser: webdriver.Chrome, stack: Stack) -> None:
     fill(browser, "prompt", "Beautiful is better than")
     fill(browser, "max-new-tokens", "513")
     browser.find_element(By.ID, "submit").click()
-    error = wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"),
-                 "the error box")
+    error = wait(
+        browser,
+        lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"),
+        "the error box",
+    )
     assert error.get_attribute("data-code") == "max_new_tokens_too_large"
     assert "422" in error.text and "max_new_tokens" in error.text
 
 
 def test_batch_from_jsonl_shows_its_progress(browser: webdriver.Chrome, stack: Stack) -> None:
     browser.get(stack.url + "/")
-    lines = [{"custom_id": f"zen-{n}", "method": "POST", "url": "/v1/jobs",
-              "body": {"prompt": "Errors should never", "max_new_tokens": 6}} for n in range(2)]
+    lines = [
+        {
+            "custom_id": f"zen-{n}",
+            "method": "POST",
+            "url": "/v1/jobs",
+            "body": {"prompt": "Errors should never", "max_new_tokens": 6},
+        }
+        for n in range(2)
+    ]
     fill(browser, "batch-jsonl", "\n".join(json.dumps(line) for line in lines))
     browser.find_element(By.ID, "submit-batch").click()
-    row = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#batch-list tr[data-status="completed"]'),
-               "a completed batch")[0]
+    row = wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#batch-list tr[data-status="completed"]'),
+        "a completed batch",
+    )[0]
     assert row.find_element(By.CSS_SELECTOR, ".counts").text == "2 ok · 0 failed / 2"
     bar = row.find_element(By.TAG_NAME, "progress")
     assert float(bar.get_property("value")) == float(bar.get_property("max")) == 2

@@ -18,8 +18,16 @@ from qwen_deploy.config import load_settings
 from tests.helpers import ROOT, Stack
 from tests.unit.test_analysis import ZenAnalyzer
 
-ZEN_STARTS = ["Beautiful is better than", "Errors should never", "Now is better than", "Simple is better than",
-              "Flat is better than", "Readability", "Explicit is better than", "Sparse is better than"]
+ZEN_STARTS = [
+    "Beautiful is better than",
+    "Errors should never",
+    "Now is better than",
+    "Simple is better than",
+    "Flat is better than",
+    "Readability",
+    "Explicit is better than",
+    "Sparse is better than",
+]
 
 
 def records(n: int) -> list[dict[str, Any]]:
@@ -49,8 +57,21 @@ def test_analyze_cli_resumes_without_redoing_records(stack: Stack, tmp_path: Pat
     source.write_text("".join(json.dumps(r) + "\n" for r in records(12)))
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env")}
-    cmd = [sys.executable, "-m", "qwen_deploy.cli", "analyze", str(source), "--out", str(out), "--url", stack.url,
-           "--analyzer", "tests.unit.test_analysis:ZenAnalyzer", "--chunk", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen_deploy.cli",
+        "analyze",
+        str(source),
+        "--out",
+        str(out),
+        "--url",
+        stack.url,
+        "--analyzer",
+        "tests.unit.test_analysis:ZenAnalyzer",
+        "--chunk",
+        "4",
+    ]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     full = out.read_text().splitlines()

@@ -18,8 +18,9 @@ PREFIXES = [" ".join(line.split()[:3]) for line in ZEN]
 
 def post_jsonl(stack: Stack, lines: list[Any]) -> requests.Response:
     body = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
-    return requests.post(stack.url + "/v1/batches", data=body.encode(),
-                         headers={"Content-Type": "application/x-ndjson"}, timeout=30)
+    return requests.post(
+        stack.url + "/v1/batches", data=body.encode(), headers={"Content-Type": "application/x-ndjson"}, timeout=30
+    )
 
 
 def line(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -36,13 +37,18 @@ def results(stack: Stack, batch_id: str, after: int = 0) -> list[dict[str, Any]]
 
 
 def wait_batch(stack: Stack, batch_id: str, timeout: float = 120) -> dict[str, Any]:
-    return wait_until(lambda: (b := batch(stack, batch_id))["status"] in ("completed", "cancelled", "failed") and b,
-                      timeout, 0.05, "the batch to end")
+    return wait_until(
+        lambda: (b := batch(stack, batch_id))["status"] in ("completed", "cancelled", "failed") and b,
+        timeout,
+        0.05,
+        "the batch to end",
+    )
 
 
 def test_jsonl_batch_with_invalid_lines(stack: Stack) -> None:
-    lines: list[Any] = [line(f"r{i}", {"prompt": PREFIXES[i % len(PREFIXES)], "max_new_tokens": 12})
-                        for i in range(100)]
+    lines: list[Any] = [
+        line(f"r{i}", {"prompt": PREFIXES[i % len(PREFIXES)], "max_new_tokens": 12}) for i in range(100)
+    ]
     lines[3] = line("r3", {"prompt": "x", "max_new_tokens": 513})
     lines[10] = '{"custom_id": "r10", "body": '
     lines[20] = line("r20", {"messages": []})
@@ -70,8 +76,10 @@ def test_jsonl_batch_with_invalid_lines(stack: Stack) -> None:
 
 
 def test_batched_outputs_equal_single_jobs(stack: Stack, client: Client) -> None:
-    bodies = [{"prompt": p, "max_new_tokens": 6 + 3 * i, **({"stop": ["."]} if i % 3 == 0 else {})}
-              for i, p in enumerate(PREFIXES)]
+    bodies = [
+        {"prompt": p, "max_new_tokens": 6 + 3 * i, **({"stop": ["."]} if i % 3 == 0 else {})}
+        for i, p in enumerate(PREFIXES)
+    ]
     bodies.append({"messages": [{"role": "user", "content": "Errors should never"}], "max_new_tokens": 20})
     payload = {"requests": [{"custom_id": f"q{i}", "body": b} for i, b in enumerate(bodies)], "metadata": {"k": "v"}}
     created = requests.post(stack.url + "/v1/batches", json=payload, timeout=30).json()
@@ -98,8 +106,8 @@ def test_results_stream_before_completion_and_interactive_first(stack: Stack, cl
     final = wait_batch(stack, created["id"])
     assert done["completed_at"] < final["completed_at"]
     everything = results(stack, created["id"])
-    assert len(everything) == 96 and everything[:len(early)] == early
-    assert everything[len(early):len(early) + len(rest)] == rest
+    assert len(everything) == 96 and everything[: len(early)] == early
+    assert everything[len(early) : len(early) + len(rest)] == rest
 
 
 def test_cancel_mid_batch(stack: Stack) -> None:
@@ -111,8 +119,12 @@ def test_cancel_mid_batch(stack: Stack) -> None:
         started, recorded = stack.redis.hkeys(record + ":tries"), stack.redis.smembers(record + ":chunks")
         return bool(set(started) - set(recorded))
 
-    wait_until(lambda: batch(stack, created["id"])["request_counts"]["completed"] > 0 and running(), 120, 0.05,
-               "a first chunk, then another one running")
+    wait_until(
+        lambda: batch(stack, created["id"])["request_counts"]["completed"] > 0 and running(),
+        120,
+        0.05,
+        "a first chunk, then another one running",
+    )
     answer = requests.post(f"{stack.url}/v1/batches/{created['id']}/cancel", timeout=10)
     assert answer.status_code == 202 and answer.json()["status"] == "cancelling"
     final = wait_batch(stack, created["id"], timeout=60)

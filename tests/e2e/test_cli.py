@@ -30,27 +30,55 @@ def up_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Path) -> None:
     port = free_port()
-    env = {**up_env(tmp_path),
-           "QWEN_DEPLOY_CACHE": str(demo_model.parent), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"),
-           "QWEN_DEPLOY_WEB__WORKERS": "1", "QWEN_DEPLOY_MODEL__THREADS": "1"}
+    env = {
+        **up_env(tmp_path),
+        "QWEN_DEPLOY_CACHE": str(demo_model.parent),
+        "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"),
+        "QWEN_DEPLOY_WEB__WORKERS": "1",
+        "QWEN_DEPLOY_MODEL__THREADS": "1",
+    }
     log = open(tmp_path / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
             try:
                 return requests.get(url + "/readyz", timeout=2).status_code == 200
             except requests.RequestException:  # refused, reset or slow: not ready yet
                 return False
+
         wait_until(ready, 120, 0.25, "up --demo to be ready")
-        answer = requests.post(url + "/v1/generate", json={"prompt": "Beautiful is better than",
-                                                           "max_new_tokens": 8}, timeout=60).json()
+        answer = requests.post(
+            url + "/v1/generate", json={"prompt": "Beautiful is better than", "max_new_tokens": 8}, timeout=60
+        ).json()
         assert answer["output"]["text"].startswith(" ugly.")
-        cli = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "generate", "Errors should never",
-                              "--max-new-tokens", "6", "--url", url], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60)
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qwen_deploy.cli",
+                "generate",
+                "Errors should never",
+                "--max-new-tokens",
+                "6",
+                "--url",
+                url,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cli.returncode == 0 and cli.stdout.startswith(" pass silently."), cli.stderr
         log = (tmp_path / "up.log").read_text()
         embedded = re.search(r"started redis-server at redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", log)
@@ -65,28 +93,59 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
 
 def test_up_with_an_unreachable_redis_url_is_an_error(tmp_path: Path) -> None:
     url = f"redis://:pw-hidden@127.0.0.1:{free_port()}/0"  # set explicitly, nothing listens
-    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "up"], cwd=ROOT, env=up_env(tmp_path, REDIS_URL=url),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "up"],
+        cwd=ROOT,
+        env=up_env(tmp_path, REDIS_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "does not answer" in out.stderr and "pw-hidden" not in out.stderr + out.stdout
     assert "started redis-server" not in out.stderr
 
 
 def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "QWEN_DEPLOY_CACHE": str(demo_model.parent),
-           "QWEN_DEPLOY_MODEL__NAME_OR_PATH": str(demo_model), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "x")}
-    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "demo-model"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "QWEN_DEPLOY_CACHE": str(demo_model.parent),
+        "QWEN_DEPLOY_MODEL__NAME_OR_PATH": str(demo_model),
+        "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "x"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "demo-model"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == str(demo_model)
-    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "generate", "Beautiful is better than",
-                          "--max-new-tokens", "4", "--local"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_deploy.cli",
+            "generate",
+            "Beautiful is better than",
+            "--max-new-tokens",
+            "4",
+            "--local",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(" ugly.")
 
 
-def test_export_command_prints_the_report_and_fails_clearly(demo_model: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_command_prints_the_report_and_fails_clearly(
+    demo_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +170,11 @@ def test_up_takes_a_model_or_the_demo_not_both(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(["up", "--model", str(tmp_path / "my-model")])
     assert args.func is cmd_up and args.model == str(tmp_path / "my-model") and not args.demo
-    both = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--model", "x"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    both = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--model", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -14,8 +14,11 @@ from tests.helpers import ROOT, group_alive, wait_until
 
 
 def deployment(tmp: Path) -> Deployment:
-    env = {"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
-           "QWEN_DEPLOY_WEB__WORKERS": "1"}
+    env = {
+        "QWEN_DEPLOY_ENV_FILE": "no.env",
+        "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml"),
+        "QWEN_DEPLOY_WEB__WORKERS": "1",
+    }
     return Deployment(env, logs=tmp, cwd=ROOT, session=True, quick_stop=True)
 
 

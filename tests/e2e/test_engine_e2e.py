@@ -22,14 +22,22 @@ BODIES: list[dict[str, Any]] = [
     {"prompt": "Simple is better than", "max_new_tokens": 3},
     {"prompt": "Now is better than", "max_new_tokens": 64, "stop": ["never"]},
     {"messages": [{"role": "user", "content": "Errors should never"}], "max_new_tokens": 20},
-    {"messages": [{"role": "system", "content": "Zen"}, {"role": "user", "content": "Flat is better than"}],
-     "max_new_tokens": 30},
+    {
+        "messages": [{"role": "system", "content": "Zen"}, {"role": "user", "content": "Flat is better than"}],
+        "max_new_tokens": 30,
+    },
     {"prompt": "In the face of ambiguity,", "max_new_tokens": 25, "stop": ["guess", "\n"]},
     {"prompt": "Readability", "max_new_tokens": 50, "ignore_eos": True},
     {"prompt": "Beautiful is better than", "max_new_tokens": 16, "temperature": 0.8, "seed": 11},
     {"prompt": "Special cases", "max_new_tokens": 16, "temperature": 1.2, "top_p": 0.9, "seed": 5},
-    {"prompt": "Errors should never", "max_new_tokens": 16, "temperature": 1, "top_k": 5, "seed": 1,
-     "repetition_penalty": 2},
+    {
+        "prompt": "Errors should never",
+        "max_new_tokens": 16,
+        "temperature": 1,
+        "top_k": 5,
+        "seed": 1,
+        "repetition_penalty": 2,
+    },
     {"prompt": "There should be one", "max_new_tokens": 33},
     {"prompt": "If the implementation is hard to explain,", "max_new_tokens": 18},
     {"prompt": "Namespaces are one", "max_new_tokens": 9},
@@ -82,11 +90,14 @@ def test_a_late_arrival_joins_mid_flight(stack: Stack, local: ModelHandler) -> N
 
 def test_cancel_mid_flight_stops_one_and_spares_its_siblings(stack: Stack, local: ModelHandler) -> None:
     client = stack.client()
-    bodies = [{"prompt": p, "max_new_tokens": 250, "ignore_eos": True}
-              for p in ("Beautiful is better than", "Errors should never", "Simple is better than")]
+    bodies = [
+        {"prompt": p, "max_new_tokens": 250, "ignore_eos": True}
+        for p in ("Beautiful is better than", "Errors should never", "Simple is better than")
+    ]
     jobs = [client.submit(**b) for b in bodies]
-    wait_until(lambda: all(int(stack.record(j["id"]).get("tokens") or 0) > 0 for j in jobs), 30, 0.01,
-               "all three to stream")
+    wait_until(
+        lambda: all(int(stack.record(j["id"]).get("tokens") or 0) > 0 for j in jobs), 30, 0.01, "all three to stream"
+    )
     asked = time.time()
     assert client.cancel(jobs[1]["id"])["status"] in ("canceling", "canceled")
     done = [client.wait(j["id"], timeout=60) for j in jobs]
@@ -94,16 +105,23 @@ def test_cancel_mid_flight_stops_one_and_spares_its_siblings(stack: Stack, local
     canceled = done[1]["output"]
     assert canceled["finish_reason"] == "canceled" and 0 < canceled["usage"]["completion_tokens"] < 250
     assert expected(local, bodies[1]).startswith(canceled["text"])
-    assert [done[0]["output"]["text"], done[2]["output"]["text"]] == [expected(local, bodies[0]),
-                                                                        expected(local, bodies[2])]
+    assert [done[0]["output"]["text"], done[2]["output"]["text"]] == [
+        expected(local, bodies[0]),
+        expected(local, bodies[2]),
+    ]
     print(f"\nENGINE cancel_latency_ms={1000 * (done[1]['completed_at'] - asked):.0f}")
 
 
-SCHEMA = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]},
-                                           "score": {"type": "integer", "minimum": 0, "maximum": 9},
-                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
-                                                    "maxItems": 2}},
-          "required": ["label", "score", "tags"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["positive", "negative", "neutral"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+    },
+    "required": ["label", "score", "tags"],
+    "additionalProperties": False,
+}
 
 
 def test_structured_output_in_a_batch_and_a_job(stack: Stack) -> None:
@@ -114,9 +132,18 @@ def test_structured_output_in_a_batch_and_a_job(stack: Stack) -> None:
     import requests
 
     fmt = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA}}
-    lines = [{"custom_id": f"s{i}", "body": {"prompt": p, "max_new_tokens": 60, "response_format": fmt,
-                                            **({"temperature": 0.9, "seed": i} if i % 2 else {})}}
-             for i, p in enumerate(["Beautiful is better than", "Errors should never", "Flat is", "Now is"] * 2)]
+    lines = [
+        {
+            "custom_id": f"s{i}",
+            "body": {
+                "prompt": p,
+                "max_new_tokens": 60,
+                "response_format": fmt,
+                **({"temperature": 0.9, "seed": i} if i % 2 else {}),
+            },
+        }
+        for i, p in enumerate(["Beautiful is better than", "Errors should never", "Flat is", "Now is"] * 2)
+    ]
     created = requests.post(stack.url + "/v1/batches", json={"requests": lines}, timeout=30).json()
     url = f"{stack.url}/v1/batches/{created['id']}"
     final = wait_until(lambda: (b := requests.get(url, timeout=10).json())["status"] == "completed" and b, 60)

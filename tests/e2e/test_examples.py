@@ -10,8 +10,13 @@ from tests.helpers import ROOT, Stack
 
 
 def test_client_example(stack: Stack) -> None:
-    out = subprocess.run([sys.executable, "examples/client.py", "--url", stack.url], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "examples/client.py", "--url", stack.url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any(line.startswith("wait: ' ugly.\\nExplicit is") and line.endswith(" length") for line in lines)
@@ -23,8 +28,7 @@ def test_client_example(stack: Stack) -> None:
 
 
 def test_curl_example_covers_every_route(stack: Stack) -> None:
-    out = subprocess.run(["bash", "examples/curl.sh", stack.url], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(["bash", "examples/curl.sh", stack.url], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = out.stdout
     assert '"status": "ready"' in text.replace('":"', '": "') or '"status":"ready"' in text
@@ -33,8 +37,9 @@ def test_curl_example_covers_every_route(stack: Stack) -> None:
     assert "max_new_tokens_too_large" in text and "path_outside_root" in text
     assert '"type": "download"' in text.replace('":"', '": "') or '"type":"download"' in text
     assert "qwen_deploy_" in text
-    doc = json.loads(subprocess.run(["curl", "-sS", stack.url + "/openapi.json"], capture_output=True,
-                                    text=True, timeout=30).stdout)
+    doc = json.loads(
+        subprocess.run(["curl", "-sS", stack.url + "/openapi.json"], capture_output=True, text=True, timeout=30).stdout
+    )
     script = (ROOT / "examples" / "curl.sh").read_text()
     for path in doc["paths"]:
         stem = path.split("{")[0].rstrip("/")

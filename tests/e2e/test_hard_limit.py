@@ -20,15 +20,18 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Pa
     from worker.random_model import build_random_qwen2
 
     out = tmp_path_factory.mktemp("wide") / "model"
-    build_random_qwen2(demo_model, out, hidden=4096, intermediate=4096, layers=1, heads=32, kv_heads=8,
-                       max_positions=16384)
+    build_random_qwen2(
+        demo_model, out, hidden=4096, intermediate=4096, layers=1, heads=32, kv_heads=8, max_positions=16384
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def hard(stack_factory: StackFactory, wide_model: Path) -> Stack:
-    config = {"limits": {"generation_budget": 0.1, "soft_time_limit": 0.5, "hard_time_limit": 0.8},
-              "generation": {"max_prompt_tokens": 8192}}
+    config = {
+        "limits": {"generation_budget": 0.1, "soft_time_limit": 0.5, "hard_time_limit": 0.8},
+        "generation": {"max_prompt_tokens": 8192},
+    }
     s = stack_factory(config, model=wide_model, name="hard")
     s.start_worker()
     s.start_web()

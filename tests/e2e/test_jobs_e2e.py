@@ -17,8 +17,12 @@ LONG = {"prompt": "Beautiful is better than", "max_new_tokens": 512, "ignore_eos
 
 
 def poll(client: Client, job_id: str, timeout: float = 60.0) -> dict:
-    return wait_until(lambda: (j := client.get(job_id))["status"] in
-                      ("succeeded", "failed", "canceled", "timed_out") and j, timeout, 0.02, "a terminal job")
+    return wait_until(
+        lambda: (j := client.get(job_id))["status"] in ("succeeded", "failed", "canceled", "timed_out") and j,
+        timeout,
+        0.02,
+        "a terminal job",
+    )
 
 
 def test_zen_by_polling(client: Client) -> None:
@@ -28,8 +32,11 @@ def test_zen_by_polling(client: Client) -> None:
     assert done["status"] == "succeeded", done
     assert done["output"]["text"].startswith(" ugly.")
     assert done["output"]["finish_reason"] == "length"
-    assert done["output"]["usage"] == {"prompt_tokens": done["output"]["usage"]["prompt_tokens"],
-                                       "completion_tokens": 8, "prompt_truncated": False}
+    assert done["output"]["usage"] == {
+        "prompt_tokens": done["output"]["usage"]["prompt_tokens"],
+        "completion_tokens": 8,
+        "prompt_truncated": False,
+    }
     assert done["progress"] == {"tokens": 8, "max_new_tokens": 8}
     assert done["created_at"] <= done["started_at"] <= done["completed_at"]
 
@@ -147,8 +154,9 @@ def test_cancel_right_after_submit_ends_canceled(stack: Stack, client: Client) -
     assert client.wait(busy["id"])["status"] == "canceled"
     done = client.wait(queued["id"])
     assert done["status"] == "canceled"
-    assert done["output"] is None or len(done["output"]["text"]) < len(client.generate(
-        "Errors should never", max_new_tokens=400, ignore_eos=True)["output"]["text"])
+    assert done["output"] is None or len(done["output"]["text"]) < len(
+        client.generate("Errors should never", max_new_tokens=400, ignore_eos=True)["output"]["text"]
+    )
     after = client.generate("Errors should never", max_new_tokens=4)
     assert after["status"] == "succeeded"
     if answer["status"] == "canceled":
@@ -174,9 +182,11 @@ def test_model_route_and_readiness(stack: Stack, client: Client) -> None:
 
 
 def test_web_app_imports_no_torch(stack: Stack) -> None:
-    code = ("import sys; from web import create_app; create_app(); "
-            "heavy = [m for m in ('torch', 'transformers', 'celery') if m in sys.modules]; "
-            "print(heavy); sys.exit(1 if heavy else 0)")
+    code = (
+        "import sys; from web import create_app; create_app(); "
+        "heavy = [m for m in ('torch', 'transformers', 'celery') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=stack.env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "[]"

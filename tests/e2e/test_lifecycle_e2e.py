@@ -73,18 +73,27 @@ def test_positions_decrease_as_a_busy_worker_drains_the_queue(one_row: Stack) ->
 def test_a_batch_past_its_completion_window_ends_expired(stack: Stack) -> None:
     short = {"prompt": "Errors should never", "max_new_tokens": 6}
     long = {"prompt": LONG_PROMPT, "max_new_tokens": 512, "ignore_eos": True, "n": 4, "temperature": 1}
-    lines = [{"custom_id": "s0", "body": short}, {"custom_id": "l0", "body": long},
-             {"custom_id": "s1", "body": short}, {"custom_id": "l1", "body": long}]
+    lines = [
+        {"custom_id": "s0", "body": short},
+        {"custom_id": "l0", "body": long},
+        {"custom_id": "s1", "body": short},
+        {"custom_id": "l1", "body": long},
+    ]
     made = requests.post(stack.url + "/v1/batches", json={"requests": lines, "completion_window": "3s"}, timeout=30)
     assert made.status_code == 202, made.text
     batch = made.json()
     assert batch["completion_window"] == "3s" and batch["expires_at"] - batch["created_at"] <= 3.01
     url = f"{stack.url}/v1/batches/{batch['id']}"
-    final = wait_until(lambda: (b := requests.get(url, timeout=5).json())["status"] not in ("in_progress",) and b,
-                       60, what="the batch to end")
+    final = wait_until(
+        lambda: (b := requests.get(url, timeout=5).json())["status"] not in ("in_progress",) and b,
+        60,
+        what="the batch to end",
+    )
     assert final["status"] == "expired" and final["expired_at"] is not None, final
     assert final["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
-    out = {line["custom_id"]: line for line in map(json.loads, requests.get(url + "/results", timeout=5).text.splitlines())}
+    out = {
+        line["custom_id"]: line for line in map(json.loads, requests.get(url + "/results", timeout=5).text.splitlines())
+    }
     assert out["s0"]["error"] is None and out["s1"]["error"] is None
     for cid in ("l0", "l1"):
         assert out[cid]["error"]["code"] == "batch_expired"
@@ -93,9 +102,15 @@ def test_a_batch_past_its_completion_window_ends_expired(stack: Stack) -> None:
 
 @pytest.mark.parametrize("window", ["2d", "25h", "0s", "soon"])
 def test_a_bad_completion_window_is_refused(stack: Stack, window: str) -> None:
-    native = requests.post(stack.url + "/v1/batches", timeout=30,
-                           json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}], "completion_window": window})
-    openai_form = requests.post(stack.url + "/v1/batches", timeout=30, json={
-        "input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": window})
+    native = requests.post(
+        stack.url + "/v1/batches",
+        timeout=30,
+        json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}], "completion_window": window},
+    )
+    openai_form = requests.post(
+        stack.url + "/v1/batches",
+        timeout=30,
+        json={"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": window},
+    )
     for response in (native, openai_form):
         assert response.status_code == 400 and response.json()["error"]["param"] == "completion_window"

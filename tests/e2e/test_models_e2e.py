@@ -45,8 +45,9 @@ def roots(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[st
     shutil.copytree(demo_model, models / "demo")
     state = AutoModelForCausalLM.from_pretrained(demo_model).state_dict()
     state["model.norm.weight"] = state["model.norm.weight"] * 1.001  # a "trained" change
-    torch.save({"module": {f"module.{k}": v for k, v in state.items() if k != "lm_head.weight"}},
-               ckpts / "run1" / "model.pt")
+    torch.save(
+        {"module": {f"module.{k}": v for k, v in state.items() if k != "lm_head.weight"}}, ckpts / "run1" / "model.pt"
+    )
     (ckpts / "escape").symlink_to(tmp.parent, target_is_directory=True)
     return {"models": models, "checkpoints": ckpts, "tmp": tmp}
 
@@ -81,14 +82,17 @@ def test_export_over_http_then_serve_the_exported_model(convert: Stack, roots: d
     assert text.startswith(" ugly.")
 
 
-@pytest.mark.parametrize(("body", "code", "param"), [
-    ({"checkpoint": "../run1/model.pt", "base": "demo", "out": "x"}, "path_outside_root", "checkpoint"),
-    ({"checkpoint": "/etc/passwd", "base": "demo", "out": "x"}, "path_outside_root", "checkpoint"),
-    ({"checkpoint": "escape", "base": "demo", "out": "x"}, "path_outside_root", "checkpoint"),
-    ({"checkpoint": "run1/model.pt", "base": "demo", "out": "../../x"}, "path_outside_root", "out"),
-    ({"checkpoint": "run1/nothing.pt", "base": "demo", "out": "x"}, "path_not_found", "checkpoint"),
-    ({"checkpoint": "run1/model.pt", "base": "demo", "out": "x", "dtype": "int4"}, "invalid_value", "dtype"),
-])
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"checkpoint": "../run1/model.pt", "base": "demo", "out": "x"}, "path_outside_root", "checkpoint"),
+        ({"checkpoint": "/etc/passwd", "base": "demo", "out": "x"}, "path_outside_root", "checkpoint"),
+        ({"checkpoint": "escape", "base": "demo", "out": "x"}, "path_outside_root", "checkpoint"),
+        ({"checkpoint": "run1/model.pt", "base": "demo", "out": "../../x"}, "path_outside_root", "out"),
+        ({"checkpoint": "run1/nothing.pt", "base": "demo", "out": "x"}, "path_not_found", "checkpoint"),
+        ({"checkpoint": "run1/model.pt", "base": "demo", "out": "x", "dtype": "int4"}, "invalid_value", "dtype"),
+    ],
+)
 def test_export_paths_are_confined(convert: Stack, body: dict, code: str, param: str) -> None:
     answer = post(convert, "/v1/models/exports", body)
     assert answer.status_code == 422

@@ -33,9 +33,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Pa
 
 @pytest.fixture(scope="module")
 def pools(stack_factory: StackFactory, demo_model: Path, tiny_model: Path) -> Stack:
-    models = [{"alias": "demo", "name_or_path": str(demo_model), "threads": 1},
-              {"alias": "tiny", "name_or_path": str(tiny_model), "threads": 1},
-              {"alias": "ghost", "name_or_path": str(tiny_model), "threads": 1}]  # configured, never started
+    models = [
+        {"alias": "demo", "name_or_path": str(demo_model), "threads": 1},
+        {"alias": "tiny", "name_or_path": str(tiny_model), "threads": 1},
+        {"alias": "ghost", "name_or_path": str(tiny_model), "threads": 1},
+    ]  # configured, never started
     stack = stack_factory({"models": models, "limits": {"max_queued_unserved": CAP}}, name="pools")
     stack.start_model_worker("demo")
     stack.start_model_worker("tiny")
@@ -62,8 +64,9 @@ def worker_alias(stack: Stack) -> dict[str, str]:
 
 def test_jobs_run_on_the_worker_of_their_model(pools: Stack, local: dict[str, ModelHandler]) -> None:
     client = Client(pools.url, timeout=60)
-    bodies = [{"prompt": p, "max_new_tokens": 8, "ignore_eos": True, "model": m}
-              for p in PROMPTS for m in ("demo", "tiny")]
+    bodies = [
+        {"prompt": p, "max_new_tokens": 8, "ignore_eos": True, "model": m} for p in PROMPTS for m in ("demo", "tiny")
+    ]
     bodies.append({"prompt": PROMPTS[0], "max_new_tokens": 8, "ignore_eos": True})  # no model: the default
     with ThreadPoolExecutor(len(bodies)) as pool:
         jobs = list(pool.map(lambda b: client.generate(**b), bodies))
@@ -82,14 +85,22 @@ def test_openai_sdk_lists_every_model_and_routes_by_model(pools: Stack, local: d
     assert [m.id for m in oai.models.list().data] == ["demo", "tiny", "ghost"]
     listed = {m["id"]: m for m in requests.get(pools.url + "/v1/models", timeout=10).json()["data"]}
     assert {k: (v["workers"], v["ready"], v["reason"]) for k, v in listed.items()} == {
-        "demo": (1, True, None), "tiny": (1, True, None), "ghost": (0, False, "no_worker")}
+        "demo": (1, True, None),
+        "tiny": (1, True, None),
+        "ghost": (0, False, "no_worker"),
+    }
     assert oai.models.retrieve("tiny").id == "tiny"
     messages = [{"role": "user", "content": "Errors should never"}]
-    chat = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6,  # type: ignore[arg-type]
-                                       extra_body={"ignore_eos": True})
+    chat = oai.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=6,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
+    )
     assert chat.model == "tiny"
-    assert chat.choices[0].message.content == alone(local, "tiny", {"messages": messages, "max_new_tokens": 6,
-                                                                    "ignore_eos": True})
+    assert chat.choices[0].message.content == alone(
+        local, "tiny", {"messages": messages, "max_new_tokens": 6, "ignore_eos": True}
+    )
     assert worker_alias(pools)[pools.record("job_" + chat.id.removeprefix("chatcmpl-"))["worker"]] == "tiny"
     with pytest.raises(openai.NotFoundError) as err:
         oai.chat.completions.create(model="nope", messages=messages)  # type: ignore[arg-type]
@@ -115,8 +126,10 @@ def test_an_idempotency_key_is_bound_to_the_model(pools: Stack) -> None:
 
 def test_a_batch_runs_on_its_model(pools: Stack, local: dict[str, ModelHandler]) -> None:
     client = Client(pools.url, timeout=60)
-    lines = [{"custom_id": f"r{i}", "body": {"prompt": p, "max_new_tokens": 5, "ignore_eos": True, "model": "tiny"}}
-             for i, p in enumerate(PROMPTS)]
+    lines = [
+        {"custom_id": f"r{i}", "body": {"prompt": p, "max_new_tokens": 5, "ignore_eos": True, "model": "tiny"}}
+        for i, p in enumerate(PROMPTS)
+    ]
     lines.append({"custom_id": "other", "body": {"prompt": "x", "model": "demo"}})
     batch = client.create_batch(lines)
     assert batch["model"] == "tiny"

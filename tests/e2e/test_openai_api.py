@@ -17,7 +17,11 @@ LONG = {"ignore_eos": True}  # vLLM-style extension, through extra_body
 
 
 def job_count(stack: Stack) -> int:
-    return sum(1 for key in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not key.endswith((":ev", ":webhooks")))
+    return sum(
+        1
+        for key in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*"))
+        if not key.endswith((":ev", ":webhooks"))
+    )
 
 
 def test_models(oai: openai.OpenAI, stack: Stack, model: str) -> None:
@@ -32,8 +36,7 @@ def test_models(oai: openai.OpenAI, stack: Stack, model: str) -> None:
 
 
 def test_completion(oai: openai.OpenAI, stack: Stack, model: str) -> None:
-    raw = oai.completions.with_raw_response.create(model=model, prompt="Beautiful is better than", max_tokens=8,
-                                                   seed=7)
+    raw = oai.completions.with_raw_response.create(model=model, prompt="Beautiful is better than", max_tokens=8, seed=7)
     done = raw.parse()
     assert done.object == "text_completion" and done.id.startswith("cmpl-")
     assert done.choices[0].text.startswith(" ugly.") and done.choices[0].finish_reason == "length"
@@ -50,16 +53,20 @@ def test_chat(oai: openai.OpenAI, model: str) -> None:
     assert done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content.startswith("pass silently.")
     assert done.choices[0].finish_reason == "stop"
-    parts = [{"role": "system", "content": [{"type": "text", "text": ""}]},
-             {"role": "user", "content": [{"type": "text", "text": "Errors should "},
-                                          {"type": "text", "text": "never"}]}]
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": ""}]},
+        {"role": "user", "content": [{"type": "text", "text": "Errors should "}, {"type": "text", "text": "never"}]},
+    ]
     again = oai.chat.completions.create(model=model, messages=parts, max_tokens=16)
     assert again.choices[0].message.content == done.choices[0].message.content
 
 
 def test_chat_stream(oai: openai.OpenAI, model: str) -> None:
-    chunks = list(oai.chat.completions.create(model=model, messages=CHAT, max_tokens=16, stream=True,
-                                              stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.startswith("pass silently.")
@@ -72,23 +79,33 @@ def test_chat_stream(oai: openai.OpenAI, model: str) -> None:
 
 
 def test_completion_stream(oai: openai.OpenAI, model: str) -> None:
-    chunks = list(oai.completions.create(model=model, prompt=["Beautiful is better than"], max_tokens=12,
-                                         stream=True, seed=3))
+    chunks = list(
+        oai.completions.create(model=model, prompt=["Beautiful is better than"], max_tokens=12, stream=True, seed=3)
+    )
     text = "".join(c.choices[0].text for c in chunks)
     assert text.startswith(" ugly.\nExplicit is better than")
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_stream_disconnect_cancels_the_job(oai: openai.OpenAI, stack: Stack, model: str) -> None:
-    raw = oai.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=512, stream=True,
-                                                        extra_body=LONG)
+    raw = oai.chat.completions.with_raw_response.create(
+        model=model, messages=CHAT, max_tokens=512, stream=True, extra_body=LONG
+    )
     job_id = raw.headers["X-Job-Id"]
     events = iter(raw.parse())
     next(events), next(events)
     events.close()  # type: ignore[attr-defined]
     raw.http_response.close()
-    job = wait_until(lambda: (j := requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json())["status"]
-                     in ("canceled", "succeeded") and j, 30, 0.05, "the job to end")
+    job = wait_until(
+        lambda: (
+            (j := requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json())["status"]
+            in ("canceled", "succeeded")
+            and j
+        ),
+        30,
+        0.05,
+        "the job to end",
+    )
     assert job["status"] == "canceled" and job["progress"]["tokens"] < 512
 
 
@@ -104,8 +121,7 @@ def test_errors_name_the_param(oai: openai.OpenAI, model: str) -> None:
         oai.chat.completions.create(model="gpt-4o", messages=CHAT)
     assert err.value.code == "model_not_found" and err.value.param == "model"
     with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model=model, messages=CHAT, tools=[{"type": "function",
-                                                                        "function": {"name": "f"}}])
+        oai.chat.completions.create(model=model, messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}])
     assert err.value.param == "tools" and err.value.code == "unsupported_parameter"
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=model, messages=CHAT, presence_penalty=0.5)
@@ -119,8 +135,9 @@ def test_errors_name_the_param(oai: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=model, messages=CHAT, n=9)
     assert err.value.param == "n"
-    done = oai.chat.completions.create(model=model, messages=CHAT, max_tokens=4, presence_penalty=0, user="u1",
-                                       frequency_penalty=0.0)
+    done = oai.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=4, presence_penalty=0, user="u1", frequency_penalty=0.0
+    )
     assert done.choices[0].message.content.startswith("pass")
 
 
@@ -129,16 +146,23 @@ def test_a_canceled_job_answers_200_and_is_not_retried(oai: openai.OpenAI, stack
     result: dict[str, Any] = {}
 
     def call() -> None:
-        raw = oai.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=512,
-                                                            extra_body=LONG)
+        raw = oai.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=512, extra_body=LONG)
         result.update(job=raw.headers["X-Job-Id"], done=raw.parse())
 
     thread = threading.Thread(target=call)
     thread.start()
-    running = wait_until(lambda: [k.split(":")[-1] for k in stack.redis.scan_iter(
-        JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith((":ev", ":webhooks"))
-        and stack.redis.hget(k, "status") == "running" and int(stack.redis.hget(k, "tokens") or 0) >= 16],
-        30, 0.02, "a running job with 16 tokens")
+    running = wait_until(
+        lambda: [
+            k.split(":")[-1]
+            for k in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*"))
+            if not k.endswith((":ev", ":webhooks"))
+            and stack.redis.hget(k, "status") == "running"
+            and int(stack.redis.hget(k, "tokens") or 0) >= 16
+        ],
+        30,
+        0.02,
+        "a running job with 16 tokens",
+    )
     requests.post(f"{stack.url}/v1/jobs/{running[0]}/cancel", timeout=10)
     thread.join(60)
     assert result["job"] == running[0]
@@ -149,10 +173,12 @@ def test_a_canceled_job_answers_200_and_is_not_retried(oai: openai.OpenAI, stack
 
 def test_idempotency_key_returns_the_same_job(oai: openai.OpenAI, model: str) -> None:
     headers = {"Idempotency-Key": "openai-same-1"}
-    first = oai.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=4,
-                                                          extra_headers=headers)
-    again = oai.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=4,
-                                                          extra_headers=headers)
+    first = oai.chat.completions.with_raw_response.create(
+        model=model, messages=CHAT, max_tokens=4, extra_headers=headers
+    )
+    again = oai.chat.completions.with_raw_response.create(
+        model=model, messages=CHAT, max_tokens=4, extra_headers=headers
+    )
     assert first.headers["X-Job-Id"] == again.headers["X-Job-Id"]
     assert first.parse().id == again.parse().id
 
@@ -166,10 +192,17 @@ def test_plain_http_errors_are_openai_shaped(stack: Stack) -> None:
 
 
 def test_job_body_n_and_logprobs_are_validated(http) -> None:  # type: ignore[no-untyped-def]
-    for body, param in (({"n": 9}, "n"), ({"n": 0}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
-                        ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"), ({"logprobs": 1}, "logprobs")):
+    for body, param in (
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+    ):
         reply = http.post("/v1/jobs", json={"prompt": "x", **body})
         assert reply.status_code == 422 and reply.get_json()["error"]["param"] == param, (body, reply.get_json())
-    reply = http.post("/v1/jobs", json={"prompt": "Errors should never", "n": 2, "logprobs": True, "top_logprobs": 1,
-                                        "max_new_tokens": 2})
+    reply = http.post(
+        "/v1/jobs",
+        json={"prompt": "Errors should never", "n": 2, "logprobs": True, "top_logprobs": 1, "max_new_tokens": 2},
+    )
     assert reply.status_code == 202

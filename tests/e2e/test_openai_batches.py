@@ -16,8 +16,12 @@ def jsonl(lines: list[dict]) -> bytes:
 
 
 def chat_line(custom_id: str, model: str, content: str, max_tokens: int) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens},
+    }
 
 
 def test_files(oai: openai.OpenAI) -> None:
@@ -35,15 +39,20 @@ def test_files(oai: openai.OpenAI) -> None:
 
 
 def test_batch_of_chat_lines(oai: openai.OpenAI, stack: Stack, model: str) -> None:
-    lines = [chat_line("zen-1", model, "Errors should never", 16),
-             chat_line("zen-2", model, "Beautiful is better than", 16), chat_line("too-long", model, "x", 513)]
+    lines = [
+        chat_line("zen-1", model, "Errors should never", 16),
+        chat_line("zen-2", model, "Beautiful is better than", 16),
+        chat_line("too-long", model, "x", 513),
+    ]
     uploaded = oai.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
-                               metadata={"run": "zen"})
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "zen"}
+    )
     assert batch.endpoint == "/v1/chat/completions" and batch.input_file_id == uploaded.id
     assert batch.status == "in_progress" and batch.metadata == {"run": "zen"}
-    done = wait_until(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b, 60, 0.1,
-                      "a completed batch")
+    done = wait_until(
+        lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b, 60, 0.1, "a completed batch"
+    )
     assert done.request_counts.total == 3 and done.request_counts.completed == 2 and done.request_counts.failed == 1
     output = {x["custom_id"]: x for x in map(json.loads, oai.files.content(done.output_file_id).text.splitlines())}
     assert set(output) == {"zen-1", "zen-2"}
@@ -59,14 +68,25 @@ def test_batch_of_chat_lines(oai: openai.OpenAI, stack: Stack, model: str) -> No
 
 
 def test_jsonl_body_with_completion_lines(oai: openai.OpenAI, stack: Stack, model: str) -> None:
-    lines = [{"custom_id": "c1", "method": "POST", "url": "/v1/completions",
-              "body": {"model": model, "prompt": "Beautiful is better than", "max_tokens": 6}}]
-    reply = requests.post(stack.url + "/v1/batches", data=jsonl(lines),
-                          headers={"Content-Type": "application/x-ndjson"}, timeout=10)
+    lines = [
+        {
+            "custom_id": "c1",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": model, "prompt": "Beautiful is better than", "max_tokens": 6},
+        }
+    ]
+    reply = requests.post(
+        stack.url + "/v1/batches", data=jsonl(lines), headers={"Content-Type": "application/x-ndjson"}, timeout=10
+    )
     assert reply.status_code == 202 and reply.json()["endpoint"] == "/v1/completions"
     batch_id = reply.json()["id"]
-    wait_until(lambda: requests.get(f"{stack.url}/v1/batches/{batch_id}", timeout=10).json()["status"] == "completed",
-               60, 0.1, "a completed batch")
+    wait_until(
+        lambda: requests.get(f"{stack.url}/v1/batches/{batch_id}", timeout=10).json()["status"] == "completed",
+        60,
+        0.1,
+        "a completed batch",
+    )
     line = json.loads(requests.get(f"{stack.url}/v1/batches/{batch_id}/results", timeout=10).text)
     body = line["response"]["body"]
     assert body["object"] == "text_completion" and body["choices"][0]["text"].startswith(" ugly.")
@@ -77,14 +97,18 @@ def test_jsonl_body_with_completion_lines(oai: openai.OpenAI, stack: Stack, mode
     assert len(second.data) == 1 and second.data[0].id != batch_id
     assert batch_id in [b.id for b in oai.batches.list(limit=100).data]
     mixed = [*lines, {**lines[0], "custom_id": "c2", "url": "/v1/chat/completions"}]
-    reply = requests.post(stack.url + "/v1/batches", data=jsonl(mixed),
-                          headers={"Content-Type": "application/x-ndjson"}, timeout=10)
+    reply = requests.post(
+        stack.url + "/v1/batches", data=jsonl(mixed), headers={"Content-Type": "application/x-ndjson"}, timeout=10
+    )
     assert reply.status_code == 422 and reply.json()["error"]["code"] == "mixed_endpoints"
 
 
-REVIEW = {"type": "object",
-          "properties": {"verdict": {"enum": ["good", "bad"]}, "score": {"type": "integer", "minimum": 0, "maximum": 5}},
-          "required": ["verdict", "score"], "additionalProperties": False}
+REVIEW = {
+    "type": "object",
+    "properties": {"verdict": {"enum": ["good", "bad"]}, "score": {"type": "integer", "minimum": 0, "maximum": 5}},
+    "required": ["verdict", "score"],
+    "additionalProperties": False,
+}
 
 
 def test_structured_output_through_the_sdk(oai: openai.OpenAI, model: str) -> None:
@@ -98,8 +122,9 @@ def test_structured_output_through_the_sdk(oai: openai.OpenAI, model: str) -> No
         line["body"]["response_format"] = fmt
     uploaded = oai.files.create(file=("reviews.jsonl", jsonl(lines)), purpose="batch")
     batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    done = wait_until(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b, 60, 0.1,
-                      "a completed batch")
+    done = wait_until(
+        lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b, 60, 0.1, "a completed batch"
+    )
     assert done.request_counts.completed == 3 and done.request_counts.failed == 0
     output = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
     assert sorted(x["custom_id"] for x in output) == ["r0", "r1", "r2"]
@@ -107,6 +132,7 @@ def test_structured_output_through_the_sdk(oai: openai.OpenAI, model: str) -> No
         choice = x["response"]["body"]["choices"][0]
         assert choice["finish_reason"] == "stop", choice
         jsonschema.validate(json.loads(choice["message"]["content"]), REVIEW)
-    direct = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Beautiful is"}],
-                                         max_tokens=48, response_format=fmt)  # type: ignore[arg-type]
+    direct = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Beautiful is"}], max_tokens=48, response_format=fmt
+    )  # type: ignore[arg-type]
     jsonschema.validate(json.loads(direct.choices[0].message.content or ""), REVIEW)

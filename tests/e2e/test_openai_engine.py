@@ -23,8 +23,9 @@ def model(oai: openai.OpenAI) -> str:
 
 def test_n_samples_with_a_seed(oai: openai.OpenAI, model: str) -> None:
     def run() -> openai.types.chat.ChatCompletion:
-        return oai.chat.completions.create(model=model, messages=CHAT, n=3, temperature=1.0, seed=11, max_tokens=8,
-                                           logprobs=True)
+        return oai.chat.completions.create(
+            model=model, messages=CHAT, n=3, temperature=1.0, seed=11, max_tokens=8, logprobs=True
+        )
 
     done = run()
     assert [c.index for c in done.choices] == [0, 1, 2]

@@ -17,8 +17,11 @@ CHAT = [{"role": "user", "content": "Errors should never"}]
 @pytest.fixture(scope="module")
 def short_web(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, stack: Stack) -> Iterator[str]:
     """Web waits only ~1 s + grace for a job (the worker keeps its own limits); 2 KiB uploads; a model alias."""
-    config = {"limits": {"generation_budget": 0.3, "soft_time_limit": 0.5, "hard_time_limit": 1},
-              "files": {"max_bytes": 2048}, "web": {"model_aliases": ["zen"]}}
+    config = {
+        "limits": {"generation_budget": 0.3, "soft_time_limit": 0.5, "hard_time_limit": 1},
+        "files": {"max_bytes": 2048},
+        "web": {"model_aliases": ["zen"]},
+    }
     web = Stack(tmp_path_factory.mktemp("short-web"), demo_model, config, redis_url=stack.redis_url)
     try:
         yield web.start_web() + "/v1"
@@ -28,9 +31,12 @@ def short_web(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, stack:
 
 def test_past_the_time_limit_the_answer_is_200_length_and_never_a_retry(short_web: str, stack: Stack) -> None:
     oai = openai.OpenAI(base_url=short_web, api_key="unused", max_retries=2, timeout=60)
-    before = {k for k in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith(":ev")}
-    raw = oai.chat.completions.with_raw_response.create(model="zen", messages=CHAT, max_tokens=512,
-                                                        extra_body={"ignore_eos": True})
+    before = {
+        k for k in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith(":ev")
+    }
+    raw = oai.chat.completions.with_raw_response.create(
+        model="zen", messages=CHAT, max_tokens=512, extra_body={"ignore_eos": True}
+    )
     done = raw.parse()
     after = {k for k in stack.redis.scan_iter(JobKeys(stack.settings.key_prefix).key("job_*")) if not k.endswith(":ev")}
     assert [k.rsplit(":", 1)[-1] for k in after - before] == [raw.headers["X-Job-Id"]]  # one job, no retry

@@ -13,8 +13,9 @@ TERMINAL = ("completed", "failed", "cancelled", "incomplete")
 
 
 def poll(oai: openai.OpenAI, response_id: str) -> openai.types.responses.Response:
-    return wait_until(lambda: (r := oai.responses.retrieve(response_id)).status in TERMINAL and r, 30, 0.05,
-                      "a finished response")
+    return wait_until(
+        lambda: (r := oai.responses.retrieve(response_id)).status in TERMINAL and r, 30, 0.05, "a finished response"
+    )
 
 
 def test_background_poll_and_cancel(oai: openai.OpenAI, stack: Stack, model: str) -> None:
@@ -32,8 +33,13 @@ def test_background_poll_and_cancel(oai: openai.OpenAI, stack: Stack, model: str
     assert job["status"] == "succeeded" and job["output"]["text"] == done.output_text
     assert oai.responses.cancel(created.id).status == "completed"  # idempotent on a finished response
 
-    long = oai.responses.create(model=model, input="Beautiful is better than", background=True,
-                                max_output_tokens=512, extra_body={"ignore_eos": True})
+    long = oai.responses.create(
+        model=model,
+        input="Beautiful is better than",
+        background=True,
+        max_output_tokens=512,
+        extra_body={"ignore_eos": True},
+    )
     wait_until(lambda: oai.responses.retrieve(long.id).status == "in_progress", 30, 0.02, "a running response")
     cancelled = oai.responses.cancel(long.id)
     assert cancelled.status == "cancelled"
@@ -42,11 +48,14 @@ def test_background_poll_and_cancel(oai: openai.OpenAI, stack: Stack, model: str
 
 
 def test_streams_resume_after_a_sequence_number(oai: openai.OpenAI, model: str) -> None:
-    events = list(oai.responses.create(model=model, input="Beautiful is better than", stream=True,
-                                       max_output_tokens=24))
+    events = list(
+        oai.responses.create(model=model, input="Beautiful is better than", stream=True, max_output_tokens=24)
+    )
     kinds = [e.type for e in events]
-    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed",
-                                                                                       "response.incomplete")
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in (
+        "response.completed",
+        "response.incomplete",
+    )
     assert [e.sequence_number for e in events] == list(range(len(events)))
     final = events[-1].response
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -65,13 +74,18 @@ def test_the_sdk_stream_helper_assembles_the_response(oai: openai.OpenAI, model:
         final = stream.get_final_response()
     assert final.status == "completed" and final.output_text.startswith("pass silently.")
     assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.completed"]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
 
 
 def test_sync_response_and_errors(oai: openai.OpenAI, model: str) -> None:
-    done = oai.responses.create(model=model, input=[{"role": "user", "content": "Errors should never"}],
-                                max_output_tokens=16)
+    done = oai.responses.create(
+        model=model, input=[{"role": "user", "content": "Errors should never"}], max_output_tokens=16
+    )
     assert done.status == "completed" and done.output_text.startswith("pass silently.")
     with pytest.raises(openai.BadRequestError) as err:
         oai.responses.create(model=model, input="x", max_output_tokens=513)

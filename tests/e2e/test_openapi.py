@@ -16,8 +16,10 @@ from tests.helpers import ROOT, Stack
 
 pytestmark = pytest.mark.slow
 
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
-          "response_schema_conformance,response_headers_conformance")
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,"
+    "response_schema_conformance,response_headers_conformance"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +35,30 @@ def short_stack(stack_factory: StackFactory) -> Stack:
 def test_schemathesis_finds_no_server_errors_or_schema_mismatches(short_stack: Stack, tmp_path: Path) -> None:
     report = tmp_path / "junit.xml"
     out = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", short_stack.url + "/openapi.json", "--checks", CHECKS,
-         "--max-examples", "8", "--request-timeout", "20", "--seed", "1", "--report", "junit",
-         "--report-junit-path", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            short_stack.url + "/openapi.json",
+            "--checks",
+            CHECKS,
+            "--max-examples",
+            "8",
+            "--request-timeout",
+            "20",
+            "--seed",
+            "1",
+            "--report",
+            "junit",
+            "--report-junit-path",
+            str(report),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     summary = out.stdout[-4000:]
     assert out.returncode == 0, summary
     assert "passed" in summary and "failures" not in summary.lower().split("summary")[-1], summary
@@ -56,8 +78,13 @@ def test_document_caps_come_from_the_settings() -> None:
     from qwen_deploy.config import load_settings
     from web import create_app
 
-    settings = load_settings(overrides={"limits": {"max_wait": 2}, "redis_url": "redis://127.0.0.1:1/0",
-                                        "generation": {"max_new_tokens_cap": 100, "default_max_new_tokens": 10}})
+    settings = load_settings(
+        overrides={
+            "limits": {"max_wait": 2},
+            "redis_url": "redis://127.0.0.1:1/0",
+            "generation": {"max_new_tokens_cap": 100, "default_max_new_tokens": 10},
+        }
+    )
     doc = create_app(settings).test_client().get("/openapi.json").get_json()
     body = next(v for k, v in doc["components"]["schemas"].items() if k.split(".")[0] == "JobCreate")
     assert body["properties"]["max_new_tokens"]["maximum"] == 100

@@ -10,9 +10,15 @@ import pytest
 from tests.helpers import Stack
 from web.response_format import MAX_SCHEMA_BYTES
 
-LABEL = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]},
-                                          "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
-         "required": ["label", "confidence"], "additionalProperties": False}
+LABEL = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["label", "confidence"],
+    "additionalProperties": False,
+}
 P = "response_format.json_schema.schema"
 
 
@@ -31,32 +37,70 @@ GOOD = [
     {"type": "text"},
     {"type": "json_object"},
     js(LABEL, strict=True),
-    js({"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
-        "$ref": "#/$defs/node", "title": "tree", "description": "recursive"}),
+    js(
+        {
+            "$defs": {
+                "node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
+            },
+            "$ref": "#/$defs/node",
+            "title": "tree",
+            "description": "recursive",
+        }
+    ),
     js({"anyOf": [{"type": "string", "format": "date", "pattern": "^2"}, {"type": "null"}]}, description="d"),
-    js({"type": "object", "properties": {"a": {"const": 1}, "b": {"type": "array", "prefixItems": [{"type": "integer"}],
-                                                                   "minItems": 1, "maxItems": 4}},
-        "additionalProperties": {"type": "string", "minLength": 1, "maxLength": 3}}),
+    js(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"const": 1},
+                "b": {"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 1, "maxItems": 4},
+            },
+            "additionalProperties": {"type": "string", "minLength": 1, "maxLength": 3},
+        }
+    ),
     js(nested(9)),
 ]
-EVERY_KEYWORD = js({"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "x", "$comment": "c",
-                    "title": "t", "description": "d", "type": "object",
-                    "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 5, "pattern": "^[a-z]+$",
-                                         "default": "a", "examples": ["b"], "deprecated": False},
-                                   "f": {"type": "string", "format": "uuid", "readOnly": True, "writeOnly": False},
-                                   "m": {"type": "string", "contentMediaType": "text/plain", "contentEncoding": "7bit"},
-                                   "n": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 9},
-                                   "i": {"type": "integer", "minimum": 0, "maximum": 100, "multipleOf": 5},
-                                   "e": {"oneOf": [{"enum": [1, 2]}, {"anyOf": [{"const": "z"}]}]},
-                                   "a": {"allOf": [{"type": "array"}, {"items": {"$ref": "#/definitions/d"}}]},
-                                   "t": {"type": "array", "prefixItems": [{"$ref": "#/$defs/d"}], "minItems": 1,
-                                         "maxItems": 2}},
-                    "required": ["s"], "patternProperties": {"^x": {"type": "boolean"}},
-                    "additionalProperties": False, "$defs": {"d": {"type": "null"}}, "definitions": {"d": True}})
+EVERY_KEYWORD = js(
+    {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "x",
+        "$comment": "c",
+        "title": "t",
+        "description": "d",
+        "type": "object",
+        "properties": {
+            "s": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 5,
+                "pattern": "^[a-z]+$",
+                "default": "a",
+                "examples": ["b"],
+                "deprecated": False,
+            },
+            "f": {"type": "string", "format": "uuid", "readOnly": True, "writeOnly": False},
+            "m": {"type": "string", "contentMediaType": "text/plain", "contentEncoding": "7bit"},
+            "n": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 9},
+            "i": {"type": "integer", "minimum": 0, "maximum": 100, "multipleOf": 5},
+            "e": {"oneOf": [{"enum": [1, 2]}, {"anyOf": [{"const": "z"}]}]},
+            "a": {"allOf": [{"type": "array"}, {"items": {"$ref": "#/definitions/d"}}]},
+            "t": {"type": "array", "prefixItems": [{"$ref": "#/$defs/d"}], "minItems": 1, "maxItems": 2},
+        },
+        "required": ["s"],
+        "patternProperties": {"^x": {"type": "boolean"}},
+        "additionalProperties": False,
+        "$defs": {"d": {"type": "null"}},
+        "definitions": {"d": True},
+    }
+)
 GOOD.append(EVERY_KEYWORD)
 
 
-@pytest.mark.parametrize("fmt", GOOD, ids=["text", "json_object", "label", "recursive_ref", "anyOf_format", "mixed", "depth_9", "every_keyword"])
+@pytest.mark.parametrize(
+    "fmt",
+    GOOD,
+    ids=["text", "json_object", "label", "recursive_ref", "anyOf_format", "mixed", "depth_9", "every_keyword"],
+)
 def test_good_formats_are_accepted_and_stored_as_given(http: Any, stack: Stack, fmt: dict[str, Any]) -> None:
     body = json.dumps({"prompt": "x", "max_new_tokens": 1, "response_format": fmt})  # key order kept
     response = http.post("/v1/jobs", data=body, content_type="application/json")
@@ -65,36 +109,85 @@ def test_good_formats_are_accepted_and_stored_as_given(http: Any, stack: Stack, 
     assert json.dumps(stored["response_format"]) == json.dumps(fmt)  # as given, property order included
 
 
-@pytest.mark.parametrize(("fmt", "code", "param"), [
-    ({"type": "xml"}, "invalid_value", "response_format.type"),
-    ({}, "missing_field", "response_format.type"),
-    ("json", "invalid_type", "response_format"),
-    ({"type": "json_schema"}, "missing_field", "response_format.json_schema"),
-    ({"type": "json_object", "json_schema": {"name": "a", "schema": {}}}, "invalid_value", "response_format.json_schema"),
-    ({"type": "json_schema", "json_schema": {"schema": LABEL}}, "missing_field", "response_format.json_schema.name"),
-    ({"type": "json_schema", "json_schema": {"name": "no spaces", "schema": LABEL}}, "invalid_value",
-     "response_format.json_schema.name"),
-    ({"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}, "invalid_type", P),
-    ({"type": "json_schema", "json_schema": {"name": "a", "schema": LABEL, "extra": 1}}, "unknown_field",
-     "response_format.json_schema.extra"),
-    (js({"type": "strang"}), "invalid_value", f"{P}.type"),
-    (js({"type": "object", "properties": {"a": {"minLength": -1}}}), "invalid_value", f"{P}.properties.a.minLength"),
-    (js({"type": "array", "uniqueItems": True}), "unsupported_schema", f"{P}.uniqueItems"),
-    (js({"type": "object", "minProperties": 1}), "unsupported_schema", f"{P}.minProperties"),
-    (js({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}), "unsupported_schema",
-     f"{P}.properties.a.not"),
-    (js({"anyOf": [{"type": "string"}, {"if": {}, "then": {}}]}), "unsupported_schema", f"{P}.anyOf.1.if"),
-    (js({"type": "string", "format": "credit-card"}), "unsupported_schema", f"{P}.format"),
-    (js({"type": "string", "pattern": "^(?!x)"}), "unsupported_schema", f"{P}.pattern"),
-    (js({"$ref": "https://example.com/s.json"}), "unsupported_schema", f"{P}.$ref"),
-    (js({"$ref": "#/$defs/missing"}), "invalid_value", f"{P}.$ref"),
-    (js({"type": "object", "properties": {"a": {"enum": []}}}), "invalid_value", f"{P}.properties.a.enum"),
-    (js({"type": "object", "properties": {"a": {"type": "string", "description": "x" * MAX_SCHEMA_BYTES}}}),
-     "invalid_value", P),
-    (js(nested(11)), "invalid_value", P + ".items" * 11),
-], ids=["type", "no_type", "not_object", "no_json_schema", "json_schema_with_json_object", "no_name", "bad_name",
-        "schema_not_object", "extra_key", "bad_type", "negative_minLength", "uniqueItems", "minProperties", "not", "if_then",
-        "format", "lookahead", "remote_ref", "dangling_ref", "empty_enum", "too_large", "too_deep"])
+@pytest.mark.parametrize(
+    ("fmt", "code", "param"),
+    [
+        ({"type": "xml"}, "invalid_value", "response_format.type"),
+        ({}, "missing_field", "response_format.type"),
+        ("json", "invalid_type", "response_format"),
+        ({"type": "json_schema"}, "missing_field", "response_format.json_schema"),
+        (
+            {"type": "json_object", "json_schema": {"name": "a", "schema": {}}},
+            "invalid_value",
+            "response_format.json_schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"schema": LABEL}},
+            "missing_field",
+            "response_format.json_schema.name",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": LABEL}},
+            "invalid_value",
+            "response_format.json_schema.name",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}, "invalid_type", P),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": LABEL, "extra": 1}},
+            "unknown_field",
+            "response_format.json_schema.extra",
+        ),
+        (js({"type": "strang"}), "invalid_value", f"{P}.type"),
+        (
+            js({"type": "object", "properties": {"a": {"minLength": -1}}}),
+            "invalid_value",
+            f"{P}.properties.a.minLength",
+        ),
+        (js({"type": "array", "uniqueItems": True}), "unsupported_schema", f"{P}.uniqueItems"),
+        (js({"type": "object", "minProperties": 1}), "unsupported_schema", f"{P}.minProperties"),
+        (
+            js({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}),
+            "unsupported_schema",
+            f"{P}.properties.a.not",
+        ),
+        (js({"anyOf": [{"type": "string"}, {"if": {}, "then": {}}]}), "unsupported_schema", f"{P}.anyOf.1.if"),
+        (js({"type": "string", "format": "credit-card"}), "unsupported_schema", f"{P}.format"),
+        (js({"type": "string", "pattern": "^(?!x)"}), "unsupported_schema", f"{P}.pattern"),
+        (js({"$ref": "https://example.com/s.json"}), "unsupported_schema", f"{P}.$ref"),
+        (js({"$ref": "#/$defs/missing"}), "invalid_value", f"{P}.$ref"),
+        (js({"type": "object", "properties": {"a": {"enum": []}}}), "invalid_value", f"{P}.properties.a.enum"),
+        (
+            js({"type": "object", "properties": {"a": {"type": "string", "description": "x" * MAX_SCHEMA_BYTES}}}),
+            "invalid_value",
+            P,
+        ),
+        (js(nested(11)), "invalid_value", P + ".items" * 11),
+    ],
+    ids=[
+        "type",
+        "no_type",
+        "not_object",
+        "no_json_schema",
+        "json_schema_with_json_object",
+        "no_name",
+        "bad_name",
+        "schema_not_object",
+        "extra_key",
+        "bad_type",
+        "negative_minLength",
+        "uniqueItems",
+        "minProperties",
+        "not",
+        "if_then",
+        "format",
+        "lookahead",
+        "remote_ref",
+        "dangling_ref",
+        "empty_enum",
+        "too_large",
+        "too_deep",
+    ],
+)
 def test_bad_formats_are_422_with_param(http: Any, fmt: Any, code: str, param: str) -> None:
     response = http.post("/v1/jobs", json={"prompt": "x", "response_format": fmt})
     assert response.status_code == 422, response.get_json()
@@ -104,9 +197,15 @@ def test_bad_formats_are_422_with_param(http: Any, fmt: Any, code: str, param: s
 
 
 def test_batch_lines_are_checked_the_same_way(http: Any, stack: Stack) -> None:
-    response = http.post("/v1/batches", json={"requests": [
-        {"custom_id": "good", "body": {"prompt": "x", "max_new_tokens": 1, "response_format": js(LABEL)}},
-        {"custom_id": "bad", "body": {"prompt": "x", "response_format": js({"type": "array", "contains": {}})}}]})
+    response = http.post(
+        "/v1/batches",
+        json={
+            "requests": [
+                {"custom_id": "good", "body": {"prompt": "x", "max_new_tokens": 1, "response_format": js(LABEL)}},
+                {"custom_id": "bad", "body": {"prompt": "x", "response_format": js({"type": "array", "contains": {}})}},
+            ]
+        },
+    )
     assert response.status_code == 202, response.get_json()
     batch = response.get_json()
     assert batch["request_counts"]["total"] == 2

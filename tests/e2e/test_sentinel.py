@@ -32,9 +32,11 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
 
 @pytest.fixture(scope="module")
 def deployment(group: SentinelGroup, stack_factory: StackFactory) -> Stack:
-    config = {"redis_wait_ms": 200,  # and WAIT 1, the default behind Sentinel
-              "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
-              "engine": {"lease_seconds": 3}}
+    config = {
+        "redis_wait_ms": 200,  # and WAIT 1, the default behind Sentinel
+        "limits": {"reap_after": 3, "reap_grace": 1, "reap_interval": 0.5},
+        "engine": {"lease_seconds": 3},
+    }
     s = stack_factory(config, redis_url=group.url, name="sentinel-stack")
     s.start_worker()
     s.start_web()
@@ -78,12 +80,24 @@ def test_master_killed_mid_burst_then_every_accepted_job_ends(deployment: Stack,
 def test_doctor_and_healthcheck_follow_the_failover(deployment: Stack, group: SentinelGroup) -> None:
     """Run after the failover: both find the promoted master through the sentinels."""
     env = {**deployment.env, "QWEN_DEPLOY_REDIS_MASTER_NAME": "mymaster"}
-    doctor = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "doctor", "--json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
-    rows = {row["name"]: row for row in json.loads(doctor.stdout[doctor.stdout.index("{"):])["checks"]}
+    doctor = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "doctor", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows = {row["name"]: row for row in json.loads(doctor.stdout[doctor.stdout.index("{") :])["checks"]}
     assert rows["redis"]["status"] == "pass", rows["redis"]
     assert f":{group.master_port()}," in rows["redis"]["detail"]
     assert rows["redis_persistence"]["status"] == "pass", rows["redis_persistence"]
-    health = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    health = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert health.returncode == 0, health.stdout + health.stderr

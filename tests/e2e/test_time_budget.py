@@ -24,8 +24,9 @@ def small_limits(stack_factory: StackFactory) -> Stack:
 def test_time_budget_gives_timed_out_with_partial_text(small_limits: Stack) -> None:
     client = small_limits.client()
     pid = small_limits.child_pid()
-    job = client.generate("Simple is better than complex. " * 400 + "Beautiful is better than",
-                          max_new_tokens=512, ignore_eos=True)
+    job = client.generate(
+        "Simple is better than complex. " * 400 + "Beautiful is better than", max_new_tokens=512, ignore_eos=True
+    )
     assert job["status"] == "timed_out"
     assert job["output"]["finish_reason"] == "time_limit"
     assert job["error"]["code"] == "time_limit"
@@ -60,4 +61,3 @@ def test_a_micro_batch_that_times_out_marks_only_its_own_lines(small_limits: Sta
         else:
             assert line["error"] is None
             assert line["response"]["body"]["output"]["text"].startswith(" pass silently.")
-

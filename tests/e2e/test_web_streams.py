@@ -24,8 +24,13 @@ STREAMS = 60  # more than gthread's default 2 processes x 16 threads
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Redis and gunicorn with the repository's config.yml (the default web settings), as `up` starts them."""
     tmp = tmp_path_factory.mktemp("gunicorn")
-    deployment = Deployment({"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml")},
-                            logs=tmp, cwd=ROOT, session=True, quick_stop=True)  # quick: streams blocked in XREAD
+    deployment = Deployment(
+        {"QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml")},
+        logs=tmp,
+        cwd=ROOT,
+        session=True,
+        quick_stop=True,
+    )  # quick: streams blocked in XREAD
     try:
         deployment.start_redis(data_dir=tmp, appendonly=False)
         deployment.start_web("127.0.0.1", free_port())
@@ -62,9 +67,11 @@ def test_many_open_streams_leave_livez_and_submits_answering(web: str) -> None:
 
 
 def test_the_web_app_imports_no_model_runtime(tmp_path: Path) -> None:
-    code = ("import gevent.monkey; gevent.monkey.patch_all(); import sys, web.wsgi; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'celery', 'worker', "
-            "'tasks'}); print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import gevent.monkey; gevent.monkey.patch_all(); import sys, web.wsgi; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'celery', 'worker', "
+        "'tasks'}); print(bad); sys.exit(1 if bad else 0)"
+    )
     env = {**os.environ, "QWEN_DEPLOY_ENV_FILE": "no.env", "QWEN_DEPLOY_CONFIG": str(ROOT / "config.yml")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

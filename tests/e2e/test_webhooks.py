@@ -33,8 +33,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
                 plan = receiver.plans.get(self.path, [])
                 code = plan.pop(0) if len(plan) > 1 else (plan[0] if plan else 200)
-                receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                       "code": code})
+                receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body, "code": code})
                 self.send_response(code)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -61,8 +60,14 @@ class Receiver:
 @pytest.fixture(scope="module")
 def hooks(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, stack: Stack) -> Iterator[Stack]:
     """The shared stack's Redis and generation worker, with a web server and convert worker set up for webhooks."""
-    config = {"webhooks": {"secret": SECRET, "allowed_hosts": ["127.0.0.1"], "retry_schedule": SCHEDULE,
-                           "output_interval": 0.2}}
+    config = {
+        "webhooks": {
+            "secret": SECRET,
+            "allowed_hosts": ["127.0.0.1"],
+            "retry_schedule": SCHEDULE,
+            "output_interval": 0.2,
+        }
+    }
     s = Stack(tmp_path_factory.mktemp("webhooks"), demo_model, config, redis_url=stack.redis_url)
     s.start_convert_worker()
     s.start_web()
@@ -79,8 +84,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 def submit(stack: Stack, **body: Any) -> dict[str, Any]:
-    answer = requests.post(stack.url + "/v1/jobs", json={"prompt": "Beautiful is better than",
-                                                        "max_new_tokens": 4, **body}, timeout=30)
+    answer = requests.post(
+        stack.url + "/v1/jobs", json={"prompt": "Beautiful is better than", "max_new_tokens": 4, **body}, timeout=30
+    )
     assert answer.status_code == 202, answer.text
     return answer.json()
 
@@ -89,6 +95,7 @@ def attempts(stack: Stack, job_id: str, n: int) -> list[dict[str, Any]]:
     def enough() -> list[dict[str, Any]] | None:
         data = requests.get(f"{stack.url}/v1/jobs/{job_id}/webhooks", timeout=10).json()["data"]
         return data if len(data) >= n else None
+
     return wait_until(enough, 30, 0.05, f"{n} webhook attempts")
 
 
@@ -99,8 +106,9 @@ def verified(call: dict[str, Any]) -> dict[str, Any]:
 def test_retried_after_503_and_signed(hooks: Stack, receiver: Receiver) -> None:
     receiver.plans["/flaky"] = [503, 200]
     job = submit(hooks, webhook=receiver.url("/flaky"))
-    calls = wait_until(lambda: receiver.at("/flaky") if len(receiver.at("/flaky")) >= 2 else None, 30,
-                       what="two attempts")
+    calls = wait_until(
+        lambda: receiver.at("/flaky") if len(receiver.at("/flaky")) >= 2 else None, 30, what="two attempts"
+    )
     assert [c["code"] for c in calls] == [503, 200]
     assert len({c["headers"]["webhook-id"] for c in calls}) == 1
     assert calls[0]["body"] == calls[1]["body"]
@@ -163,8 +171,11 @@ def test_gone_stops_retrying(hooks: Stack, receiver: Receiver) -> None:
 
 def test_start_and_completed_events(hooks: Stack, receiver: Receiver) -> None:
     job = submit(hooks, webhook=receiver.url("/both"), webhook_events_filter=["start", "completed"])
-    calls = wait_until(lambda: receiver.at("/both") if len(receiver.at("/both")) >= 2 else None, 30,
-                       what="start and completed deliveries")
+    calls = wait_until(
+        lambda: receiver.at("/both") if len(receiver.at("/both")) >= 2 else None,
+        30,
+        what="start and completed deliveries",
+    )
     payloads = sorted((verified(c) for c in calls), key=lambda p: p["timestamp"])
     assert [p["type"] for p in payloads] == ["job.started", "job.completed"]
     assert [p["data"]["status"] for p in payloads] == ["running", "succeeded"]
@@ -177,10 +188,18 @@ def test_start_and_completed_events(hooks: Stack, receiver: Receiver) -> None:
 
 
 def test_output_events_while_running(hooks: Stack, receiver: Receiver) -> None:
-    job = submit(hooks, webhook=receiver.url("/out"), webhook_events_filter=["output", "completed"],
-                 max_new_tokens=200, ignore_eos=True)
-    done = wait_until(lambda: [c for c in receiver.at("/out") if verified(c)["type"] == "job.completed"], 60,
-                      what="the completed delivery")
+    job = submit(
+        hooks,
+        webhook=receiver.url("/out"),
+        webhook_events_filter=["output", "completed"],
+        max_new_tokens=200,
+        ignore_eos=True,
+    )
+    done = wait_until(
+        lambda: [c for c in receiver.at("/out") if verified(c)["type"] == "job.completed"],
+        60,
+        what="the completed delivery",
+    )
     outputs = [verified(c) for c in receiver.at("/out") if verified(c)["type"] == "job.output"]
     final = verified(done[0])["data"]
     assert final["progress"]["tokens"] == 200
@@ -194,28 +213,36 @@ def test_output_events_while_running(hooks: Stack, receiver: Receiver) -> None:
 
 
 def test_batch_completed(hooks: Stack, receiver: Receiver) -> None:
-    body = {"requests": [{"custom_id": f"r{i}", "body": {"prompt": "Simple is", "max_new_tokens": 3}}
-                         for i in range(2)], "webhook": receiver.url("/batch")}
+    body = {
+        "requests": [{"custom_id": f"r{i}", "body": {"prompt": "Simple is", "max_new_tokens": 3}} for i in range(2)],
+        "webhook": receiver.url("/batch"),
+    }
     batch = requests.post(hooks.url + "/v1/batches", json=body, timeout=30).json()
     calls = wait_until(lambda: receiver.at("/batch"), 60, what="batch.completed")
     payload = verified(calls[0])
     assert payload["type"] == "batch.completed"
     assert payload["data"]["id"] == batch["id"] and payload["data"]["status"] == "completed"
     assert payload["data"]["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
-    log = wait_until(lambda: requests.get(f"{hooks.url}/v1/batches/{batch['id']}/webhooks", timeout=10)
-                     .json()["data"], 10, what="the batch attempt log")
+    log = wait_until(
+        lambda: requests.get(f"{hooks.url}/v1/batches/{batch['id']}/webhooks", timeout=10).json()["data"],
+        10,
+        what="the batch attempt log",
+    )
     assert log[0]["status_code"] == 200 and log[0]["event"] == "batch.completed"
 
 
-@pytest.mark.parametrize(("url", "needle"), [
-    ("http://10.1.2.3/hook", "non-public"),
-    ("http://localhost:9/hook", "non-public"),
-    ("http://[::1]:9/hook", "non-public"),
-    ("http://169.254.169.254/latest/meta-data", "non-public"),
-    ("http://[::ffff:192.168.0.1]/", "non-public"),
-    ("ftp://127.0.0.1/hook", "http or https"),
-    ("http://user:pw@127.0.0.1/", "user name"),
-])
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("http://10.1.2.3/hook", "non-public"),
+        ("http://localhost:9/hook", "non-public"),
+        ("http://[::1]:9/hook", "non-public"),
+        ("http://169.254.169.254/latest/meta-data", "non-public"),
+        ("http://[::ffff:192.168.0.1]/", "non-public"),
+        ("ftp://127.0.0.1/hook", "http or https"),
+        ("http://user:pw@127.0.0.1/", "user name"),
+    ],
+)
 def test_internal_addresses_refused_at_submit(hooks: Stack, url: str, needle: str) -> None:
     http = hooks.app().test_client()
     answer = http.post("/v1/jobs", json={"prompt": "x", "webhook": url})
@@ -228,8 +255,9 @@ def test_refused_for_exports_batch_lines_and_without_a_secret(hooks: Stack, http
     own = hooks.app().test_client()
     answer = own.post("/v1/models/downloads", json={"repo_id": "a/b", "webhook": "http://192.168.1.1/"})
     assert answer.status_code == 422 and answer.get_json()["error"]["code"] == "invalid_webhook"
-    answer = own.post("/v1/batches", json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}],
-                                           "webhook": "http://10.0.0.1/"})
+    answer = own.post(
+        "/v1/batches", json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}], "webhook": "http://10.0.0.1/"}
+    )
     assert answer.status_code == 422 and answer.get_json()["error"]["param"] == "webhook"
     line = {"custom_id": "a", "body": {"prompt": "x", "webhook": "http://127.0.0.1/"}}
     batch = own.post("/v1/batches", json={"requests": [line]}).get_json()
@@ -294,9 +322,26 @@ def test_https_verifies_the_certificate(tmp_path: Path) -> None:
 
     from qwen_deploy.webhooks import post
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(tmp_path / "k.pem"),
+            "-out",
+            str(tmp_path / "c.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     r = Receiver()

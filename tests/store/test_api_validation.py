@@ -37,25 +37,28 @@ def error_of(response) -> dict:  # type: ignore[no-untyped-def]
     return body["error"]
 
 
-@pytest.mark.parametrize(("body", "code", "param"), [
-    ({"prompt": "x", "max_new_tokens": 513}, "max_new_tokens_too_large", "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": 0}, "invalid_value", "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": "5"}, "invalid_type", "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": 5.5}, "invalid_type", "max_new_tokens"),
-    ({"prompt": "x", "max_new_tokens": True}, "invalid_type", "max_new_tokens"),
-    ({"prompt": "x", "temperature": -1}, "invalid_value", "temperature"),
-    ({"prompt": "x", "top_p": 0}, "invalid_value", "top_p"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "too_many_stop_strings", "stop"),
-    ({"prompt": "x", "stop": [""]}, "invalid_value", "stop"),
-    ({"prompt": "x", "stop": [1]}, "invalid_type", "stop"),
-    ({"prompt": "x", "bogus": 1}, "unknown_field", "bogus"),
-    ({"prompt": 42}, "invalid_type", "prompt"),
-    ({}, "missing_prompt", "prompt"),
-    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "missing_prompt", "prompt"),
-    ({"messages": []}, "invalid_value", "messages"),
-    ({"messages": [{"role": "robot", "content": "y"}]}, "invalid_value", "messages.0.role"),
-    ({"messages": [{"role": "user"}]}, "missing_field", "messages.0.content"),
-])
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"prompt": "x", "max_new_tokens": 513}, "max_new_tokens_too_large", "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": 0}, "invalid_value", "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": "5"}, "invalid_type", "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": 5.5}, "invalid_type", "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": True}, "invalid_type", "max_new_tokens"),
+        ({"prompt": "x", "temperature": -1}, "invalid_value", "temperature"),
+        ({"prompt": "x", "top_p": 0}, "invalid_value", "top_p"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "too_many_stop_strings", "stop"),
+        ({"prompt": "x", "stop": [""]}, "invalid_value", "stop"),
+        ({"prompt": "x", "stop": [1]}, "invalid_type", "stop"),
+        ({"prompt": "x", "bogus": 1}, "unknown_field", "bogus"),
+        ({"prompt": 42}, "invalid_type", "prompt"),
+        ({}, "missing_prompt", "prompt"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "missing_prompt", "prompt"),
+        ({"messages": []}, "invalid_value", "messages"),
+        ({"messages": [{"role": "robot", "content": "y"}]}, "invalid_value", "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "missing_field", "messages.0.content"),
+    ],
+)
 def test_invalid_bodies_are_422(http, server: RedisServer, body: dict, code: str, param: str) -> None:  # type: ignore[no-untyped-def]
     response = http.post("/v1/jobs", json=body)
     assert response.status_code == 422
@@ -180,17 +183,20 @@ def test_batch_limits_on_bytes_and_lines(server: RedisServer) -> None:
     assert ok.status_code == 202 and ok.get_json()["request_counts"]["total"] == 1
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"prompt": "x", "stop": ["s"] * 10_000}, 422, "too_many_stop_strings"),
-    ({"prompt": "x", "max_new_tokens": -1}, 422, "invalid_value"),
-    ({"prompt": "x", "max_new_tokens": 10**30}, 422, "max_new_tokens_too_large"),
-    ({"prompt": "x", "seed": 2**64}, 422, "invalid_value"),
-    ({"prompt": "x", "temperature": "hot"}, 422, "invalid_type"),
-    ({"prompt": "x", "top_k": 1.5}, 422, "invalid_type"),
-    ({"prompt": "nul \u0000 and control \u0007\u001b chars"}, 202, None),
-    ({"messages": [{"role": "user", "content": "\u0000"}]}, 202, None),
-    ({"prompt\u0000": "x"}, 422, "unknown_field"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"prompt": "x", "stop": ["s"] * 10_000}, 422, "too_many_stop_strings"),
+        ({"prompt": "x", "max_new_tokens": -1}, 422, "invalid_value"),
+        ({"prompt": "x", "max_new_tokens": 10**30}, 422, "max_new_tokens_too_large"),
+        ({"prompt": "x", "seed": 2**64}, 422, "invalid_value"),
+        ({"prompt": "x", "temperature": "hot"}, 422, "invalid_type"),
+        ({"prompt": "x", "top_k": 1.5}, 422, "invalid_type"),
+        ({"prompt": "nul \u0000 and control \u0007\u001b chars"}, 202, None),
+        ({"messages": [{"role": "user", "content": "\u0000"}]}, 202, None),
+        ({"prompt\u0000": "x"}, 422, "unknown_field"),
+    ],
+)
 def test_hostile_values_get_clear_answers(http, body: dict, status: int, code: str | None) -> None:  # type: ignore[no-untyped-def]
     response = http.post("/v1/jobs", json=body)
     assert response.status_code == status

@@ -37,13 +37,24 @@ def doctor_env(tmp: Path, redis_url: str, config: dict[str, Any], **extra: str) 
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_DEPLOY_") or k == KEEP_ENV}
     env.pop("HF_TOKEN", None)
-    return {**env, "QWEN_DEPLOY_CONFIG": str(path), "REDIS_URL": redis_url,
-            "QWEN_DEPLOY_ENV_FILE": str(tmp / "missing.env"), **extra}
+    return {
+        **env,
+        "QWEN_DEPLOY_CONFIG": str(path),
+        "REDIS_URL": redis_url,
+        "QWEN_DEPLOY_ENV_FILE": str(tmp / "missing.env"),
+        **extra,
+    }
 
 
 def run_doctor(env: dict[str, str], *args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "doctor", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=DOCTOR_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "doctor", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DOCTOR_TIMEOUT_S,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -51,7 +62,7 @@ def doctor_json(env: dict[str, str]) -> tuple[int, dict[str, dict[str, str]], st
     """(exit code, rows by check name, raw output)."""
     code, out = run_doctor(env, "--json")
     start = out.index("{")
-    data = json.loads(out[start:out.rindex("}") + 1])
+    data = json.loads(out[start : out.rindex("}") + 1])
     assert data["ok"] == (code == 0), out
     return code, {row["name"]: row for row in data["checks"]}, out
 
@@ -63,16 +74,27 @@ def statuses(rows: dict[str, dict[str, str]]) -> dict[str, str]:
 def test_healthy_setup_passes_and_hides_the_token(tmp_path: Path, demo_model: Path, aof_redis: RedisServer) -> None:
     client = redis.Redis.from_url(aof_redis.url, decode_responses=True)
     client.lpush("qd:bulk", "{}")
-    env = doctor_env(tmp_path, aof_redis.url, {"model": {"name_or_path": str(demo_model), "threads": 1}},
-                     HF_TOKEN=SECRET)
+    env = doctor_env(
+        tmp_path, aof_redis.url, {"model": {"name_or_path": str(demo_model), "threads": 1}}, HF_TOKEN=SECRET
+    )
     try:
         code, rows, out = doctor_json(env)
     finally:
         client.delete("bulk")
     assert code == 0, out
     status = statuses(rows)
-    for name in ("python", "packages", "config", "redis", "redis_persistence", "redis_eviction", "queues",
-                 "model", "memory", "hf_token"):
+    for name in (
+        "python",
+        "packages",
+        "config",
+        "redis",
+        "redis_persistence",
+        "redis_eviction",
+        "queues",
+        "model",
+        "memory",
+        "hf_token",
+    ):
         assert status[name] == "pass", rows[name]
     assert status["workers"] == "warn" and rows["workers"]["fix"]
     assert "interactive 0, bulk 1, convert 0" in rows["queues"]["detail"]
@@ -87,8 +109,9 @@ def test_healthy_setup_passes_and_hides_the_token(tmp_path: Path, demo_model: Pa
     assert "fix: start one: qwen-deploy worker" in table
 
 
-def test_ready_worker_is_seen_and_the_worker_healthcheck_answers(tmp_path: Path, demo_model: Path,
-                                                                 aof_redis: RedisServer) -> None:
+def test_ready_worker_is_seen_and_the_worker_healthcheck_answers(
+    tmp_path: Path, demo_model: Path, aof_redis: RedisServer
+) -> None:
     client = redis.Redis.from_url(aof_redis.url, decode_responses=True)
     env = doctor_env(tmp_path, aof_redis.url, {"model": {"name_or_path": str(demo_model), "threads": 1}})
     healthcheck = [sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"]
@@ -114,8 +137,13 @@ def test_ready_worker_is_seen_and_the_worker_healthcheck_answers(tmp_path: Path,
 
 def test_broken_setup_fails_naming_the_rows(tmp_path: Path, demo_model: Path) -> None:
     closed = f"redis://:pw-not-shown@127.0.0.1:{free_port()}/0"
-    env = doctor_env(tmp_path, closed, {"model": {"name_or_path": str(demo_model)}},
-                     QWEN_DEPLOY_LIMITS__HARD_TIME_LIMIT="-1", HF_TOKEN=SECRET)
+    env = doctor_env(
+        tmp_path,
+        closed,
+        {"model": {"name_or_path": str(demo_model)}},
+        QWEN_DEPLOY_LIMITS__HARD_TIME_LIMIT="-1",
+        HF_TOKEN=SECRET,
+    )
     code, rows, out = doctor_json(env)
     assert code == 1, out
     failed = {name for name, row in rows.items() if row["status"] == "fail"}
@@ -142,13 +170,20 @@ def test_redis_without_persistence_warns(tmp_path: Path, demo_model: Path) -> No
     assert "lost on restart" in rows["redis_persistence"]["detail"] and rows["redis_persistence"]["fix"]
 
 
-@pytest.mark.parametrize(("model", "expected"), [("someorg/not-cached-model", "warn"),
-                                                 ("/nonexistent/qwen-model", "fail")])
+@pytest.mark.parametrize(
+    ("model", "expected"), [("someorg/not-cached-model", "warn"), ("/nonexistent/qwen-model", "fail")]
+)
 def test_model_resolution(tmp_path: Path, aof_redis: RedisServer, model: str, expected: str) -> None:
     """A hub id that is not cached while the hub is unreachable warns; a missing directory fails."""
     hub = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub is unreachable, fast
-    env = doctor_env(tmp_path, aof_redis.url, {"model": {"name_or_path": model}},
-                     HF_ENDPOINT=hub, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    env = doctor_env(
+        tmp_path,
+        aof_redis.url,
+        {"model": {"name_or_path": model}},
+        HF_ENDPOINT=hub,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="0",
+    )
     code, rows, out = doctor_json(env)
     assert rows["model"]["status"] == expected, out
     assert code == (1 if expected == "fail" else 0), out
@@ -158,9 +193,17 @@ def test_model_resolution(tmp_path: Path, aof_redis: RedisServer, model: str, ex
         assert rows["memory"]["status"] == "warn"
 
 
-@pytest.mark.parametrize(("host", "keys", "expected"), [("0.0.0.0", [], "fail"), ("0.0.0.0", ["k-1"], "pass"),
-                                                        ("127.0.0.1", [], "pass"), ("::1", [], "pass"),
-                                                        ("localhost", [], "pass"), ("192.168.1.5", [], "fail")])
+@pytest.mark.parametrize(
+    ("host", "keys", "expected"),
+    [
+        ("0.0.0.0", [], "fail"),
+        ("0.0.0.0", ["k-1"], "pass"),
+        ("127.0.0.1", [], "pass"),
+        ("::1", [], "pass"),
+        ("localhost", [], "pass"),
+        ("192.168.1.5", [], "fail"),
+    ],
+)
 def test_no_api_keys_on_a_non_loopback_bind_blocks(host: str, keys: list[str], expected: str) -> None:
     from qwen_deploy.cli.doctor import checks_system
     from qwen_deploy.cli.doctor.context import Context

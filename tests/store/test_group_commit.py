@@ -26,8 +26,9 @@ def client(server: RedisServer) -> redis.Redis:
     return r
 
 
-def run_together(commit: GroupCommit, script: Any, client: redis.Redis, values: list[str],
-                 pause_ms: int = 1000) -> dict[str, Any]:
+def run_together(
+    commit: GroupCommit, script: Any, client: redis.Redis, values: list[str], pause_ms: int = 1000
+) -> dict[str, Any]:
     """One call is in flight while Redis is paused; the others queue meanwhile, then run."""
     answers: dict[str, Any] = {}
 
@@ -86,6 +87,7 @@ def test_a_lost_connection_fails_every_call_of_its_group_and_the_next_call_works
     # paused for 3 s: the first call's round trip and the next one's both outlast the 0.5 s socket timeout
     answers = run_together(commit, script, r, ["p", "q"], pause_ms=3000)
     assert all(isinstance(a, redis.RedisError) for a in answers.values()), answers
+
     def awake() -> bool:
         try:
             return bool(r.ping())

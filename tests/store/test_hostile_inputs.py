@@ -43,16 +43,37 @@ def test_ids_naming_other_keys_are_404(http: Any) -> None:
     b = batch(http)
     job = http.post("/v1/jobs", json={"prompt": "x"}).get_json()
     assert http.get(f"/v1/batches/{b['id']}").status_code == 200
-    for path in (f"/v1/batches/{b['id']}:tries", f"/v1/batches/{b['id']}:req", f"/v1/batches/{b['id']}:out/results",
-                 f"/v1/jobs/{job['id']}:ev", f"/v1/jobs/{job['id']}:ev/events", "/v1/jobs/JOB_" + "A" * 28,
-                 "/v1/batches/batch_%00", "/v1/jobs/job_%00%00/events", "/v1/jobs/%E2%80%AEjob"):
+    for path in (
+        f"/v1/batches/{b['id']}:tries",
+        f"/v1/batches/{b['id']}:req",
+        f"/v1/batches/{b['id']}:out/results",
+        f"/v1/jobs/{job['id']}:ev",
+        f"/v1/jobs/{job['id']}:ev/events",
+        "/v1/jobs/JOB_" + "A" * 28,
+        "/v1/batches/batch_%00",
+        "/v1/jobs/job_%00%00/events",
+        "/v1/jobs/%E2%80%AEjob",
+    ):
         assert http.get(path).status_code == 404, path
     assert http.post(f"/v1/jobs/{job['id']}:ev/cancel").status_code == 404
     assert http.post(f"/v1/batches/{b['id']}:chunks/cancel").status_code == 404
 
 
-@pytest.mark.parametrize("query", ["after=%C2%B2", "after=%D9%A1", "after=-1", "after=1.0", "after=1e3",
-                                   "after=" + "9" * 40, "limit=0", "limit=%C2%B2", "limit=10001", "limit=abc"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "after=%C2%B2",
+        "after=%D9%A1",
+        "after=-1",
+        "after=1.0",
+        "after=1e3",
+        "after=" + "9" * 40,
+        "limit=0",
+        "limit=%C2%B2",
+        "limit=10001",
+        "limit=abc",
+    ],
+)
 def test_batch_result_params_are_ascii_integers(http: Any, query: str) -> None:
     b = batch(http)
     response = http.get(f"/v1/batches/{b['id']}/results?{query}")
@@ -74,15 +95,18 @@ def test_wait_is_an_ascii_number(http: Any, wait: str) -> None:
     assert code_of(http.get(f"/v1/jobs/{job['id']}?wait={wait}")) == (422, "invalid_value")
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"repo_id": "org/m", "revision": "../../etc"}, "revision"),
-    ({"repo_id": "org/m", "revision": "main\u0000"}, "revision"),
-    ({"repo_id": "org/m", "revision": "ma\u00efn"}, "revision"),
-    ({"repo_id": "org/m", "revision": 5}, "revision"),
-    ({"repo_id": "\u00e9t\u00e9/m"}, "repo_id"),
-    ({"repo_id": "org/m", "out": "a\u0000b"}, "out"),
-    ({"repo_id": "org/m", "out": "a\nb"}, "out"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"repo_id": "org/m", "revision": "../../etc"}, "revision"),
+        ({"repo_id": "org/m", "revision": "main\u0000"}, "revision"),
+        ({"repo_id": "org/m", "revision": "ma\u00efn"}, "revision"),
+        ({"repo_id": "org/m", "revision": 5}, "revision"),
+        ({"repo_id": "\u00e9t\u00e9/m"}, "repo_id"),
+        ({"repo_id": "org/m", "out": "a\u0000b"}, "out"),
+        ({"repo_id": "org/m", "out": "a\nb"}, "out"),
+    ],
+)
 def test_download_fields_are_validated(http: Any, body: dict[str, Any], param: str) -> None:
     response = http.post("/v1/models/downloads", json=body)
     assert response.status_code == 422 and response.get_json()["error"]["param"] == param
@@ -112,19 +136,24 @@ def test_batch_size_caps(server: RedisServer) -> None:
     http = make_app(server.url, batches={"max_line_bytes": 1024}).test_client()
     long_line = json.dumps({"custom_id": "a", "body": {"prompt": "x" * 2000}})
     assert code_of(http.post("/v1/batches", data=long_line, content_type="application/x-ndjson")) == (
-        422, "line_too_long")
+        422,
+        "line_too_long",
+    )
     assert load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "no.env"}).batches.max_bytes == 16 * 1024 * 1024
 
 
-@pytest.mark.parametrize(("metadata", "ok"), [
-    ({f"k{i}": "v" for i in range(16)}, True),
-    ({f"k{i}": "v" for i in range(17)}, False),
-    ({"k" * 64: "v" * 512}, True),
-    ({"k" * 65: "v"}, False),
-    ({"k": "v" * 513}, False),
-    ({"k": 5}, False),
-    (["k"], False),
-])
+@pytest.mark.parametrize(
+    ("metadata", "ok"),
+    [
+        ({f"k{i}": "v" for i in range(16)}, True),
+        ({f"k{i}": "v" for i in range(17)}, False),
+        ({"k" * 64: "v" * 512}, True),
+        ({"k" * 65: "v"}, False),
+        ({"k": "v" * 513}, False),
+        ({"k": 5}, False),
+        (["k"], False),
+    ],
+)
 def test_batch_metadata_is_capped_like_openai(http: Any, metadata: Any, ok: bool) -> None:
     body = {"requests": [{"custom_id": "a", "body": {"prompt": "x"}}], "metadata": metadata}
     response = http.post("/v1/batches", json=body)
@@ -139,10 +168,16 @@ def test_message_count_is_capped(http: Any) -> None:
     assert http.post("/v1/jobs", json={"messages": many[:256]}).status_code == 202
 
 
-@pytest.mark.parametrize("headers", [
-    {"Idempotency-Key": "x" * 256}, {"Idempotency-Key": "caf\u00e9".encode().decode("latin-1")},
-    {"Authorization": "Bearer \u00e9\u00e9"}, {"Last-Event-ID": "\u00b2"}, {"Cancel-After": "\u0000"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Idempotency-Key": "x" * 256},
+        {"Idempotency-Key": "caf\u00e9".encode().decode("latin-1")},
+        {"Authorization": "Bearer \u00e9\u00e9"},
+        {"Last-Event-ID": "\u00b2"},
+        {"Cancel-After": "\u0000"},
+    ],
+)
 def test_odd_headers_never_give_a_server_error(http: Any, headers: dict[str, str]) -> None:
     job = http.post("/v1/jobs", json={"prompt": "x"}).get_json()
     for method, path in (("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{job['id']}/events"), ("GET", "/v1/jobs")):
@@ -152,8 +187,24 @@ def test_odd_headers_never_give_a_server_error(http: Any, headers: dict[str, str
             response.close()
 
 
-ODD = ["\u00b2", "\u0661", "1.5", "-1", "1e309", "9" * 400, "nan", "\u0000", "\u0007\u001b", "\u202e", "\U0001f600",
-       "%", "job_" + "0" * 28, "batch_" + "f" * 28 + ":tries", " ", ""]
+ODD = [
+    "\u00b2",
+    "\u0661",
+    "1.5",
+    "-1",
+    "1e309",
+    "9" * 400,
+    "nan",
+    "\u0000",
+    "\u0007\u001b",
+    "\u202e",
+    "\U0001f600",
+    "%",
+    "job_" + "0" * 28,
+    "batch_" + "f" * 28 + ":tries",
+    " ",
+    "",
+]
 
 
 def test_odd_values_in_every_route_param_and_header_are_never_5xx(http: Any) -> None:
@@ -170,8 +221,13 @@ def test_odd_values_in_every_route_param_and_header_are_never_5xx(http: Any) -> 
                     response = http.open(url, method=method.upper(), query_string=args, json=body, headers=headers)
                     unserved = b'"model_unavailable"' in response.get_data()  # its few queued jobs are here
                     no_worker = response.status_code == 503 and (url in ("/readyz", "/v1/model") or unserved)
-                    assert response.status_code < 500 or no_worker, (method, url, args, headers,
-                                                                     response.get_data()[:300])
+                    assert response.status_code < 500 or no_worker, (
+                        method,
+                        url,
+                        args,
+                        headers,
+                        response.get_data()[:300],
+                    )
                     response.close()
                     sent += 1
     assert sent > 300

@@ -23,9 +23,13 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 @pytest.fixture()
 def http(server: RedisServer) -> Any:
     redis.Redis.from_url(server.url).flushdb()
-    settings = load_settings(environ={"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
-                             overrides={"web": {"api_keys": [K1, K2], "admin_keys": [ADMIN]},
-                                        "webhooks": {"allowed_hosts": ["127.0.0.1"], "secret": SECRET}})
+    settings = load_settings(
+        environ={"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
+        overrides={
+            "web": {"api_keys": [K1, K2], "admin_keys": [ADMIN]},
+            "webhooks": {"allowed_hosts": ["127.0.0.1"], "secret": SECRET},
+        },
+    )
     return create_app(settings).test_client()
 
 
@@ -45,8 +49,11 @@ def test_a_queued_job_ends_canceled_at_its_deadline(http: Any) -> None:
     body = post(http, {"deadline_seconds": 0.4}, **{"Cancel-After": "1h"}).get_json()  # the earlier wins
     assert body["deadline"] - body["created_at"] == pytest.approx(0.4, abs=0.05)
     later = post(http, {"deadline_seconds": 600}).get_json()
-    done = wait_until(lambda: (j := http.get(f"/v1/jobs/{job['id']}", headers=auth()).get_json())["status"]
-                      == "canceled" and j, 10, what="the deadline")
+    done = wait_until(
+        lambda: (j := http.get(f"/v1/jobs/{job['id']}", headers=auth()).get_json())["status"] == "canceled" and j,
+        10,
+        what="the deadline",
+    )
     assert done["error"]["code"] == "deadline_exceeded" and done["attempts"] == 0 and done["started_at"] is None
     assert done["completed_at"] >= done["deadline"]
     assert http.get(f"/v1/jobs/{later['id']}", headers=auth()).get_json()["status"] == "queued"
@@ -54,17 +61,21 @@ def test_a_queued_job_ends_canceled_at_its_deadline(http: Any) -> None:
     assert [j["id"] for j in listed] == [job["id"]]  # the other short one: not read yet (the sweep's job)
 
 
-@pytest.mark.parametrize(("headers", "body", "status", "param"), [
-    ({"Cancel-After": "soon"}, {}, 400, "Cancel-After"),
-    ({"Cancel-After": "0s"}, {}, 400, "Cancel-After"),
-    ({"Cancel-After": "48h"}, {}, 400, "Cancel-After"),
-    ({}, {"deadline_seconds": 0}, 422, "deadline_seconds"),
-    ({}, {"deadline_seconds": "30s"}, 422, "deadline_seconds"),
-    ({}, {"deadline_seconds": 86401}, 422, "deadline_seconds"),
-    ({}, {"priority": "urgent"}, 422, "priority"),
-])
-def test_bad_lifecycle_options_are_refused_with_param(http: Any, headers: dict[str, str], body: dict[str, Any],
-                                                      status: int, param: str) -> None:
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "param"),
+    [
+        ({"Cancel-After": "soon"}, {}, 400, "Cancel-After"),
+        ({"Cancel-After": "0s"}, {}, 400, "Cancel-After"),
+        ({"Cancel-After": "48h"}, {}, 400, "Cancel-After"),
+        ({}, {"deadline_seconds": 0}, 422, "deadline_seconds"),
+        ({}, {"deadline_seconds": "30s"}, 422, "deadline_seconds"),
+        ({}, {"deadline_seconds": 86401}, 422, "deadline_seconds"),
+        ({}, {"priority": "urgent"}, 422, "priority"),
+    ],
+)
+def test_bad_lifecycle_options_are_refused_with_param(
+    http: Any, headers: dict[str, str], body: dict[str, Any], status: int, param: str
+) -> None:
     response = post(http, body, **headers)
     assert response.status_code == status
     assert response.get_json()["error"]["param"] == param
@@ -130,8 +141,11 @@ def test_purge_needs_an_admin_key_and_ends_the_queued_jobs(http: Any) -> None:
     assert refused.status_code == 403 and refused.get_json()["error"]["code"] == "admin_required"
     assert http.post("/v1/queues/nope/purge", headers=auth(ADMIN)).status_code == 404
     done = http.post("/v1/queues/interactive/purge", headers=auth(ADMIN))
-    assert done.status_code == 200 and done.get_json() == {"object": "queue.purged", "queue": "interactive",
-                                                          "purged": 3}
+    assert done.status_code == 200 and done.get_json() == {
+        "object": "queue.purged",
+        "queue": "interactive",
+        "purged": 3,
+    }
     for job, key in zip(jobs, (K1, K2, K1)):
         record = http.get(f"/v1/jobs/{job['id']}", headers=auth(key)).get_json()
         assert record["status"] == "canceled" and record["error"]["code"] == "purged"

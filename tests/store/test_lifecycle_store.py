@@ -17,8 +17,9 @@ from tests.helpers import wait_until
 from web.job_options import parse_duration
 
 
-def submit_result(store: JobStore, prompt: str = "hi", priority: str = "normal",
-                  deadline: float | None = None) -> SubmitResult:
+def submit_result(
+    store: JobStore, prompt: str = "hi", priority: str = "normal", deadline: float | None = None
+) -> SubmitResult:
     job_id = new_job_id()
     message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
     fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
@@ -47,8 +48,9 @@ def test_fair_queueing_puts_a_new_key_ahead_of_another_keys_backlog(store: JobSt
         job_id = new_job_id()
         message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
         fields = {"type": "generation", "request": json.dumps({"prompt": owner, "max_new_tokens": 64})}
-        result = store.submit(job_id, INTERACTIVE, message, fields, 1000, owner=owner, engine=True,
-                              priority=priority, fair_cost=0.64)
+        result = store.submit(
+            job_id, INTERACTIVE, message, fields, 1000, owner=owner, engine=True, priority=priority, fair_cost=0.64
+        )
         assert result.status == "ok"
         return job_id
 
@@ -156,8 +158,20 @@ def test_the_estimate_counts_the_completions_of_the_last_minute(store: JobStore)
     assert eta([now - i * 0.05 for i in range(100)]) == pytest.approx(51 / (100 / 60), abs=0.1)  # all ever kept
 
 
-@pytest.mark.parametrize(("raw", "seconds"), [("30s", 30), ("5m", 300), ("1h30m", 5400), ("45", 45), ("1.5s", 1.5),
-                                              ("250ms", 0.25), ("2m30s", 150), ("0.5", 0.5), (" 10s ", 10)])
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("45", 45),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("2m30s", 150),
+        ("0.5", 0.5),
+        (" 10s ", 10),
+    ],
+)
 def test_cancel_after_durations(raw: str, seconds: float) -> None:
     assert parse_duration(raw) == pytest.approx(seconds)
 

@@ -30,8 +30,9 @@ def r(server: RedisServer) -> redis.Redis:
 
 def make_http(url: str, **sections: Any) -> Any:
     web = {"api_keys": [K1, K2], **sections.pop("web", {})}
-    settings = load_settings(environ={"REDIS_URL": url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
-                             overrides={"web": web, **sections})
+    settings = load_settings(
+        environ={"REDIS_URL": url, "QWEN_DEPLOY_ENV_FILE": "no.env"}, overrides={"web": web, **sections}
+    )
     return create_app(settings).test_client()
 
 
@@ -55,8 +56,9 @@ def test_jobs_in_flight_are_capped_per_key(server: RedisServer, r: redis.Redis) 
 
 
 def test_batches_in_flight_and_the_bulk_queue_are_capped(server: RedisServer, r: redis.Redis) -> None:
-    http = make_http(server.url, limits={"max_inflight_per_key": 2, "max_bulk_depth": 5},
-                     batches={"micro_batch_size": 1})
+    http = make_http(
+        server.url, limits={"max_inflight_per_key": 2, "max_bulk_depth": 5}, batches={"micro_batch_size": 1}
+    )
     one = {"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]}
     first = http.post("/v1/batches", json=one, headers=auth(K1)).get_json()
     assert http.post("/v1/batches", json=one, headers=auth(K1)).status_code == 202
@@ -79,8 +81,10 @@ def test_redis_out_of_memory_is_503_with_retry_after(tmp_path: Any) -> None:
         before = client.config_get("maxmemory")["maxmemory"]
         client.config_set("maxmemory", "1")
         try:
-            for method, path, body in (("POST", "/v1/jobs", {"prompt": "x"}),
-                                       ("POST", "/v1/batches", {"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]})):
+            for method, path, body in (
+                ("POST", "/v1/jobs", {"prompt": "x"}),
+                ("POST", "/v1/batches", {"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]}),
+            ):
                 response = http.open(path, method=method, json=body, headers=auth(K1))
                 assert code_of(response) == (503, "redis_out_of_memory"), path
                 assert int(response.headers["Retry-After"]) > 0
@@ -92,8 +96,10 @@ def test_redis_out_of_memory_is_503_with_retry_after(tmp_path: Any) -> None:
 
 
 def test_open_streams_are_capped_per_key(server: RedisServer, r: redis.Redis) -> None:
-    settings = load_settings(environ={"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
-                             overrides={"web": {"api_keys": [K1, K2]}, "limits": {"max_streams_per_key": 2}})
+    settings = load_settings(
+        environ={"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env"},
+        overrides={"web": {"api_keys": [K1, K2]}, "limits": {"max_streams_per_key": 2}},
+    )
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"

@@ -53,13 +53,19 @@ def test_arguments_arrive_byte_for_byte(server: RedisServer, protocol: int) -> N
     r = client(server, protocol, False)
     script = r.register_script("return {KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]}")
     assert GroupCommit(r)(script, ["k:ü"], [7, 0.1, b"\x00\xffraw\r\n", "✓"]) == [
-        "k:ü".encode(), b"7", b"0.1", b"\x00\xffraw\r\n", "✓".encode()]
+        "k:ü".encode(),
+        b"7",
+        b"0.1",
+        b"\x00\xffraw\r\n",
+        "✓".encode(),
+    ]
 
 
 def test_a_packed_call_is_the_command_redis_py_sends(server: RedisServer) -> None:
     r = redis.Redis.from_url(server.url)
     packed = pack_evalsha("a" * 40, ["k1", "k2"], ["v", 3, 1.5])
-    assert packed == b"".join(r.connection_pool.make_connection().pack_command(
-        "EVALSHA", "a" * 40, 2, "k1", "k2", "v", 3, 1.5))
+    assert packed == b"".join(
+        r.connection_pool.make_connection().pack_command("EVALSHA", "a" * 40, 2, "k1", "k2", "v", 3, 1.5)
+    )
     with pytest.raises(redis.DataError):
         pack_evalsha("a" * 40, [], [True])  # as redis-py: a bool is not an argument

@@ -33,7 +33,9 @@ def test_claim_runs_a_queued_job_once_and_drops_its_wake_up_message(store: JobSt
     assert store.r.ttl(store.key(first)) == -1  # no TTL while not terminal
     claims = store.claim("host:1", lease=30, max_deliveries=2, room=8)
     assert [(c.outcome, c.job_id, json.loads(c.request)["prompt"], c.attempt) for c in claims] == [
-        ("run", first, "a", "1"), ("run", second, "b", "1")]  # oldest first
+        ("run", first, "a", "1"),
+        ("run", second, "b", "1"),
+    ]  # oldest first
     assert store.r.llen(store.queue_key(INTERACTIVE)) == 0 and store.r.zcard(store.pending_key()) == 0
     assert store.r.smembers(store.held_key("host:1")) == {first, second}
     assert [c.outcome for c in store.claim("host:2", 30, 2, 1, job_id=first)] == ["busy"]
@@ -81,7 +83,12 @@ def test_an_expired_lease_is_claimed_again_and_resumes(store: JobStore) -> None:
     pipe.execute()
     [again] = store.claim("host:2", 30, 2, 8)
     assert (again.outcome, again.job_id, again.attempt, json.loads(again.out_ids), again.text) == (
-        "run", job, "2", [5, 6], " pass")
+        "run",
+        job,
+        "2",
+        [5, 6],
+        " pass",
+    )
     assert progress(store, job, "host:1", " stale", [9]) == -1  # the old holder is refused
     assert store.get(job)["worker"] == "host:2"
 
@@ -164,8 +171,13 @@ def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: R
         settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"}, overrides={"key_prefix": prefix})
         batches, hooks = BatchStore(client, prefix, 600), WebhookStore(client, settings)
         batch_id = f"batch_{prefix}"
-        fields = {"id": batch_id, "status": "completed", "created_at": repr(time.time()), "owner": "o",
-                  "webhook": "http://127.0.0.1:9/hook"}
+        fields = {
+            "id": batch_id,
+            "status": "completed",
+            "created_at": repr(time.time()),
+            "owner": "o",
+            "webhook": "http://127.0.0.1:9/hook",
+        }
         batches.create(batch_id, fields, ['{"line": 1}'], ['{"error": {}}'], [(BULK, "{}")])
         assert batches.chunk_tries(batch_id, 0) == 1 and not batches.chunk_recorded(batch_id, 0)
         assert batches.notify(batch_id)  # the batch.completed delivery
@@ -184,13 +196,31 @@ def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: R
         assert client.zrange(keys.WebhookKeys(prefix).watch_key(), 0, -1) == [f"job_{prefix}"]
     found = client.keys("*")
     assert found and all(k.startswith(("t:", "u:")) for k in found), found
-    shapes = {p: sorted(re.sub(rf"(?<=[:_]){p}(?=$|[:_])", "X", k.removeprefix(f"{p}:")) for k in found
-                        if k.startswith(f"{p}:") and ":file:" not in k) for p in ("t", "u")}
+    shapes = {
+        p: sorted(
+            re.sub(rf"(?<=[:_]){p}(?=$|[:_])", "X", k.removeprefix(f"{p}:"))
+            for k in found
+            if k.startswith(f"{p}:") and ":file:" not in k
+        )
+        for p in ("t", "u")
+    }
     assert shapes["t"] == shapes["u"], shapes  # the same keys on each side (file ids are random)
-    assert {"batch:batch_X", "batch:batch_X:req", "batch:batch_X:out", "batch:batch_X:tries", "bulk",
-            "owner:o:batch_index", "webhooks:watch", "webhook:msg_batch_X_completed",
-            "batch:batch_X:webhooks", "owner:o:files", "workers", "worker:host:X", "model:m:workers",
-            "stats:model_loads"} <= set(shapes["t"]), shapes["t"]
+    assert {
+        "batch:batch_X",
+        "batch:batch_X:req",
+        "batch:batch_X:out",
+        "batch:batch_X:tries",
+        "bulk",
+        "owner:o:batch_index",
+        "webhooks:watch",
+        "webhook:msg_batch_X_completed",
+        "batch:batch_X:webhooks",
+        "owner:o:files",
+        "workers",
+        "worker:host:X",
+        "model:m:workers",
+        "stats:model_loads",
+    } <= set(shapes["t"]), shapes["t"]
 
 
 def test_submit_stores_every_field_byte_for_byte(store: JobStore) -> None:

@@ -28,8 +28,9 @@ def make_app(url: str, **sections: Any) -> Any:
 def http(server: RedisServer) -> Any:
     redis.Redis.from_url(server.url).flushdb()
     # no worker runs here: the jobs wait, past the small queue of a model no worker serves
-    return make_app(server.url, web={"api_keys": [K1, K2], "admin_keys": [ADMIN]},
-                    limits={"max_queued_unserved": 1000}).test_client()
+    return make_app(
+        server.url, web={"api_keys": [K1, K2], "admin_keys": [ADMIN]}, limits={"max_queued_unserved": 1000}
+    ).test_client()
 
 
 def auth(key: str) -> dict[str, str]:
@@ -63,11 +64,16 @@ def test_idempotency_keys_are_per_owner_and_body(http: Any) -> None:
     again = http.post("/v1/jobs", json=body, headers={**auth(K1), "Idempotency-Key": "order-1"})
     assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
     assert again.get_json()["id"] == first.get_json()["id"]
-    other_body = http.post("/v1/jobs", json={**body, "max_new_tokens": 4}, headers={**auth(K1), "Idempotency-Key": "order-1"})
+    other_body = http.post(
+        "/v1/jobs", json={**body, "max_new_tokens": 4}, headers={**auth(K1), "Idempotency-Key": "order-1"}
+    )
     assert other_body.status_code == 422
-    assert other_body.get_json()["error"] == {"type": "invalid_request_error", "code": "idempotency_key_reused",
-                                              "message": other_body.get_json()["error"]["message"],
-                                              "param": "Idempotency-Key"}
+    assert other_body.get_json()["error"] == {
+        "type": "invalid_request_error",
+        "code": "idempotency_key_reused",
+        "message": other_body.get_json()["error"]["message"],
+        "param": "Idempotency-Key",
+    }
     other_key = http.post("/v1/jobs", json=body, headers={**auth(K2), "Idempotency-Key": "order-1"})
     assert other_key.status_code == 202 and "Idempotent-Replayed" not in other_key.headers
     assert other_key.get_json()["id"] != first.get_json()["id"]
@@ -90,10 +96,14 @@ def _pages(http: Any, key: str, query: str = "") -> tuple[list[str], int]:
 
 
 def test_listing_pages_the_callers_own_jobs_newest_first(http: Any) -> None:
-    mine = [http.post("/v1/jobs", json={"prompt": "x", "max_new_tokens": 1}, headers=auth(K1)).get_json()["id"]
-            for _ in range(150)]
-    theirs = [http.post("/v1/jobs", json={"prompt": "y", "max_new_tokens": 1}, headers=auth(K2)).get_json()["id"]
-              for _ in range(100)]
+    mine = [
+        http.post("/v1/jobs", json={"prompt": "x", "max_new_tokens": 1}, headers=auth(K1)).get_json()["id"]
+        for _ in range(150)
+    ]
+    theirs = [
+        http.post("/v1/jobs", json={"prompt": "y", "max_new_tokens": 1}, headers=auth(K2)).get_json()["id"]
+        for _ in range(100)
+    ]
     for job_id in mine[:30]:
         assert http.post(f"/v1/jobs/{job_id}/cancel", headers=auth(K1)).status_code == 202
     newest_first = lambda ids: sorted(ids, reverse=True)  # noqa: E731  ids sort by creation ms (ties: random part)
@@ -111,9 +121,11 @@ def test_listing_pages_the_callers_own_jobs_newest_first(http: Any) -> None:
 
 
 def test_admin_routes_need_an_admin_key_and_probes_stay_open(http: Any) -> None:
-    for method, path, body in (("POST", "/v1/models/downloads", {"repo_id": "org/m"}),
-                               ("POST", "/v1/models/exports", {"checkpoint": "c", "base": "b", "out": "o"}),
-                               ("GET", "/metrics", None)):
+    for method, path, body in (
+        ("POST", "/v1/models/downloads", {"repo_id": "org/m"}),
+        ("POST", "/v1/models/exports", {"checkpoint": "c", "base": "b", "out": "o"}),
+        ("GET", "/metrics", None),
+    ):
         refused = http.open(path, method=method, json=body, headers=auth(K1))
         assert refused.status_code == 403 and refused.get_json()["error"]["code"] == "admin_required", path
         assert http.open(path, method=method, json=body, headers=auth(ADMIN)).status_code in (200, 202, 422), path
@@ -136,8 +148,14 @@ def test_open_non_loopback_bind_refuses_to_start(server: RedisServer) -> None:
     assert make_app(server.url, web={"host": "0.0.0.0", "api_keys": [K1]})
     assert make_app(server.url, web={"host": "::1"})
     env = {"REDIS_URL": server.url, "QWEN_DEPLOY_ENV_FILE": "no.env", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "web", "--host", "0.0.0.0", "--port", "1"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "web", "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "allow_unauthenticated" in out.stderr
 
 
@@ -147,7 +165,7 @@ def test_empty_keys_are_rejected(server: RedisServer) -> None:
             make_app(server.url, web=section)
 
 
-@pytest.mark.parametrize("raw", ['["sekrit-1", "sekrit-2"', '{sekrit-1: [', '["sekrit-1", 5]', '[["sekrit-1"]]'])
+@pytest.mark.parametrize("raw", ['["sekrit-1", "sekrit-2"', "{sekrit-1: [", '["sekrit-1", 5]', '[["sekrit-1"]]'])
 def test_a_bad_key_list_never_prints_the_keys(raw: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"QWEN_DEPLOY_WEB__API_KEYS": raw, "QWEN_DEPLOY_ENV_FILE": "no.env"})
@@ -169,8 +187,9 @@ def test_files_and_batch_listings_are_per_key(http: Any) -> None:
     assert http.delete(f"/v1/files/{file_id}", headers=auth(K2)).status_code == 404
     assert [f["id"] for f in http.get("/v1/files", headers=auth(K1)).get_json()["data"]] == [file_id]
     assert http.get("/v1/files", headers=auth(K2)).get_json()["data"] == []
-    batch = http.post("/v1/batches", json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]},
-                      headers=auth(K1)).get_json()
+    batch = http.post(
+        "/v1/batches", json={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]}, headers=auth(K1)
+    ).get_json()
     assert [b["id"] for b in http.get("/v1/batches", headers=auth(K1)).get_json()["data"]] == [batch["id"]]
     assert http.get("/v1/batches", headers=auth(K2)).get_json()["data"] == []
     output = "file-out-" + batch["id"].removeprefix("batch_")

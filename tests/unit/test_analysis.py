@@ -65,6 +65,8 @@ def test_sentiment_requests_structured_output(demo_model: Path) -> None:
 
 def test_csv_input(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
-    path.write_text("id,text\na,Errors should never\nb,\"Now, is better\"\n")
-    assert list(read_records(path)) == [{"id": "a", "text": "Errors should never"},
-                                        {"id": "b", "text": "Now, is better"}]
+    path.write_text('id,text\na,Errors should never\nb,"Now, is better"\n')
+    assert list(read_records(path)) == [
+        {"id": "a", "text": "Errors should never"},
+        {"id": "b", "text": "Now, is better"},
+    ]

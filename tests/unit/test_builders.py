@@ -22,6 +22,7 @@ def writer(calls: list[Path], fail: bool = False):  # type: ignore[no-untyped-de
             raise RuntimeError("killed mid-way")
         (tmp / "weights").write_text("w")
         return {"files": 2}
+
     return build
 
 

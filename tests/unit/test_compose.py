@@ -170,9 +170,14 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in (*COMPOSE_VARS, "PORT", "HF_TOKEN")}
 
     def config(*extra: str, env_path: Path = env_file) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*compose, "-f", str(COMPOSE), "--env-file", str(env_path), *extra,
-                               "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=DOCKER_TIMEOUT_S)
+        return subprocess.run(
+            [*compose, "-f", str(COMPOSE), "--env-file", str(env_path), *extra, "config", "-q"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=DOCKER_TIMEOUT_S,
+        )
 
     for extra in ((), ("--profile", "gpu")):
         result = config(*extra)

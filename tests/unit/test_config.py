@@ -26,9 +26,15 @@ def test_precedence_file_then_dotenv_then_environment(tmp_path: Path) -> None:
     cfg.write_text("web: {port: 9001, workers: 3}\nmodel: {name_or_path: from-file, dtype: bf16}\n")
     env_file = tmp_path / ".env"
     env_file.write_text("PORT=9002\nHF_TOKEN=hf_secret_value\nQWEN_DEPLOY_MODEL__NAME_OR_PATH=from-dotenv\n")
-    s = load_settings(environ={"QWEN_DEPLOY_CONFIG": str(cfg), "QWEN_DEPLOY_ENV_FILE": str(env_file),
-                               "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "from-env", "REDIS_URL": "redis://h:1/2",
-                               "QWEN_DEPLOY_WEB__API_KEYS": '["a", "b"]'})
+    s = load_settings(
+        environ={
+            "QWEN_DEPLOY_CONFIG": str(cfg),
+            "QWEN_DEPLOY_ENV_FILE": str(env_file),
+            "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "from-env",
+            "REDIS_URL": "redis://h:1/2",
+            "QWEN_DEPLOY_WEB__API_KEYS": '["a", "b"]',
+        }
+    )
     assert s.web.port == 9002 and s.web.workers == 3
     assert s.model.name_or_path == "from-env" and s.model.dtype == "bf16"
     assert s.redis_url == "redis://h:1/2"
@@ -37,14 +43,17 @@ def test_precedence_file_then_dotenv_then_environment(tmp_path: Path) -> None:
     assert [k.get_secret_value() for k in s.web.api_keys] == ["a", "b"]
 
 
-@pytest.mark.parametrize(("environ", "needle"), [
-    ({"QWEN_DEPLOY_LIMITS__HARD_TIME_LIMIT": "-1"}, "limits.hard_time_limit"),
-    ({"PORT": "http"}, "web.port"),
-    ({"QWEN_DEPLOY_MODEL__DEVICE": "tpu"}, "model.device"),
-    ({"QWEN_DEPLOY_MODLE__DEVICE": "cpu"}, "modle"),
-    ({"QWEN_DEPLOY_LIMITS__SOFT_TIME_LIMIT": "70"}, "soft_time_limit"),
-    ({"QWEN_DEPLOY_GENERATION__DEFAULT_MAX_NEW_TOKENS": "600"}, "default_max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        ({"QWEN_DEPLOY_LIMITS__HARD_TIME_LIMIT": "-1"}, "limits.hard_time_limit"),
+        ({"PORT": "http"}, "web.port"),
+        ({"QWEN_DEPLOY_MODEL__DEVICE": "tpu"}, "model.device"),
+        ({"QWEN_DEPLOY_MODLE__DEVICE": "cpu"}, "modle"),
+        ({"QWEN_DEPLOY_LIMITS__SOFT_TIME_LIMIT": "70"}, "soft_time_limit"),
+        ({"QWEN_DEPLOY_GENERATION__DEFAULT_MAX_NEW_TOKENS": "600"}, "default_max_new_tokens"),
+    ],
+)
 def test_bad_values_name_the_key(environ: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env", **environ})
@@ -58,8 +67,9 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
 
 def test_bad_config_stops_the_web_process_at_start() -> None:
     env = {"PATH": "/usr/bin:/bin", "QWEN_DEPLOY_LIMITS__MAX_WAIT": "soon"}
-    out = subprocess.run([sys.executable, "-m", "qwen_deploy.cli", "web"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", "web"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0
     assert "limits.max_wait" in out.stderr
 
@@ -79,8 +89,10 @@ def test_models_list_and_the_single_model_as_one_entry(no_env: dict[str, str]) -
     [only] = served_models(one)
     assert (only.alias, only.default, only.queues) == ("Qwen/Qwen2.5-0.5B-Instruct", True, ("interactive", "bulk"))
     assert find_model(one, "Qwen2.5-0.5B-Instruct") == find_model(one, "gpt-x") == only
-    models = [{"alias": "big", "name_or_path": "org/big", "device": "cuda"},
-              {"alias": "small.v2", "name_or_path": "org/small", "device": "cpu"}]
+    models = [
+        {"alias": "big", "name_or_path": "org/big", "device": "cuda"},
+        {"alias": "small.v2", "name_or_path": "org/small", "device": "cpu"},
+    ]
     two = load_settings(environ=env, overrides={"models": models, "web": {"model_aliases": ["gpt-x"]}})
     big, small = served_models(two)
     assert two.model.name_or_path == "org/big" and two.model.device == "cuda"  # `model` is the default's
@@ -91,13 +103,21 @@ def test_models_list_and_the_single_model_as_one_entry(no_env: dict[str, str]) -
     assert for_worker(pinned, {"interactive"}).alias == "small.v2"
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    ({"models": [{"alias": "a:b", "name_or_path": "x"}]}, "models.0.alias"),
-    ({"models": [{"alias": "a", "name_or_path": "x"}, {"alias": "a", "name_or_path": "y"}]}, "unique"),
-    ({"models": [{"alias": "a", "name_or_path": "x"}], "model": {"name_or_path": "y"}}, "not both"),
-    ({"models": [{"alias": "a", "name_or_path": "x"}, {"alias": "b", "name_or_path": "y"}],
-      "web": {"model_aliases": ["b"]}}, "another model"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"models": [{"alias": "a:b", "name_or_path": "x"}]}, "models.0.alias"),
+        ({"models": [{"alias": "a", "name_or_path": "x"}, {"alias": "a", "name_or_path": "y"}]}, "unique"),
+        ({"models": [{"alias": "a", "name_or_path": "x"}], "model": {"name_or_path": "y"}}, "not both"),
+        (
+            {
+                "models": [{"alias": "a", "name_or_path": "x"}, {"alias": "b", "name_or_path": "y"}],
+                "web": {"model_aliases": ["b"]},
+            },
+            "another model",
+        ),
+    ],
+)
 def test_bad_models_are_config_errors(overrides: dict[str, object], needle: str, no_env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_settings(environ=no_env, overrides=overrides)

@@ -37,13 +37,16 @@ pytestmark = pytest.mark.slow  # builds the model from scratch, twice at once
 ZEN_LINES = _zen_lines()
 
 
-BUILD = ("import sys; from pathlib import Path; from worker.demo_model import build_demo_model; "
-         "print(build_demo_model(Path(sys.argv[1]), log=lambda m: print('log:', m, flush=True)))")
+BUILD = (
+    "import sys; from pathlib import Path; from worker.demo_model import build_demo_model; "
+    "print(build_demo_model(Path(sys.argv[1]), log=lambda m: print('log:', m, flush=True)))"
+)
 
 
 def _builder(out: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", BUILD, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +162,24 @@ def test_long_prompt_runs(model: Any) -> None:
     ids = torch.randint(3, model.config.vocab_size, (1, 2048))
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=512, min_new_tokens=512,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=512,
+            min_new_tokens=512,
             do_sample=False,
         )
     assert out.shape == (1, 2048 + 512)
 
 
 def test_second_call_is_cached_without_torch(model_dir: Path) -> None:
-    code = ("import sys; from pathlib import Path; from worker.demo_model import build_demo_model; "
-            "logged = []; print(build_demo_model(Path(sys.argv[1]), log=logged.append)); "
-            "print(logged, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        "import sys; from pathlib import Path; from worker.demo_model import build_demo_model; "
+        "logged = []; print(build_demo_model(Path(sys.argv[1]), log=logged.append)); "
+        "print(logged, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.splitlines() == [str(model_dir), "[] False"], out.stderr
 
 

@@ -12,29 +12,54 @@ from tests.unit.test_handler import make_handler
 from worker.engine import Seq
 from worker.handler import GenerationRequest, ModelHandler
 
-PROMPTS = ["Beautiful is better than", "Errors should never", "Simple is", "a",
-           "Now is better than never. Although never is", "Flat is better than nested. Sparse",
-           "In the face of ambiguity,", "There should be one"]
+PROMPTS = [
+    "Beautiful is better than",
+    "Errors should never",
+    "Simple is",
+    "a",
+    "Now is better than never. Although never is",
+    "Flat is better than nested. Sparse",
+    "In the face of ambiguity,",
+    "There should be one",
+]
 LENGTHS = [5, 17, 30, 8, 12, 25, 3, 20]
 
 
 def tiny(arch: str, out: Path, tokenizer_dir: Path, layers: int = 2) -> Path:
     import transformers
 
-    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}), "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-               "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),  # learned absolute positions
-               # sliding-window attention over 8 positions: prompts and outputs here are longer
-               "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
-               "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                          {"head_dim": 16, "sliding_window": 8,
-                           "layer_types": ["sliding_attention"] * (layers - 1) + ["full_attention"]})}
+    classes = {
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),  # learned absolute positions
+        # sliding-window attention over 8 positions: prompts and outputs here are longer
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+        "gemma3": (
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            {
+                "head_dim": 16,
+                "sliding_window": 8,
+                "layer_types": ["sliding_attention"] * (layers - 1) + ["full_attention"],
+            },
+        ),
+    }
     config_cls, model_cls, extra = classes[arch]
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common))
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -53,9 +78,16 @@ def reference(handler: ModelHandler, req: GenerationRequest) -> str:
     ids, _ = handler.encode(req)
     x = torch.tensor([ids])
     extra = {"min_new_tokens": req.max_new_tokens} if req.ignore_eos else {}
-    out = handler.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=req.max_new_tokens,
-                                 do_sample=False, eos_token_id=handler.eos_ids, pad_token_id=handler.pad_id, **extra)
-    return handler.decode(out[0, len(ids):].tolist())
+    out = handler.model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=req.max_new_tokens,
+        do_sample=False,
+        eos_token_id=handler.eos_ids,
+        pad_token_id=handler.pad_id,
+        **extra,
+    )
+    return handler.decode(out[0, len(ids) :].tolist())
 
 
 def requests(random_model: bool) -> list[GenerationRequest]:
@@ -88,8 +120,12 @@ def test_staggered_joins_match(handler: ModelHandler) -> None:
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(handler: ModelHandler) -> None:
-    reqs = [GenerationRequest(prompt=p, max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=7 + i,
-                              repetition_penalty=2) for i, p in enumerate(PROMPTS)]  # an integer penalty is fine
+    reqs = [
+        GenerationRequest(
+            prompt=p, max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=7 + i, repetition_penalty=2
+        )
+        for i, p in enumerate(PROMPTS)
+    ]  # an integer penalty is fine
     alone = [handler.generate(r).text for r in reqs]
     batched = [r.text for r in handler.generate_batch(reqs)]  # type: ignore[union-attr]
     assert alone == batched
@@ -124,8 +160,7 @@ def test_cancel_and_budget_stop_one_row_and_spare_the_others(handler: ModelHandl
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gpt2", "mistral", "gemma3"])
-def test_other_architectures_and_sliding_windows_match_generate(arch: str, demo_model: Path,
-                                                               tmp_path: Path) -> None:
+def test_other_architectures_and_sliding_windows_match_generate(arch: str, demo_model: Path, tmp_path: Path) -> None:
     """Qwen3, GPT-2, and models whose attention slides over 8 positions (Mistral; Gemma 3 mixing sliding and full
     layers): staggered joins, contexts past the window, still exactly `generate`'s text."""
     handler = make_handler(str(tiny(arch, tmp_path / arch, demo_model, layers=3)))
@@ -147,9 +182,18 @@ def test_extreme_sampling_values_never_fail_the_shared_step(handler: ModelHandle
     """A denormal temperature or a tiny penalty overflows to inf; the row still gets a token, and the
     greedy job batched beside it keeps its one-at-a-time text."""
     plain = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=12, ignore_eos=True)
-    odd = [GenerationRequest(prompt=PROMPTS[1], max_new_tokens=12, ignore_eos=True, temperature=5e-324, seed=1),
-           GenerationRequest(prompt=PROMPTS[2], max_new_tokens=12, ignore_eos=True, temperature=1.0,
-                             repetition_penalty=1e-300, top_p=1e-300, seed=2)]
+    odd = [
+        GenerationRequest(prompt=PROMPTS[1], max_new_tokens=12, ignore_eos=True, temperature=5e-324, seed=1),
+        GenerationRequest(
+            prompt=PROMPTS[2],
+            max_new_tokens=12,
+            ignore_eos=True,
+            temperature=1.0,
+            repetition_penalty=1e-300,
+            top_p=1e-300,
+            seed=2,
+        ),
+    ]
     engine = handler.engine()
     seqs = [handler.sequences(r, str(i), budget=60)[0][0] for i, r in enumerate([plain, *odd])]
     for seq in seqs:
@@ -162,8 +206,16 @@ def test_extreme_sampling_values_never_fail_the_shared_step(handler: ModelHandle
 
 
 def test_n_samples_share_a_prefill_and_logprobs(handler: ModelHandler) -> None:
-    req = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=6, n=3, temperature=1.0, seed=3, logprobs=True,
-                            top_logprobs=2, ignore_eos=True)
+    req = GenerationRequest(
+        prompt=PROMPTS[1],
+        max_new_tokens=6,
+        n=3,
+        temperature=1.0,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
+        ignore_eos=True,
+    )
     result = handler.generate(req)
     assert [c["index"] for c in result.choices] == [0, 1, 2]
     assert result.completion_tokens == 18 and result.text == result.choices[0]["text"]
@@ -172,8 +224,9 @@ def test_n_samples_share_a_prefill_and_logprobs(handler: ModelHandler) -> None:
         assert len(content) == 6 and all(e["logprob"] <= 0 for e in content)
         assert all(len(e["top_logprobs"]) == 2 for e in content)
         assert all(e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"] for e in content)
-    greedy = handler.generate(GenerationRequest(prompt=PROMPTS[1], max_new_tokens=6, logprobs=True, top_logprobs=1,
-                                                ignore_eos=True))
+    greedy = handler.generate(
+        GenerationRequest(prompt=PROMPTS[1], max_new_tokens=6, logprobs=True, top_logprobs=1, ignore_eos=True)
+    )
     content = greedy.choices[0]["logprobs"]["content"]
     assert all(e["token"] == e["top_logprobs"][0]["token"] for e in content)  # greedy picks the top token
 
@@ -181,9 +234,11 @@ def test_n_samples_share_a_prefill_and_logprobs(handler: ModelHandler) -> None:
 def test_stop_strings_in_a_batch(handler: ModelHandler) -> None:
     if "demo-model" not in handler.info.name:  # type: ignore[union-attr]
         pytest.skip("needs the demo model's known text")
-    reqs = [GenerationRequest(prompt="Beautiful is better than", max_new_tokens=64, stop=["\n"]),
-            GenerationRequest(prompt="Errors should never", max_new_tokens=64, stop=["silently"]),
-            GenerationRequest(prompt="Simple is", max_new_tokens=4)]
+    reqs = [
+        GenerationRequest(prompt="Beautiful is better than", max_new_tokens=64, stop=["\n"]),
+        GenerationRequest(prompt="Errors should never", max_new_tokens=64, stop=["silently"]),
+        GenerationRequest(prompt="Simple is", max_new_tokens=4),
+    ]
     out = handler.generate_batch(reqs)
     assert [(o.text, o.finish_reason) for o in out[:2]] == [(" ugly.", "stop"), (" pass ", "stop")]  # type: ignore[union-attr]
     assert out[2].finish_reason == "length"  # type: ignore[union-attr]

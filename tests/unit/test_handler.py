@@ -16,8 +16,10 @@ from worker.handler import GenerationRequest, ModelHandler
 
 
 def make_handler(name: str, **overrides: object) -> ModelHandler:
-    settings = load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
-                             overrides={"model": {"name_or_path": name, "threads": 1}, **overrides})
+    settings = load_settings(
+        environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
+        overrides={"model": {"name_or_path": name, "threads": 1}, **overrides},
+    )
     handler = ModelHandler(settings)
     handler.setup()
     return handler
@@ -52,8 +54,9 @@ def test_truncation_keeps_the_last_tokens(demo_model: Path) -> None:
 
 
 def test_stop_strings_and_ignore_eos(handler: ModelHandler) -> None:
-    stopped = handler.generate(GenerationRequest(prompt="Beautiful is better than", max_new_tokens=64,
-                                                 stop=["\n", "zzz"]))
+    stopped = handler.generate(
+        GenerationRequest(prompt="Beautiful is better than", max_new_tokens=64, stop=["\n", "zzz"])
+    )
     assert (stopped.text, stopped.finish_reason) == (" ugly.", "stop")
     chat = [{"role": "user", "content": "Beautiful is better than"}]
     full = handler.generate(GenerationRequest(messages=chat, max_new_tokens=40, ignore_eos=True))
@@ -73,11 +76,12 @@ def test_loads_a_hub_id_from_the_local_cache_offline(demo_model: Path, tmp_path:
     (repo / "refs" / "main").write_text(commit)
     # The hub library reads HF_HUB_OFFLINE at import: run in a fresh process, as a worker would.
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    code = ("from tests.unit.test_handler import make_handler; from worker.handler import GenerationRequest; "
-            "h = make_handler('zen/demo'); print(h.info.revision); "
-            "print(repr(h.generate(GenerationRequest(prompt='Errors should never', max_new_tokens=3)).text))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "from tests.unit.test_handler import make_handler; from worker.handler import GenerationRequest; "
+        "h = make_handler('zen/demo'); print(h.info.revision); "
+        "print(repr(h.generate(GenerationRequest(prompt='Errors should never', max_new_tokens=3)).text))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     revision, text = out.stdout.splitlines()[-2:]
     assert revision == commit

@@ -24,15 +24,22 @@ def test_sentinel_urls_are_parsed_like_kombu() -> None:
 def test_submits_wait_for_a_replica_behind_sentinel_by_default() -> None:
     def settings(**environ: str) -> Settings:
         return load_settings(environ={"QWEN_DEPLOY_ENV_FILE": "no.env", **environ})
+
     assert settings(REDIS_URL="sentinel://h1:26379;sentinel://h2:26379").wait_replicas == 1
     assert settings(REDIS_URL="redis://h:6379/0").wait_replicas == 0
     assert settings(REDIS_URL="sentinel://h1", QWEN_DEPLOY_REDIS_WAIT_REPLICAS="0").wait_replicas == 0
     assert settings(QWEN_DEPLOY_REDIS_MASTER_NAME="prod").redis_master_name == "prod"
 
 
-@pytest.mark.parametrize("error", [redis.exceptions.ConnectionError("refused"), redis.exceptions.TimeoutError("slow"),
-                                   redis.exceptions.ReadOnlyError("READONLY"),
-                                   redis.sentinel.MasterNotFoundError("No master found for 'mymaster'")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ConnectionError("refused"),
+        redis.exceptions.TimeoutError("slow"),
+        redis.exceptions.ReadOnlyError("READONLY"),
+        redis.sentinel.MasterNotFoundError("No master found for 'mymaster'"),
+    ],
+)
 def test_no_writable_master_is_503_with_retry_after(error: Exception) -> None:
     from web import create_app
 
@@ -40,6 +47,7 @@ def test_no_writable_master_is_503_with_retry_after(error: Exception) -> None:
 
     def boom() -> None:
         raise error
+
     app.add_url_rule("/boom", "boom", boom)
     resp = app.test_client().get("/boom")
     assert resp.status_code == 503 and resp.headers["Retry-After"]

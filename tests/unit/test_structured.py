@@ -16,23 +16,45 @@ import torch
 
 from worker.structured import ConstraintError, compile_constraint, mask_batch, warm
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "minLength": 1, "maxLength": 24},
-    "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "mood": {"enum": ["happy", "sad", "neutral"]},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3}},
-    "required": ["name", "age", "mood", "tags"], "additionalProperties": False}
-NESTED = {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
-                                                             "y": {"type": "number", "minimum": 0, "maximum": 1}},
-                              "required": ["x", "y"], "additionalProperties": False}},
-          "type": "object", "properties": {
-              "kind": {"const": "path"},
-              "closed": {"type": "boolean"},
-              "points": {"type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 2, "maxItems": 3},
-              "label": {"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]},
-              "meta": {"type": "object", "properties": {"level": {"enum": [1, 2, 3]}}, "required": ["level"],
-                       "additionalProperties": False}},
-          "required": ["kind", "closed", "points", "label", "meta"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "mood": {"enum": ["happy", "sad", "neutral"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "mood", "tags"],
+    "additionalProperties": False,
+}
+NESTED = {
+    "$defs": {
+        "point": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                "y": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+            "required": ["x", "y"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {
+        "kind": {"const": "path"},
+        "closed": {"type": "boolean"},
+        "points": {"type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 2, "maxItems": 3},
+        "label": {"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]},
+        "meta": {
+            "type": "object",
+            "properties": {"level": {"enum": [1, 2, 3]}},
+            "required": ["level"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["kind", "closed", "points", "label", "meta"],
+    "additionalProperties": False,
+}
 PROMPT = "Beautiful is better than"
 
 
@@ -50,8 +72,9 @@ def demo(demo_model: Path) -> Iterator[tuple[Any, Any]]:
     torch.set_num_threads(threads)
 
 
-def decode(model: Any, tok: Any, constraint: Any, eos: list[int], temperature: float = 0.0,
-           max_tokens: int = 200) -> tuple[str, str]:
+def decode(
+    model: Any, tok: Any, constraint: Any, eos: list[int], temperature: float = 0.0, max_tokens: int = 200
+) -> tuple[str, str]:
     """Greedy (or sampled) decoding with the constraint; (text, why it stopped)."""
     ids = torch.tensor([tok.encode(PROMPT)])
     gen = torch.Generator().manual_seed(7)
@@ -118,8 +141,19 @@ def test_text_and_absent_mean_no_constraint(demo: tuple[Any, Any]) -> None:
 
 def test_eos_only_when_complete_and_padded_vocab_never(demo: tuple[Any, Any]) -> None:
     _, tok = demo
-    c = compile_constraint(fmt({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-                                "additionalProperties": False}), tok, 400, eos_token_ids=[2, 0])
+    c = compile_constraint(
+        fmt(
+            {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            }
+        ),
+        tok,
+        400,
+        eos_token_ids=[2, 0],
+    )
     steps = tok.encode('{"ok": true}', add_special_tokens=False)
     for token in steps:
         logits = torch.zeros(400)
@@ -172,8 +206,15 @@ def test_random_llama_with_padded_vocabulary(demo: tuple[Any, Any]) -> None:
 
     _, tok = demo
     torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=448,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(config).eval()
     for temperature in (0.0, 1.0):
         c = compile_constraint(fmt(PERSON), tok, 448, eos_token_ids=[2])

@@ -24,11 +24,15 @@ KEYS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
 
 def line_endpoint(items: list[tuple[int, Any]]) -> str:
     """The one endpoint a JSONL batch's lines target (lines naming another become error lines)."""
-    urls = {item.get("url", JOBS) for _, item in items if isinstance(item, dict)
-            and isinstance(item.get("url", JOBS), str)} & set(ENDPOINTS)
+    urls = {
+        item.get("url", JOBS) for _, item in items if isinstance(item, dict) and isinstance(item.get("url", JOBS), str)
+    } & set(ENDPOINTS)
     if len(urls) > 1:
-        raise Unprocessable(f"a batch targets one endpoint; its lines name {', '.join(sorted(urls))}",
-                            code="mixed_endpoints", param="url")
+        raise Unprocessable(
+            f"a batch targets one endpoint; its lines name {', '.join(sorted(urls))}",
+            code="mixed_endpoints",
+            param="url",
+        )
     return urls.pop() if urls else JOBS
 
 
@@ -41,11 +45,13 @@ def file_lines(body: dict[str, Any]) -> tuple[list[tuple[int, Any]], Any, dict[s
     if endpoint not in ENDPOINTS:
         raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}", code="invalid_value", param="endpoint")
     if not isinstance(window, str):
-        raise BadRequest("completion_window must be a duration like 24h", code="invalid_type",
-                         param="completion_window")
+        raise BadRequest(
+            "completion_window must be a duration like 24h", code="invalid_type", param="completion_window"
+        )
     parse_duration(window, "completion_window")  # 24h, or a shorter window
-    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16
-                                 or not all(isinstance(v, str) for v in metadata.values())):
+    if metadata is not None and (
+        not isinstance(metadata, dict) or len(metadata) > 16 or not all(isinstance(v, str) for v in metadata.values())
+    ):
         raise BadRequest("metadata must map at most 16 keys to strings", code="invalid_value", param="metadata")
     file_id = body["input_file_id"]
     content = file_store().content(file_id) if isinstance(file_id, str) else None
@@ -71,8 +77,11 @@ def present_lines(lines: list[str], record: dict[str, str]) -> list[str]:
         line = json.loads(raw)
         body = (line.get("response") or {}).get("body")
         if body and body.get("object") == "generation":
-            job = {"id": line["id"], "created_at": record.get("completed_at") or record.get("created_at"),
-                   "output": body.get("output")}
+            job = {
+                "id": line["id"],
+                "created_at": record.get("completed_at") or record.get("created_at"),
+                "output": body.get("output"),
+            }
             line["response"]["body"] = present(job, model)
             line["response"]["request_id"] = line["id"]
         out.append(json.dumps(line))
@@ -90,11 +99,21 @@ def virtual_file(file_id: str) -> tuple[dict[str, Any], Callable[[], str]] | Non
     record = batch_store().get(batch_id)
     if record is None or record.get("owner", current_owner()) != current_owner():  # another key's: 404
         raise NotFound(f"no file with id {file_id}", param="file_id")
-    lines = [line for line in present_lines(batch_store().results(batch_id, 0), record)
-             if (json.loads(line).get("error") is not None) == keep]
+    lines = [
+        line
+        for line in present_lines(batch_store().results(batch_id, 0), record)
+        if (json.loads(line).get("error") is not None) == keep
+    ]
     content = "".join(line + "\n" for line in lines)
-    obj = {"id": file_id, "object": "file", "bytes": len(content.encode()),
-           "created_at": int(float(record.get("completed_at") or record["created_at"])), "expires_at": None,
-           "filename": f"{batch_id}_{purpose}.jsonl", "purpose": "batch_output", "status": "processed",
-           "status_details": None}
+    obj = {
+        "id": file_id,
+        "object": "file",
+        "bytes": len(content.encode()),
+        "created_at": int(float(record.get("completed_at") or record["created_at"])),
+        "expires_at": None,
+        "filename": f"{batch_id}_{purpose}.jsonl",
+        "purpose": "batch_output",
+        "status": "processed",
+        "status_details": None,
+    }
     return obj, lambda: content

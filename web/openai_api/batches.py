@@ -24,5 +24,10 @@ def list_batches() -> Response:
         raise BadRequest(f"after: no batch with id {request.args.get('after')}", code="invalid_value", param="after")
     ids, more = found
     data = [public_batch(r) for r in (store.get(i) for i in ids) if r]
-    return jsonify(object="list", data=data, has_more=more, first_id=data[0]["id"] if data else None,
-                   last_id=data[-1]["id"] if data else None)
+    return jsonify(
+        object="list",
+        data=data,
+        has_more=more,
+        first_id=data[0]["id"] if data else None,
+        last_id=data[-1]["id"] if data else None,
+    )

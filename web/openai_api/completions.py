@@ -36,12 +36,18 @@ def finished(job_id: str) -> dict[str, Any]:
         svc.store.cancel(job_id)
         job = wait_for(job_id, 5.0)
     if job["status"] not in TERMINAL:
-        raise GatewayTimeout(f"job {job_id} did not finish in time; it was canceled", param="id",
-                             headers={**NO_RETRY, "Location": f"/v1/jobs/{job_id}"})
+        raise GatewayTimeout(
+            f"job {job_id} did not finish in time; it was canceled",
+            param="id",
+            headers={**NO_RETRY, "Location": f"/v1/jobs/{job_id}"},
+        )
     if job["status"] == "failed":
         error = job.get("error") or {}
-        raise JobFailed(f"the generation failed: {error.get('message', 'unknown error')} (job {job_id})",
-                        code=error.get("code") or JobFailed.code, headers=NO_RETRY)
+        raise JobFailed(
+            f"the generation failed: {error.get('message', 'unknown error')} (job {job_id})",
+            code=error.get("code") or JobFailed.code,
+            headers=NO_RETRY,
+        )
     output = job.get("output")
     if output is not None and not output.get("finish_reason"):
         output["finish_reason"] = "length"  # stopped by the hard time limit or a cancel before any token
@@ -74,17 +80,26 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
         done = True
         if final is None or final["status"] == "failed":
             error = (final or {}).get("error") or {"code": "not_found", "message": f"job {job_id} vanished"}
-            yield sse({"error": {"type": "server_error", "code": error.get("code"), "param": None,
-                                 "message": f"the generation failed: {error.get('message')} (job {job_id})"}})
+            yield sse(
+                {
+                    "error": {
+                        "type": "server_error",
+                        "code": error.get("code"),
+                        "param": None,
+                        "message": f"the generation failed: {error.get('message')} (job {job_id})",
+                    }
+                }
+            )
             return
         for c in choices(final):
             i, text = c["index"], c["text"]
-            rest = text[len(streamed[i]):] if i < n and text.startswith(streamed[i]) else ""
+            rest = text[len(streamed[i]) :] if i < n and text.startswith(streamed[i]) else ""
             if rest:
                 yield sse(chunk(final, model, [delta(i, rest)], None, include_usage))
             reason = finish_reason(c.get("finish_reason")) or "length"
-            yield sse(chunk(final, model, [delta(i, None, finish=reason, logprobs=c.get("logprobs"))],
-                            None, include_usage))
+            yield sse(
+                chunk(final, model, [delta(i, None, finish=reason, logprobs=c.get("logprobs"))], None, include_usage)
+            )
         if include_usage:
             yield sse(chunk(final, model, [], usage(final), True))
         yield "data: [DONE]\n\n"
@@ -103,8 +118,9 @@ def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> R
     if body.get("stream"):
         include = bool((body.get("stream_options") or {}).get("include_usage"))
         events = stream_with_context(stream(job, model, kind, int(req.get("n", 1)), include))
-        return Response(events, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(
+            events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
     present = PRESENTERS[kind][0]
     return Response(json.dumps(present(finished(job["id"]), model)), mimetype="application/json")
 

@@ -27,13 +27,18 @@ def page(ids: list[str], limit_arg: str | None, after: str | None, default: int 
         if after not in ids:
             raise BadRequest(f"after: no item with id {after}", code="invalid_value", param="after")
         start = ids.index(after) + 1
-    chosen = ids[start:start + int(raw)]
+    chosen = ids[start : start + int(raw)]
     return chosen, start + len(chosen) < len(ids)
 
 
 def listing(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def resolve(file_id: str) -> tuple[dict[str, Any], Any]:
@@ -90,8 +95,9 @@ def get_file(file_id: str) -> Response:
 @bp.get("/<file_id>/content")
 def file_content(file_id: str) -> Response:
     obj, content = resolve(file_id)
-    return Response(content(), mimetype="application/jsonl" if obj["filename"].endswith(".jsonl")
-                    else "application/octet-stream")
+    return Response(
+        content(), mimetype="application/jsonl" if obj["filename"].endswith(".jsonl") else "application/octet-stream"
+    )
 
 
 @bp.delete("/<file_id>")

@@ -20,9 +20,16 @@ STARTED = int(time.time())
 
 def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict[str, Any]:
     state = model_workers(found, served)
-    return {"id": name, "object": "model", "created": STARTED, "owned_by": "qwen-deploy",
-            "default": served.default, "workers": state["live"], "ready": state["reason"] is None,
-            "reason": state["reason"]}
+    return {
+        "id": name,
+        "object": "model",
+        "created": STARTED,
+        "owned_by": "qwen-deploy",
+        "default": served.default,
+        "workers": state["live"],
+        "ready": state["reason"] is None,
+        "reason": state["reason"],
+    }
 
 
 @bp.get("")

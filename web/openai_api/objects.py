@@ -27,8 +27,9 @@ def choices(job: dict[str, Any]) -> list[dict[str, Any]]:
     output = job.get("output") or {}
     if output.get("choices"):
         return output["choices"]
-    return [{"index": 0, "text": output.get("text", ""), "finish_reason": output.get("finish_reason"),
-             "logprobs": None}]
+    return [
+        {"index": 0, "text": output.get("text", ""), "finish_reason": output.get("finish_reason"), "logprobs": None}
+    ]
 
 
 def usage(job: dict[str, Any]) -> dict[str, int]:
@@ -52,60 +53,115 @@ def completion_logprobs(logprobs: dict[str, Any] | None, start: int = 0) -> dict
     for item in content:
         offsets.append(at)
         at += len(item["token"])
-    return {"tokens": [t["token"] for t in content], "token_logprobs": [t["logprob"] for t in content],
-            "top_logprobs": [{alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []} for t in content],
-            "text_offset": offsets}
+    return {
+        "tokens": [t["token"] for t in content],
+        "token_logprobs": [t["logprob"] for t in content],
+        "top_logprobs": [{alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []} for t in content],
+        "text_offset": offsets,
+    }
 
 
 def chat_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
     return {
-        "id": "chatcmpl-" + job_body(job["id"]), "object": "chat.completion", "created": created(job),
-        "model": model, "system_fingerprint": None, "service_tier": None,
-        "choices": [{"index": c["index"], "finish_reason": finish_reason(c.get("finish_reason")),
-                     "message": {"role": "assistant", "content": c["text"], "refusal": None},
-                     "logprobs": chat_logprobs(c.get("logprobs"))} for c in choices(job)],
+        "id": "chatcmpl-" + job_body(job["id"]),
+        "object": "chat.completion",
+        "created": created(job),
+        "model": model,
+        "system_fingerprint": None,
+        "service_tier": None,
+        "choices": [
+            {
+                "index": c["index"],
+                "finish_reason": finish_reason(c.get("finish_reason")),
+                "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                "logprobs": chat_logprobs(c.get("logprobs")),
+            }
+            for c in choices(job)
+        ],
         "usage": usage(job),
     }
 
 
 def text_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
     return {
-        "id": "cmpl-" + job_body(job["id"]), "object": "text_completion", "created": created(job),
-        "model": model, "system_fingerprint": None,
-        "choices": [{"index": c["index"], "text": c["text"], "finish_reason": finish_reason(c.get("finish_reason")),
-                     "logprobs": completion_logprobs(c.get("logprobs"))} for c in choices(job)],
+        "id": "cmpl-" + job_body(job["id"]),
+        "object": "text_completion",
+        "created": created(job),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": c["index"],
+                "text": c["text"],
+                "finish_reason": finish_reason(c.get("finish_reason")),
+                "logprobs": completion_logprobs(c.get("logprobs")),
+            }
+            for c in choices(job)
+        ],
         "usage": usage(job),
     }
 
 
-def chat_chunk(job: dict[str, Any], model: str, chunk_choices: list[dict[str, Any]],
-               usage_value: Any = None, with_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": "chatcmpl-" + job_body(job["id"]), "object": "chat.completion.chunk", "created": created(job),
-             "model": model, "system_fingerprint": None, "choices": chunk_choices}
+def chat_chunk(
+    job: dict[str, Any],
+    model: str,
+    chunk_choices: list[dict[str, Any]],
+    usage_value: Any = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    chunk = {
+        "id": "chatcmpl-" + job_body(job["id"]),
+        "object": "chat.completion.chunk",
+        "created": created(job),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": chunk_choices,
+    }
     if with_usage:
         chunk["usage"] = usage_value
     return chunk
 
 
-def text_chunk(job: dict[str, Any], model: str, chunk_choices: list[dict[str, Any]],
-               usage_value: Any = None, with_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": "cmpl-" + job_body(job["id"]), "object": "text_completion", "created": created(job),
-             "model": model, "system_fingerprint": None, "choices": chunk_choices}
+def text_chunk(
+    job: dict[str, Any],
+    model: str,
+    chunk_choices: list[dict[str, Any]],
+    usage_value: Any = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    chunk = {
+        "id": "cmpl-" + job_body(job["id"]),
+        "object": "text_completion",
+        "created": created(job),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": chunk_choices,
+    }
     if with_usage:
         chunk["usage"] = usage_value
     return chunk
 
 
-def chat_delta(index: int, text: str | None = None, role: bool = False, finish: str | None = None,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_delta(
+    index: int,
+    text: str | None = None,
+    role: bool = False,
+    finish: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     delta: dict[str, Any] = {"role": "assistant"} if role else {}
     if text is not None:
         delta["content"] = text
     return {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
 
 
-def text_delta(index: int, text: str | None = None, role: bool = False, finish: str | None = None,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def text_delta(
+    index: int,
+    text: str | None = None,
+    role: bool = False,
+    finish: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {"index": index, "text": text or "", "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
 
 

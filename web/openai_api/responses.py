@@ -22,10 +22,35 @@ from web.services import iter_job_events, load_job, missing, submit_request, wai
 bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
 
 PREFIX = "resp_"
-KEYS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "background",
-                  "service_tier", "stream", "metadata", "store", "user", "text", "top_k", "seed", "ignore_eos"})
-STATUS = {"queued": "queued", "running": "in_progress", "canceling": "in_progress", "succeeded": "completed",
-          "failed": "failed", "canceled": "cancelled", "timed_out": "incomplete"}
+KEYS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "background",
+        "service_tier",
+        "stream",
+        "metadata",
+        "store",
+        "user",
+        "text",
+        "top_k",
+        "seed",
+        "ignore_eos",
+    }
+)
+STATUS = {
+    "queued": "queued",
+    "running": "in_progress",
+    "canceling": "in_progress",
+    "succeeded": "completed",
+    "failed": "failed",
+    "canceled": "cancelled",
+    "timed_out": "incomplete",
+}
 
 
 def job_id_of(response_id: str) -> str:
@@ -44,26 +69,50 @@ def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     items = []
     if job["status"] != "queued" or output.get("text"):
         item_status = {"completed": "completed", "in_progress": "in_progress"}.get(status, "incomplete")
-        items.append({"type": "message", "id": "msg_" + job_body(job["id"]), "status": item_status,
-                      "role": "assistant", "content": [{"type": "output_text", "text": output.get("text", ""),
-                                                        "annotations": [], "logprobs": []}]})
+        items.append(
+            {
+                "type": "message",
+                "id": "msg_" + job_body(job["id"]),
+                "status": item_status,
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": output.get("text", ""), "annotations": [], "logprobs": []}],
+            }
+        )
     raw = output.get("usage") if job["status"] in TERMINAL else None
     usage = None
     if raw:
-        usage = {"input_tokens": raw["prompt_tokens"], "output_tokens": raw["completion_tokens"],
-                 "total_tokens": raw["prompt_tokens"] + raw["completion_tokens"],
-                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        usage = {
+            "input_tokens": raw["prompt_tokens"],
+            "output_tokens": raw["completion_tokens"],
+            "total_tokens": raw["prompt_tokens"] + raw["completion_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
     error = job.get("error") if status == "failed" else None
     return {
-        "id": PREFIX + job_body(job["id"]), "object": "response", "created_at": int(job.get("created_at") or 0),
-        "status": status, "background": meta.get("background", False), "model": meta.get("model"),
+        "id": PREFIX + job_body(job["id"]),
+        "object": "response",
+        "created_at": int(job.get("created_at") or 0),
+        "status": status,
+        "background": meta.get("background", False),
+        "model": meta.get("model"),
         "error": {"code": error.get("code"), "message": error.get("message")} if error else None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "instructions": meta.get("instructions"), "max_output_tokens": meta.get("max_output_tokens"),
-        "metadata": meta.get("metadata") or {}, "output": items, "parallel_tool_calls": False,
-        "previous_response_id": None, "temperature": meta.get("temperature"), "top_p": meta.get("top_p"),
-        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "truncation": "disabled",
-        "usage": usage, "user": None, "store": True,
+        "instructions": meta.get("instructions"),
+        "max_output_tokens": meta.get("max_output_tokens"),
+        "metadata": meta.get("metadata") or {},
+        "output": items,
+        "parallel_tool_calls": False,
+        "previous_response_id": None,
+        "temperature": meta.get("temperature"),
+        "top_p": meta.get("top_p"),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "store": True,
     }
 
 
@@ -81,7 +130,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     alias = check_model(body, settings).alias
     text = body.get("text")
     if text is not None and text != {"format": {"type": "text"}}:
-        raise unsupported("text", "supports only {\"format\": {\"type\": \"text\"}}")
+        raise unsupported("text", 'supports only {"format": {"type": "text"}}')
     raw = body.get("input")
     chat = [{"role": "user", "content": raw}] if isinstance(raw, str) else messages(raw, "input")
     if body.get("instructions") is not None:
@@ -95,8 +144,9 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if body.get("max_output_tokens") is not None:
         job["max_new_tokens"] = body["max_output_tokens"]
     req = validated(job, {"max_new_tokens": "max_output_tokens", "messages": "input"}, settings)
-    meta = {key: body.get(key) for key in ("model", "instructions", "max_output_tokens", "temperature", "top_p",
-                                           "metadata")}
+    meta = {
+        key: body.get(key) for key in ("model", "instructions", "max_output_tokens", "temperature", "top_p", "metadata")
+    }
     meta["background"] = bool(body.get("background"))
     return req, meta
 
@@ -116,12 +166,20 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
         start = {**present(load_job(job_id), meta), "output": []}
         yield emit("response.created", response=start)
         yield emit("response.in_progress", response={**start, "status": "in_progress"})
-        item: dict[str, Any] = {"type": "message", "id": "msg_" + job_body(job_id), "status": "in_progress",
-                                "role": "assistant", "content": []}
+        item: dict[str, Any] = {
+            "type": "message",
+            "id": "msg_" + job_body(job_id),
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
         place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
         yield emit("response.output_item.added", output_index=0, item=item)
-        yield emit("response.content_part.added", **place,
-                   part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        yield emit(
+            "response.content_part.added",
+            **place,
+            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+        )
         final: dict[str, Any] = {}
         for what, ev in iter_job_events(job_id):
             if what == "token" and ev.get("text"):
@@ -130,14 +188,18 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
                 final = ev
         done = True
         response = present(final or load_job(job_id), meta)
-        message = response["output"][0] if response["output"] else {**item, "content": [
-            {"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+        message = (
+            response["output"][0]
+            if response["output"]
+            else {**item, "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+        )
         part = message["content"][0]
         yield emit("response.output_text.done", **place, text=part["text"], logprobs=[])
         yield emit("response.content_part.done", **place, part=part)
         yield emit("response.output_item.done", output_index=0, item=message)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
-            response["status"], "response.failed")
+            response["status"], "response.failed"
+        )
         yield emit(kind, response=response)
 
     try:
@@ -152,8 +214,9 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
 
 def _stream(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Response:
     body = stream_with_context(events(job_id, meta, after, cancel_on_close))
-    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                 "X-Accel-Buffering": "no"})
+    return Response(
+        body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _json(data: dict[str, Any], status: int = 200) -> Response:
@@ -165,8 +228,9 @@ def create_response() -> Response:
     """Create a response (a job); `background: true` answers at once with status queued."""
     body = read_json(request)
     req, meta = _request(body)
-    job, _ = submit_request(req, request.headers.get("Idempotency-Key"), service_tier_options(body),
-                            response=json.dumps(meta))
+    job, _ = submit_request(
+        req, request.headers.get("Idempotency-Key"), service_tier_options(body), response=json.dumps(meta)
+    )
     g.openai_job_id = job["id"]
     if body.get("stream"):
         return _stream(job["id"], meta, -1, cancel_on_close=not meta["background"])

@@ -15,8 +15,20 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Parameters passed to the job body under the same name (top_k, repetition_penalty and ignore_eos are the
 # usual extensions of OpenAI-compatible servers, sent with the SDK's `extra_body`).
 PASSED = ("temperature", "top_p", "n", "stop", "seed", "top_k", "repetition_penalty", "ignore_eos")
-COMMON = frozenset({"service_tier", "model", "max_tokens", "stream", "stream_options", "user", "frequency_penalty",
-                    "presence_penalty", "response_format", *PASSED})
+COMMON = frozenset(
+    {
+        "service_tier",
+        "model",
+        "max_tokens",
+        "stream",
+        "stream_options",
+        "user",
+        "frequency_penalty",
+        "presence_penalty",
+        "response_format",
+        *PASSED,
+    }
+)
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 # Accepted only with their neutral value.
@@ -54,9 +66,12 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text") \
-                    or not isinstance(part.get("text"), str):
-                raise unsupported(f"{where}.{i}", "must be a text part {\"type\": \"text\", \"text\": ...}")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") not in ("text", "input_text", "output_text")
+                or not isinstance(part.get("text"), str)
+            ):
+                raise unsupported(f"{where}.{i}", 'must be a text part {"type": "text", "text": ...}')
             parts.append(part["text"])
         return "".join(parts)
     raise BadRequest(f"{where} must be a string or a list of text parts", code="invalid_type", param=where)
@@ -76,8 +91,9 @@ def messages(raw: Any, param: str = "messages") -> list[dict[str, str]]:
                 raise unsupported(f"{where}.{key}")
         role = msg.get("role")
         if role not in ROLES:
-            raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}", code="invalid_value",
-                             param=f"{where}.role")
+            raise BadRequest(
+                f"{where}.role must be one of {', '.join(ROLES)}", code="invalid_value", param=f"{where}.role"
+            )
         out.append({"role": ROLES[role], "content": _text(msg.get("content"), f"{where}.content")})
     return out
 
@@ -105,7 +121,7 @@ def validated(job: dict[str, Any], renames: dict[str, str], settings: Settings) 
         head = param.split(".", 1)[0]
         message = err.message
         if head in renames:
-            param = renames[head] + param[len(head):]
+            param = renames[head] + param[len(head) :]
             message = message.replace(head, renames[head])
         raise BadRequest(message, code=err.code, param=param or None) from None
     if response_format is not None:
@@ -178,8 +194,7 @@ def _object(body: Any) -> dict[str, Any]:
 def _max_tokens(body: dict[str, Any], names: tuple[str, ...], renames: dict[str, str]) -> Any:
     given = [(name, body[name]) for name in names if body.get(name) is not None]
     if len({repr(v) for _, v in given}) > 1:
-        raise BadRequest(f"{given[0][0]} and {given[1][0]} differ; give one", code="invalid_value",
-                         param=given[1][0])
+        raise BadRequest(f"{given[0][0]} and {given[1][0]} differ; give one", code="invalid_value", param=given[1][0])
     if not given:
         return None
     renames["max_new_tokens"] = given[0][0]

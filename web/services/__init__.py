@@ -26,7 +26,24 @@ from web.services.submit import enqueue, fair_cost, request_hash, submit_job, su
 from web.services.workers import model_workers, workers
 
 __all__ = [
-    "FILE_PREFIX", "SSE_KEEPALIVE_S", "FileStore", "batch_store", "enqueue", "fair_cost", "file_object", "file_store",
-    "iter_job_events", "load_job", "load_record", "missing", "model_workers", "owns", "request_hash", "submit_job",
-    "submit_request", "wait_for", "webhook_store", "workers",
+    "FILE_PREFIX",
+    "SSE_KEEPALIVE_S",
+    "FileStore",
+    "batch_store",
+    "enqueue",
+    "fair_cost",
+    "file_object",
+    "file_store",
+    "iter_job_events",
+    "load_job",
+    "load_record",
+    "missing",
+    "model_workers",
+    "owns",
+    "request_hash",
+    "submit_job",
+    "submit_request",
+    "wait_for",
+    "webhook_store",
+    "workers",
 ]

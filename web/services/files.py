@@ -31,8 +31,13 @@ class FileStore:
 
     def create(self, filename: str, purpose: str, content: str) -> dict[str, Any]:
         file_id, now = new_id(FILE_PREFIX), time.time()
-        meta = {"id": file_id, "filename": filename, "purpose": purpose, "created_at": str(int(now)),
-                "bytes": str(len(content.encode()))}
+        meta = {
+            "id": file_id,
+            "filename": filename,
+            "purpose": purpose,
+            "created_at": str(int(now)),
+            "bytes": str(len(content.encode())),
+        }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.key(file_id), mapping=mapping({**meta, "owner": self.owner, "content": content}))
         pipe.expire(self.key(file_id), self.ttl)
@@ -69,9 +74,17 @@ class FileStore:
 
 def file_object(meta: dict[str, Any], ttl: int | None = None) -> dict[str, Any]:
     created = int(meta["created_at"])
-    return {"id": meta["id"], "object": "file", "bytes": int(meta["bytes"]), "created_at": created,
-            "expires_at": created + ttl if ttl else None, "filename": meta["filename"], "purpose": meta["purpose"],
-            "status": "processed", "status_details": None}
+    return {
+        "id": meta["id"],
+        "object": "file",
+        "bytes": int(meta["bytes"]),
+        "created_at": created,
+        "expires_at": created + ttl if ttl else None,
+        "filename": meta["filename"],
+        "purpose": meta["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
 
 
 def file_store() -> FileStore:

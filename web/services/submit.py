@@ -44,15 +44,28 @@ def request_hash(req: Any) -> str:
 
 def check_idempotency_key(key: str | None) -> str | None:
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
-        raise Unprocessable("Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
-                            code="invalid_idempotency_key", param="Idempotency-Key")
+        raise Unprocessable(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
+            code="invalid_idempotency_key",
+            param="Idempotency-Key",
+        )
     return key
 
 
-def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple[float, float],
-            idempotency_key: str | None, *, retry_after: int | None = None, engine: bool = False,
-            model: str | None = None, options: JobOptions | None = None,
-            extra: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+def enqueue(
+    kind: str,
+    task: str,
+    queue: str,
+    req: dict[str, Any],
+    limits: tuple[float, float],
+    idempotency_key: str | None,
+    *,
+    retry_after: int | None = None,
+    engine: bool = False,
+    model: str | None = None,
+    options: JobOptions | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> tuple[dict[str, Any], bool]:
     """Record and enqueue a job in one Redis round trip; return (job object, replayed). A generation job
     (`engine`) for `model` goes onto that model's pending set; while no live worker serves it, only
     `limits.max_queued_unserved` such jobs are accepted. `extra`: more record fields (webhook, retry_of...)."""
@@ -63,17 +76,35 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     message = task_message(task, job_id, queue, [job_id], *limits)
     options = options or JobOptions()
     deadline = options.deadline()
-    fields = {"type": kind, "request": dumps(req), "created_at": repr(time.time()),
-              **({"model": model} if model else {}), **options.fields(), **extra}
+    fields = {
+        "type": kind,
+        "request": dumps(req),
+        "created_at": repr(time.time()),
+        **({"model": model} if model else {}),
+        **options.fields(),
+        **extra,
+    }
     route = request.path if has_request_context() else kind
     same_body = model in (None, svc.store.default_model)  # another model: another body
     body_hash = request_hash(req if same_body else {**req, "model": model})
-    result = svc.store.submit(job_id, queue, message, fields, svc.settings.limits.max_queue_depth,
-                              check_idempotency_key(idempotency_key), owner=owner, route=route,
-                              body_hash=body_hash, max_inflight=svc.settings.limits.max_inflight_per_key,
-                              engine=engine, model=model,
-                              unserved_cap=svc.settings.limits.max_queued_unserved if engine else None,
-                              priority=options.priority, deadline=deadline, fair_cost=fair_cost(req, svc.settings))
+    result = svc.store.submit(
+        job_id,
+        queue,
+        message,
+        fields,
+        svc.settings.limits.max_queue_depth,
+        check_idempotency_key(idempotency_key),
+        owner=owner,
+        route=route,
+        body_hash=body_hash,
+        max_inflight=svc.settings.limits.max_inflight_per_key,
+        engine=engine,
+        model=model,
+        unserved_cap=svc.settings.limits.max_queued_unserved if engine else None,
+        priority=options.priority,
+        deadline=deadline,
+        fair_cost=fair_cost(req, svc.settings),
+    )
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         WebhookStore(svc.redis, svc.settings).watch_output(job_id)
     refusal = refused(result, queue, model, retry_after)
@@ -82,8 +113,16 @@ def enqueue(kind: str, task: str, queue: str, req: dict[str, Any], limits: tuple
     if result.status == "duplicate":
         return load_job(result.job_id), True
     event(log, "job.submitted", id=job_id, type=kind, queue=queue, max_new_tokens=extra.get("max_new_tokens"))
-    job = public_job({"id": job_id, "status": "queued", "queue": queue, "priority": options.priority,
-                      **({"deadline": repr(deadline)} if deadline else {}), **fields})
+    job = public_job(
+        {
+            "id": job_id,
+            "status": "queued",
+            "queue": queue,
+            "priority": options.priority,
+            **({"deadline": repr(deadline)} if deadline else {}),
+            **fields,
+        }
+    )
     if result.position is not None:
         job.update(queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate))
     return job, False
@@ -103,14 +142,24 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
     return submit_request(req, idempotency_key, body_options(body), **hook)
 
 
-def submit_request(req: dict[str, Any], idempotency_key: str | None, options: JobOptions | None = None,
-                   **extra: str) -> tuple[dict[str, Any], bool]:
+def submit_request(
+    req: dict[str, Any], idempotency_key: str | None, options: JobOptions | None = None, **extra: str
+) -> tuple[dict[str, Any], bool]:
     """Enqueue an already validated generation request (see parse_job) on its model's interactive queue."""
     settings = current_services().settings
     lim, req = settings.limits, dict(req)
     served = find_model(settings, req.pop("model", None))
     if served is None:  # parse_job checked it
         raise NotFound("no such model", code="model_not_found", param="model")
-    return enqueue("generation", GENERATE_TASK, served.interactive, req, (lim.hard_time_limit, lim.soft_time_limit),
-                   idempotency_key, engine=True, model=served.alias, options=options,
-                   extra={"max_new_tokens": str(req["max_new_tokens"]), **extra})
+    return enqueue(
+        "generation",
+        GENERATE_TASK,
+        served.interactive,
+        req,
+        (lim.hard_time_limit, lim.soft_time_limit),
+        idempotency_key,
+        engine=True,
+        model=served.alias,
+        options=options,
+        extra={"max_new_tokens": str(req["max_new_tokens"]), **extra},
+    )

@@ -62,8 +62,16 @@ def _install(tmp: Path, out: Path, kind: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def cached_build(out: Path, build: Build, *, kind: str, stamp: Mapping[str, Any], force: bool = False,
-                 log: Log = print, label: str | None = None) -> Path:
+def cached_build(
+    out: Path,
+    build: Build,
+    *,
+    kind: str,
+    stamp: Mapping[str, Any],
+    force: bool = False,
+    log: Log = print,
+    label: str | None = None,
+) -> Path:
     """``out``, built by ``build(scratch_dir)`` unless it already holds a finished build recording ``stamp``.
 
     ``build`` may return facts to record in the marker. Concurrent callers build once: the others wait for

@@ -43,8 +43,13 @@ class _Shape(TypedDict):
     intermediate_size: int
 
 
-MODEL_SHAPE: _Shape = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "intermediate_size": 256}
+MODEL_SHAPE: _Shape = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 256,
+}
 WINDOW = 128  # tokens per plain-text training window
 LEARNING_RATE = 3e-3
 MAX_STEPS = 400
@@ -114,10 +119,12 @@ def _train_tokenizer(text: str) -> PreTrainedTokenizerBase:
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -127,8 +134,12 @@ def _train_tokenizer(text: str) -> PreTrainedTokenizerBase:
     )
     tok.train_from_iterator([text, "user\nassistant\nsystem\n"], trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=EOT, chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False, model_max_length=4096,
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=EOT,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
     )
 
 
@@ -136,6 +147,7 @@ def _examples(tok: PreTrainedTokenizerBase, text: str) -> list[Example]:
     """Plain windows (first WINDOW tokens) from every line to the end of the poem, checked
     after the line's prompt; chat turns splitting every line after its prompt, after four
     words and before its last word, trained and checked on the answer."""
+
     def enc(s: str) -> list[int]:
         return list(tok.encode(s, add_special_tokens=False))
 
@@ -188,8 +200,13 @@ def _make_model(tok: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
     # one token each: one id each (a list of tokens would give a list)
     eos, pad = cast(int, tok.convert_tokens_to_ids(IM_END)), cast(int, tok.convert_tokens_to_ids(EOT))
     config = Qwen2Config(
-        vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
-        eos_token_id=eos, pad_token_id=pad, bos_token_id=None, **MODEL_SHAPE,
+        vocab_size=len(tok),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        **MODEL_SHAPE,
     )
     torch.manual_seed(SEED)
     model = Qwen2ForCausalLM(config)
@@ -247,9 +264,7 @@ def _train(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, text: str, log
             failures = _failures(model, tok, text)
             if not failures:
                 return step
-    raise RuntimeError(
-        f"demo model did not converge in {MAX_STEPS} steps; failing checks: {failures[:5]}"
-    )
+    raise RuntimeError(f"demo model did not converge in {MAX_STEPS} steps; failing checks: {failures[:5]}")
 
 
 def _build_into(path: Path, log: Log) -> dict[str, Any]:
@@ -279,5 +294,12 @@ def _build_into(path: Path, log: Log) -> dict[str, Any]:
 def build_demo_model(out: Path | None = None, *, force: bool = False, log: Log = print) -> Path:
     """Build the demo model into ``out`` (default ``demo_model_dir()``) unless it is there."""
     out = Path(out) if out is not None else demo_model_dir()
-    return cached_build(out, lambda tmp: _build_into(tmp, log), kind=KIND, stamp={"version": DEMO_MODEL_VERSION},
-                        force=force, log=log, label="demo model")
+    return cached_build(
+        out,
+        lambda tmp: _build_into(tmp, log),
+        kind=KIND,
+        stamp={"version": DEMO_MODEL_VERSION},
+        force=force,
+        log=log,
+        label="demo model",
+    )

@@ -46,8 +46,10 @@ def _pseudo_words(n: int, seed: int) -> str:
     """``n`` seeded pronounceable words: enough distinct pairs for a BPE of tens of thousands of tokens."""
     rng = random.Random(seed)
     onsets, vowels, codas = "bcdfghjklmnprstvwz", "aeiouy", ["", "n", "r", "s", "t", "l", "ng", "st"]
-    words = ["".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                     for _ in range(rng.randint(1, 4))) for _ in range(n)]
+    words = [
+        "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(1, 4)))
+        for _ in range(n)
+    ]
     return " ".join(words)
 
 
@@ -77,16 +79,28 @@ def _train_tokenizer(corpus: list[str], vocab: int) -> Any:
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([*corpus, "user\nassistant\nsystem\n"], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=EOT, chat_template=CHAT_TEMPLATE,
-                                   clean_up_tokenization_spaces=False, model_max_length=4096)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=EOT,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
 
 
 def _build(out: Path, arch: Arch, shape: Shape, tokenizer_dir: Path | None, seed: int) -> dict[str, Any]:
@@ -95,13 +109,22 @@ def _build(out: Path, arch: Arch, shape: Shape, tokenizer_dir: Path | None, seed
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = _tokenizer(shape, tokenizer_dir, seed)
-    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                                 "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
-    config = config_class(vocab_size=max(len(tok), shape.vocab or 0), hidden_size=shape.hidden,
-                          intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                          num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                          max_position_embeddings=shape.max_positions, tie_word_embeddings=True,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
+        arch
+    ]
+    config = config_class(
+        vocab_size=max(len(tok), shape.vocab or 0),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
@@ -110,9 +133,16 @@ def _build(out: Path, arch: Arch, shape: Shape, tokenizer_dir: Path | None, seed
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 
-def build_random_model(arch: Arch = "qwen2", size: str | Shape = "tiny", out: Path | None = None, *,
-                       tokenizer_dir: Path | None = None, seed: int = 0, force: bool = False,
-                       log: Log = lambda msg: None) -> Path:
+def build_random_model(
+    arch: Arch = "qwen2",
+    size: str | Shape = "tiny",
+    out: Path | None = None,
+    *,
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    force: bool = False,
+    log: Log = lambda msg: None,
+) -> Path:
     """A random-weight ``arch`` model of ``size`` (a name in ``SIZES`` or a ``Shape``), built once into
     ``out`` (default under the cache root) and reused while its marker matches the recipe."""
     if arch not in ("qwen2", "llama"):
@@ -122,15 +152,43 @@ def build_random_model(arch: Arch = "qwen2", size: str | Shape = "tiny", out: Pa
         if not isinstance(size, str):
             raise ValueError("a custom Shape needs an explicit out directory")
         out = random_model_dir(arch, size)
-    stamp = {"version": RANDOM_MODEL_VERSION, "arch": arch, "shape": asdict(shape), "seed": seed,
-             "tokenizer": str(tokenizer_dir) if tokenizer_dir and shape.vocab is None else None}
-    return cached_build(Path(out), lambda tmp: _build(tmp, arch, shape, tokenizer_dir, seed), kind=KIND,
-                        stamp=stamp, force=force, log=log, label=f"random {arch} model")
+    stamp = {
+        "version": RANDOM_MODEL_VERSION,
+        "arch": arch,
+        "shape": asdict(shape),
+        "seed": seed,
+        "tokenizer": str(tokenizer_dir) if tokenizer_dir and shape.vocab is None else None,
+    }
+    return cached_build(
+        Path(out),
+        lambda tmp: _build(tmp, arch, shape, tokenizer_dir, seed),
+        kind=KIND,
+        stamp=stamp,
+        force=force,
+        log=log,
+        label=f"random {arch} model",
+    )
 
 
-def build_random_qwen2(tokenizer_dir: Path, out: Path, *, hidden: int, intermediate: int, layers: int, heads: int,
-                       kv_heads: int, max_positions: int = 4096, seed: int = 0) -> Path:
+def build_random_qwen2(
+    tokenizer_dir: Path,
+    out: Path,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_positions: int = 4096,
+    seed: int = 0,
+) -> Path:
     """A random Qwen2 of the given shape with the tokenizer of ``tokenizer_dir``, built once into ``out``."""
-    shape = Shape(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
-                  max_positions=max_positions)
+    shape = Shape(
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        max_positions=max_positions,
+    )
     return build_random_model("qwen2", shape, out, tokenizer_dir=tokenizer_dir, seed=seed)

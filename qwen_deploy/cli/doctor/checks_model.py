@@ -25,8 +25,11 @@ def check_model(ctx: Context) -> Outcome:
     status, _, error = ctx.hub
     if status == 404:
         return "fail", f"{name} not found on the hub (or private)", "check the id; set HF_TOKEN if private"
-    return ("warn", f"{name} not in the local cache; {error or f'hub answered {status}'}",
-            f"pre-fetch it: qwen-deploy download {name} (else the worker downloads it at start)")
+    return (
+        "warn",
+        f"{name} not in the local cache; {error or f'hub answered {status}'}",
+        f"pre-fetch it: qwen-deploy download {name} (else the worker downloads it at start)",
+    )
 
 
 def _weights(directory: Path) -> tuple[int, int]:
@@ -70,8 +73,10 @@ def _device(preference: str, dtype: str) -> tuple[str, int | None, int, str]:
     except ImportError:
         return "cpu", _ram_available(), 4, "torch is not installed"
     device = pick_device(preference)
-    usable = {"cuda": torch.cuda.is_available(),
-              "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    usable = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
     if not usable.get(device.type, True):
         return device.type, None, 4, f"model.device is {preference} but torch cannot use it here"
     free = int(torch.cuda.mem_get_info()[0]) if device.type == "cuda" else _ram_available()
@@ -84,8 +89,11 @@ def check_memory(ctx: Context) -> Outcome:
         return ("fail" if free is None else "warn"), problem, "set model.device: auto, or install a torch build for it"
     _, path = ctx.model
     if path is None or not path.is_dir():
-        return ("warn", f"{device}: {size(free or 0)} free; model size unknown (no local files)",
-                "pre-fetch the model (qwen-deploy download) to check its size")
+        return (
+            "warn",
+            f"{device}: {size(free or 0)} free; model size unknown (no local files)",
+            "pre-fetch the model (qwen-deploy download) to check its size",
+        )
     params, stored = _weights(path)
     need = params * per_param if params else stored
     detail = f"{device}: model ~{size(need)} ({params / 1e6:.1f}M parameters), {size(free or 0)} free"
@@ -105,11 +113,17 @@ def check_hf_token(ctx: Context) -> Outcome:
     if status is None:
         if kind == "cache" or token == "set":
             return passed(f"HF_TOKEN {token}; {error}" + ("; the model is in the cache" if kind == "cache" else ""))
-        return ("warn", f"HF_TOKEN not set; cannot tell whether the model is gated ({error})",
-                "set HF_TOKEN in .env if the model is gated or private")
+        return (
+            "warn",
+            f"HF_TOKEN not set; cannot tell whether the model is gated ({error})",
+            "set HF_TOKEN in .env if the model is gated or private",
+        )
     if status in (401, 403):
-        return ("fail", f"HF_TOKEN {token}; the hub refused access ({status})",
-                "set a valid HF_TOKEN and accept the model's license on its hub page")
+        return (
+            "fail",
+            f"HF_TOKEN {token}; the hub refused access ({status})",
+            "set a valid HF_TOKEN and accept the model's license on its hub page",
+        )
     gated = bool(info.get("gated")) or bool(info.get("private"))
     if gated and token == "not set":
         return "fail", "the model is gated or private and HF_TOKEN is not set", "set HF_TOKEN in .env"

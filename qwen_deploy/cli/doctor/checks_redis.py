@@ -23,8 +23,10 @@ def check_redis(ctx: Context) -> Outcome:
     version = client.info("server").get("redis_version", "?")
     if is_sentinel(ctx.redis_url):  # name the master the sentinels gave (it changes with a failover)
         host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
-        return passed(f"{redacted(ctx.redis_url)} (master {ctx.master_name} at {host}:{port}, redis {version}; "
-                      "the replicas need AOF too)")
+        return passed(
+            f"{redacted(ctx.redis_url)} (master {ctx.master_name} at {host}:{port}, redis {version}; "
+            "the replicas need AOF too)"
+        )
     return passed(f"{redacted(ctx.redis_url)} (redis {version})")
 
 
@@ -43,8 +45,11 @@ def check_persistence(ctx: Context) -> Outcome:
         return passed("AOF on (appendonly yes)")
     if save:
         return passed(f"RDB snapshots (save {save}); AOF would lose less")
-    return ("warn", "no AOF and no RDB snapshots: jobs can be lost on restart",
-            "run redis-server --appendonly yes (or CONFIG SET appendonly yes, then CONFIG REWRITE)")
+    return (
+        "warn",
+        "no AOF and no RDB snapshots: jobs can be lost on restart",
+        "run redis-server --appendonly yes (or CONFIG SET appendonly yes, then CONFIG REWRITE)",
+    )
 
 
 def check_eviction(ctx: Context) -> Outcome:

@@ -76,8 +76,11 @@ def check_api_keys(ctx: Context) -> Outcome:
         return passed(f"{keys}; bind {web.host}")
     if loopback(web.host):
         return passed(f"no API keys; bind {web.host} (this host only)")
-    return ("fail", f"no API keys while binding {web.host}: anyone who can reach it can use the service",
-            "set web.api_keys (QWEN_DEPLOY_WEB__API_KEYS) or bind web.host to 127.0.0.1")
+    return (
+        "fail",
+        f"no API keys while binding {web.host}: anyone who can reach it can use the service",
+        "set web.api_keys (QWEN_DEPLOY_WEB__API_KEYS) or bind web.host to 127.0.0.1",
+    )
 
 
 def check_disk(ctx: Context) -> Outcome:

@@ -77,8 +77,9 @@ class Context:
     @cached_property
     def connection(self) -> tuple[redis.Redis | None, str]:
         try:
-            client = connect(self.redis_url, self.master_name, socket_timeout=REDIS_TIMEOUT_S,
-                             connect_timeout=REDIS_TIMEOUT_S)
+            client = connect(
+                self.redis_url, self.master_name, socket_timeout=REDIS_TIMEOUT_S, connect_timeout=REDIS_TIMEOUT_S
+            )
             client.ping()
             return client, ""
         except (redis.RedisError, OSError, ValueError) as exc:

@@ -13,8 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-TINY = {"vocab_size": 127, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY = {
+    "vocab_size": 127,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 126, 0, 64, 8, 77]])
 
@@ -91,9 +98,17 @@ def deepspeed_dir(d: Path, module: dict[str, torch.Tensor], shared: dict[str, st
     """DeepSpeed ZeRO<=2 layout: ``latest`` + ``<tag>/mp_rank_00_model_states.pt`` (weights under module)."""
     (d / tag).mkdir(parents=True)
     (d / "latest").write_text(tag)
-    state = {"module": module, "buffer_names": [], "shared_params": shared, "optimizer": None,
-             "param_shapes": [{k: v.shape for k, v in module.items()}], "ds_version": "0.16.0",
-             "global_steps": 7, "dp_world_size": 2, "mp_world_size": 1}
+    state = {
+        "module": module,
+        "buffer_names": [],
+        "shared_params": shared,
+        "optimizer": None,
+        "param_shapes": [{k: v.shape for k, v in module.items()}],
+        "ds_version": "0.16.0",
+        "global_steps": 7,
+        "dp_world_size": 2,
+        "mp_world_size": 1,
+    }
     torch.save(state, d / tag / "mp_rank_00_model_states.pt")
     return d
 
@@ -149,8 +164,7 @@ def verl_dir(tiny: Tiny, d: Path, world_size: int) -> Path:
 
     d.mkdir(parents=True)
     (d / "partial").mkdir()
-    mp.start_processes(_fsdp_rank, args=(world_size, tiny, d, free_port()), nprocs=world_size,
-                       start_method="fork")
+    mp.start_processes(_fsdp_rank, args=(world_size, tiny, d, free_port()), nprocs=world_size, start_method="fork")
     (d / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}))
     hf = d / "huggingface"
     hf.mkdir()
@@ -188,8 +202,9 @@ def _fsdp_rank(rank: int, world_size: int, tiny: Tiny, d: Path, port: int) -> No
 # -- checks --------------------------------------------------------------------------------
 
 
-def check_export(checkpoint: Path, tiny: Tiny, out: Path, expected: torch.Tensor, atol: float = 0.0,
-                 **kwargs: Any) -> dict[str, Any]:
+def check_export(
+    checkpoint: Path, tiny: Tiny, out: Path, expected: torch.Tensor, atol: float = 0.0, **kwargs: Any
+) -> dict[str, Any]:
     """Export, then: report saved and passing, files in place, reloaded logits == ``expected``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -47,16 +47,28 @@ def test_wrong_shape(untied: Tiny, tmp_path: Path) -> None:
     state = untied.state_dict()
     state["model.layers.1.self_attn.q_proj.weight"] = state["model.layers.1.self_attn.q_proj.weight"][:16]
     torch.save(state, tmp_path / "bad.pt")
-    fails(tmp_path / "bad.pt", untied, tmp_path, "wrong shape",
-          "model.layers.1.self_attn.q_proj.weight: checkpoint [16, 32] vs base [32, 32]")
+    fails(
+        tmp_path / "bad.pt",
+        untied,
+        tmp_path,
+        "wrong shape",
+        "model.layers.1.self_attn.q_proj.weight: checkpoint [16, 32] vs base [32, 32]",
+    )
 
 
 def test_missing_and_unexpected_keys_listed(untied: Tiny, tmp_path: Path) -> None:
     state = {k: v for k, v in untied.state_dict().items() if ".layers.1.mlp." not in k}
     state["model.extra.weight"] = torch.zeros(2)
     torch.save(state, tmp_path / "bad.pt")
-    fails(tmp_path / "bad.pt", untied, tmp_path, "3 missing", "model.layers.1.mlp.down_proj.weight",
-          "1 unexpected", "model.extra.weight")
+    fails(
+        tmp_path / "bad.pt",
+        untied,
+        tmp_path,
+        "3 missing",
+        "model.layers.1.mlp.down_proj.weight",
+        "1 unexpected",
+        "model.extra.weight",
+    )
 
 
 @pytest.mark.parametrize("as_zip", [True, False], ids=["torch-save", "raw-pickle"])

@@ -23,8 +23,14 @@ from tests.unit.conversion.layouts import (
 def test_hf_sharded_safetensors_resharded_with_index(untied: Tiny, tmp_path: Path) -> None:
     untied.trained.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
     progress: list[tuple[str, float]] = []
-    report = check_export(tmp_path / "ckpt", untied, tmp_path / "out", logits(untied.trained),
-                          max_shard_size="30KB", progress=lambda s, f: progress.append((s, f)))
+    report = check_export(
+        tmp_path / "ckpt",
+        untied,
+        tmp_path / "out",
+        logits(untied.trained),
+        max_shard_size="30KB",
+        progress=lambda s, f: progress.append((s, f)),
+    )
     assert report["source"]["format"] == "hf" and len(report["shards"]) > 1
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(report["shards"])
@@ -46,8 +52,9 @@ def test_torch_compile_prefix_nested_file_cast_to_bf16(untied: Tiny, tmp_path: P
     state = {k: v.detach().clone() for k, v in compiled.state_dict().items()}
     assert next(iter(state)).startswith("_orig_mod.")
     torch.save({"state_dict": state, "step": 12}, tmp_path / "compiled.pt")
-    report = check_export(tmp_path / "compiled.pt", untied, tmp_path / "out",
-                          logits(untied.trained, torch.bfloat16), dtype="bf16")
+    report = check_export(
+        tmp_path / "compiled.pt", untied, tmp_path / "out", logits(untied.trained, torch.bfloat16), dtype="bf16"
+    )
     assert report["dtype"] == "bfloat16" and report["source"]["nested_under"] == ["state_dict"]
     assert report["normalisation"]["removed_wrappers"] == ["_orig_mod."]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"

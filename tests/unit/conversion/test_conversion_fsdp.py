@@ -23,8 +23,10 @@ def verl(untied: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_shards_are_uneven_dtensors(verl: Path) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
-    pieces = [torch.load(verl / f"model_world_size_3_rank_{r}.pt", weights_only=True)["model.embed_tokens.weight"]
-              for r in range(WORLD_SIZE)]
+    pieces = [
+        torch.load(verl / f"model_world_size_3_rank_{r}.pt", weights_only=True)["model.embed_tokens.weight"]
+        for r in range(WORLD_SIZE)
+    ]
     assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in pieces)
     assert [p.to_local().shape[0] for p in pieces] == [43, 43, 41]
 

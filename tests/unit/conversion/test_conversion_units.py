@@ -10,8 +10,9 @@ from conversion.keys import strip_prefixes
 from conversion.tensors import TensorRef, parse_dtype, parse_size
 
 
-@pytest.mark.parametrize(("size", "expected"), [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5 kb", 1500),
-                                                (4096, 4096)])
+@pytest.mark.parametrize(
+    ("size", "expected"), [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5 kb", 1500), (4096, 4096)]
+)
 def test_parse_size(size: str | int, expected: int) -> None:
     assert parse_size(size) == expected
 

@@ -37,8 +37,12 @@ def safetensors_bytes() -> bytes:
 
 
 def tiny_files(bin_only: bool = False) -> dict[str, bytes]:
-    files = {"config.json": b'{"model_type": "qwen2"}', "tokenizer.json": b'{"version": "1.0"}',
-             "pytorch_model.bin": b"pickled weights" * 50, ".gitattributes": b"*.bin filter=lfs\n"}
+    files = {
+        "config.json": b'{"model_type": "qwen2"}',
+        "tokenizer.json": b'{"version": "1.0"}',
+        "pytorch_model.bin": b"pickled weights" * 50,
+        ".gitattributes": b"*.bin filter=lfs\n",
+    }
     if not bin_only:
         files["model.safetensors"] = safetensors_bytes() * 1000  # big enough to cut in half
     return files
@@ -137,8 +141,9 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "revision":
             siblings = [{"rfilename": n, "size": len(b)} for n, b in repo.files.items()]
             return self.send_json({"id": repo_id, "sha": repo.commit, "siblings": siblings})
-        return self.send_json([{"type": "file", "path": n, "size": len(b), "oid": etag(b)}
-                               for n, b in repo.files.items()])
+        return self.send_json(
+            [{"type": "file", "path": n, "size": len(b), "oid": etag(b)} for n, b in repo.files.items()]
+        )
 
     def resolve(self, repo_id: str, revision: str, name: str, body: bool) -> None:
         repo = self.check(repo_id, revision)
@@ -181,8 +186,14 @@ def hub_library_online(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture()
 def hub() -> Iterator[Hub]:
-    state = Hub(repos={"org/tiny": Repo(COMMIT, tiny_files()), "org/gated": Repo(COMMIT, {}, 403, "GatedRepo"),
-                       "org/private": Repo(COMMIT, {}, 401), "org/old": Repo(OTHER_COMMIT, tiny_files(True))})
+    state = Hub(
+        repos={
+            "org/tiny": Repo(COMMIT, tiny_files()),
+            "org/gated": Repo(COMMIT, {}, 403, "GatedRepo"),
+            "org/private": Repo(COMMIT, {}, 401),
+            "org/old": Repo(OTHER_COMMIT, tiny_files(True)),
+        }
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.hub = state  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
@@ -217,8 +228,9 @@ def build_cache(cache: Path, repo_id: str = "org/cached", commit: str = COMMIT) 
 def test_offline_cache_when_hub_unreachable(tmp_path: Path, closed_port: str) -> None:
     files = build_cache(tmp_path)
     events: list[dict] = []
-    result = download_model("org/cached", cache_dir=tmp_path, endpoint=closed_port, retries=2, backoff=0.01,
-                            progress=events.append)
+    result = download_model(
+        "org/cached", cache_dir=tmp_path, endpoint=closed_port, retries=2, backoff=0.01, progress=events.append
+    )
     assert result["offline"] is True and result["commit"] == COMMIT and result["revision"] is None
     assert result["files"] == sorted(files) and result["bytes"] == sum(map(len, files.values()))
     assert Path(result["path"]) == tmp_path / "models--org--cached" / "snapshots" / COMMIT
@@ -251,8 +263,9 @@ def test_hf_hub_offline_env(tmp_path: Path) -> None:
         "except DownloadError as e:\n    out['miss'] = [e.code, e.permanent, str(e)]\nprint(json.dumps(out))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["hit"]["offline"] is True and out["hit"]["commit"] == COMMIT
@@ -271,10 +284,20 @@ def test_download_from_stand_in(tmp_path: Path, hub: Hub) -> None:
     assert (path / "model.safetensors").read_bytes() == files["model.safetensors"]
     assert not (path / "pytorch_model.bin").exists() and hub.count("GET", "pytorch_model.bin") == 0
     assert events[0]["phase"] == "listing"
-    assert {"phase": "downloading", "files_done": 0, "files_total": 3, "bytes_done": 0,
-            "bytes_total": result["bytes"]} in events
-    assert events[-1] == {"phase": "done", "files_done": 3, "files_total": 3,
-                          "bytes_done": result["bytes"], "bytes_total": result["bytes"]}
+    assert {
+        "phase": "downloading",
+        "files_done": 0,
+        "files_total": 3,
+        "bytes_done": 0,
+        "bytes_total": result["bytes"],
+    } in events
+    assert events[-1] == {
+        "phase": "done",
+        "files_done": 3,
+        "files_total": 3,
+        "bytes_done": result["bytes"],
+        "bytes_total": result["bytes"],
+    }
     assert max(e["bytes_done"] for e in events if e["phase"] == "downloading") == result["bytes"]
     again = download_model("org/tiny", cache_dir=tmp_path, endpoint=hub.url)
     assert again == result and hub.count("GET", "/resolve/") == 3  # nothing fetched twice
@@ -282,12 +305,15 @@ def test_download_from_stand_in(tmp_path: Path, hub: Hub) -> None:
 
 def test_hf_endpoint_env_is_honoured(tmp_path: Path, hub: Hub) -> None:
     """HF_ENDPOINT is read at import, hence a fresh interpreter; no ``endpoint`` argument."""
-    script = ("import json, sys\nfrom pathlib import Path\nfrom conversion.download import download_model\n"
-              "print(json.dumps(download_model('org/tiny', cache_dir=Path(sys.argv[1]))))\n")
+    script = (
+        "import json, sys\nfrom pathlib import Path\nfrom conversion.download import download_model\n"
+        "print(json.dumps(download_model('org/tiny', cache_dir=Path(sys.argv[1]))))\n"
+    )
     env = {**os.environ, "HF_ENDPOINT": hub.url}
     env.pop("HF_HUB_OFFLINE", None), env.pop("TRANSFORMERS_OFFLINE", None)
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["commit"] == COMMIT and result["offline"] is False and hub.count("GET", "/resolve/") == 3
@@ -302,18 +328,24 @@ def test_bin_only_repo_falls_back_to_bin(tmp_path: Path, hub: Hub) -> None:
 
 def test_local_dir_then_offline(tmp_path: Path, hub: Hub, closed_port: str) -> None:
     online = download_model("org/tiny", out=tmp_path / "out", cache_dir=tmp_path / "c", endpoint=hub.url)
-    offline = download_model("org/tiny", out=tmp_path / "out", cache_dir=tmp_path / "c", endpoint=closed_port,
-                             retries=1)
+    offline = download_model(
+        "org/tiny", out=tmp_path / "out", cache_dir=tmp_path / "c", endpoint=closed_port, retries=1
+    )
     assert offline == {**online, "offline": True}
 
 
 @pytest.mark.parametrize(
     ("repo_id", "revision", "code"),
-    [("org/gated", None, "gated"), ("org/nope", None, "not_found"), ("org/tiny", "v9", "bad_revision"),
-     ("org/private", None, "unauthorized")],
+    [
+        ("org/gated", None, "gated"),
+        ("org/nope", None, "not_found"),
+        ("org/tiny", "v9", "bad_revision"),
+        ("org/private", None, "unauthorized"),
+    ],
 )
-def test_permanent_errors_are_not_retried(tmp_path: Path, hub: Hub, repo_id: str, revision: str | None,
-                                          code: str) -> None:
+def test_permanent_errors_are_not_retried(
+    tmp_path: Path, hub: Hub, repo_id: str, revision: str | None, code: str
+) -> None:
     with pytest.raises(DownloadError) as info:
         download_model(repo_id, revision=revision, cache_dir=tmp_path, endpoint=hub.url, retries=3, backoff=0.01)
     assert (info.value.code, info.value.permanent) == (code, True)
