@@ -128,6 +128,10 @@ class GroupCommit:
                 if call.result is None and call.error is None:
                     call.error = exc
             return
+        except BaseException:  # killed mid-read (a greenlet's exit), or a reply that does not parse: a reply
+            if conn is not None:  # may be left unread, so the connection must not carry another round trip
+                conn.disconnect()
+            raise
         for call in group:
             if isinstance(call.error, NoScriptError | ReadOnlyError):  # scripts flushed; a master demoted
                 if isinstance(call.error, ReadOnlyError):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 
+from qwen_deploy import group_commit
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.group_commit import GroupCommit
 from tests.helpers import wait_until
@@ -96,3 +97,26 @@ def test_a_lost_connection_fails_every_call_of_its_group_and_the_next_call_works
 
     wait_until(awake, 20, 0.05, "Redis awake")
     assert commit(script, ["out"], ["after"]) == "after" and not commit._busy
+
+
+class _Interrupted(BaseException):
+    """What a greenlet's kill raises inside a read."""
+
+
+def test_a_round_trip_interrupted_mid_read_never_hands_its_reply_to_the_next_call(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    assert commit(script, ["out"], ["warm"]) == "warm"
+
+    class Interrupting(group_commit.Replies):
+        def next(self) -> Any:
+            raise _Interrupted
+
+    monkeypatch.setattr(group_commit, "Replies", Interrupting)
+    with pytest.raises(_Interrupted):
+        commit(script, ["out"], ["first"])  # sent, its reply left unread on the connection
+    monkeypatch.undo()
+    assert commit(script, ["out"], ["second"]) == "second" and not commit._busy
+    assert client.lrange("out", 0, -1) == ["warm", "first", "second"]
