@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import os
 import threading
+import time
 from typing import Any
 
 from redis.exceptions import (
@@ -32,6 +33,8 @@ from redis.exceptions import (
 )
 
 from qwen_deploy.resp import Replies, pack_evalsha
+
+IDLE_S = 25.0  # a connection unused this long is made again before the next round trip
 
 
 class _Call:
@@ -57,6 +60,7 @@ class GroupCommit:
         self.calls = self.groups = self.largest = 0  # how well it groups (for tests and benchmarks)
         self._conn: Any = None
         self._pid = 0
+        self._used = 0.0
 
     def __call__(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
         call = _Call(script, keys, args)
@@ -96,11 +100,17 @@ class GroupCommit:
                 following.done.set()
 
     def _connection(self) -> Any:
-        """The connection only the leader of a round trip uses (one per process: made after a fork)."""
+        """The connection only the leader of a round trip uses (one per process: made after a fork). One
+        idle for IDLE_S is made again first (redis-py checks a pooled one after 30 s idle the same way), so
+        a connection Redis or a proxy dropped while idle never fails a submit."""
+        now = time.monotonic()
         if self._conn is None or self._pid != os.getpid():
             self._conn, self._pid = self.client.connection_pool.make_connection(), os.getpid()
+        elif self._conn._sock is not None and now - self._used > IDLE_S:
+            self._conn.disconnect()
         if self._conn._sock is None:
             self._conn.connect()
+        self._used = now
         return self._conn
 
     def _send(self, group: list[_Call]) -> None:

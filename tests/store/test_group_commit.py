@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -120,3 +121,17 @@ def test_a_round_trip_interrupted_mid_read_never_hands_its_reply_to_the_next_cal
     monkeypatch.undo()
     assert commit(script, ["out"], ["second"]) == "second" and not commit._busy
     assert client.lrange("out", 0, -1) == ["warm", "first", "second"]
+
+
+def test_a_connection_redis_dropped_while_idle_is_made_again(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group_commit, "IDLE_S", 0.05)
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    assert commit(script, ["out"], ["before"]) == "before"
+    killed = client.client_kill_filter(_type="normal", skipme=True)  # what a server `timeout` does to idle clients
+    assert killed >= 1
+    time.sleep(0.1)  # idle past IDLE_S
+    assert commit(script, ["out"], ["after"]) == "after"
+    assert client.lrange("out", 0, -1) == ["before", "after"]
