@@ -8,10 +8,8 @@ from web.context import current_services
 
 
 def batch_store() -> BatchStore:
-    svc = current_services()
-    return BatchStore(svc.redis, svc.settings.key_prefix, svc.settings.limits.result_ttl)
+    return current_services().batches
 
 
 def webhook_store() -> WebhookStore:
-    svc = current_services()
-    return WebhookStore(svc.redis, svc.settings)
+    return current_services().webhooks

@@ -20,7 +20,6 @@ from qwen_deploy.lifecycle import estimate
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
 from qwen_deploy.served import find_model
-from qwen_deploy.webhook_store import WebhookStore
 from qwen_deploy.webhooks import check_request
 from web.auth import current_owner
 from web.context import current_services
@@ -106,7 +105,7 @@ def enqueue(
         fair_cost=fair_cost(req, svc.settings),
     )
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
-        WebhookStore(svc.redis, svc.settings).watch_output(job_id)
+        svc.webhooks.watch_output(job_id)
     refusal = refused(result, queue, model, retry_after)
     if refusal is not None:
         raise refusal
