@@ -1,7 +1,8 @@
 """JSON text on the hot paths: orjson (compact, UTF-8), with the standard library for what orjson refuses.
 
 orjson writes a dict of a few dozen fields several times faster than `json.dumps`; it refuses str with
-lone surrogates and integers past 64 bits, which `json.dumps` writes (as `\\udXXX` escapes and digits).
+lone surrogates and integers past 64 bits. For those the standard library writes the text with ASCII
+escapes (`\\udXXX`), so what reaches Redis is valid UTF-8 whatever the input held.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ def dumpb(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)
     except TypeError:  # orjson.JSONEncodeError: a lone surrogate, a big integer, a type orjson does not know
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def dumps(obj: Any) -> str:
     """`obj` as compact JSON text."""
-    try:
-        return orjson.dumps(obj).decode()
-    except TypeError:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return dumpb(obj).decode()

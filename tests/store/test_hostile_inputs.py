@@ -231,3 +231,21 @@ def test_odd_values_in_every_route_param_and_header_are_never_5xx(http: Any) -> 
                     response.close()
                     sent += 1
     assert sent > 300
+
+
+def test_lone_surrogates_in_a_prompt_are_kept_and_the_job_still_reads(http: Any, server: RedisServer) -> None:
+    bodies = [
+        b'{"prompt": "a\\ud800b", "max_new_tokens": 4}',
+        b'{"messages": [{"role": "user", "content": "x\\udfff"}], "max_new_tokens": 4}',
+    ]
+    for raw in bodies:
+        created = http.post("/v1/jobs", data=raw, content_type="application/json")
+        assert created.status_code == 202, created.get_json()
+        read = http.get(f"/v1/jobs/{created.get_json()['id']}")
+        assert read.status_code == 200 and read.get_json()["status"] == "queued"
+        record = redis.Redis.from_url(server.url, decode_responses=True).hget(
+            f"qd:job:{created.get_json()['id']}", "request"
+        )
+        stored = json.loads(record or "")
+        sent = json.loads(raw)
+        assert stored.get("prompt") == sent.get("prompt") and stored.get("messages") == sent.get("messages")
