@@ -126,10 +126,12 @@ class GroupCommit:
                     call.error = reply
                 else:
                     call.result = reply
-        except (ConnectionError, TimeoutError, InvalidResponse, DataError, OSError) as raw:
-            exc = _as_redis_error(raw)  # what redis-py raises: the web answers those 503
+        except BaseException as raw:  # a reply may be left unread: the connection carries no other round trip
             if conn is not None:
                 conn.disconnect()
+            if not isinstance(raw, (ConnectionError, TimeoutError, InvalidResponse, DataError, OSError)):
+                raise  # killed mid-read (a greenlet's exit), or a reply that does not parse
+            exc = _as_redis_error(raw)  # what redis-py raises: the web answers those 503
             if len(group) == 1 and _retried(self.client, exc):  # as redis-py would: again, with the client's retries
                 group[0].error = None
                 self._plain(group[0])
@@ -138,10 +140,6 @@ class GroupCommit:
                 if call.result is None and call.error is None:
                     call.error = exc
             return
-        except BaseException:  # killed mid-read (a greenlet's exit), or a reply that does not parse: a reply
-            if conn is not None:  # may be left unread, so the connection must not carry another round trip
-                conn.disconnect()
-            raise
         for call in group:
             if isinstance(call.error, NoScriptError | ReadOnlyError):  # scripts flushed; a master demoted
                 if isinstance(call.error, ReadOnlyError):
@@ -161,7 +159,7 @@ class GroupCommit:
 def _retried(client: Any, exc: BaseException) -> bool:
     """Whether redis-py's own call would have tried again after `exc` (a client configured with retries)."""
     retry = client.get_retry() or client.connection_pool.connection_kwargs.get("retry")
-    return bool(retry and retry.get_retries() > 0 and isinstance(exc, (ConnectionError, TimeoutError, OSError)))
+    return bool(retry and retry.get_retries() > 0 and isinstance(exc, (ConnectionError, TimeoutError)))
 
 
 def _as_redis_error(exc: BaseException) -> BaseException:

@@ -55,10 +55,13 @@ class Replies:
         line, self.pos = self.buf[self.pos : end], end + 2
         return line
 
-    def _bulk(self, size: int) -> Any:
+    def _raw(self, size: int) -> bytes:
         while len(self.buf) - self.pos < size + 2:
             self._fill()
         data, self.pos = self.buf[self.pos : self.pos + size], self.pos + size + 2
+        return data
+
+    def _text(self, data: bytes) -> Any:
         return data.decode() if self.decode else data
 
     def next(self) -> Any:
@@ -67,22 +70,18 @@ class Replies:
         kind, rest = line[:1], line[1:]
         if kind == b"$" or kind == b"=":  # bulk string; verbatim string (RESP3) keeps its "txt:" prefix
             size = int(rest)
-            return None if size < 0 else self._bulk(size)
+            return None if size < 0 else self._text(self._raw(size))
         if kind in (b"*", b"~", b">"):
             size = int(rest)
             return None if size < 0 else [self.next() for _ in range(size)]
         if kind == b":" or kind == b"(":  # integer; big number (RESP3)
             return int(rest)
         if kind == b"+":
-            return rest.decode() if self.decode else rest
-        if kind == b"-":
-            error: ResponseError = self.parse_error(rest.decode(errors="replace"))
+            return self._text(rest)
+        if kind == b"-" or kind == b"!":  # error; blob error (RESP3)
+            message = rest if kind == b"-" else self._raw(int(rest))
+            error: ResponseError = self.parse_error(message.decode(errors="replace"))
             return error
-        if kind == b"!":  # blob error (RESP3)
-            blob: ResponseError = self.parse_error(
-                self._bulk(int(rest)) if self.decode else self._bulk(int(rest)).decode(errors="replace")
-            )
-            return blob
         if kind == b"_":
             return None
         if kind == b",":

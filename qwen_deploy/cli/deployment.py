@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -83,18 +84,10 @@ class Deployment:
         return settings(self.env)
 
     # -- Redis --------------------------------------------------------------------------------
-    def start_redis(
-        self,
-        data_dir: Path | None = None,
-        port: int | None = None,
-        appendonly: bool = True,
-        password: str | None = None,
-        disable_config: bool = False,
-    ) -> RedisServer:
-        """A private redis-server on loopback (see `RedisServer`); the children get its URL in REDIS_URL."""
-        self.redis = RedisServer(
-            data_dir=data_dir, port=port, appendonly=appendonly, password=password, disable_config=disable_config
-        ).start()
+    def start_redis(self, **options: Any) -> RedisServer:
+        """A private redis-server on loopback (`options` as `RedisServer` takes them); the children get its
+        URL in REDIS_URL."""
+        self.redis = RedisServer(**options).start()
         self.env["REDIS_URL"] = self.redis.url
         return self.redis
 
