@@ -107,8 +107,9 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _train_tokenizer(text: str) -> PreTrainedTokenizerBase:
-    """Byte-level BPE over the poem and the chat scaffolding, wrapped for transformers.
+def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerBase:
+    """Byte-level BPE over `corpus` and the chat scaffolding, wrapped for transformers (the demo model's
+    specials and chat template; the random models train theirs with it too).
 
     AutoTokenizer loads any qwen2 checkpoint as Qwen2Tokenizer, which rebuilds its own NFC
     normalizer and split-then-byte-level pre-tokenizer; training with exactly those keeps
@@ -127,12 +128,12 @@ def _train_tokenizer(text: str) -> PreTrainedTokenizerBase:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[EOT, IM_START, IM_END],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([text, "user\nassistant\nsystem\n"], trainer=trainer)
+    tok.train_from_iterator([*corpus, "user\nassistant\nsystem\n"], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -277,7 +278,7 @@ def _build_into(path: Path, log: Log) -> dict[str, Any]:
     try:
         with _quiet(), torch.random.fork_rng(devices=[]):
             text = zen_text()
-            tok = _train_tokenizer(text)
+            tok = train_tokenizer([text])
             model = _make_model(tok)
             log(f"demo model: {sum(p.numel() for p in model.parameters())} parameters")
             steps = _train(model, tok, text, log)

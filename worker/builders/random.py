@@ -63,44 +63,10 @@ def _tokenizer(shape: Shape, tokenizer_dir: Path | None, seed: int) -> Any:
 
             tokenizer_dir = build_demo_model(log=lambda msg: None)
         return AutoTokenizer.from_pretrained(tokenizer_dir)
-    from worker.builders.demo import zen_text
+    from worker.builders.demo import train_tokenizer, zen_text
 
     corpus = [zen_text()] * 4 + [_pseudo_words(20_000, seed + i) for i in range(20)]
-    return _train_tokenizer(corpus, shape.vocab)
-
-
-def _train_tokenizer(corpus: list[str], vocab: int) -> Any:
-    """A byte-level BPE with the demo model's specials and chat template, trained to ``vocab`` tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    from worker.builders.demo import CHAT_TEMPLATE, EOT, IM_END, IM_START
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=[EOT, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([*corpus, "user\nassistant\nsystem\n"], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=EOT,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
-    )
+    return train_tokenizer(corpus, shape.vocab)
 
 
 def _build(out: Path, arch: Arch, shape: Shape, tokenizer_dir: Path | None, seed: int) -> dict[str, Any]:
