@@ -103,6 +103,27 @@ def test_positions_follow_priority_and_shrink_as_jobs_leave(http: Any, server: R
     assert http.get(f"/v1/jobs/{high['id']}", headers=auth(K2)).get_json()["queue_position"] is None
 
 
+def test_a_job_claimed_while_its_get_runs_is_shown_running_not_queued_without_a_position(
+    http: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GET reads the record, then the pending set: an engine's claim between the two must not give a
+    queued job with no `queue_position` (the contract gives every queued job one)."""
+    from web.services import records
+
+    job = post(http, {}).get_json()
+    store = http.application.extensions["qwen_deploy"].store
+    reads = records.current
+
+    def claimed_in_between(store_: Any, record: dict[str, str]) -> dict[str, str]:
+        if not store.r.hexists(store.key(job["id"]), "worker"):
+            assert [c.job_id for c in store.claim("host:1", 30, 2, 1)] == [job["id"]]
+        return reads(store_, record)
+
+    monkeypatch.setattr(records, "current", claimed_in_between)
+    seen = http.get(f"/v1/jobs/{job['id']}", headers=auth()).get_json()
+    assert (seen["status"], seen["queue_position"], seen["attempts"]) == ("running", None, 1), seen
+
+
 def test_one_keys_backlog_does_not_hold_another_keys_job_back(http: Any) -> None:
     backlog = [post(http, {"max_new_tokens": 64}).get_json() for _ in range(12)]
     other = post(http, {"max_new_tokens": 64}, key=K2).get_json()
