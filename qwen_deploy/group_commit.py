@@ -1,8 +1,9 @@
 """Group commit: script calls that many request handlers make at the same time reach Redis in one write.
 
-A caller that finds no round trip in flight sends its call at once, so a lone request waits for nothing.
-Calls that arrive while a round trip is in flight queue up; when it returns, the first of them sends all
-of them in one write. Under load this turns N round trips (N sends and reads here, N wake-ups and
+A caller that finds no round trip in flight yields once (one turn of gevent's loop, or of the GIL) and
+sends its call with those that joined meanwhile, so a lone request waits for nothing. Calls that arrive
+while a round trip is in flight queue up; when it returns, the first of them sends all of them in one
+write. Under load this turns N round trips (N sends and reads here, N wake-ups and
 socket reads in Redis, all on the same cores) into one, without a timer. Each call is still its own
 script run, atomic on its own; only the transport is shared. Works with threads and with gevent's
 patched `threading` (gunicorn's gevent worker) alike.
@@ -68,13 +69,31 @@ class GroupCommit:
             self._queue.append(call)
             lead = not self._busy
             self._busy = True
-        if not lead:
-            call.done.wait()
+        try:
+            if lead:
+                time.sleep(0)  # one turn of the loop: callers ready in it join this round trip
+            else:
+                call.done.wait()
+        except BaseException:  # killed before its round trip was sent: the lead must not be lost with it
+            if lead or call.lead:
+                self._withdraw(call)
+            raise
         if lead or call.lead:
             self._lead()
         if call.error is not None:
             raise call.error
         return call.result
+
+    def _withdraw(self, call: _Call) -> None:
+        """Take a call that will not be sent out of the queue, handing the lead to the next waiter."""
+        with self._lock:
+            if call in self._queue:
+                self._queue.remove(call)
+            following = self._queue[0] if self._queue else None
+            self._busy = following is not None
+        if following is not None:
+            following.lead = True
+            following.done.set()
 
     def _lead(self) -> None:
         """Send the queued calls (the leader's own among them), then hand over to the next waiter."""

@@ -92,18 +92,15 @@ def register(app: Flask, settings: Settings) -> None:
         return seen[host]
 
     @app.before_request
-    def _check_host() -> None:
-        if hosts is None or request.path in PROBE_PATHS:
-            return
-        if not trusted(request.host):
+    def _check_request() -> None:
+        """The Host check (not for the probes), then the key (not for the open paths)."""
+        path = request.path
+        if hosts is not None and path not in PROBE_PATHS and not trusted(request.host):
             raise AppError(
                 "this Host is not served here (web.trusted_hosts)", code="untrusted_host", param="Host", status_code=400
             )
-
-    @app.before_request
-    def _check_key() -> None:
         g.owner, g.admin = ANONYMOUS, not keys
-        if not keys or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
+        if not keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return
         header = request.headers.get("Authorization", "")
         given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
@@ -111,7 +108,7 @@ def register(app: Flask, settings: Settings) -> None:
         if not _match(raw, keys):
             raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", param="Authorization")
         g.owner, g.admin = owner_of(given), _match(raw, admin)
-        if (request.method, request.path) in ADMIN_ROUTES and not g.admin:
+        if (request.method, path) in ADMIN_ROUTES and not g.admin:
             raise Forbidden(
                 "this route needs an admin key (web.admin_keys)", code="admin_required", param="Authorization"
             )

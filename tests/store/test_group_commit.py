@@ -135,3 +135,32 @@ def test_a_connection_redis_dropped_while_idle_is_made_again(
     time.sleep(0.1)  # idle past IDLE_S
     assert commit(script, ["out"], ["after"]) == "after"
     assert client.lrange("out", 0, -1) == ["before", "after"]
+
+
+def test_a_leader_interrupted_before_sending_hands_the_lead_to_the_next_caller(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader yields once before it sends; killed there, its call is withdrawn (never sent) and a caller
+    that queued behind it sends its own call instead of waiting forever."""
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    answers: dict[str, Any] = {}
+    behind = threading.Thread(target=lambda: answers.update(behind=commit(script, ["out"], ["behind"])))
+
+    real_sleep = time.sleep
+
+    def interrupted_yield(seconds: float) -> None:
+        if seconds:  # wait_until's polls
+            return real_sleep(seconds)
+        behind.start()
+        wait_until(lambda: len(commit._queue) == 2, 10, 0.001, "a second caller queued")
+        raise _Interrupted
+
+    monkeypatch.setattr(group_commit.time, "sleep", interrupted_yield)
+    with pytest.raises(_Interrupted):
+        commit(script, ["out"], ["withdrawn"])
+    monkeypatch.undo()
+    behind.join(timeout=30)
+    assert answers == {"behind": "behind"} and not commit._busy and commit._queue == []
+    assert client.lrange("out", 0, -1) == ["behind"]
+    assert commit(script, ["out"], ["next"]) == "next"

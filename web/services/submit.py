@@ -136,8 +136,9 @@ def fair_cost(req: dict[str, Any], settings: Settings) -> float:
 
 def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
     """Validate and enqueue a generation job."""
-    req = parse_job(body, current_services().settings)
-    hook = check_request(body.get("webhook"), body.get("webhook_events_filter"), current_services().settings)
+    settings = current_services().settings
+    req = parse_job(body, settings)
+    hook = check_request(body.get("webhook"), body.get("webhook_events_filter"), settings)
     return submit_request(req, idempotency_key, body_options(body), **hook)
 
 
