@@ -57,17 +57,23 @@ def task_message(
 ) -> str:
     """The JSON string kombu's Redis transport stores for one Celery task message (every submit builds
     one: the envelope is rendered once per task and queue, then filled in)."""
-    body = "[" + json.dumps(args) + _BODY_TAIL  # [args, kwargs, embed], as json.dumps would write it
+    if args == [task_id] and _PLAIN(task_id):  # a job id: json.dumps and repr would write it as it is
+        body = '[["' + task_id + '"]' + _BODY_TAIL
+        quoted, argsrepr = task_id, "['" + task_id + "']"
+    else:
+        body = "[" + json.dumps(args) + _BODY_TAIL  # [args, kwargs, embed], as json.dumps would write it
+        quoted, argsrepr = _json_str(task_id), _json_str(repr(args))
     fill = {
         "@@body@@": binascii.b2a_base64(body.encode(), newline=False).decode(),
-        "@@id@@": _json_str(task_id),
-        "@@argsrepr@@": _json_str(repr(args)),
+        "@@id@@": quoted,
+        "@@argsrepr@@": argsrepr,
         "@@tag@@": _uuid4(),
     }
     head, *parts = _envelope(task, queue, time_limit, soft_time_limit)
     return head + "".join(fill[name] + text for name, text in parts)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:-]+").fullmatch  # written the same by json.dumps, repr and as text
 _BODY_TAIL = ', {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
 
 

@@ -190,3 +190,30 @@ def test_web_app_imports_no_torch(stack: Stack) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=stack.env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _raw_post(url: str, head: bytes, body: bytes, close_write: bool = False) -> bytes:
+    """POST /v1/jobs over a plain socket (what requests would not send); the whole answer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + head + b"\r\n" + body)
+        if close_write:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_chunked_and_cut_short_bodies_through_gunicorn(stack: Stack) -> None:
+    body = b'{"prompt": "Beautiful is better than", "max_new_tokens": 2}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answer = _raw_post(stack.url, b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", chunked)
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    head = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % (len(body) + 40)
+    answer = _raw_post(stack.url, head, body, close_write=True)  # 40 bytes never come
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert requests.get(stack.url + "/livez", timeout=10).status_code == 200
