@@ -1,0 +1,27 @@
+"""The Celery message a submit pushes is the one Celery itself would send (task protocol 2, JSON)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from celery import Celery
+
+from qwen_deploy.job_records import new_job_id
+from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+
+
+@pytest.mark.parametrize("kind", ["job", "micro-batch"])
+def test_the_message_matches_celerys_own(kind: str) -> None:
+    """A job's message (its id) and a micro-batch's (batch id, first and last line)."""
+    job_id = new_job_id()
+    args: list[object] = [job_id] if kind == "job" else [new_job_id().replace("job_", "batch_"), 0, 8]
+    ours = json.loads(task_message(GENERATE_TASK, job_id, INTERACTIVE, list(args), 60.0, 55.0))
+    celery = Celery("reference", set_as_current=False)
+    theirs = celery.amqp.as_task_v2(job_id, GENERATE_TASK, args=list(args), time_limit=60.0, soft_time_limit=55.0)
+    assert json.loads(base64.b64decode(ours["body"])) == json.loads(json.dumps(theirs.body))
+    for name in ("lang", "task", "id", "root_id", "parent_id", "argsrepr", "kwargsrepr", "retries", "timelimit"):
+        assert ours["headers"][name] == json.loads(json.dumps(theirs.headers[name])), name
+    assert ours["properties"]["correlation_id"] == job_id
+    assert ours["properties"]["delivery_info"]["routing_key"] == INTERACTIVE
