@@ -74,7 +74,7 @@ def check_deadline(seconds: float, param: str) -> float:
 def job_options(priority: str | None = None, deadline_seconds: float | None = None) -> JobOptions:
     """The options of the request in progress: the body's values and the `Cancel-After` header."""
     deadlines = [] if deadline_seconds is None else [check_deadline(float(deadline_seconds), "deadline_seconds")]
-    header = request.headers.get("Cancel-After") if has_request_context() else None
+    header = request.environ.get("HTTP_CANCEL_AFTER") if has_request_context() else None
     if header is not None:
         deadlines.append(parse_duration(header))
     return JobOptions(priority or "normal", min(deadlines) if deadlines else None)

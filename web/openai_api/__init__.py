@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, Response, g
+from flask import Flask
 
 
 def register(app: Flask) -> None:
@@ -10,12 +10,3 @@ def register(app: Flask) -> None:
 
     for module in (completions, models, responses, files, batches):
         app.register_blueprint(module.bp)
-
-    @app.after_request
-    def _job_headers(response: Response) -> Response:
-        job_id = g.get("openai_job_id")
-        if job_id:
-            response.headers["X-Job-Id"] = job_id
-            if response.status_code >= 400:
-                response.headers.setdefault("x-should-retry", "false")
-        return response

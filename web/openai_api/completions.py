@@ -13,12 +13,13 @@ from qwen_deploy.errors import AppError, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
 from web.context import current_services
 from web.job_options import service_tier_options
-from web.openai_api.objects import PRESENTERS, choices, finish_reason, usage
+from web.openai_api.objects import PRESENTERS, choices, finish_reason, job_headers, usage
 from web.openai_api.translate import chat_request, completion_request
 from web.schemas import read_json
 from web.services import iter_job_events, submit_request, wait_for
 
 bp = Blueprint("openai_completions", __name__, url_prefix="/v1")
+bp.after_request(job_headers)
 
 NO_RETRY = {"x-should-retry": "false"}  # the job exists: a retry would generate again
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Response, g
+
 from qwen_deploy.job_records import JOB_ID_PREFIX
 
 # Job finish reasons → OpenAI's: a cut-off text (token cap, time budget, cancel) is "length".
@@ -166,3 +168,14 @@ def text_delta(
 
 
 PRESENTERS = {"chat": (chat_completion, chat_chunk, chat_delta), "text": (text_completion, text_chunk, text_delta)}
+
+
+def job_headers(response: Response) -> Response:
+    """After a route that ran a job (it set `g.openai_job_id`): `X-Job-Id`, and `x-should-retry: false` on
+    an error (the SDK must not retry a request whose job exists). Registered on those routes' blueprints."""
+    job_id = g.get("openai_job_id")
+    if job_id:
+        response.headers["X-Job-Id"] = job_id
+        if response.status_code >= 400:
+            response.headers.setdefault("x-should-retry", "false")
+    return response

@@ -14,12 +14,13 @@ from qwen_deploy.jobs import TERMINAL
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.completions import finished
-from web.openai_api.objects import finish_reason, job_body
+from web.openai_api.objects import finish_reason, job_body, job_headers
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
 from web.schemas import read_json
 from web.services import iter_job_events, load_job, missing, submit_request, wait_for
 
 bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
+bp.after_request(job_headers)
 
 PREFIX = "resp_"
 KEYS = frozenset(
