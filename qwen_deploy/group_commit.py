@@ -74,9 +74,8 @@ class GroupCommit:
                 time.sleep(0)  # one turn of the loop: callers ready in it join this round trip
             else:
                 call.done.wait()
-        except BaseException:  # killed before its round trip was sent: the lead must not be lost with it
-            if lead or call.lead:
-                self._withdraw(call)
+        except BaseException:  # killed before its call was sent: neither the call nor the lead is left behind
+            self._withdraw(call, lead)
             raise
         if lead or call.lead:
             self._lead()
@@ -84,15 +83,19 @@ class GroupCommit:
             raise call.error
         return call.result
 
-    def _withdraw(self, call: _Call) -> None:
-        """Take a call that will not be sent out of the queue, handing the lead to the next waiter."""
+    def _withdraw(self, call: _Call, leading: bool) -> None:
+        """A caller killed while it waited or yielded: its call, if not yet taken into a round trip, leaves
+        the queue (so the lead is never handed to it), and a leader hands the lead to the next waiter."""
         with self._lock:
             if call in self._queue:
                 self._queue.remove(call)
+            if not (leading or call.lead):
+                return
             following = self._queue[0] if self._queue else None
             self._busy = following is not None
+            if following is not None:
+                following.lead = True
         if following is not None:
-            following.lead = True
             following.done.set()
 
     def _lead(self) -> None:
@@ -112,10 +115,11 @@ class GroupCommit:
             with self._lock:
                 following = self._queue[0] if self._queue else None
                 self._busy = following is not None
+                if following is not None:
+                    following.lead = True  # under the lock: a caller withdrawing sees it
             for call in group:
                 call.done.set()
             if following is not None:
-                following.lead = True
                 following.done.set()
 
     def _connection(self) -> Any:

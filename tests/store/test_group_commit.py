@@ -164,3 +164,41 @@ def test_a_leader_interrupted_before_sending_hands_the_lead_to_the_next_caller(
     assert answers == {"behind": "behind"} and not commit._busy and commit._queue == []
     assert client.lrange("out", 0, -1) == ["behind"]
     assert commit(script, ["out"], ["next"]) == "next"
+
+
+def test_a_caller_interrupted_while_queued_leaves_the_queue_and_the_group_goes_on(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller killed while its call waits for the round trip in flight is taken out of the queue: the
+    lead is never handed to it, and the caller behind it is served."""
+
+    class Event(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread().name == "interrupted":
+                raise _Interrupted
+            return super().wait(timeout)
+
+    monkeypatch.setattr(group_commit.threading, "Event", Event)
+    commit = GroupCommit(client)
+    script = client.register_script(ECHO)
+    answers: dict[str, Any] = {}
+
+    def one(value: str) -> None:
+        try:
+            answers[value] = commit(script, ["out"], [value])
+        except _Interrupted:
+            answers[value] = "interrupted"
+
+    client.client_pause(1000)  # the first call stays in flight while the others queue
+    first = threading.Thread(target=one, args=("first",))
+    first.start()
+    wait_until(lambda: commit._busy, 10, 0.001, "the first call in flight")
+    interrupted = threading.Thread(target=one, args=("interrupted",), name="interrupted")
+    interrupted.start()
+    interrupted.join(timeout=10)
+    behind = threading.Thread(target=one, args=("behind",))
+    behind.start()
+    for t in (first, behind):
+        t.join(timeout=30)
+    assert answers == {"first": "first", "interrupted": "interrupted", "behind": "behind"}
+    assert sorted(client.lrange("out", 0, -1)) == ["behind", "first"] and not commit._busy
