@@ -17,7 +17,7 @@ import json
 import time
 from typing import Any
 
-from qwen_deploy.job_records import _text
+from qwen_deploy.job_records import _text, public_job
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import script
 
@@ -77,7 +77,9 @@ def estimate(position: int, rate: float | None) -> float | None:
 
 
 def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill `queue_position` and `estimated_start_seconds` of the queued generation jobs (one script)."""
+    """Fill `queue_position` and `estimated_start_seconds` of the queued generation jobs (one script); a job
+    no longer pending (an engine claimed it after its record was read) is read again, so a job shown
+    queued always has its position."""
     queued = [j for j in jobs if j["status"] == "queued" and j["type"] == "generation"]
     if not queued:
         return jobs
@@ -89,4 +91,6 @@ def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str
         if int(rank) >= 0:
             job["queue_position"] = int(rank)
             job["estimated_start_seconds"] = estimate(int(rank), per_second)
+        elif (record := store.get(str(job["id"]))) is not None:  # claimed since its record was read
+            job.update(public_job(record))
     return jobs

@@ -135,6 +135,17 @@ def test_positions_decrease_as_jobs_are_claimed_and_the_estimate_follows_complet
     assert positions()[2:] == [1, 2, 3]
 
 
+def test_a_job_read_queued_then_claimed_is_read_again_not_left_queued_without_a_position(store: JobStore) -> None:
+    """A list or a GET reads records, then the pending set: a job claimed in between is shown as it is now."""
+    ids = [submit(store, f"c{i}") for i in range(3)]
+    stale = [_job(store, i) for i in ids]  # read while queued
+    claimed = store.claim("host:1", 30, 2, 1)
+    assert [c.job_id for c in claimed] == ids[:1]
+    shown = with_positions(store, stale)
+    assert [(j["status"], j["queue_position"]) for j in shown] == [("running", None), ("queued", 0), ("queued", 1)]
+    assert shown[0]["attempts"] == 1
+
+
 def _job(store: JobStore, job_id: str) -> dict[str, object]:
     from qwen_deploy.job_records import public_job
 

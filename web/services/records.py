@@ -37,11 +37,7 @@ def load_job(job_id: str) -> dict[str, Any]:
     """The caller's job object; a queued one past its deadline is closed first, one still queued gets
     its queue position."""
     store = current_services().store
-    job = with_positions(store, [public_job(current(store, load_record(job_id)))])[0]
-    if job["status"] == "queued" and job["type"] == "generation" and job["queue_position"] is None:
-        # claimed between the read of the record and that of the pending set: the record now says so
-        job = with_positions(store, [public_job(current(store, load_record(job_id)))])[0]
-    return job
+    return with_positions(store, [public_job(current(store, load_record(job_id)))])[0]
 
 
 def missing(kind: str, any_id: str, prefix: str = JOB_ID_PREFIX) -> Exception:
