@@ -23,7 +23,10 @@ class App(Flask):
         self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
 
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        found = self._sync.get(func)
+        try:
+            found = self._sync.get(func)
+        except TypeError:  # an unhashable callable: Flask's own check each time
+            return super().ensure_sync(func)
         if found is None:
             found = self.async_to_sync(func) if iscoroutinefunction(func) else func
             if len(self._sync) < 4096:  # views, hooks and handlers: a bounded set
