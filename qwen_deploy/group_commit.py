@@ -91,12 +91,17 @@ class GroupCommit:
                 self._queue.remove(call)
             if not (leading or call.lead):
                 return
-            following = self._queue[0] if self._queue else None
-            self._busy = following is not None
-            if following is not None:
-                following.lead = True
+            following = self._next_leader()
         if following is not None:
             following.done.set()
+
+    def _next_leader(self) -> _Call | None:
+        """With the lock held: the first queued call, marked to lead the next round trip (None: idle)."""
+        following = self._queue[0] if self._queue else None
+        self._busy = following is not None
+        if following is not None:
+            following.lead = True  # under the lock: a caller withdrawing sees it
+        return following
 
     def _lead(self) -> None:
         """Send the queued calls (the leader's own among them), then hand over to the next waiter."""
@@ -113,10 +118,7 @@ class GroupCommit:
             raise
         finally:
             with self._lock:
-                following = self._queue[0] if self._queue else None
-                self._busy = following is not None
-                if following is not None:
-                    following.lead = True  # under the lock: a caller withdrawing sees it
+                following = self._next_leader()
             for call in group:
                 call.done.set()
             if following is not None:

@@ -145,12 +145,13 @@ def _body(request: Request) -> bytes:
     environ = request.environ
     length = environ.get("CONTENT_LENGTH", "")
     limit = request.max_content_length
-    if 0 < len(length) < 10 and length.isascii() and length.isdigit() and (limit is None or int(length) <= limit):
-        data = environ["wsgi.input"].read(int(length))
-        if len(data) != int(length):
-            raise ClientDisconnected()  # what werkzeug's stream raises for a body cut short
-        return bytes(data)
-    return request.get_data(cache=False)
+    size = int(length) if 0 < len(length) < 10 and length.isascii() and length.isdigit() else -1
+    if size < 0 or (limit is not None and size > limit):
+        return request.get_data(cache=False)
+    data = environ["wsgi.input"].read(size)
+    if len(data) != size:
+        raise ClientDisconnected()  # what werkzeug's stream raises for a body cut short
+    return bytes(data)
 
 
 def _is_type_tag(part: str | int) -> bool:

@@ -77,27 +77,19 @@ def test_master_killed_mid_burst_then_every_accepted_job_ends(deployment: Stack,
     assert deployment.client().wait(job["id"], timeout=30)["status"] == "succeeded"
 
 
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`qwen-deploy ARGS` with `env`, its output captured."""
+    command = [sys.executable, "-m", "qwen_deploy.cli", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_doctor_and_healthcheck_follow_the_failover(deployment: Stack, group: SentinelGroup) -> None:
     """Run after the failover: both find the promoted master through the sentinels."""
     env = {**deployment.env, "QWEN_DEPLOY_REDIS_MASTER_NAME": "mymaster"}
-    doctor = subprocess.run(
-        [sys.executable, "-m", "qwen_deploy.cli", "doctor", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    doctor = _cli(env, "doctor", "--json")
     rows = {row["name"]: row for row in json.loads(doctor.stdout[doctor.stdout.index("{") :])["checks"]}
     assert rows["redis"]["status"] == "pass", rows["redis"]
     assert f":{group.master_port()}," in rows["redis"]["detail"]
     assert rows["redis_persistence"]["status"] == "pass", rows["redis_persistence"]
-    health = subprocess.run(
-        [sys.executable, "-m", "qwen_deploy.cli", "healthcheck", "worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    health = _cli(env, "healthcheck", "worker")
     assert health.returncode == 0, health.stdout + health.stderr

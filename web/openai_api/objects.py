@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import Response, g
@@ -104,7 +105,9 @@ def text_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
-def chat_chunk(
+def _chunk(
+    id_prefix: str,
+    kind: str,
     job: dict[str, Any],
     model: str,
     chunk_choices: list[dict[str, Any]],
@@ -112,8 +115,8 @@ def chat_chunk(
     with_usage: bool = False,
 ) -> dict[str, Any]:
     chunk = {
-        "id": "chatcmpl-" + job_body(job["id"]),
-        "object": "chat.completion.chunk",
+        "id": id_prefix + job_body(job["id"]),
+        "object": kind,
         "created": created(job),
         "model": model,
         "system_fingerprint": None,
@@ -124,24 +127,8 @@ def chat_chunk(
     return chunk
 
 
-def text_chunk(
-    job: dict[str, Any],
-    model: str,
-    chunk_choices: list[dict[str, Any]],
-    usage_value: Any = None,
-    with_usage: bool = False,
-) -> dict[str, Any]:
-    chunk = {
-        "id": "cmpl-" + job_body(job["id"]),
-        "object": "text_completion",
-        "created": created(job),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": chunk_choices,
-    }
-    if with_usage:
-        chunk["usage"] = usage_value
-    return chunk
+chat_chunk = functools.partial(_chunk, "chatcmpl-", "chat.completion.chunk")
+text_chunk = functools.partial(_chunk, "cmpl-", "text_completion")
 
 
 def chat_delta(
