@@ -72,13 +72,11 @@ def test_positions_decrease_as_a_busy_worker_drains_the_queue(one_row: Stack) ->
 
 def test_a_batch_past_its_completion_window_ends_expired(stack: Stack) -> None:
     short = {"prompt": "Errors should never", "max_new_tokens": 6}
-    long = {"prompt": LONG_PROMPT, "max_new_tokens": 512, "ignore_eos": True, "n": 4, "temperature": 1}
-    lines = [
-        {"custom_id": "s0", "body": short},
-        {"custom_id": "l0", "body": long},
-        {"custom_id": "s1", "body": short},
-        {"custom_id": "l1", "body": long},
-    ]
+    long = {"prompt": LONG_PROMPT, "max_new_tokens": 512, "ignore_eos": True, "n": 8, "temperature": 1}
+    # The short lines first; 4 x 8 long samples outgrow engine.max_batch_tokens (each holds 2048 + 512), so the
+    # last long line waits for room: however fast the machine, the long lines cannot all finish in 3 s.
+    lines = [{"custom_id": "s0", "body": short}, {"custom_id": "s1", "body": short}]
+    lines += [{"custom_id": f"l{i}", "body": long} for i in range(4)]
     made = requests.post(stack.url + "/v1/batches", json={"requests": lines, "completion_window": "3s"}, timeout=30)
     assert made.status_code == 202, made.text
     batch = made.json()
@@ -90,14 +88,15 @@ def test_a_batch_past_its_completion_window_ends_expired(stack: Stack) -> None:
         what="the batch to end",
     )
     assert final["status"] == "expired" and final["expired_at"] is not None, final
-    assert final["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    assert final["request_counts"] == {"total": 6, "completed": 2, "failed": 4}
     out = {
         line["custom_id"]: line for line in map(json.loads, requests.get(url + "/results", timeout=5).text.splitlines())
     }
     assert out["s0"]["error"] is None and out["s1"]["error"] is None
-    for cid in ("l0", "l1"):
+    for cid in ("l0", "l1", "l2"):
         assert out[cid]["error"]["code"] == "batch_expired"
         assert out[cid]["response"]["body"]["output"]["text"]  # stopped at the window with its partial text
+    assert out["l3"]["error"]["code"] == "batch_expired"  # it may not have started
 
 
 @pytest.mark.parametrize("window", ["2d", "25h", "0s", "soon"])
