@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen_deploy.cli import healthcheck, jobs, serve
+from qwen_deploy.cli import errors, healthcheck, jobs, serve
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -30,4 +30,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the command; its exit code."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return errors.run(lambda: int(args.func(args) or 0))

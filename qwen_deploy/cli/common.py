@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from qwen_deploy.cli.errors import mark_progress, normalize_url
 from qwen_deploy.client import Client
 from qwen_deploy.config import ConfigError, Settings, load_settings
 
@@ -21,11 +22,14 @@ def settings(environ: Mapping[str, str] | None = None) -> Settings:
 def client(url: str | None) -> Client:
     """An API client for `url`, or for this host's configured web address, with the configured key."""
     config = settings()
-    return Client(url or f"http://{config.web.host}:{config.web.port}", api_key=config.client_key)
+    return Client(
+        normalize_url(url) if url else f"http://{config.web.host}:{config.web.port}", api_key=config.client_key
+    )
 
 
 def print_progress(progress: Mapping[str, object]) -> None:
     """One overwritten status line on stderr."""
+    mark_progress()
     parts = [f"{k}={v}" for k, v in progress.items()]
     print("\r" + " ".join(parts)[:150].ljust(150), end="", file=sys.stderr, flush=True)
 

@@ -9,11 +9,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_deploy.cli.common import client, print_progress, settings
+from qwen_deploy.cli.errors import model_load_error
 from qwen_deploy.client import APIError
+from qwen_deploy.config import Settings
 from qwen_deploy.states import JOB_TERMINAL
+
+if TYPE_CHECKING:
+    from worker.handler import ModelHandler
 
 TERMINAL = JOB_TERMINAL
 
@@ -30,12 +35,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if job["status"] == "succeeded" else 1
 
 
+def _local_handler(config: Settings) -> ModelHandler:
+    """The configured model loaded in this process, or one sentence saying why it cannot be."""
+    from worker.handler import ModelHandler
+
+    handler = ModelHandler(config)
+    try:
+        handler.setup()
+    except (OSError, ValueError, ImportError) as exc:  # no such directory or repo, no hub, not a model
+        raise model_load_error(exc, config.model.name_or_path) from None
+    return handler
+
+
 def _generate_local(prompt: str, max_new_tokens: int | None, temperature: float | None) -> int:
-    from worker.handler import GenerationRequest, ModelHandler
+    from worker.handler import GenerationRequest
 
     config = settings()
-    handler = ModelHandler(config)
-    handler.setup()
+    handler = _local_handler(config)
     n = max_new_tokens or config.generation.default_max_new_tokens
     if n > config.generation.max_new_tokens_cap:
         sys.exit(f"qwen-deploy: max_new_tokens is {n}; the maximum is {config.generation.max_new_tokens_cap}")
@@ -60,11 +76,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     analyzer = load_analyzer(args.analyzer)
     runner: LocalRunner | QueueRunner
     if args.local:
-        from worker.handler import ModelHandler
-
-        handler = ModelHandler(config)
-        handler.setup()
-        runner = LocalRunner(handler, config.batches.micro_batch_size)
+        runner = LocalRunner(_local_handler(config), config.batches.micro_batch_size)
     else:
         runner = QueueRunner(client(args.url))
     done = done_keys(out)

@@ -178,3 +178,37 @@ def test_up_takes_a_model_or_the_demo_not_both(tmp_path: Path) -> None:
         timeout=60,
     )
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["generate", "hi", "--url", "127.0.0.1:{port}"], "cannot reach the API at http://127.0.0.1:{port}"),
+        (["generate", "hi", "--url", "http://127.0.0.1:{port}"], "is `qwen-deploy up` running there?"),
+        (["analyze", "{tmp}/missing.jsonl", "--out", "{tmp}/out.jsonl"], "{tmp}/missing.jsonl: No such file"),
+        (["download", "not a repo"], "not a Hugging Face repo id or local directory"),
+        (["generate", "hi", "--local"], "the model directory {tmp}/no-such-model does not exist"),
+    ],
+)
+def test_user_mistakes_are_one_sentence_and_exit_1(tmp_path: Path, argv: list[str], expected: str) -> None:
+    """A server that is down, a URL without a scheme, a missing file, a bad repo id, a misspelled model
+    directory: one `qwen-deploy: …` line on stderr, exit 1, no traceback."""
+    port = str(free_port())  # nothing listens there
+    env = {
+        **up_env(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "QWEN_DEPLOY_MODEL__NAME_OR_PATH": f"{tmp_path}/no-such-model",
+    }
+    fill = {"port": port, "tmp": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", *(a.format(**fill) for a in argv)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("qwen-deploy: ")]
+    assert len(lines) == 1 and expected.format(**fill) in lines[0], out.stderr
