@@ -28,6 +28,20 @@ def up_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**env, "QWEN_DEPLOY_CONFIG": str(config), "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "none.env"), **extra}
 
 
+def run_cli(
+    argv: list[str], env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m qwen_deploy.cli ARGV` as a user runs it, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Path) -> None:
     port = free_port()
     env = {
@@ -113,32 +127,9 @@ def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path)
         "QWEN_DEPLOY_MODEL__NAME_OR_PATH": str(demo_model),
         "QWEN_DEPLOY_ENV_FILE": str(tmp_path / "x"),
     }
-    out = subprocess.run(
-        [sys.executable, "-m", "qwen_deploy.cli", "demo-model"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_cli(["demo-model"], env)
     assert out.returncode == 0 and out.stdout.strip() == str(demo_model)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwen_deploy.cli",
-            "generate",
-            "Beautiful is better than",
-            "--max-new-tokens",
-            "4",
-            "--local",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_cli(["generate", "Beautiful is better than", "--max-new-tokens", "4", "--local"], env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(" ugly.")
 
@@ -170,13 +161,7 @@ def test_up_takes_a_model_or_the_demo_not_both(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(["up", "--model", str(tmp_path / "my-model")])
     assert args.func is cmd_up and args.model == str(tmp_path / "my-model") and not args.demo
-    both = subprocess.run(
-        [sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--model", "x"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    both = run_cli(["up", "--demo", "--model", "x"], timeout=60)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
@@ -200,14 +185,7 @@ def test_user_mistakes_are_one_sentence_and_exit_1(tmp_path: Path, argv: list[st
         "QWEN_DEPLOY_MODEL__NAME_OR_PATH": f"{tmp_path}/no-such-model",
     }
     fill = {"port": port, "tmp": str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-m", "qwen_deploy.cli", *(a.format(**fill) for a in argv)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_cli([a.format(**fill) for a in argv], env)
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("qwen-deploy: ")]
