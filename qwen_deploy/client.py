@@ -105,6 +105,11 @@ class Client:
                     elif line.startswith("id:"):
                         last_id = line.removeprefix("id:").strip()
 
+    def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        """GET /v1/jobs: the caller's jobs, newest first (one page)."""
+        params = {k: v for k, v in {"status": status, "limit": limit, "after": after}.items() if v is not None}
+        return self._call("GET", "/v1/jobs", params=params).json()
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
@@ -117,6 +122,10 @@ class Client:
         """POST /v1/batches with `{"custom_id", "body"}` (or OpenAI Batch) lines."""
         requests_ = [{"custom_id": line["custom_id"], "body": line["body"]} for line in lines]
         return self._call("POST", "/v1/batches", json={"requests": requests_, "metadata": metadata}).json()
+
+    def create_batch_jsonl(self, data: bytes) -> dict[str, Any]:
+        """POST /v1/batches with a JSONL body as is (`{"custom_id", "body"}` or OpenAI Batch lines)."""
+        return self._call("POST", "/v1/batches", data=data, headers={"Content-Type": "application/x-ndjson"}).json()
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/batches/{batch_id}").json()

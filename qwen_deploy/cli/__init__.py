@@ -4,8 +4,9 @@ the worker, conversion and analysis packages (lazily, inside the commands that n
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import PackageNotFoundError, version
 
-from qwen_deploy.cli import errors, healthcheck, jobs, serve
+from qwen_deploy.cli import errors, healthcheck, job_commands, jobs, serve
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -14,12 +15,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.run(as_json=args.json)
 
 
+def _version() -> str:
+    try:
+        return version("qwen-deploy")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(prog="qwen-deploy", description="A job queue for LLM work.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parsers(sub)
     jobs.add_parsers(sub)
+    job_commands.add_parsers(sub)
     doc = sub.add_parser("doctor", help="pre-deployment checks; non-zero exit when a blocking check fails")
     doc.add_argument("--json", action="store_true", help="print the checks as JSON")
     doc.set_defaults(func=cmd_doctor)

@@ -48,3 +48,14 @@ def redacted(url: str) -> str:
 def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment plus `extra`: what the children of a command get."""
     return {**os.environ, **extra}
+
+
+MODEL_ENV = "QWEN_DEPLOY_MODEL__NAME_OR_PATH"
+
+
+def demo_env() -> dict[str, str]:
+    """Build (or reuse) the demo model; the environment that points a child process at it."""
+    from worker.demo_model import build_demo_model
+
+    path = build_demo_model(log=lambda msg: print(f"demo-model: {msg}", file=sys.stderr))
+    return {MODEL_ENV: str(path)}

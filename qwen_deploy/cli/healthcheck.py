@@ -33,6 +33,6 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `healthcheck`."""
-    check = sub.add_parser("healthcheck", help="container healthchecks: exit 0 when healthy")
+    check = sub.add_parser("healthcheck")  # no help: container healthchecks, kept off the user command list
     check.add_argument("what", choices=["worker"], help="worker: this host's generation worker has loaded its model")
     check.set_defaults(func=cmd_healthcheck)

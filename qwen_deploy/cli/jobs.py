@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qwen_deploy.cli.common import client, print_progress, settings
+from qwen_deploy.cli.common import client, demo_env, print_progress, settings
 from qwen_deploy.cli.errors import model_load_error
+from qwen_deploy.cli.job_commands import URL_HELP, follow
 from qwen_deploy.client import APIError
 from qwen_deploy.config import Settings
 from qwen_deploy.states import JOB_TERMINAL
@@ -24,15 +26,33 @@ TERMINAL = JOB_TERMINAL
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.local:
-        return _generate_local(args.prompt, args.max_new_tokens, args.temperature)
-    try:
-        job = client(args.url).generate(args.prompt, **params)
-    except APIError as exc:
-        sys.exit(f"qwen-deploy: {exc}")
-    print(job["output"]["text"])
-    return 0 if job["status"] == "succeeded" else 1
+        return _generate_local(args)
+    body: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "model": args.model,
+    }
+    if args.chat or args.system:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        body["messages"] = [*system, {"role": "user", "content": args.prompt}]
+    else:
+        body["prompt"] = args.prompt
+    api = client(args.url)
+    if args.stream:
+        job = api.submit(**{k: v for k, v in body.items() if v is not None})
+        return follow(api, job["id"])
+    job = api.generate(**body)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    else:
+        print(job["output"]["text"] if job["status"] == "succeeded" else "")
+    if job["status"] != "succeeded":
+        reason = (job.get("error") or {}).get("message") or job["status"]
+        print(f"qwen-deploy: job {job['id']} {job['status']}: {reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _local_handler(config: Settings) -> ModelHandler:
@@ -47,16 +67,25 @@ def _local_handler(config: Settings) -> ModelHandler:
     return handler
 
 
-def _generate_local(prompt: str, max_new_tokens: int | None, temperature: float | None) -> int:
+def _generate_local(args: argparse.Namespace) -> int:
     from worker.handler import GenerationRequest
 
-    config = settings()
+    config = settings({**os.environ, **demo_env()} if args.demo else None)
     handler = _local_handler(config)
+    prompt, max_new_tokens, temperature = args.prompt, args.max_new_tokens, args.temperature
     n = max_new_tokens or config.generation.default_max_new_tokens
     if n > config.generation.max_new_tokens_cap:
         sys.exit(f"qwen-deploy: max_new_tokens is {n}; the maximum is {config.generation.max_new_tokens_cap}")
     started = time.perf_counter()
-    result = handler.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, temperature=temperature))
+    if args.chat or args.system:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        req = GenerationRequest(
+            messages=[*system, {"role": "user", "content": prompt}], max_new_tokens=n, temperature=temperature
+        )
+    else:
+        req = GenerationRequest(prompt=prompt, max_new_tokens=n, temperature=temperature)
+    req.seed = args.seed
+    result = handler.generate(req)
     print(result.text)
     print(
         f"[{result.completion_tokens} tokens, {result.finish_reason}, {(time.perf_counter() - started) * 1000:.0f} ms]",
@@ -161,13 +190,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the work commands."""
-    gen = sub.add_parser("generate", help="one job through the API (or in-process with --local)")
+    gen = sub.add_parser(
+        "generate",
+        help="one job through the API (or in-process with --local)",
+        epilog='examples: qwen-deploy generate "Beautiful is better than" --stream; '
+        'qwen-deploy generate "Say hi" --chat --system "Be brief" --json; '
+        'qwen-deploy generate "Beautiful is" --local --demo',
+    )
     gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64, at most 512)")
+    gen.add_argument("--temperature", type=float, help="0 or absent: greedy")
+    gen.add_argument("--seed", type=int, help="a sampled run with the same seed gives the same text")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    gen.add_argument("--system", help="a system message (implies --chat)")
+    gen.add_argument("--model", help="a served model's id or alias (default: the default model)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--json", action="store_true", help="print the whole job object as JSON")
+    gen.add_argument("--demo", action="store_true", help="with --local: the demo model (built on first use)")
     where = gen.add_mutually_exclusive_group()
-    where.add_argument("--url")
-    where.add_argument("--local", action="store_true")
+    where.add_argument("--url", help=URL_HELP)
+    where.add_argument("--local", action="store_true", help="load the model in this process instead")
     gen.set_defaults(func=cmd_generate)
 
     ana = sub.add_parser("analyze", help="bulk analysis of a JSONL/CSV file, resumable")

@@ -8,21 +8,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from qwen_deploy.cli.common import child_environ, settings
+from qwen_deploy.cli.common import MODEL_ENV, child_environ, demo_env, settings
 from qwen_deploy.cli.deployment import WEB_HOST_ENV, WORKER_MODEL_ENV, Deployment, node_name, web_argv
 from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
 from qwen_deploy.served import served_models
-
-MODEL_ENV = "QWEN_DEPLOY_MODEL__NAME_OR_PATH"
-
-
-def demo_env() -> dict[str, str]:
-    """Build (or reuse) the demo model; the environment that points a child process at it."""
-    from worker.demo_model import build_demo_model
-
-    path = build_demo_model(log=lambda msg: print(f"demo-model: {msg}", file=sys.stderr))
-    return {MODEL_ENV: str(path)}
 
 
 def cmd_up(args: argparse.Namespace) -> int:

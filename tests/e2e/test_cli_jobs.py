@@ -1,0 +1,61 @@
+"""The job commands as a user runs them against a running service: generate (JSON, stream, chat), jobs,
+status, watch, cancel, batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import ROOT, Stack
+
+
+def cli(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "QWEN_DEPLOY_ENV_FILE": os.devnull}
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_deploy.cli", *argv, "--url", stack.url],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_generate_json_stream_chat_then_jobs_and_status(stack: Stack) -> None:
+    out = cli(stack, "generate", "Beautiful is better than", "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
+    assert job["status"] == "succeeded" and job["output"]["text"].startswith(" ugly.")
+    streamed = cli(stack, "generate", "Beautiful is better than", "--max-new-tokens", "4", "--stream")
+    assert streamed.returncode == 0 and streamed.stdout == job["output"]["text"] + "\n", streamed.stderr
+    chat = cli(stack, "generate", "Beautiful is better than", "--chat", "--system", "Zen", "--json")
+    assert chat.returncode == 0 and json.loads(chat.stdout)["status"] == "succeeded", chat.stderr
+    listed = cli(stack, "jobs", "--status", "succeeded", "--limit", "100")
+    assert listed.returncode == 0 and job["id"] in listed.stdout
+    status = cli(stack, "status", job["id"])
+    assert status.returncode == 0 and json.loads(status.stdout)["output"]["text"] == job["output"]["text"]
+
+
+def test_cancel_then_watch_says_canceled(stack: Stack) -> None:
+    job = stack.client().submit("Beautiful is", max_new_tokens=512, ignore_eos=True, priority="low")
+    out = cli(stack, "cancel", job["id"])
+    assert out.returncode == 0 and out.stdout.split()[0] == job["id"], out.stderr
+    assert out.stdout.split()[1] in ("canceled", "canceling")
+    watched = cli(stack, "watch", job["id"])
+    assert watched.returncode == 1 and f"job {job['id']} canceled" in watched.stderr
+
+
+def test_batch_file_writes_every_result_line(stack: Stack, tmp_path: Path) -> None:
+    lines = tmp_path / "lines.jsonl"
+    bodies = [
+        {"custom_id": f"r{i}", "body": {"prompt": "Beautiful is better than", "max_new_tokens": 4}} for i in range(3)
+    ]
+    lines.write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    out = cli(stack, "batch", str(lines), "--poll", "0.2")
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in (tmp_path / "lines.results.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in results) == ["r0", "r1", "r2"]
+    assert "completed" in out.stderr
