@@ -145,6 +145,7 @@ def job_store(settings: Settings) -> JobStore:
         default_model=default_alias(settings),
     )
     store.wait_replicas, store.wait_ms = settings.wait_replicas, settings.redis_wait_ms
+    store.max_batch = settings.engine.max_batch
     return store
 
 

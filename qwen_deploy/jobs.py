@@ -54,6 +54,7 @@ class SubmitResult:
     depth: int = 0
     position: int | None = None  # an engine job's queue position, and the recent completion rate
     rate: float | None = None
+    free: int = 0  # free engine rows of its model (the job starts at the next claim when position < free)
 
 
 class JobStore(JobRecords):
@@ -72,6 +73,7 @@ class JobStore(JobRecords):
         self.ttl = ttl
         self.reap_after = reap_after
         self.wait_replicas, self.wait_ms = 0, 100  # WAIT after a submit (Sentinel: survive a failover)
+        self.max_batch = 0  # engine rows per worker (`engine.max_batch`): free rows mean "starts now"
         self._submit = client.register_script(script("submit"))
         self._grouped = GroupCommit(client)  # concurrent submits share a round trip
         self._start = client.register_script(script("start"))
@@ -135,6 +137,8 @@ class JobStore(JobRecords):
             "owner": owner,
             "fair_cost": fair_cost,
             "unserved_cap": -1 if unserved_cap is None else unserved_cap,
+            "model": model or self.default_model,
+            "max_batch": self.max_batch,
         }
         served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
         status, value, *standing = self._grouped(
@@ -167,7 +171,8 @@ class JobStore(JobRecords):
         if status in ("full", "inflight", "unavailable"):
             return SubmitResult(status, job_id, int(value))
         if standing:
-            return SubmitResult(status, value, position=int(standing[0]), rate=float(_text(standing[1]) or 0) or None)
+            rate = float(_text(standing[1]) or 0) or None
+            return SubmitResult(status, value, position=int(standing[0]), rate=rate, free=int(standing[2]))
         return SubmitResult(status, value)
 
     def replicated(self) -> int:

@@ -7,8 +7,9 @@
   A running job is stopped by its engine at the deadline (its budget) with its partial text.
 - Purge: queued jobs of a queue end `canceled` with error `purged` (`POST /v1/queues/{name}/purge`).
 - Position: `queue_position` is the number of jobs ahead in the engine's pending set (0: next to
-  start); `estimated_start_seconds` = (position + 1) / the recent completion rate of generation jobs
-  (the last 256 completions, counted over the last minute; unknown without completions in it).
+  start); `estimated_start_seconds` is 0 while a live engine of the job's model has a free row for it
+  (`engine.max_batch` minus the jobs each holds), else (position + 1) / the recent completion rate of
+  generation jobs (the last 256 completions, counted over the last minute; unknown without completions).
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def purge(store: JobStore, queue: str, pending: bool) -> int:
         offset += len(ids) - closed  # closed ones left the set; the others stay ahead of the next page
 
 
-def estimate(position: int, rate: float | None) -> float | None:
-    """Seconds until a job `position` places back starts, at `rate` completions per second."""
+def estimate(position: int, rate: float | None, free: int = 0) -> float | None:
+    """Seconds until a job `position` places back starts: 0 when an engine has a free row for it (`free`
+    rows across its model's live workers), else at `rate` completions per second (None: unknown)."""
+    if position < free:
+        return 0.0
     return round((position + 1) / rate, 1) if rate else None
 
 
@@ -83,14 +87,22 @@ def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str
     queued = [j for j in jobs if j["status"] == "queued" and j["type"] == "generation"]
     if not queued:
         return jobs
-    rate, *ranks = store.r.register_script(script("position"))(
-        keys=[store.pending_key()], args=[store.prefix, repr(time.time()), store.key(""), *(j["id"] for j in queued)]
+    rate, *standing = store.r.register_script(script("position"))(
+        keys=[store.pending_key()],
+        args=[
+            store.prefix,
+            repr(time.time()),
+            store.key(""),
+            store.max_batch,
+            store.default_model,
+            *(j["id"] for j in queued),
+        ],
     )
     per_second = float(_text(rate)) if _text(rate) else None
-    for job, rank in zip(queued, ranks):
+    for job, rank, free in zip(queued, standing[::2], standing[1::2]):
         if int(rank) >= 0:
             job["queue_position"] = int(rank)
-            job["estimated_start_seconds"] = estimate(int(rank), per_second)
+            job["estimated_start_seconds"] = estimate(int(rank), per_second, int(free))
         elif (record := store.get(str(job["id"]))) is not None:  # claimed since its record was read
             job.update(public_job(record))
     return jobs

@@ -69,6 +69,16 @@ local function completion_rate(prefix, now)
   if #times >= 256 and recent == #times then span = math.max(1, now - oldest) end
   return tostring(recent / span)
 end
+-- Free engine rows for a model's queued jobs: over its live workers, `max_batch` minus the jobs each
+-- engine holds (0 when unknown). A queued job whose position is below it starts at the next claim.
+local function free_slots(prefix, model, now, max_batch)
+  if not model or model == '' or not max_batch or max_batch <= 0 then return 0 end
+  local free = 0
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', prefix .. ':model:' .. model .. ':workers', now, '+inf')) do
+    free = free + math.max(0, max_batch - redis.call('SCARD', prefix .. ':held:' .. w))
+  end
+  return free
+end
 -- Deadlines (Cancel-After / deadline_seconds): the record's `deadline` is an absolute time.
 local DEADLINE_ERROR = '{"code": "deadline_exceeded", "message": "the job reached its deadline ' ..
   '(Cancel-After or deadline_seconds) before it finished"}'

@@ -7,8 +7,9 @@
 -- job_key (the job hash prefix, to prune finished ids from the in-flight set), index_floor (ids
 -- below it have expired: trimmed from the index), index_max (index length kept), pending_score
 -- (priority rank * 1e10 + submit time), deadline (absolute time, when KEYS[9] is given), now and
--- unserved_cap (with KEYS[8]: no live worker serves the model and its pending set holds that many).
--- Returns {'ok', id[, queue position, completion rate]} (position and rate for an engine job: see
+-- unserved_cap (with KEYS[8]: no live worker serves the model and its pending set holds that many),
+-- model (its alias) and max_batch (engine rows per worker: the free rows behind the estimate).
+-- Returns {'ok', id[, queue position, completion rate, free rows]} (for an engine job: see
 -- qwen_deploy/lifecycle.py) | {'duplicate', id} | {'reused', id} | {'full', depth} | {'inflight', count}
 -- | {'unavailable', pending}.
 -- The owner's index is a sorted set with every score 0: ids embed their creation time, so lexical
@@ -86,6 +87,6 @@ end
 if KEYS[7] ~= '' then
   local prefix = string.sub(KEYS[4], 1, -8)  -- KEYS[4] is {prefix}:active
   return {'ok', ARGV[4], redis.call('ZRANK', KEYS[7], ARGV[4]),
-          completion_rate(prefix, tonumber(opt.now))}
+          completion_rate(prefix, tonumber(opt.now)), free_slots(prefix, opt.model, opt.now, opt.max_batch)}
 end
 return {'ok', ARGV[4]}

@@ -192,3 +192,31 @@ def test_bad_cancel_after_is_a_400_naming_the_header(raw: str) -> None:
     with pytest.raises(BadRequest) as info:
         parse_duration(raw)
     assert info.value.status_code == 400 and info.value.param == "Cancel-After"
+
+
+def test_an_engine_with_a_free_row_means_the_job_starts_now(store_redis: object) -> None:
+    """An idle server answers 0 s, whatever the completion history (one job a minute once read 60 s);
+    an engine whose rows are all held falls back to the completion rate."""
+    from qwen_deploy import registry
+
+    store_redis.flushdb()  # type: ignore[attr-defined]
+    store = JobStore(store_redis, "t", ttl=600, reap_after=60, default_model="m")  # type: ignore[arg-type]
+    store.max_batch = 2
+    store.r.lpush(done_times_key(store), time.time() - 5)  # one completion in the last minute
+
+    def submit_m(prompt: str) -> SubmitResult:
+        job_id = new_job_id()
+        message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+        fields = {"type": "generation", "request": json.dumps({"prompt": prompt})}  # the default model: no field
+        return store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True)
+
+    first = submit_m("a")
+    assert (first.position, first.free) == (0, 0)  # no live worker: the rate decides (60 s)
+    registry.publish(store.r, "t", "host:1", {"alias": "m", "state": "ready"}, 30)
+    second = submit_m("b")
+    assert (second.position, second.free) == (1, 2)
+    shown = with_positions(store, [_job(store, first.job_id), _job(store, second.job_id)])
+    assert [j["estimated_start_seconds"] for j in shown] == [0.0, 0.0]
+    store.r.sadd(store.held_key("host:1"), "x", "y")  # the engine's two rows are taken
+    shown = with_positions(store, [_job(store, second.job_id)])
+    assert shown[0]["estimated_start_seconds"] == pytest.approx(2 / (1 / 60), rel=0.01)

@@ -123,7 +123,9 @@ def enqueue(
         }
     )
     if result.position is not None:
-        job.update(queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate))
+        job.update(
+            queue_position=result.position, estimated_start_seconds=estimate(result.position, result.rate, result.free)
+        )
     return job, False
 
 

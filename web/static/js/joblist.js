@@ -3,10 +3,11 @@
 import { api, jobPath } from "./api.js";
 import { $, el, statusBadge } from "./ui.js";
 
-/** "position 2 · ~4.5 s" for a queued job, "" otherwise. */
+/** "position 2 · ~4.5 s" (or "starts now") for a queued job, "" otherwise. */
 export function queueText(job) {
   if (job.status !== "queued" || job.queue_position === null || job.queue_position === undefined) return "";
   const eta = job.estimated_start_seconds;
+  if (eta === 0) return "starts now";
   return `position ${job.queue_position}` + (eta === null || eta === undefined ? "" : ` · ~${eta} s`);
 }
 
