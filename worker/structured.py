@@ -21,6 +21,8 @@ import llguidance
 import llguidance.hf
 import torch
 
+from worker.schema_bounds import bounded
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # a TypedDict of the stubs only
 
@@ -198,7 +200,7 @@ def _template(compiled: _Compiled, schema: Any) -> llguidance.LLMatcher:
             compiled.templates.move_to_end(key)
             return compiled.templates[key]
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(key, defaults=JSON_OPTIONS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_key(bounded(schema)), defaults=JSON_OPTIONS)
     except ValueError as exc:
         raise ConstraintError(f"schema not usable: {exc}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar, compiled.lltok)

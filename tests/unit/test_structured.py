@@ -234,3 +234,36 @@ def test_every_format_the_web_accepts_compiles(demo: tuple[Any, Any]) -> None:
         assert (c is None) == (response_format["type"] == "text")
     every = json.dumps(GOOD[-1])
     assert all(f'"{key}"' in every for key in KEYWORDS)
+
+
+def test_a_plain_number_cannot_run_on_forever(demo: tuple[Any, Any]) -> None:
+    """A model that always prefers another digit is stopped by the grammar: at most 16 integer digits and
+    6 decimals for an unbounded `number` (a bound of the schema's own wins), so the value always ends."""
+    _, tok = demo
+    schema = {
+        "type": "object",
+        "properties": {"x": {"type": "number"}, "y": {"type": "integer", "maximum": 10**12}},
+        "required": ["x", "y"],
+        "additionalProperties": False,
+    }
+    digit = tok.convert_tokens_to_ids("4")
+    assert tok.decode([digit]) == "4"
+
+    def digits_allowed(text: str) -> int:
+        """How many more "4" tokens the grammar allows after `text`, when the model always wants one."""
+        c = compile_constraint(fmt(schema), tok, len(tok))
+        for token in tok.encode(text, add_special_tokens=False):
+            c.accept(token)
+        n = 0
+        while n < 40:
+            logits = torch.zeros(len(tok))
+            c.mask(logits)
+            if logits[digit] != 0:
+                break
+            c.accept(digit)
+            n += 1
+        return n
+
+    assert digits_allowed('{"x": ') == 15  # |x| <= 10**15: fifteen 4s (sixteen would pass the bound)
+    assert digits_allowed('{"x": 1.') == 6  # decimals
+    assert digits_allowed('{"x": 1, "y": ') == 12  # the schema's own maximum (10**12) wins
