@@ -96,6 +96,14 @@ class JobKeys:
         """Held while one process runs a reaper pass."""
         return f"{self.prefix}:reaper:lock"
 
+    def stats_history_key(self) -> str:
+        """Samples of the counters and queue depths, newest first (the console's charts)."""
+        return f"{self.prefix}:stats:history"
+
+    def stats_history_lock_key(self) -> str:
+        """Held for one sampling interval by the process that took the last sample."""
+        return f"{self.prefix}:stats:history:lock"
+
     def pending_key(self, model: str | None = None) -> str:
         """A model's queued generation jobs, scored by priority rank * 1e10 + submit time: what its engines
         claim from (high before normal before low, oldest first within a priority). The default model

@@ -146,6 +146,9 @@ class EngineSettings(Section):
 class WorkerSettings(Section):
     proc_alive_timeout: float = Field(120.0, gt=0)
     heartbeat_interval: float = Field(10.0, gt=0)
+    stats_interval: float = Field(
+        10.0, gt=0, description="seconds between samples of the counters for the console's charts (15 minutes kept)"
+    )
     model: str | None = Field(
         None,
         description="alias of the model a generation worker serves; default: the first "

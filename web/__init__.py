@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         models,
         openai_api,
         openapi,
+        stats,
         webhooks,
     )
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(batches.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(stats.bp)
     app.register_blueprint(console.bp)
     openai_api.register(app)
     app.register_blueprint(webhooks.bp)

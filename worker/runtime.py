@@ -16,6 +16,7 @@ from qwen_deploy.connections import job_store, redis_client
 from qwen_deploy.keys import model_loads_key
 from qwen_deploy.reaper import reap_if_due
 from qwen_deploy.served import Served, served_models
+from qwen_deploy.stats_history import default_queues, record_if_due
 from worker.handler import ModelHandler
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
         try:
             registry.publish(client, settings.key_prefix, name, _record(settings, "ready", _handler), ttl)
             reap_if_due(store, lim.reap_interval, lim.max_deliveries, lim.hard_time_limit + lim.reap_grace)
+            record_if_due(store, settings.worker.stats_interval, default_queues(store))
         except Exception as exc:  # Redis may be briefly away; the next beat retries
             log.warning("heartbeat failed: %s", exc)
 

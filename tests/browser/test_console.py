@@ -265,3 +265,75 @@ def test_api_key_is_sent_as_bearer(browser: webdriver.Chrome, keyed_url: str, tm
     wait(browser, lambda d: status(d) == "succeeded", "status succeeded")
     assert text(browser, "output").startswith(" pass silently")
     browser.save_screenshot(str(tmp_path / "keyed.png"))
+
+
+def test_activity_charts_draw_what_the_jobs_did(browser: webdriver.Chrome, stack: Stack, tmp_path: Path) -> None:
+    """After jobs ran, the tokens/s and jobs/min charts hold points and the screenshot shows their lines
+    (a chart left empty fails this)."""
+    from qwen_deploy.stats_history import default_queues, record_if_due
+
+    store = stack.app().extensions["qwen_deploy"].store
+    store.r.delete(store.stats_history_lock_key())
+    record_if_due(store, 60, default_queues(store))  # a sample before the jobs (the heartbeat takes them too)
+    client = stack.client()
+    for round_ in range(2):  # two intervals with jobs in each: a line of two points at least
+        for i in range(3):
+            job = client.submit("Beautiful is better than", max_new_tokens=16, seed=round_ * 3 + i)
+            assert client.wait(job["id"])["status"] == "succeeded"
+        store.r.delete(store.stats_history_lock_key())
+        record_if_due(store, 60, default_queues(store))
+    browser.get(stack.url + "/")
+
+    def drawn(d: webdriver.Chrome) -> bool:
+        return all(
+            int(d.find_element(By.ID, c).get_attribute("data-points") or 0) > 0 for c in ("chart-tokens", "chart-jobs")
+        )
+
+    wait(browser, drawn, "the charts' points")
+    tokens = browser.find_element(By.ID, "chart-tokens")
+    legend = tokens.find_element(By.CSS_SELECTOR, ".legend").get_property("textContent")
+    assert float(legend.split()[-1]) > 0, legend  # the last point's tokens/s
+    path = tmp_path / "charts.png"
+    browser.execute_script("document.getElementById('activity').scrollIntoView()")
+    tokens.find_element(By.TAG_NAME, "svg").screenshot(str(path))
+    accent = (0x2F, 0x6F, 0xDE)  # the line colour (--accent)
+    near = sum(1 for px in png_pixels(path.read_bytes()) if all(abs(a - b) < 40 for a, b in zip(px, accent)))
+    assert near > 20, f"no line drawn in {path}"
+
+
+def png_pixels(data: bytes) -> list[tuple[int, ...]]:
+    """The RGB(A) pixels of an 8-bit, non-interlaced PNG (what Chromium's screenshots are)."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks, width = 8, b"", 0
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, _, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+            channels = 3 if color == 2 else 4
+        elif kind == b"IDAT":
+            chunks += body
+        pos += 12 + length
+    raw, stride, prev, out = zlib.decompress(chunks), width * channels, bytearray(width * channels), []
+    for row in range(len(raw) // (stride + 1)):
+        kind, line = raw[row * (stride + 1)], bytearray(raw[row * (stride + 1) + 1 : (row + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up, corner = prev[i], prev[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+        out.extend(tuple(line[i : i + 3]) for i in range(0, stride, channels))
+        prev = line
+    return out

@@ -1,12 +1,14 @@
 // qwen-deploy job console: the served model and readiness, the API key, polling, and the wiring.
 import { ApiError, GONE, api, saved } from "./api.js";
 import { batches, renderBatches, submitBatch, watchBatch } from "./batches.js";
+import { loadCharts } from "./charts.js";
 import { loadJobs, loadQueues } from "./joblist.js";
 import { cancelJob, follow, recent, refreshQueued, renderRecent, submitJob } from "./jobs.js";
 import { $, formatCount, showError } from "./ui.js";
 
 const POLL_MS = 2000;
 const MODEL_POLL_MS = 5000;
+const CHART_POLL_MS = 5000;
 
 async function loadModel() {
   const ready = $("ready");
@@ -71,6 +73,9 @@ function init() {
   tick();
   setInterval(tick, POLL_MS);
   setInterval(loadModel, MODEL_POLL_MS);
+  const charts = () => loadCharts().catch(() => {});  // a 401 is shown by loadModel
+  charts();
+  setInterval(charts, CHART_POLL_MS);
 }
 
 // Module scripts run deferred, after parsing: the DOM is there.
