@@ -40,6 +40,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None
+    continue_final_message: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -152,7 +153,10 @@ class ModelHandler:
         if req.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template; send a prompt instead of messages")
-            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+            prefill = req.continue_final_message
+            text = self.tokenizer.apply_chat_template(
+                req.messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+            )
         else:
             text = req.prompt or ""
         ids = self.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"]
