@@ -241,10 +241,12 @@ def register(app: Flask) -> None:
 
     @app.get("/openapi.json")
     def openapi_json() -> Response:
+        from web import anthropic_api
         from web.context import current_services
 
         document = dict(spec.spec)
         document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
+        anthropic_api.document(document)
         return jsonify(with_settings(document, current_services().settings))
 
     @app.get("/docs")

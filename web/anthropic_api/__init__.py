@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
 
 
@@ -9,3 +11,12 @@ def register(app: Flask) -> None:
     from web.anthropic_api import routes
 
     app.register_blueprint(routes.bp)
+
+
+def document(openapi: dict[str, Any]) -> None:
+    """Add these routes and their schemas to an OpenAPI document (in place; its top-level dicts are copied)."""
+    from web.anthropic_api.openapi import paths, schemas
+
+    openapi["paths"] = {**openapi["paths"], **paths()}
+    components = openapi.get("components", {})
+    openapi["components"] = {**components, "schemas": {**components.get("schemas", {}), **schemas()}}
