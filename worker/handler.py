@@ -68,6 +68,7 @@ class GenerationResult:
     completion_tokens: int
     prompt_truncated: bool
     choices: list[dict[str, Any]] = field(default_factory=list)
+    stop_sequence: str | None = None  # the stop string that ended choice 0
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -236,6 +237,7 @@ class ModelHandler:
             sum(len(s.out) for s in seqs),
             truncated,
             choices if (req.n > 1 or req.logprobs) else [],
+            first.stop_sequence,
         )
 
     def logprobs(self, seq: Seq) -> dict[str, Any]:

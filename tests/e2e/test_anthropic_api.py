@@ -99,6 +99,8 @@ def test_stream(client: anthropic.Anthropic, keyed: Stack, model: str) -> None:
 def test_stop_sequences_and_count_tokens(client: anthropic.Anthropic, model: str) -> None:
     msg = client.messages.create(model=model, max_tokens=16, messages=ASK, stop_sequences=["silently"])
     assert msg.content[0].text == "pass " and msg.stop_reason == "stop_sequence" and msg.stop_sequence == "silently"
+    two = client.messages.create(model=model, max_tokens=16, messages=ASK, stop_sequences=["ly.", "silent"])
+    assert (two.content[0].text, two.stop_sequence) == ("pass ", "silent")  # the one the worker found first
     counted = client.messages.count_tokens(model=model, messages=ASK, system="Be brief.")
     full = client.messages.create(model=model, max_tokens=1, messages=ASK, system="Be brief.")
     assert counted.input_tokens == full.usage.input_tokens > 0
