@@ -52,6 +52,7 @@ class Output(BaseModel):
     text: str
     finish_reason: Literal["eos", "length", "stop", "time_limit", "canceled"] | None = None
     usage: Usage | None = None
+    stop_sequence: str | None = Field(None, description="finish_reason stop: the stop string that ended the text")
 
 
 class JobError(BaseModel):

@@ -57,6 +57,7 @@ def test_create_is_the_greedy_job_and_stays_with_its_key(client: anthropic.Anthr
     # another key sees nothing of it, and cannot cancel it
     assert http(keyed, "GET", f"/v1/jobs/{job_id}", key=OTHER).status_code == 404
     assert http(keyed, "POST", f"/v1/jobs/{job_id}/cancel", key=OTHER).status_code == 404
+    assert http(keyed, "POST", f"/v1/jobs/{job_id}/cancel").status_code == 409  # its owner reaches it: finished
     assert job_id not in [j["id"] for j in http(keyed, "GET", "/v1/jobs", key=OTHER).json()["data"]]
 
 
@@ -127,3 +128,15 @@ def test_errors(client: anthropic.Anthropic, keyed: Stack, model: str) -> None:
     assert (
         http(keyed, "GET", "/v1/jobs", key="k-wrong").json()["error"]["code"] == "invalid_api_key"
     )  # other routes keep theirs
+
+
+def test_openapi_documents_the_routes(keyed: Stack) -> None:
+    document = http(keyed, "GET", "/openapi.json").json()
+    operation = document["paths"]["/v1/messages"]["post"]
+    assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert "529" in operation["responses"] and "/v1/messages/count_tokens" in document["paths"]
+    assert document["components"]["schemas"]["AnthropicMessageCreate"]["required"] == [
+        "model",
+        "messages",
+        "max_tokens",
+    ]

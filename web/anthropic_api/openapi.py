@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from web.anthropic_api.objects import ERROR_TYPES
 
@@ -13,11 +13,15 @@ REF = "#/components/schemas/{model}"
 
 
 class AnthropicTextBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
+    cache_control: dict[str, Any] | None = Field(None, description="accepted; changes no text")
+    citations: Any = Field(None, description="accepted; changes no text")
 
 
 class AnthropicMessageParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"] = Field(
         description="user first, then alternating; a final assistant message is a prefill the model continues"
     )
@@ -26,6 +30,8 @@ class AnthropicMessageParam(BaseModel):
 
 class AnthropicCountTokensRequest(BaseModel):
     """Body of POST /v1/messages/count_tokens (the Messages body; `max_tokens` optional)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="a model id from GET /v1/models")
     messages: list[AnthropicMessageParam] = Field(min_length=1)
@@ -37,6 +43,7 @@ class AnthropicCountTokensRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     metadata: dict[str, Any] | None = Field(None, description="accepted and ignored")
     stream: bool | None = None
+    service_tier: Literal["auto", "standard_only"] | None = Field(None, description="accepted and ignored")
 
 
 class AnthropicMessageCreate(AnthropicCountTokensRequest):
