@@ -119,6 +119,8 @@ def public_job(record: dict[str, str]) -> dict[str, Any]:
                 "finish_reason": record.get("finish_reason") or None,
                 "usage": obj("usage"),
             }
+            if record.get("stop_sequence"):  # finish_reason stop at one of the request's stop strings
+                output["stop_sequence"] = record["stop_sequence"]
             if record.get("choices"):  # n samples and/or logprobs: one entry per sample, set at the end
                 output["choices"] = obj("choices")
     else:

@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION] = Services(settings, redis_client(settings), job_store(settings))
 
     from web import (
+        anthropic_api,
         auth,
         batches,
         console,
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(stats.bp)
     app.register_blueprint(console.bp)
     openai_api.register(app)
+    anthropic_api.register(app)
     app.register_blueprint(webhooks.bp)
     openapi.register(app)
     return app

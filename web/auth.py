@@ -1,4 +1,4 @@
-"""Bearer API keys, owners, admin routes and the Host check.
+"""API keys (`Authorization: Bearer` or `X-Api-Key`), owners, admin routes and the Host check.
 
 With keys configured every route but the probes and the console page needs one; the caller's owner
 (`flask.g.owner`) is a hash of its key, recorded on every job and batch it creates. Without keys
@@ -77,6 +77,14 @@ def _match(given: bytes, keys: list[bytes]) -> bool:
     return matched
 
 
+def _given_key() -> str:
+    """The key of `Authorization: Bearer <key>`, else of `X-Api-Key` (as Anthropic's clients send it)."""
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header.removeprefix("Bearer ").strip()
+    return request.headers.get("X-Api-Key", "").strip()
+
+
 def register(app: Flask, settings: Settings) -> None:
     check_bind(settings)
     admin = [k.get_secret_value().encode() for k in settings.web.admin_keys]
@@ -102,11 +110,13 @@ def register(app: Flask, settings: Settings) -> None:
         g.owner, g.admin = ANONYMOUS, not keys
         if not keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return
-        header = request.headers.get("Authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        given = _given_key()
         raw = given.encode("utf-8", "surrogateescape")
         if not _match(raw, keys):
-            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", param="Authorization")
+            raise Unauthorized(
+                "missing or invalid API key (send Authorization: Bearer <key> or X-Api-Key: <key>)",
+                param="Authorization",
+            )
         g.owner, g.admin = owner_of(given), _match(raw, admin)
         if (request.method, path) in ADMIN_ROUTES and not g.admin:
             raise Forbidden(

@@ -52,6 +52,7 @@ class Output(BaseModel):
     text: str
     finish_reason: Literal["eos", "length", "stop", "time_limit", "canceled"] | None = None
     usage: Usage | None = None
+    stop_sequence: str | None = Field(None, description="finish_reason stop: the stop string that ended the text")
 
 
 class JobError(BaseModel):
@@ -241,10 +242,12 @@ def register(app: Flask) -> None:
 
     @app.get("/openapi.json")
     def openapi_json() -> Response:
+        from web import anthropic_api
         from web.context import current_services
 
         document = dict(spec.spec)
         document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
+        anthropic_api.document(document)
         return jsonify(with_settings(document, current_services().settings))
 
     @app.get("/docs")

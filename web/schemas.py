@@ -67,6 +67,9 @@ class JobCreate(WebhookFields, LifecycleFields):
     )
     prompt: StrictStr | None = None
     messages: list[Message] | None = Field(None, min_length=1)
+    continue_final_message: StrictBool | None = Field(
+        None, description="the last message is an assistant message the model continues (a prefill)"
+    )
     max_new_tokens: StrictInt | None = Field(
         None, description="1 to the configured cap (512); default 64", json_schema_extra={"minimum": 1, "maximum": 512}
     )
@@ -207,6 +210,12 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if any(not s or len(s) > gen.max_stop_length for s in stop):
         raise Unprocessable(
             f"stop strings must be 1 to {gen.max_stop_length} characters", code="invalid_value", param="stop"
+        )
+    if req.continue_final_message and (req.messages is None or req.messages[-1].role != "assistant"):
+        raise Unprocessable(
+            "continue_final_message needs messages ending with an assistant message",
+            code="invalid_value",
+            param="continue_final_message",
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")

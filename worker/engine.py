@@ -46,6 +46,7 @@ class Seq:
     canceled: bool = False
     deadline: float = math.inf
     text: str = ""  # kept current for sequences with stop strings; final once finished
+    stop_sequence: str | None = None  # the stop string that ended it (the one found first in the text)
 
     @property
     def done(self) -> bool:
@@ -239,8 +240,10 @@ class Engine:
         seq.finish_reason = reason
         seq.text = self.decode_ids(seq.out)
         if reason == "stop" and seq.stop:
-            cuts = [seq.text.find(s) for s in seq.stop if s in seq.text]
-            seq.text = seq.text[: min(cuts)] if cuts else seq.text
+            cuts = [(seq.text.find(s), i) for i, s in enumerate(seq.stop) if s in seq.text]
+            if cuts:
+                at, which = min(cuts)
+                seq.text, seq.stop_sequence = seq.text[:at], seq.stop[which]
         finished.append(seq)
 
     def fail_all(self, reason: str = "error") -> list[Seq]:

@@ -40,6 +40,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None
+    continue_final_message: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -67,6 +68,7 @@ class GenerationResult:
     completion_tokens: int
     prompt_truncated: bool
     choices: list[dict[str, Any]] = field(default_factory=list)
+    stop_sequence: str | None = None  # the stop string that ended choice 0
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -152,7 +154,10 @@ class ModelHandler:
         if req.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template; send a prompt instead of messages")
-            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+            prefill = req.continue_final_message
+            text = self.tokenizer.apply_chat_template(
+                req.messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+            )
         else:
             text = req.prompt or ""
         ids = self.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"]
@@ -232,6 +237,7 @@ class ModelHandler:
             sum(len(s.out) for s in seqs),
             truncated,
             choices if (req.n > 1 or req.logprobs) else [],
+            first.stop_sequence,
         )
 
     def logprobs(self, seq: Seq) -> dict[str, Any]:

@@ -79,6 +79,8 @@ def terminal_state(job: RunningJob, result: GenerationResult) -> tuple[str, dict
         fields["finish_reason"] = None
     if result.choices:
         fields["choices"] = result.choices
+    if result.stop_sequence is not None:
+        fields["stop_sequence"] = result.stop_sequence
     if status in ERRORS:
         fields["error"] = ERRORS[status]
     if status in ("timed_out", "canceled") and job.deadline is not None and time.time() >= job.deadline - 0.25:

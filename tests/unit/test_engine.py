@@ -241,4 +241,7 @@ def test_stop_strings_in_a_batch(handler: ModelHandler) -> None:
     ]
     out = handler.generate_batch(reqs)
     assert [(o.text, o.finish_reason) for o in out[:2]] == [(" ugly.", "stop"), (" pass ", "stop")]  # type: ignore[union-attr]
+    assert [o.stop_sequence for o in out] == ["\n", "silently", None]  # type: ignore[union-attr]
+    two = handler.generate(GenerationRequest(prompt="Errors should never", max_new_tokens=64, stop=["ly.", "silent"]))
+    assert (two.text, two.stop_sequence) == (" pass ", "silent")  # the one found first, not the first given
     assert out[2].finish_reason == "length"  # type: ignore[union-attr]
