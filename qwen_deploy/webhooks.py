@@ -145,15 +145,25 @@ class Attempt:
     retry_after: float | None = None
 
 
+def destination(url: str) -> str:
+    """``host:port`` of a webhook URL (what the per-receiver limit counts); "" when it cannot be sent."""
+    try:
+        _, host, port = _host_port(url)
+    except WebhookRefused:
+        return ""
+    return f"{host}:{port}"
+
+
 class _Pinned(http.client.HTTPConnection):
     """An HTTP connection to an address checked beforehand (no second DNS lookup to rebind)."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, connect_timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._address, self._connect_timeout = address, min(timeout, connect_timeout)
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = socket.create_connection((self._address, self.port), self._connect_timeout)
+        self.sock.settimeout(self.timeout)
 
 
 class _PinnedTLS(_Pinned):
@@ -176,8 +186,16 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
-def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_hosts: list[str]) -> Attempt:
-    """One POST, no redirects followed; the address is checked again right before connecting."""
+def post(
+    url: str,
+    body: str,
+    headers: dict[str, str],
+    timeout: float,
+    allowed_hosts: list[str],
+    connect_timeout: float = 3.0,
+) -> Attempt:
+    """One POST, no redirects followed; the address is checked again right before connecting. `timeout`
+    bounds the whole attempt, `connect_timeout` the opening of the connection."""
     started = time.monotonic()
 
     def took() -> float:
@@ -191,7 +209,7 @@ def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_h
         return Attempt(None, took(), f"refused: {exc}")
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, address, timeout)
+    conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, address, timeout, connect_timeout)
     watchdog = threading.Timer(timeout, _cut, (conn,))  # the whole attempt, not only each socket read
     watchdog.start()
     try:
