@@ -163,6 +163,10 @@ class WebhookSettings(Section):
     allowed_hosts: list[str] = Field(default_factory=list, description="hosts exempt from the private-address check")
     retry_schedule: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0])
     timeout: float = Field(10.0, gt=0, description="seconds per delivery attempt")
+    connect_timeout: float = Field(3.0, gt=0, description="seconds to open the connection (within `timeout`)")
+    per_destination: int = Field(
+        2, ge=1, description="deliveries in flight at once to one receiver (host:port), per sending process"
+    )
     output_interval: float = Field(2.0, gt=0, description="at most one output event per job this often")
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +27,7 @@ from qwen_deploy.job_records import _text, public_job
 from qwen_deploy.keys import JobKeys, WebhookKeys
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
-from qwen_deploy.webhooks import Attempt, next_delay, post, sign
+from qwen_deploy.webhooks import Attempt, destination, next_delay, post, sign
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ EVENT_TYPES = {
     ("batch", "completed"): "batch.completed",
 }
 MAX_ATTEMPTS_KEPT = 200
+SCAN = 256  # due deliveries looked at per pass when spreading them over receivers
+DEFER = 1.0  # seconds a delivery waits when its receiver has `per_destination` deliveries in flight
 
 
 def _public(kind: str, record: dict[str, str]) -> dict[str, Any]:
@@ -55,6 +58,7 @@ class WebhookStore(WebhookKeys):
         self.hooks = settings.webhooks
         self.lease = self.hooks.timeout + 30.0
         self._claim = client.register_script(script("webhook_claim"))
+        self._claim_members = client.register_script(script("webhook_claim_members"))
         self._enqueue = client.register_script(script("webhook_enqueue"))
 
     # -- adding deliveries ----------------------------------------------------------------------
@@ -87,6 +91,31 @@ class WebhookStore(WebhookKeys):
     def claim(self, limit: int = 64) -> list[str]:
         return [_text(m) for m in self._claim(keys=[self.due_key()], args=[repr(time.time()), self.lease, limit])]
 
+    def claim_spread(self, free: int, busy: Counter[str], cap: int) -> list[tuple[str, str]]:
+        """Claim up to `free` due deliveries, at most `cap` in flight per receiver counting `busy` (in flight
+        per ``host:port``); a due one whose receiver is full waits `DEFER` seconds. (msg id, receiver) pairs."""
+        now = time.time()
+        due = [_text(m) for m in self.r.zrangebyscore(self.due_key(), "-inf", now, start=0, num=SCAN)]
+        if not due:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for msg_id in due:
+            pipe.hget(self.delivery_key(msg_id), "url")
+        load = Counter(busy)
+        take: dict[str, str] = {}  # msg id -> receiver
+        later: list[str] = []
+        for msg_id, url in zip(due, pipe.execute(), strict=True):
+            dest = destination(_text(url)) if url else ""
+            if dest and load[dest] >= cap:
+                later.append(msg_id)
+            elif len(take) < free:
+                take[msg_id] = dest
+                load[dest] += 1
+        claimed = self._claim_members(
+            keys=[self.due_key()], args=[repr(now), self.lease, DEFER, len(take), *take, *later]
+        )
+        return [(msg_id, take[msg_id]) for msg_id in map(_text, claimed)]
+
     def payload(self, delivery: dict[str, str]) -> str:
         """The body: the same bytes on every attempt (built from the snapshot taken at the event)."""
         flat = json.loads(delivery["record"])
@@ -110,7 +139,8 @@ class WebhookStore(WebhookKeys):
         headers = {"webhook-id": msg_id, "webhook-timestamp": str(stamp)}
         if secret:
             headers["webhook-signature"] = sign(secret, msg_id, stamp, body)
-        attempt = post(delivery["url"], body, headers, self.hooks.timeout, self.hooks.allowed_hosts)
+        hooks = self.hooks
+        attempt = post(delivery["url"], body, headers, hooks.timeout, hooks.allowed_hosts, hooks.connect_timeout)
         made = int(delivery.get("attempt") or 0) + 1
         delay = next_delay(attempt, made, self.hooks.retry_schedule)
         entry = {
@@ -153,14 +183,15 @@ def dispatch_due(store: WebhookStore, limit: int = 64) -> int:
 
 
 class Dispatcher:
-    """A thread that sends due deliveries (several at once) and adds `output` events."""
+    """A thread that sends due deliveries (several at once, at most `webhooks.per_destination` to one
+    receiver, so a slow receiver holds up only its own deliveries) and adds `output` events."""
 
     def __init__(self, settings: Settings, senders: int = 8, idle: float = 0.05) -> None:
         client = settings_client(settings, socket_timeout=10.0)
         self.store, self.idle = WebhookStore(client, settings), idle
         self.pool = ThreadPoolExecutor(senders, thread_name_prefix="webhook")
         self.senders = senders
-        self._inflight: set[Future[None]] = set()
+        self._inflight: dict[Future[None], str] = {}  # the receiver of each
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
 
@@ -174,12 +205,17 @@ class Dispatcher:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def run_once(self) -> int:
-        """Add output events, claim what is due for the free senders and start sending; the number claimed."""
+        """Add output events, claim what is due for the free senders (within each receiver's limit) and start
+        sending; the number claimed."""
         self.store.pump_outputs()
-        self._inflight = {f for f in self._inflight if not f.done()}
+        self._inflight = {f: dest for f, dest in self._inflight.items() if not f.done()}
         free = self.senders - len(self._inflight)
-        claimed = self.store.claim(free) if free > 0 else []
-        self._inflight.update(self.pool.submit(self._send, msg_id) for msg_id in claimed)
+        if free <= 0:
+            return 0
+        busy = Counter(self._inflight.values())
+        claimed = self.store.claim_spread(free, busy, self.store.hooks.per_destination)
+        for msg_id, dest in claimed:
+            self._inflight[self.pool.submit(self._send, msg_id)] = dest
         return len(claimed)
 
     def _send(self, msg_id: str) -> None:

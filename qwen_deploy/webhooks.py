@@ -32,6 +32,10 @@ METADATA = frozenset(
     }
 )
 USER_AGENT = "qwen-deploy-webhooks/1"
+_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# RFC 8215 local-use NAT64: where the IPv4 address sits depends on the operator's prefix length.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 class WebhookRefused(Exception):
@@ -50,24 +54,48 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
+def embedded(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, which a gateway or tunnel may hand on to.
+
+    IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::a.b.c.d``, 6to4
+    ``2002:AABB:CCDD::`` and Teredo (server and client) addresses.
+    """
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in _COMPATIBLE or ip in _NAT64:  # the last 32 bits
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
 def blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Loopback, private, link-local, shared, reserved, multicast and metadata addresses."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """Loopback, private, link-local, shared, reserved, multicast and metadata addresses.
+
+    An IPv6 address that embeds an IPv4 address is judged by that one too, and local-use NAT64 is refused.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL or any(blocked(v4) for v4 in embedded(ip)):
+            return True
+        if ip.ipv4_mapped is not None:
+            return False  # judged above as the IPv4 address it is
     return ip in METADATA or not ip.is_global or ip.is_multicast
 
 
 def _host_port(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
+    if any(c <= " " or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines silently
+        raise WebhookRefused("the webhook URL may not contain spaces or control characters (percent-encode them)")
+    try:
+        parts = urlsplit(url)
+        explicit = parts.port
+    except ValueError:
+        raise WebhookRefused("the webhook URL has an invalid host or port") from None
     if parts.scheme not in ("http", "https"):
         raise WebhookRefused("the webhook must be an http or https URL")
     if not parts.hostname or parts.username is not None or parts.password is not None:
         raise WebhookRefused("the webhook URL needs a host and no user name or password")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise WebhookRefused("the webhook URL has an invalid port") from None
-    return parts.scheme, parts.hostname.lower().rstrip("."), port
+    if explicit == 0:
+        raise WebhookRefused("the webhook URL has an invalid port")
+    if not (parts.path + parts.query).isascii():
+        raise WebhookRefused("the webhook URL's path and query must be ASCII (percent-encode the rest)")
+    return parts.scheme, parts.hostname.lower().rstrip("."), explicit or (443 if parts.scheme == "https" else 80)
 
 
 def resolve(url: str, allowed_hosts: list[str] | tuple[str, ...] = ()) -> tuple[str, str, int, str]:
@@ -117,15 +145,25 @@ class Attempt:
     retry_after: float | None = None
 
 
+def destination(url: str) -> str:
+    """``host:port`` of a webhook URL (what the per-receiver limit counts); "" when it cannot be sent."""
+    try:
+        _, host, port = _host_port(url)
+    except WebhookRefused:
+        return ""
+    return f"{host}:{port}"
+
+
 class _Pinned(http.client.HTTPConnection):
     """An HTTP connection to an address checked beforehand (no second DNS lookup to rebind)."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, connect_timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._address, self._connect_timeout = address, min(timeout, connect_timeout)
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = socket.create_connection((self._address, self.port), self._connect_timeout)
+        self.sock.settimeout(self.timeout)
 
 
 class _PinnedTLS(_Pinned):
@@ -148,8 +186,16 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
-def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_hosts: list[str]) -> Attempt:
-    """One POST, no redirects followed; the address is checked again right before connecting."""
+def post(
+    url: str,
+    body: str,
+    headers: dict[str, str],
+    timeout: float,
+    allowed_hosts: list[str],
+    connect_timeout: float = 3.0,
+) -> Attempt:
+    """One POST, no redirects followed; the address is checked again right before connecting. `timeout`
+    bounds the whole attempt, `connect_timeout` the opening of the connection."""
     started = time.monotonic()
 
     def took() -> float:
@@ -163,7 +209,7 @@ def post(url: str, body: str, headers: dict[str, str], timeout: float, allowed_h
         return Attempt(None, took(), f"refused: {exc}")
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, address, timeout)
+    conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, address, timeout, connect_timeout)
     watchdog = threading.Timer(timeout, _cut, (conn,))  # the whole attempt, not only each socket read
     watchdog.start()
     try:

@@ -20,6 +20,7 @@ from worker.sampling import Sampling
 from worker.structured import compile_constraint
 
 log = logging.getLogger(__name__)
+PROMPT_CHARS_PER_TOKEN = 16  # characters of prompt tail tokenized per token kept (`max_prompt_tokens`)
 
 
 @dataclass
@@ -150,19 +151,27 @@ class ModelHandler:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode(self, req: GenerationRequest) -> tuple[list[int], bool]:
-        """Token ids of the prompt (chat template for messages), keeping the last N tokens."""
+        """Token ids of the prompt (chat template for messages), keeping the last N tokens.
+
+        Only the last `PROMPT_CHARS_PER_TOKEN` x N characters of the text (and of each message) are
+        tokenized: far more than N tokens' worth, so the ids kept are the same, and a megabyte prompt costs
+        the engine loop no more than one at the bound."""
+        limit = self.settings.generation.max_prompt_tokens
+        bound = limit * PROMPT_CHARS_PER_TOKEN
         if req.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template; send a prompt instead of messages")
             prefill = req.continue_final_message
+            messages = [_tail_content(m, bound) for m in req.messages]
             text = self.tokenizer.apply_chat_template(
-                req.messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+                messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
             )
+            cut = messages != req.messages
         else:
-            text = req.prompt or ""
-        ids = self.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"]
-        limit = self.settings.generation.max_prompt_tokens
-        return (ids[-limit:], True) if len(ids) > limit else (ids, False)
+            text, cut = req.prompt or "", False
+        cut = cut or len(text) > bound
+        ids = self.tokenizer(text[-bound:], add_special_tokens=req.messages is None)["input_ids"]
+        return (ids[-limit:], True) if len(ids) > limit else (ids, cut)
 
     def engine(self, **limits: int) -> Engine:
         """A batching engine on this model (one per process; `limits` override `engine.*` settings)."""
@@ -299,6 +308,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module="transformers")
+
+
+def _tail_content(message: dict[str, Any], bound: int) -> dict[str, Any]:
+    """The message with only the last `bound` characters of a text content."""
+    content = message.get("content")
+    return {**message, "content": content[-bound:]} if isinstance(content, str) and len(content) > bound else message
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

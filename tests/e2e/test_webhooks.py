@@ -68,7 +68,12 @@ def hooks(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, stack: Sta
             "output_interval": 0.2,
         }
     }
-    s = Stack(tmp_path_factory.mktemp("webhooks"), demo_model, config, redis_url=stack.redis_url)
+    yield from webhook_stack(tmp_path_factory.mktemp("webhooks"), demo_model, stack, config)
+
+
+def webhook_stack(tmp: Path, demo_model: Path, stack: Stack, config: dict[str, Any]) -> Iterator[Stack]:
+    """A web server and convert worker (the sender) with `config`, on the shared stack's Redis and worker."""
+    s = Stack(tmp, demo_model, config, redis_url=stack.redis_url)
     s.start_convert_worker()
     s.start_web()
     yield s

@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qwen_deploy.config import load_settings
 from tests.helpers import ROOT
-from worker.handler import GenerationRequest, ModelHandler
+from worker.handler import PROMPT_CHARS_PER_TOKEN, GenerationRequest, ModelHandler
 
 
 def make_handler(name: str, **overrides: object) -> ModelHandler:
@@ -86,3 +87,41 @@ def test_loads_a_hub_id_from_the_local_cache_offline(demo_model: Path, tmp_path:
     revision, text = out.stdout.splitlines()[-2:]
     assert revision == commit
     assert text.startswith("' pass")
+
+
+class _SeenTokenizer:
+    """The demo model's tokenizer, noting the length of every text it is asked to tokenize."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seen: list[int] = []
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        self.seen.append(len(text))
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_megabyte_prompt_is_tokenized_from_its_tail(handler: ModelHandler) -> None:
+    zen = "Simple is better than complex. "
+    prompt = zen * (1_000_000 // len(zen)) + "Errors should never"
+    bound = handler.settings.generation.max_prompt_tokens * PROMPT_CHARS_PER_TOKEN
+    full = handler.tokenizer(prompt)["input_ids"][-handler.settings.generation.max_prompt_tokens :]
+    spy = _SeenTokenizer(handler.tokenizer)
+    handler.tokenizer = spy
+    try:
+        big = handler.generate(GenerationRequest(prompt=prompt, max_new_tokens=5))
+        assert spy.seen and max(spy.seen) <= bound  # never the megabyte
+        assert handler.encode(GenerationRequest(prompt=prompt)) == (full, True)
+        cut = handler.generate(GenerationRequest(prompt=prompt[-bound:], max_new_tokens=5))
+        assert big == cut and big.prompt_truncated and big.prompt_tokens == len(full)
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+        spy.seen.clear()
+        ids, truncated = handler.encode(GenerationRequest(messages=chat))
+        assert spy.seen and max(spy.seen) <= bound and truncated
+        tail = [chat[0], {"role": "user", "content": prompt[-bound:]}]
+        assert ids == handler.encode(GenerationRequest(messages=tail))[0]
+    finally:
+        handler.tokenizer = spy.inner

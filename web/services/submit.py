@@ -130,9 +130,13 @@ def enqueue(
 
 
 def fair_cost(req: dict[str, Any], settings: Settings) -> float:
-    """Seconds of its key's virtual clock a generation job takes (0: no fair queueing)."""
+    """Seconds of its key's virtual clock a generation job takes (0: no fair queueing): the tokens it may
+    generate plus an estimate of its prompt's (a character in four, at most the `max_prompt_tokens` kept)."""
     rate = settings.limits.fair_tokens_per_second
-    tokens = int(req.get("max_new_tokens") or 0) * int(req.get("n") or 1)
+    texts = [req.get("prompt")] + [m.get("content") for m in req.get("messages") or () if isinstance(m, dict)]
+    chars = sum(len(t) if isinstance(t, str) else len(dumps(t)) for t in texts if t)
+    prompt = min(chars // 4, settings.generation.max_prompt_tokens)
+    tokens = int(req.get("max_new_tokens") or 0) * int(req.get("n") or 1) + prompt
     return tokens / rate if rate and tokens else 0.0
 
 
