@@ -118,6 +118,10 @@ class WebSettings(Section):
     admin_keys: list[SecretStr] = Field(default_factory=list, description="also allowed downloads, exports, /metrics")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback bind without API keys")
     trusted_hosts: list[str] | None = Field(None, description="Host header values served; default loopback + host")
+    body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; past it: 408")
+    max_body_reads_per_key: int = Field(
+        64, ge=1, description="request bodies one key may have in transit per web process; past it: 429"
+    )
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from web import (
         auth,
         batches,
+        body_reads,
         console,
         errors,
         health,
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     errors.register(app)
     auth.register(app, settings)
+    body_reads.register(app, settings)  # after the key check: its slots are per key
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(job_list.bp)
