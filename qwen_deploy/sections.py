@@ -85,6 +85,9 @@ class BatchSettings(Section):
     max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_line_bytes: int = Field(1_048_576, ge=64, description="bytes of one JSONL line (one request)")
     max_results: int = Field(10_000, ge=1, description="largest `limit` of GET /v1/batches/{id}/results")
+    max_open_bytes_per_key: int = Field(
+        256 * 1024 * 1024, ge=1024, description="request bytes of one key's batches still running; past it: 429"
+    )
 
 
 class FileSettings(Section):
@@ -92,6 +95,9 @@ class FileSettings(Section):
 
     max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest upload")
     ttl: int = Field(7 * 86400, ge=60, description="seconds an uploaded file is kept")
+    max_bytes_per_key: int = Field(
+        100 * 1024 * 1024, ge=1024, description="bytes of one key's stored files; past it: 429 quota_exceeded"
+    )
 
 
 def default_cache_dir() -> Path:

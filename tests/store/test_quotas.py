@@ -61,3 +61,74 @@ def test_a_file_with_a_line_over_max_line_bytes_is_refused_before_parsing(server
     file_id = upload(http, K1, content).get_json()["id"]
     response = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/jobs"}, headers=auth(K1))
     assert response.status_code == 422 and response.get_json()["error"]["code"] == "line_too_long"
+
+
+def quota_error(response: Any) -> dict[str, Any]:
+    assert response.status_code == 429, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "quota_exceeded"
+    return dict(error)
+
+
+def test_stored_file_bytes_have_a_per_key_quota(server: RedisServer) -> None:
+    http = make_http(server.url, files={"max_bytes_per_key": 4096})
+    content = b"x" * 1500
+    first, second = (upload(http, K1, content).get_json()["id"] for _ in range(2))
+    error = quota_error(upload(http, K1, content))
+    assert "files.max_bytes_per_key" in error["message"] and "4096" in error["message"]
+    assert [f["id"] for f in http.get("/v1/files", headers=auth(K1)).get_json()["data"]] == [second, first]
+    assert upload(http, K2, content).status_code == 200  # another key's quota is its own
+    assert http.delete(f"/v1/files/{first}", headers=auth(K1)).status_code == 200  # deleting frees its bytes
+    assert upload(http, K1, content).status_code == 200
+    quota_error(upload(http, K1, content))
+
+
+def test_a_quota_entry_lapses_and_concurrent_reserves_never_pass_the_limit(server: RedisServer) -> None:
+    import threading
+    import time
+
+    from qwen_deploy.quotas import Quota
+
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    quota = Quota(client, "t", "o", "files")
+    assert quota.reserve("old", 900, 1000, time.time() - 1) == (True, 0)
+    assert quota.reserve("new", 900, 1000, time.time() + 60) == (True, 0)  # the lapsed entry left first
+    assert quota.entries() == ["new"] and quota.release("new") == 0
+    counted: list[bool] = []
+    barrier = threading.Barrier(20)
+
+    def take(i: int) -> None:
+        barrier.wait()
+        counted.append(Quota(client, "t", "o", "files").reserve(f"f{i}", 100, 1000, time.time() + 60)[0])
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert counted.count(True) == 10 and counted.count(False) == 10
+    assert int(client.get("t:owner:o:quota:files:total") or 0) == 1000
+    assert all(client.ttl(k) > 0 for k in ("t:owner:o:quota:files", "t:owner:o:quota:files:total"))
+
+
+def batch(http: Any, key: str, n: int = 1) -> Any:
+    body = {"requests": [{"custom_id": f"c{i}", "body": {"prompt": "p" * 1200}} for i in range(n)]}
+    return http.post("/v1/batches", json=body, headers=auth(key))
+
+
+def test_running_batches_have_a_per_key_byte_quota_released_when_they_end(server: RedisServer) -> None:
+    http = make_http(server.url, batches={"max_open_bytes_per_key": 2048})
+    first = batch(http, K1)
+    assert first.status_code == 202, first.get_json()
+    error = quota_error(batch(http, K1))
+    assert "batches.max_open_bytes_per_key" in error["message"] and "2048" in error["message"]
+    assert batch(http, K2).status_code == 202  # another key's quota is its own
+    assert http.post(f"/v1/batches/{first.get_json()['id']}/cancel", headers=auth(K1)).status_code == 202
+    second = batch(http, K1)
+    assert second.status_code == 202, second.get_json()
+    quota_error(batch(http, K1))
+    # a batch that ends on its own (here: as the last chunk's script marks it) frees its bytes at the next create
+    redis.Redis.from_url(server.url).hset(f"qd:batch:{second.get_json()['id']}", "status", "completed")
+    assert batch(http, K1).status_code == 202
+    quota_error(batch(http, K1, 2))
