@@ -132,3 +132,28 @@ def test_running_batches_have_a_per_key_byte_quota_released_when_they_end(server
     redis.Redis.from_url(server.url).hset(f"qd:batch:{second.get_json()['id']}", "status", "completed")
     assert batch(http, K1).status_code == 202
     quota_error(batch(http, K1, 2))
+
+
+def test_ended_jobs_keep_their_requests_up_to_a_bound_per_key(server: RedisServer) -> None:
+    from qwen_deploy.lua import KEPT_REQUEST_BYTES
+
+    http = make_http(server.url)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    prompt = "p" * 1_000_000  # a request of about 1 MB, under limits.max_body_bytes
+    count = KEPT_REQUEST_BYTES // len(prompt) + 3
+
+    def submit_and_cancel(key: str) -> str:
+        job = http.post("/v1/jobs", json={"prompt": prompt}, headers=auth(key)).get_json()
+        assert http.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(key)).get_json()["status"] == "canceled"
+        return str(job["id"])
+
+    theirs = submit_and_cancel(K2)
+    mine = [submit_and_cancel(K1) for _ in range(count)]
+    kept = [job_id for job_id in mine if client.hexists(f"qd:job:{job_id}", "request")]
+    assert kept == mine[len(mine) - len(kept) :] and len(mine) - len(kept) >= 2, len(kept)  # the oldest lost theirs
+    assert sum(client.hstrlen(f"qd:job:{job_id}", "request") for job_id in kept) <= KEPT_REQUEST_BYTES
+    gone = http.post(f"/v1/jobs/{mine[0]}/retry", headers=auth(K1))
+    assert gone.status_code == 409 and gone.get_json()["error"]["code"] == "request_not_kept"
+    assert http.get(f"/v1/jobs/{mine[0]}", headers=auth(K1)).get_json()["status"] == "canceled"  # still readable
+    assert http.post(f"/v1/jobs/{mine[-1]}/retry", headers=auth(K1)).status_code == 201
+    assert http.post(f"/v1/jobs/{theirs}/retry", headers=auth(K2)).status_code == 201  # another key's are its own
