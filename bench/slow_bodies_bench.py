@@ -103,6 +103,7 @@ def main() -> None:
         until = started + args.body_timeout + 5
         livez: list[float] = []
         submit: list[float] = []
+        late: list[str] = []  # when (seconds after the first slow connection) a probe took over 100 ms
         failures: list[str] = []
 
         def probe() -> None:
@@ -126,6 +127,8 @@ def main() -> None:
                         failures.append(type(exc).__name__)
                         continue
                     samples.append(time.perf_counter() - t)
+                    if samples[-1] > 0.1:
+                        late.append(f"{time.monotonic() - started:.1f} s: {samples[-1] * 1000:.0f} ms")
                     if code not in (200, 202):
                         failures.append(str(code))
                 time.sleep(0.05)
@@ -148,7 +151,7 @@ def main() -> None:
                     f"{name}: {len(samples)} on new connections, p50 {statistics.median(samples) * 1000:.1f} ms  "
                     f"p99 {pct(samples, 0.99):.1f} ms  max {max(samples) * 1000:.1f} ms"
                 )
-        print(f"probe failures: {failures or 'none'}")
+        print(f"probe failures: {failures or 'none'}; probes over 100 ms: {late or 'none'}")
     finally:
         for s in socks:
             s.close()

@@ -2,11 +2,12 @@
 finish it cannot hold the web process's connections (and with them `/livez` and every other key's submit).
 
 - `web.body_timeout`: seconds from the start of a request to the end of its body. Past it the read stops with
-  408 `body_timeout` and gunicorn closes the connection (the body was cut off, so it cannot be reused). Under
+  408 `body_timeout` and the connection closes (the body was cut off, so it cannot be reused). Under
   gevent (the default) the deadline covers the whole body; under gthread each wait for data is bounded.
 - `web.max_body_reads_per_key`: bodies one key may have in transit at once in one web process; past it 429
-  `too_many_body_reads` before any byte of the body is read. All keys together may have three quarters of the
-  process's connections (gevent) or threads (gthread) in transit, so probes and bodiless reads always find one.
+  `too_many_body_reads` before any byte of the body is read, and the connection closes. All keys together may
+  have three quarters of the process's connections (gevent) or threads (gthread) in transit, so probes and
+  bodiless reads always find one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def _gevent_timeout() -> Any:
     except ImportError:  # pragma: no cover - gevent is a dependency
         return None
     return Timeout if monkey.is_module_patched("socket") else None
+
+
+def close_after(stream: Any) -> None:
+    """Have gunicorn close the connection after this response instead of draining the unread body first (for
+    up to its keep-alive time, holding a connection): it closes one whose body read `failed`."""
+    if hasattr(stream, "failed"):
+        stream.failed = True
 
 
 class Slots:
@@ -101,6 +109,7 @@ class TimedInput:
                 self.sock.settimeout(before)
         except TimeoutError:
             self._finish()
+            close_after(self.stream)
             raise BodyTimeout("the request body did not arrive in time", param="body") from None
         except BaseException:
             self._finish()
@@ -146,6 +155,7 @@ def register(app: Flask, settings: Settings) -> None:
         owner = current_owner()
         refusal = slots.take(owner)
         if refusal is not None:
+            close_after(request.environ["wsgi.input"])
             raise TooManyRequests(refusal, code="too_many_body_reads", headers={"Retry-After": "1"})
         g.body_slot = owner
 
