@@ -1,6 +1,7 @@
 """The per-key quota on the request bytes of batches still running (`batches.max_open_bytes_per_key`): a batch
-counts from its creation until it ends (completed, failed, cancelled, expired), when the next create or its
-cancel releases it; an entry also lapses an hour past the batch's completion window."""
+counts from its creation until it ends (completed, failed, cancelled, expired; a cancel asked still has its
+lines in the queue), when the key's next create releases it; an entry also lapses an hour past the batch's
+completion window."""
 
 from __future__ import annotations
 

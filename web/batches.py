@@ -195,7 +195,6 @@ def cancel_batch(batch_id: str) -> Response:
     """Stop the rest of the batch."""
     _load(batch_id)
     before = batch_store().cancel(batch_id)
-    batch_quota.release(batch_id)
     if before in TERMINAL:
         raise Conflict(f"batch {batch_id} already ended ({before})", code="batch_finished", param="id")
     return Response(json.dumps(public_batch(_load(batch_id))), status=202, mimetype="application/json")

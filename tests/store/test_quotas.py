@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from qwen_deploy.batches import BatchStore
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
 from web import create_app
@@ -72,7 +73,7 @@ def quota_error(response: Any) -> dict[str, Any]:
 
 def test_stored_file_bytes_have_a_per_key_quota(server: RedisServer) -> None:
     http = make_http(server.url, files={"max_bytes_per_key": 4096})
-    content = b"x" * 1500
+    content = b"x" * 1000  # with its record, a file counts 2024 bytes: two fit in 4096
     first, second = (upload(http, K1, content).get_json()["id"] for _ in range(2))
     error = quota_error(upload(http, K1, content))
     assert "files.max_bytes_per_key" in error["message"] and "4096" in error["message"]
@@ -124,12 +125,18 @@ def test_running_batches_have_a_per_key_byte_quota_released_when_they_end(server
     error = quota_error(batch(http, K1))
     assert "batches.max_open_bytes_per_key" in error["message"] and "2048" in error["message"]
     assert batch(http, K2).status_code == 202  # another key's quota is its own
-    assert http.post(f"/v1/batches/{first.get_json()['id']}/cancel", headers=auth(K1)).status_code == 202
+    store = BatchStore(redis.Redis.from_url(server.url), "qd")
+    first_id = first.get_json()["id"]
+    assert http.post(f"/v1/batches/{first_id}/cancel", headers=auth(K1)).status_code == 202
+    quota_error(batch(http, K1))  # cancelling: its lines still wait in the queue
+    store.chunk_done(first_id, 0, [{"id": "l1", "custom_id": "c0", "response": None, "error": {"code": "cancelled"}}])
+    assert store.status(first_id) == "cancelled"  # its last chunk ended it: its bytes are free
     second = batch(http, K1)
     assert second.status_code == 202, second.get_json()
     quota_error(batch(http, K1))
-    # a batch that ends on its own (here: as the last chunk's script marks it) frees its bytes at the next create
-    redis.Redis.from_url(server.url).hset(f"qd:batch:{second.get_json()['id']}", "status", "completed")
+    second_id = second.get_json()["id"]
+    store.chunk_done(second_id, 0, [{"id": "l1", "custom_id": "c0", "response": {"status_code": 200}, "error": None}])
+    assert store.status(second_id) == "completed"
     assert batch(http, K1).status_code == 202
     quota_error(batch(http, K1, 2))
 

@@ -15,6 +15,7 @@ from web.auth import current_owner
 from web.context import current_services
 
 FILE_PREFIX = "file-"
+FILE_RECORD_BYTES = 1024  # what a file counts against its owner's quota beside its content: many tiny files add up
 
 
 class FileStore:
@@ -43,13 +44,13 @@ class FileStore:
             "created_at": str(int(now)),
             "bytes": str(len(content.encode())),
         }
-        size = int(meta["bytes"])
+        size = int(meta["bytes"]) + FILE_RECORD_BYTES
         if self.quota is not None:
             counted, used = self._quota().reserve(file_id, size, self.quota, now + self.ttl)
             if not counted:
                 raise QuotaExceeded(
-                    f"this key's files hold {used} bytes; with this one ({size}) they would pass the quota of "
-                    f"{self.quota} bytes (files.max_bytes_per_key); delete some first",
+                    f"this key's files hold {used} bytes; with this one ({size}, its record included) they would "
+                    f"pass the quota of {self.quota} bytes (files.max_bytes_per_key); delete some first",
                     param="file",
                 )
         pipe = self.r.pipeline(transaction=True)
