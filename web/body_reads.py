@@ -13,6 +13,7 @@ finish it cannot hold the web process's connections (and with them `/livez` and 
 from __future__ import annotations
 
 import functools
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,11 +40,18 @@ def _gevent_timeout() -> Any:
     return Timeout if monkey.is_module_patched("socket") else None
 
 
-def close_after(stream: Any) -> None:
+def close_after(stream: Any, sock: Any) -> None:
     """Have gunicorn close the connection after this response instead of draining the unread body first (for
-    up to its keep-alive time, holding a connection): it closes one whose body read `failed`."""
+    up to its keep-alive time, holding a connection): it closes one whose body read `failed`. Under gthread its
+    close lingers (on its one main thread, up to 2 s) for the client to close first unless nothing more can be
+    read, so the read side is shut down too."""
     if hasattr(stream, "failed"):
         stream.failed = True
+    if sock is not None and _gevent_timeout() is None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already gone
 
 
 class Slots:
@@ -109,7 +117,7 @@ class TimedInput:
                 self.sock.settimeout(before)
         except TimeoutError:
             self._finish()
-            close_after(self.stream)
+            close_after(self.stream, self.sock)
             raise BodyTimeout("the request body did not arrive in time", param="body") from None
         except BaseException:
             self._finish()
@@ -155,7 +163,7 @@ def register(app: Flask, settings: Settings) -> None:
         owner = current_owner()
         refusal = slots.take(owner)
         if refusal is not None:
-            close_after(request.environ["wsgi.input"])
+            close_after(request.environ["wsgi.input"], request.environ.get("gunicorn.socket"))
             raise TooManyRequests(refusal, code="too_many_body_reads", headers={"Retry-After": "1"})
         g.body_slot = owner
 

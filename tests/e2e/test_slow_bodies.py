@@ -1,6 +1,6 @@
 """Clients that announce a request body and never finish it cannot freeze the web server: past the per-key cap
 they get 429 at once, within it 408 at the body deadline, and meanwhile /livez and another key's submit answer
-(gunicorn as `up` runs it, real redis-server, no worker)."""
+(gunicorn as `up` runs it, with either worker class; real redis-server, no worker)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,23 @@ from tests.conftest import StackFactory
 from tests.helpers import Stack
 
 K1, K2 = "k-slow-one", "k-slow-two"
-CONNECTIONS = 200  # gevent connections of the one web process
+CONNECTIONS = 200  # gevent connections of the one web process (gthread: 16 threads)
 SLOW = 300  # more than it has: without a deadline and a cap they would hold every one
 PER_KEY, BODY_TIMEOUT = 10, 3.0
 
 
-@pytest.fixture(scope="module")
-def web(stack_factory: StackFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["gevent", "gthread"])
+def web(stack_factory: StackFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
     config = {
         "web": {
             "api_keys": [K1, K2],
+            "worker_class": request.param,
             "worker_connections": CONNECTIONS,
             "body_timeout": BODY_TIMEOUT,
             "max_body_reads_per_key": PER_KEY,
         }
     }
-    stack = stack_factory(config, name="slow-bodies")
+    stack = stack_factory(config, name=f"slow-bodies-{request.param}")
     stack.start_web()
     yield stack
 
