@@ -86,8 +86,9 @@ class Slots:
 class TimedInput:
     """`wsgi.input` read under a deadline; `done` is called once, when the body has been read or failed."""
 
-    def __init__(self, stream: Any, sock: Any, deadline: float, length: int | None, done: Callable[[], None]) -> None:
-        self.stream, self.sock, self.deadline, self.left = stream, sock, deadline, length
+    def __init__(self, stream: Any, sock: Any, timeout: float, length: int | None, done: Callable[[], None]) -> None:
+        self.stream, self.sock, self.timeout, self.left = stream, sock, timeout, length
+        self.deadline = time.monotonic() + timeout
         self.done: Callable[[], None] | None = done
         self.gevent_timeout = _gevent_timeout()
 
@@ -99,8 +100,7 @@ class TimedInput:
     def _call(self, method: str, size: int) -> Any:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            self._finish()
-            raise BodyTimeout("the request body did not arrive in time", param="body")
+            raise self._late()
         read = getattr(self.stream, method)
         try:
             if self.gevent_timeout is not None:
@@ -116,12 +116,17 @@ class TimedInput:
             finally:
                 self.sock.settimeout(before)
         except TimeoutError:
-            self._finish()
-            close_after(self.stream, self.sock)
-            raise BodyTimeout("the request body did not arrive in time", param="body") from None
+            raise self._late() from None
         except BaseException:
             self._finish()
             raise
+
+    def _late(self) -> BodyTimeout:
+        self._finish()
+        close_after(self.stream, self.sock)
+        return BodyTimeout(
+            f"the request body did not arrive within {self.timeout:g} s (web.body_timeout)", param="body"
+        )
 
     def _count(self, data: Any) -> Any:
         size = sum(map(len, data)) if isinstance(data, list) else len(data)
@@ -175,7 +180,7 @@ def register(app: Flask, settings: Settings) -> None:
         environ["wsgi.input"] = TimedInput(
             environ["wsgi.input"],
             environ.get("gunicorn.socket"),
-            time.monotonic() + web.body_timeout,
+            web.body_timeout,
             request.content_length,
             release,
         )
