@@ -74,6 +74,10 @@ class TooManyRequests(AppError):
     status_code, code, type = 429, "rate_limited", "rate_limit_error"
 
 
+class QuotaExceeded(AppError):
+    status_code, code, type = 429, "quota_exceeded", "rate_limit_error"
+
+
 class ServiceUnavailable(AppError):
     status_code, code, type = 503, "service_unavailable", "server_error"
 

@@ -45,6 +45,12 @@ def streams_key(prefix: str, owner: str) -> str:
     return f"{prefix}:owner:{owner}:streams"
 
 
+def quota_keys(prefix: str, owner: str, kind: str) -> tuple[str, str, str]:
+    """An owner's byte quota of one kind: entry -> bytes (zset), entry -> when it lapses (zset), the total."""
+    base = f"{prefix}:owner:{owner}:quota:{kind}"
+    return base, base + ":lapse", base + ":total"
+
+
 # -- the worker registry (qwen_deploy/registry.py) --------------------------------------------------
 def worker_key(prefix: str, name: str) -> str:
     """One worker child's record (expires 3 heartbeats after its last refresh)."""

@@ -85,6 +85,9 @@ class BatchSettings(Section):
     max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_line_bytes: int = Field(1_048_576, ge=64, description="bytes of one JSONL line (one request)")
     max_results: int = Field(10_000, ge=1, description="largest `limit` of GET /v1/batches/{id}/results")
+    max_open_bytes_per_key: int = Field(
+        256 * 1024 * 1024, ge=1024, description="request bytes of one key's batches still running; past it: 429"
+    )
 
 
 class FileSettings(Section):
@@ -92,6 +95,9 @@ class FileSettings(Section):
 
     max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest upload")
     ttl: int = Field(7 * 86400, ge=60, description="seconds an uploaded file is kept")
+    max_bytes_per_key: int = Field(
+        100 * 1024 * 1024, ge=1024, description="bytes of one key's stored files; past it: 429 quota_exceeded"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -118,6 +124,10 @@ class WebSettings(Section):
     admin_keys: list[SecretStr] = Field(default_factory=list, description="also allowed downloads, exports, /metrics")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback bind without API keys")
     trusted_hosts: list[str] | None = Field(None, description="Host header values served; default loopback + host")
+    body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; past it: 408")
+    max_body_reads_per_key: int = Field(
+        64, ge=1, description="request bodies one key may have in transit per web process; past it: 429"
+    )
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         anthropic_api,
         auth,
         batches,
+        body_reads,
         console,
         errors,
         health,
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     errors.register(app)
     auth.register(app, settings)
+    body_reads.register(app, settings)  # after the key check: its slots are per key
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(job_list.bp)

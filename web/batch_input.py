@@ -3,13 +3,13 @@ uploaded input file; the batch metadata; and the checks of each line (the routes
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 from flask import g, request
 
 from qwen_deploy.errors import AppError, BadRequest, Unprocessable, UnsupportedMediaType
+from web.batch_lines import jsonl_lines, parse_lines
 from web.context import current_services
 from web.openai_api.batch_files import file_lines, line_endpoint
 from web.openai_api.translate import job_request
@@ -34,13 +34,7 @@ def read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
     request.max_content_length = settings.max_bytes
     raw = request.get_data(cache=False)
     if request.mimetype in JSONL_TYPES:
-        lines = _jsonl_lines(raw, settings.max_lines, settings.max_line_bytes)
-        items: list[tuple[int, Any]] = []
-        for n, text in lines:
-            try:
-                items.append((n, json.loads(text)))
-            except (ValueError, RecursionError) as exc:
-                items.append((n, BadRequest(f"line {n} is not valid JSON: {exc}", code="invalid_json")))
+        items = parse_lines(jsonl_lines(raw, settings.max_lines, settings.max_line_bytes))
         return items, None, {"endpoint": line_endpoint(items)}
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("expected application/json or application/x-ndjson", param="Content-Type")
@@ -52,6 +46,12 @@ def read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
         return file_lines(body)
     if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
         raise Unprocessable("body must be an object with a list of requests", code="invalid_type", param="requests")
+    if len(body["requests"]) > settings.max_lines:  # before any line is looked at
+        raise Unprocessable(
+            f"the batch has {len(body['requests'])} lines; the maximum is {settings.max_lines}",
+            code="too_many_lines",
+            param="requests",
+        )
     webhook = body.get("webhook")
     if webhook is not None and not isinstance(webhook, str):
         raise Unprocessable("webhook must be a URL string", code="invalid_type", param="webhook")
@@ -64,23 +64,6 @@ def read_lines() -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:
             )
         extra["completion_window"] = body["completion_window"]
     return list(enumerate(body["requests"], start=1)), body.get("metadata"), extra
-
-
-def _jsonl_lines(raw: bytes, max_lines: int, max_line_bytes: int) -> list[tuple[int, bytes]]:
-    """The non-blank lines, counted before any is parsed: 422 past `max_lines` or `max_line_bytes`."""
-    lines: list[tuple[int, bytes]] = []
-    for n, text in enumerate(io.BytesIO(raw), start=1):
-        if len(text) > max_line_bytes:
-            raise Unprocessable(
-                f"line {n} is longer than {max_line_bytes} bytes", code="line_too_long", param="requests"
-            )
-        if text.strip():
-            lines.append((n, text))
-            if len(lines) > max_lines:
-                raise Unprocessable(
-                    f"the batch has more than {max_lines} lines", code="too_many_lines", param="requests"
-                )
-    return lines
 
 
 def check_metadata(metadata: Any) -> None:

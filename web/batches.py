@@ -14,6 +14,7 @@ from qwen_deploy.job_records import _text, new_id, strings, valid_id
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
+from web import batch_quota
 from web.auth import current_owner
 from web.batch_input import JSONL_TYPES, check_ids, check_metadata, line_error, read_lines, validate_line
 from web.context import current_services
@@ -104,7 +105,13 @@ def create_batch() -> Response:
         "model": served.alias,
     }
     _check_capacity(len(messages), bulk)
-    batch_store().create(batch_id, fields, good, errors, messages)
+    if messages:  # a running batch counts against the key's quota until it ends
+        batch_quota.reserve(batch_id, sum(map(len, good)) + sum(map(len, errors)), float(extra["expires_at"]))
+    try:
+        batch_store().create(batch_id, fields, good, errors, messages)
+    except Exception:
+        batch_quota.release(batch_id)
+        raise
     if messages:
         pipe = svc.redis.pipeline(transaction=False)
         pipe.zadd(_open_key(), {batch_id: 0})

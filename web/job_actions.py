@@ -2,7 +2,8 @@
 
 - `POST /v1/jobs/{id}/retry`: a new job with the original's request, priority, relative deadline and
   webhook, owned by the same owner and linked by `retry_of` (404 for another owner's job, 409 while
-  the original is not terminal; generation jobs only).
+  the original is not terminal, or once its request is no longer kept: each key's ended jobs keep their
+  requests up to 64 MiB in all, newest first; generation jobs only).
 - `GET /v1/queues`: how many jobs wait in each queue and how many workers are ready (the console).
 - `POST /v1/queues/{name}/purge` (admin keys): every queued job of the queue ends `canceled` with
   error `purged`; answers the count.
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from qwen_deploy.errors import Conflict, NotFound
 from qwen_deploy.jobs import TERMINAL
 from qwen_deploy.lifecycle import purge
+from qwen_deploy.lua import KEPT_REQUEST_BYTES
 from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
 from web.auth import require_admin
 from web.context import current_services
@@ -62,6 +64,13 @@ def retry_job(job_id: str) -> Response:
         )
     if record.get("type", "generation") != "generation":
         raise Conflict("only generation jobs can be retried", code="not_retryable", param="id")
+    if "request" not in record:  # each key's ended jobs keep their requests up to a bound, newest first
+        raise Conflict(
+            f"job {job_id}'s request is no longer kept (a key's ended jobs keep theirs up to "
+            f"{KEPT_REQUEST_BYTES} bytes, newest first); submit it again",
+            code="request_not_kept",
+            param="id",
+        )
     seconds = record.get("deadline_seconds")
     options = JobOptions(record.get("priority") or "normal", float(seconds) if seconds else None)
     hook = {k: record[k] for k in ("webhook", "webhook_events_filter") if record.get(k)}

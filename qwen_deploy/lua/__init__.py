@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+KEPT_REQUEST_BYTES = 64 * 1024 * 1024  # the requests of one owner's ended jobs kept for retry (common.lua)
 HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
@@ -21,4 +22,5 @@ def script(name: str) -> str:
         for line in text.splitlines()
     ]
     buckets = ", ".join(f"'{b}'" for b in HISTOGRAM_BUCKETS)
-    return "\n".join(lines).replace("--[[BUCKETS]]", buckets) + "\n"
+    text = "\n".join(lines).replace("--[[BUCKETS]]", buckets)
+    return text.replace("--[[KEPT_REQUEST_BYTES]]", str(KEPT_REQUEST_BYTES)) + "\n"

@@ -27,10 +27,41 @@ local function notify_job(job, stats, event, now)
   redis.call('ZADD', prefix .. ':webhooks:due', now, msg)
 end
 local function notify(event, now) notify_job(KEYS[1], KEYS[3], event, now) end
+-- An ended job keeps its request only for `retry`, and each owner's ended jobs keep theirs up to
+-- KEPT_REQUEST_BYTES in all, newest first: past it the oldest lose theirs (retry then answers 409).
+-- {prefix}:owner:{owner}:kept: job id -> request bytes; :kept:lapse: job id -> when its record expires; :kept:total.
+local KEPT_REQUEST_BYTES = --[[KEPT_REQUEST_BYTES]]
+local function keep_request(job, prefix, id, now, ttl)
+  local size = redis.call('HSTRLEN', job, 'request')
+  if size == 0 then return end
+  local base = prefix .. ':owner:' .. (redis.call('HGET', job, 'owner') or 'anonymous') .. ':kept'
+  local lapse, total = base .. ':lapse', base .. ':total'
+  local function forget(other, drop)
+    local bytes = redis.call('ZSCORE', base, other)
+    if not bytes then return end
+    redis.call('ZREM', base, other)
+    redis.call('ZREM', lapse, other)
+    redis.call('DECRBY', total, math.floor(tonumber(bytes)))
+    if drop then redis.call('HDEL', prefix .. ':job:' .. other, 'request') end
+  end
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', lapse, '-inf', now, 'LIMIT', 0, 100)) do forget(other, false) end
+  forget(id, false)  -- a job closed twice counts once
+  redis.call('ZADD', base, size, id)
+  redis.call('ZADD', lapse, tonumber(now) + tonumber(ttl), id)
+  local kept = redis.call('INCRBY', total, size)
+  while kept > KEPT_REQUEST_BYTES do
+    local oldest = redis.call('ZRANGE', lapse, 0, 0)[1]
+    if not oldest or oldest == id then break end
+    forget(oldest, true)
+    kept = tonumber(redis.call('GET', total))
+  end
+  for _, key in ipairs({base, lapse, total}) do redis.call('EXPIRE', key, ttl) end
+end
 -- Move a job to a terminal status: out of the active, pending and held sets, `done` event, TTL, counters.
 local function close_job(job, ev, stats, active, pending, status, now, ttl)
   local id = redis.call('HGET', job, 'id')
   local prefix = string.sub(stats, 1, -7)
+  keep_request(job, prefix, id, now, ttl)
   redis.call('ZREM', active, id)
   redis.call('ZREM', prefix .. ':deadlines', id)
   if pending ~= '' then redis.call('ZREM', pending, id) end

@@ -10,6 +10,7 @@ from typing import Any
 from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE
 from qwen_deploy.errors import BadRequest, NotFound, Unprocessable
 from web.auth import current_owner
+from web.batch_lines import jsonl_lines, parse_lines
 from web.context import current_services
 from web.job_options import parse_duration
 from web.openai_api.objects import chat_completion, text_completion
@@ -57,14 +58,9 @@ def file_lines(body: dict[str, Any]) -> tuple[list[tuple[int, Any]], Any, dict[s
     content = file_store().content(file_id) if isinstance(file_id, str) else None
     if content is None:
         raise NotFound(f"no file with id {file_id}", param="input_file_id")
-    items: list[tuple[int, Any]] = []
-    for n, text in enumerate(content.split("\n"), start=1):
-        if text.strip():
-            try:
-                items.append((n, json.loads(text)))
-            except (ValueError, RecursionError) as exc:
-                items.append((n, BadRequest(f"line {n} is not valid JSON: {exc}", code="invalid_json")))
-    return items, metadata, {"endpoint": endpoint, "input_file_id": file_id, "completion_window": window}
+    limits = current_services().settings.batches  # every limit checked before a line is parsed
+    lines = jsonl_lines(content.encode(), limits.max_lines, limits.max_line_bytes, limits.max_bytes)
+    return parse_lines(lines), metadata, {"endpoint": endpoint, "input_file_id": file_id, "completion_window": window}
 
 
 def present_lines(lines: list[str], record: dict[str, str]) -> list[str]:

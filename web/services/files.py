@@ -7,20 +7,26 @@ from typing import Any
 
 import redis
 
+from qwen_deploy.errors import QuotaExceeded
 from qwen_deploy.job_records import _text, mapping, new_id
 from qwen_deploy.keys import FileKeys
+from qwen_deploy.quotas import Quota
 from web.auth import current_owner
 from web.context import current_services
 
 FILE_PREFIX = "file-"
+FILE_RECORD_BYTES = 1024  # what a file counts against its owner's quota beside its content: many tiny files add up
 
 
 class FileStore:
     """A file is a hash (meta + content, `FileKeys.key`); the owner's index (`FileKeys.index_key`) holds ids by
     creation time."""
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl: int, owner: str = "anonymous") -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str, ttl: int, owner: str = "anonymous", quota: int | None = None
+    ) -> None:
         self.r, self.prefix, self.ttl, self.owner = client, prefix, ttl, owner
+        self.quota = quota  # bytes the owner's files may hold together (None: no quota)
 
     def key(self, file_id: str) -> str:
         return FileKeys(self.prefix).key(file_id)
@@ -38,13 +44,26 @@ class FileStore:
             "created_at": str(int(now)),
             "bytes": str(len(content.encode())),
         }
+        size = int(meta["bytes"]) + FILE_RECORD_BYTES
+        if self.quota is not None:
+            counted, used = self._quota().reserve(file_id, size, self.quota, now + self.ttl)
+            if not counted:
+                raise QuotaExceeded(
+                    f"this key's files hold {used} bytes; with this one ({size}, its record included) they would "
+                    f"pass the quota of {self.quota} bytes (files.max_bytes_per_key); delete some first",
+                    param="file",
+                )
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.key(file_id), mapping=mapping({**meta, "owner": self.owner, "content": content}))
         pipe.expire(self.key(file_id), self.ttl)
         pipe.zadd(self.index(), {file_id: now})
         pipe.zremrangebyscore(self.index(), "-inf", now - self.ttl)
         pipe.expire(self.index(), self.ttl)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self._quota().release(file_id)
+            raise
         return file_object(meta, self.ttl)
 
     def meta(self, file_id: str) -> dict[str, str] | None:
@@ -64,7 +83,12 @@ class FileStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.key(file_id))
         pipe.zrem(self.index(), file_id)
-        return bool(pipe.execute()[0])
+        deleted = bool(pipe.execute()[0])
+        self._quota().release(file_id)
+        return deleted
+
+    def _quota(self) -> Quota:
+        return Quota(self.r, self.prefix, self.owner, "files")
 
     def ids(self) -> list[str]:
         """Newest first."""
@@ -90,4 +114,5 @@ def file_object(meta: dict[str, Any], ttl: int | None = None) -> dict[str, Any]:
 def file_store() -> FileStore:
     """The caller's files."""
     svc = current_services()
-    return FileStore(svc.redis, svc.settings.key_prefix, svc.settings.files.ttl, current_owner())
+    files = svc.settings.files
+    return FileStore(svc.redis, svc.settings.key_prefix, files.ttl, current_owner(), files.max_bytes_per_key)
