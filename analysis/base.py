@@ -23,6 +23,7 @@ class Analyzer:
     stop: list[str] = []
     temperature: float | None = None
     response_format: Record | None = None  # e.g. {"type": "json_schema", "json_schema": {...}}: structured output
+    required_fields: tuple[str, ...] = ()  # record fields `prompt` reads (the CLI warns about records without them)
 
     def prompt(self, record: Record) -> str | list[dict[str, str]]:
         """A prompt string, or chat messages (`[{"role": "user", "content": ...}]`)."""

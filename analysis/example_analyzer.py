@@ -31,6 +31,7 @@ class SentimentAnalyzer(Analyzer):
 
     max_new_tokens = 24
     stop = ["\n"]
+    required_fields = ("text",)
     response_format = {"type": "json_schema", "json_schema": {"name": "sentiment", "schema": SCHEMA, "strict": True}}
 
     def prompt(self, record: Record) -> list[dict[str, str]]:

@@ -21,14 +21,22 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
             if line.strip():
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
                     raise ValueError(f"{path}:{n}: each line must be a JSON object")
                 yield record
 
 
-def count_records(path: Path) -> int:
-    return sum(1 for _ in read_records(path))
+def count_records(path: Path, required: tuple[str, ...] = ()) -> tuple[int, int]:
+    """How many records the file holds, and how many of them lack one of the `required` fields."""
+    total = missing = 0
+    for record in read_records(path):
+        total += 1
+        missing += any(name not in record for name in required)
+    return total, missing
 
 
 def drop_torn_tail(path: Path) -> None:

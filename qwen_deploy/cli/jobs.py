@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from worker.handler import ModelHandler
 
 TERMINAL = JOB_TERMINAL
+DEMO_MODEL_MARK = "demo-model-v"  # the demo model's directory name (worker/builders/demo.py)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -103,13 +104,30 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     config = settings()
     source, out = Path(args.input), Path(args.out)
     analyzer = load_analyzer(args.analyzer)
+    try:
+        total, missing = count_records(source, analyzer.required_fields)
+    except ValueError as exc:  # a line that is not a JSON object
+        sys.exit(f"qwen-deploy: {exc}")
+    if missing:
+        fields = ", ".join(f"`{f}`" for f in analyzer.required_fields)
+        print(
+            f"qwen-deploy: warning: {missing} of {total} records lack {fields}; they are analysed as empty",
+            file=sys.stderr,
+        )
     runner: LocalRunner | QueueRunner
     if args.local:
         runner = LocalRunner(_local_handler(config), config.batches.micro_batch_size)
+        model = config.model.name_or_path
     else:
-        runner = QueueRunner(client(args.url))
+        api = client(args.url)
+        runner, model = QueueRunner(api), str(api.model().get("name", ""))
+    if DEMO_MODEL_MARK in model:
+        print(
+            "qwen-deploy: note: the demo model only knows the Zen of Python, so its answers are no real analysis; "
+            "serve a chat model (`qwen-deploy up --model Qwen/Qwen2.5-0.5B-Instruct`) for useful results",
+            file=sys.stderr,
+        )
     done = done_keys(out)
-    total = count_records(source)
     bar = tqdm(total=total, initial=min(len(done), total), unit="rec", desc="analyze", file=sys.stderr)
     analysed = 0
     with out.open("a", encoding="utf-8") as fh:
@@ -212,9 +230,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     where.add_argument("--local", action="store_true", help="load the model in this process instead")
     gen.set_defaults(func=cmd_generate)
 
-    ana = sub.add_parser("analyze", help="bulk analysis of a JSONL/CSV file, resumable")
-    ana.add_argument("input")
-    ana.add_argument("--out", required=True)
+    ana = sub.add_parser(
+        "analyze",
+        help="bulk analysis of a JSONL/CSV file, resumable",
+        description="Each record is a JSON object per line (or a CSV row with a header). The default analyzer "
+        "labels the sentiment of each record's `text` field; an `id` field, when present, is what a re-run "
+        "skips by. Results are appended to --out as they finish.",
+        epilog='example: echo \'{"id": 1, "text": "I loved it"}\' > in.jsonl; '
+        "qwen-deploy analyze in.jsonl --out out.jsonl",
+    )
+    ana.add_argument("input", help="JSONL (one object per line) or CSV with a header row")
+    ana.add_argument("--out", required=True, help="results, one JSON object per line (appended; re-runs resume)")
     ana.add_argument(
         "--analyzer", default="analysis.example_analyzer:SentimentAnalyzer", help="module:Class of an Analyzer subclass"
     )

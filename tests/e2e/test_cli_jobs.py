@@ -59,3 +59,16 @@ def test_batch_file_writes_every_result_line(stack: Stack, tmp_path: Path) -> No
     results = [json.loads(line) for line in (tmp_path / "lines.results.jsonl").read_text().splitlines()]
     assert sorted(r["custom_id"] for r in results) == ["r0", "r1", "r2"]
     assert "completed" in out.stderr
+
+
+def test_analyze_warns_about_records_without_text_and_about_the_demo_model(stack: Stack, tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"id": 1, "text": "I loved it"}\n{"id": 2, "body": "no text field"}\n')
+    run = cli(stack, "analyze", str(source), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "warning: 1 of 2 records lack `text`" in run.stderr
+    assert "the demo model only knows the Zen of Python" in run.stderr
+    assert sorted(json.loads(line)["key"] for line in out.read_text().splitlines()) == ["1", "2"]
+    source.write_text('{"id": 1, "text": "fine"}\n[1, 2]\n')
+    bad = cli(stack, "analyze", str(source), "--out", str(out))
+    assert bad.returncode == 1 and f"qwen-deploy: {source}:2: each line must be a JSON object" in bad.stderr
