@@ -108,6 +108,12 @@ def get_driver(settings: Settings, node: str) -> Any:
     return _driver
 
 
+def keep_driven() -> None:
+    """After each task of this child: an engine left holding sequences is handed to a driving task."""
+    if _driver is not None:
+        _driver.hand_on()
+
+
 def shutdown_process(settings: Settings) -> None:
     _stop.set()
     try:
