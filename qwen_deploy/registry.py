@@ -54,3 +54,18 @@ def workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
 def by_model(found: list[dict[str, Any]], alias: str, default: bool) -> list[dict[str, Any]]:
     """The records of workers serving `alias` (a record without an alias is the default model's)."""
     return [w for w in found if w.get("alias") == alias or (default and not w.get("alias"))]
+
+
+def load_failure(found: list[dict[str, Any]], alias: str, default: bool) -> str | None:
+    """Why `alias` cannot serve: the reason its workers' model load failed, when every live worker of it
+    failed (None while one is ready or loading, or none runs)."""
+    mine = by_model(found, alias, default)
+    failed = [w for w in mine if w.get("state") == "load_failed"]
+    if not failed or len(failed) < len(mine):
+        return None
+    return load_reason(failed[0])
+
+
+def load_reason(record: dict[str, Any]) -> str:
+    """The load failure a `load_failed` worker record gives."""
+    return str((record.get("error") or {}).get("message") or "the model could not be loaded")

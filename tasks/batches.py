@@ -12,7 +12,7 @@ from qwen_deploy.batches import BatchStore
 from qwen_deploy.config import get_settings
 from qwen_deploy.connections import redis_client
 from qwen_deploy.queues import BATCH_CHUNK_TASK
-from tasks.generation import _driver, _soft_limit, slice_end
+from tasks.generation import _driver, _load_failure, _soft_limit, slice_end
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def batch_chunk(self: object, batch_id: str, start: int, end: int) -> str:
     from worker.bulk import failed_lines, run_chunk
 
     store = batch_store()
+    failure = _load_failure()
+    if failure is not None:  # the model did not load: the micro-batch's lines fail now
+        store.chunk_done(batch_id, start, failed_lines(batch_id, store.requests(batch_id, start, end), **failure))
+        return failure["code"]
     try:
         return run_chunk(_driver(self), store, batch_id, start, end, slice_end(_soft_limit(self)))
     except SoftTimeLimitExceeded:

@@ -23,6 +23,12 @@ def _driver(task: object) -> object:
     return get_driver(get_settings(), task.request.hostname)  # type: ignore[attr-defined]
 
 
+def _load_failure() -> dict[str, str] | None:
+    from worker.runtime import load_error
+
+    return load_error()
+
+
 def _soft_limit(task: object) -> float | None:
     limits = getattr(task.request, "timelimit", None) or (None, None)  # type: ignore[attr-defined]
     return limits[1] if len(limits) > 1 else None
@@ -31,6 +37,10 @@ def _soft_limit(task: object) -> float | None:
 @shared_task(name=GENERATE_TASK, bind=True, Request="tasks.requests:JobRequest")
 def generate(self: object, job_id: str) -> str:
     """Run one generation job by id in this child's engine (with whatever else it claims meanwhile)."""
+    if _load_failure() is not None:  # the model did not load: the job fails now rather than wait for it
+        from worker.runtime import answer_unloaded
+
+        return answer_unloaded(get_settings(), job_id)
     driver = _driver(self)
     end = slice_end(_soft_limit(self))
     outcome = driver.claim_job(job_id)  # type: ignore[attr-defined]

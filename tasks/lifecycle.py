@@ -95,6 +95,15 @@ def _load_model(**_: object) -> None:
     init_process(settings, for_worker(settings, _consumed(app)))
 
 
+@signals.task_postrun.connect
+def _keep_engine_driven(**_: object) -> None:
+    """No task leaves its child's engine holding sequences without a driving task: a task that claimed
+    or took over jobs but did not drive them (its own job was already over) hands the engine on."""
+    runtime = sys.modules.get("worker.runtime")
+    if runtime is not None:
+        runtime.keep_driven()
+
+
 @signals.worker_process_shutdown.connect
 def _unregister(**_: object) -> None:
     runtime = sys.modules.get("worker.runtime")  # a convert child never loaded it: do not import torch to exit

@@ -6,7 +6,9 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from qwen_deploy import registry
 from qwen_deploy.errors import ServiceUnavailable
+from qwen_deploy.model_load import LOAD_FAILED, MODEL_LOAD_FAILED
 from qwen_deploy.served import Served
 from web.context import current_services
 from web.openapi import ModelInfo, Status, doc
@@ -36,12 +38,14 @@ def _ready_worker(served: Served | None = None) -> dict[str, Any]:
         state = model_workers(found, served)
         if state["newest"]:
             return state["newest"] | {"count": state["ready"]}
-        raise ServiceUnavailable(
-            f"{REASONS[state['reason']]} for the model {served.alias!r}", code=state["reason"], param="model"
-        )
+        message = state.get("error") or f"{REASONS[state['reason']]} for the model {served.alias!r}"
+        raise ServiceUnavailable(message, code=state["reason"], param="model")
     ready = [w for w in found if w.get("state") == "ready"]
     if ready:
         return ready[0] | {"count": len(ready)}
+    failed = [w for w in found if w.get("state") == LOAD_FAILED]
+    if failed and len(failed) == len(found):  # every worker's model failed to load: say why
+        raise ServiceUnavailable(registry.load_reason(failed[0]), code=MODEL_LOAD_FAILED)
     if found:
         raise ServiceUnavailable(REASONS["model_loading"], code="model_loading")
     raise ServiceUnavailable(REASONS["no_worker"], code="no_worker")
@@ -51,7 +55,7 @@ def _ready_worker(served: Served | None = None) -> dict[str, Any]:
 @doc(model=Status, tags=("health",))
 def readyz() -> Response:
     """Ready when Redis answers and a generation worker has its model loaded (with `?model=`: a worker of
-    that model); else 503 with the reason."""
+    that model); else 503 with the reason (`model_load_failed`: the model could not be loaded, and why)."""
     name = request.args.get("model")
     served = pick_model(name, current_services().settings) if name is not None else None
     worker = _ready_worker(served)

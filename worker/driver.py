@@ -6,7 +6,9 @@ job's Celery message stays queued; when it is delivered it finds its job termina
 engine (drive until it ends) or held by another live worker (skip). A task drives until its own work
 is done and then while the engine has work, but never past its time slice (the soft limit minus a
 margin): then it pushes a `drive` task onto this worker's own queue and returns, so every sequence
-always has a driving task and every task stays inside Celery's time limits.
+always has a driving task and every task stays inside Celery's time limits. A task that returns without
+driving (its job was over, yet it claimed or took over others, e.g. a killed child's) hands on the same way
+(`hand_on`, after every task of the child).
 """
 
 from __future__ import annotations
@@ -183,8 +185,18 @@ class Driver:
                 self.finished(self.engine.fail_all("error"))
         try:
             self.flush()
-            if (len(self.engine) or self.to_finish) and self.handoff is not None:
-                self.handoff()
+        except RedisError as exc:  # leases run out and the jobs are resumed elsewhere
+            log.warning("could not publish the engine's progress: %s", exc)
+        self.hand_on()
+
+    def hand_on(self) -> None:
+        """An engine that still holds work when its task returns gets a driving task: a `drive` task on
+        this worker's own queue (none is pushed while one waits there). Every task's end comes here, so jobs
+        claimed outside a driving task (a dead child's, taken over by a task whose own job was over) run on."""
+        if not (len(self.engine) or self.to_finish) or self.handoff is None:
+            return
+        try:
+            self.handoff()
         except RedisError as exc:  # leases run out and the jobs are resumed elsewhere
             log.warning("could not hand the engine on: %s", exc)
 

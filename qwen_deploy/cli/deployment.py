@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +175,10 @@ class Deployment:
             time.sleep(0.1)
 
     # -- all ----------------------------------------------------------------------------------
-    def wait(self) -> int:
-        """Block until a child exits or a stop signal arrives (see `Supervisor.wait`)."""
-        return self.supervisor.wait()
+    def wait(self, check: Callable[[], int | None] | None = None) -> int:
+        """Block until a child exits, a stop signal arrives or `check` returns an exit code (see
+        `Supervisor.wait`)."""
+        return self.supervisor.wait(check)
 
     def stop_processes(self, procs: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
         """Stop these children together (a stop signal at once, KILL after `timeout`)."""

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -109,8 +109,9 @@ class Supervisor:
         self.stop_signals[proc.pid] = stop_signal
         return proc
 
-    def wait(self) -> int:
-        """Block until a child exits or a stop signal arrives; return an exit code."""
+    def wait(self, check: Callable[[], int | None] | None = None) -> int:
+        """Block until a child exits, a stop signal arrives or `check()` (called each turn) returns an exit
+        code; return an exit code."""
         stop = {"signal": 0}
 
         def _on_signal(signum: int, _frame: object) -> None:
@@ -123,6 +124,9 @@ class Supervisor:
                 if proc.poll() is not None:
                     print(f"qwen-deploy: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
                     return proc.returncode or 1
+            code = check() if check is not None else None
+            if code is not None:
+                return code
             time.sleep(0.2)
         return 0
 

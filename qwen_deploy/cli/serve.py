@@ -11,6 +11,7 @@ from typing import NoReturn
 from qwen_deploy.cli.common import MODEL_ENV, child_environ, demo_env, settings
 from qwen_deploy.cli.deployment import WEB_HOST_ENV, WORKER_MODEL_ENV, Deployment, node_name, web_argv
 from qwen_deploy.cli.launch import celery_command, worker_argv
+from qwen_deploy.cli.load_watch import LoadWatch
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
 from qwen_deploy.served import served_models
 
@@ -39,7 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "(Ctrl-C to stop)",
             file=sys.stderr,
         )
-        return deployment.wait()
+        return deployment.wait(LoadWatch(config, models))
     finally:
         deployment.stop()
 
