@@ -100,7 +100,10 @@ class RedisServer:
         stdin = subprocess.PIPE if self.password else subprocess.DEVNULL
         if self.password:
             args.insert(1, "-")
-        self.proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a Ctrl-C at the terminal stops the workers first (they deregister), Redis last.
+        self.proc = subprocess.Popen(
+            args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         if self.proc.stdin:
             self.proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
             self.proc.stdin.close()

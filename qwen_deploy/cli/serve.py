@@ -12,6 +12,8 @@ from qwen_deploy.cli.common import MODEL_ENV, child_environ, demo_env, settings
 from qwen_deploy.cli.deployment import WEB_HOST_ENV, WORKER_MODEL_ENV, Deployment, node_name, web_argv
 from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.load_watch import LoadWatch
+from qwen_deploy.cli.ready import ReadyWatch, home, port_in_use
+from qwen_deploy.config import default_cache_dir
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
 from qwen_deploy.served import served_models
 
@@ -19,16 +21,22 @@ from qwen_deploy.served import served_models
 def cmd_up(args: argparse.Namespace) -> int:
     """Redis (unless configured), a generation worker per model, the convert worker and gunicorn, until
     one of them exits or a stop signal arrives."""
-    deployment = Deployment({"PORT": str(args.port)} if args.port is not None else {})
+    logs = None if args.verbose else default_cache_dir() / "logs"
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+    deployment = Deployment({"PORT": str(args.port)} if args.port is not None else {}, logs=logs)
     deployment.env.pop(WORKER_MODEL_ENV, None)  # each generation worker gets its own alias; the others none
     try:
-        deployment.embedded_redis()
+        config = deployment.settings()
+        host = args.host or config.web.host
+        if port_in_use(host, config.web.port):
+            sys.exit(f"qwen-deploy: port {config.web.port} is in use: pass --port or set PORT")
+        redis = deployment.embedded_redis()
         if args.demo:
             deployment.env.update(demo_env())
         elif getattr(args, "model", None):
             deployment.env[MODEL_ENV] = args.model  # a hub id or a local directory, instead of config's `model`
         config = deployment.settings()
-        host = args.host or config.web.host
         deployment.bind(host)  # before any process starts: an open non-loopback bind is refused
         models = served_models(config)
         for served in models:  # one generation worker per model
@@ -36,11 +44,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         deployment.start_convert_worker()
         deployment.start_web(host, config.web.port)
         print(
-            f"qwen-deploy: serving {', '.join(m.alias for m in models)} at http://{host}:{config.web.port} "
-            "(Ctrl-C to stop)",
+            f"qwen-deploy: starting {', '.join(m.alias for m in models)} at {deployment.url} (loading the model…)",
             file=sys.stderr,
         )
-        return deployment.wait(LoadWatch(config, models))
+        data = f"Redis AOF in {home(redis.data_dir)}" if redis and redis.data_dir else "Redis at REDIS_URL"
+        ready = ReadyWatch(deployment.url, config.client_key, data, logs)
+        loads = LoadWatch(config, models)
+
+        def check() -> int | None:
+            code = loads()
+            return code if code is not None else ready()
+
+        return deployment.wait(check)
     finally:
         deployment.stop()
 
@@ -95,8 +110,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="NAME_OR_PATH",
         help="serve this model (a hub id or a local directory) instead of config.yml's `model`",
     )
-    up.add_argument("--host")
-    up.add_argument("--port", type=int)
+    up.add_argument("--host", help="the address to bind (default: web.host, 127.0.0.1)")
+    up.add_argument("--port", type=int, help="the port (default: web.port or PORT, 8000)")
+    up.add_argument(
+        "--verbose", action="store_true", help="show the workers' and web server's logs here (default: a log folder)"
+    )
     up.set_defaults(func=cmd_up)
 
     web = sub.add_parser("web", help="run the web server (gunicorn)")

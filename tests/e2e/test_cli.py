@@ -51,6 +51,8 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
         "QWEN_DEPLOY_WEB__WORKERS": "1",
         "QWEN_DEPLOY_MODEL__THREADS": "1",
     }
+    logs = demo_model.parent / "logs"  # up's log folder (under QWEN_DEPLOY_CACHE): what this run appends
+    before = {p: p.stat().st_size for p in logs.glob("*.log")} if logs.exists() else {}
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_deploy.cli", "up", "--demo", "--port", str(port)],
@@ -94,7 +96,15 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
             timeout=60,
         )
         assert cli.returncode == 0 and cli.stdout.startswith(" pass silently."), cli.stderr
+        # One block once ready, with where everything is; the children's banners are in the log folder.
+        wait_until(lambda: "qwen-deploy is ready" in (tmp_path / "up.log").read_text(), 60, 0.2, "the ready block")
         log = (tmp_path / "up.log").read_text()
+        block = log[log.index("qwen-deploy is ready") :]
+        for line in (f"API       {url}/v1", f"console   {url}/", f"API docs  {url}/docs", "stop      Ctrl-C"):
+            assert line in block, block
+        assert re.search(r"model     demo-model-v\d+ on cpu \(\w+\)", block), block
+        assert "celery@" not in log and "SecurityWarning" not in log, log[-3000:]  # banners went to the logs
+        assert list(logs.glob("worker-*.log"))
         embedded = re.search(r"started redis-server at redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", log)
         assert embedded, log[-3000:]
         with pytest.raises(redis.AuthenticationError):  # NOAUTH: the embedded server wants the password
@@ -103,6 +113,21 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     wait_until(lambda: not group_alive(proc.pid), 30, 0.2, "every process started by up to exit")
+    for worker_log in logs.glob("worker-*.log"):
+        appended = worker_log.read_bytes()[before.get(worker_log, 0) :].decode(errors="replace")
+        assert "could not remove worker registration" not in appended  # Redis stopped last
+
+
+def test_up_on_a_busy_port_says_so_at_once(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run_cli(["up", "--demo", "--port", str(port)], up_env(tmp_path), timeout=60)
+    assert out.returncode == 1 and f"qwen-deploy: port {port} is in use: pass --port or set PORT" in out.stderr
+    assert "started redis-server" not in out.stderr  # nothing was started
 
 
 def test_up_with_an_unreachable_redis_url_is_an_error(tmp_path: Path) -> None:
