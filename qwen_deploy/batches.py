@@ -102,8 +102,9 @@ class BatchStore:
     def status(self, batch_id: str) -> str:
         return _text(self.r.hget(self.key(batch_id), "status"))
 
-    def cancel(self, batch_id: str) -> str:
-        return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())]))
+    def cancel(self, batch_id: str, owner: str = "") -> str:
+        """The status before the call ('missing' also for a batch of another owner than `owner`, when given)."""
+        return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time()), owner]))
 
     def chunk_recorded(self, batch_id: str, start: int) -> bool:
         """Whether this micro-batch's lines are already in (a redelivered message is then skipped)."""

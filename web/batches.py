@@ -9,8 +9,8 @@ import time
 from flask import Blueprint, Response, g, request
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, public_batch
-from qwen_deploy.errors import AppError, Conflict, NotFound, QueueFull, TooManyRequests, Unprocessable
-from qwen_deploy.job_records import _text, new_id, strings, valid_id
+from qwen_deploy.errors import AppError, Conflict, QueueFull, TooManyRequests, Unprocessable
+from qwen_deploy.job_records import _text, new_id, strings
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
@@ -21,7 +21,7 @@ from web.job_options import parse_duration
 from web.openai_api.batch_files import present_lines
 from web.openapi import Batch, ResultsQuery, doc
 from web.schemas import BatchCreate
-from web.services import batch_store, missing, owns
+from web.services import batch_store, load_batch, missing
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
@@ -145,30 +145,18 @@ def _check_capacity(new_tasks: int, bulk: str) -> None:
             )
 
 
-def _load(batch_id: str) -> dict[str, str]:
-    """The caller's batch: 404 for a malformed id or another owner's batch, 410 once expired."""
-    if not valid_id(batch_id, BATCH_ID_PREFIX):
-        raise NotFound("no batch with this id", param="id")
-    record = batch_store().get(batch_id)
-    if record is None or "id" not in record:
-        raise missing("batch", batch_id, BATCH_ID_PREFIX)
-    if not owns(record):
-        raise NotFound(f"no batch with id {batch_id}", param="id")
-    return record
-
-
 @bp.get("/<batch_id>")
 @doc(model=Batch, tags=("batches",))
 def get_batch(batch_id: str) -> Response:
     """The batch: status and request counts."""
-    return Response(json.dumps(public_batch(_load(batch_id))), mimetype="application/json")
+    return Response(json.dumps(public_batch(load_batch(batch_id))), mimetype="application/json")
 
 
 @bp.get("/<batch_id>/results")
 @doc(query=ResultsQuery, tags=("batches",))
 def batch_results(batch_id: str) -> Response:
     """Finished lines as JSONL, while the batch runs; `after` skips lines already read."""
-    record = _load(batch_id)
+    record = load_batch(batch_id)
     raw = request.args.get("after", "0")
     if not COUNT.fullmatch(raw):
         raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
@@ -186,8 +174,10 @@ def batch_results(batch_id: str) -> Response:
 @doc(ok=202, model=Batch, tags=("batches",))
 def cancel_batch(batch_id: str) -> Response:
     """Stop the rest of the batch."""
-    _load(batch_id)
-    before = batch_store().cancel(batch_id)
+    load_batch(batch_id)
+    before = batch_store().cancel(batch_id, current_owner())
+    if before == "missing":
+        raise missing("batch", batch_id, BATCH_ID_PREFIX)
     if before in TERMINAL:
         raise Conflict(f"batch {batch_id} already ended ({before})", code="batch_finished", param="id")
-    return Response(json.dumps(public_batch(_load(batch_id))), status=202, mimetype="application/json")
+    return Response(json.dumps(public_batch(load_batch(batch_id))), status=202, mimetype="application/json")

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, g, request, stream_with_context
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
+from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.objects import PRESENTERS, choices, finish_reason, job_headers, usage
@@ -34,7 +35,7 @@ def finished(job_id: str) -> dict[str, Any]:
     hard = svc.settings.limits.hard_time_limit
     job = wait_for(job_id, hard + min(5.0, hard))  # the grace lets the worker record its own time-out first
     if job["status"] not in TERMINAL:
-        svc.store.cancel(job_id)
+        svc.store.cancel(job_id, current_owner())
         job = wait_for(job_id, 5.0)
     if job["status"] not in TERMINAL:
         raise GatewayTimeout(
@@ -62,7 +63,7 @@ def sse(data: Any) -> str:
 def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bool) -> Iterator[str]:
     """`data:` lines only (the SDK's parser needs no comments), then `data: [DONE]`; a disconnect cancels."""
     _, chunk, delta = PRESENTERS[kind]
-    store, job_id = current_services().store, job["id"]
+    store, job_id, owner = current_services().store, job["id"], current_owner()
     streamed, done = [""] * n, False
     try:
         if kind == "chat":
@@ -106,7 +107,7 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
         yield "data: [DONE]\n\n"
     except GeneratorExit:
         if not done:
-            store.cancel(job_id)
+            store.cancel(job_id, owner)
         raise
 
 

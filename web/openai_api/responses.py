@@ -11,13 +11,14 @@ from flask import Blueprint, Response, g, request, stream_with_context
 from qwen_deploy.errors import BadRequest, NotFound
 from qwen_deploy.job_records import JOB_ID_PREFIX
 from qwen_deploy.jobs import TERMINAL
+from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.completions import finished
 from web.openai_api.objects import finish_reason, job_body, job_headers
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
 from web.schemas import read_json
-from web.services import iter_job_events, load_job, missing, submit_request, wait_for
+from web.services import iter_job_events, load_job, load_record, missing, submit_request, wait_for
 
 bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
 bp.after_request(job_headers)
@@ -154,7 +155,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Iterator[str]:
     """`response.*` events numbered from 0 in the order of the job's events, so a replay numbers them alike."""
-    store = current_services().store
+    store, owner = current_services().store, current_owner()
     seq, done = -1, False
 
     def emit(kind: str, **data: Any) -> str:
@@ -209,7 +210,7 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
                 yield line
     except GeneratorExit:
         if cancel_on_close and not done:
-            store.cancel(job_id)
+            store.cancel(job_id, owner)
         raise
 
 
@@ -258,7 +259,8 @@ def get_response(response_id: str) -> Response:
 def cancel_response(response_id: str) -> Response:
     """Cancel a queued or running response; a finished one is returned as it is."""
     job_id = job_id_of(response_id)
-    outcome = current_services().store.cancel(job_id)
+    load_record(job_id)  # 404 for a malformed id or another owner's job, before any effect
+    outcome = current_services().store.cancel(job_id, current_owner())
     if outcome == "missing":
         raise missing("response", job_id)
     job = load_job(job_id)
