@@ -18,6 +18,7 @@ from web.openai_api.objects import PRESENTERS, choices, finish_reason, job_heade
 from web.openai_api.translate import chat_request, completion_request
 from web.schemas import read_json
 from web.services import iter_job_events, submit_request, wait_for
+from web.stream_slots import counted, open_stream
 
 bp = Blueprint("openai_completions", __name__, url_prefix="/v1")
 bp.after_request(job_headers)
@@ -114,12 +115,13 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
 def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> Response:
     body = read_json(request)
     req = translate(body, current_services().settings)
+    slot = open_stream() if body.get("stream") else None  # 429 past the cap, before a job is made
     job, _ = submit_request(req, request.headers.get("Idempotency-Key"), service_tier_options(body))
     g.openai_job_id = job["id"]
     model = body["model"]
-    if body.get("stream"):
+    if slot is not None:
         include = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = stream_with_context(stream(job, model, kind, int(req.get("n", 1)), include))
+        events = stream_with_context(counted(stream(job, model, kind, int(req.get("n", 1)), include), slot))
         return Response(
             events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )

@@ -19,6 +19,7 @@ from web.openai_api.objects import finish_reason, job_body, job_headers
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
 from web.schemas import read_json
 from web.services import iter_job_events, load_job, load_record, missing, submit_request, wait_for
+from web.stream_slots import Slot, counted, open_stream
 
 bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
 bp.after_request(job_headers)
@@ -214,8 +215,8 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
         raise
 
 
-def _stream(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Response:
-    body = stream_with_context(events(job_id, meta, after, cancel_on_close))
+def _stream(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool, slot: Slot) -> Response:
+    body = stream_with_context(counted(events(job_id, meta, after, cancel_on_close), slot))
     return Response(
         body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -230,12 +231,13 @@ def create_response() -> Response:
     """Create a response (a job); `background: true` answers at once with status queued."""
     body = read_json(request)
     req, meta = _request(body)
+    slot = open_stream() if body.get("stream") else None  # 429 past the cap, before a job is made
     job, _ = submit_request(
         req, request.headers.get("Idempotency-Key"), service_tier_options(body), response=json.dumps(meta)
     )
     g.openai_job_id = job["id"]
-    if body.get("stream"):
-        return _stream(job["id"], meta, -1, cancel_on_close=not meta["background"])
+    if slot is not None:
+        return _stream(job["id"], meta, -1, not meta["background"], slot)
     if meta["background"]:
         return _json(present(job, meta))
     return _json(present(finished(job["id"]), meta))
@@ -252,7 +254,7 @@ def get_response(response_id: str) -> Response:
     raw = request.args.get("starting_after", "-1")
     if not raw.lstrip("-").isdigit() or int(raw) < -1:
         raise BadRequest("starting_after must be a sequence number", code="invalid_value", param="starting_after")
-    return _stream(job_id, meta, int(raw), cancel_on_close=False)
+    return _stream(job_id, meta, int(raw), False, open_stream())
 
 
 @bp.post("/<response_id>/cancel")
