@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 
 from flask import Blueprint, Response, g, request
@@ -20,14 +19,13 @@ from web.context import current_services
 from web.job_options import parse_duration
 from web.openai_api.batch_files import present_lines
 from web.openapi import Batch, ResultsQuery, doc
-from web.schemas import BatchCreate
+from web.schemas import COUNT, BatchCreate
 from web.services import batch_store, load_batch, missing
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
 MAX_LINE_INDEX = 2**31
 DEFAULT_RESULTS = 1000
-COUNT = re.compile(r"[0-9]{1,12}")  # str.isdigit() takes "²" and "١"
 
 
 @bp.post("")

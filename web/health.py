@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from qwen_deploy.errors import ServiceUnavailable
-from qwen_deploy.served import Served
+from qwen_deploy.served import Served, default_alias
 from web.context import current_services
 from web.openapi import ModelInfo, Status, doc
 from web.schemas import pick_model
@@ -58,7 +58,7 @@ def readyz() -> Response:
     return jsonify(
         status="ready",
         workers=worker["count"],
-        model=worker["model"]["name"],
+        model=worker.get("alias") or default_alias(current_services().settings),  # never a filesystem path
         **({"alias": served.alias} if served else {}),
     )
 

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 from qwen_deploy.errors import BadRequest, PayloadTooLarge
 from web.context import current_services
 from web.openai_api.batch_files import virtual_file
+from web.schemas import count_arg
 from web.services import FILE_PREFIX, file_object, file_store, missing
 
 bp = Blueprint("openai_files", __name__, url_prefix="/v1/files")
@@ -19,15 +20,13 @@ MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file
 
 def page(ids: list[str], limit_arg: str | None, after: str | None, default: int = 20) -> tuple[list[str], bool]:
     """A page of `ids` after the cursor `after` (an id), at most `limit` of them; and whether more follow."""
-    raw = limit_arg if limit_arg is not None else str(default)
-    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
-        raise BadRequest("limit must be an integer from 1 to 10000", code="invalid_value", param="limit")
+    limit = count_arg(limit_arg if limit_arg is not None else str(default), "limit", 1, 10_000)
     start = 0
     if after:
         if after not in ids:
             raise BadRequest(f"after: no item with id {after}", code="invalid_value", param="after")
         start = ids.index(after) + 1
-    chosen = ids[start : start + int(raw)]
+    chosen = ids[start : start + limit]
     return chosen, start + len(chosen) < len(ids)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, g, request, stream_with_context
 
 from qwen_deploy.errors import BadRequest, NotFound
-from qwen_deploy.job_records import JOB_ID_PREFIX
+from qwen_deploy.job_records import JOB_ID_PREFIX, valid_id
 from qwen_deploy.jobs import TERMINAL
 from web.auth import current_owner
 from web.context import current_services
@@ -17,7 +17,7 @@ from web.job_options import service_tier_options
 from web.openai_api.completions import finished
 from web.openai_api.objects import finish_reason, job_body, job_headers
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
-from web.schemas import read_json
+from web.schemas import count_arg, read_json
 from web.services import iter_job_events, load_job, load_record, missing, submit_request, wait_for
 from web.stream_slots import Slot, counted, open_stream
 
@@ -57,9 +57,11 @@ STATUS = {
 
 
 def job_id_of(response_id: str) -> str:
-    if not response_id.startswith(PREFIX):
-        raise NotFound(f"no response with id {response_id}", param="response_id")
-    return JOB_ID_PREFIX + response_id.removeprefix(PREFIX)
+    """The job of `resp_<hex>`; 404 for an id of another shape (no key is built from it)."""
+    job_id = JOB_ID_PREFIX + response_id.removeprefix(PREFIX)
+    if not response_id.startswith(PREFIX) or not valid_id(job_id):
+        raise NotFound("no response with this id", param="response_id")
+    return job_id
 
 
 def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -252,9 +254,8 @@ def get_response(response_id: str) -> Response:
     if request.args.get("stream", "false").lower() != "true":
         return _json(present(job, meta))
     raw = request.args.get("starting_after", "-1")
-    if not raw.lstrip("-").isdigit() or int(raw) < -1:
-        raise BadRequest("starting_after must be a sequence number", code="invalid_value", param="starting_after")
-    return _stream(job_id, meta, int(raw), False, open_stream())
+    after = -1 if raw == "-1" else count_arg(raw, "starting_after", 0, 10**12 - 1)  # a sequence number
+    return _stream(job_id, meta, after, False, open_stream())
 
 
 @bp.post("/<response_id>/cancel")
