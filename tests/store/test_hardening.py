@@ -68,7 +68,12 @@ def test_odd_counts_in_queries_are_400(http: Any, path: str) -> None:
 def test_response_ids_of_another_shape_are_404(http: Any, server: RedisServer) -> None:
     job = http.post("/v1/jobs", json={"prompt": "x"}, headers=auth(K1)).get_json()
     resp = "resp_" + job["id"].removeprefix("job_")
-    for method, path in (("GET", f"{resp}:ev"), ("POST", f"{resp}:ev/cancel"), ("GET", "resp_x"), ("POST", "nope/cancel")):
+    for method, path in (
+        ("GET", f"{resp}:ev"),
+        ("POST", f"{resp}:ev/cancel"),
+        ("GET", "resp_x"),
+        ("POST", "nope/cancel"),
+    ):
         answer = http.open(f"/v1/responses/{path}", method=method, headers=auth(K1))
         assert answer.status_code == 404, (method, path, answer.get_data()[:200])
     assert redis.Redis.from_url(server.url).hget(f"qd:job:{job['id']}", "status") == b"queued"
