@@ -111,7 +111,11 @@ class BatchStore:
         return bool(self.r.sismember(self.keys(batch_id)[3], str(start)))
 
     def chunk_tries(self, batch_id: str, start: int) -> int:
-        return int(self.r.hincrby(self.names.tries_key(batch_id), str(start), 1))
+        """Count a run of the micro-batch; the counts expire with the batch's other keys."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self.names.tries_key(batch_id), str(start), 1)
+        pipe.expire(self.names.tries_key(batch_id), self.ttl)
+        return int(pipe.execute()[0])
 
     def chunk_done(self, batch_id: str, start: int, lines: list[dict[str, Any]]) -> bool:
         """Append a chunk's output lines and count them, once; finalize the batch after the last chunk."""

@@ -111,3 +111,13 @@ def test_readyz_shows_the_model_alias_never_its_path(http: Any, server: RedisSer
     ready = http.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["model"] == "qwen"
     assert "secret-models" not in ready.get_data(as_text=True)
+
+
+def test_a_batchs_run_counts_expire_with_it(server: RedisServer) -> None:
+    from qwen_deploy.batches import BatchStore
+
+    db = redis.Redis.from_url(server.url)
+    db.flushdb()
+    batches = BatchStore(db, "t", ttl=600)
+    assert batches.chunk_tries("batch_x", 0) == 1 and batches.chunk_tries("batch_x", 0) == 2
+    assert 0 < db.ttl(batches.names.tries_key("batch_x")) <= 600
