@@ -7,9 +7,9 @@ import time
 
 from flask import Blueprint, Response, g, request
 
-from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, public_batch
+from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchCaps, public_batch
 from qwen_deploy.errors import AppError, Conflict, QueueFull, TooManyRequests, Unprocessable
-from qwen_deploy.job_records import _text, new_id, strings
+from qwen_deploy.job_records import new_id, strings
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
@@ -101,13 +101,8 @@ def create_batch() -> Response:
         "owner": current_owner(),
         "model": served.alias,
     }
-    _check_capacity(len(messages), bulk)
-    batch_store().create(batch_id, fields, good, errors, messages)
-    if messages:
-        pipe = svc.redis.pipeline(transaction=False)
-        pipe.zadd(_open_key(), {batch_id: 0})
-        pipe.expire(_open_key(), lim.result_ttl)
-        pipe.execute()
+    caps = BatchCaps(bulk, lim.max_bulk_depth, _open_key(), lim.max_inflight_per_key, lim.result_ttl)
+    _refuse(*batch_store().create(batch_id, fields, good, errors, messages, caps), bulk)
     if hook and not messages:
         batch_store().notify(batch_id)
     response = Response(json.dumps(public_batch(strings(fields))), status=202, mimetype="application/json")
@@ -120,27 +115,17 @@ def _open_key() -> str:
     return batch_store().names.open_key(current_owner())
 
 
-def _check_capacity(new_tasks: int, bulk: str) -> None:
+def _refuse(outcome: str, count: int, bulk: str) -> None:
     """429 when the model's bulk queue would pass `limits.max_bulk_depth` or the caller has too many open
-    batches."""
-    svc = current_services()
-    lim = svc.settings.limits
-    depth = int(svc.redis.llen(svc.store.queue_key(bulk)))
-    if new_tasks and depth + new_tasks > lim.max_bulk_depth:
-        raise QueueFull(f"the {bulk} queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
-    key = _open_key()
-    open_ids = [_text(i) for i in svc.redis.zrange(key, 0, -1)]
-    if len(open_ids) >= lim.max_inflight_per_key:
-        records = [batch_store().status(i) for i in open_ids]
-        done = [i for i, st in zip(open_ids, records) if not st or st in TERMINAL]
-        if done:
-            svc.redis.zrem(key, *done)
-        if len(open_ids) - len(done) >= lim.max_inflight_per_key:
-            raise TooManyRequests(
-                f"this key has {len(open_ids) - len(done)} batches running",
-                code="too_many_inflight",
-                headers={"Retry-After": "30"},
-            )
+    batches (both checked in the same step as the create)."""
+    if outcome == "queue_full":
+        raise QueueFull(f"the {bulk} queue holds {count} micro-batches; try again later", headers={"Retry-After": "30"})
+    if outcome == "too_many":
+        raise TooManyRequests(
+            f"this key has {count} batches running", code="too_many_inflight", headers={"Retry-After": "30"}
+        )
+    if outcome == "busy":
+        raise QueueFull("the batch queue is busy; try again", headers={"Retry-After": "1"})
 
 
 @bp.get("/<batch_id>")
