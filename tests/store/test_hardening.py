@@ -121,3 +121,23 @@ def test_a_batchs_run_counts_expire_with_it(server: RedisServer) -> None:
     batches = BatchStore(db, "t", ttl=600)
     assert batches.chunk_tries("batch_x", 0) == 1 and batches.chunk_tries("batch_x", 0) == 2
     assert 0 < db.ttl(batches.names.tries_key("batch_x")) <= 600
+
+
+def test_an_ended_batchs_files_are_built_once(http: Any, server: RedisServer) -> None:
+    db = redis.Redis.from_url(server.url, decode_responses=True)
+    lines = {"requests": [{"custom_id": str(i), "body": {"prompt": 5}} for i in range(3)]}  # all invalid: it ends
+    batch = http.post("/v1/batches", json=lines, headers=auth(K1)).get_json()
+    assert batch["status"] == "completed" and batch["error_file_id"]
+
+    def lranges() -> int:
+        return int(db.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
+
+    first = http.get(f"/v1/files/{batch['error_file_id']}/content", headers=auth(K1)).get_data()
+    assert first.count(b"\n") == 3
+    before = lranges()
+    for path in ("/content", "", "/content"):
+        assert http.get(f"/v1/files/{batch['error_file_id']}{path}", headers=auth(K1)).status_code == 200
+    assert http.get(f"/v1/files/{batch['error_file_id']}/content", headers=auth(K1)).get_data() == first
+    assert lranges() == before  # no rebuild from the stored lines
+    db.delete(f"qd:batch:{batch['id']}")  # once the batch is gone, so are its files
+    assert http.get(f"/v1/files/{batch['error_file_id']}", headers=auth(K1)).status_code == 404
