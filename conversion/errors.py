@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
+from typing import Any
+
 
 class ConversionError(Exception):
     """A download or export that cannot be done; ``message`` is meant for the user as is, ``code`` names why."""
@@ -23,3 +26,22 @@ class DownloadError(ConversionError):
         self.message = message
         self.code = code
         self.permanent = permanent
+
+
+def inside(root: Path, name: Any, source: Path) -> Path:
+    """`root / name` for a name that a checkpoint file (`source`) gives, when it stays inside `root`: a
+    relative path without `..`, NUL or backslashes (judged by its text: a shard may be a symlink into a
+    hub cache's blobs); ConversionError `unsafe_path` otherwise."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\x00" in name
+        or "\\" in name
+        or PurePosixPath(name).is_absolute()
+        or ".." in PurePosixPath(name).parts
+    ):
+        raise ConversionError(
+            f"{source} names {name!r}, which is not a file inside {root}; refusing to read outside the checkpoint",
+            "unsafe_path",
+        )
+    return root / name

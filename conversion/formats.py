@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from conversion.base import BaseModel
-from conversion.errors import ConversionError
+from conversion.errors import ConversionError, inside
 from conversion.fsdp import detect_verl, load_verl
 from conversion.hfdir import hf_refs, hf_weight_files
 from conversion.source import Checkpoint
@@ -109,6 +109,7 @@ def detect_deepspeed(p: Path) -> Path | None:
     latest = p / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
+        inside(p, tag, latest)
         if not (p / tag / DS_MODEL_FILE).is_file():
             raise ConversionError(f"{latest} names '{tag}' but {p / tag / DS_MODEL_FILE} is missing", "missing_shard")
         return p / tag

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from conversion.errors import ConversionError
+from conversion.errors import ConversionError, inside
 from conversion.tensors import FileCache, TensorRef, safe_open_file, safetensors_refs, torch_load, torch_refs
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -33,6 +33,10 @@ def _indexed_files(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{index}: not a valid shard index ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: not a valid shard index (weight_map is not an object)")
+    for name in weight_map.values():  # before any file is opened: never one outside the checkpoint
+        inside(index.parent, name, index)
     names = sorted(set(weight_map.values()))
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -22,6 +23,20 @@ BATCH_ID_PREFIX = "batch_"
 TERMINAL = BATCH_TERMINAL
 EXPIRED_CODE = "batch_expired"  # a line its batch's completion_window ended (the batch then ends `expired`)
 OUTPUT_FILE, ERROR_FILE = "file-out-", "file-err-"  # + the batch id's hex: virtual files of its lines
+
+
+CAPS_TRIES = 20  # WATCH rounds before a create under caps gives up ("busy")
+
+
+@dataclass(frozen=True)
+class BatchCaps:
+    """What a new batch is checked against: its bulk queue's depth, its owner's open batches."""
+
+    queue: str  # the bulk queue its micro-batches go to
+    max_depth: int
+    open_key: str  # the owner's batches that may still be running (`BatchKeys.open_key`)
+    max_open: int
+    open_ttl: int
 
 
 def batch_file_id(batch_id: str, prefix: str) -> str:
@@ -69,10 +84,61 @@ class BatchStore:
         requests: list[str],
         errors: list[str],
         messages: list[tuple[str, str]],
+        caps: BatchCaps | None = None,
+    ) -> tuple[str, int]:
+        """Record, request lines, up-front error lines and chunk messages, in one transaction; with `caps`,
+        checked against them in the same step (WATCH), the batch then counted among the owner's open ones.
+        ("ok", 0), or the refusal: ("queue_full", depth), ("too_many", open batches), ("busy", 0)."""
+        if caps is None:
+            with self.r.pipeline(transaction=True) as pipe:
+                self._write(pipe, batch_id, fields, requests, errors, messages)
+                pipe.execute()
+            return "ok", 0
+        watched = (queue_key(self.prefix, caps.queue), caps.open_key)
+        for _ in range(CAPS_TRIES):
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(*watched)
+                    refused, done = self._over(pipe, caps, len(messages))
+                    if refused[0] != "ok":
+                        return refused
+                    pipe.multi()
+                    if done:
+                        pipe.zrem(caps.open_key, *done)
+                    self._write(pipe, batch_id, fields, requests, errors, messages)
+                    if messages:
+                        pipe.zadd(caps.open_key, {batch_id: 0})
+                        pipe.expire(caps.open_key, caps.open_ttl)
+                    pipe.execute()
+                    return "ok", 0
+                except redis.WatchError:
+                    continue  # a worker took a message or another create came first: check again
+        return "busy", 0
+
+    def _over(self, pipe: Any, caps: BatchCaps, new_tasks: int) -> tuple[tuple[str, int], list[str]]:
+        """(the refusal or ("ok", 0), the owner's open batches that have ended), read under WATCH."""
+        depth = int(pipe.llen(queue_key(self.prefix, caps.queue)))
+        if new_tasks and depth + new_tasks > caps.max_depth:
+            return ("queue_full", depth), []
+        open_ids = [_text(i) for i in pipe.zrange(caps.open_key, 0, -1)]
+        if len(open_ids) < caps.max_open:
+            return ("ok", 0), []
+        statuses = [_text(pipe.hget(self.key(i), "status")) for i in open_ids]
+        done = [i for i, st in zip(open_ids, statuses) if not st or st in TERMINAL]
+        if len(open_ids) - len(done) >= caps.max_open:
+            return ("too_many", len(open_ids) - len(done)), []
+        return ("ok", 0), done
+
+    def _write(
+        self,
+        pipe: Any,
+        batch_id: str,
+        fields: dict[str, Any],
+        requests: list[str],
+        errors: list[str],
+        messages: list[tuple[str, str]],
     ) -> None:
-        """Record, request lines, up-front error lines and chunk messages, in one transaction."""
         record, req, out, _ = self.keys(batch_id)
-        pipe = self.r.pipeline(transaction=True)
         pipe.hset(record, mapping=mapping(fields))
         pipe.expire(record, self.ttl)
         if requests:
@@ -86,7 +152,6 @@ class BatchStore:
         pipe.expire(index, self.ttl)
         for queue, message in messages:
             pipe.lpush(queue_key(self.prefix, queue), message)
-        pipe.execute()
 
     def get(self, batch_id: str) -> dict[str, str] | None:
         raw = self.r.hgetall(self.key(batch_id))
@@ -102,15 +167,20 @@ class BatchStore:
     def status(self, batch_id: str) -> str:
         return _text(self.r.hget(self.key(batch_id), "status"))
 
-    def cancel(self, batch_id: str) -> str:
-        return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())]))
+    def cancel(self, batch_id: str, owner: str = "") -> str:
+        """The status before the call ('missing' also for a batch of another owner than `owner`, when given)."""
+        return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time()), owner]))
 
     def chunk_recorded(self, batch_id: str, start: int) -> bool:
         """Whether this micro-batch's lines are already in (a redelivered message is then skipped)."""
         return bool(self.r.sismember(self.keys(batch_id)[3], str(start)))
 
     def chunk_tries(self, batch_id: str, start: int) -> int:
-        return int(self.r.hincrby(self.names.tries_key(batch_id), str(start), 1))
+        """Count a run of the micro-batch; the counts expire with the batch's other keys."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self.names.tries_key(batch_id), str(start), 1)
+        pipe.expire(self.names.tries_key(batch_id), self.ttl)
+        return int(pipe.execute()[0])
 
     def chunk_done(self, batch_id: str, start: int, lines: list[dict[str, Any]]) -> bool:
         """Append a chunk's output lines and count them, once; finalize the batch after the last chunk."""

@@ -202,9 +202,10 @@ class JobStore(JobRecords):
         )
         return _text(status), _text(value)
 
-    def cancel(self, job_id: str) -> str:
-        """Cancel: 'canceled' (was queued), 'canceling' (running), 'terminal:<status>', or 'missing'."""
-        return _text(self._cancel(keys=self._keys(job_id), args=[repr(time.time()), self.ttl]))
+    def cancel(self, job_id: str, owner: str = "") -> str:
+        """Cancel: 'canceled' (was queued), 'canceling' (running), 'terminal:<status>', or 'missing' (also
+        for a job of another owner than `owner`, when given: it is left untouched)."""
+        return _text(self._cancel(keys=self._keys(job_id), args=[repr(time.time()), self.ttl, owner]))
 
     def finish(
         self,

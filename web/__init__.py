@@ -6,17 +6,20 @@ from collections.abc import Callable
 from inspect import iscoroutinefunction
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 
 from qwen_deploy import logs
 from qwen_deploy.config import Settings, get_settings
 from qwen_deploy.connections import job_store, redis_client
 from web.context import EXTENSION, Services
+from web.request import CappedRequest
 
 
 class App(Flask):
     """Flask, with the check of every view and hook for `async def` made once per function, not on every
-    request (Flask asks four times for a submit)."""
+    request (Flask asks four times for a submit), and a 413 for a chunked body over the limit."""
+
+    request_class = CappedRequest
 
     def __init__(self, import_name: str) -> None:
         super().__init__(import_name)
@@ -32,6 +35,12 @@ class App(Flask):
             if len(self._sync) < 4096:  # views, hooks and handlers: a bounded set
                 self._sync[func] = found
         return found
+
+
+def _nosniff(response: Response) -> Response:
+    """Every answer, errors and streams included: browsers take the declared type, never a sniffed one."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -63,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     errors.register(app)
+    app.after_request(_nosniff)
     auth.register(app, settings)
     body_reads.register(app, settings)  # after the key check: its slots are per key
     app.register_blueprint(health.bp)

@@ -118,7 +118,8 @@ def register(app: Flask, settings: Settings) -> None:
                 param="Authorization",
             )
         g.owner, g.admin = owner_of(given), _match(raw, admin)
-        if (request.method, path) in ADMIN_ROUTES and not g.admin:
+        method = "GET" if request.method == "HEAD" else request.method  # HEAD runs the GET view
+        if (method, path) in ADMIN_ROUTES and not g.admin:
             raise Forbidden(
                 "this route needs an admin key (web.admin_keys)", code="admin_required", param="Authorization"
             )

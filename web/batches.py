@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 
 from flask import Blueprint, Response, g, request
 
-from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, public_batch
-from qwen_deploy.errors import AppError, Conflict, NotFound, QueueFull, TooManyRequests, Unprocessable
-from qwen_deploy.job_records import _text, new_id, strings, valid_id
+from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchCaps, public_batch
+from qwen_deploy.errors import AppError, Conflict, QueueFull, TooManyRequests, Unprocessable
+from qwen_deploy.job_records import new_id, strings
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
 from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
@@ -21,14 +20,13 @@ from web.context import current_services
 from web.job_options import parse_duration
 from web.openai_api.batch_files import present_lines
 from web.openapi import Batch, ResultsQuery, doc
-from web.schemas import BatchCreate
-from web.services import batch_store, missing, owns
+from web.schemas import COUNT, BatchCreate
+from web.services import batch_store, load_batch, missing
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
 MAX_LINE_INDEX = 2**31
 DEFAULT_RESULTS = 1000
-COUNT = re.compile(r"[0-9]{1,12}")  # str.isdigit() takes "²" and "١"
 
 
 @bp.post("")
@@ -104,19 +102,14 @@ def create_batch() -> Response:
         "owner": current_owner(),
         "model": served.alias,
     }
-    _check_capacity(len(messages), bulk)
+    caps = BatchCaps(bulk, lim.max_bulk_depth, _open_key(), lim.max_inflight_per_key, lim.result_ttl)
     if messages:  # a running batch counts against the key's quota until it ends
         batch_quota.reserve(batch_id, sum(map(len, good)) + sum(map(len, errors)), float(extra["expires_at"]))
     try:
-        batch_store().create(batch_id, fields, good, errors, messages)
-    except Exception:
+        _refuse(*batch_store().create(batch_id, fields, good, errors, messages, caps), bulk)
+    except Exception:  # refused by the caps (or Redis): the quota is given back
         batch_quota.release(batch_id)
         raise
-    if messages:
-        pipe = svc.redis.pipeline(transaction=False)
-        pipe.zadd(_open_key(), {batch_id: 0})
-        pipe.expire(_open_key(), lim.result_ttl)
-        pipe.execute()
     if hook and not messages:
         batch_store().notify(batch_id)
     response = Response(json.dumps(public_batch(strings(fields))), status=202, mimetype="application/json")
@@ -129,53 +122,31 @@ def _open_key() -> str:
     return batch_store().names.open_key(current_owner())
 
 
-def _check_capacity(new_tasks: int, bulk: str) -> None:
+def _refuse(outcome: str, count: int, bulk: str) -> None:
     """429 when the model's bulk queue would pass `limits.max_bulk_depth` or the caller has too many open
-    batches."""
-    svc = current_services()
-    lim = svc.settings.limits
-    depth = int(svc.redis.llen(svc.store.queue_key(bulk)))
-    if new_tasks and depth + new_tasks > lim.max_bulk_depth:
-        raise QueueFull(f"the {bulk} queue holds {depth} micro-batches; try again later", headers={"Retry-After": "30"})
-    key = _open_key()
-    open_ids = [_text(i) for i in svc.redis.zrange(key, 0, -1)]
-    if len(open_ids) >= lim.max_inflight_per_key:
-        records = [batch_store().status(i) for i in open_ids]
-        done = [i for i, st in zip(open_ids, records) if not st or st in TERMINAL]
-        if done:
-            svc.redis.zrem(key, *done)
-        if len(open_ids) - len(done) >= lim.max_inflight_per_key:
-            raise TooManyRequests(
-                f"this key has {len(open_ids) - len(done)} batches running",
-                code="too_many_inflight",
-                headers={"Retry-After": "30"},
-            )
-
-
-def _load(batch_id: str) -> dict[str, str]:
-    """The caller's batch: 404 for a malformed id or another owner's batch, 410 once expired."""
-    if not valid_id(batch_id, BATCH_ID_PREFIX):
-        raise NotFound("no batch with this id", param="id")
-    record = batch_store().get(batch_id)
-    if record is None or "id" not in record:
-        raise missing("batch", batch_id, BATCH_ID_PREFIX)
-    if not owns(record):
-        raise NotFound(f"no batch with id {batch_id}", param="id")
-    return record
+    batches (both checked in the same step as the create)."""
+    if outcome == "queue_full":
+        raise QueueFull(f"the {bulk} queue holds {count} micro-batches; try again later", headers={"Retry-After": "30"})
+    if outcome == "too_many":
+        raise TooManyRequests(
+            f"this key has {count} batches running", code="too_many_inflight", headers={"Retry-After": "30"}
+        )
+    if outcome == "busy":
+        raise QueueFull("the batch queue is busy; try again", headers={"Retry-After": "1"})
 
 
 @bp.get("/<batch_id>")
 @doc(model=Batch, tags=("batches",))
 def get_batch(batch_id: str) -> Response:
     """The batch: status and request counts."""
-    return Response(json.dumps(public_batch(_load(batch_id))), mimetype="application/json")
+    return Response(json.dumps(public_batch(load_batch(batch_id))), mimetype="application/json")
 
 
 @bp.get("/<batch_id>/results")
 @doc(query=ResultsQuery, tags=("batches",))
 def batch_results(batch_id: str) -> Response:
     """Finished lines as JSONL, while the batch runs; `after` skips lines already read."""
-    record = _load(batch_id)
+    record = load_batch(batch_id)
     raw = request.args.get("after", "0")
     if not COUNT.fullmatch(raw):
         raise Unprocessable("after must be a non-negative integer (lines already read)", param="after")
@@ -193,8 +164,10 @@ def batch_results(batch_id: str) -> Response:
 @doc(ok=202, model=Batch, tags=("batches",))
 def cancel_batch(batch_id: str) -> Response:
     """Stop the rest of the batch."""
-    _load(batch_id)
-    before = batch_store().cancel(batch_id)
+    load_batch(batch_id)
+    before = batch_store().cancel(batch_id, current_owner())
+    if before == "missing":
+        raise missing("batch", batch_id, BATCH_ID_PREFIX)
     if before in TERMINAL:
         raise Conflict(f"batch {batch_id} already ended ({before})", code="batch_finished", param="id")
-    return Response(json.dumps(public_batch(_load(batch_id))), status=202, mimetype="application/json")
+    return Response(json.dumps(public_batch(load_batch(batch_id))), status=202, mimetype="application/json")

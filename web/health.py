@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 from qwen_deploy import registry
 from qwen_deploy.errors import ServiceUnavailable
 from qwen_deploy.model_load import LOAD_FAILED, MODEL_LOAD_FAILED
-from qwen_deploy.served import Served
+from qwen_deploy.served import Served, default_alias
 from web.context import current_services
 from web.openapi import ModelInfo, Status, doc
 from web.schemas import pick_model
@@ -62,7 +62,7 @@ def readyz() -> Response:
     return jsonify(
         status="ready",
         workers=worker["count"],
-        model=worker["model"]["name"],
+        model=worker.get("alias") or default_alias(current_services().settings),  # never a filesystem path
         **({"alias": served.alias} if served else {}),
     )
 

@@ -15,6 +15,7 @@ from qwen_deploy.errors import Conflict, GatewayTimeout, Unprocessable
 from qwen_deploy.job_records import public_job
 from qwen_deploy.jobs import TERMINAL
 from qwen_deploy.jsontext import dumpb
+from web.auth import current_owner
 from web.context import current_services
 from web.openapi import Job, SubmitHeaders, WaitQuery, doc
 from web.schemas import JobCreate, read_json
@@ -70,7 +71,7 @@ def get_job(job_id: str) -> Response:
 def cancel_job(job_id: str) -> Response:
     """Cancel: a queued job at once, a running one within ~50 ms (keeping its partial text)."""
     load_record(job_id)  # 404 for another owner's job (the owner of a job never changes)
-    outcome = current_services().store.cancel(job_id)
+    outcome = current_services().store.cancel(job_id, current_owner())
     if outcome == "missing":
         raise missing("job", job_id)
     if outcome.startswith("terminal:"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from flask import Request
@@ -125,6 +126,16 @@ class BatchCreate(BaseModel):
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
 _CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
+
+
+COUNT = re.compile(r"[0-9]{1,12}")  # str.isdigit() takes "²" and "١", which int() refuses
+
+
+def count_arg(raw: str, param: str, low: int, high: int) -> int:
+    """A query count from `low` to `high` in ASCII digits, else 400 `invalid_value` naming `param`."""
+    if not COUNT.fullmatch(raw) or not low <= int(raw) <= high:
+        raise BadRequest(f"{param} must be an integer from {low} to {high}", code="invalid_value", param=param)
+    return int(raw)
 
 
 def read_json(request: Request) -> Any:

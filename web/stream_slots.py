@@ -1,5 +1,7 @@
 """Open SSE streams per key: each holds a slot in `keys.streams_key` (a sorted set scored
-by when the slot lapses), so one key cannot hold every connection (`limits.max_streams_per_key`)."""
+by when the slot lapses), so one key cannot hold every connection (`limits.max_streams_per_key`).
+One cap for every streaming route: job events, Responses streams (created or replayed) and chat or
+text completion streams."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from qwen_deploy.keys import streams_key
 from web.auth import current_owner
 from web.context import current_services
 
+Slot = tuple[redis.Redis, str, str]  # (client, the owner's streams key, this stream's token)
 
-def open_stream() -> tuple[redis.Redis, str, str]:
+
+def open_stream() -> Slot:
     """Count an open stream against the caller's cap (429 `too_many_streams` past it)."""
     svc, now = current_services(), time.time()
     key, token = streams_key(svc.settings.key_prefix, current_owner()), secrets.token_hex(8)
@@ -36,7 +40,7 @@ def open_stream() -> tuple[redis.Redis, str, str]:
     return svc.redis, key, token
 
 
-def counted(events: Iterator[str], slot: tuple[redis.Redis, str, str]) -> Iterator[str]:
+def counted(events: Iterator[str], slot: Slot) -> Iterator[str]:
     """The stream, releasing its slot when it ends or the client goes away."""
     try:
         yield from events

@@ -8,11 +8,8 @@ from typing import Literal
 from flask import Blueprint, Response
 from pydantic import BaseModel
 
-from qwen_deploy.batches import BATCH_ID_PREFIX
-from qwen_deploy.keys import BatchKeys
-from web.context import current_services
 from web.openapi import doc
-from web.services import missing, webhook_store
+from web.services import load_batch, load_record, webhook_store
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 
@@ -32,9 +29,7 @@ class WebhookAttempts(BaseModel):
     data: list[WebhookAttempt]
 
 
-def _attempts(kind: str, subject: str, exists: bool, prefix: str) -> Response:
-    if not exists:
-        raise missing(kind, subject, prefix)
+def _attempts(kind: str, subject: str) -> Response:
     data = webhook_store().attempts(kind, subject)
     return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
 
@@ -42,15 +37,15 @@ def _attempts(kind: str, subject: str, exists: bool, prefix: str) -> Response:
 @bp.get("/jobs/<job_id>/webhooks")
 @doc(model=WebhookAttempts, tags=("jobs",))
 def job_webhooks(job_id: str) -> Response:
-    """The job's webhook delivery attempts, oldest first (response bodies are not kept)."""
-    svc = current_services()
-    return _attempts("job", job_id, bool(svc.redis.exists(svc.store.key(job_id))), "job_")
+    """The job's webhook delivery attempts, oldest first (response bodies are not kept); 404 for another
+    key's job."""
+    load_record(job_id)
+    return _attempts("job", job_id)
 
 
 @bp.get("/batches/<batch_id>/webhooks")
 @doc(model=WebhookAttempts, tags=("batches",))
 def batch_webhooks(batch_id: str) -> Response:
-    """The batch's webhook delivery attempts, oldest first."""
-    svc = current_services()
-    exists = bool(svc.redis.exists(BatchKeys(svc.settings.key_prefix).key(batch_id)))
-    return _attempts("batch", batch_id, exists, BATCH_ID_PREFIX)
+    """The batch's webhook delivery attempts, oldest first; 404 for another key's batch."""
+    load_batch(batch_id)
+    return _attempts("batch", batch_id)

@@ -18,7 +18,7 @@ import requests
 
 from qwen_deploy.cli.common import redacted, settings
 from qwen_deploy.cli.launch import Supervisor, celery_command, web_command, worker_argv
-from qwen_deploy.cli.redis_server import RedisServer, reachable
+from qwen_deploy.cli.redis_server import DataDirBusy, RedisServer, reachable
 from qwen_deploy.config import ConfigError, Settings, default_cache_dir
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
 from qwen_deploy.served import Served, served_models
@@ -103,7 +103,10 @@ class Deployment:
                 )
             return None
         data_dir = default_cache_dir() / "redis"
-        server = self.start_redis(data_dir=data_dir, password=secrets.token_urlsafe(24), disable_config=True)
+        try:
+            server = self.start_redis(data_dir=data_dir, password=secrets.token_urlsafe(24), disable_config=True)
+        except DataDirBusy as exc:  # a second `up` here: one AOF, one writer
+            sys.exit(f"qwen-deploy: {exc}")
         print(
             f"qwen-deploy: started redis-server at {redacted(server.url)} (data in {data_dir}; "
             "the password reaches the children in REDIS_URL)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -46,9 +47,17 @@ def reachable(url: str, timeout: float = 1.0, master_name: str = "mymaster") -> 
         return False
 
 
+class DataDirBusy(RuntimeError):
+    """Another redis-server (of another `up` on this machine) keeps its data in the same directory."""
+
+
 class RedisServer:
     """Start and stop one redis-server bound to loopback, with AOF persistence in `data_dir`; optionally
-    with a password (`requirepass`) and without the CONFIG command (no one can rewrite its config)."""
+    with a password (`requirepass`) and without the CONFIG command (no one can rewrite its config).
+
+    The data directory is private (0700: the AOF holds every job's prompt and text) and one server's at a
+    time: a lock on `data_dir/.lock`, held by this object and inherited by the server process, refuses a
+    second server on the same directory (two writers would interleave one AOF)."""
 
     def __init__(
         self,
@@ -64,6 +73,7 @@ class RedisServer:
         self.password = password
         self.disable_config = disable_config
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def url(self) -> str:
@@ -71,8 +81,26 @@ class RedisServer:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    def _take_lock(self) -> int:
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # a directory made before, or by another umask
+        fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusy(
+                f"another redis-server keeps its data in {self.data_dir} (another `up` on this machine?); "
+                "stop it, or give this one its own REDIS_URL or cache directory"
+            ) from None
+        return fd
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(),
             "--port",
@@ -100,10 +128,19 @@ class RedisServer:
         stdin = subprocess.PIPE if self.password else subprocess.DEVNULL
         if self.password:
             args.insert(1, "-")
-        # Its own session: a Ctrl-C at the terminal stops the workers first (they deregister), Redis last.
-        self.proc = subprocess.Popen(
-            args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        self._lock = self._take_lock()
+        try:  # its own session: a Ctrl-C at the terminal stops the workers first (they deregister), Redis last
+            self.proc = subprocess.Popen(
+                args,
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(self._lock,),
+                start_new_session=True,
+            )
+        except OSError:
+            self._release()
+            raise
         if self.proc.stdin:
             self.proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
             self.proc.stdin.close()
@@ -111,6 +148,7 @@ class RedisServer:
         while not reachable(self.url, 0.2):
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                self._release()
                 raise RuntimeError(f"redis-server exited at start: {err.strip()}")
             if time.monotonic() > deadline:
                 self.stop()
@@ -123,6 +161,7 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._release()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -131,3 +170,4 @@ class RedisServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._release()

@@ -9,13 +9,14 @@ from typing import Any
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE
 from qwen_deploy.errors import BadRequest, NotFound, Unprocessable
-from web.auth import current_owner
+from qwen_deploy.job_records import valid_id
 from web.batch_lines import jsonl_lines, parse_lines
 from web.context import current_services
 from web.job_options import parse_duration
 from web.openai_api.objects import chat_completion, text_completion
 from web.openai_api.translate import CHAT, COMPLETIONS, JOBS, model_id, unsupported
 from web.services.files import file_store
+from web.services.records import owns
 from web.services.stores import batch_store
 
 ENDPOINTS = (JOBS, CHAT, COMPLETIONS)
@@ -92,8 +93,8 @@ def virtual_file(file_id: str) -> tuple[dict[str, Any], Callable[[], str]] | Non
     else:
         return None
     batch_id = BATCH_ID_PREFIX + file_id.removeprefix(prefix)
-    record = batch_store().get(batch_id)
-    if record is None or record.get("owner", current_owner()) != current_owner():  # another key's: 404
+    record = batch_store().get(batch_id) if valid_id(batch_id, BATCH_ID_PREFIX) else None
+    if record is None or "id" not in record or not owns(record):  # another key's: 404
         raise NotFound(f"no file with id {file_id}", param="file_id")
     lines = [
         line

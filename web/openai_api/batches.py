@@ -7,6 +7,7 @@ from flask import Blueprint, Response, jsonify, request
 from qwen_deploy.batches import public_batch
 from qwen_deploy.errors import BadRequest
 from web.auth import current_owner
+from web.schemas import count_arg
 from web.services.stores import batch_store
 
 bp = Blueprint("openai_batches", __name__, url_prefix="/v1/batches")
@@ -15,11 +16,9 @@ bp = Blueprint("openai_batches", __name__, url_prefix="/v1/batches")
 @bp.get("")
 def list_batches() -> Response:
     """Batches, newest first: `limit` (1–100, default 20) and `after` (a batch id)."""
-    raw = request.args.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise BadRequest("limit must be an integer from 1 to 100", code="invalid_value", param="limit")
+    limit = count_arg(request.args.get("limit", "20"), "limit", 1, 100)
     store = batch_store()
-    found = store.page(current_owner(), request.args.get("after"), int(raw))
+    found = store.page(current_owner(), request.args.get("after"), limit)
     if found is None:
         raise BadRequest(f"after: no batch with id {request.args.get('after')}", code="invalid_value", param="after")
     ids, more = found

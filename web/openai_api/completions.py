@@ -11,12 +11,14 @@ from flask import Blueprint, Response, g, request, stream_with_context
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
+from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.objects import PRESENTERS, choices, finish_reason, job_headers, usage
 from web.openai_api.translate import chat_request, completion_request
 from web.schemas import read_json
 from web.services import iter_job_events, submit_request, wait_for
+from web.stream_slots import counted, open_stream
 
 bp = Blueprint("openai_completions", __name__, url_prefix="/v1")
 bp.after_request(job_headers)
@@ -34,7 +36,7 @@ def finished(job_id: str) -> dict[str, Any]:
     hard = svc.settings.limits.hard_time_limit
     job = wait_for(job_id, hard + min(5.0, hard))  # the grace lets the worker record its own time-out first
     if job["status"] not in TERMINAL:
-        svc.store.cancel(job_id)
+        svc.store.cancel(job_id, current_owner())
         job = wait_for(job_id, 5.0)
     if job["status"] not in TERMINAL:
         raise GatewayTimeout(
@@ -62,7 +64,7 @@ def sse(data: Any) -> str:
 def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bool) -> Iterator[str]:
     """`data:` lines only (the SDK's parser needs no comments), then `data: [DONE]`; a disconnect cancels."""
     _, chunk, delta = PRESENTERS[kind]
-    store, job_id = current_services().store, job["id"]
+    store, job_id, owner = current_services().store, job["id"], current_owner()
     streamed, done = [""] * n, False
     try:
         if kind == "chat":
@@ -106,19 +108,20 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
         yield "data: [DONE]\n\n"
     except GeneratorExit:
         if not done:
-            store.cancel(job_id)
+            store.cancel(job_id, owner)
         raise
 
 
 def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> Response:
     body = read_json(request)
     req = translate(body, current_services().settings)
+    slot = open_stream() if body.get("stream") else None  # 429 past the cap, before a job is made
     job, _ = submit_request(req, request.headers.get("Idempotency-Key"), service_tier_options(body))
     g.openai_job_id = job["id"]
     model = body["model"]
-    if body.get("stream"):
+    if slot is not None:
         include = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = stream_with_context(stream(job, model, kind, int(req.get("n", 1)), include))
+        events = stream_with_context(counted(stream(job, model, kind, int(req.get("n", 1)), include), slot))
         return Response(
             events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )

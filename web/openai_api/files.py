@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE, TERMINAL
 from qwen_deploy.errors import BadRequest, PayloadTooLarge
+from web.auth import current_owner
 from web.context import current_services
 from web.openai_api.batch_files import virtual_file
-from web.services import FILE_PREFIX, file_object, file_store, missing
+from web.schemas import count_arg
+from web.services import FILE_PREFIX, batch_store, file_object, file_store, missing
 
 bp = Blueprint("openai_files", __name__, url_prefix="/v1/files")
 
@@ -19,15 +24,13 @@ MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file
 
 def page(ids: list[str], limit_arg: str | None, after: str | None, default: int = 20) -> tuple[list[str], bool]:
     """A page of `ids` after the cursor `after` (an id), at most `limit` of them; and whether more follow."""
-    raw = limit_arg if limit_arg is not None else str(default)
-    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
-        raise BadRequest("limit must be an integer from 1 to 10000", code="invalid_value", param="limit")
+    limit = count_arg(limit_arg if limit_arg is not None else str(default), "limit", 1, 10_000)
     start = 0
     if after:
         if after not in ids:
             raise BadRequest(f"after: no item with id {after}", code="invalid_value", param="after")
         start = ids.index(after) + 1
-    chosen = ids[start : start + int(raw)]
+    chosen = ids[start : start + limit]
     return chosen, start + len(chosen) < len(ids)
 
 
@@ -41,11 +44,50 @@ def listing(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     }
 
 
+def _batch_of(file_id: str) -> str:
+    """The batch of a virtual file id (`file-out-<hex>`, `file-err-<hex>`) that `virtual_file` accepted."""
+    return BATCH_ID_PREFIX + file_id.split("-", 2)[2]
+
+
+class EndedBatchFiles:
+    """The output and error files of ended batches, built once per process (they no longer change), the
+    least recently read dropped past `limit` bytes of content; keyed by owner and file id."""
+
+    def __init__(self, limit: int = 64 * 1024 * 1024) -> None:
+        self.limit, self.size = limit, 0
+        self.files: OrderedDict[tuple[str, str], tuple[dict[str, Any], str]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, file_id: str) -> tuple[dict[str, Any], str] | None:
+        with self.lock:
+            found = self.files.get((current_owner(), file_id))
+            if found is not None:
+                self.files.move_to_end((current_owner(), file_id))
+        return found if found is not None and batch_store().status(_batch_of(file_id)) else None  # gone once expired
+
+    def put(self, file_id: str, obj: dict[str, Any], content: str) -> None:
+        if batch_store().status(_batch_of(file_id)) not in TERMINAL:
+            return  # lines still arrive
+        with self.lock:
+            self.files[(current_owner(), file_id)] = (obj, content)
+            self.size += len(content)
+            while self.size > self.limit and self.files:
+                self.size -= len(self.files.popitem(last=False)[1][1])
+
+
+ENDED = EndedBatchFiles()
+
+
 def resolve(file_id: str) -> tuple[dict[str, Any], Any]:
     """(file object, a function returning its content) for an uploaded or a batch output file."""
-    virtual = virtual_file(file_id)
+    cached = ENDED.get(file_id) if file_id.startswith((OUTPUT_FILE, ERROR_FILE)) else None
+    if cached is not None:
+        return cached[0], lambda: cached[1]
+    virtual = virtual_file(file_id)  # 404 for another key's batch or an id of another shape
     if virtual is not None:
-        return virtual
+        obj, content = virtual[0], virtual[1]()
+        ENDED.put(file_id, obj, content)
+        return obj, lambda: content
     files = file_store()
     meta = files.meta(file_id)
     if meta is None:

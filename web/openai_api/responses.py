@@ -9,15 +9,17 @@ from typing import Any
 from flask import Blueprint, Response, g, request, stream_with_context
 
 from qwen_deploy.errors import BadRequest, NotFound
-from qwen_deploy.job_records import JOB_ID_PREFIX
+from qwen_deploy.job_records import JOB_ID_PREFIX, valid_id
 from qwen_deploy.jobs import TERMINAL
+from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.completions import finished
 from web.openai_api.objects import finish_reason, job_body, job_headers
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
-from web.schemas import read_json
-from web.services import iter_job_events, load_job, missing, submit_request, wait_for
+from web.schemas import count_arg, read_json
+from web.services import iter_job_events, load_job, load_record, missing, submit_request, wait_for
+from web.stream_slots import Slot, counted, open_stream
 
 bp = Blueprint("openai_responses", __name__, url_prefix="/v1/responses")
 bp.after_request(job_headers)
@@ -55,9 +57,11 @@ STATUS = {
 
 
 def job_id_of(response_id: str) -> str:
-    if not response_id.startswith(PREFIX):
-        raise NotFound(f"no response with id {response_id}", param="response_id")
-    return JOB_ID_PREFIX + response_id.removeprefix(PREFIX)
+    """The job of `resp_<hex>`; 404 for an id of another shape (no key is built from it)."""
+    job_id = JOB_ID_PREFIX + response_id.removeprefix(PREFIX)
+    if not response_id.startswith(PREFIX) or not valid_id(job_id):
+        raise NotFound("no response with this id", param="response_id")
+    return job_id
 
 
 def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +158,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Iterator[str]:
     """`response.*` events numbered from 0 in the order of the job's events, so a replay numbers them alike."""
-    store = current_services().store
+    store, owner = current_services().store, current_owner()
     seq, done = -1, False
 
     def emit(kind: str, **data: Any) -> str:
@@ -209,12 +213,12 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
                 yield line
     except GeneratorExit:
         if cancel_on_close and not done:
-            store.cancel(job_id)
+            store.cancel(job_id, owner)
         raise
 
 
-def _stream(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool) -> Response:
-    body = stream_with_context(events(job_id, meta, after, cancel_on_close))
+def _stream(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool, slot: Slot) -> Response:
+    body = stream_with_context(counted(events(job_id, meta, after, cancel_on_close), slot))
     return Response(
         body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -229,12 +233,13 @@ def create_response() -> Response:
     """Create a response (a job); `background: true` answers at once with status queued."""
     body = read_json(request)
     req, meta = _request(body)
+    slot = open_stream() if body.get("stream") else None  # 429 past the cap, before a job is made
     job, _ = submit_request(
         req, request.headers.get("Idempotency-Key"), service_tier_options(body), response=json.dumps(meta)
     )
     g.openai_job_id = job["id"]
-    if body.get("stream"):
-        return _stream(job["id"], meta, -1, cancel_on_close=not meta["background"])
+    if slot is not None:
+        return _stream(job["id"], meta, -1, not meta["background"], slot)
     if meta["background"]:
         return _json(present(job, meta))
     return _json(present(finished(job["id"]), meta))
@@ -249,16 +254,16 @@ def get_response(response_id: str) -> Response:
     if request.args.get("stream", "false").lower() != "true":
         return _json(present(job, meta))
     raw = request.args.get("starting_after", "-1")
-    if not raw.lstrip("-").isdigit() or int(raw) < -1:
-        raise BadRequest("starting_after must be a sequence number", code="invalid_value", param="starting_after")
-    return _stream(job_id, meta, int(raw), cancel_on_close=False)
+    after = -1 if raw == "-1" else count_arg(raw, "starting_after", 0, 10**12 - 1)  # a sequence number
+    return _stream(job_id, meta, after, False, open_stream())
 
 
 @bp.post("/<response_id>/cancel")
 def cancel_response(response_id: str) -> Response:
     """Cancel a queued or running response; a finished one is returned as it is."""
     job_id = job_id_of(response_id)
-    outcome = current_services().store.cancel(job_id)
+    load_record(job_id)  # 404 for a malformed id or another owner's job, before any effect
+    outcome = current_services().store.cancel(job_id, current_owner())
     if outcome == "missing":
         raise missing("response", job_id)
     job = load_job(job_id)

@@ -3,7 +3,7 @@
 Routes import these from here, never from each other, so a route module holds routes only:
 
 - `submit.py`: `enqueue` (record + queue in one round trip), `submit_job`, `submit_request`;
-- `records.py`: `load_record`, `load_job`, `owns`, `missing` (404 or 410), `wait_for`, `iter_job_events`;
+- `records.py`: `load_record`, `load_job`, `load_batch`, `owns`, `missing` (404 or 410), `wait_for`, `iter_job_events`;
 - `files.py`: the uploaded-file store; `stores.py`: the batch and webhook stores; `workers.py`: live workers.
 
 The app's settings, Redis client and job store come from `web.context.current_services()`.
@@ -15,6 +15,7 @@ from web.services.files import FILE_PREFIX, FileStore, file_object, file_store
 from web.services.records import (
     SSE_KEEPALIVE_S,
     iter_job_events,
+    load_batch,
     load_job,
     load_record,
     missing,
@@ -35,6 +36,7 @@ __all__ = [
     "file_object",
     "file_store",
     "iter_job_events",
+    "load_batch",
     "load_job",
     "load_record",
     "missing",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from web.context import current_services
 
 FILE_PREFIX = "file-"
 FILE_RECORD_BYTES = 1024  # what a file counts against its owner's quota beside its content: many tiny files add up
+FILE_ID = re.compile(r"file-[0-9a-f]{28}")  # new_id(FILE_PREFIX)
 
 
 class FileStore:
@@ -67,6 +69,9 @@ class FileStore:
         return file_object(meta, self.ttl)
 
     def meta(self, file_id: str) -> dict[str, str] | None:
+        """The owner's file (None for another owner's, or an id of another shape: no key is built from it)."""
+        if not FILE_ID.fullmatch(file_id):
+            return None
         fields = ["id", "filename", "purpose", "created_at", "bytes", "owner"]
         values = dict(zip(fields, self.r.hmget(self.key(file_id), fields)))
         if not values["id"] or values.pop("owner") != self.owner:  # another key's file: not found

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from qwen_deploy.batches import BATCH_ID_PREFIX
 from qwen_deploy.errors import Gone, NotFound
 from qwen_deploy.job_records import JOB_ID_PREFIX, id_time, public_job, valid_id
 from qwen_deploy.jobs import TERMINAL
@@ -25,6 +26,18 @@ def load_record(job_id: str) -> dict[str, str]:
         raise missing("job", job_id)
     if not owns(record):
         raise NotFound(f"no job with id {job_id}", param="id")
+    return record
+
+
+def load_batch(batch_id: str) -> dict[str, str]:
+    """The caller's batch record: 404 for a malformed id or another owner's batch, 410 once expired."""
+    if not valid_id(batch_id, BATCH_ID_PREFIX):
+        raise NotFound("no batch with this id", param="id")
+    record = current_services().batches.get(batch_id)
+    if record is None or "id" not in record:
+        raise missing("batch", batch_id, BATCH_ID_PREFIX)
+    if not owns(record):
+        raise NotFound(f"no batch with id {batch_id}", param="id")
     return record
 
 

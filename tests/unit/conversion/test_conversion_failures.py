@@ -131,3 +131,28 @@ def test_unknown_layout(untied: Tiny, tmp_path: Path) -> None:
 def test_error_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(ConversionError("bad thing", "bad_code")))
     assert (str(err), err.code, err.args) == ("bad thing", "bad_code", ("bad thing", "bad_code"))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "a/../../x.safetensors", "..\\x.bin", 5])
+def test_a_shard_index_naming_a_file_outside_the_checkpoint_is_refused(
+    untied: Tiny, tmp_path: Path, shard: Any
+) -> None:
+    untied.trained.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = shard
+    index.write_text(json.dumps(data))
+    (tmp_path / "outside.safetensors").write_bytes(b"not read")
+    err = fails(tmp_path / "ckpt", untied, tmp_path, "refusing to read outside the checkpoint", repr(shard))
+    assert err.code == "unsafe_path"
+
+
+@pytest.mark.parametrize("tag", ["../elsewhere/global_step7", "{abs}", "global_step7/../../elsewhere/global_step7"])
+def test_a_deepspeed_latest_tag_outside_the_checkpoint_is_refused(untied: Tiny, tmp_path: Path, tag: str) -> None:
+    module = {k: v.clone() for k, v in untied.trained.state_dict().items()}
+    deepspeed_dir(tmp_path / "elsewhere", module, {})  # a loadable checkpoint beside it: never read
+    ckpt = deepspeed_dir(tmp_path / "ckpt", module, {})
+    tag = tag.format(abs=tmp_path / "elsewhere" / "global_step7")
+    (ckpt / "latest").write_text(tag)
+    err = fails(ckpt, untied, tmp_path, "refusing to read outside the checkpoint", repr(tag))
+    assert err.code == "unsafe_path"
