@@ -47,6 +47,8 @@ def result_line(
     output: dict[str, Any] = {"text": outcome.text, "finish_reason": outcome.finish_reason, "usage": outcome.usage()}
     if outcome.choices:
         output["choices"] = outcome.choices
+    if outcome.stop_sequence is not None:  # as a job's output names it
+        output["stop_sequence"] = outcome.stop_sequence
     error = None
     if outcome.finish_reason in INCOMPLETE:
         late = expired and outcome.finish_reason == "time_limit"
