@@ -1,4 +1,5 @@
-"""A running batch of sequences on one KV cache: grouped prefill, left-padded merge, decode, row removal.
+"""The runner: every model forward and every KV-cache touch. A running batch of sequences on one KV cache:
+grouped prefill, left-padded merge, decode, row removal.
 
 Rows are right-aligned: each row's cache holds `T` positions of which the leading ones may be padding
 (mask 0). Position ids are counted per row from its first real token, as `generate` does, so a row that
@@ -113,6 +114,17 @@ def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch,
     batch.cache, batch.mask = cache, mask
     batch.pos = torch.tensor([len(p) for p in prompts], device=device)
     return batch, out.logits[:, -1]
+
+
+def repeat_rows(batch: KVBatch, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Expand a prefilled batch to `rows` (indices into its rows, repeats allowed: n samples or equal prompts
+    share one prefill); return the matching logits."""
+    assert batch.mask is not None and batch.pos is not None  # prefill sets both
+    index = torch.tensor(rows, device=logits.device)
+    for layer in batch.cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    batch.mask, batch.pos = batch.mask[index], batch.pos[index]
+    return logits[index]
 
 
 def decode(model: Any, batch: KVBatch) -> torch.Tensor:

@@ -7,36 +7,12 @@ a seeded request samples the same tokens alone or in a batch, and no global RNG 
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass
-class Sampling:
-    """How one sequence picks its next token."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    generator: torch.Generator | None = field(default=None, repr=False)
-
-    @property
-    def greedy(self) -> bool:
-        return not self.temperature or self.temperature <= 0
-
-    def make_generator(self, device: torch.device, offset: int = 0) -> None:
-        """A generator of its own: seeded from `seed` (+ the sample index), else from the OS."""
-        if self.greedy:
-            return
-        seed = secrets.randbits(63) if self.seed is None else (self.seed + offset * 1_000_003) % 2**63
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        self.generator = gen
+from worker.engine.sequence import Sampling
 
 
 def penalize(row: torch.Tensor, context: list[int], penalty: float) -> None:
