@@ -132,11 +132,16 @@ class Engine:
     def _advance(self, seqs: list[Seq], batch: KVBatch, logits: torch.Tensor, finished: list[Seq]) -> None:
         """Choose each row's next token, append it and decide whether the row is done."""
         plans = [
-            RowPlan(s.sampling, s.context(), self.eos_ids if s.ignore_eos else [], s.constraint, s.top_logprobs)
+            RowPlan(
+                s.sampling,
+                s.context() if s.sampling.repetition_penalty != 1.0 else [],
+                self.eos_ids if s.ignore_eos else [],
+                s.constraint,
+                s.top_logprobs,
+            )
             for s in seqs
         ]
-        tokens, logprobs = choose(logits, plans)
-        batch.last = torch.tensor(tokens, device=logits.device)
+        batch.last, tokens, logprobs = choose(logits, plans)
         for seq, tok, lp in zip(seqs, tokens, logprobs):
             seq.out.append(tok)
             if lp is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,20 +30,26 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    generator: torch.Generator | None = field(default=None, repr=False)
+    generator: random.Random | None = field(default=None, repr=False)  # this sequence's own stream
 
     @property
     def greedy(self) -> bool:
         return not self.temperature or self.temperature <= 0
 
-    def make_generator(self, device: torch.device, offset: int = 0) -> None:
-        """A generator of its own: seeded from `seed` (+ the sample index), else from the OS."""
+    def make_generator(self, device: torch.device | None = None, offset: int = 0) -> None:
+        """A random stream of its own: seeded from `seed` (+ the sample index), else from the OS. Host-side
+        (one number per sampled token), so `device` does not matter."""
         if self.greedy:
             return
         seed = secrets.randbits(63) if self.seed is None else (self.seed + offset * 1_000_003) % 2**63
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        self.generator = gen
+        self.generator = random.Random(seed)
+
+    def uniform(self) -> float:
+        """The next draw in [0, 1) of this sequence's stream."""
+        if self.generator is None:
+            self.make_generator()
+        assert self.generator is not None
+        return self.generator.random()
 
 
 @dataclass(eq=False)
