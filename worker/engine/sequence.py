@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from worker.engine.detok import Detokenizer
+
 INTERACTIVE, BULK = 0, 1  # priority classes: each has its own lane (waiting queue, running rows, KV batch)
 
 
@@ -74,6 +76,7 @@ class Seq:
     deadline: float = math.inf
     text: str = ""  # kept current for sequences with stop strings; final once finished
     status: SeqStatus = SeqStatus.WAITING
+    detok: Detokenizer = field(default_factory=Detokenizer, repr=False)
 
     @property
     def done(self) -> bool:
