@@ -98,11 +98,32 @@ class Engine:
             self._finish(seq, "length", finished)
         for i, group in enumerate(groups):
             try:
-                self._prefill(lane, group, finished)
+                self._prefill_fitting(lane, group, finished)
             except BaseException:  # the groups not prefilled yet wait for the next step too
                 for rest in reversed(groups[i + 1 :]):
                     lane.push_back(rest)
                 raise
+
+    def _prefill_fitting(self, lane: Lane, group: list[Seq], finished: list[Seq]) -> None:
+        """Prefill; out of memory, halve the group and try each half. A lone sequence that still does not fit
+        waits while other rows hold memory, and fails alone when nothing else runs."""
+        try:
+            self._prefill(lane, group, finished)
+        except torch.OutOfMemoryError:
+            _release_memory()
+            if len(group) > 1:
+                half = len(group) // 2
+                try:
+                    self._prefill_fitting(lane, group[:half], finished)
+                except BaseException:
+                    lane.push_back(group[half:])
+                    raise
+                self._prefill_fitting(lane, group[half:], finished)
+            elif self.rows():
+                lane.push_back(group)
+                lane.out_of_memory()
+            else:
+                self._finish(group[0], "error", finished)
 
     def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> None:
         """One left-padded forward for sequences of similar length, then merge them into the batch."""
@@ -110,6 +131,8 @@ class Engine:
         rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
         try:
             group, logits = prefill(self.model, [list(k) for k in unique], self.pad_id)
+        except torch.OutOfMemoryError:  # the caller shrinks the group
+            raise
         except BaseException:  # interrupted or failed: they wait for the next step
             lane.push_back(joining)
             raise
@@ -122,12 +145,34 @@ class Engine:
         lane.join([joining[i] for i in kept])
 
     def _decode(self, lane: Lane, finished: list[Seq]) -> None:
-        logits = decode(self.model, lane.batch)
+        while True:
+            try:
+                logits = decode(self.model, lane.batch)  # out of memory, the batch is as it was before
+                break
+            except torch.OutOfMemoryError:
+                _release_memory()
+                if not self._shrink(lane, finished):
+                    return
+        lane.stepped(self.scheduler.max_batch)
         seqs = lane.running
         self._advance(seqs, lane.batch, logits, finished)
         done = [s for s in seqs if s.done]
         if done:
             lane.drop(done)
+
+    def _shrink(self, lane: Lane, finished: list[Seq]) -> bool:
+        """Out of memory in a decode step: the newest half of the rows go back to wait (their tokens kept: they
+        rejoin with a prefill of prompt + output); a lone row that does not fit fails alone."""
+        rows = lane.running
+        if len(rows) == 1:
+            lane.drop(rows)
+            self._finish(rows[0], "error", finished)
+            return False
+        back = rows[len(rows) // 2 :]
+        lane.drop(back)
+        lane.push_back(back)
+        lane.out_of_memory()
+        return True
 
     def _advance(self, seqs: list[Seq], batch: KVBatch, logits: torch.Tensor, finished: list[Seq]) -> None:
         """Choose each row's next token, append it and decide whether the row is done."""
@@ -176,3 +221,9 @@ class Engine:
             for seq in lane.clear():
                 self._finish(seq, reason, finished)
         return finished
+
+
+def _release_memory() -> None:
+    """After an out-of-memory error: hand cached blocks back so a smaller batch can fit."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -6,10 +6,13 @@ The scheduler decides; the runner (`worker.engine.runner`) runs forwards and tou
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from worker.engine.runner import KVBatch
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
+
+CALM_STEPS = 16
 
 
 class Lane:
@@ -20,6 +23,21 @@ class Lane:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.batch = KVBatch()
+        self.cap: int | None = None  # fewer rows than `max_batch` since a step ran out of memory
+        self.calm = 0  # steps since then without running out
+
+    def limit(self, max_batch: int) -> int:
+        return max_batch if self.cap is None else min(self.cap, max_batch)
+
+    def out_of_memory(self) -> None:
+        """Admit no more rows than run now; the cap grows back by one row every `CALM_STEPS` good steps."""
+        self.cap, self.calm = max(1, len(self.running)), 0
+
+    def stepped(self, max_batch: int) -> None:
+        if self.cap is not None:
+            self.calm += 1
+            if self.calm >= CALM_STEPS:
+                self.cap, self.calm = (self.cap + 1 if self.cap + 1 < max_batch else None), 0
 
     def reserved(self) -> int:
         """Prompt + max_new_tokens over the running rows (the KV positions they may grow to)."""
@@ -104,7 +122,7 @@ class Scheduler:
         joining: list[Seq] = []
         complete: list[Seq] = []
         tokens, reserved = 0, lane.reserved()
-        while waiting and len(lane.running) + len(joining) < self.max_batch:
+        while waiting and len(lane.running) + len(joining) < lane.limit(self.max_batch):
             seq = waiting[0]
             need = len(seq.prompt) + seq.max_new_tokens
             if joining and (
@@ -112,7 +130,8 @@ class Scheduler:
             ):
                 break
             waiting.popleft()
-            seq.deadline = now + seq.budget
+            if seq.deadline == math.inf:  # a row pushed back to wait keeps its deadline
+                seq.deadline = now + seq.budget
             if len(seq.out) >= seq.max_new_tokens:  # resumed after its last token: nothing left to do
                 complete.append(seq)
                 continue
