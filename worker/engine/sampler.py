@@ -19,6 +19,7 @@ import torch
 from worker.engine.sequence import Sampling
 
 NUCLEUS_CANDIDATES = 256  # top-p looks for its nucleus among this many tokens first (a full sort if not there)
+DRAW_BLOCK = 256  # columns per block of the two-level draw
 MAX_INVERSE_TEMPERATURE = 1e30  # a denormal temperature: the top tokens tie, nothing overflows
 
 
@@ -115,10 +116,36 @@ def _inverse(temperature: float) -> float:
 
 
 def _draw(weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF: the first column whose cumulative weight passes draw x total; -1 where nothing can be drawn."""
-    cdf = weights.cumsum(dim=-1)
+    """Inverse-CDF: the first column whose cumulative weight passes draw x total; -1 where nothing can be drawn.
+
+    Two levels, so no scan runs over the whole row (a cumsum over 49k columns costs more than the rest of the
+    draw): block sums, the block the draw falls in, then the column inside that block."""
+    rows, width = weights.shape
+    if width <= DRAW_BLOCK:
+        return _search(weights, draws * weights.sum(-1))
+    blocks = -(-width // DRAW_BLOCK)
+    if blocks * DRAW_BLOCK != width:
+        weights = torch.nn.functional.pad(weights, (0, blocks * DRAW_BLOCK - width))
+    tiles = weights.view(rows, blocks, DRAW_BLOCK)
+    sums = tiles.sum(-1)
+    cum = sums.cumsum(-1)
+    total = cum[:, -1]
+    target = draws * total
+    block = _search(sums, target, cum)
+    inside = block.clamp(min=0)
+    before = torch.where(inside > 0, cum.gather(1, (inside - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    tile = tiles[torch.arange(rows, device=weights.device), inside]
+    col = _search(tile, target - before)
+    return torch.where((block >= 0) & (col >= 0), inside * DRAW_BLOCK + col, -1).clamp_(max=width - 1)
+
+
+def _search(weights: torch.Tensor, target: torch.Tensor, cdf: torch.Tensor | None = None) -> torch.Tensor:
+    """The first column whose cumulative weight exceeds `target` (kept inside the row's total, so float rounding
+    never lands on a trailing zero-weight column); -1 where the row has no weight to draw from."""
+    cdf = weights.cumsum(-1) if cdf is None else cdf
     total = cdf[:, -1]
-    at = torch.searchsorted(cdf, (draws * total)[:, None], right=True)[:, 0].clamp_(max=weights.shape[1] - 1)
+    target = torch.minimum(target.clamp(min=0), total * (1 - 2**-20))
+    at = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=weights.shape[1] - 1)
     return torch.where(torch.isfinite(total) & (total > 0), at, -1)
 
 
@@ -126,7 +153,8 @@ def _draw_plain(
     x: torch.Tensor, top: torch.Tensor, inv_t: torch.Tensor, draws: torch.Tensor, *_: list[Any]
 ) -> torch.Tensor:
     """Temperature only: the whole row's softmax weights."""
-    return _draw((x - top[:, None]).mul_(inv_t).exp_(), draws)
+    weights = x.sub_(top[:, None])  # x is this step's own copy of the logits
+    return _draw(weights.mul_(inv_t).exp_(), draws)
 
 
 def _draw_cut(
