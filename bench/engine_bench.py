@@ -130,7 +130,7 @@ class InProcess:
     def bound(self, bodies: list[dict[str, Any]]) -> float:
         """The most leaving rows can gain over the static batch: c(B) * max(L) / sum over steps of c(rows),
         with c(k) a measured decode step at k rows (prefill and overheads left out)."""
-        from worker.kv import decode, prefill
+        from worker.engine.runner import decode, prefill
 
         torch, h = self.torch, self.h
         ids = [h.encode(self.Req.from_dict(b))[0] for b in bodies]

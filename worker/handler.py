@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy.config import Settings
 from worker.device import pick_device, pick_dtype
-from worker.engine import INTERACTIVE, Engine, Seq
-from worker.sampling import Sampling
+from worker.engine import INTERACTIVE, Engine, Sampling, Seq
 from worker.structured import compile_constraint
 
 log = logging.getLogger(__name__)

@@ -245,3 +245,24 @@ def test_stop_strings_in_a_batch(handler: ModelHandler) -> None:
     two = handler.generate(GenerationRequest(prompt="Errors should never", max_new_tokens=64, stop=["ly.", "silent"]))
     assert (two.text, two.stop_sequence) == (" pass ", "silent")  # the one found first, not the first given
     assert out[2].finish_reason == "length"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_kv_grown_in_chunks_matches(handler: ModelHandler, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys and values written into spare room (3: a new buffer every few steps and after every join and leave;
+    64: rarely) give exactly the text of one-at-a-time `generate`, with rows joining and leaving."""
+    from worker.engine import runner
+
+    monkeypatch.setitem(runner.KV_CHUNK, "cpu", chunk)
+    reqs = requests("demo-model" not in handler.info.name)  # type: ignore[union-attr]
+    expected = [reference(handler, r) for r in reqs]
+    engine = handler.engine()
+    seqs = [handler.sequences(r, str(i), budget=60)[0][0] for i, r in enumerate(reqs)]
+    pending, steps = list(seqs), 0
+    while pending or len(engine):
+        if pending and steps % 2 == 0:
+            engine.add(pending.pop(0))
+        engine.step()
+        steps += 1
+    assert [s.text for s in seqs] == expected
+    assert runner.new_cache(handler.model.device).layer_class_to_replicate.chunk == chunk  # chunked layers in use

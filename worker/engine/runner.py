@@ -1,4 +1,5 @@
-"""A running batch of sequences on one KV cache: grouped prefill, left-padded merge, decode, row removal.
+"""The runner: every model forward and every KV-cache touch. A running batch of sequences on one KV cache:
+grouped prefill, left-padded merge, decode, row removal.
 
 Rows are right-aligned: each row's cache holds `T` positions of which the leading ones may be padding
 (mask 0). Position ids are counted per row from its first real token, as `generate` does, so a row that
@@ -14,6 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+# Positions a layer's keys and values grow by at once, per device type (0: a `torch.cat` every step, as
+# `DynamicCache` does). On a GPU the per-step copy of every layer is what chunks save; on CPU they measured no
+# gain (see bench/step_bench.py --kv-chunk).
+KV_CHUNK: dict[str, int] = {"cuda": 256}
 
 
 @functools.cache
@@ -30,6 +37,64 @@ def _lpad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
         return x
     pad = [0, 0] * (-dim - 1) + [missing, 0]
     return F.pad(x, pad)
+
+
+class ChunkedLayer(DynamicLayer):
+    """A cache layer with spare room: a step writes its new positions into it instead of copying the whole layer;
+    `keys` / `values` stay views of the filled positions. Anything that replaces `keys` (a merge, a row removal)
+    just makes the next step move into a fresh buffer; a crop (a view of the same buffer) keeps it."""
+
+    chunk = 64
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.chunk)
+        self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.chunk)
+        return self.keys, self.values
+
+
+def _append(
+    cur: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cur` (a prefix view of `buf`, or any tensor) followed by `new` along the position dimension."""
+    filled = cur.shape[-2] if cur.dim() == 4 else 0
+    n = new.shape[-2]
+    if (
+        buf is not None
+        and filled
+        and cur.data_ptr() == buf.data_ptr()
+        and cur.stride() == buf.stride()
+        and cur.shape[:2] == buf.shape[:2]
+        and filled + n <= buf.shape[-2]
+    ):
+        buf[:, :, filled : filled + n].copy_(new)
+        return buf[:, :, : filled + n], buf
+    b, h, _, d = new.shape
+    buf = new.new_empty(b, h, filled + n + chunk, d)
+    if filled:
+        buf[:, :, :filled].copy_(cur)
+    buf[:, :, filled : filled + n].copy_(new)
+    return buf[:, :, : filled + n], buf
+
+
+def new_cache(device: torch.device) -> Any:
+    """The cache for a prefill: full layers everywhere (sliding-window layers are masked, not cropped), grown
+    in chunks where `KV_CHUNK` says so for this device."""
+    chunk = KV_CHUNK.get(device.type, 0)
+    if not chunk:
+        return DynamicCache()
+    cache = DynamicCache()
+    Cache.__init__(cache, layer_class_to_replicate=_chunked(chunk))
+    return cache
+
+
+@functools.cache
+def _chunked(chunk: int) -> type[ChunkedLayer]:
+    return type("ChunkedLayer", (ChunkedLayer,), {"chunk": chunk})
 
 
 class KVBatch:
@@ -104,7 +169,7 @@ def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch,
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()  # full layers everywhere: sliding-window layers are masked, not cropped
+    cache = new_cache(device)
     keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{keyword: cache}
@@ -113,6 +178,17 @@ def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch,
     batch.cache, batch.mask = cache, mask
     batch.pos = torch.tensor([len(p) for p in prompts], device=device)
     return batch, out.logits[:, -1]
+
+
+def repeat_rows(batch: KVBatch, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Expand a prefilled batch to `rows` (indices into its rows, repeats allowed: n samples or equal prompts
+    share one prefill); return the matching logits."""
+    assert batch.mask is not None and batch.pos is not None  # prefill sets both
+    index = torch.tensor(rows, device=logits.device)
+    for layer in batch.cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    batch.mask, batch.pos = batch.mask[index], batch.pos[index]
+    return logits[index]
 
 
 def decode(model: Any, batch: KVBatch) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""The host share of a batched decode step: everything but the model forward, at 32 rows, 1 torch thread, bf16,
+on a random model shaped like SmolLM2-135M (Llama, hidden 576, 30 layers, 49,152-token vocabulary).
+
+Each scenario admits 32 rows, then times decode steps: wall time of `Engine.step()` and, through forward hooks,
+the model's own forward; host = step - forward (sampling, stop strings, KV bookkeeping, the loop).
+
+    uv run python bench/step_bench.py [--steps 24] [--rows 32] [--dtype bf16|fp32] [--kv-chunk N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMOL = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49_152)
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "T0.8 + stop strings": {"temperature": 0.8, "stop": ["###", "\n\n"]},
+    "T0.8 top_k 50 top_p 0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
+    "T0.8 top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
+    "T0.8 rep 1.1 + logprobs 2": {"temperature": 0.8, "repetition_penalty": 1.1, "logprobs": True, "top_logprobs": 2},
+}
+
+
+def build() -> Path:
+    from qwen_deploy.config import default_cache_dir
+    from worker.builders.random import Shape, build_random_model
+
+    out = default_cache_dir() / "random-llama-smol135m-shape"
+    return build_random_model("llama", Shape(**SMOL), out, log=lambda msg: print(f"  {msg}", file=sys.stderr))
+
+
+def run(handler: Any, scenario: dict[str, Any], rows: int, steps: int) -> tuple[float, float]:
+    """Median step and forward milliseconds over `steps` decode steps of `rows` rows."""
+    import torch
+
+    from worker.handler import GenerationRequest
+
+    engine = handler.engine(max_batch=rows)
+    for i in range(rows):
+        req = GenerationRequest(
+            prompt=f"Row {i} says that simple is better than complex, and",
+            max_new_tokens=steps + 4,
+            ignore_eos=True,
+            seed=i,
+            **scenario,
+        )
+        for seq in handler.sequences(req, str(i), budget=600.0)[0]:
+            engine.add(seq)
+    spent = [0.0]
+    started = [0.0]
+    pre = handler.model.register_forward_pre_hook(lambda *a: started.__setitem__(0, time.perf_counter()))
+    post = handler.model.register_forward_hook(
+        lambda *a: spent.__setitem__(0, spent[0] + time.perf_counter() - started[0])
+    )
+    try:
+        engine.step()  # admission: the prefill
+        engine.step()
+        step_ms, fwd_ms = [], []
+        for _ in range(steps):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            engine.step()
+            step_ms.append((time.perf_counter() - t0) * 1000)
+            fwd_ms.append(spent[0] * 1000)
+        assert engine.rows() == rows, "every row should still be running"
+    finally:
+        pre.remove()
+        post.remove()
+    torch.set_num_threads(1)
+    return statistics.median(step_ms), statistics.median(fwd_ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--kv-chunk", type=int, default=None, help="grow KV layers by this many positions (0: cat)")
+    args = parser.parse_args()
+    import torch
+
+    from qwen_deploy.config import Settings
+    from worker.handler import ModelHandler
+
+    torch.set_num_threads(1)
+    model_dir = build()
+    settings = Settings.model_validate({"model": {"name_or_path": str(model_dir), "threads": 1, "dtype": args.dtype}})
+    handler = ModelHandler(settings)
+    handler.setup()
+    torch.set_num_threads(1)
+    if args.kv_chunk is not None:
+        from worker.engine import runner
+
+        runner.KV_CHUNK[handler.model.device.type] = args.kv_chunk
+    chunk = f", KV chunk {args.kv_chunk}" if args.kv_chunk is not None else ""
+    print(f"{handler.info.dtype}, {args.rows} rows, {args.steps} decode steps, 1 thread (medians){chunk}")  # type: ignore[union-attr]
+    print(f"{'scenario':28} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>7}")
+    for name, scenario in SCENARIOS.items():
+        step, fwd = run(handler, scenario, args.rows, args.steps)
+        print(f"{name:28} {step:8.1f} {fwd:8.1f} {step - fwd:8.2f} {100 * (step - fwd) / step:6.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()

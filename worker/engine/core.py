@@ -1,0 +1,229 @@
+"""The batching engine: one continuously batched decode loop over every sequence of a worker child.
+
+Sequences join between decode steps (arrivals of one step are prefilled together, identical prompts
+once, then merged into the running batch) and leave the moment they finish. Interactive and bulk
+sequences run as two batches on their own caches, each of up to `max_batch` rows: while interactive
+work is active, the bulk batch (and its prefills) takes one step in every `bulk_every`, so an
+interactive job is never stuck behind a micro-batch.
+A job is a batch of one: the same code path serves a lone job, n samples and a 32-line micro-batch.
+
+The scheduler (`scheduler.py`) decides who runs, the runner (`runner.py`) runs the forwards, the sampler
+(`sampler.py`) picks tokens and the detokenizer (`detok.py`) turns them into text and finds stop strings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from worker.engine import detok
+from worker.engine.runner import KVBatch, decode, prefill, repeat_rows
+from worker.engine.sampler import RowPlan, choose
+from worker.engine.scheduler import Lane, Scheduler
+from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
+
+
+class Engine:
+    """Owns the model's decode loop; not thread-safe (one driver calls `step`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        decode_ids: Callable[[list[int]], str],
+        eos_ids: list[int],
+        pad_id: int,
+        *,
+        max_batch: int = 32,
+        max_batch_tokens: int = 65536,
+        bulk_every: int = 4,
+        max_prefill_tokens: int = 8192,
+    ) -> None:
+        self.model, self.decode_ids = model, decode_ids
+        self.eos_ids, self.pad_id = list(eos_ids), pad_id
+        self.scheduler = Scheduler(max_batch, max_batch_tokens, bulk_every, max_prefill_tokens)
+        self.steps = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        """Queue a sequence; it joins at the next step (a finished resume finishes at once)."""
+        self.scheduler.add(seq)
+
+    def sequences(self) -> list[Seq]:
+        return self.scheduler.sequences()
+
+    def __len__(self) -> int:
+        return len(self.scheduler)
+
+    def rows(self, priority: int | None = None) -> int:
+        return self.scheduler.rows(priority)
+
+    def room(self, priority: int = INTERACTIVE) -> int:
+        return self.scheduler.room(priority)
+
+    # -- the loop ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Seq]:
+        """Admit arrivals, take one decode step, and return the sequences that finished."""
+        finished: list[Seq] = []
+        now = time.monotonic()
+        lanes = self.scheduler.lanes
+        for lane in lanes.values():
+            self._sweep(lane, now, finished)
+        self._admit(lanes[INTERACTIVE], now, finished)
+        bulk_turn = self.scheduler.bulk_turn(self.steps)
+        if bulk_turn:
+            self._admit(lanes[BULK], now, finished)
+        for p, lane in lanes.items():
+            if lane.running and (p == INTERACTIVE or bulk_turn):
+                self._decode(lane, finished)
+        self.steps += 1
+        return finished
+
+    def _sweep(self, lane: Lane, now: float, finished: list[Seq]) -> None:
+        """End canceled or late sequences, waiting or running, without a forward."""
+        ended, stopped = self.scheduler.expired(lane, now)
+        for seq, reason in ended:
+            self._finish(seq, reason, finished)
+        if stopped:
+            lane.drop(stopped)
+
+    def _admit(self, lane: Lane, now: float, finished: list[Seq]) -> None:
+        if not lane.waiting:
+            return
+        groups, complete = self.scheduler.admit(lane, now)
+        for seq in complete:
+            self._finish(seq, "length", finished)
+        for i, group in enumerate(groups):
+            try:
+                self._prefill_fitting(lane, group, finished)
+            except BaseException:  # the groups not prefilled yet wait for the next step too
+                for rest in reversed(groups[i + 1 :]):
+                    lane.push_back(rest)
+                raise
+
+    def _prefill_fitting(self, lane: Lane, group: list[Seq], finished: list[Seq]) -> None:
+        """Prefill; out of memory, halve the group and try each half. A lone sequence that still does not fit
+        waits while other rows hold memory, and fails alone when nothing else runs."""
+        try:
+            self._prefill(lane, group, finished)
+        except torch.OutOfMemoryError:
+            _release_memory()
+            if len(group) > 1:
+                half = len(group) // 2
+                try:
+                    self._prefill_fitting(lane, group[:half], finished)
+                except BaseException:
+                    lane.push_back(group[half:])
+                    raise
+                self._prefill_fitting(lane, group[half:], finished)
+            elif self.rows():
+                lane.push_back(group)
+                lane.out_of_memory()
+            else:
+                self._finish(group[0], "error", finished)
+
+    def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> None:
+        """One left-padded forward for sequences of similar length, then merge them into the batch."""
+        unique: dict[tuple[int, ...], int] = {}
+        rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
+        try:
+            group, logits = prefill(self.model, [list(k) for k in unique], self.pad_id)
+        except torch.OutOfMemoryError:  # the caller shrinks the group
+            raise
+        except BaseException:  # interrupted or failed: they wait for the next step
+            lane.push_back(joining)
+            raise
+        if len(unique) < len(joining):  # n samples (or equal prompts) share one prefill
+            logits = repeat_rows(group, logits, rows)
+        self._advance(joining, group, logits, finished)
+        kept = [i for i, s in enumerate(joining) if not s.done]
+        group.keep(kept)
+        lane.batch.merge(group)
+        lane.join([joining[i] for i in kept])
+
+    def _decode(self, lane: Lane, finished: list[Seq]) -> None:
+        while True:
+            try:
+                logits = decode(self.model, lane.batch)  # out of memory, the batch is as it was before
+                break
+            except torch.OutOfMemoryError:
+                _release_memory()
+                if not self._shrink(lane, finished):
+                    return
+        lane.stepped(self.scheduler.max_batch)
+        seqs = lane.running
+        self._advance(seqs, lane.batch, logits, finished)
+        done = [s for s in seqs if s.done]
+        if done:
+            lane.drop(done)
+
+    def _shrink(self, lane: Lane, finished: list[Seq]) -> bool:
+        """Out of memory in a decode step: the newest half of the rows go back to wait (their tokens kept: they
+        rejoin with a prefill of prompt + output); a lone row that does not fit fails alone."""
+        rows = lane.running
+        if len(rows) == 1:
+            lane.drop(rows)
+            self._finish(rows[0], "error", finished)
+            return False
+        back = rows[len(rows) // 2 :]
+        lane.drop(back)
+        lane.push_back(back)
+        lane.out_of_memory()
+        return True
+
+    def _advance(self, seqs: list[Seq], batch: KVBatch, logits: torch.Tensor, finished: list[Seq]) -> None:
+        """Choose each row's next token, append it and decide whether the row is done."""
+        plans = [
+            RowPlan(
+                s.sampling,
+                s.context() if s.sampling.repetition_penalty != 1.0 else [],
+                self.eos_ids if s.ignore_eos else [],
+                s.constraint,
+                s.top_logprobs,
+            )
+            for s in seqs
+        ]
+        batch.last, tokens, logprobs = choose(logits, plans)
+        for seq, tok, lp in zip(seqs, tokens, logprobs):
+            seq.out.append(tok)
+            if lp is not None:
+                seq.logprobs.append((tok, *lp))
+            if seq.constraint is not None:
+                seq.constraint.accept(tok)
+            reason = self._reason(seq, tok)
+            if reason:
+                self._finish(seq, reason, finished)
+
+    def _reason(self, seq: Seq, tok: int) -> str | None:
+        if tok in self.eos_ids and not seq.ignore_eos:
+            return "eos"
+        if seq.constraint is not None and seq.constraint.is_done():
+            return "stop"
+        if seq.stop and detok.stop_reached(seq, self.decode_ids):
+            return "stop"
+        if len(seq.out) >= seq.max_new_tokens:
+            return "length"
+        return None
+
+    def _finish(self, seq: Seq, reason: str, finished: list[Seq]) -> None:
+        seq.finish_reason = reason
+        seq.status = SeqStatus.FINISHED
+        seq.text, seq.stop_sequence = detok.final_text(seq, reason, self.decode_ids)
+        finished.append(seq)
+
+    def fail_all(self, reason: str = "error") -> list[Seq]:
+        """End every sequence (the model raised mid-step); the engine is empty afterwards."""
+        finished: list[Seq] = []
+        for lane in self.scheduler.lanes.values():
+            for seq in lane.clear():
+                self._finish(seq, reason, finished)
+        return finished
+
+
+def _release_memory() -> None:
+    """After an out-of-memory error: hand cached blocks back so a smaller batch can fit."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
