@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from worker.kv import KVBatch, decode, prefill
+from worker.prefix_cache import Prefix, prefix_cache_for, remember, row_kv
 from worker.sampling import RowPlan, Sampling, choose
 
 INTERACTIVE, BULK = 0, 1
@@ -46,6 +47,7 @@ class Seq:
     canceled: bool = False
     deadline: float = math.inf
     text: str = ""  # kept current for sequences with stop strings; final once finished
+    cached: int = 0  # leading context tokens whose KV came from a reused prefix (prefix cache)
 
     @property
     def done(self) -> bool:
@@ -69,6 +71,7 @@ class Engine:
         max_batch_tokens: int = 65536,
         bulk_every: int = 4,
         max_prefill_tokens: int = 8192,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.model, self.decode_ids = model, decode_ids
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
@@ -78,6 +81,7 @@ class Engine:
         self.running: dict[int, list[Seq]] = {INTERACTIVE: [], BULK: []}
         self.batches: dict[int, KVBatch] = {INTERACTIVE: KVBatch(), BULK: KVBatch()}
         self.steps = 0
+        self.prefix_cache = prefix_cache_for(model, prefix_cache_tokens)  # None: no prefix cache
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
@@ -145,9 +149,8 @@ class Engine:
         while waiting and self.rows(p) + len(joining) < self.max_batch:
             seq = waiting[0]
             need = len(seq.prompt) + seq.max_new_tokens
-            if joining and (
-                tokens + len(seq.context()) > self.max_prefill_tokens or reserved + need > self.max_batch_tokens
-            ):
+            cost = self._uncached(seq, joining)
+            if joining and (tokens + cost > self.max_prefill_tokens or reserved + need > self.max_batch_tokens):
                 break
             waiting.popleft()
             seq.deadline = now + seq.budget
@@ -155,25 +158,56 @@ class Engine:
                 self._finish(seq, "length", finished)
                 continue
             joining.append(seq)
-            tokens += len(seq.context())
+            tokens += cost
             reserved += need
         if not joining:
             return
-        groups = _by_length(joining)
-        for i, group in enumerate(groups):
+        groups = [(prefix, g) for prefix, part in self._prefixes(p, joining) for g in _by_length(part, prefix)]
+        for i, (prefix, group) in enumerate(groups):
             try:
-                self._prefill(p, group, finished)
+                self._prefill(p, group, finished, prefix)
             except BaseException:  # the groups not prefilled yet wait for the next step too
-                for rest in reversed(groups[i + 1 :]):
+                for _, rest in reversed(groups[i + 1 :]):
                     self.waiting[p].extendleft(reversed(rest))
                 raise
 
-    def _prefill(self, p: int, joining: list[Seq], finished: list[Seq]) -> None:
-        """One left-padded forward for sequences of similar length, then merge them into the batch."""
+    # -- prefix cache hooks: what an arrival's prefill computes, and the prefix it starts from ------
+    def _uncached(self, seq: Seq, joining: list[Seq]) -> int:
+        if self.prefix_cache is None:
+            return len(seq.context())
+        return self.prefix_cache.uncached(seq.context(), joining[-1].context() if joining else None)
+
+    def _prefixes(self, p: int, joining: list[Seq]) -> list[tuple[Prefix | None, list[Seq]]]:
+        """Arrivals grouped by the prefix they reuse: cached, or shared by several and computed once here."""
+        if self.prefix_cache is None:
+            return [(None, joining)]
+        try:
+            found = self.prefix_cache.prefixes([s.context() for s in joining], self._forward_prefix)
+        except BaseException:  # interrupted or failed: they wait for the next step
+            self.waiting[p].extendleft(reversed(joining))
+            raise
+        groups: dict[int, tuple[Prefix | None, list[Seq]]] = {}
+        for seq, prefix in zip(joining, found):
+            groups.setdefault(id(prefix), (prefix, []))[1].append(seq)
+        return list(groups.values())
+
+    def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None) -> torch.Tensor:
+        """The KV of a shared prefix, continuing `base`: [layers, 2, kv_heads, len(ids), head_dim]."""
+        batch, _ = prefill(self.model, [list(ids[base.length if base else 0 :])], self.pad_id, base)
+        return row_kv(batch.cache.layers, 0, 0, len(ids))
+
+    # -- prefill and decode ------------------------------------------------------------------------
+    def _prefill(self, p: int, joining: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
+        """One left-padded forward for sequences of similar length (continuing one reused prefix), then merge
+        them into the batch."""
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
+        skip = prefix.length if prefix is not None else 0
         try:
-            group, logits = prefill(self.model, [list(k) for k in unique], self.pad_id)
+            prompts = [list(k) for k in unique]
+            group, logits = prefill(self.model, [k[skip:] for k in prompts], self.pad_id, prefix)
+            if self.prefix_cache is not None:  # prefix cache hook: keep the new full blocks of each prompt
+                remember(self.prefix_cache, group.cache.layers, prompts, skip)
         except BaseException:  # interrupted or failed: they wait for the next step
             self.waiting[p].extendleft(reversed(joining))
             raise
@@ -183,6 +217,8 @@ class Engine:
             for layer in group.cache.layers:
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
             group.mask, group.pos, logits = group.mask[index], group.pos[index], logits[index]
+        for seq in joining:
+            seq.cached = skip
         self._advance(joining, group, logits, finished)
         kept = [i for i, s in enumerate(joining) if not s.done]
         group.keep(kept)
@@ -254,14 +290,19 @@ class Engine:
         return finished
 
 
-def _by_length(seqs: list[Seq]) -> list[list[Seq]]:
+def _by_length(seqs: list[Seq], prefix: Prefix | None = None) -> list[list[Seq]]:
     """Arrivals split into prefill groups whose padding stays small (a long prompt does not make
-    every short one pay for its width)."""
+    every short one pay for its width); lengths count past a reused prefix."""
+    skip = prefix.length if prefix is not None else 0
+
+    def length(s: Seq) -> int:
+        return len(s.context()) - skip
+
     groups: list[list[Seq]] = []
-    for seq in sorted(seqs, key=lambda s: len(s.context())):
+    for seq in sorted(seqs, key=length):
         group = groups[-1] if groups else None
-        width = len(seq.context())
-        if group is not None and width * (len(group) + 1) <= 1.25 * sum(len(s.context()) for s in (*group, seq)) + 64:
+        width = length(seq)
+        if group is not None and width * (len(group) + 1) <= 1.25 * sum(length(s) for s in (*group, seq)) + 64:
             group.append(seq)
         else:
             groups.append([seq])
