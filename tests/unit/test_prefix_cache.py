@@ -87,7 +87,9 @@ def test_rows_of_different_cached_prefix_lengths_match_no_cache(handler: ModelHa
 
 def test_staggered_arrivals_and_n_samples_match_no_cache(handler: ModelHandler) -> None:
     reqs = [req(ZEN + d, 8) for d in DOCS]
-    assert texts(run(handler, reqs, 16384, every=3)) == texts(run(handler, reqs, 0, every=3))
+    on = run(handler, reqs, 16384, every=3)
+    assert texts(on) == texts(run(handler, reqs, 0, every=3))
+    assert on[0].cached == 0 and all(s.cached > 0 for s in on[1:])  # later arrivals reuse the first's prefix
     sampled = GenerationRequest(prompt=ZEN + DOCS[1], max_new_tokens=6, n=3, temperature=1.0, seed=5, ignore_eos=True)
     on, off = handler.engine(prefix_cache_tokens=16384), handler.engine(prefix_cache_tokens=0)
     run(handler, [req(ZEN + DOCS[0], 2)], 16384, on)
