@@ -170,6 +170,22 @@ def test_cancel_mid_run_spares_the_others_and_the_cache(handler: ModelHandler) -
     assert texts(again) == expected[1:2] and again[0].cached > 0
 
 
+def test_a_resumed_job_continues_identically_from_the_cache(handler: ModelHandler) -> None:
+    """A job taken over after its worker died resumes with its generated ids as context: the prefix its new
+    engine already holds is reused, and its text is the uninterrupted one."""
+    job = req(ZEN + DOCS[1], 16)
+    whole = run(handler, [job], 0)[0]
+    engine = handler.engine(prefix_cache_tokens=16384)
+    run(handler, [req(ZEN + DOCS[0], 2)], 16384, engine)  # the shared instruction is cached
+    resumed = handler.sequences(job, "r", budget=60, resume=whole.out[:5])[0][0]
+    engine.add(resumed)
+    while len(engine):
+        engine.step()
+    assert resumed.out == whole.out and resumed.text == whole.text
+    result = handler.result([resumed], len(resumed.prompt), False, job)
+    assert 0 < result.cached_tokens == resumed.cached <= result.prompt_tokens
+
+
 def test_lru_keeps_chains_whole_and_counts_tokens() -> None:
     kv = torch.arange(4 * BLOCK, dtype=torch.float32).reshape(1, 1, 1, 4 * BLOCK, 1)
     cache = PrefixCache(3 * BLOCK)
