@@ -151,6 +151,9 @@ class EngineSettings(Section):
     bulk_every: int = Field(4, ge=1, description="while interactive work runs, bulk rows step once in this many")
     lease_seconds: float = Field(10.0, gt=0, description="a claimed job whose worker stops renewing is re-run after")
     claim_interval_ms: int = Field(20, ge=1, description="how often a busy engine looks for waiting jobs")
+    prefix_cache_tokens: int = Field(
+        16384, ge=0, description="prompt-prefix KV kept across jobs, in tokens (LRU; 0 disables)"
+    )
 
 
 class WorkerSettings(Section):

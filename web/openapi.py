@@ -42,10 +42,15 @@ class Error(BaseModel):
     error: ErrorBody
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens whose KV the worker reused from its prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     prompt_truncated: bool
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Output(BaseModel):

@@ -291,6 +291,7 @@ class Driver:
             queue="interactive",
             status=status,
             prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
             completion_tokens=result.completion_tokens,
             prompt_truncated=result.prompt_truncated,
             finish_reason=result.finish_reason,

@@ -69,12 +69,14 @@ class GenerationResult:
     prompt_truncated: bool
     choices: list[dict[str, Any]] = field(default_factory=list)
     stop_sequence: str | None = None  # the stop string that ended choice 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix cache)
 
     def usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "prompt_truncated": self.prompt_truncated,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 
@@ -185,6 +187,7 @@ class ModelHandler:
             max_batch_tokens=cfg["max_batch_tokens"],
             bulk_every=cfg["bulk_every"],
             max_prefill_tokens=cfg["max_prefill_tokens"],
+            prefix_cache_tokens=cfg["prefix_cache_tokens"],
         )
 
     def sequences(
@@ -246,6 +249,7 @@ class ModelHandler:
             truncated,
             choices if (req.n > 1 or req.logprobs) else [],
             first.stop_sequence,
+            min(first.cached, prompt_tokens),
         )
 
     def logprobs(self, seq: Seq) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def test_zen_by_polling(client: Client) -> None:
         "prompt_tokens": done["output"]["usage"]["prompt_tokens"],
         "completion_tokens": 8,
         "prompt_truncated": False,
+        "prompt_tokens_details": {"cached_tokens": done["output"]["usage"]["prompt_tokens_details"]["cached_tokens"]},
     }
     assert done["progress"] == {"tokens": 8, "max_new_tokens": 8}
     assert done["created_at"] <= done["started_at"] <= done["completed_at"]

@@ -61,6 +61,23 @@ def test_chat(oai: openai.OpenAI, model: str) -> None:
     assert again.choices[0].message.content == done.choices[0].message.content
 
 
+def test_a_repeated_prompt_reports_cached_tokens(oai: openai.OpenAI, stack: Stack, model: str) -> None:
+    """The worker's prefix cache serves the second of two equal chats: `prompt_tokens_details.cached_tokens` in
+    the chat usage and in the job object (and the Responses API's `input_tokens_details`)."""
+    system = "Answer in the words of the Zen of Python. " * 6
+    messages: Any = [{"role": "system", "content": system}, *CHAT]
+    first = oai.chat.completions.create(model=model, messages=messages, max_tokens=4)
+    raw = oai.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=4)
+    again = raw.parse()
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    job = requests.get(f"{stack.url}/v1/jobs/{raw.headers['X-Job-Id']}", timeout=10).json()
+    assert job["output"]["usage"]["prompt_tokens_details"] == {"cached_tokens": cached}
+    response = oai.responses.create(model=model, instructions=system, input=CHAT[0]["content"], max_output_tokens=4)
+    assert response.usage is not None and response.usage.input_tokens_details.cached_tokens > 0
+
+
 def test_chat_stream(oai: openai.OpenAI, model: str) -> None:
     chunks = list(
         oai.chat.completions.create(

@@ -67,6 +67,24 @@ def test_batch_of_chat_lines(oai: openai.OpenAI, stack: Stack, model: str) -> No
     assert oai.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
+def test_lines_sharing_an_instruction_report_cached_tokens(oai: openai.OpenAI, model: str) -> None:
+    """Lines of one micro-batch under a common instruction: it is computed once, and every output line's usage
+    says how many prompt tokens were reused."""
+    instruction = "Answer in the words of the Zen of Python. " * 6
+    lines = [
+        chat_line(f"doc-{i}", model, instruction + doc, 4) for i, doc in enumerate(["Errors", "Simple is", "Flat"])
+    ]
+    uploaded = oai.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_until(
+        lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b, 60, 0.1, "a completed batch"
+    )
+    output = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    usages = [line["response"]["body"]["usage"] for line in output]
+    assert len(usages) == 3
+    assert all(0 < u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"] for u in usages)
+
+
 def test_jsonl_body_with_completion_lines(oai: openai.OpenAI, stack: Stack, model: str) -> None:
     lines = [
         {

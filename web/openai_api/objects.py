@@ -35,10 +35,20 @@ def choices(job: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def usage(job: dict[str, Any]) -> dict[str, int]:
+def usage(job: dict[str, Any]) -> dict[str, Any]:
     raw = (job.get("output") or {}).get("usage") or {}
     prompt, completion = int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens(raw)},
+    }
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """Prompt tokens served from the worker's prefix cache (0 for records written without the field)."""
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:

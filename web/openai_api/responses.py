@@ -15,7 +15,7 @@ from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.completions import finished
-from web.openai_api.objects import finish_reason, job_body, job_headers
+from web.openai_api.objects import cached_tokens, finish_reason, job_body, job_headers
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
 from web.schemas import count_arg, read_json
 from web.services import iter_job_events, load_job, load_record, missing, submit_request, wait_for
@@ -90,7 +90,7 @@ def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
             "input_tokens": raw["prompt_tokens"],
             "output_tokens": raw["completion_tokens"],
             "total_tokens": raw["prompt_tokens"] + raw["completion_tokens"],
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached_tokens(raw)},
             "output_tokens_details": {"reasoning_tokens": 0},
         }
     error = job.get("error") if status == "failed" else None

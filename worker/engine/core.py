@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from worker.engine import detok
+from worker.engine.prefix_cache import Prefix, prefix_cache_for, remember, row_kv
 from worker.engine.runner import KVBatch, decode, prefill, repeat_rows
 from worker.engine.sampler import RowPlan, choose
-from worker.engine.scheduler import Lane, Scheduler
+from worker.engine.scheduler import Lane, Scheduler, by_length
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
 
 
@@ -40,10 +41,13 @@ class Engine:
         max_batch_tokens: int = 65536,
         bulk_every: int = 4,
         max_prefill_tokens: int = 8192,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.model, self.decode_ids = model, decode_ids
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
-        self.scheduler = Scheduler(max_batch, max_batch_tokens, bulk_every, max_prefill_tokens)
+        self.prefix_cache = prefix_cache_for(model, prefix_cache_tokens)  # None: no prefix cache
+        uncached = self._uncached if self.prefix_cache is not None else None
+        self.scheduler = Scheduler(max_batch, max_batch_tokens, bulk_every, max_prefill_tokens, uncached)
         self.steps = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -96,41 +100,74 @@ class Engine:
         groups, complete = self.scheduler.admit(lane, now)
         for seq in complete:
             self._finish(seq, "length", finished)
-        for i, group in enumerate(groups):
+        if not groups:
+            return
+        planned = self._with_prefixes(lane, [s for g in groups for s in g])
+        for i, (prefix, group) in enumerate(planned):
             try:
-                self._prefill_fitting(lane, group, finished)
+                self._prefill_fitting(lane, group, finished, prefix)
             except BaseException:  # the groups not prefilled yet wait for the next step too
-                for rest in reversed(groups[i + 1 :]):
+                for _, rest in reversed(planned[i + 1 :]):
                     lane.push_back(rest)
                 raise
 
-    def _prefill_fitting(self, lane: Lane, group: list[Seq], finished: list[Seq]) -> None:
+    # -- prefix cache hooks: what an arrival's prefill computes, and the prefix it starts from ------
+    def _uncached(self, seq: Seq, joining: list[Seq]) -> int:
+        assert self.prefix_cache is not None
+        return self.prefix_cache.uncached(seq.context(), joining[-1].context() if joining else None)
+
+    def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> list[tuple[Prefix | None, list[Seq]]]:
+        """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
+        once here); without a prefix cache, the groups by length alone."""
+        if self.prefix_cache is None:
+            return [(None, g) for g in by_length(joining)]
+        try:
+            found = self.prefix_cache.prefixes([s.context() for s in joining], self._forward_prefix)
+        except BaseException:  # interrupted or failed: they wait for the next step
+            lane.push_back(joining)
+            raise
+        parts: dict[int, tuple[Prefix | None, list[Seq]]] = {}
+        for seq, prefix in zip(joining, found):
+            parts.setdefault(id(prefix), (prefix, []))[1].append(seq)
+        return [(prefix, g) for prefix, part in parts.values() for g in by_length(part, prefix.length if prefix else 0)]
+
+    def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None) -> torch.Tensor:
+        """The KV of a shared prefix, continuing `base`: [layers, 2, kv_heads, len(ids), head_dim]."""
+        batch, _ = prefill(self.model, [list(ids[base.length if base else 0 :])], self.pad_id, base)
+        return row_kv(batch.cache.layers, 0, 0, len(ids))
+
+    def _prefill_fitting(self, lane: Lane, group: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
         """Prefill; out of memory, halve the group and try each half. A lone sequence that still does not fit
         waits while other rows hold memory, and fails alone when nothing else runs."""
         try:
-            self._prefill(lane, group, finished)
+            self._prefill(lane, group, finished, prefix)
         except torch.OutOfMemoryError:
             _release_memory()
             if len(group) > 1:
                 half = len(group) // 2
                 try:
-                    self._prefill_fitting(lane, group[:half], finished)
+                    self._prefill_fitting(lane, group[:half], finished, prefix)
                 except BaseException:
                     lane.push_back(group[half:])
                     raise
-                self._prefill_fitting(lane, group[half:], finished)
+                self._prefill_fitting(lane, group[half:], finished, prefix)
             elif self.rows():
                 lane.push_back(group)
                 lane.out_of_memory()
             else:
                 self._finish(group[0], "error", finished)
 
-    def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> None:
-        """One left-padded forward for sequences of similar length, then merge them into the batch."""
+    def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
+        """One left-padded forward for sequences of similar length (continuing one reused prefix), then merge
+        them into the batch."""
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
+        skip = prefix.length if prefix is not None else 0
         try:
-            group, logits = prefill(self.model, [list(k) for k in unique], self.pad_id)
+            prompts = [list(k) for k in unique]
+            group, logits = prefill(self.model, [k[skip:] for k in prompts], self.pad_id, prefix)
+            if self.prefix_cache is not None:  # prefix cache hook: keep the new full blocks of each prompt
+                remember(self.prefix_cache, group.cache.layers, prompts, skip)
         except torch.OutOfMemoryError:  # the caller shrinks the group
             raise
         except BaseException:  # interrupted or failed: they wait for the next step
@@ -138,6 +175,8 @@ class Engine:
             raise
         if len(unique) < len(joining):  # n samples (or equal prompts) share one prefill
             logits = repeat_rows(group, logits, rows)
+        for seq in joining:
+            seq.cached = skip
         self._advance(joining, group, logits, finished)
         kept = [i for i, s in enumerate(joining) if not s.done]
         group.keep(kept)

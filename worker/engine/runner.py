@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from worker.engine.prefix_cache import Prefix
+
 # Positions a layer's keys and values grow by at once, per device type (0: a `torch.cat` every step, as
 # `DynamicCache` does). On a GPU the per-step copy of every layer is what chunks save; on CPU they measured no
 # gain (see bench/step_bench.py --kv-chunk).
@@ -162,21 +164,31 @@ class KVBatch:
             self.mask = self.mask[:, :width]
 
 
-def prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch, torch.Tensor]:
-    """Run the prompts as one left-padded forward; return their batch and last-position logits."""
+def prefill(
+    model: Any, prompts: list[list[int]], pad_id: int, prefix: Prefix | None = None
+) -> tuple[KVBatch, torch.Tensor]:
+    """Run the prompts as one left-padded forward; return their batch and last-position logits.
+
+    With a `prefix` (prefix cache), every prompt continues its KV: the rows' cache is the prefix, then each
+    row's own tokens left-padded (the padding between them is masked; positions count real tokens only)."""
     device = model.device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = new_cache(device)
+    skip = 0
+    if prefix is not None:  # prefix cache hook: every row continues the prefix's KV
+        skip = prefix.length
+        cache = DynamicCache(ddp_cache_data=prefix.layers(len(prompts)))
+        mask = torch.cat([mask.new_ones(len(prompts), skip), mask], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
     keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{keyword: cache}
     )
     batch = KVBatch()
     batch.cache, batch.mask = cache, mask
-    batch.pos = torch.tensor([len(p) for p in prompts], device=device)
+    batch.pos = torch.tensor([skip + len(p) for p in prompts], device=device)
     return batch, out.logits[:, -1]
 
 

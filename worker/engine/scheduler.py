@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 
 from worker.engine.runner import KVBatch
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
@@ -72,10 +73,19 @@ class Lane:
 class Scheduler:
     """Lanes and the budgets that decide who joins, who waits and when bulk rows take a step."""
 
-    def __init__(self, max_batch: int, max_batch_tokens: int, bulk_every: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        max_batch_tokens: int,
+        bulk_every: int,
+        max_prefill_tokens: int,
+        uncached: Callable[[Seq, list[Seq]], int] | None = None,
+    ) -> None:
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
         self.bulk_every, self.max_prefill_tokens = max(1, bulk_every), max_prefill_tokens
         self.lanes = {INTERACTIVE: Lane(INTERACTIVE), BULK: Lane(BULK)}
+        # What an arrival's prefill computes (the prefix cache serves the rest); default: its whole context.
+        self.uncached = uncached or (lambda seq, joining: len(seq.context()))
 
     def add(self, seq: Seq) -> None:
         seq.status = SeqStatus.WAITING
@@ -125,9 +135,8 @@ class Scheduler:
         while waiting and len(lane.running) + len(joining) < lane.limit(self.max_batch):
             seq = waiting[0]
             need = len(seq.prompt) + seq.max_new_tokens
-            if joining and (
-                tokens + len(seq.context()) > self.max_prefill_tokens or reserved + need > self.max_batch_tokens
-            ):
+            cost = self.uncached(seq, joining)
+            if joining and (tokens + cost > self.max_prefill_tokens or reserved + need > self.max_batch_tokens):
                 break
             waiting.popleft()
             if seq.deadline == math.inf:  # a row pushed back to wait keeps its deadline
@@ -136,19 +145,23 @@ class Scheduler:
                 complete.append(seq)
                 continue
             joining.append(seq)
-            tokens += len(seq.context())
+            tokens += cost
             reserved += need
         return (by_length(joining) if joining else []), complete
 
 
-def by_length(seqs: list[Seq]) -> list[list[Seq]]:
+def by_length(seqs: list[Seq], skip: int = 0) -> list[list[Seq]]:
     """Arrivals split into prefill groups whose padding stays small (a long prompt does not make
-    every short one pay for its width)."""
+    every short one pay for its width); lengths count past a reused prefix of `skip` tokens."""
+
+    def length(s: Seq) -> int:
+        return len(s.context()) - skip
+
     groups: list[list[Seq]] = []
-    for seq in sorted(seqs, key=lambda s: len(s.context())):
+    for seq in sorted(seqs, key=length):
         group = groups[-1] if groups else None
-        width = len(seq.context())
-        if group is not None and width * (len(group) + 1) <= 1.25 * sum(len(s.context()) for s in (*group, seq)) + 64:
+        width = length(seq)
+        if group is not None and width * (len(group) + 1) <= 1.25 * sum(length(s) for s in (*group, seq)) + 64:
             group.append(seq)
         else:
             groups.append([seq])

@@ -76,6 +76,7 @@ class Seq:
     deadline: float = math.inf
     text: str = ""  # kept current for sequences with stop strings; final once finished
     stop_sequence: str | None = None  # the stop string that ended it (the one found first in the text)
+    cached: int = 0  # leading context tokens whose KV came from a reused prefix (prefix cache)
     status: SeqStatus = SeqStatus.WAITING
     detok: Detokenizer = field(default_factory=Detokenizer, repr=False)
 
