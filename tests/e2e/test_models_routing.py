@@ -35,9 +35,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Pa
 def pools(stack_factory: StackFactory, demo_model: Path, tiny_model: Path) -> Stack:
     models = [
         {"alias": "demo", "name_or_path": str(demo_model), "threads": 1},
-        {"alias": "tiny", "name_or_path": str(tiny_model), "threads": 1},
+        {"alias": "tiny", "name_or_path": str(tiny_model), "threads": 1, "dtype": "fp32"},
         {"alias": "ghost", "name_or_path": str(tiny_model), "threads": 1},
-    ]  # configured, never started
+    ]  # configured, never started; the random model in fp32, where batching never changes its near-tied argmax
     stack = stack_factory({"models": models, "limits": {"max_queued_unserved": CAP}}, name="pools")
     stack.start_model_worker("demo")
     stack.start_model_worker("tiny")
@@ -50,7 +50,7 @@ def pools(stack_factory: StackFactory, demo_model: Path, tiny_model: Path) -> St
 @pytest.fixture(scope="module")
 def local(demo_model: Path, tiny_model: Path) -> dict[str, ModelHandler]:
     """Each model in this process, one request at a time: the reference texts."""
-    return {"demo": make_handler(str(demo_model)), "tiny": make_handler(str(tiny_model))}
+    return {"demo": make_handler(str(demo_model)), "tiny": make_handler(str(tiny_model), dtype="fp32")}
 
 
 def alone(local: dict[str, ModelHandler], alias: str, body: dict[str, Any]) -> str:

@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from qwen_deploy.config import load_settings
 from tests.helpers import ROOT
+from worker.device import cpu_has_native_bf16
 from worker.handler import PROMPT_CHARS_PER_TOKEN, GenerationRequest, ModelHandler
 
 
-def make_handler(name: str, **overrides: object) -> ModelHandler:
+def make_handler(name: str, dtype: str = "auto", **overrides: object) -> ModelHandler:
+    """A loaded handler; ``dtype`` as `model.dtype` (auto: bf16 on a CPU with native bf16, else fp32)."""
     settings = load_settings(
         environ={"QWEN_DEPLOY_ENV_FILE": "none.env"},
-        overrides={"model": {"name_or_path": name, "threads": 1}, **overrides},
+        overrides={"model": {"name_or_path": name, "threads": 1, "dtype": dtype}, **overrides},
     )
     handler = ModelHandler(settings)
     handler.setup()
@@ -41,7 +44,9 @@ def test_greedy_zen_and_usage(handler: ModelHandler) -> None:
 def test_info_describes_the_loaded_model(handler: ModelHandler, demo_model: Path) -> None:
     info = handler.info
     assert info is not None and info.name == str(demo_model)
-    assert (info.device, info.dtype, info.threads) == ("cpu", "float32", 1)
+    default = "bfloat16" if cpu_has_native_bf16() else "float32"  # model.dtype: auto on this CPU
+    assert (info.device, info.dtype, info.threads) == ("cpu", default, 1)
+    assert next(handler.model.parameters()).dtype == getattr(torch, default)
     assert info.parameters == sum(p.numel() for p in handler.model.parameters())
 
 

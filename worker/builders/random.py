@@ -34,6 +34,8 @@ SIZES: dict[str, Shape] = {
     "tiny": Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2),  # ~0.1 M: tests
     "38m": Shape(hidden=512, intermediate=2048, layers=10, heads=8, kv_heads=2),  # the job-overhead bench
     "128m": Shape(hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=4, vocab=32_000),  # engine benches
+    # SmolLM2-135M's shape (134.5 M parameters; the dtype and llama.cpp benches)
+    "135m": Shape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49_152, max_positions=8192),
 }
 
 
