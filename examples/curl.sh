@@ -37,6 +37,7 @@ c "${JSON[@]}" -H 'Cancel-After: 30s' -d '{"prompt": "Errors should never", "max
   "$BASE/v1/jobs"
 echo "# queue depths and workers; purge the queued interactive jobs (admin key)"
 c "$BASE/v1/queues"
+c "$BASE/v1/stats"   # the last 15 minutes of activity (the console's charts)
 c -X POST "$BASE/v1/queues/interactive/purge"
 
 echo "# a batch in the OpenAI Batch JSONL format"

@@ -89,6 +89,9 @@ def test_batched_outputs_equal_single_jobs(stack: Stack, client: Client) -> None
     batched = {o["custom_id"]: o["response"]["body"]["output"] for o in results(stack, created["id"])}
     for i, job_id in enumerate(singles):
         single = client.wait(job_id)["output"]
+        # How much of a prompt the prefix cache served depends on what ran before, not on batching.
+        for output in (single, batched[f"q{i}"]):
+            output["usage"].pop("prompt_tokens_details", None)
         assert batched[f"q{i}"] == single, (i, bodies[i])
 
 

@@ -176,7 +176,10 @@ def test_model_loaded_once_across_50_jobs(stack: Stack, client: Client) -> None:
 def test_model_route_and_readiness(stack: Stack, client: Client) -> None:
     info = client.model()
     assert info["name"] == str(stack.settings.model.name_or_path)
-    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["parameters"] > 0
+    from worker.device import cpu_has_native_bf16  # model.dtype auto: bf16 on a CPU with native bf16
+
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert info["device"] == "cpu" and info["dtype"] == dtype and info["parameters"] > 0
     assert info["caps"]["max_new_tokens"] == 512
     assert requests.get(stack.url + "/readyz", timeout=5).json()["status"] == "ready"
     assert requests.get(stack.url + "/livez", timeout=5).status_code == 200
