@@ -40,6 +40,12 @@ c "$BASE/v1/queues"
 c "$BASE/v1/stats"   # the last 15 minutes of activity (the console's charts)
 c -X POST "$BASE/v1/queues/interactive/purge"
 
+echo "# Anthropic's Messages API (the key may also go in x-api-key)"
+MODEL=$(c "$BASE/v1/models" | python3 -c "import json,sys; print(json.load(sys.stdin)['data'][0]['id'])")
+MSG="{\"model\": \"$MODEL\", \"max_tokens\": 8, \"messages\": [{\"role\": \"user\", \"content\": \"Beautiful is better than\"}]}"
+c "${JSON[@]}" -d "$MSG" "$BASE/v1/messages"
+c "${JSON[@]}" -d "$MSG" "$BASE/v1/messages/count_tokens"
+
 echo "# a batch in the OpenAI Batch JSONL format"
 BATCH=$(printf '%s\n' \
   '{"custom_id": "a", "method": "POST", "url": "/v1/jobs", "body": {"prompt": "Beautiful is better than", "max_new_tokens": 6}}' \
