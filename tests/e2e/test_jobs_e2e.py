@@ -12,6 +12,7 @@ import requests
 from qwen_deploy.client import APIError, Client
 from qwen_deploy.job_records import new_job_id
 from tests.helpers import ROOT, Stack, wait_until
+from worker.device import cpu_has_native_bf16
 
 LONG = {"prompt": "Beautiful is better than", "max_new_tokens": 512, "ignore_eos": True}
 
@@ -175,7 +176,8 @@ def test_model_loaded_once_across_50_jobs(stack: Stack, client: Client) -> None:
 def test_model_route_and_readiness(stack: Stack, client: Client) -> None:
     info = client.model()
     assert info["name"] == str(stack.settings.model.name_or_path)
-    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["parameters"] > 0
+    default = "bfloat16" if cpu_has_native_bf16() else "float32"  # model.dtype: auto on this CPU
+    assert info["device"] == "cpu" and info["dtype"] == default and info["parameters"] > 0
     assert info["caps"]["max_new_tokens"] == 512
     assert requests.get(stack.url + "/readyz", timeout=5).json()["status"] == "ready"
     assert requests.get(stack.url + "/livez", timeout=5).status_code == 200
