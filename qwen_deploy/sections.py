@@ -24,6 +24,9 @@ class ModelSettings(Section):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     threads: int = Field(0, ge=0, description="torch threads in the worker child; 0 = cores - 1")
+    pack_cpu_weights: bool = Field(
+        True, description="bf16 on a CPU: pack linear weights once for oneDNN's matmul (worker/cpu_weights.py)"
+    )
     trust_remote_code: bool = False
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy.config import Settings
+from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.engine import INTERACTIVE, Engine, Sampling, Seq
 from worker.structured import compile_constraint
@@ -130,6 +131,10 @@ class ModelHandler:
             load_seconds=round(time.perf_counter() - started, 3),
             threads=threads,
         )
+        if cfg.pack_cpu_weights:  # bf16 on a CPU: linear weights packed once for oneDNN (a no-op elsewhere)
+            packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
+            if packed:
+                log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
         log.info("model loaded: %s", asdict(self.info))
         return self.info
 
