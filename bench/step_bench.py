@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 SMOL = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49_152)
 SCENARIOS: dict[str, dict[str, Any]] = {
     "greedy": {},
+    "T0.8": {"temperature": 0.8},
     "T0.8 + stop strings": {"temperature": 0.8, "stop": ["###", "\n\n"]},
     "T0.8 top_k 50 top_p 0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
     "T0.8 top_p 0.95": {"temperature": 0.8, "top_p": 0.95},

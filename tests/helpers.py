@@ -63,10 +63,12 @@ class Stack:
         if redis_url is None:
             redis_url = self.deployment.start_redis(data_dir=tmp / "redis").url
         self.redis_url = redis_url
+        config = config or {}
         cfg = {
-            "model": {"name_or_path": str(model_dir), "threads": 1},
             "worker": {"heartbeat_interval": 1.0},
-            **(config or {}),
+            **config,
+            # the stack's model, with what the config says of it on top (e.g. its dtype)
+            "model": {"name_or_path": str(model_dir), "threads": 1, **config.get("model", {})},
         }
         cfg["web"] = {"workers": 1, **cfg.get("web", {})}
         # device cpu unless the config names one: never CUDA or MPS by accident, whatever the machine has.

@@ -27,7 +27,10 @@ PROMPT = "Beautiful is better than"
 @pytest.fixture(scope="module")
 def takeover(stack_factory: StackFactory) -> Stack:
     # A short lease: without a driver the stranded jobs would be claimed again (and fail) within seconds.
-    s = stack_factory({"engine": {"lease_seconds": 3}, "limits": {"reap_interval": 0.5}}, name="takeover")
+    s = stack_factory(  # fp32: resumed greedy texts equal an uninterrupted run exactly (see test_chaos.py)
+        {"engine": {"lease_seconds": 3}, "limits": {"reap_interval": 0.5}, "model": {"dtype": "fp32"}},
+        name="takeover",
+    )
     s.start_worker()
     s.start_web()
     return s
