@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from werkzeug.serving import make_server
 
 from qwen_deploy.config import load_settings
@@ -87,8 +88,9 @@ def test_page_shows_model_and_streams_zen(
     browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
 ) -> None:
     browser.get(stack.url + "/")
-    model = stack.client().model()
-    wait(browser, lambda d: text(d, "model-name") == model["name"], "the model name")
+    model_id = requests.get(stack.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    wait(browser, lambda d: text(d, "model-name") == model_id, "the model id")
+    assert "/" not in model_id  # the id, not the demo model's directory
     assert browser.find_element(By.ID, "ready").get_attribute("data-ready") == "yes"
 
     fill(browser, "prompt", "Beautiful is better than")

@@ -14,7 +14,9 @@ async function loadModel() {
   const ready = $("ready");
   try {
     const m = await api("GET", "/v1/model");
-    $("model-name").textContent = m.name;
+    const listed = await api("GET", "/v1/models").catch(() => null);
+    // The served model's id (as /v1/models and the SDKs name it), never its filesystem path.
+    $("model-name").textContent = listed?.data?.[0]?.id ?? m.name.split("/").pop();
     $("model-device").textContent = m.device ?? "";
     $("model-dtype").textContent = m.dtype ?? "";
     $("model-params").textContent = m.parameters ? `${formatCount(m.parameters)} parameters` : "";
