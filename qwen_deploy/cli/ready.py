@@ -66,7 +66,7 @@ class ReadyWatch:
         lines = [
             "",
             "qwen-deploy is ready",
-            f"  API       {self.url}/v1   (OpenAI and Anthropic SDKs: base_url {self.url}/v1)",
+            f"  API       {self.url}/v1   (OpenAI SDK: base_url {self.url}/v1; Anthropic SDK: {self.url})",
             f"  console   {self.url}/",
             f"  API docs  {self.url}/docs",
             f"  model     {running}",
