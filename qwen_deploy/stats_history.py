@@ -38,7 +38,7 @@ def record_if_due(store: JobStore, interval: float, queues: dict[str, str]) -> b
     for key, kind in zip(queues.values(), kinds):
         pipe.zcard(key) if _text(kind) == "zset" else pipe.llen(key)
     depths = pipe.execute()
-    sample = {"t": round(time.time(), 3), **_counters(stats), "depth": dict(zip(queues, depths))}
+    sample = {"t": round(time.time(), 6), **_counters(stats), "depth": dict(zip(queues, depths))}
     keep = math.ceil(WINDOW_SECONDS / interval) + 1
     pipe = client.pipeline(transaction=False)
     pipe.lpush(store.stats_history_key(), json.dumps(sample))
