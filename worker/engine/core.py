@@ -97,12 +97,12 @@ class Engine:
     def _admit(self, lane: Lane, now: float, finished: list[Seq]) -> None:
         if not lane.waiting:
             return
-        groups, complete = self.scheduler.admit(lane, now)
+        joining, complete = self.scheduler.admit(lane, now)
         for seq in complete:
             self._finish(seq, "length", finished)
-        if not groups:
+        if not joining:
             return
-        planned = self._with_prefixes(lane, [s for g in groups for s in g])
+        planned = self._with_prefixes(lane, joining)
         for i, (prefix, group) in enumerate(planned):
             try:
                 self._prefill_fitting(lane, group, finished, prefix)

@@ -125,9 +125,9 @@ class Scheduler:
                 stopped.append(seq)
         return ended, stopped
 
-    def admit(self, lane: Lane, now: float) -> tuple[list[list[Seq]], list[Seq]]:
-        """Take arrivals off the queue within the budgets: their prefill groups, and the resumed sequences
-        that have nothing left to generate (to finish with "length")."""
+    def admit(self, lane: Lane, now: float) -> tuple[list[Seq], list[Seq]]:
+        """Take arrivals off the queue within the budgets: the sequences joining (the engine groups them for
+        prefill), and the resumed sequences that have nothing left to generate (to finish with "length")."""
         waiting = lane.waiting
         joining: list[Seq] = []
         complete: list[Seq] = []
@@ -147,7 +147,7 @@ class Scheduler:
             joining.append(seq)
             tokens += cost
             reserved += need
-        return (by_length(joining) if joining else []), complete
+        return joining, complete
 
 
 def by_length(seqs: list[Seq], skip: int = 0) -> list[list[Seq]]:
