@@ -4,8 +4,9 @@
 
 Starts its own redis-server and gunicorn (the launcher's command line with config.yml's web settings, API keys
 on, no generation worker), opens N connections with one key that each announce a 1000-byte submit body and send
-12 bytes, then for `--body-timeout` + 5 s times `GET /livez` and another key's `POST /v1/jobs`, each on a new
-connection (as a probe makes them), and counts how the slow connections were answered.
+12 bytes, then for `--body-timeout` + 5 s times `GET /livez` on the reserved probe port (`web.probe_port`) and on
+the main port, and another key's `POST /v1/jobs`, each on a new connection (as a probe makes them), and counts how
+the slow connections were answered.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def main() -> None:
         "QWEN_DEPLOY_LIMITS__MAX_QUEUED_UNSERVED": "100000",
         "QWEN_DEPLOY_LIMITS__MAX_INFLIGHT_PER_KEY": "100000",
     }
+    probe_port = free_port()
+    env["QWEN_DEPLOY_WEB__PROBE_PORT"] = str(probe_port)
     deployment = Deployment(env, logs=tmp, cwd=ROOT, quick_stop=True)
     deployment.start_redis(data_dir=tmp, appendonly=False)
     port = free_port()
@@ -101,6 +104,7 @@ def main() -> None:
         socks = [slow(port) for _ in range(args.slow)]
         opened = time.monotonic() - started
         until = started + args.body_timeout + 5
+        probe_livez: list[float] = []
         livez: list[float] = []
         submit: list[float] = []
         late: list[str] = []  # when (seconds after the first slow connection) a probe took over 100 ms
@@ -109,6 +113,7 @@ def main() -> None:
         def probe() -> None:
             while time.monotonic() < until:
                 for samples, call in (
+                    (probe_livez, lambda: requests.get(f"http://127.0.0.1:{probe_port}/livez", timeout=30)),
                     (livez, lambda: requests.get(url + "/livez", timeout=30)),
                     (
                         submit,
@@ -128,7 +133,8 @@ def main() -> None:
                         continue
                     samples.append(time.perf_counter() - t)
                     if samples[-1] > 0.1:
-                        late.append(f"{time.monotonic() - started:.1f} s: {samples[-1] * 1000:.0f} ms")
+                        name = "probe port" if samples is probe_livez else "main port" if samples is livez else "submit"
+                        late.append(f"{name} {time.monotonic() - started:.1f} s: {samples[-1] * 1000:.0f} ms")
                     if code not in (200, 202):
                         failures.append(str(code))
                 time.sleep(0.05)
@@ -145,7 +151,11 @@ def main() -> None:
             f"slow connections: {args.slow} opened in {opened:.1f} s; answered {counts}; "
             f"last closed {max(closed, default=0):.1f} s after the first opened"
         )
-        for name, samples in (("GET /livez", livez), ("POST /v1/jobs (other key)", submit)):
+        for name, samples in (
+            ("GET /livez, probe port (web.probe_port)", probe_livez),
+            ("GET /livez, main port", livez),
+            ("POST /v1/jobs (other key)", submit),
+        ):
             if samples:
                 print(
                     f"{name}: {len(samples)} on new connections, p50 {statistics.median(samples) * 1000:.1f} ms  "

@@ -131,6 +131,12 @@ class WebSettings(Section):
     max_body_reads_per_key: int = Field(
         64, ge=1, description="request bodies one key may have in transit per web process; past it: 429"
     )
+    probe_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="also answer GET /livez on this port, from a thread outside the connection pool (null: off)",
+    )
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

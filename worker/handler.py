@@ -17,6 +17,7 @@ from qwen_deploy.config import Settings
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.engine import INTERACTIVE, Engine, Sampling, Seq
+from worker.hub_access import load_options
 from worker.structured import compile_constraint
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class ModelHandler:
         dtype = pick_dtype(cfg.dtype, device)
         token = self.settings.token
         common = {"revision": cfg.revision, "token": token, "trust_remote_code": cfg.trust_remote_code}
+        common |= load_options(cfg.name_or_path, cfg.revision)  # fails at once when the hub cannot serve it
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
         self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `to`; its stub reads it unbound
@@ -144,14 +146,11 @@ class ModelHandler:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         cfg = self.settings.model
-        token = self.settings.token
-        config = AutoConfig.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
-        )
+        common = {"revision": cfg.revision, "token": self.settings.token, "trust_remote_code": cfg.trust_remote_code}
+        common |= load_options(cfg.name_or_path, cfg.revision)
+        config = AutoConfig.from_pretrained(cfg.name_or_path, **common)
         AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (imports the modeling module)
-        AutoTokenizer.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
-        )
+        AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -301,7 +300,13 @@ def _resolved_revision(name: str, common: dict[str, Any]) -> str | None:
         return None
     from transformers.utils import cached_file
 
-    found = cached_file(name, "config.json", revision=common["revision"], token=common["token"])
+    found = cached_file(
+        name,
+        "config.json",
+        revision=common["revision"],
+        token=common["token"],
+        local_files_only=common.get("local_files_only", False),
+    )
     if found is None:  # not cached and not downloadable: no commit to name
         return None
     path = Path(found)

@@ -1,5 +1,6 @@
 """Clients that announce a request body and never finish it cannot freeze the web server: past the per-key cap
-they get 429 at once, within it 408 at the body deadline, and meanwhile /livez and another key's submit answer
+they get 429 at once, within it 408 at the body deadline, and meanwhile /livez (on the main port and on the
+reserved `web.probe_port`) and another key's submit answer
 (gunicorn as `up` runs it, with either worker class; real redis-server, no worker)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from qwen_deploy.cli.redis_server import free_port
 from tests.conftest import StackFactory
 from tests.helpers import Stack
 
@@ -30,6 +32,7 @@ def web(stack_factory: StackFactory, request: pytest.FixtureRequest) -> Iterator
             "worker_connections": CONNECTIONS,
             "body_timeout": BODY_TIMEOUT,
             "max_body_reads_per_key": PER_KEY,
+            "probe_port": free_port(),
         }
     }
     stack = stack_factory(config, name=f"slow-bodies-{request.param}")
@@ -81,6 +84,10 @@ def test_slow_bodies_leave_livez_and_other_keys_answering(web: Stack) -> None:
     socks = [slow_request(web.url) for _ in range(SLOW)]
     try:
         assert requests.get(web.url + "/livez", timeout=20).status_code == 200
+        # the reserved probe port answers from a thread of each web process, outside the flooded pool
+        probe_port = web.deployment.settings().web.probe_port
+        reserved = requests.get(f"http://127.0.0.1:{probe_port}/livez", timeout=20)
+        assert (reserved.status_code, reserved.json()) == (200, {"status": "ok"})
         submitted = requests.post(
             web.url + "/v1/jobs", json={"prompt": "x"}, headers={"Authorization": f"Bearer {K2}"}, timeout=20
         )
