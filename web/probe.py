@@ -71,7 +71,7 @@ def _originals() -> tuple[Any, Any, bool]:
     import socket
 
     try:
-        from gevent import monkey
+        from gevent import monkey  # type: ignore[import-untyped]
     except ImportError:
         return socket.socket, _thread.start_new_thread, False
     if not monkey.is_module_patched("socket"):
@@ -102,7 +102,7 @@ def _serve(listener: Any, beat: Beat, stale_after: float) -> None:
 
 
 def _tick(beat: Beat) -> None:
-    import gevent
+    import gevent  # type: ignore[import-untyped]
 
     while True:
         beat.last = time.monotonic()
@@ -123,7 +123,7 @@ def start(host: str, port: int, stale_after: float = STALE_AFTER) -> Any:
     listener.listen(64)
     beat = Beat()
     if patched:
-        import gevent
+        import gevent  # type: ignore[import-untyped]
 
         beat.last = time.monotonic()
         gevent.spawn(_tick, beat)
