@@ -102,7 +102,7 @@ def _serve(listener: Any, beat: Beat, stale_after: float) -> None:
 
 
 def _tick(beat: Beat) -> None:
-    import gevent  # type: ignore[import-untyped]
+    import gevent
 
     while True:
         beat.last = time.monotonic()
@@ -123,7 +123,7 @@ def start(host: str, port: int, stale_after: float = STALE_AFTER) -> Any:
     listener.listen(64)
     beat = Beat()
     if patched:
-        import gevent  # type: ignore[import-untyped]
+        import gevent
 
         beat.last = time.monotonic()
         gevent.spawn(_tick, beat)
