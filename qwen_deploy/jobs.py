@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -34,17 +35,47 @@ def _flat(fields: dict[str, Any]) -> list[str]:
     return [part for item in strings(fields).items() for part in item]
 
 
+class ClaimOutcome(StrEnum):
+    """What a claim did with one job."""
+
+    RUN = "run"  # claimed for this engine
+    MINE = "mine"  # this worker already holds it
+    BUSY = "busy"  # another live worker holds it (detail: the holder)
+    SKIP = "skip"  # it has ended (detail: its status)
+    MISSING = "missing"  # no such record (expired)
+    EXHAUSTED = "exhausted"  # past its deliveries: failed worker_lost (detail: the delivery count)
+    OTHER = "other"  # another model's job, never claimed (detail: its model)
+
+
 @dataclass(frozen=True)
 class Claim:
     """One entry of a CLAIM reply."""
 
-    outcome: str  # run | mine | busy | skip | missing | exhausted | other (another model's job)
+    outcome: ClaimOutcome
     job_id: str
-    detail: str  # the holder (busy), the status (skip)
-    request: str
-    attempt: str
-    out_ids: str  # generated ids already streamed (a re-run resumes from them)
-    text: str  # the text already streamed
+    detail: str = ""  # the holder (busy), the status (skip), the model (other), the deadline (run; "" for none)
+    request: str = ""  # run: the stored request (JSON)
+    attempt: int = 0  # run: this delivery's number
+    out_ids: list[int] | None = None  # run: the ids already streamed (a re-run resumes from them)
+    text: str = ""  # run: the text already streamed
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> Claim:
+        entry = json.loads(raw)
+        return cls(
+            outcome=ClaimOutcome(entry["outcome"]),
+            job_id=entry["id"],
+            detail=entry["detail"],
+            request=entry["request"],
+            attempt=int(entry["attempt"]),
+            out_ids=json.loads(entry["out_ids"]) if entry["out_ids"] else None,
+            text=entry["text"],
+        )
+
+    @property
+    def deadline(self) -> float | None:
+        """A run's deadline (absolute time), if the job has one."""
+        return float(self.detail) if self.outcome is ClaimOutcome.RUN and self.detail else None
 
 
 @dataclass(frozen=True)
@@ -124,7 +155,28 @@ class JobStore(JobRecords):
         idem = self.idem_key(idempotency_key, owner, route) if idempotency_key else ""
         floor = f"{JOB_ID_PREFIX}{max(0, int((now - self.ttl) * 1000)):012x}"
         score = PRIORITY_RANK[priority] * 1e10 + float(fields["created_at"])
+        engine_model = model or self.default_model
+        keys = {
+            "job": self.key(job_id),
+            "queue": self.queue_key(queue),
+            "idem": idem,
+            "active": self.active_key(),
+            "index": self.index_key(owner) if owner else "",
+            "inflight": self.inflight_key(owner) if owner and max_inflight else "",
+            "pending": self.pending_key(model) if engine else "",
+            "served": self.model_workers_key(engine_model) if engine and unserved_cap is not None else "",
+            "deadlines": self.deadlines_key() if deadline is not None else "",
+            "fair": self.fair_key(model) if engine and fair_cost > 0 else "",
+        }
         options = {
+            "keys": {name: key for name, key in keys.items() if key},  # a key left out is not used
+            "prefix": self.prefix,
+            "id": job_id,
+            "message": message,
+            "ttl": self.ttl,
+            "max_depth": max_depth,
+            "reap_at": repr(now + self.reap_after),
+            "fields": strings(fields),
             "body": body_hash,
             "max_inflight": max_inflight,
             "job_key": self.key(""),
@@ -137,34 +189,10 @@ class JobStore(JobRecords):
             "owner": owner,
             "fair_cost": fair_cost,
             "unserved_cap": -1 if unserved_cap is None else unserved_cap,
-            "model": model or self.default_model,
+            "model": engine_model,
             "max_batch": self.max_batch,
         }
-        served = self.model_workers_key(model or self.default_model) if engine and unserved_cap is not None else ""
-        status, value, *standing = self._grouped(
-            self._submit,
-            keys=[
-                self.key(job_id),
-                self.queue_key(queue),
-                idem,
-                self.active_key(),
-                self.index_key(owner) if owner else "",
-                self.inflight_key(owner) if owner and max_inflight else "",
-                self.pending_key(model) if engine else "",
-                served,
-                self.deadlines_key() if deadline is not None else "",
-                self.fair_key(model) if engine and fair_cost > 0 else "",
-            ],
-            args=[
-                self.ttl,
-                max_depth,
-                message,
-                job_id,
-                repr(now + self.reap_after),
-                dumpb(options),
-                dumpb(strings(fields)),
-            ],  # one argument: redis-py packs each one
-        )
+        status, value, *standing = self._grouped(self._submit, keys=[], args=[dumpb(options)])
         status, value = _text(status), _text(value)
         if status == "ok" and self.wait_replicas:
             self.replicated()
@@ -245,25 +273,25 @@ class JobStore(JobRecords):
             "message": (f"the worker running this job died {max_deliveries} time(s); the job was not retried again"),
         }
         now = time.time()
-        flat = self._claim(
+        options = {
+            "prefix": self.prefix,
+            "now": repr(now),
+            "worker": worker,
+            "lease_until": repr(now + lease),
+            "max_deliveries": max_deliveries,
+            "ttl": self.ttl,
+            "exhausted": json.dumps(error),
+            "room": room,
+            "takeover": takeover or None,
+            "job_id": job_id or None,
+            "model": model or self.default_model,
+            "default_model": self.default_model,
+        }
+        replies = self._claim(
             keys=[self.pending_key(model), self.active_key(), self.stats_key(), self.held_key(worker)],
-            args=[
-                self.prefix,
-                repr(now),
-                worker,
-                repr(now + lease),
-                max_deliveries,
-                self.ttl,
-                json.dumps(error),
-                room,
-                takeover,
-                job_id,
-                model or self.default_model,
-                self.default_model,
-            ],
+            args=[json.dumps({k: v for k, v in options.items() if v is not None})],
         )
-        flat = [_text(v) for v in flat]
-        return [Claim(*flat[i : i + 7]) for i in range(0, len(flat), 7)]
+        return [Claim.parse(reply) for reply in replies]
 
     def progress_pipeline(self) -> Any:
         return self.r.pipeline(transaction=False)

@@ -45,7 +45,7 @@ def generate(self: object, job_id: str) -> str:
     end = slice_end(_soft_limit(self))
     outcome = driver.claim_job(job_id)  # type: ignore[attr-defined]
     if outcome not in ("run", "mine"):
-        return outcome
+        return str(outcome)  # a ClaimOutcome
     try:
         driver.drive(lambda: job_id not in driver.jobs, end)  # type: ignore[attr-defined]
     except SoftTimeLimitExceeded:

@@ -26,7 +26,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from qwen_deploy.job_records import _text
-from qwen_deploy.jobs import JobStore
+from qwen_deploy.jobs import Claim, ClaimOutcome, JobStore
 from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.served import Served
@@ -66,13 +66,13 @@ class Driver:
         self.soft_hit = False
 
     # -- claims ----------------------------------------------------------------------------------
-    def claim_job(self, job_id: str) -> str:
-        """Claim one job for this engine: run | mine | busy | skip | missing | exhausted."""
+    def claim_job(self, job_id: str) -> ClaimOutcome:
+        """Claim one job for this engine: run | mine | busy | skip | missing | exhausted | other."""
         if job_id in self.jobs:
-            return "mine"
+            return ClaimOutcome.MINE
         claims = self._claim(1, job_id=job_id)
         outcome = claims[0] if claims else None
-        if outcome and outcome.outcome == "busy" and not holder_alive(outcome.detail):
+        if outcome and outcome.outcome is ClaimOutcome.BUSY and not holder_alive(outcome.detail):
             dead = outcome.detail  # its child was killed: take over its job and everything else it held
             claims = self._claim(1, job_id=job_id, takeover=dead)
             self._admit(claims, taken_over=True)
@@ -81,12 +81,12 @@ class Driver:
         else:
             self._admit(claims)
         if outcome is None:
-            return "missing"
-        if outcome.outcome not in ("run", "mine"):
+            return ClaimOutcome.MISSING
+        if outcome.outcome not in (ClaimOutcome.RUN, ClaimOutcome.MINE):
             event(log, "job.skipped", logging.INFO, id=job_id, reason=outcome.outcome, detail=outcome.detail or None)
         return outcome.outcome
 
-    def _claim(self, room: int, job_id: str = "", takeover: str = "") -> list[Any]:
+    def _claim(self, room: int, job_id: str = "", takeover: str = "") -> list[Claim]:
         return self.store.claim(
             self.worker, self.lease, self.max_deliveries, room, job_id=job_id, takeover=takeover, model=self.model
         )
@@ -96,17 +96,17 @@ class Driver:
         if room > 0:
             self._admit(self._claim(room))
 
-    def _admit(self, claims: list[Any], taken_over: bool = False) -> None:
+    def _admit(self, claims: list[Claim], taken_over: bool = False) -> None:
         budget = self.settings.limits.generation_budget
         for c in claims:
-            if c.outcome != "run":
+            if c.outcome is not ClaimOutcome.RUN:
                 continue
             if taken_over:  # the dead process's worker may have held the job's message unacked
                 drop_unacked(self.store.r, self.store.prefix, unacked_tags(self.store.r, self.store.prefix, c.job_id))
-            deadline = float(c.detail) if c.detail else None  # a run's detail is its deadline
+            deadline = c.deadline
             try:
                 req = GenerationRequest.from_dict(json.loads(c.request))
-                resume = json.loads(c.out_ids) if c.out_ids and int(c.attempt) > 1 else None
+                resume = c.out_ids if c.attempt > 1 else None
                 seqs, prompt_tokens, truncated = self.handler.sequences(
                     req,
                     c.job_id,
@@ -121,7 +121,7 @@ class Driver:
                     c.job_id, "failed", {"error": {"code": code, "message": str(exc)}}, holder=self.worker
                 )
                 continue
-            job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, int(c.attempt), deadline=deadline)
+            job = RunningJob(c.job_id, req, seqs, prompt_tokens, truncated, c.attempt, deadline=deadline)
             if resume:
                 job.sent, job.sent_tokens = c.text, len(resume)
             self.jobs[c.job_id] = job
@@ -133,7 +133,7 @@ class Driver:
                 id=c.job_id,
                 queue="interactive",
                 worker=self.worker,
-                attempt=int(c.attempt),
+                attempt=c.attempt,
                 resumed_tokens=len(resume or []),
             )
 

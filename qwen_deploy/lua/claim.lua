@@ -2,23 +2,24 @@
 -- into this worker's engine, atomically: queued|orphaned -> running, worker, attempt, lease. The job's
 -- queued message (a wake-up for idle workers) is removed: the record, not the message, says who runs it.
 -- KEYS: pending, active, stats, held (this worker's set of claimed job ids).
--- ARGV: prefix, now, worker, lease until, max deliveries, ttl, exhausted error json, room,
---       takeover (a holder known to be dead, or ''), job id ('' = scan pending and expired leases),
---       this engine's model alias, the default alias (a record without `model` is the default's).
--- Returns a flat list of entries {outcome, id, detail, request, attempt, out_ids, text}; outcome is
+-- ARGV[1], a JSON object: prefix, now, worker, lease_until, max_deliveries, ttl, exhausted (the error of a job
+--   past its deliveries), room, takeover (a holder known to be dead; absent: none), job_id (absent: scan pending
+--   and expired leases), model (this engine's alias), default_model (a record without `model` is the default's).
+-- Returns a list of JSON objects {outcome, id, detail, request, attempt, out_ids, text}; outcome is
 -- run | mine | busy | skip | missing | exhausted | other (another model's job: never claimed)
 -- (detail: the holder for busy, the status for skip, the job's model for other, the deadline for run).
 -- A job past its deadline is closed `canceled` (deadline_exceeded) instead of claimed.
 -- Pending is scored by priority rank * 1e10 + submit time: high, then normal, then low, FIFO within.
 --#include common
-local prefix, now, me, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local max_deliveries, ttl, exhausted, room, takeover = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local my_model, default_model = ARGV[11], ARGV[12]
+local opt = cjson.decode(ARGV[1])
+local prefix, now_s, me, lease = opt.prefix, opt.now, opt.worker, opt.lease_until
+local now = tonumber(now_s)
+local max_deliveries, ttl, exhausted, room = opt.max_deliveries, opt.ttl, opt.exhausted, opt.room
+local takeover, my_model, default_model = opt.takeover or '', opt.model, opt.default_model
 local out = {}
 local function put(outcome, id, detail, req, attempt, ids, text)
-  for _, v in ipairs({outcome, id, detail or '', req or '', attempt or '0', ids or '', text or ''}) do
-    out[#out + 1] = v
-  end
+  out[#out + 1] = cjson.encode({outcome = outcome, id = id, detail = detail or '', request = req or '',
+                                attempt = tonumber(attempt or '0'), out_ids = ids or '', text = text or ''})
 end
 local function claim(id)
   local job = prefix .. ':job:' .. id
@@ -45,20 +46,20 @@ local function claim(id)
     if old then redis.call('SREM', old, id) end
   end
   if past_deadline(job, now) then  -- queued (or orphaned) past its deadline: never started again
-    close_at_deadline(job, KEYS[3], KEYS[2], KEYS[1], ARGV[2], ttl)
+    close_at_deadline(job, KEYS[3], KEYS[2], KEYS[1], now_s, ttl)
     put('skip', id, 'canceled')
     return false
   end
   local n = redis.call('HINCRBY', job, 'deliveries', 1)
   if n > max_deliveries then
     redis.call('HSET', job, 'error', exhausted, 'finish_reason', 'error')
-    close_job(job, job .. ':ev', KEYS[3], KEYS[2], KEYS[1], 'failed', ARGV[2], ttl)
+    close_job(job, job .. ':ev', KEYS[3], KEYS[2], KEYS[1], 'failed', now_s, ttl)
     put('exhausted', id, tostring(n))
     return false
   end
   if n == 1 then
     observe_in(KEYS[3], 'queue_seconds', now - tonumber(redis.call('HGET', job, 'created_at')))
-    redis.call('HSET', job, 'started_at', ARGV[2], 'tokens', 0, 'text', '')
+    redis.call('HSET', job, 'started_at', now_s, 'tokens', 0, 'text', '')
   end
   local qm = redis.call('HMGET', job, 'queue', 'message')
   if qm[1] and qm[2] then redis.call('LREM', prefix .. ':' .. qm[1], 1, qm[2]) end  -- its wake-up message is not needed now
@@ -67,13 +68,13 @@ local function claim(id)
   redis.call('ZADD', KEYS[2], lease, id)
   redis.call('SADD', KEYS[4], id)
   redis.call('XADD', job .. ':ev', '*', 'type', 'status', 'status', 'running', 'attempt', n)
-  if n == 1 then notify_job(job, KEYS[3], 'start', ARGV[2]) end
+  if n == 1 then notify_job(job, KEYS[3], 'start', now_s) end
   local f = redis.call('HMGET', job, 'request', 'out_ids', 'text')
   put('run', id, redis.call('HGET', job, 'deadline') or '', f[1], tostring(n), f[2], f[3])
   return true
 end
-if ARGV[10] ~= '' then
-  claim(ARGV[10])
+if opt.job_id then
+  claim(opt.job_id)
   return out
 end
 if takeover ~= '' then  -- every job the dead holder had claimed

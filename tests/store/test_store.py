@@ -14,7 +14,7 @@ from qwen_deploy.batches import BatchStore
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
 from qwen_deploy.job_records import new_job_id
-from qwen_deploy.jobs import JobStore
+from qwen_deploy.jobs import ClaimOutcome, JobStore
 from qwen_deploy.queues import BULK, GENERATE_TASK, INTERACTIVE, task_message
 from qwen_deploy.webhook_store import WebhookStore
 from web.services.files import FileStore
@@ -33,8 +33,8 @@ def test_claim_runs_a_queued_job_once_and_drops_its_wake_up_message(store: JobSt
     assert store.r.ttl(store.key(first)) == -1  # no TTL while not terminal
     claims = store.claim("host:1", lease=30, max_deliveries=2, room=8)
     assert [(c.outcome, c.job_id, json.loads(c.request)["prompt"], c.attempt) for c in claims] == [
-        ("run", first, "a", "1"),
-        ("run", second, "b", "1"),
+        (ClaimOutcome.RUN, first, "a", 1),
+        (ClaimOutcome.RUN, second, "b", 1),
     ]  # oldest first
     assert store.r.llen(store.queue_key(INTERACTIVE)) == 0 and store.r.zcard(store.pending_key()) == 0
     assert store.r.smembers(store.held_key("host:1")) == {first, second}
@@ -82,10 +82,10 @@ def test_an_expired_lease_is_claimed_again_and_resumes(store: JobStore) -> None:
     store.queue_progress(pipe, job, "host:1", lease_until=0, tokens=2, text=" pass", delta=" pass", out_ids=[5, 6])
     pipe.execute()
     [again] = store.claim("host:2", 30, 2, 8)
-    assert (again.outcome, again.job_id, again.attempt, json.loads(again.out_ids), again.text) == (
-        "run",
+    assert (again.outcome, again.job_id, again.attempt, again.out_ids, again.text) == (
+        ClaimOutcome.RUN,
         job,
-        "2",
+        2,
         [5, 6],
         " pass",
     )
@@ -98,7 +98,7 @@ def test_takeover_of_a_dead_holder_and_exhausted_runs(store: JobStore) -> None:
     store.claim("host:1", 30, 2, 8)
     taken = store.claim("host:2", 30, 2, 8, takeover="host:1")
     assert sorted(c.job_id for c in taken if c.outcome == "run") == sorted(jobs)
-    assert all(c.attempt == "2" for c in taken)
+    assert all(c.attempt == 2 for c in taken)
     [last] = store.claim("host:3", 30, 2, 1, job_id=jobs[0], takeover="host:2")
     assert last.outcome == "exhausted"
     record = store.get(jobs[0])
