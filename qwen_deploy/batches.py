@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import redis
 
-from qwen_deploy.job_records import _text, mapping
+from qwen_deploy.job_records import as_text, mapping
 from qwen_deploy.keys import BatchKeys, WebhookKeys, queue_key, stats_key
 from qwen_deploy.lua import script
 from qwen_deploy.states import BATCH_TERMINAL
@@ -69,7 +69,7 @@ class BatchStore:
             if rank is None:
                 return None
             start = int(cast(int, rank)) + 1  # ZREVRANK without WITHSCORE: an int
-        ids = [_text(i) for i in self.r.zrevrange(index, start, start + limit)]
+        ids = [as_text(i) for i in self.r.zrevrange(index, start, start + limit)]
         return ids[:limit], len(ids) > limit
 
     def keys(self, batch_id: str) -> tuple[str, str, str, str]:
@@ -120,10 +120,10 @@ class BatchStore:
         depth = int(pipe.llen(queue_key(self.prefix, caps.queue)))
         if new_tasks and depth + new_tasks > caps.max_depth:
             return ("queue_full", depth), []
-        open_ids = [_text(i) for i in pipe.zrange(caps.open_key, 0, -1)]
+        open_ids = [as_text(i) for i in pipe.zrange(caps.open_key, 0, -1)]
         if len(open_ids) < caps.max_open:
             return ("ok", 0), []
-        statuses = [_text(pipe.hget(self.key(i), "status")) for i in open_ids]
+        statuses = [as_text(pipe.hget(self.key(i), "status")) for i in open_ids]
         done = [i for i, st in zip(open_ids, statuses) if not st or st in TERMINAL]
         if len(open_ids) - len(done) >= caps.max_open:
             return ("too_many", len(open_ids) - len(done)), []
@@ -155,21 +155,21 @@ class BatchStore:
 
     def get(self, batch_id: str) -> dict[str, str] | None:
         raw = self.r.hgetall(self.key(batch_id))
-        return {_text(k): _text(v) for k, v in raw.items()} or None
+        return {as_text(k): as_text(v) for k, v in raw.items()} or None
 
     def requests(self, batch_id: str, start: int, end: int) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.r.lrange(self.keys(batch_id)[1], start, end - 1)]
 
     def results(self, batch_id: str, after: int, limit: int | None = None) -> list[str]:
         end = -1 if limit is None else after + limit - 1
-        return [_text(line) for line in self.r.lrange(self.keys(batch_id)[2], after, end)]
+        return [as_text(line) for line in self.r.lrange(self.keys(batch_id)[2], after, end)]
 
     def status(self, batch_id: str) -> str:
-        return _text(self.r.hget(self.key(batch_id), "status"))
+        return as_text(self.r.hget(self.key(batch_id), "status"))
 
     def cancel(self, batch_id: str, owner: str = "") -> str:
         """The status before the call ('missing' also for a batch of another owner than `owner`, when given)."""
-        return _text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time()), owner]))
+        return as_text(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time()), owner]))
 
     def chunk_recorded(self, batch_id: str, start: int) -> bool:
         """Whether this micro-batch's lines are already in (a redelivered message is then skipped)."""

@@ -55,7 +55,8 @@ def mapping(fields: dict[str, Any]) -> dict[EncodableT, EncodableT]:
     return {k: v for k, v in strings(fields).items()}
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply as text: bytes decoded, None as "", anything else by str()."""
     return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
 
 
@@ -69,17 +70,17 @@ class JobRecords(JobKeys):
     def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:
         """Up to `count` of the owner's job ids, newest first, older than `after` when given."""
         top = f"({after}" if after else "+"
-        return [_text(i) for i in self.r.zrevrangebylex(self.index_key(owner), top, "-", 0, count)]
+        return [as_text(i) for i in self.r.zrevrangebylex(self.index_key(owner), top, "-", 0, count)]
 
     def get_many(self, job_ids: list[str]) -> list[dict[str, str] | None]:
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.key(job_id))
-        return [{_text(k): _text(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+        return [{as_text(k): as_text(v) for k, v in raw.items()} or None for raw in pipe.execute()]
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.r.hgetall(self.key(job_id))
-        return {_text(k): _text(v) for k, v in raw.items()} or None
+        return {as_text(k): as_text(v) for k, v in raw.items()} or None
 
     def read_events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """Events after last_id, waiting up to block_ms for the first one."""
@@ -89,7 +90,7 @@ class JobRecords(JobKeys):
         )
         if not reply:
             return []
-        return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in reply[0][1]]
+        return [(as_text(i), {as_text(k): as_text(v) for k, v in f.items()}) for i, f in reply[0][1]]
 
 
 def public_job(record: dict[str, str]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from qwen_deploy.group_commit import GroupCommit
-from qwen_deploy.job_records import JOB_ID_PREFIX, JobRecords, _text, strings
+from qwen_deploy.job_records import JOB_ID_PREFIX, JobRecords, as_text, strings
 from qwen_deploy.jsontext import dumpb
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
@@ -193,13 +193,13 @@ class JobStore(JobRecords):
             "max_batch": self.max_batch,
         }
         status, value, *standing = self._grouped(self._submit, keys=[], args=[dumpb(options)])
-        status, value = _text(status), _text(value)
+        status, value = as_text(status), as_text(value)
         if status == "ok" and self.wait_replicas:
             self.replicated()
         if status in ("full", "inflight", "unavailable"):
             return SubmitResult(status, job_id, int(value))
         if standing:
-            rate = float(_text(standing[1]) or 0) or None
+            rate = float(as_text(standing[1]) or 0) or None
             return SubmitResult(status, value, position=int(standing[0]), rate=rate, free=int(standing[2]))
         return SubmitResult(status, value)
 
@@ -228,12 +228,12 @@ class JobStore(JobRecords):
                 repr(time.time() + running_for),
             ],
         )
-        return _text(status), _text(value)
+        return as_text(status), as_text(value)
 
     def cancel(self, job_id: str, owner: str = "") -> str:
         """Cancel: 'canceled' (was queued), 'canceling' (running), 'terminal:<status>', or 'missing' (also
         for a job of another owner than `owner`, when given: it is left untouched)."""
-        return _text(self._cancel(keys=self._keys(job_id), args=[repr(time.time()), self.ttl, owner]))
+        return as_text(self._cancel(keys=self._keys(job_id), args=[repr(time.time()), self.ttl, owner]))
 
     def finish(
         self,
@@ -331,4 +331,4 @@ class JobStore(JobRecords):
         pipe.hset(self.key(job_id), "progress", json.dumps(progress))
         pipe.xadd(self.events_key(job_id), {"type": "progress", "progress": json.dumps(progress)})
         pipe.hget(self.key(job_id), "cancel")
-        return _text(pipe.execute()[-1]) == "1"
+        return as_text(pipe.execute()[-1]) == "1"

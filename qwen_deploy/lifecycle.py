@@ -18,7 +18,7 @@ import json
 import time
 from typing import Any
 
-from qwen_deploy.job_records import _text, public_job
+from qwen_deploy.job_records import as_text, public_job
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import script
 
@@ -41,7 +41,7 @@ def sweep_deadlines(store: JobStore, job_ids: list[str] | None = None, limit: in
     closed = store.r.register_script(script("deadline"))(
         keys=_keys(store), args=[store.prefix, repr(time.time()), store.ttl, limit, *(job_ids or [])]
     )
-    return [_text(i) for i in closed]
+    return [as_text(i) for i in closed]
 
 
 def current(store: JobStore, record: dict[str, str]) -> dict[str, str]:
@@ -59,7 +59,7 @@ def purge(store: JobStore, queue: str, pending: bool) -> int:
     source = store.pending_key() if pending else store.active_key()
     total, offset = 0, 0
     while True:
-        ids = [_text(i) for i in store.r.zrange(source, offset, offset + PURGE_PAGE - 1)]
+        ids = [as_text(i) for i in store.r.zrange(source, offset, offset + PURGE_PAGE - 1)]
         if not ids:
             return total
         closed = int(
@@ -98,7 +98,7 @@ def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str
             *(j["id"] for j in queued),
         ],
     )
-    per_second = float(_text(rate)) if _text(rate) else None
+    per_second = float(as_text(rate)) if as_text(rate) else None
     for job, rank, free in zip(queued, standing[::2], standing[1::2]):
         if int(rank) >= 0:
             job["queue_position"] = int(rank)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from qwen_deploy.job_records import _text, strings
+from qwen_deploy.job_records import as_text, strings
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import script
 
@@ -43,4 +43,4 @@ def fail_queued(store: JobStore, job_id: str, error: dict[str, str]) -> bool:
 def fail_pending(store: JobStore, model: str | None, error: dict[str, str], limit: int = 1000) -> int:
     """Fail the queued jobs in `model`'s pending set (up to `limit` per call); how many it failed."""
     ids = store.r.zrange(store.pending_key(model), 0, limit - 1)
-    return sum(fail_queued(store, _text(job_id), error) for job_id in ids)
+    return sum(fail_queued(store, as_text(job_id), error) for job_id in ids)

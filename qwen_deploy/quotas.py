@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import redis
 
-from qwen_deploy.job_records import _text
+from qwen_deploy.job_records import as_text
 from qwen_deploy.keys import quota_keys
 from qwen_deploy.lua import script
 
@@ -37,4 +37,4 @@ class Quota:
         return self._run(0, "", 0, 0.0, entries)[1]
 
     def entries(self) -> list[str]:
-        return [_text(e) for e in self.r.zrange(self.keys[0], 0, -1)]
+        return [as_text(e) for e in self.r.zrange(self.keys[0], 0, -1)]

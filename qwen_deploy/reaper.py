@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from qwen_deploy.job_records import _text
+from qwen_deploy.job_records import as_text
 from qwen_deploy.jobs import TERMINAL, JobStore
 from qwen_deploy.keys import unacked_index_key, unacked_key
 from qwen_deploy.lifecycle import sweep_deadlines
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def unacked_tags(client: redis.Redis, prefix: str, job_id: str) -> list[str]:
     """Delivery tags of unacked copies of this job's message (held by a Celery consumer)."""
     needle = f'"id": "{job_id}"'
-    unacked = {_text(tag): _text(raw) for tag, raw in client.hgetall(unacked_key(prefix)).items()}
+    unacked = {as_text(tag): as_text(raw) for tag, raw in client.hgetall(unacked_key(prefix)).items()}
     return [tag for tag, raw in unacked.items() if needle in raw or f'"id":"{job_id}"' in raw]
 
 
@@ -46,7 +46,7 @@ def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 
     client, now = store.r, time.time()
     due = client.zrangebyscore(store.active_key(), "-inf", now, start=0, num=limit)
     counts = {"requeued": 0, "failed": 0, "waiting": 0, "done": 0}
-    for job_id in map(_text, due):
+    for job_id in map(as_text, due):
         try:
             counts[_reap_one(store, job_id, now, max_deliveries, running_for)] += 1
         except Exception as exc:  # one bad entry must not stop the pass

@@ -23,7 +23,7 @@ import redis
 
 from qwen_deploy.config import Settings
 from qwen_deploy.connections import settings_client
-from qwen_deploy.job_records import _text, public_job
+from qwen_deploy.job_records import as_text, public_job
 from qwen_deploy.keys import JobKeys, WebhookKeys
 from qwen_deploy.lua import script
 from qwen_deploy.states import JOB_TERMINAL
@@ -79,8 +79,8 @@ class WebhookStore(WebhookKeys):
         """Add an `output` delivery for each watched running job whose output changed; forget ended jobs."""
         added = 0
         for job_id in self._claim(keys=[self.watch_key()], args=[repr(time.time()), self.hooks.output_interval, limit]):
-            job_id = _text(job_id)
-            status = _text(self.r.hget(self.jobs.key(job_id), "status"))
+            job_id = as_text(job_id)
+            status = as_text(self.r.hget(self.jobs.key(job_id), "status"))
             if not status or status in JOB_TERMINAL:
                 self.r.zrem(self.watch_key(), job_id)
             elif status == "running":
@@ -89,13 +89,13 @@ class WebhookStore(WebhookKeys):
 
     # -- sending --------------------------------------------------------------------------------
     def claim(self, limit: int = 64) -> list[str]:
-        return [_text(m) for m in self._claim(keys=[self.due_key()], args=[repr(time.time()), self.lease, limit])]
+        return [as_text(m) for m in self._claim(keys=[self.due_key()], args=[repr(time.time()), self.lease, limit])]
 
     def claim_spread(self, free: int, busy: Counter[str], cap: int) -> list[tuple[str, str]]:
         """Claim up to `free` due deliveries, at most `cap` in flight per receiver counting `busy` (in flight
         per ``host:port``); a due one whose receiver is full waits `DEFER` seconds. (msg id, receiver) pairs."""
         now = time.time()
-        due = [_text(m) for m in self.r.zrangebyscore(self.due_key(), "-inf", now, start=0, num=SCAN)]
+        due = [as_text(m) for m in self.r.zrangebyscore(self.due_key(), "-inf", now, start=0, num=SCAN)]
         if not due:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -105,7 +105,7 @@ class WebhookStore(WebhookKeys):
         take: dict[str, str] = {}  # msg id -> receiver
         later: list[str] = []
         for msg_id, url in zip(due, pipe.execute(), strict=True):
-            dest = destination(_text(url)) if url else ""
+            dest = destination(as_text(url)) if url else ""
             if dest and load[dest] >= cap:
                 later.append(msg_id)
             elif len(take) < free:
@@ -114,7 +114,7 @@ class WebhookStore(WebhookKeys):
         claimed = self._claim_members(
             keys=[self.due_key()], args=[repr(now), self.lease, DEFER, len(take), *take, *later]
         )
-        return [(msg_id, take[msg_id]) for msg_id in map(_text, claimed)]
+        return [(msg_id, take[msg_id]) for msg_id in map(as_text, claimed)]
 
     def payload(self, delivery: dict[str, str]) -> str:
         """The body: the same bytes on every attempt (built from the snapshot taken at the event)."""
@@ -129,7 +129,7 @@ class WebhookStore(WebhookKeys):
     def deliver(self, msg_id: str) -> Attempt | None:
         """One attempt of a claimed delivery; then reschedule it or close it."""
         raw = self.r.hgetall(self.delivery_key(msg_id))
-        delivery = {_text(k): _text(v) for k, v in raw.items()}
+        delivery = {as_text(k): as_text(v) for k, v in raw.items()}
         if not delivery.get("record") or delivery.get("state"):
             self.r.zrem(self.due_key(), msg_id)
             return None

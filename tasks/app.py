@@ -19,6 +19,7 @@ from qwen_deploy.queues import (
     WEBHOOKS,
     WEBHOOKS_TASK,
 )
+from tasks.process_hooks import PromptRespawn
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -75,11 +76,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery(
         "qwen_deploy",
-        include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.lifecycle", "tasks.webhooks"],
+        include=["tasks.generation", "tasks.batches", "tasks.conversion", "tasks.process_hooks", "tasks.webhooks"],
     )
     app.conf.update(celery_config(settings))
-    from tasks.lifecycle import PromptRespawn
-
     app.steps["worker"].add(PromptRespawn)
     return app
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from qwen_deploy.batches import TERMINAL
 from qwen_deploy.errors import QuotaExceeded
-from qwen_deploy.job_records import _text
+from qwen_deploy.job_records import as_text
 from qwen_deploy.quotas import Quota
 from web.auth import current_owner
 from web.context import current_services
@@ -28,7 +28,7 @@ def reserve(batch_id: str, size: int, expires_at: float) -> None:
     pipe = svc.redis.pipeline(transaction=False)
     for entry in entries:
         pipe.hget(svc.batches.key(entry), "status")
-    ended = [e for e, status in zip(entries, pipe.execute()) if not status or _text(status) in TERMINAL]
+    ended = [e for e, status in zip(entries, pipe.execute()) if not status or as_text(status) in TERMINAL]
     limit = svc.settings.batches.max_open_bytes_per_key
     counted, used = quota.reserve(batch_id, size, limit, expires_at + LAPSE_GRACE, ended)
     if not counted:

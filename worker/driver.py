@@ -25,7 +25,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from qwen_deploy.job_records import _text
+from qwen_deploy.job_records import as_text
 from qwen_deploy.jobs import Claim, ClaimOutcome, JobStore
 from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
@@ -167,7 +167,7 @@ class Driver:
         key = self.store.engines_key(socket.gethostname(), self.model)
         client = self.store.r
         client.sadd(key, self.worker)
-        for holder in map(_text, client.smembers(key)):
+        for holder in map(as_text, client.smembers(key)):
             if holder != self.worker and not holder_alive(holder):
                 self._admit(self._claim(self.engine.room(), takeover=holder), taken_over=True)
                 client.srem(key, holder)

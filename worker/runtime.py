@@ -152,6 +152,11 @@ def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
             log.warning("heartbeat failed: %s", exc)
 
 
+def loaded() -> bool:
+    """Whether this process loaded its model."""
+    return _handler is not None
+
+
 def get_handler() -> ModelHandler:
     if _handler is None:
         raise RuntimeError("the model is not loaded in this process")

@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from qwen_deploy.errors import QuotaExceeded
-from qwen_deploy.job_records import _text, mapping, new_id
+from qwen_deploy.job_records import as_text, mapping, new_id
 from qwen_deploy.keys import FileKeys
 from qwen_deploy.quotas import Quota
 from web.auth import current_owner
@@ -76,11 +76,11 @@ class FileStore:
         values = dict(zip(fields, self.r.hmget(self.key(file_id), fields)))
         if not values["id"] or values.pop("owner") != self.owner:  # another key's file: not found
             return None
-        return {k: _text(v) for k, v in values.items()}
+        return {k: as_text(v) for k, v in values.items()}
 
     def content(self, file_id: str) -> str | None:
         raw = self.r.hget(self.key(file_id), "content") if self.meta(file_id) else None
-        return None if raw is None else _text(raw)
+        return None if raw is None else as_text(raw)
 
     def delete(self, file_id: str) -> bool:
         if self.meta(file_id) is None:
@@ -98,7 +98,7 @@ class FileStore:
     def ids(self) -> list[str]:
         """Newest first."""
         self.r.zremrangebyscore(self.index(), "-inf", time.time() - self.ttl)
-        return [_text(i) for i in self.r.zrevrange(self.index(), 0, -1)]
+        return [as_text(i) for i in self.r.zrevrange(self.index(), 0, -1)]
 
 
 def file_object(meta: dict[str, Any], ttl: int | None = None) -> dict[str, Any]:

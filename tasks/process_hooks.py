@@ -1,4 +1,8 @@
-"""Worker process hooks: the model loads in each prefork child, never in the parent."""
+"""Worker process hooks: the model loads in each prefork child, never in the parent.
+
+The hooks read the worker's app as Celery's current app, so this module never imports `tasks.app` (which
+imports it for its bootstep).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import logging
 import os
 import sys
 
-from celery import bootsteps, signals
+from celery import bootsteps, current_app, signals
 
 from qwen_deploy.config import get_settings
 from qwen_deploy.queues import GENERATION_QUEUES
@@ -66,15 +70,13 @@ def _before_fork(sender: object = None, **_: object) -> None:
     in the parent: the model itself still loads only in the child.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from tasks.app import app
-
-    if _serves_generation(app):
+    if _serves_generation(current_app):
         from qwen_deploy.served import for_worker
         from worker.handler import ModelHandler
 
         try:
             settings = get_settings()
-            model = for_worker(settings, _consumed(app)).model
+            model = for_worker(settings, _consumed(current_app)).model
             ModelHandler(settings.model_copy(update={"model": model})).preload_modules()
         except Exception as exc:  # the child loads (and reports) for real
             log.warning("could not preload the model's modules: %s", exc)
@@ -83,16 +85,15 @@ def _before_fork(sender: object = None, **_: object) -> None:
 @signals.worker_process_init.connect
 def _load_model(**_: object) -> None:
     from qwen_deploy.connections import reset_after_fork
-    from tasks.app import app
 
     reset_after_fork()
-    if not _serves_generation(app):
+    if not _serves_generation(current_app):
         return
     from qwen_deploy.served import for_worker
     from worker.runtime import init_process
 
     settings = get_settings()
-    init_process(settings, for_worker(settings, _consumed(app)))
+    init_process(settings, for_worker(settings, _consumed(current_app)))
 
 
 @signals.task_postrun.connect
@@ -107,5 +108,5 @@ def _keep_engine_driven(**_: object) -> None:
 @signals.worker_process_shutdown.connect
 def _unregister(**_: object) -> None:
     runtime = sys.modules.get("worker.runtime")  # a convert child never loaded it: do not import torch to exit
-    if runtime is not None and runtime._handler is not None:
+    if runtime is not None and runtime.loaded():
         runtime.shutdown_process(get_settings())
