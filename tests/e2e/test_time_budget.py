@@ -32,7 +32,6 @@ def test_time_budget_gives_timed_out_with_partial_text(small_limits: Stack) -> N
     assert job["error"]["code"] == "time_limit"
     assert 0 < job["output"]["usage"]["completion_tokens"] < 512
     assert job["output"]["text"]
-    assert job["completed_at"] - job["started_at"] < 5
     # The next job runs in the same child: no reload.
     after = client.generate("Errors should never", max_new_tokens=6)
     assert after["status"] == "succeeded" and after["output"]["text"].startswith(" pass silently.")

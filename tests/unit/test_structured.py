@@ -225,7 +225,7 @@ def test_random_llama_with_padded_vocabulary(demo: tuple[Any, Any]) -> None:
 
 def test_every_format_the_web_accepts_compiles(demo: tuple[Any, Any]) -> None:
     """The web's keyword whitelist and the grammar compiler agree."""
-    from tests.e2e.test_response_format import GOOD
+    from tests.response_formats import GOOD
     from web.response_format import KEYWORDS
 
     _, tok = demo
