@@ -17,11 +17,13 @@ import redis
 from qwen_deploy.job_records import as_text, mapping
 from qwen_deploy.keys import BatchKeys, WebhookKeys, queue_key, stats_key
 from qwen_deploy.lua import script
-from qwen_deploy.states import BATCH_TERMINAL
+from qwen_deploy.states import BATCH_TERMINAL, ErrorCode
 
 BATCH_ID_PREFIX = "batch_"
 TERMINAL = BATCH_TERMINAL
-EXPIRED_CODE = "batch_expired"  # a line its batch's completion_window ended (the batch then ends `expired`)
+EXPIRED_CODE = (
+    ErrorCode.BATCH_EXPIRED.value
+)  # a line its batch's completion_window ended (the batch then ends `expired`)
 OUTPUT_FILE, ERROR_FILE = "file-out-", "file-err-"  # + the batch id's hex: virtual files of its lines
 
 

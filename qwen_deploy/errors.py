@@ -82,6 +82,18 @@ class ServiceUnavailable(AppError):
     status_code, code, type = 503, "service_unavailable", "server_error"
 
 
+class RedisUnavailable(ServiceUnavailable):
+    code = "redis_unavailable"  # no writable master: Redis restarting, or a Sentinel failover under way
+
+
+class RedisOutOfMemory(ServiceUnavailable):
+    code = "redis_out_of_memory"
+
+
+class InternalError(AppError):
+    status_code, code, type = 500, "internal_error", "server_error"
+
+
 class GatewayTimeout(AppError):
     status_code, code, type = 504, "generation_timeout", "server_error"
 

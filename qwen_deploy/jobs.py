@@ -23,7 +23,7 @@ from qwen_deploy.group_commit import GroupCommit
 from qwen_deploy.job_records import JOB_ID_PREFIX, JobRecords, as_text, strings
 from qwen_deploy.jsontext import dumpb
 from qwen_deploy.lua import script
-from qwen_deploy.states import JOB_TERMINAL
+from qwen_deploy.states import JOB_TERMINAL, worker_lost
 
 TERMINAL = JOB_TERMINAL
 log = logging.getLogger(__name__)
@@ -213,10 +213,7 @@ class JobStore(JobRecords):
 
     def start(self, job_id: str, worker: str, max_deliveries: int, running_for: float = 3600.0) -> tuple[str, str]:
         """Mark running and count the delivery. Returns (run, request json) or (skip|missing|exhausted, why)."""
-        error = {
-            "code": "worker_lost",
-            "message": (f"the worker running this job died {max_deliveries} time(s); the job was not retried again"),
-        }
+        error = worker_lost(max_deliveries)
         status, value = self._start(
             keys=self._keys(job_id),
             args=[
@@ -268,10 +265,7 @@ class JobStore(JobRecords):
     ) -> list[Claim]:
         """Claim queued (or orphaned) generation jobs of `model` (default: the default model) for an engine:
         one job by id, or up to `room`. A job of another model is never claimed (outcome `other`)."""
-        error = {
-            "code": "worker_lost",
-            "message": (f"the worker running this job died {max_deliveries} time(s); the job was not retried again"),
-        }
+        error = worker_lost(max_deliveries)
         now = time.time()
         options = {
             "prefix": self.prefix,

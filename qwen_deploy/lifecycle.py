@@ -21,9 +21,9 @@ from typing import Any
 from qwen_deploy.job_records import as_text, public_job
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import script
+from qwen_deploy.states import PURGED
 
 MAX_DEADLINE_SECONDS = 86400.0  # a deadline further ahead is refused (400/422)
-PURGED = {"code": "purged", "message": "the queue was purged by an administrator"}
 PURGE_PAGE = 500
 
 

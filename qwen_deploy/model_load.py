@@ -14,8 +14,9 @@ from typing import Any
 from qwen_deploy.job_records import as_text, strings
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import script
+from qwen_deploy.states import ErrorCode
 
-MODEL_LOAD_FAILED = "model_load_failed"
+MODEL_LOAD_FAILED = ErrorCode.MODEL_LOAD_FAILED.value
 LOAD_FAILED = "load_failed"  # a worker record's state
 MAX_REASON = 500
 

@@ -30,6 +30,7 @@ from qwen_deploy.jobs import TERMINAL, JobStore
 from qwen_deploy.keys import unacked_index_key, unacked_key
 from qwen_deploy.lifecycle import sweep_deadlines
 from qwen_deploy.logs import event
+from qwen_deploy.states import ErrorCode, error, worker_lost
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,11 @@ def _wake(
     client = store.r
     queue, message = record.get("queue", ""), record.get("message", "")
     if int(record.get("deliveries") or 0) >= max_deliveries:
-        error = {"code": "worker_lost", "message": f"the job's worker vanished; it ran {max_deliveries} time(s)"}
-        store.finish(job_id, "failed", {"error": error})
+        store.finish(job_id, "failed", {"error": worker_lost(max_deliveries)})
         event(log, "job.reaped", logging.WARNING, id=job_id, outcome="failed", status=record["status"])
         return "failed"
     if not message:
-        store.finish(job_id, "failed", {"error": {"code": "lost", "message": "the job's queue message was lost"}})
+        store.finish(job_id, "failed", {"error": error(ErrorCode.LOST, "the job's queue message was lost")})
         return "failed"
     pipe = client.pipeline()
     pipe.zadd(store.active_key(), {job_id: now + look_again})

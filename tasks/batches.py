@@ -12,6 +12,7 @@ from qwen_deploy.batches import BatchStore
 from qwen_deploy.config import get_settings
 from qwen_deploy.connections import redis_client
 from qwen_deploy.queues import BATCH_CHUNK_TASK
+from qwen_deploy.states import ErrorCode, error
 from tasks.generation import _driver, _load_failure, _soft_limit, slice_end
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ class ChunkRequest(Request):
             lines = failed_lines(
                 batch_id,
                 store.requests(batch_id, start, end),
-                "timed_out",
-                f"the micro-batch was stopped at the hard time limit ({timeout:g} s)",
+                error(ErrorCode.TIMED_OUT, f"the micro-batch was stopped at the hard time limit ({timeout:g} s)"),
             )
             store.chunk_done(batch_id, start, lines)
         except Exception as exc:
@@ -53,7 +53,7 @@ def batch_chunk(self: object, batch_id: str, start: int, end: int) -> str:
     store = batch_store()
     failure = _load_failure()
     if failure is not None:  # the model did not load: the micro-batch's lines fail now
-        store.chunk_done(batch_id, start, failed_lines(batch_id, store.requests(batch_id, start, end), **failure))
+        store.chunk_done(batch_id, start, failed_lines(batch_id, store.requests(batch_id, start, end), failure))
         return failure["code"]
     try:
         return run_chunk(_driver(self), store, batch_id, start, end, slice_end(_soft_limit(self)))
@@ -64,8 +64,7 @@ def batch_chunk(self: object, batch_id: str, start: int, end: int) -> str:
             failed_lines(
                 batch_id,
                 store.requests(batch_id, start, end),
-                "timed_out",
-                "the micro-batch ran past its soft time limit",
+                error(ErrorCode.TIMED_OUT, "the micro-batch ran past its soft time limit"),
             ),
         )
         return "timed_out"

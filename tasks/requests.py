@@ -8,6 +8,7 @@ from celery.worker.request import Request
 
 from qwen_deploy.config import get_settings
 from qwen_deploy.connections import job_store
+from qwen_deploy.states import ErrorCode, error
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,9 @@ class JobRequest(Request):
                 "timed_out",
                 {
                     "finish_reason": "time_limit",
-                    "error": {
-                        "code": "hard_time_limit",
-                        "message": f"the job was stopped at the hard time limit ({timeout:g} s)",
-                    },
+                    "error": error(
+                        ErrorCode.HARD_TIME_LIMIT, f"the job was stopped at the hard time limit ({timeout:g} s)"
+                    ),
                 },
             )
         except Exception as exc:  # Redis away: the stuck-job check will settle it

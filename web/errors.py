@@ -9,7 +9,16 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from qwen_deploy.connections import UNAVAILABLE
-from qwen_deploy.errors import AppError, QueueFull, ServiceUnavailable, TooManyRequests, Unprocessable
+from qwen_deploy.errors import (
+    AppError,
+    InternalError,
+    QueueFull,
+    RedisOutOfMemory,
+    RedisUnavailable,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unprocessable,
+)
 from qwen_deploy.jobs import SubmitResult
 from web.context import current_services
 
@@ -93,14 +102,9 @@ def register(app: Flask) -> None:
 
     def _redis_down(exc: Exception) -> Response:
         log.warning("redis unavailable: %s", exc)
-        err = AppError(
-            "the job store (Redis) is unreachable; try again shortly",
-            code="redis_unavailable",
-            status_code=503,
-            headers={"Retry-After": "5"},
+        return _respond(
+            RedisUnavailable("the job store (Redis) is unreachable; try again shortly", headers={"Retry-After": "5"})
         )
-        err.type = "server_error"
-        return _respond(err)
 
     for unavailable in UNAVAILABLE:  # no writable master: Redis restarting, or a Sentinel failover under way
         app.register_error_handler(unavailable, _redis_down)
@@ -111,18 +115,11 @@ def register(app: Flask) -> None:
         if not oom:
             return _unexpected(exc)
         log.warning("redis is out of memory: %s", exc)
-        err = AppError(
-            "the job store (Redis) is full; try again later",
-            code="redis_out_of_memory",
-            status_code=503,
-            headers={"Retry-After": "30"},
+        return _respond(
+            RedisOutOfMemory("the job store (Redis) is full; try again later", headers={"Retry-After": "30"})
         )
-        err.type = "server_error"
-        return _respond(err)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        err = AppError("internal error", code="internal_error", status_code=500)
-        err.type = "server_error"
-        return _respond(err)
+        return _respond(InternalError("internal error"))

@@ -7,33 +7,26 @@ import logging
 import time
 from typing import Any
 
-from qwen_deploy.batches import EXPIRED_CODE, BatchStore
+from qwen_deploy.batches import BatchStore
 from qwen_deploy.logs import event
+from qwen_deploy.states import LINE_EXPIRED, LINE_FINISH_ERRORS, ErrorCode, error
 from worker.engine import BULK, Seq
 from worker.handler import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
-
-# finish_reason → (error code, message) for lines that did not complete.
-INCOMPLETE = {
-    "time_limit": ("timed_out", "the line reached its generation time budget"),
-    "canceled": ("batch_cancelled", "the batch was cancelled"),
-    "error": ("generation_error", "the model failed while generating (see the worker log)"),
-}
-EXPIRED = (EXPIRED_CODE, "the batch's completion_window ended before this line finished")
 
 
 def line_id(batch_id: str, line: int) -> str:
     return f"{batch_id}-{line}"
 
 
-def failed_lines(batch_id: str, items: list[dict[str, Any]], code: str, message: str) -> list[dict[str, Any]]:
+def failed_lines(batch_id: str, items: list[dict[str, Any]], error: dict[str, str]) -> list[dict[str, Any]]:
     return [
         {
             "id": line_id(batch_id, i["line"]),
             "custom_id": i["custom_id"],
             "response": None,
-            "error": {"code": code, "message": message, "line": i["line"]},
+            "error": {**error, "line": i["line"]},
         }
         for i in items
     ]
@@ -50,10 +43,9 @@ def result_line(
     if outcome.stop_sequence is not None:  # as a job's output names it
         output["stop_sequence"] = outcome.stop_sequence
     error = None
-    if outcome.finish_reason in INCOMPLETE:
+    if outcome.finish_reason in LINE_FINISH_ERRORS:
         late = expired and outcome.finish_reason == "time_limit"
-        code, message = EXPIRED if late else INCOMPLETE[outcome.finish_reason]
-        error = {"code": code, "message": message, "line": item["line"]}
+        error = {**(LINE_EXPIRED if late else LINE_FINISH_ERRORS[outcome.finish_reason]), "line": item["line"]}
         if outcome.finish_reason == "error":
             return {**base, "response": None, "error": error}
     return {
@@ -93,7 +85,7 @@ class ChunkUnit:
                     req, f"{self.key}:{index}", budget=budget, priority=BULK, tag=self.key
                 )
             except Exception as exc:  # a line this model cannot run fails alone
-                self._record(index, failed_lines(batch_id, [item], "invalid_request", str(exc))[0])
+                self._record(index, failed_lines(batch_id, [item], error(ErrorCode.INVALID_REQUEST, str(exc)))[0])
                 continue
             for seq in seqs:
                 seq.tag = (self.key, index)
@@ -153,17 +145,19 @@ def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: 
             batch_id,
             start,
             failed_lines(
-                batch_id, items, "worker_lost", f"the worker running this micro-batch died {max_deliveries} time(s)"
+                batch_id,
+                items,
+                error(ErrorCode.WORKER_LOST, f"the worker running this micro-batch died {max_deliveries} time(s)"),
             ),
         )
         return "exhausted"
     record = batches.get(batch_id) or {}
     if record.get("status") in ("cancelling", "cancelled"):
-        batches.chunk_done(batch_id, start, failed_lines(batch_id, items, *INCOMPLETE["canceled"]))
+        batches.chunk_done(batch_id, start, failed_lines(batch_id, items, LINE_FINISH_ERRORS["canceled"]))
         return "cancelled"
     expires_at = float(record["expires_at"]) if record.get("expires_at") else None
     if expires_at is not None and time.time() >= expires_at:  # its window ended while it waited
-        batches.chunk_done(batch_id, start, failed_lines(batch_id, items, *EXPIRED))
+        batches.chunk_done(batch_id, start, failed_lines(batch_id, items, LINE_EXPIRED))
         return "expired"
     budget = min(driver.settings.limits.generation_budget, max(1.0, slice_end - time.monotonic() - 1.0))
     if expires_at is not None:

@@ -13,6 +13,7 @@ from qwen_deploy.config import Settings
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.logs import event
 from qwen_deploy.paths import confine
+from qwen_deploy.states import ErrorCode, error
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,13 @@ def execute(store: JobStore, settings: Settings, job_id: str, kind: str, worker:
     try:
         result = RUNNERS[kind](json.loads(value), settings, report)
     except Canceled:
-        store.finish(job_id, "canceled", {"error": {"code": "canceled", "message": "the job was canceled"}})
+        store.finish(job_id, "canceled", {"error": error(ErrorCode.CANCELED, "the job was canceled")})
         return "canceled"
     except SoftTimeLimitExceeded:
         store.finish(
             job_id,
             "timed_out",
-            {"error": {"code": "soft_time_limit", "message": f"the {kind} ran past its time limit"}},
+            {"error": error(ErrorCode.SOFT_TIME_LIMIT, f"the {kind} ran past its time limit")},
         )
         return "timed_out"
     except (ConversionError, AppError) as exc:

@@ -9,18 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen_deploy.states import DEADLINE_EXCEEDED, JOB_FINISH_ERRORS
 from worker.engine import Seq, stable_text
 from worker.handler import GenerationRequest, GenerationResult
 
 STATUS_BY_REASON = {"time_limit": "timed_out", "canceled": "canceled", "error": "failed"}
-ERRORS = {
-    "timed_out": {"code": "time_limit", "message": "generation stopped at its time budget"},
-    "failed": {"code": "generation_error", "message": "the model failed while generating (see the worker log)"},
-}
-DEADLINE_ERROR = {
-    "code": "deadline_exceeded",
-    "message": "the job reached its deadline (Cancel-After or deadline_seconds); output holds the partial text",
-}
 
 
 @dataclass
@@ -81,10 +74,10 @@ def terminal_state(job: RunningJob, result: GenerationResult) -> tuple[str, dict
         fields["choices"] = result.choices
     if result.stop_sequence is not None:
         fields["stop_sequence"] = result.stop_sequence
-    if status in ERRORS:
-        fields["error"] = ERRORS[status]
+    if result.finish_reason in JOB_FINISH_ERRORS:
+        fields["error"] = JOB_FINISH_ERRORS[result.finish_reason]
     if status in ("timed_out", "canceled") and job.deadline is not None and time.time() >= job.deadline - 0.25:
-        status, fields["finish_reason"], fields["error"] = "canceled", "canceled", DEADLINE_ERROR
+        status, fields["finish_reason"], fields["error"] = "canceled", "canceled", DEADLINE_EXCEEDED
     return status, fields
 
 

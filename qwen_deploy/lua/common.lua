@@ -111,8 +111,7 @@ local function free_slots(prefix, model, now, max_batch)
   return free
 end
 -- Deadlines (Cancel-After / deadline_seconds): the record's `deadline` is an absolute time.
-local DEADLINE_ERROR = '{"code": "deadline_exceeded", "message": "the job reached its deadline ' ..
-  '(Cancel-After or deadline_seconds) before it finished"}'
+local DEADLINE_ERROR = --[[DEADLINE_EXCEEDED]]  -- the error object (JSON), from qwen_deploy/states.py
 local function past_deadline(job, now)
   local d = tonumber(redis.call('HGET', job, 'deadline') or '')
   return d ~= nil and d <= tonumber(now)
