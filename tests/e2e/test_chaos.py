@@ -9,6 +9,7 @@ import pickle
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,8 +53,17 @@ def chaos(stack_factory: StackFactory) -> Stack:
     return s
 
 
-def figure(name: str, **values: object) -> None:
-    print(f"\nRELIABILITY {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+Figure = Callable[..., None]
+
+
+@pytest.fixture
+def figure(record_property: Callable[[str, object], None]) -> Figure:
+    """Record a reliability figure of the test (bench/reliability_bench.py collects them from the JUnit XML)."""
+
+    def record(name: str, **values: object) -> None:
+        record_property(f"reliability:{name}", json.dumps(values))
+
+    return record
 
 
 def finals(client: Client, ids: list[str], timeout: float = 120) -> list[dict]:
@@ -61,7 +71,7 @@ def finals(client: Client, ids: list[str], timeout: float = 120) -> list[dict]:
     return [client.wait(i, timeout=max(1.0, deadline - time.monotonic())) for i in ids]
 
 
-def test_burst_of_500_jobs_from_16_threads(chaos: Stack) -> None:
+def test_burst_of_500_jobs_from_16_threads(chaos: Stack, figure: Figure) -> None:
     client = chaos.client()
     with ThreadPoolExecutor(16) as pool:
         ids = list(
@@ -78,7 +88,7 @@ def test_burst_of_500_jobs_from_16_threads(chaos: Stack) -> None:
     assert duplicates <= 1  # ≤ 0.2 %
 
 
-def test_child_killed_8_times(chaos: Stack) -> None:
+def test_child_killed_8_times(chaos: Stack, figure: Figure) -> None:
     client = chaos.client()
     ids, recoveries = [], []
     for _ in range(8):
@@ -114,7 +124,7 @@ def kill_child_when_running(stack: Stack, client: Client, job_id: str, attempt: 
     os.kill(int(stack.record(job_id)["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
 
 
-def test_poison_pill_fails_after_max_deliveries_and_others_flow(chaos: Stack) -> None:
+def test_poison_pill_fails_after_max_deliveries_and_others_flow(chaos: Stack, figure: Figure) -> None:
     client = chaos.client()
     job = client.submit(**KILLABLE)
     kill_child_when_running(chaos, client, job["id"], attempt=1)
@@ -132,7 +142,7 @@ def test_poison_pill_fails_after_max_deliveries_and_others_flow(chaos: Stack) ->
     assert client.generate("Beautiful is better than", max_new_tokens=6)["output"]["text"].startswith(" ugly.")
 
 
-def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack) -> None:
+def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack, figure: Figure) -> None:
     client = chaos.client()
     running = client.submit(**LONG)
     queued = [client.submit("Errors should never", max_new_tokens=4)["id"] for _ in range(10)]
@@ -167,7 +177,7 @@ def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack) ->
     assert found["output"]["text"].startswith(" pass silently.")
 
 
-def test_sigterm_lets_the_running_job_finish(chaos: Stack) -> None:
+def test_sigterm_lets_the_running_job_finish(chaos: Stack, figure: Figure) -> None:
     client = chaos.client()
     job = client.submit("Beautiful is better than", max_new_tokens=300, ignore_eos=True)
     wait_until(lambda: client.get(job["id"])["progress"]["tokens"] > 0, 60, 0.005, "the job to run")
@@ -180,7 +190,7 @@ def test_sigterm_lets_the_running_job_finish(chaos: Stack) -> None:
     chaos.start_worker()
 
 
-def test_pickled_message_is_refused_and_never_runs(chaos: Stack, tmp_path: Path) -> None:
+def test_pickled_message_is_refused_and_never_runs(chaos: Stack, tmp_path: Path, figure: Figure) -> None:
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -225,7 +235,7 @@ def test_pickled_message_is_refused_and_never_runs(chaos: Stack, tmp_path: Path)
     assert "disallowed" in chaos.log_path.read_text().lower()
 
 
-def test_redis_killed_with_100_jobs_queued(chaos: Stack) -> None:
+def test_redis_killed_with_100_jobs_queued(chaos: Stack, figure: Figure) -> None:
     """kill -9 of redis-server (AOF on); the worker and the web server are not restarted."""
     client = chaos.client()
     busy = client.submit(**LONG)["id"]  # in flight when Redis dies
@@ -260,7 +270,7 @@ def test_redis_killed_with_100_jobs_queued(chaos: Stack) -> None:
     assert ok == 101
 
 
-def test_every_route_but_the_probes_needs_the_key(tmp_path: Path, demo_model: Path) -> None:
+def test_every_route_but_the_probes_needs_the_key(tmp_path: Path, demo_model: Path, figure: Figure) -> None:
     stack = Stack(tmp_path / "stack", demo_model, {"web": {"api_keys": ["k-chaos-1"]}})
     stack.start_web()
     try:
@@ -289,7 +299,7 @@ def test_every_route_but_the_probes_needs_the_key(tmp_path: Path, demo_model: Pa
         stack.stop()
 
 
-def test_child_killed_with_16_co_batched_jobs_resumes_them_all(chaos: Stack) -> None:
+def test_child_killed_with_16_co_batched_jobs_resumes_them_all(chaos: Stack, figure: Figure) -> None:
     """SIGKILL of the engine's child: the replacement takes over every job it held and resumes each from the
     text already streamed (greedy: the final text is what one uninterrupted run gives)."""
     client = chaos.client()
@@ -336,7 +346,7 @@ def children(proc: object) -> list[str]:
         return []
 
 
-def test_two_workers_share_the_work_without_running_a_job_twice(chaos: Stack) -> None:
+def test_two_workers_share_the_work_without_running_a_job_twice(chaos: Stack, figure: Figure) -> None:
     """Two engines on one Redis: each job is claimed once (one attempt, one holder), none is lost."""
     import subprocess
 

@@ -3,6 +3,8 @@ re-run, and the replacement child serves the next job (no "Timed out waiting for
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,9 @@ def hard(stack_factory: StackFactory, wide_model: Path) -> Stack:
     return s
 
 
-def test_hard_limit_kills_the_child_marks_timed_out_and_never_reruns(hard: Stack) -> None:
+def test_hard_limit_kills_the_child_marks_timed_out_and_never_reruns(
+    hard: Stack, record_property: Callable[[str, object], None]
+) -> None:
     client = hard.client()
     pid = hard.child_pid()
     job = client.submit("Simple is better than complex. " * 1200, max_new_tokens=4)  # > 8,192 tokens
@@ -53,4 +57,5 @@ def test_hard_limit_kills_the_child_marks_timed_out_and_never_reruns(hard: Stack
     log = hard.log_path.read_text()
     assert "Hard time limit (0.8s) exceeded" in log
     assert "Timed out waiting for UP message" not in log
-    print(f"\nRELIABILITY hard_time_limit: jobs=1, timed_out=1, reruns=0, new_child={new_pid != pid}, up_kills=0")
+    figures = {"jobs": 1, "timed_out": 1, "reruns": 0, "new_child": new_pid != pid, "up_kills": 0}
+    record_property("reliability:hard_time_limit", json.dumps(figures))  # for bench/reliability_bench.py
