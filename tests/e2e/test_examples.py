@@ -37,6 +37,9 @@ def test_curl_example_covers_every_route(stack: Stack) -> None:
     assert "max_new_tokens_too_large" in text and "path_outside_root" in text
     assert '"type": "download"' in text.replace('":"', '": "') or '"type":"download"' in text
     assert "qwen_deploy_" in text
+    compact = text.replace('": "', '":"')
+    assert '"object":"chat.completion"' in compact and '"object":"text_completion"' in compact
+    assert '"object":"response"' in compact and '"deleted":true' in compact
     doc = json.loads(
         subprocess.run(["curl", "-sS", stack.url + "/openapi.json"], capture_output=True, text=True, timeout=30).stdout
     )
