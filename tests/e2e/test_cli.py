@@ -42,6 +42,25 @@ def run_cli(
     )
 
 
+def start_cli(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """`python -m qwen_deploy.cli ARGV` started (output piped), for commands that may run side by side."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwen_deploy.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def doctor_rows(proc: subprocess.Popen[str]) -> dict[str, dict[str, str]]:
+    """The rows of a `doctor --json` started with start_cli, by name."""
+    text, err = proc.communicate(timeout=120)
+    assert "{" in text, err
+    return {row["name"]: row for row in json.loads(text[text.index("{") : text.rindex("}") + 1])["checks"]}
+
+
 def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Path) -> None:
     port = free_port()
     env = {
@@ -52,6 +71,7 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
         "QWEN_DEPLOY_MODEL__THREADS": "1",
     }
     logs = demo_model.parent / "logs"  # up's log folder (under QWEN_DEPLOY_CACHE): what this run appends
+    state_file = demo_model.parent / "up.json"
     before = {p: p.stat().st_size for p in logs.glob("*.log")} if logs.exists() else {}
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
@@ -109,10 +129,26 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
         assert embedded, log[-3000:]
         with pytest.raises(redis.AuthenticationError):  # NOAUTH: the embedded server wants the password
             redis.Redis(port=int(embedded.group(1))).ping()
+        # `up` records where it is; `doctor` checks that system (not 6379), or the web tier it is pointed at.
+        state = json.loads(state_file.read_text())
+        assert (state["url"], state["pids"]["up"], state["models"]) == (url, proc.pid, [state["models"][0]])
+        assert f"127.0.0.1:{embedded.group(1)}/" in state["redis_url"] and state_file.stat().st_mode & 0o777 == 0o600
+        doctor_env = {**env, "HF_HUB_OFFLINE": "1"}
+        local, web = (start_cli(["doctor", "--json", *more], doctor_env) for more in ([], ["--url", url]))
+        rows = doctor_rows(local)
+        assert f"at {url}" in rows["up"]["detail"] and rows["up"]["status"] == "pass", rows["up"]
+        assert f"127.0.0.1:{embedded.group(1)}/0" in rows["redis"]["detail"] and rows["redis"]["status"] == "pass"
+        assert rows["workers"]["status"] == "pass" and rows["workers"]["detail"].startswith("1 ready"), rows
+        assert rows["redis_persistence"]["status"] == "pass" and rows["web"]["status"] == "pass", rows
+        assert f"{url} ready: 1 worker(s) serving demo-model" in rows["web"]["detail"]
+        remote = doctor_rows(web)
+        assert [remote[n]["status"] for n in ("web", "workers", "queues")] == ["pass"] * 3, remote
+        assert remote["queues"]["detail"] == "interactive 0, bulk 0, convert 0"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     wait_until(lambda: not group_alive(proc.pid), 30, 0.2, "every process started by up to exit")
+    assert not state_file.exists()  # a clean stop removes it
     for worker_log in logs.glob("worker-*.log"):
         appended = worker_log.read_bytes()[before.get(worker_log, 0) :].decode(errors="replace")
         assert "could not remove worker registration" not in appended  # Redis stopped last
