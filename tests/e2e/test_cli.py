@@ -195,6 +195,28 @@ def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path)
     assert out.stdout.startswith(" ugly.")
 
 
+def test_generate_local_without_the_hub_uses_the_cache_or_says_why_at_once(demo_model: Path, tmp_path: Path) -> None:
+    """No hub: a cached model loads offline at once; one not cached is one sentence, with none of
+    huggingface_hub's retries (a minute and more)."""
+    import shutil
+
+    hub = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub does not answer
+    snapshot = tmp_path / "hf" / "hub" / "models--someorg--zen" / "snapshots" / ("0" * 40)
+    shutil.copytree(demo_model, snapshot)  # a hub cache built by hand, as a download leaves it
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**up_env(tmp_path), "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    argv = ["generate", "Beautiful is better than", "--max-new-tokens", "4", "--local"]
+    cached = run_cli(argv, {**env, "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "someorg/zen"})
+    assert cached.returncode == 0 and cached.stdout.startswith(" ugly."), cached.stderr[-2000:]
+    missing = run_cli(argv, {**env, "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "someorg/not-cached"})
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1, missing.stderr[-2000:]
+    assert missing.stderr.startswith(
+        f"qwen-deploy: the hub ({hub}) does not answer and the model someorg/not-cached is not in the local cache."
+    )
+    assert "Retrying" not in missing.stderr + cached.stderr
+
+
 def test_export_command_prints_the_report_and_fails_clearly(
     demo_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
