@@ -20,6 +20,10 @@ FIX_WEB = "start it (qwen-deploy up), or pass the address it serves: doctor --ur
 def check_up(ctx: Context) -> Outcome:
     """Which system the other rows look at: the one `up` started here, else the configured one."""
     state = ctx.up
+    if state is None and ctx.running_up:
+        return passed(
+            f"qwen-deploy up runs at {ctx.running_up.get('url')}, but the settings name another Redis: checking that"
+        )
     if state is None:
         return passed(f"no qwen-deploy up running here ({state_path()}); checking the configured Redis")
     since = time.strftime("%H:%M:%S", time.localtime(float(state.get("started_at") or 0)))

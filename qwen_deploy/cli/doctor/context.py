@@ -47,11 +47,19 @@ class Context:
         self.url = url
 
     @cached_property
-    def up(self) -> dict[str, Any] | None:
+    def running_up(self) -> dict[str, Any] | None:
         """The state of the `qwen-deploy up` running here (None: none runs, or `--url` was given)."""
         from qwen_deploy.cli.up_state import read_state
 
         return None if self.url else read_state()
+
+    @cached_property
+    def up(self) -> dict[str, Any] | None:
+        """The running `up`'s state when it is the system to check: not when the settings name another Redis."""
+        state, config = self.running_up, self.config[0]
+        if state and config and "redis_url" in config.model_fields_set and config.redis_url != state.get("redis_url"):
+            return None
+        return state
 
     @property
     def web_url(self) -> str:
