@@ -182,6 +182,11 @@ def test_up_with_an_unreachable_redis_url_is_an_error(tmp_path: Path) -> None:
 
 
 def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path) -> None:
+    """`demo-model` prints its directory; `generate --local` without the hub loads a cached model offline at
+    once, and says in one sentence that one not cached cannot load, with none of huggingface_hub's
+    retries (a minute and more)."""
+    import shutil
+
     env = {
         **os.environ,
         "QWEN_DEPLOY_CACHE": str(demo_model.parent),
@@ -190,22 +195,13 @@ def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path)
     }
     out = run_cli(["demo-model"], env)
     assert out.returncode == 0 and out.stdout.strip() == str(demo_model)
-    out = run_cli(["generate", "Beautiful is better than", "--max-new-tokens", "4", "--local"], env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(" ugly.")
-
-
-def test_generate_local_without_the_hub_uses_the_cache_or_says_why_at_once(demo_model: Path, tmp_path: Path) -> None:
-    """No hub: a cached model loads offline at once; one not cached is one sentence, with none of
-    huggingface_hub's retries (a minute and more)."""
-    import shutil
 
     hub = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub does not answer
     snapshot = tmp_path / "hf" / "hub" / "models--someorg--zen" / "snapshots" / ("0" * 40)
     shutil.copytree(demo_model, snapshot)  # a hub cache built by hand, as a download leaves it
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    env = {**up_env(tmp_path), "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env.update(HF_ENDPOINT=hub, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
     argv = ["generate", "Beautiful is better than", "--max-new-tokens", "4", "--local"]
     cached = run_cli(argv, {**env, "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "someorg/zen"})
     assert cached.returncode == 0 and cached.stdout.startswith(" ugly."), cached.stderr[-2000:]

@@ -64,8 +64,13 @@ async function cancelBatch(id) {
   }
 }
 
+let drawn = "";  // what the table shows: redrawn only when it changes (a click must not land on a removed row)
+
 export function renderBatches() {
   const ids = [...listed, ...batches.ids().filter((id) => !listed.includes(id))];
+  const shown = JSON.stringify(ids.map((id) => [id, batches.seen.get(id)?.status, batches.seen.get(id)?.request_counts]));
+  if (shown === drawn) return;
+  drawn = shown;
   const rows = ids.map((id) => {
     const b = batches.seen.get(id) ?? { id, status: "…" };
     const c = b.request_counts ?? { total: 0, completed: 0, failed: 0 };
