@@ -40,8 +40,26 @@ c "$BASE/v1/queues"
 c "$BASE/v1/stats"   # the last 15 minutes of activity (the console's charts)
 c -X POST "$BASE/v1/queues/interactive/purge"
 
-echo "# Anthropic's Messages API (the key may also go in x-api-key)"
 MODEL=$(c "$BASE/v1/models" | python3 -c "import json,sys; print(json.load(sys.stdin)['data'][0]['id'])")
+echo "# the OpenAI-compatible routes: models, chat and text completions, responses"
+c "$BASE/v1/models/$MODEL"
+c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"max_tokens\": 8, \"messages\": [{\"role\": \"user\", \"content\": \"Beautiful is better than\"}]}" \
+  "$BASE/v1/chat/completions"
+c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"max_tokens\": 6, \"prompt\": \"Errors should never\"}" "$BASE/v1/completions"
+RESP=$(c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"max_output_tokens\": 8, \"input\": \"Simple is\", \"background\": true}" \
+  "$BASE/v1/responses" | field id)
+c "$BASE/v1/responses/$RESP"
+c -X POST "$BASE/v1/responses/$RESP/cancel"   # a finished response is returned as it is
+
+echo "# files: upload a batch input file (OpenAI Batch JSONL), read it back, delete it"
+FILE=$(printf '%s\n' "{\"custom_id\": \"f\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"Flat is\"}], \"max_tokens\": 6}}" \
+  | c -F purpose=batch -F "file=@-;filename=input.jsonl" "$BASE/v1/files" | field id)
+c "$BASE/v1/files"
+c "$BASE/v1/files/$FILE"
+c "$BASE/v1/files/$FILE/content"
+c -X DELETE "$BASE/v1/files/$FILE"
+
+echo "# Anthropic's Messages API (the key may also go in x-api-key)"
 MSG="{\"model\": \"$MODEL\", \"max_tokens\": 8, \"messages\": [{\"role\": \"user\", \"content\": \"Beautiful is better than\"}]}"
 c "${JSON[@]}" -d "$MSG" "$BASE/v1/messages"
 c "${JSON[@]}" -d "$MSG" "$BASE/v1/messages/count_tokens"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from flask import Blueprint, Response, send_from_directory
 
+from web.openapi import TEXT, doc
+
 bp = Blueprint("console", __name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -22,7 +24,9 @@ CSP = (
 
 
 @bp.get("/")
+@doc(media={"text/html": TEXT}, errors=(), tags=("console",))
 def page() -> Response:
+    """The job console (HTML); its data comes from the /v1 API with the key typed into it."""
     response = send_from_directory(STATIC, "console.html", max_age=0)
     response.headers.update(
         {

@@ -19,6 +19,7 @@ from qwen_deploy.lua import HISTOGRAM_BUCKETS
 from qwen_deploy.queues import CONVERT
 from qwen_deploy.served import served_models
 from web.context import current_services
+from web.openapi import TEXT, doc
 
 bp = Blueprint("metrics", __name__)
 NS = "qwen_deploy"
@@ -65,12 +66,12 @@ class RedisStatsCollector:
         for (outcome,), value in self._by_prefix("batch_lines:"):
             lines.add_metric([outcome], value)
         yield lines
-        for name, doc in HISTOGRAMS.items():
+        for name, text in HISTOGRAMS.items():
             buckets = [(str(b), float(self.stats.get(f"{name}_bucket:{b}", 0))) for b in HISTOGRAM_BUCKETS]
             count = float(self.stats.get(f"{name}_count", 0))
             yield HistogramMetricFamily(
                 f"{NS}_{name}",
-                doc,
+                text,
                 buckets=[*buckets, ("+Inf", count)],
                 sum_value=float(self.stats.get(f"{name}_sum", 0)),
             )
@@ -98,7 +99,9 @@ class RedisStatsCollector:
 
 
 @bp.get("/metrics")
+@doc(media={"text/plain": TEXT}, errors=(401, 403, 503), tags=("health",))
 def metrics() -> Response:
+    """Prometheus text: jobs, tokens, rejections, batch lines, queue and run time histograms, queue depths, workers."""
     svc = current_services()
     pipe = svc.redis.pipeline(transaction=False)
     pipe.hgetall(svc.store.stats_key())

@@ -8,9 +8,10 @@ validation stays in web/schemas.py so that every error keeps the `{"error": {...
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Literal
 
-from flask import Flask, Response, jsonify, redirect
+from flask import Flask, Response, current_app, jsonify, redirect
 from pydantic import BaseModel, Field
 from spectree import Response as Responses
 from spectree import SecurityScheme, SpecTree
@@ -150,17 +151,36 @@ class ResultsQuery(BaseModel):
     limit: int | None = Field(None, ge=1, le=10_000, description="lines to return (default 1000)")
 
 
-ERRORS = {f"HTTP_{code}": Error for code in (400, 401, 403, 413, 415, 422, 429, 503)}
+ERROR_CODES = (400, 401, 403, 404, 409, 410, 413, 415, 422, 429, 503)
+ERRORS = {f"HTTP_{code}": Error for code in ERROR_CODES}
+TEXT = {"type": "string"}  # the schema of a non-JSON body (a page, Prometheus text, a JSONL file)
+
+# Media types a route answers besides (or instead of) JSON, by route function: added to its success
+# response when the document is served (spectree describes JSON bodies only).
+MEDIA: dict[Any, tuple[str, dict[str, dict[str, Any]]]] = {}
 
 
-def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str, ...] = (), **kwargs: Any) -> Any:
+def doc(
+    *,
+    ok: int = 200,
+    model: type[BaseModel] | None = None,
+    tags: tuple[str, ...] = (),
+    media: dict[str, dict[str, Any]] | None = None,
+    errors: tuple[int, ...] = ERROR_CODES,
+    **kwargs: Any,
+) -> Any:
     """spectree's decorator in documentation mode (validation happens in our own code). The route keeps
     its own function: spectree's wrapper would run on every request only to skip validation, so its
-    metadata is filed under the route function instead (where spectree keeps it; else the wrapper stays)."""
-    codes = {f"HTTP_{ok}": model, **ERRORS, "HTTP_404": Error, "HTTP_409": Error, "HTTP_410": Error}
+    metadata is filed under the route function instead (where spectree keeps it; else the wrapper stays).
+
+    `media` maps other media types of the success response to their schemas (`text/event-stream` for a
+    route that streams on request, `text/plain` for /metrics); `errors` the error statuses it answers."""
+    codes = {f"HTTP_{ok}": model, **{f"HTTP_{code}": Error for code in errors}}
     decorate = spec.validate(resp=Responses(**codes), tags=list(tags), skip_validation=True, **kwargs)
 
     def register(func: Any) -> Any:
+        if media:
+            MEDIA[func] = (str(ok), media)
         wrapper = decorate(func)
         metadata, table = spec.get_function_metadata(wrapper), getattr(spec, "_function_metadata", None)
         if metadata is None or table is None:
@@ -169,6 +189,34 @@ def doc(*, ok: int = 200, model: type[BaseModel] | None = None, tags: tuple[str,
         return func
 
     return register
+
+
+# gunicorn answers a request line longer than its limit (4094 bytes) itself, before the app, in HTML.
+TOO_LONG = {"description": "URI Too Long (the web server's own page)", "content": {"text/html": {"schema": TEXT}}}
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule as an OpenAPI path: `/v1/models/<path:name>` → `/v1/models/{name}`."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def add_media(document: dict[str, Any], app: Flask) -> None:
+    """Add the `media` of each `doc(...)` route to its success response, and the web server's 414 to
+    every operation (in place)."""
+    for path in document["paths"].values():
+        for operation in path.values():
+            operation["responses"]["414"] = TOO_LONG
+    for rule in app.url_map.iter_rules():
+        found = MEDIA.get(app.view_functions.get(rule.endpoint))
+        path = document["paths"].get(openapi_path(rule.rule))
+        if found is None or path is None:
+            continue
+        status, media = found
+        for method in rule.methods or ():
+            operation = path.get(method.lower())
+            if operation is not None:
+                response = operation["responses"][status]
+                response["content"] = {**response.get("content", {}), **{k: {"schema": v} for k, v in media.items()}}
 
 
 def _error_ref(document: dict[str, Any]) -> dict[str, Any]:
@@ -225,15 +273,23 @@ def _set_maximum(node: Any, value: float) -> None:
             _set_maximum(child, value)
 
 
+TOKEN_CAPS = ("max_new_tokens", "max_tokens", "max_completion_tokens", "max_output_tokens")  # capped by settings
+# Descriptions say "1 to the configured cap (512); default 64": the deployment's figures replace them.
+CAP_TEXT, DEFAULT_TEXT = re.compile(r"the configured cap \(\d+\)"), re.compile(r"default \d+")
+
+
 def with_settings(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The document with this deployment's caps (a copy): `max_new_tokens` and `wait` maxima."""
+    """The document with this deployment's caps (a copy): the maxima of new tokens (`max_new_tokens` and
+    the OpenAI and Anthropic names for it) and of `wait`."""
     document = copy.deepcopy(document)
-    cap = settings.generation.max_new_tokens_cap
-    for name, schema in document.get("components", {}).get("schemas", {}).items():
-        prop = schema.get("properties", {}).get("max_new_tokens")
-        if name.split(".")[0] == "JobCreate" and prop is not None:
-            _set_maximum(prop, cap)
-            prop["description"] = f"1 to {cap}; default {settings.generation.default_max_new_tokens}"
+    cap, default = settings.generation.max_new_tokens_cap, settings.generation.default_max_new_tokens
+    for schema in document.get("components", {}).get("schemas", {}).values():
+        for name in TOKEN_CAPS:
+            prop = schema.get("properties", {}).get(name)
+            if prop is not None:
+                _set_maximum(prop, cap)
+                text = CAP_TEXT.sub(str(cap), prop.get("description", ""))
+                prop["description"] = DEFAULT_TEXT.sub(f"default {default}", text)
     for path in document.get("paths", {}).values():
         for operation in path.values():
             for param in operation.get("parameters", []) if isinstance(operation, dict) else []:
@@ -250,9 +306,10 @@ def register(app: Flask) -> None:
         from web import anthropic_api
         from web.context import current_services
 
-        document = dict(spec.spec)
-        document["paths"] = {**document["paths"], "/v1/jobs/{job_id}/events": _events_path(document)}
+        document = copy.deepcopy(spec.spec)
+        document["paths"]["/v1/jobs/{job_id}/events"] = _events_path(document)
         anthropic_api.document(document)
+        add_media(document, current_app)
         return jsonify(with_settings(document, current_services().settings))
 
     @app.get("/docs")

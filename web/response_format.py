@@ -73,7 +73,7 @@ class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -; at most 64")
     description: StrictStr | None = None
-    schema_: dict[str, Any] = Field(alias="schema", description="a JSON Schema (see README: supported keywords)")
+    schema_: dict[str, Any] = Field(alias="schema", description="a JSON Schema (see docs/API.md: supported keywords)")
     strict: StrictBool | None = None
 
 

@@ -7,12 +7,13 @@ import argparse
 from importlib.metadata import PackageNotFoundError, version
 
 from qwen_deploy.cli import errors, healthcheck, job_commands, jobs, serve
+from qwen_deploy.cli.errors import normalize_url
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qwen_deploy.cli import doctor
 
-    return doctor.run(as_json=args.json)
+    return doctor.run(as_json=args.json, url=normalize_url(args.url) if args.url else None)
 
 
 def _version() -> str:
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     job_commands.add_parsers(sub)
     doc = sub.add_parser("doctor", help="pre-deployment checks; non-zero exit when a blocking check fails")
     doc.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doc.add_argument(
+        "--url",
+        help="ask the web tier at this address (http://host:port) instead of checking this host; without it, "
+        "doctor checks the system a running `qwen-deploy up` started here, else the configured Redis",
+    )
     doc.set_defaults(func=cmd_doctor)
     healthcheck.add_parsers(sub)
     return parser

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_deploy.cli.common import client, demo_env, print_progress, settings
 from qwen_deploy.cli.errors import model_load_error
+from qwen_deploy.cli.hub import prepare_hub_model
 from qwen_deploy.cli.job_commands import URL_HELP, follow
 from qwen_deploy.client import APIError
 from qwen_deploy.config import Settings
@@ -58,6 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _local_handler(config: Settings) -> ModelHandler:
     """The configured model loaded in this process, or one sentence saying why it cannot be."""
+    prepare_hub_model(config.model.name_or_path, config.model.revision)  # no hub: the cache at once, or why not
     from worker.handler import ModelHandler
 
     handler = ModelHandler(config)
@@ -69,10 +71,10 @@ def _local_handler(config: Settings) -> ModelHandler:
 
 
 def _generate_local(args: argparse.Namespace) -> int:
+    config = settings({**os.environ, **demo_env()} if args.demo else None)
+    handler = _local_handler(config)  # before torch is imported: a model that cannot load is said at once
     from worker.handler import GenerationRequest
 
-    config = settings({**os.environ, **demo_env()} if args.demo else None)
-    handler = _local_handler(config)
     prompt, max_new_tokens, temperature = args.prompt, args.max_new_tokens, args.temperature
     n = max_new_tokens or config.generation.default_max_new_tokens
     if n > config.generation.max_new_tokens_cap:

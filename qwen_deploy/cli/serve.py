@@ -13,6 +13,7 @@ from qwen_deploy.cli.deployment import WEB_HOST_ENV, WORKER_MODEL_ENV, Deploymen
 from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.load_watch import LoadWatch
 from qwen_deploy.cli.ready import ReadyWatch, home, port_in_use
+from qwen_deploy.cli.up_state import remove_state, write_state
 from qwen_deploy.config import default_cache_dir
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
 from qwen_deploy.served import served_models
@@ -42,7 +43,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         for served in models:  # one generation worker per model
             deployment.start_worker(served)
         deployment.start_convert_worker()
-        deployment.start_web(host, config.web.port)
+        web = deployment.start_web(host, config.web.port)
+        pids = {"web": web.pid, **({"redis": redis.proc.pid} if redis and redis.proc else {})}
+        write_state(deployment.url, config.redis_url, pids, [m.alias for m in models])  # what `doctor` checks
         print(
             f"qwen-deploy: starting {', '.join(m.alias for m in models)} at {deployment.url} (loading the model…)",
             file=sys.stderr,
@@ -57,7 +60,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         return deployment.wait(check)
     finally:
-        deployment.stop()
+        try:
+            deployment.stop()
+        finally:
+            remove_state()
 
 
 def cmd_web(args: argparse.Namespace) -> NoReturn:

@@ -1,4 +1,4 @@
-"""The job console at `/`, end to end in headless Chromium: submit, stream, cancel, recent jobs, keys."""
+"""The job console at `/`, end to end in headless Chromium: submit, stream, cancel, the job and batch tables, keys."""
 
 from __future__ import annotations
 
@@ -149,24 +149,47 @@ def test_cancel_a_long_job_keeps_its_partial_text(
     submitted["long"] = job_id
 
 
-def test_recent_jobs_show_final_statuses(browser: webdriver.Chrome, submitted: dict[str, str], tmp_path: Path) -> None:
+def table_row(browser: webdriver.Chrome, job_id: str) -> dict[str, str]:
+    """The cells of a job's row in the job table, by class (read in one script: the table is redrawn)."""
+    return browser.execute_script(
+        "const r = document.querySelector(`#job-list tr[data-id='${arguments[0]}']`);"
+        "if (!r) return {};"
+        "const cell = (c) => r.querySelector('.' + c)?.textContent ?? '';"
+        "return {status: r.dataset.status, type: cell('type'), queue: cell('position'), created: cell('created'),"
+        " duration: cell('duration'), rate: cell('rate'), text: r.querySelector('.snippet').title,"
+        " error: String(r.querySelector('.snippet').classList.contains('error'))};",
+        job_id,
+    )
+
+
+def test_one_job_table_with_type_times_rate_queue_and_error_reason(
+    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
+) -> None:
     if set(submitted) != {"zen", "long"}:
         pytest.skip("needs the two jobs the tests above submit through the page")
-
-    def row_status(job_id: str) -> str | None:
-        rows = browser.find_elements(By.CSS_SELECTOR, f'#recent tr[data-id="{job_id}"]')
-        return rows[0].find_element(By.CSS_SELECTOR, ".status").text if rows else None
-
+    client = stack.client()
+    late = client.submit("Beautiful is better than", max_new_tokens=512, ignore_eos=True, deadline_seconds=0.01)
+    ended = client.wait(late["id"])
+    assert ended["error"]["code"] == "deadline_exceeded", ended
     wait(
         browser,
-        lambda d: row_status(submitted["zen"]) == "succeeded" and row_status(submitted["long"]) == "canceled",
-        "both jobs in the recent list",
+        lambda d: (
+            table_row(d, late["id"]).get("status") == ended["status"]
+            and table_row(d, submitted["zen"]).get("status") == "succeeded"
+        ),
+        "the jobs in the table",
     )
-    ids = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#recent tr")]
-    assert ids[:2] == [submitted["long"], submitted["zen"]]  # newest first
-    snippet = browser.find_element(By.CSS_SELECTOR, f'#recent tr[data-id="{submitted["zen"]}"] .snippet')
-    assert snippet.get_property("textContent").startswith(" ugly.")
-    browser.save_screenshot(str(tmp_path / "recent.png"))
+    zen, job = table_row(browser, submitted["zen"]), client.get(submitted["zen"])
+    assert (zen["type"], zen["queue"], zen["error"]) == ("generation", job["queue"], "false"), zen
+    assert zen["text"] == job["output"]["text"].replace("\n", " ↵ ") and zen["created"]
+    seconds = job["completed_at"] - job["started_at"]
+    assert zen["duration"] == f"{seconds:.2f} s"
+    assert float(zen["rate"]) == pytest.approx(job["output"]["usage"]["completion_tokens"] / seconds, abs=0.06)
+    failed = table_row(browser, late["id"])
+    assert failed["error"] == "true" and failed["text"] == f"deadline_exceeded: {ended['error']['message']}", failed
+    # one table of jobs: no second list of the same jobs
+    assert browser.find_elements(By.ID, "recent") == [] and len(browser.find_elements(By.CSS_SELECTOR, "tbody")) == 2
+    browser.save_screenshot(str(tmp_path / "jobs.png"))
 
 
 def test_your_jobs_lists_the_api_listing_with_a_status_filter(
@@ -198,9 +221,15 @@ def test_your_jobs_lists_the_api_listing_with_a_status_filter(
     Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("all")
 
 
-def test_api_errors_are_shown(browser: webdriver.Chrome, stack: Stack) -> None:
+def test_api_errors_are_shown_and_keep_the_previous_output(browser: webdriver.Chrome, stack: Stack) -> None:
     browser.get(stack.url + "/")
-    fill(browser, "prompt", "Beautiful is better than")
+    fill(browser, "prompt", "Errors should never")
+    fill(browser, "max-new-tokens", "6")
+    set_checkbox(browser, "ignore-eos", False)
+    browser.find_element(By.ID, "submit").click()
+    wait(browser, lambda d: status(d) == "succeeded", "status succeeded")
+    before = (text(browser, "job-id"), text(browser, "output"))
+    assert before[1].startswith(" pass silently")
     fill(browser, "max-new-tokens", "513")
     browser.find_element(By.ID, "submit").click()
     error = wait(
@@ -210,6 +239,7 @@ def test_api_errors_are_shown(browser: webdriver.Chrome, stack: Stack) -> None:
     )
     assert error.get_attribute("data-code") == "max_new_tokens_too_large"
     assert "422" in error.text and "max_new_tokens" in error.text
+    assert (text(browser, "job-id"), text(browser, "output")) == before and status(browser) == "succeeded"
 
 
 def test_batch_from_jsonl_shows_its_progress(browser: webdriver.Chrome, stack: Stack) -> None:
@@ -237,6 +267,18 @@ def test_batch_from_jsonl_shows_its_progress(browser: webdriver.Chrome, stack: S
     assert stack.client().batch(batch_id)["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
     row.find_element(By.XPATH, ".//button[text()='results']").click()
     wait(browser, lambda d: text(d, "batch-results").count("pass silently") == 2, "the results")
+    # a batch made through the API (not this page) is listed too, newest first
+    made = requests.post(
+        stack.url + "/v1/batches", json={"requests": [{"custom_id": "api", "body": lines[0]["body"]}]}, timeout=30
+    ).json()
+    wait(
+        browser,
+        lambda d: (
+            d.execute_script("return [...document.querySelectorAll('#batch-list tr')].map(r => r.dataset.id)")[:2]
+            == [made["id"], batch_id]
+        ),
+        "the API's batch listed first",
+    )
 
 
 @pytest.fixture()

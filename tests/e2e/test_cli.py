@@ -42,6 +42,25 @@ def run_cli(
     )
 
 
+def start_cli(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """`python -m qwen_deploy.cli ARGV` started (output piped), for commands that may run side by side."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwen_deploy.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def doctor_rows(proc: subprocess.Popen[str]) -> dict[str, dict[str, str]]:
+    """The rows of a `doctor --json` started with start_cli, by name."""
+    text, err = proc.communicate(timeout=120)
+    assert "{" in text, err
+    return {row["name"]: row for row in json.loads(text[text.index("{") : text.rindex("}") + 1])["checks"]}
+
+
 def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Path) -> None:
     port = free_port()
     env = {
@@ -52,6 +71,7 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
         "QWEN_DEPLOY_MODEL__THREADS": "1",
     }
     logs = demo_model.parent / "logs"  # up's log folder (under QWEN_DEPLOY_CACHE): what this run appends
+    state_file = demo_model.parent / "up.json"
     before = {p: p.stat().st_size for p in logs.glob("*.log")} if logs.exists() else {}
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
@@ -109,10 +129,26 @@ def test_up_demo_serves_zen_and_stops_everything(tmp_path: Path, demo_model: Pat
         assert embedded, log[-3000:]
         with pytest.raises(redis.AuthenticationError):  # NOAUTH: the embedded server wants the password
             redis.Redis(port=int(embedded.group(1))).ping()
+        # `up` records where it is; `doctor` checks that system (not 6379), or the web tier it is pointed at.
+        state = json.loads(state_file.read_text())
+        assert (state["url"], state["pids"]["up"], state["models"]) == (url, proc.pid, [state["models"][0]])
+        assert f"127.0.0.1:{embedded.group(1)}/" in state["redis_url"] and state_file.stat().st_mode & 0o777 == 0o600
+        doctor_env = {**env, "HF_HUB_OFFLINE": "1"}
+        local, web = (start_cli(["doctor", "--json", *more], doctor_env) for more in ([], ["--url", url]))
+        rows = doctor_rows(local)
+        assert f"at {url}" in rows["up"]["detail"] and rows["up"]["status"] == "pass", rows["up"]
+        assert f"127.0.0.1:{embedded.group(1)}/0" in rows["redis"]["detail"] and rows["redis"]["status"] == "pass"
+        assert rows["workers"]["status"] == "pass" and rows["workers"]["detail"].startswith("1 ready"), rows
+        assert rows["redis_persistence"]["status"] == "pass" and rows["web"]["status"] == "pass", rows
+        assert f"{url} ready: 1 worker(s) serving demo-model" in rows["web"]["detail"]
+        remote = doctor_rows(web)
+        assert [remote[n]["status"] for n in ("web", "workers", "queues")] == ["pass"] * 3, remote
+        assert remote["queues"]["detail"] == "interactive 0, bulk 0, convert 0"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     wait_until(lambda: not group_alive(proc.pid), 30, 0.2, "every process started by up to exit")
+    assert not state_file.exists()  # a clean stop removes it
     for worker_log in logs.glob("worker-*.log"):
         appended = worker_log.read_bytes()[before.get(worker_log, 0) :].decode(errors="replace")
         assert "could not remove worker registration" not in appended  # Redis stopped last
@@ -146,6 +182,11 @@ def test_up_with_an_unreachable_redis_url_is_an_error(tmp_path: Path) -> None:
 
 
 def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path) -> None:
+    """`demo-model` prints its directory; `generate --local` without the hub loads a cached model offline at
+    once, and says in one sentence that one not cached cannot load, with none of huggingface_hub's
+    retries (a minute and more)."""
+    import shutil
+
     env = {
         **os.environ,
         "QWEN_DEPLOY_CACHE": str(demo_model.parent),
@@ -154,9 +195,22 @@ def test_generate_local_and_demo_model_command(demo_model: Path, tmp_path: Path)
     }
     out = run_cli(["demo-model"], env)
     assert out.returncode == 0 and out.stdout.strip() == str(demo_model)
-    out = run_cli(["generate", "Beautiful is better than", "--max-new-tokens", "4", "--local"], env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(" ugly.")
+
+    hub = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub does not answer
+    snapshot = tmp_path / "hf" / "hub" / "models--someorg--zen" / "snapshots" / ("0" * 40)
+    shutil.copytree(demo_model, snapshot)  # a hub cache built by hand, as a download leaves it
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env.update(HF_ENDPOINT=hub, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    argv = ["generate", "Beautiful is better than", "--max-new-tokens", "4", "--local"]
+    cached = run_cli(argv, {**env, "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "someorg/zen"})
+    assert cached.returncode == 0 and cached.stdout.startswith(" ugly."), cached.stderr[-2000:]
+    missing = run_cli(argv, {**env, "QWEN_DEPLOY_MODEL__NAME_OR_PATH": "someorg/not-cached"})
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1, missing.stderr[-2000:]
+    assert missing.stderr.startswith(
+        f"qwen-deploy: the hub ({hub}) does not answer and the model someorg/not-cached is not in the local cache."
+    )
+    assert "Retrying" not in missing.stderr + cached.stderr
 
 
 def test_export_command_prints_the_report_and_fails_clearly(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import ROOT, Stack
 
@@ -37,6 +38,9 @@ def test_curl_example_covers_every_route(stack: Stack) -> None:
     assert "max_new_tokens_too_large" in text and "path_outside_root" in text
     assert '"type": "download"' in text.replace('":"', '": "') or '"type":"download"' in text
     assert "qwen_deploy_" in text
+    compact = text.replace('": "', '":"')
+    assert '"object":"chat.completion"' in compact and '"object":"text_completion"' in compact
+    assert '"object":"response"' in compact and '"deleted":true' in compact
     doc = json.loads(
         subprocess.run(["curl", "-sS", stack.url + "/openapi.json"], capture_output=True, text=True, timeout=30).stdout
     )
@@ -44,3 +48,18 @@ def test_curl_example_covers_every_route(stack: Stack) -> None:
     for path in doc["paths"]:
         stem = path.split("{")[0].rstrip("/")
         assert stem in script, f"{path} is not exercised by examples/curl.sh"
+
+
+def test_readme_openai_snippet_runs_as_pasted(stack: Stack, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python", readme.index("From the OpenAI SDK")) + len("```python")
+    code = readme[start : readme.index("```", start)].replace("http://127.0.0.1:8000", stack.url)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [
+        "pass silently.",  # the chat answer
+        "than ugly.",  # the stream
+        "completed BatchRequestCounts(completed=2, failed=0, total=2)",
+        "zen-0 ugly.",
+        "zen-1 pass silently.",
+    ]

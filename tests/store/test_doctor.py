@@ -216,3 +216,34 @@ def test_no_api_keys_on_a_non_loopback_bind_blocks(host: str, keys: list[str], e
     assert "k-1" not in detail
     if expected == "fail":
         assert "web.api_keys" in fix and host in detail
+
+
+def test_doctor_url_asks_that_web_tier_and_says_when_it_does_not_answer(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    env = doctor_env(tmp_path, f"redis://127.0.0.1:{free_port()}/0", {})
+    code, out = run_doctor(env, "--url", f"127.0.0.1:{port}", "--json")  # no scheme: as people type it
+    rows = {row["name"]: row for row in json.loads(out[out.index("{") : out.rindex("}") + 1])["checks"]}
+    assert code == 1, out
+    assert list(rows) == ["python", "packages", "web", "workers", "queues"]  # no local Redis rows
+    assert rows["web"]["status"] == "fail" and f"http://127.0.0.1:{port} does not answer" in rows["web"]["detail"]
+    assert "doctor --url" in rows["web"]["fix"]
+    assert rows["workers"]["status"] == rows["queues"]["status"] == "warn"
+    assert "skipped: web unavailable" in rows["workers"]["detail"]
+
+
+def test_doctor_checks_the_redis_and_web_server_of_the_running_up(
+    tmp_path: Path, demo_model: Path, aof_redis: RedisServer
+) -> None:
+    from qwen_deploy.cli.up_state import write_state
+
+    web = f"http://127.0.0.1:{free_port()}"  # the recorded web server no longer answers
+    cache = tmp_path / "cache"
+    write_state(web, aof_redis.url, {"web": os.getpid()}, ["zen"], cache / "up.json")  # this process stands for up
+    env = doctor_env(tmp_path, "", {"model": {"name_or_path": str(demo_model)}}, QWEN_DEPLOY_CACHE=str(cache))
+    env.pop("REDIS_URL")  # no Redis configured: the one `up` recorded is checked, not 6379
+    code, rows, out = doctor_json(env)
+    assert code == 1, out
+    assert rows["up"]["status"] == "pass" and f"zen at {web}" in rows["up"]["detail"], out
+    assert rows["redis"]["status"] == "pass" and f"127.0.0.1:{aof_redis.port}" in rows["redis"]["detail"], out
+    assert rows["web"]["status"] == "fail" and f"{web} does not answer" in rows["web"]["detail"], out
+    assert {n for n, r in rows.items() if r["status"] == "fail"} == {"web"}, out

@@ -7,6 +7,9 @@ from flask import Blueprint, Response, jsonify, request
 from qwen_deploy.batches import public_batch
 from qwen_deploy.errors import BadRequest
 from web.auth import current_owner
+from web.openai_api.bodies import BatchListQuery
+from web.openai_api.shapes import BatchList
+from web.openapi import doc
 from web.schemas import count_arg
 from web.services.stores import batch_store
 
@@ -14,6 +17,7 @@ bp = Blueprint("openai_batches", __name__, url_prefix="/v1/batches")
 
 
 @bp.get("")
+@doc(model=BatchList, query=BatchListQuery, tags=("batches",))
 def list_batches() -> Response:
     """Batches, newest first: `limit` (1–100, default 20) and `after` (a batch id)."""
     limit = count_arg(request.args.get("limit", "20"), "limit", 1, 100)

@@ -14,7 +14,9 @@ from qwen_deploy.jobs import TERMINAL
 from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
+from web.openai_api.bodies import ChatCompletionCreate, CompletionCreate
 from web.openai_api.objects import PRESENTERS, choices, finish_reason, job_headers, usage
+from web.openai_api.shapes import CHUNKS, ChatCompletion, TextCompletion, job_doc
 from web.openai_api.translate import chat_request, completion_request
 from web.schemas import read_json
 from web.services import iter_job_events, submit_request, wait_for
@@ -130,12 +132,14 @@ def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> R
 
 
 @bp.post("/chat/completions")
+@job_doc(ChatCompletion, ChatCompletionCreate, CHUNKS)
 def chat_completions() -> Response:
     """OpenAI chat completions over one job (`stream: true`: chat.completion.chunk events)."""
     return _serve("chat", chat_request)
 
 
 @bp.post("/completions")
+@job_doc(TextCompletion, CompletionCreate, CHUNKS)
 def completions() -> Response:
     """OpenAI (legacy) text completions over one job (`stream: true`: text_completion events)."""
     return _serve("text", completion_request)

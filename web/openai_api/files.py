@@ -13,6 +13,9 @@ from qwen_deploy.errors import BadRequest, PayloadTooLarge
 from web.auth import current_owner
 from web.context import current_services
 from web.openai_api.batch_files import virtual_file
+from web.openai_api.bodies import FileListQuery, FileUpload
+from web.openai_api.shapes import FileDeleted, FileList, FileObject
+from web.openapi import TEXT, doc
 from web.schemas import count_arg
 from web.services import FILE_PREFIX, batch_store, file_object, file_store, missing
 
@@ -96,6 +99,7 @@ def resolve(file_id: str) -> tuple[dict[str, Any], Any]:
 
 
 @bp.post("")
+@doc(model=FileObject, form=FileUpload, tags=("files",))
 def upload() -> Response:
     """Upload a file (multipart `file`, `purpose=batch`)."""
     limit = current_services().settings.files.max_bytes
@@ -117,6 +121,7 @@ def upload() -> Response:
 
 
 @bp.get("")
+@doc(model=FileList, query=FileListQuery, tags=("files",))
 def list_files() -> Response:
     """Uploaded files, newest first (`purpose`, `limit`, `after`)."""
     files = file_store()
@@ -130,12 +135,16 @@ def list_files() -> Response:
 
 
 @bp.get("/<file_id>")
+@doc(model=FileObject, tags=("files",))
 def get_file(file_id: str) -> Response:
+    """A file's metadata (an upload, or a batch's output or error file)."""
     return jsonify(resolve(file_id)[0])
 
 
 @bp.get("/<file_id>/content")
+@doc(media={"application/jsonl": TEXT, "application/octet-stream": TEXT}, tags=("files",))
 def file_content(file_id: str) -> Response:
+    """A file's content: JSONL for uploads and batch output and error files."""
     obj, content = resolve(file_id)
     return Response(
         content(), mimetype="application/jsonl" if obj["filename"].endswith(".jsonl") else "application/octet-stream"
@@ -143,7 +152,9 @@ def file_content(file_id: str) -> Response:
 
 
 @bp.delete("/<file_id>")
+@doc(model=FileDeleted, tags=("files",))
 def delete_file(file_id: str) -> Response:
+    """Delete an uploaded file."""
     if not file_store().delete(file_id):
         raise missing("file", file_id, FILE_PREFIX)
     return jsonify(id=file_id, object="file", deleted=True)

@@ -10,6 +10,8 @@ from flask import Blueprint, Response, jsonify
 
 from qwen_deploy.served import Served, served_models
 from web.context import current_services
+from web.openai_api.shapes import Model, ModelList
+from web.openapi import doc
 from web.schemas import pick_model
 from web.services import model_workers, workers
 
@@ -33,6 +35,7 @@ def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict
 
 
 @bp.get("")
+@doc(model=ModelList, tags=("openai",))
 def list_models() -> Response:
     """Every served model, the default first (its id is what `model` should name)."""
     found = workers()
@@ -41,6 +44,7 @@ def list_models() -> Response:
 
 
 @bp.get("/<path:name>")
+@doc(model=Model, tags=("openai",))
 def get_model(name: str) -> Response:
     """A served model by any of its names; 404 model_not_found otherwise."""
     served = pick_model(name, current_services().settings)

@@ -14,9 +14,12 @@ from qwen_deploy.jobs import TERMINAL
 from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
+from web.openai_api.bodies import ResponseCreate, ResponseQuery
 from web.openai_api.completions import finished
 from web.openai_api.objects import cached_tokens, finish_reason, job_body, job_headers
+from web.openai_api.shapes import RESPONSE_EVENTS, ResponseObject, job_doc
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
+from web.openapi import doc
 from web.schemas import count_arg, read_json
 from web.services import iter_job_events, load_job, load_record, missing, submit_request, wait_for
 from web.stream_slots import Slot, counted, open_stream
@@ -229,6 +232,7 @@ def _json(data: dict[str, Any], status: int = 200) -> Response:
 
 
 @bp.post("")
+@job_doc(ResponseObject, ResponseCreate, RESPONSE_EVENTS)
 def create_response() -> Response:
     """Create a response (a job); `background: true` answers at once with status queued."""
     body = read_json(request)
@@ -246,6 +250,7 @@ def create_response() -> Response:
 
 
 @bp.get("/<response_id>")
+@doc(model=ResponseObject, query=ResponseQuery, media=RESPONSE_EVENTS, tags=("openai",))
 def get_response(response_id: str) -> Response:
     """The response; `?stream=true&starting_after=N` replays its events after sequence number N."""
     job_id = job_id_of(response_id)
@@ -259,6 +264,7 @@ def get_response(response_id: str) -> Response:
 
 
 @bp.post("/<response_id>/cancel")
+@doc(model=ResponseObject, tags=("openai",))
 def cancel_response(response_id: str) -> Response:
     """Cancel a queued or running response; a finished one is returned as it is."""
     job_id = job_id_of(response_id)

@@ -26,18 +26,23 @@ from qwen_deploy.cli.doctor.checks_system import (
     check_packages,
     check_python,
 )
+from qwen_deploy.cli.doctor.checks_web import FIX_WEB, check_up, check_web, check_web_queues, check_web_workers
 from qwen_deploy.cli.doctor.context import Check, Context, Outcome
 
 FIX_CONFIG = "fix the key named in the config row (config.yml, .env or the environment)"
-SKIP_FIX = {"config": FIX_CONFIG, "redis": FIX_REDIS}
+SKIP_FIX = {"config": FIX_CONFIG, "redis": FIX_REDIS, "web": FIX_WEB}
+Row = tuple[str, tuple[str, ...], Callable[[Context], Outcome]]
 
-# (row name, what the check needs: "config" valid and/or "redis" reachable, check)
-CHECKS: list[tuple[str, tuple[str, ...], Callable[[Context], Outcome]]] = [
+# (row name, what the check needs: "config" valid, "redis" reachable, "web" answering, check); a row that
+# needs the web tier is left out when none is known (no `--url`, no `up` running here).
+CHECKS: list[Row] = [
     ("python", (), check_python),
     ("packages", (), check_packages),
     ("config", (), check_config),
     ("api_keys", ("config",), check_api_keys),
+    ("up", (), check_up),
     ("redis", (), check_redis),
+    ("web", ("web",), check_web),
     ("redis_persistence", ("redis",), check_persistence),
     ("redis_eviction", ("redis",), check_eviction),
     ("workers", ("config", "redis"), check_workers),
@@ -49,12 +54,30 @@ CHECKS: list[tuple[str, tuple[str, ...], Callable[[Context], Outcome]]] = [
 ]
 
 
-def run_checks() -> list[Check]:
-    """Every check in order; one whose needs are unmet, or that crashes, becomes a warn row."""
-    ctx, results = Context(), []
-    for name, needs, check in CHECKS:
-        unmet = {"config": ctx.config[0] is None, "redis": ctx.connection[0] is None}
-        missing = [need for need in needs if unmet[need]]
+# `doctor --url`: the web tier is asked, not Redis (which may be out of reach from here).
+WEB_CHECKS: list[Row] = [
+    ("python", (), check_python),
+    ("packages", (), check_packages),
+    ("web", (), check_web),
+    ("workers", ("web",), check_web_workers),
+    ("queues", ("web",), check_web_queues),
+]
+
+
+def run_checks(url: str | None = None) -> list[Check]:
+    """Every check in order (of the web tier at `url` when given); one whose needs are unmet, or that
+    crashes, becomes a warn row."""
+    ctx = Context(url)
+    results: list[Check] = []
+    for name, needs, check in WEB_CHECKS if url else CHECKS:
+        if "web" in needs and not ctx.web_url:
+            continue
+        unmet = {
+            "config": lambda: ctx.config[0] is None,
+            "redis": lambda: ctx.connection[0] is None,
+            "web": lambda: any(r.name == "web" and r.status == "fail" for r in results),
+        }
+        missing = [need for need in needs if unmet[need]()]
         if missing:
             outcome: Outcome = "warn", f"skipped: {' and '.join(missing)} unavailable", SKIP_FIX[missing[0]]
         else:
@@ -78,9 +101,10 @@ def format_table(results: list[Check]) -> str:
     return "\n".join([*lines, ", ".join(f"{n} {s}" for s, n in counts.items())])
 
 
-def run(as_json: bool = False) -> int:
-    """Print the checks (a table, or JSON); 1 when a blocking check failed."""
-    results = run_checks()
+def run(as_json: bool = False, url: str | None = None) -> int:
+    """Print the checks (a table, or JSON) of this host's system, or of the web tier at `url`; 1 when a
+    blocking check failed."""
+    results = run_checks(url)
     ok = not any(c.status == "fail" for c in results)
     if as_json:
         print(json.dumps({"ok": ok, "checks": [asdict(c) for c in results]}, indent=2))

@@ -37,8 +37,15 @@ def _config_get(client: redis.Redis, key: str) -> str | None:
         return None
 
 
+def _ups_own(ctx: Context) -> bool:
+    """Whether the Redis checked is the redis-server `up` started (AOF on, no eviction, CONFIG disabled)."""
+    return ctx.up is not None and ctx.redis_url == ctx.up.get("redis_url")
+
+
 def check_persistence(ctx: Context) -> Outcome:
     aof, save = _config_get(ctx.redis, "appendonly"), _config_get(ctx.redis, "save")
+    if aof is None and _ups_own(ctx):
+        return passed("AOF on (the redis-server qwen-deploy up started)")
     if aof is None:
         return "warn", "cannot read CONFIG (disabled?): check persistence by hand", "enable appendonly yes"
     if aof == "yes":
@@ -54,6 +61,8 @@ def check_persistence(ctx: Context) -> Outcome:
 
 def check_eviction(ctx: Context) -> Outcome:
     policy = _config_get(ctx.redis, "maxmemory-policy")
+    if policy is None and _ups_own(ctx):
+        return passed("noeviction (the redis-server qwen-deploy up started)")
     if policy == "noeviction":
         return passed("maxmemory-policy noeviction")
     return "warn", f"maxmemory-policy {policy or 'unknown'}: jobs can be evicted", "set maxmemory-policy noeviction"

@@ -39,7 +39,32 @@ def size(n: float) -> str:
 
 
 class Context:
-    """Settings, the Redis connection, the model's location and the hub's answer, each computed once."""
+    """Settings, the Redis connection, the model's location and the hub's answer, each computed once.
+
+    `url`: a web tier to ask (`doctor --url`); without it, the web server of the `up` running here."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+
+    @cached_property
+    def running_up(self) -> dict[str, Any] | None:
+        """The state of the `qwen-deploy up` running here (None: none runs, or `--url` was given)."""
+        from qwen_deploy.cli.up_state import read_state
+
+        return None if self.url else read_state()
+
+    @cached_property
+    def up(self) -> dict[str, Any] | None:
+        """The running `up`'s state when it is the system to check: not when the settings name another Redis."""
+        state, config = self.running_up, self.config[0]
+        if state and config and "redis_url" in config.model_fields_set and config.redis_url != state.get("redis_url"):
+            return None
+        return state
+
+    @property
+    def web_url(self) -> str:
+        """The web tier the web rows ask: `--url`, else the running `up`'s (empty: none)."""
+        return (self.url or str((self.up or {}).get("url") or "")).rstrip("/")
 
     @cached_property
     def config(self) -> tuple[Settings | None, str]:
@@ -61,9 +86,15 @@ class Context:
 
     @cached_property
     def redis_url(self) -> str:
-        """From the settings, or (when they are invalid) from REDIS_URL or the default."""
-        if self.config[0]:
-            return self.config[0].redis_url
+        """A Redis URL set in the settings; else the Redis of the `up` running here; else the settings'
+        default (or, when they are invalid, REDIS_URL or the default)."""
+        config = self.config[0]
+        if config and "redis_url" in config.model_fields_set:
+            return config.redis_url
+        if self.up and self.up.get("redis_url"):
+            return str(self.up["redis_url"])
+        if config:
+            return config.redis_url
         return os.environ.get("REDIS_URL") or str(Settings.model_fields["redis_url"].default)
 
     @cached_property

@@ -1,9 +1,9 @@
-// The current job (submit, stream its events, cancel) and the recent-jobs table.
-import { ApiError, GONE, TERMINAL, api, authHeaders, errorOf, jobPath, sleep, sseEvents, tracker } from "./api.js";
-import { loadWebhooks, queueText } from "./joblist.js";
-import { $, bar, el, showError, statusBadge } from "./ui.js";
+// The current job: submit, stream its events, cancel (the job table is joblist.js).
+import { ApiError, GONE, TERMINAL, api, authHeaders, errorOf, jobPath, sleep, sseEvents } from "./api.js";
+import { loadJobs, loadWebhooks, queueText } from "./joblist.js";
+import { $, showError } from "./ui.js";
 
-export const recent = tracker({ key: "jobs", path: jobPath, done: GONE, render: renderRecent });
+const refreshList = () => loadJobs(follow).catch(() => {});
 
 // -- the current job: submit, stream, cancel --------------------------------------------------
 let current = null;  // {id, max, controller}
@@ -114,7 +114,7 @@ function onEvent(id, ev) {
     setProgress(d.tokens, current.max);
   } else if (ev.event === "done") {
     showJob(d);
-    recent.update(d);
+    refreshList();
     return true;
   }
   return false;
@@ -143,28 +143,16 @@ async function stream(id, signal) {
   }
 }
 
-/** Forget the job on screen (its stream stops; the job itself keeps running). */
-function clearCurrent(label) {
-  current?.controller.abort();
-  current = null;
-  $("job-id").textContent = "—";
-  $("output").textContent = "";
-  $("progress-text").textContent = "";
-  $("progress").value = 0;
-  setStatus(label);
-}
-
+/** Submit the form's job and follow it; a rejected submit (4xx) leaves the job on screen as it was. */
 export async function submitJob(event) {
   event.preventDefault();
   showError(null);
   $("submit").disabled = true;
-  clearCurrent("submitting");
   try {
     const job = await api("POST", "/v1/jobs", { json: jobBody() });
-    recent.remember(job);
     follow(job);
+    refreshList();
   } catch (err) {
-    setStatus("—");
     showError(err);
   } finally {
     $("submit").disabled = false;
@@ -180,22 +168,4 @@ export async function cancelJob() {
   } catch (err) {
     showError(err);
   }
-}
-
-// -- recent jobs ------------------------------------------------------------------------------
-export function renderRecent() {
-  const rows = recent.ids().map((id) => {
-    const job = recent.seen.get(id) ?? { id, status: "…" };
-    const p = job.progress ?? {};
-    const text = job.output?.text ?? "";
-    const line = text.replace(/\n/g, " ↵ ");
-    return el("tr", { dataset: { id, status: job.status } },
-      el("td", {}, el("button", { type: "button", className: "link", textContent: id, title: "show this job",
-                                  onclick: () => follow(job) })),
-      el("td", {}, statusBadge(job.status)),
-      el("td", {}, bar(p.tokens ?? 0, p.max_new_tokens ?? 0, job.status === "succeeded"),
-         ` ${p.tokens ?? 0}/${p.max_new_tokens ?? 0}`),
-      el("td", { className: "snippet", title: text, textContent: line.length > 80 ? `${line.slice(0, 80)}…` : line }));
-  });
-  $("recent").replaceChildren(...rows);
 }

@@ -1,9 +1,9 @@
 // qwen-deploy job console: the served model and readiness, the API key, polling, and the wiring.
-import { ApiError, GONE, api, saved } from "./api.js";
-import { batches, renderBatches, submitBatch, watchBatch } from "./batches.js";
+import { ApiError, api, saved } from "./api.js";
+import { loadBatches, renderBatches, submitBatch, watchBatch } from "./batches.js";
 import { loadCharts } from "./charts.js";
 import { loadJobs, loadQueues } from "./joblist.js";
-import { cancelJob, follow, recent, refreshQueued, renderRecent, submitJob } from "./jobs.js";
+import { cancelJob, follow, refreshQueued, submitJob } from "./jobs.js";
 import { $, formatCount, showError } from "./ui.js";
 
 const POLL_MS = 2000;
@@ -33,10 +33,8 @@ async function loadModel() {
 function setKey() {
   saved.set("apiKey", $("api-key").value.trim());
   showError(null);
-  for (const [id, job] of recent.seen) if (!GONE.has(job.status)) recent.seen.delete(id);
   loadModel();
-  recent.poll();
-  batches.poll();
+  tick();
 }
 
 function promptMode() {
@@ -49,8 +47,7 @@ async function tick() {
   polling = true;
   try {
     const quiet = (p) => p.catch(() => {});  // a 401 is shown by loadModel
-    await Promise.all([recent.poll(), batches.poll(), quiet(loadJobs(follow)), quiet(loadQueues()),
-                       quiet(refreshQueued())]);
+    await Promise.all([quiet(loadBatches()), quiet(loadJobs(follow)), quiet(loadQueues()), quiet(refreshQueued())]);
   } finally {
     polling = false;
   }
@@ -63,13 +60,11 @@ function init() {
   $("job-form").addEventListener("submit", submitJob);
   $("cancel").addEventListener("click", cancelJob);
   $("chat").addEventListener("change", promptMode);
-  $("clear-recent").addEventListener("click", () => recent.clear());
   $("submit-batch").addEventListener("click", submitBatch);
   $("watch-batch").addEventListener("click", watchBatch);
   $("error").addEventListener("click", () => showError(null));
   $("jobs-status").addEventListener("change", () => loadJobs(follow).catch(showError));
   promptMode();
-  renderRecent();
   renderBatches();
   loadModel();
   tick();
