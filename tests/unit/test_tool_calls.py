@@ -1,0 +1,253 @@
+"""Tool calls and reasoning: the parsers and stream split (pure), and the worker's template rendering and
+forced calls on the demo model (in-process, under the grammar)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from qwen_deploy import tool_calls as tc
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+# Qwen2.5's way of writing tools, calls and results (abridged from its chat template).
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
+    "</tools><|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message.content }}"
+    "{%- for tool_call in message.tool_calls %}\n<tool_call>\n"
+    '{"name": "{{ tool_call.function.name }}", "arguments": {{ tool_call.function.arguments | tojson }}}'
+    "\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Qwen3's thinking switch (abridged): enable_thinking=false writes an empty block into the prompt.
+THINK_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def test_forced_schema_named_required_and_parallel() -> None:
+    named = tc.forced_schema(
+        {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+    )
+    assert named is not None and named["properties"]["name"] == {"const": "get_time"}
+    jsonschema.validate({"name": "get_time", "arguments": {}}, named)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "get_weather", "arguments": {}}, named)
+    parallel = tc.forced_schema({"tools": [WEATHER, TIME], "tool_choice": "required"})
+    assert parallel is not None and parallel["type"] == "array" and parallel["minItems"] == 1
+    jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}], parallel)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}], parallel)
+    single = tc.forced_schema({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False})
+    assert single is not None and single["properties"]["name"] == {"const": "get_weather"}
+    assert tc.forced_schema({"tools": [WEATHER], "tool_choice": "auto"}) is None
+    assert tc.forced_schema({"tools": [WEATHER], "tool_choice": "none"}) is None
+
+
+def test_parse_forced() -> None:
+    calls = tc.parse_forced(
+        '[{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}, {"name": "get_time", "arguments": {}}]'
+    )
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "days": 3}
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+    assert tc.parse_forced('{"name": "get_time", "arguments": {}}')[0]["function"]["arguments"] == "{}"
+    assert tc.parse_forced('[{"name": "get_weather", "argu') == []  # cut short by max_tokens
+
+
+def test_parse_auto_qwen_blocks() -> None:
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    content, calls = tc.parse_auto(text, ["get_weather", "get_time"])
+    assert content == "Let me check.\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "days": 1}),
+        ("get_time", {}),
+    ]
+    assert tc.parse_auto('<tool_call>{"name": "get_time", "arguments": {}}', ["get_time"])[1]  # EOS before the close
+    content, calls = tc.parse_auto("<tool_call>not json</tool_call> done", ["get_time"])
+    assert calls == [] and content == "<tool_call>not json</tool_call> done"
+    assert tc.parse_auto("It is sunny.", ["get_time"]) == ("It is sunny.", [])
+
+
+def test_parse_auto_llama_json() -> None:
+    content, calls = tc.parse_auto(
+        ' {"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}', ["get_weather"]
+    )
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "days": 2}
+    # JSON that names no given function is content
+    assert tc.parse_auto('{"name": "other", "parameters": {}}', ["get_weather"]) == (
+        '{"name": "other", "parameters": {}}',
+        [],
+    )
+    assert tc.parse_auto('{"answer": 4}', ["get_weather"]) == ('{"answer": 4}', [])
+
+
+def test_split_reasoning() -> None:
+    assert tc.split_reasoning("<think>\nLet me add.\n</think>\n\n4") == ("Let me add.", "4")
+    assert tc.split_reasoning("Let me add.\n</think>\n\n4", opened=True) == ("Let me add.", "4")
+    assert tc.split_reasoning("Let me add.\n</think>\n\n4") == ("Let me add.", "4")  # the prompt opened it
+    assert tc.split_reasoning("<think>\nstill think") == ("still think", "")  # cut short
+    assert tc.split_reasoning("4") == (None, "4")
+    assert tc.split_reasoning("still", opened=True) == ("still", "")
+
+
+def test_visible_streams_only_what_cannot_change() -> None:
+    text = "<think>\nHmm, 2+2.\n</think>\n\nIt is 4. <tool_call>\n{}"
+    seen = [tc.visible(text[:k], "auto") for k in range(len(text) + 1)]
+    for (r0, c0), (r1, c1) in zip(seen, seen[1:]):
+        assert r1.startswith(r0) and c1.startswith(c0)  # deltas only ever append
+    assert seen[-1] == ("Hmm, 2+2.", "It is 4. ")
+    assert tc.visible("<think>\nHmm </thi", "none") == ("Hmm ", "")
+    assert tc.visible("plain text <tool_c", "auto") == ("", "plain text ")
+    assert tc.visible('{"name": "get_time"', "auto") == ("", "")  # maybe Llama's JSON call
+    assert tc.visible('[{"name": "get_time"', "required") == ("", "")
+    assert tc.visible("plain text <tool_c", "none") == ("", "plain text <tool_c")
+    assert tc.parse_sample(text, {}, True)["reasoning_content"] == seen[-1][0]
+
+
+def test_parse_sample_modes() -> None:
+    forced = tc.parse_sample(
+        '{"name": "get_time", "arguments": {}}',
+        {"tools": [TIME], "tool_choice": "required", "parallel_tool_calls": False},
+        False,
+    )
+    assert forced["content"] is None and forced["tool_calls"][0]["function"]["name"] == "get_time"
+    none = tc.parse_sample("<tool_call>{}</tool_call>", {"tools": [TIME], "tool_choice": "none"}, False)
+    assert none == {"content": "<tool_call>{}</tool_call>"}
+    both = tc.parse_sample(
+        '<think>x</think>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', {"tools": [TIME]}, True
+    )
+    assert both["reasoning_content"] == "x" and both["content"] is None and len(both["tool_calls"]) == 1
+
+
+# --- the worker: rendering through the chat template, forced calls under the grammar (demo model) ---
+
+
+@pytest.fixture(scope="module")
+def handler(demo_model: Path) -> Any:
+    pytest.importorskip("worker.engine")
+    from tests.unit.test_handler import make_handler
+
+    return make_handler(str(demo_model))
+
+
+ROUND_TRIP = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+]
+
+
+def test_tool_round_trip_renders_through_the_models_template(handler: Any) -> None:
+    from worker.handler import GenerationRequest
+
+    req = GenerationRequest(messages=ROUND_TRIP, tools=[WEATHER])
+    saved = handler.tokenizer.chat_template
+    try:
+        handler.tokenizer.chat_template = QWEN_TOOLS_TEMPLATE
+        text = handler.render(ROUND_TRIP, req)
+    finally:
+        handler.tokenizer.chat_template = saved
+    assert '"name": "get_weather"' in text and "<tools>" in text  # the tool's definition
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_template_without_tools_gets_the_fallback(handler: Any) -> None:
+    from worker.handler import GenerationRequest
+
+    assert "tools" not in handler.tokenizer.chat_template  # the demo model's plain template
+    text = handler.render(ROUND_TRIP, GenerationRequest(messages=ROUND_TRIP, tools=[WEATHER]))
+    assert text.startswith("<|im_start|>system\nYou may call one or more functions")
+    assert json.dumps(WEATHER) in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call><|im_end|>'
+        in text
+    )
+    assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in text
+
+
+def test_chat_template_kwargs_and_reasoning_detection(handler: Any) -> None:
+    from worker.handler import GenerationRequest
+
+    msgs = [{"role": "user", "content": "2+2?"}]
+    saved = handler.tokenizer.chat_template
+    try:
+        handler.tokenizer.chat_template = THINK_TEMPLATE
+        off = GenerationRequest(messages=msgs, chat_template_kwargs={"enable_thinking": False})
+        assert handler.render(msgs, off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert handler.render(msgs, GenerationRequest(messages=msgs)).endswith("<|im_start|>assistant\n")
+        assert handler.reasoning(off)  # the template has a think block
+    finally:
+        handler.tokenizer.chat_template = saved
+    assert not handler.reasoning(GenerationRequest(messages=msgs))
+    assert handler.reasoning(GenerationRequest(messages=msgs, chat_template_kwargs={"enable_thinking": True}))
+
+
+@pytest.mark.parametrize(
+    "choice, parallel",
+    [({"type": "function", "function": {"name": "get_weather"}}, None), ("required", True), ("required", False)],
+)
+def test_forced_calls_validate_on_the_demo_model(handler: Any, choice: Any, parallel: bool | None) -> None:
+    from worker.handler import GenerationRequest
+
+    req = GenerationRequest(
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER, TIME],
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        max_new_tokens=512,
+        temperature=1.0,
+        seed=3,
+    )
+    result = handler.generate(req)
+    calls = result.choices[0]["tool_calls"]
+    assert result.finish_reason in ("eos", "stop") and calls and result.choices[0]["content"] is None
+    if parallel is False or isinstance(choice, dict):
+        assert len(calls) == 1
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    if isinstance(choice, dict):
+        assert calls[0]["function"]["name"] == "get_weather"
