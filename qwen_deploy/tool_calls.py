@@ -160,7 +160,8 @@ def _held(text: str, marker: str) -> str:
 
 def visible(text: str, tool_mode: str) -> tuple[str, str]:
     """(reasoning, content) of a partial sample that can be streamed now: never a part that a later delta
-    could turn into a tool call or a `</think>`, and no content at all for a forced call."""
+    could turn into a tool call or a `</think>`, and no content at all for a forced call. Reasoning is
+    streamed apart when the sample opens with `<think>` (as Qwen3 writes it)."""
     stripped = text.lstrip()
     if stripped.startswith(THINK_OPEN) or THINK_OPEN.startswith(stripped):
         body = stripped[len(THINK_OPEN) :] if stripped.startswith(THINK_OPEN) else ""
@@ -168,11 +169,8 @@ def visible(text: str, tool_mode: str) -> tuple[str, str]:
             return _held(body, THINK_CLOSE).strip("\n"), ""
         reasoning, _, content = body.partition(THINK_CLOSE)
         reasoning, content = reasoning.strip("\n"), content.lstrip()
-    elif THINK_CLOSE in text:
-        reasoning, _, content = text.partition(THINK_CLOSE)
-        reasoning, content = reasoning.strip("\n"), content.lstrip()
-    else:
-        reasoning, content = "", _held(text, THINK_CLOSE)
+    else:  # a block the prompt opened is known only at the end (the worker's split), so this is content
+        reasoning, content = "", text
     if tool_mode in ("required", "function"):
         return reasoning, ""
     if tool_mode == "auto":
