@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from qwen_deploy.job_records import JOB_ID_PREFIX
+from web.openai_api.objects import first_choice
 
 MESSAGE_ID_PREFIX = "msg_"
 
@@ -62,16 +63,6 @@ def usage(job: dict[str, Any]) -> dict[str, Any]:
         "cache_creation_input_tokens": None,
         "cache_read_input_tokens": None,
     }
-
-
-def first_choice(job: dict[str, Any]) -> dict[str, Any]:
-    """The job's first sample: with tools or reasoning the worker parsed it (`content`, `tool_calls`,
-    `reasoning_content`); otherwise its `text`."""
-    output = job.get("output") or {}
-    for choice in output.get("choices") or []:
-        if choice.get("index") == 0:
-            return dict(choice)
-    return {"index": 0, "text": output.get("text", "")}
 
 
 def tool_use(call: dict[str, Any]) -> dict[str, Any]:

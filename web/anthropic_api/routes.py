@@ -18,7 +18,6 @@ from web.anthropic_api.objects import (
     envelope,
     error_body,
     event,
-    first_choice,
     message,
     message_end,
     message_start,
@@ -26,7 +25,7 @@ from web.anthropic_api.objects import (
 from web.anthropic_api.translate import message_request
 from web.context import current_services
 from web.openai_api.completions import ChatSplit, finished
-from web.openai_api.objects import job_headers
+from web.openai_api.objects import first_choice, job_headers
 from web.schemas import read_json
 from web.services import iter_job_events, submit_request
 from web.stream_slots import counted, open_stream

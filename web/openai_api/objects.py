@@ -35,6 +35,16 @@ def choices(job: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def first_choice(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's first sample: with tools or reasoning the worker parsed it (`content`, `tool_calls`,
+    `reasoning_content`); otherwise its `text`."""
+    output = job.get("output") or {}
+    for choice in output.get("choices") or []:
+        if choice.get("index") == 0:
+            return dict(choice)
+    return {"index": 0, "text": output.get("text", "")}
+
+
 def usage(job: dict[str, Any]) -> dict[str, Any]:
     raw = (job.get("output") or {}).get("usage") or {}
     prompt, completion = int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)

@@ -79,13 +79,14 @@ def _text(content: Any, where: str) -> str:
     raise BadRequest(f"{where} must be a string or a list of text parts", code="invalid_type", param=where)
 
 
-def messages(raw: Any, param: str = "messages") -> list[dict[str, Any]]:
+def messages(raw: Any, param: str = "messages", start: int = 0) -> list[dict[str, Any]]:
     """Chat messages as job messages: roles system/developer/user/assistant/tool, content joined from text
-    parts; an assistant's `tool_calls` and a tool message's `tool_call_id` kept (the job schema checks them)."""
+    parts; an assistant's `tool_calls` and a tool message's `tool_call_id` kept (the job schema checks them).
+    `start`: the index of the first one in the request (errors name it)."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f"{param} must be a non-empty list of messages", code="invalid_type", param=param)
     out = []
-    for i, msg in enumerate(raw):
+    for i, msg in enumerate(raw, start):
         where = f"{param}.{i}"
         if not isinstance(msg, dict):
             raise BadRequest(f"{where} must be an object", code="invalid_type", param=where)
