@@ -11,6 +11,7 @@ import requests
 
 from tests.conftest import StackFactory
 from tests.helpers import Stack
+from tests.unit.test_tool_calls import WEATHER as CHAT_WEATHER
 
 KEY, OTHER = "k-anthropic-one", "k-anthropic-two"
 ASK = [{"role": "user", "content": "Errors should never"}]
@@ -147,12 +148,7 @@ def test_openapi_documents_the_routes(keyed: Stack) -> None:
 WEATHER = {
     "name": "get_weather",
     "description": "the weather in a city",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    },
+    "input_schema": CHAT_WEATHER["function"]["parameters"],
 }
 
 

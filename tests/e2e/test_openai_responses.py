@@ -10,6 +10,7 @@ import requests
 
 from qwen_deploy.job_records import new_job_id
 from tests.helpers import Stack, wait_until
+from tests.unit.test_tool_calls import WEATHER as CHAT_WEATHER
 
 TERMINAL = ("completed", "failed", "cancelled", "incomplete")
 
@@ -101,17 +102,7 @@ def test_sync_response_and_errors(oai: openai.OpenAI, model: str) -> None:
         oai.responses.retrieve("resp_unknown")
 
 
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "the weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    },
-}
+WEATHER = {"type": "function", **CHAT_WEATHER["function"]}
 
 
 def test_function_tools(oai: openai.OpenAI, model: str) -> None:
