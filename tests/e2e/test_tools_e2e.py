@@ -127,3 +127,16 @@ def test_tool_errors_name_the_param(oai: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=model, messages=ASK, extra_body={"chat_template_kwargs": {"tools": []}})
     assert err.value.param == "chat_template_kwargs.tools"
+
+
+def test_jobs_take_tools(client: Any) -> None:
+    """POST /v1/jobs takes the same fields; the calls are in `output.choices[0].tool_calls`."""
+    job = client.generate(
+        messages=ASK,
+        tools=[TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_new_tokens=64,
+    )
+    choice = job["output"]["choices"][0]
+    assert job["status"] == "succeeded" and choice["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["tool_calls"]] == [("get_time", "{}")]

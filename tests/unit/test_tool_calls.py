@@ -251,3 +251,33 @@ def test_forced_calls_validate_on_the_demo_model(handler: Any, choice: Any, para
         jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
     if isinstance(choice, dict):
         assert calls[0]["function"]["name"] == "get_weather"
+
+
+def test_stream_split_accumulates_to_the_final_choice() -> None:
+    """What the chat stream sends (reasoning and content deltas as tokens come, then the rest and the calls
+    from the finished choice) joins to the non-streamed message."""
+    from web.openai_api.completions import ChatSplit
+
+    text = '<think>\nWeather needs a tool.\n</think>\n\nChecking. <tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    request = {"tools": [TIME], "tool_choice": "auto"}
+    split = ChatSplit(1, tc.mode(request))
+    sent: list[dict[str, Any]] = []
+    for k in range(1, len(text) + 1, 3):
+        sent += split.deltas(0, text[:k])
+    final = {"index": 0, "text": text, **tc.parse_sample(text, request, True)}
+    sent += split.final(final)
+    joined = {key: "".join(d.get(key, "") for d in sent) for key in ("reasoning_content", "content")}
+    assert (
+        joined
+        == {"reasoning_content": "Weather needs a tool.", "content": "Checking. "}
+        == {
+            "reasoning_content": final["reasoning_content"],
+            "content": final["content"],
+        }
+    )
+    calls = [d["tool_calls"][0] for d in sent if "tool_calls" in d]
+    assert calls[0]["id"] == final["tool_calls"][0]["id"] and calls[0]["function"] == {
+        "name": "get_time",
+        "arguments": "",
+    }
+    assert calls[1] == {"index": 0, "function": {"arguments": "{}"}}
