@@ -281,3 +281,25 @@ def test_stream_split_accumulates_to_the_final_choice() -> None:
         "arguments": "",
     }
     assert calls[1] == {"index": 0, "function": {"arguments": "{}"}}
+
+
+def test_a_prompt_that_opens_the_think_block_makes_the_sample_reasoning(handler: Any) -> None:
+    """A template that writes `<think>\\n` into the prompt (as Qwen3's thinking models do): the model's text
+    up to `</think>` is reasoning; the demo model never closes the block, so all of it is."""
+    from worker.handler import GenerationRequest
+
+    msgs = [{"role": "user", "content": "Errors should never"}]
+    saved = handler.tokenizer.chat_template
+    try:
+        handler.tokenizer.chat_template = THINK_TEMPLATE.replace("assistant\\n' }}", "assistant\\n<think>\\n' }}")
+        assert handler.render(msgs, GenerationRequest(messages=msgs)).endswith("<think>\n")
+        result = handler.generate(GenerationRequest(messages=msgs, max_new_tokens=6))
+        off = handler.generate(
+            GenerationRequest(messages=msgs, max_new_tokens=6, chat_template_kwargs={"enable_thinking": False})
+        )
+    finally:
+        handler.tokenizer.chat_template = saved
+    choice = result.choices[0]
+    assert choice["text"] and choice["reasoning_content"] == choice["text"].strip("\n") and choice["content"] == ""
+    closed = off.choices[0]  # enable_thinking false: the prompt holds an empty, closed block
+    assert closed["reasoning_content"] is None and closed["content"] == closed["text"] != ""
