@@ -140,3 +140,30 @@ def test_jobs_take_tools(client: Any) -> None:
     choice = job["output"]["choices"][0]
     assert job["status"] == "succeeded" and choice["content"] is None
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["tool_calls"]] == [("get_time", "{}")]
+
+
+def test_auto_parses_the_models_own_call(oai: openai.OpenAI, model: str) -> None:
+    """`auto` reads a call the model writes in its own format: here the demo model is made to write Llama
+    3's JSON call by a response_format; whole and streamed, it comes back as a call, not as content."""
+    llama_call = {
+        "type": "object",
+        "properties": {"name": {"const": "get_time"}, "parameters": TIME["function"]["parameters"]},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": llama_call}},
+        max_tokens=64,
+    )
+    choice = oai.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [("get_time", "{}")]
+    with oai.chat.completions.stream(**kwargs) as stream:
+        contents = [e.delta for e in stream if e.type == "content.delta"]
+        final = stream.get_final_completion().choices[0]
+    assert "".join(contents) == "" and [c.function.name for c in final.message.tool_calls] == ["get_time"]
+    plain = oai.chat.completions.create(model=model, messages=ASK, tools=[TIME], max_tokens=4).choices[0]
+    assert plain.finish_reason == "length" and plain.message.content and plain.message.tool_calls is None
