@@ -41,7 +41,7 @@ class Message(BaseModel):
     def _content(self) -> Message:
         if self.content is None and not self.tool_calls:
             raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
-        if self.tool_calls and self.role != "assistant":
+        if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
         if (self.tool_call_id is not None) != (self.role == "tool"):
             raise ValueError("a tool message, and only a tool message, has a tool_call_id")

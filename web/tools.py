@@ -90,8 +90,10 @@ def check_tools(data: dict[str, Any]) -> None:
     """The checks on the tool fields of a validated job (422 naming the parameter)."""
     tools = data.get("tools")
     choice = data.get("tool_choice")
-    if (tools or choice is not None or data.get("parallel_tool_calls") is not None) and data.get("messages") is None:
-        raise Unprocessable("tools need messages (a chat)", code="invalid_value", param="tools")
+    if data.get("messages") is None:
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"):
+            if data.get(key) is not None:
+                raise Unprocessable(f"{key} needs messages (a chat), not a prompt", code="invalid_value", param=key)
     if choice is not None and choice != "none" and not tools:
         raise Unprocessable("tool_choice needs tools", code="invalid_value", param="tool_choice")
     names = [t["function"]["name"] for t in tools or []]

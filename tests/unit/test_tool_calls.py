@@ -178,3 +178,59 @@ def test_stream_split_accumulates_to_the_final_choice() -> None:
         "arguments": "",
     }
     assert calls[1] == {"index": 0, "function": {"arguments": "{}"}}
+
+
+F = {"type": "function", "function": {"name": "f"}}
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+        ({"prompt": "x", "tools": [F]}, "tools"),
+        ({"messages": USER, "tools": [F, F]}, "tools.1"),
+        (
+            {
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            },
+            "tools.0.function.parameters",
+        ),
+        ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
+        ({"messages": USER, "tool_choice": "auto"}, "tool_choice"),
+        (
+            {"messages": USER, "chat_template_kwargs": {"add_generation_prompt": False}},
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
+        ({"messages": [{"role": "assistant"}]}, "messages.0"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0"),
+    ],
+)
+def test_job_tool_fields_are_checked(body: dict[str, Any], param: str) -> None:
+    from qwen_deploy.config import load_settings
+    from qwen_deploy.errors import AppError
+    from web.schemas import parse_job
+
+    with pytest.raises(AppError) as err:
+        parse_job(body, load_settings(environ={}))
+    assert err.value.status_code == 422 and err.value.param == param
+
+
+def test_job_keeps_a_tool_exchange() -> None:
+    from qwen_deploy.config import load_settings
+    from web.schemas import parse_job
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        *USER,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    req = parse_job(
+        {"messages": messages, "tools": [F], "tool_choice": "none", "chat_template_kwargs": {"x": 1}},
+        load_settings(environ={}),
+    )
+    assert req["messages"] == messages and req["tools"] == [F] and req["tool_choice"] == "none"
+    assert req["chat_template_kwargs"] == {"x": 1}
