@@ -39,8 +39,6 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _content(self) -> Message:
-        if self.content is None and not self.tool_calls:
-            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
         if (self.tool_call_id is not None) != (self.role == "tool"):
@@ -224,6 +222,13 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
         req = JobCreate.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    for i, msg in enumerate(req.messages or []):
+        if msg.content is None and not msg.tool_calls:
+            raise Unprocessable(
+                f"messages.{i}.content: Field required (only an assistant message with tool_calls may omit it)",
+                code="missing_field",
+                param=f"messages.{i}.content",
+            )
     gen = settings.generation
     if (req.prompt is None) == (req.messages is None):
         raise Unprocessable("give exactly one of prompt or messages", code="missing_prompt", param="prompt")

@@ -204,7 +204,7 @@ USER = [{"role": "user", "content": "x"}]
             "chat_template_kwargs.add_generation_prompt",
         ),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
-        ({"messages": [{"role": "assistant"}]}, "messages.0"),
+        ({"messages": [{"role": "assistant"}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0"),
     ],
 )
