@@ -194,7 +194,8 @@ def parse_sample(text: str, request: dict[str, Any], reasoning: bool, opened: bo
         out["tool_calls"] = calls
         content = None if calls else content
     elif kind == "auto":
-        content, out["tool_calls"] = parse_auto(content or "", tool_names(request.get("tools")))
+        content, calls = parse_auto(content or "", tool_names(request.get("tools")))
+        out["tool_calls"] = calls[:1] if request.get("parallel_tool_calls") is False else calls
     out["content"] = content
     return out
 

@@ -142,6 +142,9 @@ def test_parse_sample_modes() -> None:
         False,
     )
     assert forced["content"] is None and forced["tool_calls"][0]["function"]["name"] == "get_time"
+    two = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    assert len(tc.parse_sample(two, {"tools": [TIME]}, False)["tool_calls"]) == 2
+    assert len(tc.parse_sample(two, {"tools": [TIME], "parallel_tool_calls": False}, False)["tool_calls"]) == 1
     none = tc.parse_sample("<tool_call>{}</tool_call>", {"tools": [TIME], "tool_choice": "none"}, False)
     assert none == {"content": "<tool_call>{}</tool_call>"}
     both = tc.parse_sample(
