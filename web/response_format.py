@@ -99,11 +99,15 @@ def check_response_format(fmt: ResponseFormat) -> None:
         raise Unprocessable(
             "type json_schema needs a json_schema object", code="missing_field", param="response_format.json_schema"
         )
-    schema = fmt.json_schema.schema_
+    check_schema(fmt.json_schema.schema_, PARAM)
+
+
+def check_schema(schema: dict[str, Any], param: str) -> None:
+    """Refuse a JSON Schema the grammar could not compile (422 naming the sub-path under `param`)."""
     size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_SCHEMA_BYTES:
         raise Unprocessable(
-            f"schema is {size} bytes of JSON; the maximum is {MAX_SCHEMA_BYTES}", code="invalid_value", param=PARAM
+            f"schema is {size} bytes of JSON; the maximum is {MAX_SCHEMA_BYTES}", code="invalid_value", param=param
         )
     draft: type[jsonschema.protocols.Validator] = jsonschema.Draft202012Validator
     if isinstance(schema.get("$schema"), str):
@@ -111,9 +115,9 @@ def check_response_format(fmt: ResponseFormat) -> None:
     try:
         draft.check_schema(schema)
     except jsonschema.SchemaError as exc:
-        where = ".".join([PARAM, *(str(p) for p in exc.path)])
+        where = ".".join([param, *(str(p) for p in exc.path)])
         raise Unprocessable(f"not a valid JSON Schema: {exc.message}", code="invalid_value", param=where) from None
-    _walk(schema, schema, PARAM, 0)
+    _walk(schema, schema, param, 0)
 
 
 def _unsupported(message: str, param: str) -> Unprocessable:

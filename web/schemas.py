@@ -7,7 +7,17 @@ import re
 from typing import Any, Literal
 
 from flask import Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic.json_schema import JsonDict
 from werkzeug.exceptions import ClientDisconnected
 
@@ -15,6 +25,7 @@ from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable, UnsupportedMediaType
 from qwen_deploy.served import Served, find_model, served_models
 from web.response_format import ResponseFormat, check_response_format
+from web.tools import ToolCall, ToolFields, check_tools
 
 Number = StrictFloat | StrictInt
 
@@ -22,7 +33,17 @@ Number = StrictFloat | StrictInt
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool"]
-    content: StrictStr
+    content: StrictStr | None = Field(None, description="required but for an assistant message with tool_calls")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message: the calls it made")
+    tool_call_id: StrictStr | None = Field(None, description="a tool message: the call it answers")
+
+    @model_validator(mode="after")
+    def _content(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message, and only a tool message, has a tool_call_id")
+        return self
 
 
 # Exactly one of prompt / messages (documented as oneOf; enforced in parse_job).
@@ -59,7 +80,7 @@ class LifecycleFields(BaseModel):
     )
 
 
-class JobCreate(WebhookFields, LifecycleFields):
+class JobCreate(WebhookFields, LifecycleFields, ToolFields):
     """Body of POST /v1/jobs and /v1/generate: a prompt or chat messages, and generation settings."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_OF_PROMPT)
@@ -201,6 +222,13 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
         req = JobCreate.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    for i, msg in enumerate(req.messages or []):
+        if msg.content is None and not msg.tool_calls:
+            raise Unprocessable(
+                f"messages.{i}.content: Field required (only an assistant message with tool_calls may omit it)",
+                code="missing_field",
+                param=f"messages.{i}.content",
+            )
     gen = settings.generation
     if (req.prompt is None) == (req.messages is None):
         raise Unprocessable("give exactly one of prompt or messages", code="missing_prompt", param="prompt")
@@ -236,4 +264,5 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
         check_response_format(req.response_format)
         data["response_format"] = body["response_format"]  # stored as given
     data.update(max_new_tokens=n, stop=stop, model=pick_model(req.model, settings).alias)
+    check_tools(data)
     return data

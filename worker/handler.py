@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
@@ -43,6 +44,17 @@ class GenerationRequest:
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None
     continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def tool_fields(self) -> dict[str, Any]:
+        """The request's tool fields as a stored request holds them (for qwen_deploy.tool_calls)."""
+        fields: dict[str, Any] = {"tools": self.tools, "tool_choice": self.tool_choice or "auto"}
+        if self.parallel_tool_calls is not None:
+            fields["parallel_tool_calls"] = self.parallel_tool_calls
+        return fields
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -166,17 +178,43 @@ class ModelHandler:
         if req.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template; send a prompt instead of messages")
-            prefill = req.continue_final_message
             messages = [_tail_content(m, bound) for m in req.messages]
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
-            )
+            text = self.render(messages, req)
             cut = messages != req.messages
         else:
             text, cut = req.prompt or "", False
         cut = cut or len(text) > bound
         ids = self.tokenizer(text[-bound:], add_special_tokens=req.messages is None)["input_ids"]
         return (ids[-limit:], True) if len(ids) > limit else (ids, cut)
+
+    def render(self, messages: list[dict[str, Any]], req: GenerationRequest) -> str:
+        """The chat template applied to the messages, with the request's tools and template variables.
+
+        A template that never mentions `tools` gets them (and the calls and results in the messages) in
+        Qwen's text convention instead (tool_calls.fallback_messages)."""
+        prefill = req.continue_final_message
+        template = self.tokenizer.chat_template
+        extra: dict[str, Any] = dict(req.chat_template_kwargs or {})
+        if isinstance(template, str) and "tools" not in template:
+            messages = tool_calls.fallback_messages(messages, req.tools)
+        else:
+            messages = tool_calls.template_arguments(messages)
+            if req.tools:
+                extra["tools"] = req.tools
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False, **extra
+            )
+        )
+
+    def reasoning(self, req: GenerationRequest) -> bool:
+        """Whether samples are split into reasoning and content: the chat template has a `<think>` block,
+        or the request asks for thinking (`chat_template_kwargs.enable_thinking`)."""
+        if req.messages is None:
+            return False
+        template = self.tokenizer.chat_template
+        asked = (req.chat_template_kwargs or {}).get("enable_thinking") is True
+        return asked or (isinstance(template, str) and tool_calls.THINK_OPEN in template)
 
     def engine(self, **limits: int) -> Engine:
         """A batching engine on this model (one per process; `limits` override `engine.*` settings)."""
@@ -213,7 +251,7 @@ class ModelHandler:
             sampling = req.sampling()
             sampling.make_generator(self.model.device, offset=i)
             constraint = compile_constraint(
-                req.response_format, self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids
+                self.response_format(req), self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids
             )
             seqs.append(
                 Seq(
@@ -233,14 +271,27 @@ class ModelHandler:
             )
         return seqs, len(ids), truncated
 
+    @staticmethod
+    def response_format(req: GenerationRequest) -> dict[str, Any] | None:
+        """The grammar of a sample: a forced tool call's schema, else the request's response_format."""
+        schema = tool_calls.forced_schema(req.tool_fields())
+        if schema is None:
+            return req.response_format
+        return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
+
     def result(self, seqs: list[Seq], prompt_tokens: int, truncated: bool, req: GenerationRequest) -> GenerationResult:
-        """The job's result from its finished samples (choice 0 is `text`)."""
+        """The job's result from its finished samples (choice 0 is `text`); with tools or reasoning each
+        choice also holds `content`, `tool_calls` and `reasoning_content` (qwen_deploy.tool_calls)."""
+        split = self.reasoning(req)
+        parse = split or tool_calls.mode(req.tool_fields()) != "none"
+        opened = split and self._prompt_opens_think(req)
         choices = [
             {
                 "index": i,
                 "text": s.text,
                 "finish_reason": s.finish_reason,
                 "logprobs": self.logprobs(s) if req.logprobs else None,
+                **(tool_calls.parse_sample(s.text, req.tool_fields(), split, opened) if parse else {}),
             }
             for i, s in enumerate(seqs)
         ]
@@ -251,10 +302,16 @@ class ModelHandler:
             prompt_tokens,
             sum(len(s.out) for s in seqs),
             truncated,
-            choices if (req.n > 1 or req.logprobs) else [],
+            choices if (req.n > 1 or req.logprobs or parse) else [],
             first.stop_sequence,
             min(first.cached, prompt_tokens),
         )
+
+    def _prompt_opens_think(self, req: GenerationRequest) -> bool:
+        """Whether the rendered prompt ends inside an open `<think>` block (the model writes only `</think>`)."""
+        assert req.messages is not None
+        text = self.render(req.messages, req).rstrip()
+        return text.endswith(tool_calls.THINK_OPEN)
 
     def logprobs(self, seq: Seq) -> dict[str, Any]:
         """OpenAI's chat logprobs shape for the sequence's tokens."""

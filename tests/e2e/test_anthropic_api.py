@@ -11,6 +11,7 @@ import requests
 
 from tests.conftest import StackFactory
 from tests.helpers import Stack
+from tests.unit.test_tool_calls import WEATHER as CHAT_WEATHER
 
 KEY, OTHER = "k-anthropic-one", "k-anthropic-two"
 ASK = [{"role": "user", "content": "Errors should never"}]
@@ -88,8 +89,8 @@ def test_stream(client: anthropic.Anthropic, keyed: Stack, model: str) -> None:
     assert deltas >= 1
     assert names == [
         "message_start",
-        "content_block_start",
         "ping",
+        "content_block_start",
         *["content_block_delta"] * deltas,
         "content_block_stop",
         "message_delta",
@@ -114,8 +115,10 @@ def test_errors(client: anthropic.Anthropic, keyed: Stack, model: str) -> None:
     assert err.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "max_tokens" in err.value.message
     tool = {"name": "f", "input_schema": {"type": "object"}}
-    with pytest.raises(anthropic.BadRequestError, match="tools"):
-        client.messages.create(model=model, max_tokens=8, messages=ASK, tools=[tool])  # type: ignore[list-item]
+    with pytest.raises(anthropic.BadRequestError, match=r"tool_choice\.name"):
+        client.messages.create(
+            model=model, max_tokens=8, messages=ASK, tools=[tool], tool_choice={"type": "tool", "name": "g"}
+        )  # type: ignore[list-item]
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
     with pytest.raises(anthropic.BadRequestError, match=r"messages\.0\.content\.0\.type"):
         client.messages.create(model=model, max_tokens=8, messages=[{"role": "user", "content": [image]}])  # type: ignore[list-item]
@@ -140,3 +143,55 @@ def test_openapi_documents_the_routes(keyed: Stack) -> None:
         "messages",
         "max_tokens",
     ]
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "the weather in a city",
+    "input_schema": CHAT_WEATHER["function"]["parameters"],
+}
+
+
+def test_tools_create_stream_and_result(client: anthropic.Anthropic, model: str) -> None:
+    """A forced tool (tool_choice tool) as a tool_use block that validates against input_schema, the same
+    streamed (content_block_start tool_use, input_json_delta), and a tool_result answered in the next turn."""
+    import jsonschema
+
+    forced: dict[str, Any] = dict(
+        model=model, max_tokens=200, messages=ASK, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"}
+    )
+    msg = client.messages.create(**forced)
+    assert msg.stop_reason == "tool_use" and [b.type for b in msg.content] == ["tool_use"]
+    use = msg.content[0]
+    assert use.name == "get_weather" and use.id.startswith("call_")
+    jsonschema.validate(use.input, WEATHER["input_schema"])
+    with client.messages.stream(**forced) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert "input_json" in kinds and final.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in final.content] == [("tool_use", "get_weather", use.input)]  # greedy
+    answer = client.messages.create(
+        model=model,
+        max_tokens=4,
+        tools=[WEATHER],
+        messages=[
+            *ASK,
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
+        ],
+    )
+    assert answer.content[0].type == "text" and answer.usage.input_tokens > msg.usage.input_tokens
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(
+            model=model,
+            max_tokens=4,
+            messages=[
+                *ASK,
+                {"role": "assistant", "content": "x"},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope", "content": "x"}]},
+            ],
+        )
+    assert "messages.2.content.0.tool_use_id" in err.value.message

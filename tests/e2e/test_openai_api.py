@@ -138,8 +138,13 @@ def test_errors_name_the_param(oai: openai.OpenAI, model: str) -> None:
         oai.chat.completions.create(model="gpt-4o", messages=CHAT)
     assert err.value.code == "model_not_found" and err.value.param == "model"
     with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model=model, messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert err.value.param == "tools" and err.value.code == "unsupported_parameter"
+        oai.chat.completions.create(
+            model=model,
+            messages=CHAT,
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        )
+    assert err.value.param == "tool_choice.function.name" and err.value.code == "invalid_value"
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=model, messages=CHAT, presence_penalty=0.5)
     assert err.value.param == "presence_penalty"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import requests
 
 from qwen_deploy.job_records import new_job_id
 from tests.helpers import Stack, wait_until
+from tests.unit.test_tool_calls import WEATHER as CHAT_WEATHER
 
 TERMINAL = ("completed", "failed", "cancelled", "incomplete")
 
@@ -92,8 +95,54 @@ def test_sync_response_and_errors(oai: openai.OpenAI, model: str) -> None:
     assert err.value.param == "max_output_tokens"
     with pytest.raises(openai.BadRequestError) as err:
         oai.responses.create(model=model, input="x", tools=[{"type": "web_search"}])
-    assert err.value.param == "tools"
+    assert err.value.param == "tools.0.type"
     with pytest.raises(openai.NotFoundError):
         oai.responses.retrieve("resp_" + new_job_id().removeprefix("job_"))
     with pytest.raises(openai.NotFoundError):
         oai.responses.retrieve("resp_unknown")
+
+
+WEATHER = {"type": "function", **CHAT_WEATHER["function"]}
+
+
+def test_function_tools(oai: openai.OpenAI, model: str) -> None:
+    """A forced function call as a function_call output item (arguments valid against the schema), the same
+    through the SDK's stream helper, and a function_call_output fed back as input."""
+    import jsonschema
+
+    forced = dict(
+        model=model,
+        input="Weather in Oslo?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=200,
+    )
+    done = oai.responses.create(**forced)  # type: ignore[call-overload]
+    calls = [item for item in done.output if item.type == "function_call"]
+    assert done.status == "completed" and len(calls) == 1 and done.output_text == ""
+    call = calls[0]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert done.tools[0].name == "get_weather"
+    with oai.responses.stream(**forced) as stream:  # type: ignore[call-overload]
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    streamed = [item for item in final.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in streamed] == [(call.name, call.arguments)]  # greedy
+    answer = oai.responses.create(
+        model=model,
+        input=[
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+        tools=[WEATHER],
+        max_output_tokens=4,
+    )
+    assert answer.status in ("completed", "incomplete") and answer.usage.input_tokens > done.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.create(
+            model=model, input=[{"type": "function_call_output", "call_id": "call_x", "output": "x"}], tools=[WEATHER]
+        )
+    assert err.value.param == "input.0.tool_call_id"

@@ -70,8 +70,20 @@ def test_count_tokens_generates_nothing(settings: Settings) -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"name": "f", "input_schema": {}}]}, "tools"),
-        ({"tool_choice": {"type": "auto"}}, "tool_choice"),
+        ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+        (
+            {
+                "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+                "tool_choice": {"type": "tool", "name": "g"},
+            },
+            "tool_choice.name",
+        ),
+        ({"tool_choice": {"type": "any"}}, "tool_choice"),
+        (
+            {"tools": [{"name": "f", "input_schema": {"type": "object", "properties": {"a": {"format": "x"}}}}]},
+            "tools.0.input_schema.properties.a.format",
+        ),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
         ({"max_tokens": 513}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -131,3 +143,72 @@ def test_error_envelope(status: int, code: int, kind: str) -> None:
         {"type": "error", "error": {"type": kind, "message": "max_tokens: is wrong"}},
     )
     assert envelope(status, {"type": "error", "error": {}}) is None  # already Anthropic's
+
+
+def test_tool_blocks_become_tool_messages(settings: Settings) -> None:
+    tools = [{"name": "get_time", "description": "now", "input_schema": {"type": "object"}}]
+    req = message_request(
+        body(
+            settings,
+            tools=tools,
+            tool_choice={"type": "any", "disable_parallel_tool_use": True},
+            messages=[
+                *ASK,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "Let me look."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {"tz": "UTC"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "toolu_1",
+                            "content": [{"type": "text", "text": "noon"}],
+                        },
+                        {"type": "text", "text": "And now?"},
+                    ],
+                },
+            ],
+        ),
+        settings,
+    )
+    assert req["tools"] == [
+        {"type": "function", "function": {"name": "get_time", "description": "now", "parameters": {"type": "object"}}}
+    ]
+    assert (req["tool_choice"], req["parallel_tool_calls"]) == ("required", False)
+    assert req["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}
+            ],
+        },
+        {"role": "tool", "content": "noon", "tool_call_id": "toolu_1"},
+        {"role": "user", "content": "And now?"},
+    ]
+    assert "continue_final_message" not in req
+
+
+def test_tool_use_and_thinking_blocks() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}
+    job = {
+        "id": "job_abc",
+        "output": {
+            "text": "raw",
+            "finish_reason": "stop",
+            "choices": [{"index": 0, "text": "raw", "content": None, "reasoning_content": "hm", "tool_calls": [call]}],
+        },
+    }
+    msg = message(job, "demo", [])
+    assert msg["content"] == [
+        {"type": "thinking", "thinking": "hm", "signature": ""},
+        {"type": "tool_use", "id": "call_1", "name": "get_time", "input": {"tz": "UTC"}},
+    ]
+    assert msg["stop_reason"] == "tool_use"
+    job["output"]["finish_reason"] = "length"
+    assert message(job, "demo", [])["stop_reason"] == "max_tokens"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,11 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
 from qwen_deploy.config import load_settings
 from tests.helpers import ROOT
+from tests.unit.test_tool_calls import QWEN_TOOLS_TEMPLATE, THINK_TEMPLATE, TIME, WEATHER
 from worker.device import cpu_has_native_bf16
 from worker.handler import PROMPT_CHARS_PER_TOKEN, GenerationRequest, ModelHandler
 
@@ -130,3 +133,108 @@ def test_a_megabyte_prompt_is_tokenized_from_its_tail(handler: ModelHandler) -> 
         assert ids == handler.encode(GenerationRequest(messages=tail))[0]
     finally:
         handler.tokenizer = spy.inner
+
+
+# Tools and reasoning: rendering through the chat template, forced calls under the grammar.
+
+ROUND_TRIP = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+]
+
+
+def test_tool_round_trip_renders_through_the_models_template(handler: ModelHandler) -> None:
+    req = GenerationRequest(messages=ROUND_TRIP, tools=[WEATHER])
+    saved = handler.tokenizer.chat_template
+    try:
+        handler.tokenizer.chat_template = QWEN_TOOLS_TEMPLATE
+        text = handler.render(ROUND_TRIP, req)
+    finally:
+        handler.tokenizer.chat_template = saved
+    assert '"name": "get_weather"' in text and "<tools>" in text  # the tool's definition
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_template_without_tools_gets_the_fallback(handler: ModelHandler) -> None:
+    assert "tools" not in handler.tokenizer.chat_template  # the demo model's plain template
+    text = handler.render(ROUND_TRIP, GenerationRequest(messages=ROUND_TRIP, tools=[WEATHER]))
+    assert text.startswith("<|im_start|>system\nYou may call one or more functions")
+    assert json.dumps(WEATHER) in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}\n</tool_call><|im_end|>'
+        in text
+    )
+    assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in text
+
+
+def test_chat_template_kwargs_and_reasoning_detection(handler: ModelHandler) -> None:
+    msgs = [{"role": "user", "content": "2+2?"}]
+    saved = handler.tokenizer.chat_template
+    try:
+        handler.tokenizer.chat_template = THINK_TEMPLATE
+        off = GenerationRequest(messages=msgs, chat_template_kwargs={"enable_thinking": False})
+        assert handler.render(msgs, off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert handler.render(msgs, GenerationRequest(messages=msgs)).endswith("<|im_start|>assistant\n")
+        assert handler.reasoning(off)  # the template has a think block
+    finally:
+        handler.tokenizer.chat_template = saved
+    assert not handler.reasoning(GenerationRequest(messages=msgs))
+    assert handler.reasoning(GenerationRequest(messages=msgs, chat_template_kwargs={"enable_thinking": True}))
+
+
+@pytest.mark.parametrize(
+    "choice, parallel",
+    [({"type": "function", "function": {"name": "get_weather"}}, None), ("required", True), ("required", False)],
+)
+def test_forced_calls_validate_on_the_demo_model(handler: ModelHandler, choice: Any, parallel: bool | None) -> None:
+    req = GenerationRequest(
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER, TIME],
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        max_new_tokens=512,
+        temperature=1.0,
+        seed=3,
+    )
+    result = handler.generate(req)
+    calls = result.choices[0]["tool_calls"]
+    assert result.finish_reason in ("eos", "stop") and calls and result.choices[0]["content"] is None
+    if parallel is False or isinstance(choice, dict):
+        assert len(calls) == 1
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    if isinstance(choice, dict):
+        assert calls[0]["function"]["name"] == "get_weather"
+
+
+def test_a_prompt_that_opens_the_think_block_makes_the_sample_reasoning(handler: ModelHandler) -> None:
+    """A template that writes `<think>\\n` into the prompt (as Qwen3's thinking models do): the model's text
+    up to `</think>` is reasoning; the demo model never closes the block, so all of it is."""
+    msgs = [{"role": "user", "content": "Errors should never"}]
+    saved = handler.tokenizer.chat_template
+    try:
+        handler.tokenizer.chat_template = THINK_TEMPLATE.replace("assistant\\n' }}", "assistant\\n<think>\\n' }}")
+        assert handler.render(msgs, GenerationRequest(messages=msgs)).endswith("<think>\n")
+        result = handler.generate(GenerationRequest(messages=msgs, max_new_tokens=6))
+        off = handler.generate(
+            GenerationRequest(messages=msgs, max_new_tokens=6, chat_template_kwargs={"enable_thinking": False})
+        )
+    finally:
+        handler.tokenizer.chat_template = saved
+    choice = result.choices[0]
+    assert choice["text"] and choice["reasoning_content"] == choice["text"].strip("\n") and choice["content"] == ""
+    closed = off.choices[0]  # enable_thinking false: the prompt holds an empty, closed block
+    assert closed["reasoning_content"] is None and closed["content"] == closed["text"] != ""

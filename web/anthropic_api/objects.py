@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from qwen_deploy.job_records import JOB_ID_PREFIX
+from web.openai_api.objects import first_choice
 
 MESSAGE_ID_PREFIX = "msg_"
 
@@ -42,6 +43,8 @@ def stop_reason(job: dict[str, Any], stops: list[str]) -> tuple[str, str | None]
     the text (the text ends where it starts), or the only one given."""
     output = job.get("output") or {}
     reason = STOP_REASONS.get(output.get("finish_reason") or "", "max_tokens")
+    if reason != "max_tokens" and first_choice(job).get("tool_calls"):
+        return "tool_use", None
     if reason != "stop_sequence":
         return reason, None
     matched = output.get("stop_sequence")
@@ -62,15 +65,45 @@ def usage(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def tool_use(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped call as a tool_use block (arguments that are no JSON object: `{}`)."""
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except ValueError:
+        arguments = {}
+    return {
+        "type": "tool_use",
+        "id": call["id"],
+        "name": call["function"]["name"],
+        "input": arguments if isinstance(arguments, dict) else {},
+    }
+
+
+def thinking(text: str) -> dict[str, Any]:
+    return {"type": "thinking", "thinking": text, "signature": ""}
+
+
+def content_blocks(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A thinking block (when the sample reasoned), a text block (unless the sample only called tools),
+    then a tool_use block per call."""
+    choice = first_choice(job)
+    calls = choice.get("tool_calls") or []
+    blocks = [thinking(choice["reasoning_content"])] if choice.get("reasoning_content") else []
+    text = choice.get("content", choice["text"]) or ""
+    if text or not calls:
+        blocks.append({"type": "text", "text": text})
+    return blocks + [tool_use(c) for c in calls]
+
+
 def message(job: dict[str, Any], model: str, stops: list[str]) -> dict[str, Any]:
-    """The `message` object of a finished job (one text block)."""
+    """The `message` object of a finished job."""
     reason, sequence = stop_reason(job, stops)
     return {
         "id": message_id(job["id"]),
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": (job.get("output") or {}).get("text", "")}],
+        "content": content_blocks(job),
         "stop_reason": reason,
         "stop_sequence": sequence,
         "usage": usage(job),
@@ -96,15 +129,47 @@ def message_start(job: dict[str, Any], model: str) -> str:
     return event("message_start", {"message": started})
 
 
-def text_delta(text: str) -> str:
-    return event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+class Blocks:
+    """The content blocks of a streamed message, opened one after another (each closes the one before)."""
+
+    DELTAS = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking")}
+
+    def __init__(self) -> None:
+        self.index, self.kind = -1, ""
+
+    def delta(self, kind: str, text: str) -> str:
+        """A text or thinking delta, opening a block of that kind first when the open one is another."""
+        opened = self.open(kind, {"type": kind, kind: ""}) if kind != self.kind else ""
+        name, field = self.DELTAS[kind]
+        return opened + event("content_block_delta", {"index": self.index, "delta": {"type": name, field: text}})
+
+    def open(self, kind: str, block: dict[str, Any]) -> str:
+        closed = self.close()
+        self.index, self.kind = self.index + 1, kind
+        return closed + event("content_block_start", {"index": self.index, "content_block": block})
+
+    def close(self) -> str:
+        if not self.kind:
+            return ""
+        self.kind = ""
+        return event("content_block_stop", {"index": self.index})
+
+    def tool_use(self, call: dict[str, Any]) -> str:
+        """A tool_use block: started with an empty input, its JSON in one input_json_delta, stopped."""
+        block = {**tool_use(call), "input": {}}
+        partial = json.dumps(tool_use(call)["input"], ensure_ascii=False)
+        delta = {"index": self.index + 1, "delta": {"type": "input_json_delta", "partial_json": partial}}
+        return self.open("tool_use", block) + event("content_block_delta", delta) + self.close()
 
 
-def message_end(job: dict[str, Any], stops: list[str]) -> str:
-    """content_block_stop, message_delta (stop reason, final usage with the input tokens) and message_stop."""
+def message_end(job: dict[str, Any], stops: list[str], blocks: Blocks) -> str:
+    """The last block's content_block_stop (an empty text block when there was none), message_delta (stop
+    reason, final usage with the input tokens) and message_stop."""
     reason, sequence = stop_reason(job, stops)
+    empty = blocks.open("text", {"type": "text", "text": ""}) if blocks.index < 0 else ""
     return (
-        event("content_block_stop", {"index": 0})
+        empty
+        + blocks.close()
         + event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage(job)})
         + event("message_stop", {})
     )

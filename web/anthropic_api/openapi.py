@@ -20,12 +20,60 @@ class AnthropicTextBlock(BaseModel):
     citations: Any = Field(None, description="accepted; changes no text")
 
 
+class AnthropicToolUseBlock(BaseModel):
+    """An assistant's call (in a request's history, or in the answer: `id` is `call_…`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicToolResultBlock(BaseModel):
+    """A user message's result of an earlier tool_use (rendered through the model's chat template)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[AnthropicTextBlock] = ""
+    is_error: bool | None = Field(None, description="the content is prefixed with `Error: `")
+    cache_control: dict[str, Any] | None = None
+
+
+class AnthropicThinkingBlock(BaseModel):
+    """The model's reasoning (a chat template with a `<think>` block); `signature` is empty."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
 class AnthropicMessageParam(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"] = Field(
         description="user first, then alternating; a final assistant message is a prefill the model continues"
     )
-    content: str | list[AnthropicTextBlock]
+    content: str | list[AnthropicTextBlock | AnthropicToolUseBlock | AnthropicToolResultBlock]
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["custom"] | None = Field(None, description="custom tools only (server tools: 400)")
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(description="a JSON Schema object (the structured-output subset)")
+    cache_control: dict[str, Any] | None = None
+
+
+class AnthropicToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["auto", "any", "tool", "none"] = Field(
+        description="auto: the model's own call format is parsed; any / tool: a call is generated under a "
+        "grammar of the input schemas, so its input always validates"
+    )
+    name: str | None = Field(None, description="with type tool")
+    disable_parallel_tool_use: bool | None = None
 
 
 class AnthropicCountTokensRequest(BaseModel):
@@ -44,10 +92,12 @@ class AnthropicCountTokensRequest(BaseModel):
     metadata: dict[str, Any] | None = Field(None, description="accepted and ignored")
     stream: bool | None = None
     service_tier: Literal["auto", "standard_only"] | None = Field(None, description="accepted and ignored")
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
 
 
 class AnthropicMessageCreate(AnthropicCountTokensRequest):
-    """Body of POST /v1/messages: text only (`tools`, `thinking`, image blocks: 400 naming them)."""
+    """Body of POST /v1/messages: text and tool blocks (`thinking`, image blocks: 400 naming them)."""
 
     max_tokens: int = Field(ge=1, le=512, description="new tokens, 1 to the configured cap (512)")
 
@@ -66,8 +116,8 @@ class AnthropicMessage(BaseModel):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str
-    content: list[AnthropicTextBlock]
-    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence"] | None
+    content: list[AnthropicThinkingBlock | AnthropicTextBlock | AnthropicToolUseBlock]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None
     usage: AnthropicMessageUsage
 

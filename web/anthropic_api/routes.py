@@ -12,11 +12,20 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from web.anthropic_api.objects import envelope, error_body, event, message, message_end, message_start, text_delta
+from qwen_deploy import tool_calls
+from web.anthropic_api.objects import (
+    Blocks,
+    envelope,
+    error_body,
+    event,
+    message,
+    message_end,
+    message_start,
+)
 from web.anthropic_api.translate import message_request
 from web.context import current_services
-from web.openai_api.completions import finished
-from web.openai_api.objects import job_headers
+from web.openai_api.completions import ChatSplit, finished
+from web.openai_api.objects import first_choice, job_headers
 from web.schemas import read_json
 from web.services import iter_job_events, submit_request
 from web.stream_slots import counted, open_stream
@@ -56,7 +65,7 @@ def create_message() -> Response:
         raise
     g.openai_job_id = job["id"]
     if slot is not None:
-        events = stream_with_context(counted(stream(job, model, stops), slot))
+        events = stream_with_context(counted(stream(job, model, stops, tool_calls.mode(req)), slot))
         return Response(
             events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
@@ -73,20 +82,21 @@ def count_tokens() -> Response:
     return _json({"input_tokens": int(usage.get("prompt_tokens") or 0)})
 
 
-def stream(job: dict[str, Any], model: str, stops: list[str]) -> Iterator[str]:
-    """message_start, one text block (ping while idle), message_delta, message_stop; a failed job ends
+def stream(job: dict[str, Any], model: str, stops: list[str], tool_mode: str = "none") -> Iterator[str]:
+    """message_start, ping, the content blocks as they come (thinking, text, then one tool_use block per
+    call; ping while idle), message_delta, message_stop; a failed job ends
     with an `error` event; a client that goes away cancels the job."""
     store, job_id = current_services().store, job["id"]
     streamed, done = "", False
+    split, blocks = ChatSplit(1, tool_mode), Blocks()
     try:
         yield message_start(job, model)
-        yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         yield event("ping", {})
         final: dict[str, Any] | None = None
         for what, ev in iter_job_events(job_id):
             if what == "token" and not ev.get("index") and ev.get("text"):
                 streamed += ev["text"]
-                yield text_delta(ev["text"])
+                yield "".join(_deltas(blocks, split.deltas(0, streamed)))
             elif what == "idle":  # keeps proxies open and notices a client that went away
                 yield event("ping", {})
             elif what == "done":
@@ -97,15 +107,23 @@ def stream(job: dict[str, Any], model: str, stops: list[str]) -> Iterator[str]:
             failure = error_body("api_error", f"the generation failed: {error.get('message')} (job {job_id})")
             yield f"event: error\ndata: {json.dumps(failure)}\n\n"
             return
-        text = (final.get("output") or {}).get("text", "")
-        rest = text[len(streamed) :] if text.startswith(streamed) else ""
-        if rest:
-            yield text_delta(rest)
-        yield message_end(final, stops)
+        choice = first_choice(final)
+        yield "".join(_deltas(blocks, split.final({**choice, "tool_calls": None})))
+        for call in choice.get("tool_calls") or []:
+            yield blocks.tool_use(call)
+        yield message_end(final, stops, blocks)
     except GeneratorExit:
         if not done:
             store.cancel(job_id)
         raise
+
+
+def _deltas(blocks: Blocks, fields: list[dict[str, Any]]) -> Iterator[str]:
+    for field in fields:
+        if field.get("reasoning_content"):
+            yield blocks.delta("thinking", field["reasoning_content"])
+        if field.get("content"):
+            yield blocks.delta("text", field["content"])
 
 
 def _release(slot: tuple[redis.Redis, str, str]) -> None:

@@ -1,12 +1,15 @@
 """Anthropic Messages bodies → job requests (the dict `POST /v1/jobs` stores), with 400s naming the parameter.
 
-Text only: `system` and message content as strings or text blocks. A trailing assistant message is a
+`system` and message content as strings or text blocks; `tool_use` blocks (assistant) become the job
+message's `tool_calls`, `tool_result` blocks (user) tool messages; `tools` and `tool_choice` become the
+job's function tools (qwen_deploy/tool_calls.py). A trailing assistant message is a
 prefill the model continues (the job's `continue_final_message`). Absent sampling fields keep the job
 defaults (greedy), as on the OpenAI routes; `temperature` takes Anthropic's 0 to 1.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from qwen_deploy.config import Settings
@@ -18,7 +21,11 @@ SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "s
 # Accepted and without effect on the text: request metadata (Anthropic keeps it for abuse tracking) and
 # the capacity tier.
 IGNORED = frozenset({"metadata", "service_tier"})
-MESSAGE_KEYS = frozenset({"model", "messages", "system", "max_tokens", "stream", *SAMPLING, *IGNORED})
+MESSAGE_KEYS = frozenset(
+    {"model", "messages", "system", "max_tokens", "stream", "tools", "tool_choice", *SAMPLING, *IGNORED}
+)
+TOOL_KEYS = frozenset({"name", "description", "input_schema", "type", "cache_control"})
+CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 # Keys of a text block besides type and text: prompt-caching and citation hints, which change no text.
 BLOCK_HINTS = frozenset({"cache_control", "citations"})
 SERVICE_TIERS = ("auto", "standard_only")
@@ -55,12 +62,109 @@ def text_of(content: Any, where: str) -> str:
     return "".join(parts)
 
 
-def chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], bool]:
+def _tool_result(block: dict[str, Any], at: str) -> dict[str, Any]:
+    for key in block:
+        if key not in ("type", "tool_use_id", "content", "is_error") and key not in BLOCK_HINTS:
+            raise unsupported(f"{at}.{key}")
+    if not isinstance(block.get("tool_use_id"), str):
+        raise invalid(f"{at}.tool_use_id", "must be a string")
+    content = block.get("content", "")
+    text = text_of(content, f"{at}.content")
+    if block.get("is_error") is True:
+        text = f"Error: {text}"
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
+
+
+def _tool_use(block: dict[str, Any], at: str) -> dict[str, Any]:
+    for key in block:
+        if key not in ("type", "id", "name", "input") and key not in BLOCK_HINTS:
+            raise unsupported(f"{at}.{key}")
+    if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+        raise invalid(at, "a tool_use block needs a string id and name")
+    if not isinstance(block.get("input"), dict):
+        raise invalid(f"{at}.input", "must be an object")
+    arguments = json.dumps(block["input"], ensure_ascii=False)
+    return {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
+
+
+def _turn(msg: dict[str, Any], at: str, calls: set[str]) -> list[dict[str, Any]]:
+    """One Anthropic message as job messages: tool results first (one tool message each), then the text
+    (with an assistant's tool_use blocks as its tool_calls). `calls` holds the ids of earlier tool_use."""
+    role, content = msg["role"], msg.get("content")
+    if not isinstance(content, list):
+        return [{"role": role, "content": text_of(content, f"{at}.content")}]
+    kinds = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}[role]
+    results, uses = [], []
+    texts: list[Any] = []  # the text blocks, tool blocks as empty text (so a bad block's index is its own)
+    for i, block in enumerate(content):
+        where = f"{at}.content.{i}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        texts.append(block if kind not in kinds[1:] else {"type": "text", "text": ""})
+        if kind not in kinds[1:]:
+            continue
+        if kind == "tool_result":
+            result = _tool_result(block, where)
+            if result["tool_call_id"] not in calls:
+                raise invalid(f"{where}.tool_use_id", "must name a tool_use block of an earlier assistant message")
+            results.append(result)
+        else:
+            uses.append(_tool_use(block, where))
+            calls.add(uses[-1]["id"])
+    out = list(results)
+    text = text_of(texts, f"{at}.content")
+    if uses:
+        out.append({"role": "assistant", "content": text or None, "tool_calls": uses})
+    elif text or not results:
+        out.append({"role": role, "content": text})
+    return out
+
+
+def _tools(body: dict[str, Any], job: dict[str, Any]) -> None:
+    """`tools` and `tool_choice` as the job's function tools."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise invalid("tools", "must be a list of tools")
+        converted = []
+        for i, tool in enumerate(tools):
+            at = f"tools.{i}"
+            if not isinstance(tool, dict):
+                raise invalid(at, "must be an object with name and input_schema")
+            if tool.get("type", "custom") != "custom":
+                raise unsupported(f"{at}.type", f"server tools ({tool.get('type')!r}) are not supported")
+            for key in tool:
+                if key not in TOOL_KEYS:
+                    raise unsupported(f"{at}.{key}")
+            function = {k: tool[k] for k in ("name", "description") if k in tool}
+            if "input_schema" not in tool:
+                raise invalid(f"{at}.input_schema", "Field required")
+            function["parameters"] = tool["input_schema"]
+            converted.append({"type": "function", "function": function})
+        if converted:
+            job["tools"] = converted
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    if not isinstance(choice, dict) or choice.get("type") not in (*CHOICES, "tool"):
+        raise invalid("tool_choice.type", "must be auto, any, tool or none")
+    for key in choice:
+        if key not in ("type", "name", "disable_parallel_tool_use"):
+            raise unsupported(f"tool_choice.{key}")
+    if choice["type"] == "tool":
+        job["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    else:
+        job["tool_choice"] = CHOICES[choice["type"]]
+    if choice.get("disable_parallel_tool_use") is not None and choice["type"] != "none":
+        job["parallel_tool_calls"] = not choice["disable_parallel_tool_use"]
+
+
+def chat(body: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
     """The job's chat messages (system first) and whether the last one is an assistant prefill."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise invalid("messages", "must be a non-empty list of messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
+    calls: set[str] = set()
     system = body.get("system")
     if system is not None:
         text = text_of(system, "system")
@@ -79,8 +183,8 @@ def chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], bool]:
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             raise invalid(f"{at}.role", f"messages must alternate user and assistant, starting with user: {expected}")
-        out.append({"role": role, "content": text_of(msg.get("content"), f"{at}.content")})
-    prefill = out[-1]["role"] == "assistant"
+        out.extend(_turn(msg, at, calls))
+    prefill = out[-1]["role"] == "assistant" and not out[-1].get("tool_calls")
     if prefill and not out[-1]["content"]:
         out.pop()  # an empty prefill: the model starts its turn as usual
         prefill = False
@@ -118,6 +222,11 @@ def _renamed(err: AppError) -> BadRequest:
     if head in names:
         param = names[head] + param[len(head) :]
         message = message.replace(head, names[head])
+    for job_name, name in (("function.parameters", "input_schema"), ("function.name", "name")):
+        if head in ("tools", "tool_choice") and job_name in param:
+            param, message = param.replace(job_name, name), message.replace(job_name, name)
+    if param and param not in message:
+        message = f"{param}: {message}"
     return BadRequest(message, code=err.code, param=param or None)
 
 
@@ -140,6 +249,7 @@ def message_request(body: Any, settings: Settings, *, counting: bool = False) ->
     for name, field in SAMPLING.items():
         if body.get(name) is not None:
             job[field] = body[name]
+    _tools(body, job)
     try:
         req = parse_job(job, settings)
     except AppError as err:

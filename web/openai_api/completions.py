@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
+from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
@@ -15,7 +16,15 @@ from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.bodies import ChatCompletionCreate, CompletionCreate
-from web.openai_api.objects import PRESENTERS, choices, finish_reason, job_headers, usage
+from web.openai_api.objects import (
+    PRESENTERS,
+    chat_finish,
+    choices,
+    finish_reason,
+    job_headers,
+    tool_call_deltas,
+    usage,
+)
 from web.openai_api.shapes import CHUNKS, ChatCompletion, TextCompletion, job_doc
 from web.openai_api.translate import chat_request, completion_request
 from web.schemas import read_json
@@ -63,11 +72,46 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bool) -> Iterator[str]:
+class ChatSplit:
+    """The reasoning and content deltas of streamed chat samples (tool_calls.visible): text that may still
+    become a tool call or reasoning is held until it is known; the final choices settle the rest."""
+
+    def __init__(self, n: int, tool_mode: str) -> None:
+        self.tool_mode = tool_mode
+        self.sent = [("", "")] * n
+
+    def deltas(self, index: int, text: str) -> list[dict[str, Any]]:
+        """Delta fields for sample `index` whose text so far is `text`."""
+        reasoning, content = tool_calls.visible(text, self.tool_mode)
+        return self._advance(index, reasoning, content)
+
+    def _advance(self, index: int, reasoning: str | None, content: str | None) -> list[dict[str, Any]]:
+        old_r, old_c = self.sent[index]
+        out = []
+        if reasoning and reasoning.startswith(old_r) and len(reasoning) > len(old_r):
+            out.append({"reasoning_content": reasoning[len(old_r) :]})
+            old_r = reasoning
+        if content and content.startswith(old_c) and len(content) > len(old_c):
+            out.append({"content": content[len(old_c) :]})
+            old_c = content
+        self.sent[index] = (old_r, old_c)
+        return out
+
+    def final(self, choice: dict[str, Any]) -> list[dict[str, Any]]:
+        """The deltas that finish a choice: its reasoning and content not yet sent, then its calls."""
+        content = choice.get("content", choice["text"])
+        out = self._advance(choice["index"], choice.get("reasoning_content"), content)
+        return out + [{"tool_calls": [d]} for d in tool_call_deltas(choice.get("tool_calls") or [])]
+
+
+def stream(
+    job: dict[str, Any], model: str, kind: str, n: int, include_usage: bool, tool_mode: str = "none"
+) -> Iterator[str]:
     """`data:` lines only (the SDK's parser needs no comments), then `data: [DONE]`; a disconnect cancels."""
     _, chunk, delta = PRESENTERS[kind]
     store, job_id, owner = current_services().store, job["id"], current_owner()
     streamed, done = [""] * n, False
+    split = ChatSplit(n, tool_mode) if kind == "chat" else None
     try:
         if kind == "chat":
             yield sse(chunk(job, model, [delta(i, "", role=True) for i in range(n)], None, include_usage))
@@ -77,7 +121,11 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
                 index, text = int(ev.get("index") or 0), ev.get("text", "")
                 if text and index < n:
                     streamed[index] += text
-                    yield sse(chunk(job, model, [delta(index, text)], None, include_usage))
+                    if split is None:
+                        yield sse(chunk(job, model, [delta(index, text)], None, include_usage))
+                        continue
+                    for fields in split.deltas(index, streamed[index]):
+                        yield sse(chunk(job, model, [delta(index, **fields)], None, include_usage))
             elif what == "idle":  # keeps proxies open and notices a client that went away
                 yield sse(chunk(job, model, [delta(0, "")], None, include_usage))
             elif what == "done":
@@ -98,10 +146,14 @@ def stream(job: dict[str, Any], model: str, kind: str, n: int, include_usage: bo
             return
         for c in choices(final):
             i, text = c["index"], c["text"]
-            rest = text[len(streamed[i]) :] if i < n and text.startswith(streamed[i]) else ""
-            if rest:
-                yield sse(chunk(final, model, [delta(i, rest)], None, include_usage))
-            reason = finish_reason(c.get("finish_reason")) or "length"
+            if split is not None and i < n:
+                for fields in split.final(c):
+                    yield sse(chunk(final, model, [delta(i, **fields)], None, include_usage))
+            else:
+                rest = text[len(streamed[i]) :] if i < n and text.startswith(streamed[i]) else ""
+                if rest:
+                    yield sse(chunk(final, model, [delta(i, rest)], None, include_usage))
+            reason = (chat_finish(c) if split is not None else finish_reason(c.get("finish_reason"))) or "length"
             yield sse(
                 chunk(final, model, [delta(i, None, finish=reason, logprobs=c.get("logprobs"))], None, include_usage)
             )
@@ -123,7 +175,8 @@ def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> R
     model = body["model"]
     if slot is not None:
         include = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = stream_with_context(counted(stream(job, model, kind, int(req.get("n", 1)), include), slot))
+        tool_mode = tool_calls.mode(req)
+        events = stream_with_context(counted(stream(job, model, kind, int(req.get("n", 1)), include, tool_mode), slot))
         return Response(
             events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )

@@ -35,6 +35,16 @@ def choices(job: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def first_choice(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's first sample: with tools or reasoning the worker parsed it (`content`, `tool_calls`,
+    `reasoning_content`); otherwise its `text`."""
+    output = job.get("output") or {}
+    for choice in output.get("choices") or []:
+        if choice.get("index") == 0:
+            return dict(choice)
+    return {"index": 0, "text": output.get("text", "")}
+
+
 def usage(job: dict[str, Any]) -> dict[str, Any]:
     raw = (job.get("output") or {}).get("usage") or {}
     prompt, completion = int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)
@@ -74,6 +84,23 @@ def completion_logprobs(logprobs: dict[str, Any] | None, start: int = 0) -> dict
     }
 
 
+def chat_finish(choice: dict[str, Any]) -> str | None:
+    """A choice's OpenAI finish reason: `tool_calls` when it ended on its own with calls."""
+    reason = finish_reason(choice.get("finish_reason"))
+    return "tool_calls" if choice.get("tool_calls") and reason == "stop" else reason
+
+
+def chat_message(choice: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message of a choice: its content (without calls and reasoning when the worker parsed
+    them apart), `tool_calls` and `reasoning_content` when present."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.get("content", choice["text"]), "refusal": None}
+    if choice.get("tool_calls"):
+        message["tool_calls"] = choice["tool_calls"]
+    if choice.get("reasoning_content") is not None:
+        message["reasoning_content"] = choice["reasoning_content"]
+    return message
+
+
 def chat_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
     return {
         "id": "chatcmpl-" + job_body(job["id"]),
@@ -85,8 +112,8 @@ def chat_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
         "choices": [
             {
                 "index": c["index"],
-                "finish_reason": finish_reason(c.get("finish_reason")),
-                "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                "finish_reason": chat_finish(c),
+                "message": chat_message(c),
                 "logprobs": chat_logprobs(c.get("logprobs")),
             }
             for c in choices(job)
@@ -147,11 +174,25 @@ def chat_delta(
     role: bool = False,
     finish: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
+    """A chat chunk's choice; `fields` are further delta fields (reasoning_content, tool_calls)."""
     delta: dict[str, Any] = {"role": "assistant"} if role else {}
     if text is not None:
         delta["content"] = text
+    delta.update(fields)
     return {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
+
+
+def tool_call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed calls as OpenAI sends them: per call its index, id, type and name first (empty
+    arguments), then the arguments (the SDK's stream helper joins the pieces)."""
+    out = []
+    for k, call in enumerate(calls):
+        name = call["function"]["name"]
+        out.append({"index": k, "id": call["id"], "type": "function", "function": {"name": name, "arguments": ""}})
+        out.append({"index": k, "function": {"arguments": call["function"]["arguments"]}})
+    return out
 
 
 def text_delta(
@@ -160,6 +201,7 @@ def text_delta(
     role: bool = False,
     finish: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     return {"index": index, "text": text or "", "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
+from qwen_deploy import tool_calls
 from qwen_deploy.errors import BadRequest, NotFound
 from qwen_deploy.job_records import JOB_ID_PREFIX, valid_id
 from qwen_deploy.jobs import TERMINAL
@@ -15,8 +16,8 @@ from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
 from web.openai_api.bodies import ResponseCreate, ResponseQuery
-from web.openai_api.completions import finished
-from web.openai_api.objects import cached_tokens, finish_reason, job_body, job_headers
+from web.openai_api.completions import ChatSplit, finished
+from web.openai_api.objects import cached_tokens, finish_reason, first_choice, job_body, job_headers
 from web.openai_api.shapes import RESPONSE_EVENTS, ResponseObject, job_doc
 from web.openai_api.translate import check_keys, check_model, messages, unsupported, validated
 from web.openapi import doc
@@ -46,6 +47,9 @@ KEYS = frozenset(
         "top_k",
         "seed",
         "ignore_eos",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 STATUS = {
@@ -75,17 +79,21 @@ def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     if status == "completed" and finish_reason(reason) == "length":
         status = "incomplete"
     items = []
+    choice = first_choice(job)
+    calls = choice.get("tool_calls") or []
     if job["status"] != "queued" or output.get("text"):
         item_status = {"completed": "completed", "in_progress": "in_progress"}.get(status, "incomplete")
+        text = choice.get("content", choice["text"]) or ""
         items.append(
             {
                 "type": "message",
                 "id": "msg_" + job_body(job["id"]),
                 "status": item_status,
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": output.get("text", ""), "annotations": [], "logprobs": []}],
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
             }
         )
+        items.extend(function_call(call, job["id"], k) for k, call in enumerate(calls))
     raw = output.get("usage") if job["status"] in TERMINAL else None
     usage = None
     if raw:
@@ -110,18 +118,94 @@ def present(job: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         "max_output_tokens": meta.get("max_output_tokens"),
         "metadata": meta.get("metadata") or {},
         "output": items,
-        "parallel_tool_calls": False,
+        "parallel_tool_calls": meta.get("parallel_tool_calls", True),
         "previous_response_id": None,
         "temperature": meta.get("temperature"),
         "top_p": meta.get("top_p"),
         "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
-        "tools": [],
+        "tool_choice": meta.get("tool_choice") or "auto",
+        "tools": meta.get("tools") or [],
         "truncation": "disabled",
         "usage": usage,
         "user": None,
         "store": True,
     }
+
+
+def function_call(call: dict[str, Any], job_id: str, k: int) -> dict[str, Any]:
+    """A call (OpenAI's chat shape) as a `function_call` output item."""
+    return {
+        "type": "function_call",
+        "id": f"fc_{job_body(job_id)}_{k}",
+        "call_id": call["id"],
+        "name": call["function"]["name"],
+        "arguments": call["function"]["arguments"],
+        "status": "completed",
+    }
+
+
+def _tools(body: dict[str, Any], job: dict[str, Any]) -> None:
+    """Function tools (`{"type": "function", "name", "description", "parameters", "strict"}`) and
+    tool_choice as the job's chat-shaped fields."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("tools must be a list", code="invalid_type", param="tools")
+        converted = []
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                raise unsupported(f"tools.{i}.type", "supports only function tools")
+            for key in tool:
+                if key not in ("type", "name", "description", "parameters", "strict"):
+                    raise unsupported(f"tools.{i}.{key}")
+            function = {k: v for k, v in tool.items() if k != "type" and v is not None}
+            converted.append({"type": "function", "function": function})
+        if converted:
+            job["tools"] = converted
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or set(choice) != {"type", "name"}:
+            raise unsupported("tool_choice", 'must be auto, none, required or {"type": "function", "name"}')
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        job["tool_choice"] = choice
+    if body.get("parallel_tool_calls") is not None:
+        job["parallel_tool_calls"] = body["parallel_tool_calls"]
+
+
+def _input(raw: list[Any]) -> list[dict[str, Any]]:
+    """Input items as job messages: messages, `function_call` items (an assistant's tool_calls; adjacent
+    ones join one message) and `function_call_output` items (tool messages)."""
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        at = f"input.{i}"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "function_call":
+            for key in item:
+                if key not in ("type", "call_id", "name", "arguments", "id", "status"):
+                    raise unsupported(f"{at}.{key}")
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") and out[-1]["from"] == i - 1:
+                out[-1]["tool_calls"].append(call)
+                out[-1]["from"] = i
+            else:
+                out.append({"role": "assistant", "tool_calls": [call], "from": i})
+        elif kind == "function_call_output":
+            for key in item:
+                if key not in ("type", "call_id", "output", "id", "status"):
+                    raise unsupported(f"{at}.{key}")
+            if not isinstance(item.get("output"), str):
+                raise BadRequest(f"{at}.output must be a string", code="invalid_type", param=f"{at}.output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item["output"]})
+        else:
+            out.extend(messages([item], "input", i))
+    for msg in out:
+        msg.pop("from", None)
+    return out
 
 
 def _meta(job_id: str) -> dict[str, Any]:
@@ -140,7 +224,10 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if text is not None and text != {"format": {"type": "text"}}:
         raise unsupported("text", 'supports only {"format": {"type": "text"}}')
     raw = body.get("input")
-    chat = [{"role": "user", "content": raw}] if isinstance(raw, str) else messages(raw, "input")
+    if isinstance(raw, list) and raw:
+        chat = _input(raw)
+    else:
+        chat = [{"role": "user", "content": raw}] if isinstance(raw, str) else messages(raw, "input")
     if body.get("instructions") is not None:
         if not isinstance(body["instructions"], str):
             raise BadRequest("instructions must be a string", code="invalid_type", param="instructions")
@@ -151,10 +238,13 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             job[key] = body[key]
     if body.get("max_output_tokens") is not None:
         job["max_new_tokens"] = body["max_output_tokens"]
+    _tools(body, job)
     req = validated(job, {"max_new_tokens": "max_output_tokens", "messages": "input"}, settings)
     meta = {
         key: body.get(key) for key in ("model", "instructions", "max_output_tokens", "temperature", "top_p", "metadata")
     }
+    meta.update({key: body[key] for key in ("tools", "tool_choice", "parallel_tool_calls") if key in body})
+    meta["tool_mode"] = tool_calls.mode(req)
     meta["background"] = bool(body.get("background"))
     return req, meta
 
@@ -189,9 +279,13 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
         )
         final: dict[str, Any] = {}
+        split, streamed = ChatSplit(1, meta.get("tool_mode", "none")), ""
         for what, ev in iter_job_events(job_id):
             if what == "token" and ev.get("text"):
-                yield emit("response.output_text.delta", **place, delta=ev["text"], logprobs=[])
+                streamed += ev["text"]
+                for fields in split.deltas(0, streamed):
+                    if fields.get("content"):
+                        yield emit("response.output_text.delta", **place, delta=fields["content"], logprobs=[])
             elif what == "done":
                 final = ev
         done = True
@@ -201,10 +295,19 @@ def events(job_id: str, meta: dict[str, Any], after: int, cancel_on_close: bool)
             if response["output"]
             else {**item, "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
         )
+        for fields in split.final({**first_choice(final), "tool_calls": None} if final else {"index": 0, "text": ""}):
+            if fields.get("content"):
+                yield emit("response.output_text.delta", **place, delta=fields["content"], logprobs=[])
         part = message["content"][0]
         yield emit("response.output_text.done", **place, text=part["text"], logprobs=[])
         yield emit("response.content_part.done", **place, part=part)
         yield emit("response.output_item.done", output_index=0, item=message)
+        for index, call in enumerate(response["output"][1:], 1):
+            yield emit("response.output_item.added", output_index=index, item={**call, "arguments": ""})
+            at = {"item_id": call["id"], "output_index": index}
+            yield emit("response.function_call_arguments.delta", **at, delta=call["arguments"])
+            yield emit("response.function_call_arguments.done", **at, arguments=call["arguments"])
+            yield emit("response.output_item.done", output_index=index, item=call)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
             response["status"], "response.failed"
         )

@@ -10,7 +10,9 @@ from qwen_deploy.served import Served, served_models
 from web.schemas import JobCreate, parse_job, pick_model
 
 CHAT, COMPLETIONS, JOBS = "/v1/chat/completions", "/v1/completions", "/v1/jobs"
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# Chat fields passed to the job under the same name (checked by the job schema, web/tools.py).
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
 
 # Parameters passed to the job body under the same name (top_k, repetition_penalty and ignore_eos are the
 # usual extensions of OpenAI-compatible servers, sent with the SDK's `extra_body`).
@@ -29,7 +31,7 @@ COMMON = frozenset(
         *PASSED,
     }
 )
-CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", *TOOL_KEYS}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 # Accepted only with their neutral value.
 NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "echo": (False,), "best_of": (1,)}
@@ -77,24 +79,33 @@ def _text(content: Any, where: str) -> str:
     raise BadRequest(f"{where} must be a string or a list of text parts", code="invalid_type", param=where)
 
 
-def messages(raw: Any, param: str = "messages") -> list[dict[str, str]]:
-    """Chat messages as job messages: roles system/developer/user/assistant, content joined from text parts."""
+def messages(raw: Any, param: str = "messages", start: int = 0) -> list[dict[str, Any]]:
+    """Chat messages as job messages: roles system/developer/user/assistant/tool, content joined from text
+    parts; an assistant's `tool_calls` and a tool message's `tool_call_id` kept (the job schema checks them).
+    `start`: the index of the first one in the request (errors name it)."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f"{param} must be a non-empty list of messages", code="invalid_type", param=param)
     out = []
-    for i, msg in enumerate(raw):
+    for i, msg in enumerate(raw, start):
         where = f"{param}.{i}"
         if not isinstance(msg, dict):
             raise BadRequest(f"{where} must be an object", code="invalid_type", param=where)
-        for key in msg:
-            if key not in ("role", "content", "type") or (key == "type" and msg[key] != "message"):
-                raise unsupported(f"{where}.{key}")
         role = msg.get("role")
         if role not in ROLES:
             raise BadRequest(
                 f"{where}.role must be one of {', '.join(ROLES)}", code="invalid_value", param=f"{where}.role"
             )
-        out.append({"role": ROLES[role], "content": _text(msg.get("content"), f"{where}.content")})
+        extra = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}.get(role, ())
+        for key in msg:
+            if key not in ("role", "content", "type", *extra) or (key == "type" and msg[key] != "message"):
+                raise unsupported(f"{where}.{key}")
+        job_msg: dict[str, Any] = {"role": ROLES[role]}
+        if msg.get("content") is not None or not msg.get("tool_calls"):
+            job_msg["content"] = _text(msg.get("content"), f"{where}.content")
+        for key in extra:
+            if msg.get(key) is not None:
+                job_msg[key] = msg[key]
+        out.append(job_msg)
     return out
 
 
@@ -155,7 +166,7 @@ def chat_request(body: Any, settings: Settings) -> dict[str, Any]:
     if limit is not None:
         job["max_new_tokens"] = limit
     _common(body, job, renames)
-    for key in ("logprobs", "top_logprobs"):
+    for key in ("logprobs", "top_logprobs", *TOOL_KEYS):
         if body.get(key) is not None:
             job[key] = body[key]
     return validated(job, renames, settings)
