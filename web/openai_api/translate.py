@@ -12,9 +12,25 @@ from web.schemas import JobCreate, parse_job, pick_model
 CHAT, COMPLETIONS, JOBS = "/v1/chat/completions", "/v1/completions", "/v1/jobs"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
-# Parameters passed to the job body under the same name (top_k, repetition_penalty and ignore_eos are the
-# usual extensions of OpenAI-compatible servers, sent with the SDK's `extra_body`).
-PASSED = ("temperature", "top_p", "n", "stop", "seed", "top_k", "repetition_penalty", "ignore_eos")
+# Parameters passed to the job body under the same name (top_k, repetition_penalty, ignore_eos, min_p,
+# min_tokens and stop_token_ids are the usual extensions of OpenAI-compatible servers, sent with the SDK's
+# `extra_body`).
+PASSED = (
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "top_k",
+    "repetition_penalty",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "min_p",
+    "min_tokens",
+    "stop_token_ids",
+)
 COMMON = frozenset(
     {
         "service_tier",
@@ -23,8 +39,6 @@ COMMON = frozenset(
         "stream",
         "stream_options",
         "user",
-        "frequency_penalty",
-        "presence_penalty",
         "response_format",
         *PASSED,
     }
@@ -32,7 +46,7 @@ COMMON = frozenset(
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 # Accepted only with their neutral value.
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "echo": (False,), "best_of": (1,)}
+NEUTRAL = {"echo": (False,)}
 
 
 __all__ = ["ModelNotFound"]
@@ -171,6 +185,9 @@ def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise unsupported("prompt", "must be a string (or a list of one string)")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):  # every sample is returned; none is ranked away
+        raise unsupported("best_of", "is supported only equal to n (every sample generated is returned)")
     job: dict[str, Any] = {"model": alias, "prompt": prompt}
     renames: dict[str, str] = {"top_logprobs": "logprobs"}
     limit = _max_tokens(body, ("max_tokens",), renames)
