@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import torch
 
-from worker.engine.sampler import RowPlan, choose
+from worker.engine.sampler import RowPlan, _add_bias, _argmax, _penalize, _topk, choose
 from worker.engine.sequence import Sampling
 
 V = 1000
@@ -102,3 +103,94 @@ def test_penalty_ban_and_logprobs() -> None:
     chosen, alts = lps[0]
     assert abs(chosen - float(lp[ids[0]])) < 1e-6 and lps[1] is None
     assert [a for a, _ in alts] == lp.topk(2).indices.tolist()
+
+
+def test_presence_frequency_penalties_and_logit_bias_change_exactly_their_logits() -> None:
+    x = logits(2)
+    pf = Sampling(presence_penalty=0.5, frequency_penalty=0.25)
+    bias = Sampling(logit_bias={3: 100.0, 4: -7.5})
+    plans = [RowPlan(pf, [], [], counts={3: 2, 9: 1}), RowPlan(bias, [], [])]
+    got = x.clone()
+    _penalize(got, plans)
+    _add_bias(got, plans)
+    want = x.clone()
+    want[0, 3] -= 0.5 + 2 * 0.25
+    want[0, 9] -= 0.5 + 0.25
+    want[1, 3] += 100.0
+    want[1, 4] -= 7.5
+    assert torch.equal(got, want)
+    _, ids, _ = choose(x, plans)
+    assert ids[1] == 3  # +100: greedy takes it
+    top = int(x[0].argmax())
+    row = x[0:1].clone()
+    row[0, top] -= 2.0 + 3 * 2.0  # presence + count x frequency: the greedy choice moves to the runner-up
+    _, ids, _ = choose(
+        x[0:1], [RowPlan(Sampling(presence_penalty=2.0, frequency_penalty=2.0), [], [], counts={top: 3})]
+    )
+    assert ids == [int(row.argmax())] and ids[0] != top
+
+
+def test_min_p_keeps_only_tokens_near_the_top_after_temperature() -> None:
+    x = torch.full((1, V), float("-inf"))
+    x[0, :4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    # min_p 0.25: keeps p >= 0.125 (tokens 0, 1, 2); at temperature 0.5 the weights square: 0.25 0.09 0.0225 ...
+    # relative to the top 1, 0.36, 0.09: only tokens 0 and 1 pass 0.25
+    wide, sharp = plan(5, temperature=1.0, min_p=0.25), plan(6, temperature=0.5, min_p=0.25)
+    seen_wide = Counter(choose(x, [wide])[1][0] for _ in range(600))
+    seen_sharp = Counter(choose(x, [sharp])[1][0] for _ in range(600))
+    assert set(seen_wide) == {0, 1, 2} and set(seen_sharp) == {0, 1}
+    assert abs(seen_wide[0] / 600 - 0.5 / 0.95) < 0.06  # renormalised over what is kept
+
+
+def test_top_p_rejection_draws_follow_the_renormalised_nucleus() -> None:
+    x = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) - 30  # a long, flat tail of ~1e-13 each
+    x[0, [11, 22, 33, 44]] = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    p = plan(7, temperature=1.0, top_p=0.75)  # heavier than 44: 0.9 > 0.75; heavier than 33: 0.7 <= 0.75
+    counts = Counter(choose(x, [p])[1][0] for _ in range(2000))
+    assert set(counts) == {11, 22, 33}
+    assert all(abs(counts[t] / 2000 - q) < 0.035 for t, q in [(11, 4 / 9), (22, 3 / 9), (33, 2 / 9)])
+    flat = plan(8, temperature=1.0, top_p=0.5)  # a flat row: the nucleus is half the vocabulary
+    y = torch.zeros(1, V)
+    y[0, V // 2 :] = -1.0  # the first half (tied, so all of it) holds 0.73 of the mass: the nucleus
+    drawn = [choose(y, [flat])[1][0] for _ in range(300)]
+    assert all(t < V // 2 for t in drawn) and len(set(drawn)) > 180  # ~225 distinct of 500 expected
+
+
+def test_every_setting_samples_the_same_alone_and_in_any_batch() -> None:
+    settings: list[dict[str, Any]] = [
+        {"temperature": 0.8, "min_p": 0.05, "presence_penalty": 0.7, "frequency_penalty": 0.4},
+        {"temperature": 1.0, "top_p": 0.5, "logit_bias": {5: 3.0, 6: -2.0}},
+        {"temperature": 1.2, "top_k": 30, "top_p": 0.9, "min_p": 0.01},
+        {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.3},
+        {"logit_bias": {7: 50.0}, "frequency_penalty": 1.0},  # greedy
+    ]
+    x = logits(len(settings), seed=4)
+
+    def plans() -> list[RowPlan]:
+        out = []
+        for i, s in enumerate(settings):
+            sampling = Sampling(seed=100 + i, **s)
+            sampling.make_generator()
+            out.append(RowPlan(sampling, [1, 2, 3], [9], counts={4: 2, 8: 1}))
+        return out
+
+    batch, alone, shuffled = plans(), plans(), plans()
+    order = [4, 2, 0, 3, 1]
+    for _ in range(15):
+        _, together, _ = choose(x, batch)
+        single = [choose(x[i : i + 1], [alone[i]])[1][0] for i in range(len(settings))]
+        _, mixed, _ = choose(x[order], [shuffled[i] for i in order])
+        assert together == single == [mixed[order.index(i)] for i in range(len(settings))]
+        assert 9 not in together and together[4] == 7
+
+
+def test_argmax_and_top_k_by_blocks_equal_torch() -> None:
+    x = torch.randn(6, 64 * 40 + 17, generator=torch.Generator().manual_seed(5))
+    x[1, 100] = x[1, 2000] = 50.0  # a tie: the first wins, as argmax's
+    x[2, -3] = 60.0  # in the last, partial block
+    assert torch.equal(_argmax(x), x.argmax(-1))
+    y = x[:, : 64 * 40]
+    for k in (1, 5, 10):
+        vals, ids = _topk(y, k)
+        ref = torch.topk(y, k)
+        assert torch.equal(vals, ref.values) and torch.equal(y.gather(1, ids), ref.values)
