@@ -141,7 +141,7 @@ def test_errors_name_the_param(oai: openai.OpenAI, model: str) -> None:
         oai.chat.completions.create(model=model, messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}])
     assert err.value.param == "tools" and err.value.code == "unsupported_parameter"
     with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model=model, messages=CHAT, presence_penalty=0.5)
+        oai.chat.completions.create(model=model, messages=CHAT, presence_penalty=2.5)
     assert err.value.param == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x", "name": "me"}])
