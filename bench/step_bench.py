@@ -4,7 +4,7 @@ on a random model shaped like SmolLM2-135M (Llama, hidden 576, 30 layers, 49,152
 Each scenario admits 32 rows, then times decode steps: wall time of `Engine.step()` and, through forward hooks,
 the model's own forward; host = step - forward (sampling, stop strings, KV bookkeeping, the loop).
 
-    uv run python bench/step_bench.py [--steps 24] [--rows 32] [--dtype bf16|fp32] [--kv-chunk N]
+    uv run python bench/step_bench.py [--steps 24] [--rows 32] [--dtype bf16|fp32] [--kv-chunk N] [--only NAME]
 """
 
 from __future__ import annotations

@@ -242,7 +242,9 @@ class Engine:
         )
 
     def _reason(self, seq: Seq, tok: int) -> str | None:
-        if len(seq.out) < seq.min_tokens:  # no stop of any kind before min_tokens (vLLM's rule)
+        if len(seq.out) < seq.min_tokens:  # no EOS, stop token or stop string before min_tokens (vLLM's rule)
+            if seq.constraint is not None and seq.constraint.is_done():
+                return "stop"  # a complete grammar has nothing more to give
             return "length" if len(seq.out) >= seq.max_new_tokens else None
         if tok in self.eos_ids and not seq.ignore_eos:
             return "eos"
