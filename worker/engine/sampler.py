@@ -116,11 +116,12 @@ def _penalize(x: torch.Tensor, plans: list[RowPlan]) -> None:
 
 def _add_bias(x: torch.Tensor, plans: list[RowPlan]) -> None:
     """Each row's logit_bias (token id -> value added to its logit)."""
-    rows = [(i, p.sampling.logit_bias) for i, p in enumerate(plans) if p.sampling.logit_bias]
+    rows = [(i, p.sampling.bias_tensors(x.device)) for i, p in enumerate(plans) if p.sampling.logit_bias]
     if rows:
-        r, c = _cells(x, [i for i, _ in rows], [list(b) for _, b in rows])
-        add = torch.tensor(list(itertools.chain.from_iterable(b.values() for _, b in rows)), device=x.device)
-        x.index_put_((r, c), add, accumulate=True)
+        r = torch.tensor([i for i, _ in rows], device=x.device)
+        r = r.repeat_interleave(torch.tensor([len(ids) for _, (ids, _) in rows], device=x.device))
+        c = torch.cat([ids for _, (ids, _) in rows])
+        x.index_put_((r, c), torch.cat([v for _, (_, v) in rows]), accumulate=True)
 
 
 def _cells(x: torch.Tensor, rows: list[int], ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

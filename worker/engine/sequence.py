@@ -37,6 +37,14 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> value added to its logit
     seed: int | None = None
     generator: random.Random | None = field(default=None, repr=False)  # this sequence's own stream
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def bias_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids, values) tensors on `device`, made once."""
+        if self._bias is None or self._bias[0].device != device:
+            ids = torch.tensor(list(self.logit_bias), dtype=torch.long, device=device)
+            self._bias = ids, torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device)
+        return self._bias
 
     @property
     def greedy(self) -> bool:
