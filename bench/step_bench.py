@@ -4,7 +4,7 @@ on a random model shaped like SmolLM2-135M (Llama, hidden 576, 30 layers, 49,152
 Each scenario admits 32 rows, then times decode steps: wall time of `Engine.step()` and, through forward hooks,
 the model's own forward; host = step - forward (sampling, stop strings, KV bookkeeping, the loop).
 
-    uv run python bench/step_bench.py [--steps 24] [--rows 32] [--dtype bf16|fp32] [--kv-chunk N]
+    uv run python bench/step_bench.py [--steps 24] [--rows 32] [--dtype bf16|fp32] [--kv-chunk N] [--only NAME]
 """
 
 from __future__ import annotations
@@ -27,6 +27,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "T0.8 top_k 50 top_p 0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
     "T0.8 top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
     "T0.8 rep 1.1 + logprobs 2": {"temperature": 0.8, "repetition_penalty": 1.1, "logprobs": True, "top_logprobs": 2},
+    "T0.8 min_p pres/freq bias": {
+        "temperature": 0.8,
+        "min_p": 0.05,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.3,
+        "logit_bias": {str(i): -1.0 for i in range(0, 3000, 10)},
+    },
 }
 
 
@@ -84,6 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--only", default=None, help="scenarios whose name contains this")
     parser.add_argument("--kv-chunk", type=int, default=None, help="grow KV layers by this many positions (0: cat)")
     args = parser.parse_args()
     import torch
@@ -105,6 +113,8 @@ def main() -> None:
     print(f"{handler.info.dtype}, {args.rows} rows, {args.steps} decode steps, 1 thread (medians){chunk}")  # type: ignore[union-attr]
     print(f"{'scenario':28} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>7}")
     for name, scenario in SCENARIOS.items():
+        if args.only and args.only not in name:
+            continue
         step, fwd = run(handler, scenario, args.rows, args.steps)
         print(f"{name:28} {step:8.1f} {fwd:8.1f} {step - fwd:8.2f} {100 * (step - fwd) / step:6.1f}%", flush=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from flask import Request
 from pydantic import (
@@ -28,6 +28,9 @@ from web.response_format import ResponseFormat, check_response_format
 from web.tools import ToolCall, ToolFields, check_tools
 
 Number = StrictFloat | StrictInt
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
+TOKEN_ID = re.compile(r"[0-9]{1,9}")
 
 
 class Message(BaseModel):
@@ -111,6 +114,28 @@ class JobCreate(WebhookFields, LifecycleFields, ToolFields):
         },
     )
     repetition_penalty: Number | None = Field(None, gt=0, le=10)
+    presence_penalty: Number | None = Field(
+        None, ge=-2, le=2, description="OpenAI's: subtracted from the logit of every token generated so far"
+    )
+    frequency_penalty: Number | None = Field(
+        None, ge=-2, le=2, description="OpenAI's: subtracted times the number of times a token was generated so far"
+    )
+    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description=f"token id (a decimal string) → -100 to 100 added to its logit; at most {MAX_LOGIT_BIAS} ids",
+    )
+    min_p: Number | None = Field(
+        None, ge=0, le=1, description="drop tokens less likely than min_p times the most likely one (after temperature)"
+    )
+    min_tokens: StrictInt | None = Field(
+        None, ge=0, description="no EOS, stop token or stop string before this many tokens; at most max_new_tokens"
+    )
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        None,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description="token ids that end a sample (left out of its text); finish_reason stop",
+    )
     ignore_eos: StrictBool | None = None
     n: StrictInt | None = Field(None, ge=1, le=8, description="samples per request (default 1)")
     logprobs: StrictBool | None = Field(None, description="return each sampled token's log probability")
@@ -255,6 +280,17 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
             "continue_final_message needs messages ending with an assistant message",
             code="invalid_value",
             param="continue_final_message",
+        )
+    if req.min_tokens is not None and req.min_tokens > n:
+        raise Unprocessable(
+            f"min_tokens is {req.min_tokens}; max_new_tokens is {n}", code="invalid_value", param="min_tokens"
+        )
+    bad = [k for k in req.logit_bias or {} if not TOKEN_ID.fullmatch(k)]
+    if bad:
+        raise Unprocessable(
+            f"logit_bias keys must be token ids (decimal strings), got {bad[0]!r}",
+            code="invalid_value",
+            param="logit_bias",
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise Unprocessable("top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")

@@ -44,6 +44,12 @@ class GenerationRequest:
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None
     continue_final_message: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string, as JSON keys are) -> bias
+    min_p: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -59,8 +65,8 @@ class GenerationRequest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and v is not None}
-        for name in ("temperature", "top_p", "repetition_penalty"):  # JSON integers are fine here
-            if name in known:
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
+            if name in known:  # JSON integers are fine here
                 known[name] = float(known[name])
         return cls(**known)
 
@@ -70,8 +76,30 @@ class GenerationRequest:
             top_p=self.top_p or 1.0,
             top_k=self.top_k or 0,
             repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            min_p=self.min_p or 0.0,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
             seed=self.seed,
         )
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """logit_bias and stop_token_ids name ids of this model's vocabulary (the web tier cannot know it)."""
+        for param, ids in (
+            ("logit_bias", [int(k) for k in self.logit_bias or {}]),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"{param}: token id {bad[0]} is not in this model's vocabulary (0 to {vocab_size - 1})"
+                )
+
+
+class InvalidRequest(ValueError):
+    """A request this model cannot run (the job fails with this code and message)."""
+
+    code = "invalid_request"
 
 
 @dataclass
@@ -243,6 +271,7 @@ class ModelHandler:
         resume: list[int] | None = None,
     ) -> tuple[list[Seq], int, bool]:
         """The request's samples as engine sequences; also (prompt tokens, prompt truncated)."""
+        req.check_token_ids(self.vocab_size)
         ids, truncated = self.encode(req)
         if not ids:
             ids = [self.eos_ids[0]]
@@ -267,6 +296,8 @@ class ModelHandler:
                     priority,
                     tag=(tag, i),
                     out=list(resume or []) if i == 0 and req.n == 1 else [],
+                    min_tokens=req.min_tokens,
+                    stop_token_ids=list(req.stop_token_ids),
                 )
             )
         return seqs, len(ids), truncated

@@ -146,7 +146,7 @@ def test_errors_name_the_param(oai: openai.OpenAI, model: str) -> None:
         )
     assert err.value.param == "tool_choice.function.name" and err.value.code == "invalid_value"
     with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model=model, messages=CHAT, presence_penalty=0.5)
+        oai.chat.completions.create(model=model, messages=CHAT, presence_penalty=2.5)
     assert err.value.param == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x", "name": "me"}])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from tests.helpers import Stack
 
@@ -86,3 +89,54 @@ def test_every_sample_streams_as_it_is_generated(client) -> None:  # type: ignor
     assert job["status"] == "succeeded" and texts[0] == texts[1] == job["output"]["text"]
     assert streamed[0] == texts[0]  # the first sample's events concatenate to output.text, as before
     assert streamed[1] == texts[1] and events[1] == events[0] >= 1, events
+
+
+def test_the_sampling_set(oai: openai.OpenAI, model: str, demo_model: Path) -> None:
+    """logit_bias, stop_token_ids and min_tokens change the greedy answer exactly; penalties and min_p run
+    seeded; best_of is taken only equal to n; bad values are 400s naming the parameter."""
+    prompt = "Beautiful is better than"
+    greedy = oai.completions.create(model=model, prompt=prompt, max_tokens=6).choices[0].text
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    first = tok.encode(greedy, add_special_tokens=False)[0]
+    avoided = oai.completions.create(model=model, prompt=prompt, max_tokens=6, logit_bias={str(first): -100})
+    assert avoided.choices[0].text and not greedy.startswith(avoided.choices[0].text[:3])
+    stopped = oai.completions.create(model=model, prompt=prompt, max_tokens=6, extra_body={"stop_token_ids": [first]})
+    assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == ("", "stop")
+    assert stopped.usage.completion_tokens == 1
+    late = oai.completions.create(
+        model=model, prompt=prompt, max_tokens=6, extra_body={"stop_token_ids": [first], "min_tokens": 3}
+    )
+    runner_up = tok.decode(tok.encode(avoided.choices[0].text, add_special_tokens=False)[:3])
+    assert late.usage.completion_tokens >= 3 and late.choices[0].text.startswith(runner_up)  # banned 3 tokens
+
+    def sampled() -> str | None:
+        return (
+            oai.chat.completions.create(
+                model=model,
+                messages=CHAT,
+                max_tokens=8,
+                temperature=1.0,
+                seed=5,
+                presence_penalty=1.5,
+                frequency_penalty=0.5,
+                extra_body={"min_p": 0.1, "min_tokens": 4},
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert sampled() == sampled()
+    two = oai.completions.create(model=model, prompt=prompt, max_tokens=2, n=2, extra_body={"best_of": 2})
+    assert len(two.choices) == 2
+    for kw, param in [
+        ({"extra_body": {"best_of": 3}}, "best_of"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"12": 101}}, "logit_bias.12"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"extra_body": {"min_p": 1.5}}, "min_p"),
+        ({"extra_body": {"min_tokens": 7}}, "min_tokens"),
+        ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids.0"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.completions.create(model=model, prompt=prompt, max_tokens=6, **kw)  # type: ignore[arg-type]
+        assert err.value.status_code == 400 and err.value.param == param

@@ -268,3 +268,36 @@ def test_kv_grown_in_chunks_matches(handler: ModelHandler, chunk: int, monkeypat
         steps += 1
     assert [s.text for s in seqs] == expected
     assert runner.new_cache(handler.model.device).layer_class_to_replicate.chunk == chunk  # chunked layers in use
+
+
+def test_min_tokens_stop_token_ids_and_logit_bias(handler: ModelHandler) -> None:
+    """A +100 bias makes greedy pick a token at once; min_tokens bans it (as EOS or a stop token) until
+    reached; a stop token ends the sample and is left out of its text."""
+    if "demo-model" in handler.info.name or "llama" in handler.info.name:  # type: ignore[union-attr]
+        pytest.skip("one model is enough")
+    eos, word = handler.eos_ids[0], handler.tokenizer.encode(" better", add_special_tokens=False)[0]
+
+    def run(**kw: object) -> Seq:
+        req = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=10, **kw)  # type: ignore[arg-type]
+        seqs, _, _ = handler.sequences(req, "k", budget=60)
+        engine = handler.engine()
+        engine.add(seqs[0])
+        while len(engine):
+            engine.step()
+        return seqs[0]
+
+    plain = run(ignore_eos=True)
+    to_eos = run(logit_bias={str(eos): 100})
+    assert (to_eos.out, to_eos.finish_reason) == ([eos], "eos")
+    late_eos = run(logit_bias={str(eos): 100}, min_tokens=3)
+    assert late_eos.out[3] == eos and eos not in late_eos.out[:3] and late_eos.finish_reason == "eos"
+    stopped = run(logit_bias={str(word): 100}, stop_token_ids=[word])
+    assert (stopped.out, stopped.finish_reason, stopped.text) == ([word], "stop", "")
+    late = run(logit_bias={str(word): 100}, stop_token_ids=[word], min_tokens=2)
+    assert late.out[2] == word and word not in late.out[:2] and late.finish_reason == "stop"
+    assert late.text == handler.decode(late.out[:2]) and late.text
+    ends = run(ignore_eos=True, stop_token_ids=[plain.out[4]])  # a token the model picks on its own
+    first = plain.out.index(plain.out[4])
+    assert ends.out == plain.out[: first + 1] and ends.text == handler.decode(plain.out[:first])
+    bad = handler.generate_batch([GenerationRequest(prompt="x", logit_bias={"99999999": 1.0})])[0]
+    assert isinstance(bad, ValueError) and "logit_bias" in str(bad)

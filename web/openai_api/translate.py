@@ -14,9 +14,25 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Chat fields passed to the job under the same name (checked by the job schema, web/tools.py).
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
 
-# Parameters passed to the job body under the same name (top_k, repetition_penalty and ignore_eos are the
-# usual extensions of OpenAI-compatible servers, sent with the SDK's `extra_body`).
-PASSED = ("temperature", "top_p", "n", "stop", "seed", "top_k", "repetition_penalty", "ignore_eos")
+# Parameters passed to the job body under the same name (top_k, repetition_penalty, ignore_eos, min_p,
+# min_tokens and stop_token_ids are the usual extensions of OpenAI-compatible servers, sent with the SDK's
+# `extra_body`).
+PASSED = (
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "top_k",
+    "repetition_penalty",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "min_p",
+    "min_tokens",
+    "stop_token_ids",
+)
 COMMON = frozenset(
     {
         "service_tier",
@@ -25,8 +41,6 @@ COMMON = frozenset(
         "stream",
         "stream_options",
         "user",
-        "frequency_penalty",
-        "presence_penalty",
         "response_format",
         *PASSED,
     }
@@ -34,7 +48,7 @@ COMMON = frozenset(
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", *TOOL_KEYS}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 # Accepted only with their neutral value.
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "echo": (False,), "best_of": (1,)}
+NEUTRAL = {"echo": (False,)}
 
 
 __all__ = ["ModelNotFound"]
@@ -182,6 +196,9 @@ def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise unsupported("prompt", "must be a string (or a list of one string)")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):  # every sample is returned; none is ranked away
+        raise unsupported("best_of", "is supported only equal to n (every sample generated is returned)")
     job: dict[str, Any] = {"model": alias, "prompt": prompt}
     renames: dict[str, str] = {"top_logprobs": "logprobs"}
     limit = _max_tokens(body, ("max_tokens",), renames)

@@ -215,16 +215,7 @@ class Engine:
 
     def _advance(self, seqs: list[Seq], batch: KVBatch, logits: torch.Tensor, finished: list[Seq]) -> None:
         """Choose each row's next token, append it and decide whether the row is done."""
-        plans = [
-            RowPlan(
-                s.sampling,
-                s.context() if s.sampling.repetition_penalty != 1.0 else [],
-                self.eos_ids if s.ignore_eos else [],
-                s.constraint,
-                s.top_logprobs,
-            )
-            for s in seqs
-        ]
+        plans = [self._plan(s) for s in seqs]
         batch.last, tokens, logprobs = choose(logits, plans)
         for seq, tok, lp in zip(seqs, tokens, logprobs):
             seq.out.append(tok)
@@ -236,9 +227,30 @@ class Engine:
             if reason:
                 self._finish(seq, reason, finished)
 
+    def _plan(self, seq: Seq) -> RowPlan:
+        sampling = seq.sampling
+        banned = self.eos_ids if seq.ignore_eos else []
+        if len(seq.out) < seq.min_tokens:
+            banned = [*self.eos_ids, *seq.stop_token_ids]
+        return RowPlan(
+            sampling,
+            seq.distinct_context() if sampling.repetition_penalty != 1.0 else [],
+            banned,
+            seq.constraint,
+            seq.top_logprobs,
+            seq.output_counts() if sampling.presence_penalty or sampling.frequency_penalty else None,
+        )
+
     def _reason(self, seq: Seq, tok: int) -> str | None:
+        if len(seq.out) < seq.min_tokens:  # no EOS, stop token or stop string before min_tokens (vLLM's rule)
+            if seq.constraint is not None and seq.constraint.is_done():
+                return "stop"  # a complete grammar has nothing more to give
+            return "length" if len(seq.out) >= seq.max_new_tokens else None
         if tok in self.eos_ids and not seq.ignore_eos:
             return "eos"
+        if tok in seq.stop_token_ids:
+            seq.stop_token = tok
+            return "stop"
         if seq.constraint is not None and seq.constraint.is_done():
             return "stop"
         if seq.stop and detok.stop_reached(seq, self.decode_ids):

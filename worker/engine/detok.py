@@ -56,8 +56,8 @@ def stop_reached(seq: Seq, decode_ids: Decode) -> bool:
 
 def final_text(seq: Seq, reason: str, decode_ids: Decode) -> tuple[str, str | None]:
     """The finished sequence's text, cut before the first stop string when it stopped on one, and that stop
-    string (the one found first in the text; None when it did not stop on one)."""
-    text = decode_ids(seq.out)
+    string (the one found first in the text; None when it did not stop on one). A stop token id is left out."""
+    text = decode_ids(seq.out[:-1] if seq.stop_token is not None else seq.out)
     if reason == "stop" and seq.stop:
         cuts = [(text.find(s), i) for i, s in enumerate(seq.stop) if s in text]
         if cuts:

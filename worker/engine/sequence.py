@@ -31,8 +31,20 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every id generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times the number of times the id was generated so far
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (after temperature)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> value added to its logit
     seed: int | None = None
     generator: random.Random | None = field(default=None, repr=False)  # this sequence's own stream
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def bias_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids, values) tensors on `device`, made once."""
+        if self._bias is None or self._bias[0].device != device:
+            ids = torch.tensor(list(self.logit_bias), dtype=torch.long, device=device)
+            self._bias = ids, torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device)
+        return self._bias
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +91,14 @@ class Seq:
     cached: int = 0  # leading context tokens whose KV came from a reused prefix (prefix cache)
     status: SeqStatus = SeqStatus.WAITING
     detok: Detokenizer = field(default_factory=Detokenizer, repr=False)
+    min_tokens: int = 0  # EOS and stop_token_ids are banned, and no stop ends it, before this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end it (left out of its text)
+    stop_token: int | None = None  # the id of stop_token_ids that ended it
+    _seen: list[int] = field(default_factory=list, repr=False)  # distinct ids of prompt + out[:_seen_upto]
+    _seen_set: set[int] = field(default_factory=set, repr=False)
+    _seen_upto: int = field(default=-1, repr=False)  # -1: the prompt not taken in yet
+    _counts: dict[int, int] = field(default_factory=dict, repr=False)  # ids of out[:_counted] and how often
+    _counted: int = field(default=0, repr=False)
 
     @property
     def done(self) -> bool:
@@ -86,3 +106,23 @@ class Seq:
 
     def context(self) -> list[int]:
         return self.prompt + self.out
+
+    def distinct_context(self) -> list[int]:
+        """The distinct ids of prompt and output (the repetition penalty's), kept up to date incrementally."""
+        if self._seen_upto < 0:
+            self._seen_set = set(self.prompt)
+            self._seen, self._seen_upto = list(self._seen_set), 0
+        for tok in self.out[self._seen_upto :]:
+            if tok not in self._seen_set:
+                self._seen_set.add(tok)
+                self._seen.append(tok)
+        self._seen_upto = len(self.out)
+        return self._seen
+
+    def output_counts(self) -> dict[int, int]:
+        """Each generated id and how often (presence and frequency penalties), kept up to date incrementally."""
+        counts = self._counts
+        for tok in self.out[self._counted :]:
+            counts[tok] = counts.get(tok, 0) + 1
+        self._counted = len(self.out)
+        return counts
