@@ -57,11 +57,25 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = Field(None, description="needs stream: true")
     service_tier: TIERS | None = Field(None, description="priority → high, default/auto → normal, flex → low")
     user: StrictStr | None = Field(None, description="accepted and ignored")
-    frequency_penalty: Literal[0] | None = Field(None, description="accepted only as 0")
-    presence_penalty: Literal[0] | None = Field(None, description="accepted only as 0")
 
 
-SAMPLING = ("temperature", "top_p", "n", "stop", "seed", "top_k", "repetition_penalty", "ignore_eos", "response_format")
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "top_k",
+    "repetition_penalty",
+    "ignore_eos",
+    "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "min_p",
+    "min_tokens",
+    "stop_token_ids",
+)
 
 
 class _ChatOwn(_Common):
@@ -72,7 +86,7 @@ class _CompletionOwn(_Common):
     prompt: StrictStr | list[StrictStr] = Field(description="a string, or a list of one string")
     logprobs: StrictInt | None = Field(None, ge=0, le=5, description="log probabilities with k alternatives")
     echo: Literal[False] | None = Field(None, description="accepted only as false")
-    best_of: Literal[1] | None = Field(None, description="accepted only as 1")
+    best_of: StrictInt | None = Field(None, ge=1, description="accepted only equal to n (every sample is returned)")
 
 
 ChatCompletionCreate = create_model(
@@ -81,6 +95,7 @@ ChatCompletionCreate = create_model(
     __doc__="Body of POST /v1/chat/completions (one job; `n` samples).",
     **job_fields(*SAMPLING, "logprobs", "top_logprobs", max_tokens="max_new_tokens"),
     **job_fields(max_completion_tokens="max_new_tokens"),
+    **job_fields("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"),
 )
 
 CompletionCreate = create_model(
@@ -101,6 +116,21 @@ class TextOptions(BaseModel):
     format: TextFormat
 
 
+class ResponseTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: StrictBool | None = None
+
+
+class ResponseToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: StrictStr
+
+
 class _ResponseOwn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: StrictStr = Field(description="a model id from GET /v1/models")
@@ -113,6 +143,11 @@ class _ResponseOwn(BaseModel):
     store: StrictBool | None = Field(None, description="accepted; responses are always kept (as jobs)")
     user: StrictStr | None = Field(None, description="accepted and ignored")
     text: TextOptions | None = Field(None, description='only {"format": {"type": "text"}}')
+    tools: list[ResponseTool] | None = Field(None, max_length=64, description="function tools")
+    tool_choice: Literal["none", "auto", "required"] | ResponseToolChoice | None = Field(
+        None, description="as on the chat route: required or a named function is generated under a grammar"
+    )
+    parallel_tool_calls: StrictBool | None = Field(None, description="with required: one or more calls (default)")
 
 
 ResponseCreate = create_model(

@@ -82,7 +82,8 @@ def _scratch(name: str, like: torch.Tensor, rows: int | None = None) -> torch.Te
     bufs: dict[tuple[str, torch.device], torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {})
     shape = (like.shape[0] if rows is None else rows, like.shape[1])
     buf = bufs.get((name, like.device))
-    if buf is None or buf.numel() < shape[0] * shape[1]:
+    # a buffer made under inference mode cannot be written outside it (and the other way round)
+    if buf is None or buf.numel() < shape[0] * shape[1] or buf.is_inference() != torch.is_inference_mode_enabled():
         buf = bufs[(name, like.device)] = torch.empty(shape[0] * shape[1], device=like.device)
     return buf[: shape[0] * shape[1]].view(shape)
 
