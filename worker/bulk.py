@@ -93,7 +93,8 @@ class ChunkUnit:
                     req, f"{self.key}:{index}", budget=budget, priority=BULK, tag=self.key
                 )
             except Exception as exc:  # a line this model cannot run fails alone
-                self._record(index, failed_lines(batch_id, [item], "invalid_request", str(exc))[0])
+                code = getattr(exc, "code", None) or "invalid_request"
+                self._record(index, failed_lines(batch_id, [item], code, str(exc))[0])
                 continue
             for seq in seqs:
                 seq.tag = (self.key, index)

@@ -32,7 +32,7 @@ COMMON = frozenset(
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 # Accepted only with their neutral value.
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "echo": (False,), "best_of": (1,)}
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "best_of": (1,)}
 
 
 __all__ = ["ModelNotFound"]
@@ -167,11 +167,16 @@ def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
     check_keys(body, COMPLETION_KEYS)
     alias = check_model(body, settings).alias
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise unsupported("prompt", "must be a string (or a list of one string)")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # one prompt in a list: the same request as the prompt alone
+    if prompt is None:
+        raise BadRequest("prompt is required", code="missing_field", param="prompt")
     job: dict[str, Any] = {"model": alias, "prompt": prompt}
+    echo = body.get("echo")
+    if echo is not None:
+        if body.get("stream") and echo:
+            raise unsupported("echo", "is not supported with stream: true")
+        job["echo"] = echo
     renames: dict[str, str] = {"top_logprobs": "logprobs"}
     limit = _max_tokens(body, ("max_tokens",), renames)
     if limit is not None:
