@@ -18,8 +18,8 @@ def prompt_scores(logits: torch.Tensor, ids: list[int], k: int) -> list[Any]:
     scores: list[Any] = [(ids[0], None, [])]
     targets = torch.tensor(ids[1:], device=logits.device)
     for start in range(0, len(ids) - 1, CHUNK):
-        lp = torch.log_softmax(logits[start : start + CHUNK].float(), dim=-1)
         tgt = targets[start : start + CHUNK]
+        lp = torch.log_softmax(logits[start : start + len(tgt)].float(), dim=-1)
         parts = [lp.gather(1, tgt[:, None])[:, 0].double()]
         if k > 0:
             top = torch.topk(lp, k)
