@@ -233,7 +233,7 @@ def with_settings(document: dict[str, Any], settings: Settings) -> dict[str, Any
         prop = schema.get("properties", {}).get("max_new_tokens")
         if name.split(".")[0] == "JobCreate" and prop is not None:
             _set_maximum(prop, cap)
-            prop["description"] = f"1 to {cap}; default {settings.generation.default_max_new_tokens}"
+            prop["description"] = f"1 to {cap} (0 with echo); default {settings.generation.default_max_new_tokens}"
     for path in document.get("paths", {}).values():
         for operation in path.values():
             for param in operation.get("parameters", []) if isinstance(operation, dict) else []:

@@ -79,7 +79,9 @@ class JobCreate(WebhookFields, LifecycleFields):
         None, description="the last message is an assistant message the model continues (a prefill)"
     )
     max_new_tokens: StrictInt | None = Field(
-        None, description="1 to the configured cap (512); default 64", json_schema_extra={"minimum": 1, "maximum": 512}
+        None,
+        description="1 to the configured cap (512), or 0 with echo; default 64",
+        json_schema_extra={"minimum": 0, "maximum": 512},
     )
     temperature: Number | None = Field(None, ge=0, le=2, description="0 or absent: greedy")
     top_p: Number | None = Field(None, gt=0, le=1)
