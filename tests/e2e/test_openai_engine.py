@@ -111,6 +111,11 @@ def test_token_id_and_list_prompts(oai: openai.OpenAI, model: str, stack: Stack)
         assert [c.index for c in done.choices] == [0, 1, 2, 3]
         assert [c.text for c in done.choices] == [alone[0], alone[0], alone[1], alone[1]]
         assert done.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+    job = stack.client().generate(prompt=[ids[1], ids[0]], max_new_tokens=6, return_token_ids=True)  # /v1/jobs
+    output = job["output"]
+    assert [c["text"] for c in output["choices"]] == [alone[1], alone[0]] and output["text"] == alone[1]
+    assert [c["prompt_token_ids"] for c in output["choices"]] == [ids[1], ids[0]]
+    assert all(len(c["token_ids"]) == 6 for c in output["choices"])  # no stop string: every generated token
 
 
 def test_tokenize_and_detokenize(stack: Stack, model: str) -> None:
