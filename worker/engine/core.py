@@ -27,6 +27,8 @@ from worker.engine.scheduler import Lane, Scheduler, by_length
 from worker.engine.scoring import prompt_scores
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
 
+Groups = list[tuple[Prefix | None, list[Seq]]]  # prefill groups, each continuing one reused prefix (or none)
+
 
 class Engine:
     """Owns the model's decode loop; not thread-safe (one driver calls `step`)."""
@@ -119,30 +121,27 @@ class Engine:
             return len(seq.context())
         return self.prefix_cache.uncached(seq.context(), joining[-1].context() if joining else None)
 
-    def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> list[tuple[Prefix | None, list[Seq]]]:
+    def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> Groups:
         """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
         once here); without a prefix cache, the groups by length alone. Rows that score their prompt (echo with
         logprobs) compute every position: groups of their own, with no prefix."""
-        scoring = [s for s in joining if s.prompt_logprobs >= 0]
-        planned: list[tuple[Prefix | None, list[Seq]]] = [(None, g) for g in by_length(scoring)]
-        if scoring:
-            joining = [s for s in joining if s.prompt_logprobs < 0]
-            if not joining:
-                return planned
-        if self.prefix_cache is None:
-            return [(None, g) for g in by_length(joining)] + planned
+        scoring: Groups = [(None, g) for g in by_length([s for s in joining if s.prompt_logprobs >= 0])]
+        plain = [s for s in joining if s.prompt_logprobs < 0]
+        if self.prefix_cache is None or not plain:
+            unprefixed: Groups = [(None, g) for g in by_length(plain)]
+            return unprefixed + scoring
         try:
-            found = self.prefix_cache.prefixes([s.context() for s in joining], self._forward_prefix)
-        except BaseException:  # interrupted or failed: they wait for the next step
+            found = self.prefix_cache.prefixes([s.context() for s in plain], self._forward_prefix)
+        except BaseException:  # interrupted or failed: they all wait for the next step
             lane.push_back(joining)
             raise
         parts: dict[int, tuple[Prefix | None, list[Seq]]] = {}
-        for seq, prefix in zip(joining, found):
+        for seq, prefix in zip(plain, found):
             parts.setdefault(id(prefix), (prefix, []))[1].append(seq)
         groups = [
             (prefix, g) for prefix, part in parts.values() for g in by_length(part, prefix.length if prefix else 0)
         ]
-        return groups + planned
+        return groups + scoring
 
     def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None) -> torch.Tensor:
         """The KV of a shared prefix, continuing `base`: [layers, 2, kv_heads, len(ids), head_dim]."""
