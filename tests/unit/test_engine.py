@@ -268,3 +268,14 @@ def test_kv_grown_in_chunks_matches(handler: ModelHandler, chunk: int, monkeypat
         steps += 1
     assert [s.text for s in seqs] == expected
     assert runner.new_cache(handler.model.device).layer_class_to_replicate.chunk == chunk  # chunked layers in use
+
+
+def test_scoring_prefills_keep_a_bounded_number_of_positions() -> None:
+    """Rows that keep every position's logits (echo with logprobs) are prefilled in parts of at most
+    SCORING_POSITIONS padded positions; a longer row runs alone."""
+    from worker.engine.core import SCORING_POSITIONS, _bounded
+
+    assert SCORING_POSITIONS == 4096
+    seqs = [Seq(str(i), [1] * n, 1) for i, n in enumerate([900, 1000, 1000, 1000, 1000, 5000])]
+    parts = _bounded([seqs[:5], seqs[5:]])
+    assert [[len(s.prompt) for s in part] for part in parts] == [[900, 1000, 1000, 1000], [1000], [5000]]

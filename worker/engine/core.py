@@ -28,6 +28,7 @@ from worker.engine.scoring import prompt_scores
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
 
 Groups = list[tuple[Prefix | None, list[Seq]]]  # prefill groups, each continuing one reused prefix (or none)
+SCORING_POSITIONS = 4096  # padded positions of one prefill that keeps every position's logits ([positions, vocab])
 
 
 class Engine:
@@ -125,7 +126,7 @@ class Engine:
         """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
         once here); without a prefix cache, the groups by length alone. Rows that score their prompt (echo with
         logprobs) compute every position: groups of their own, with no prefix."""
-        scoring: Groups = [(None, g) for g in by_length([s for s in joining if s.prompt_logprobs >= 0])]
+        scoring: Groups = [(None, g) for g in _bounded(by_length([s for s in joining if s.prompt_logprobs >= 0]))]
         plain = [s for s in joining if s.prompt_logprobs < 0]
         if self.prefix_cache is None or not plain:
             unprefixed: Groups = [(None, g) for g in by_length(plain)]
@@ -288,6 +289,22 @@ class Engine:
             for seq in lane.clear():
                 self._finish(seq, reason, finished)
         return finished
+
+
+def _bounded(groups: list[list[Seq]]) -> list[list[Seq]]:
+    """Scoring groups split so that one prefill keeps the logits of at most `SCORING_POSITIONS` padded positions
+    (a lone longer row still runs alone)."""
+    out: list[list[Seq]] = []
+    for group in groups:
+        part: list[Seq] = []
+        for seq in group:
+            width = max(len(s.context()) for s in (*part, seq))
+            if part and width * (len(part) + 1) > SCORING_POSITIONS:
+                out.append(part)
+                part = []
+            part.append(seq)
+        out.append(part)
+    return out
 
 
 def _release_memory() -> None:
