@@ -126,7 +126,9 @@ def test_tokenize_and_detokenize(stack: Stack, model: str) -> None:
     assert answer.status_code == 200 and answer.json() == {"prompt": "Errors should never"}
     bad = requests.post(stack.url + "/detokenize", json={"tokens": [ids[0], 10**6]}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens", bad.text
-    assert "10" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["message"].startswith("token id 1000000 is not in the vocabulary")
+    negative = requests.post(stack.url + "/v1/detokenize", json={"tokens": [-1]}, timeout=60).json()["error"]
+    assert negative["param"] == "tokens" and negative["message"].startswith("tokens: token ids are not negative")
     refused = requests.post(stack.url + "/tokenize", json={"prompt": "x", "add_special_tokens": False}, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "add_special_tokens"
 

@@ -127,6 +127,6 @@ def detokenize() -> Response:
     except BadRequest as err:
         if err.param and err.param.startswith("prompt"):
             err.param = "tokens" + err.param[len("prompt") :]
-            err.message = err.message.replace("prompt", "tokens", 1)
+            err.message = err.message.replace("prompt token id", "token id", 1).replace("prompt", "tokens", 1)
         raise
     return _json({"prompt": choice["echo"]})
