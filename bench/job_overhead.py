@@ -64,9 +64,9 @@ def in_process(model_dir: Path, tokens: int, runs: int) -> list[float]:
 class System:
     """redis-server + gunicorn web + one Celery worker, configured by one YAML file."""
 
-    def __init__(self, tmp: Path, model_dir: Path, worker: bool = True, threads: int = 1) -> None:
+    def __init__(self, tmp: Path, model_dir: Path, worker: bool = True, threads: int = 1, dtype: str = "auto") -> None:
         config = {
-            "model": {"name_or_path": str(model_dir), "threads": threads},
+            "model": {"name_or_path": str(model_dir), "threads": threads, "dtype": dtype},
             "limits": {"max_queue_depth": 10_000_000},
             "web": {"workers": 2, "threads": 16},
         }

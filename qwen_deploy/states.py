@@ -38,14 +38,15 @@ class ErrorCode(StrEnum):
     GENERATION_ERROR = "generation_error"  # the model failed while generating
     MODEL_LOAD_FAILED = "model_load_failed"
     INVALID_REQUEST = "invalid_request"  # a stored request this model cannot run
+    INVALID_PROMPT = "invalid_prompt"  # a prompt token id outside the model's vocabulary
     TIMED_OUT = "timed_out"  # a batch line at its generation time budget
     BATCH_CANCELLED = "batch_cancelled"  # a batch line of a cancelled batch
     BATCH_EXPIRED = "batch_expired"  # a batch line its batch's completion_window ended
 
 
-def error(code: ErrorCode, message: str) -> dict[str, str]:
-    """An `error` object as records and answers carry it."""
-    return {"code": code.value, "message": message}
+def error(code: ErrorCode | str, message: str) -> dict[str, str]:
+    """An `error` object as records and answers carry it (`code` a str: an error's own code, e.g. a request's)."""
+    return {"code": str(code), "message": message}
 
 
 def worker_lost(max_deliveries: int) -> dict[str, str]:

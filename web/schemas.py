@@ -52,10 +52,12 @@ class Message(BaseModel):
 # Exactly one of prompt / messages (documented as oneOf; enforced in parse_job).
 _ONE_OF_PROMPT: JsonDict = {
     "oneOf": [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["prompt"]},
         {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
     ]
 }
+MAX_CHOICES = 64  # prompts x n of one request: the samples one job may hold
+TokenIds = list[StrictInt]
 
 
 class WebhookFields(BaseModel):
@@ -90,13 +92,20 @@ class JobCreate(WebhookFields, LifecycleFields, ToolFields):
     model: StrictStr | None = Field(
         None, max_length=256, description="a model id from GET /v1/models; default: the first"
     )
-    prompt: StrictStr | None = None
+    prompt: StrictStr | TokenIds | list[StrictStr] | list[TokenIds] | None = Field(
+        None,
+        description="a text, a list of token ids, or several prompts (a list of texts or of token-id lists: "
+        "one choice per prompt and sample in output.choices, prompt-major); token ids must be in the model's "
+        "vocabulary, and long prompts keep their last max_prompt_tokens tokens as texts do",
+    )
     messages: list[Message] | None = Field(None, min_length=1)
     continue_final_message: StrictBool | None = Field(
         None, description="the last message is an assistant message the model continues (a prefill)"
     )
     max_new_tokens: StrictInt | None = Field(
-        None, description="1 to the configured cap (512); default 64", json_schema_extra={"minimum": 1, "maximum": 512}
+        None,
+        description="1 to the configured cap (512), or 0 with echo; default 64",
+        json_schema_extra={"minimum": 0, "maximum": 512},
     )
     temperature: Number | None = Field(None, ge=0, le=2, description="0 or absent: greedy")
     top_p: Number | None = Field(None, gt=0, le=1)
@@ -144,6 +153,15 @@ class JobCreate(WebhookFields, LifecycleFields, ToolFields):
     )
     response_format: ResponseFormat | None = Field(
         None, description="structured output: text, json_object, or json_schema {name, schema, strict}"
+    )
+    echo: StrictBool | None = Field(
+        None,
+        description="each choice also carries its prompt: `echo` (the prompt's text) and, with logprobs, "
+        "`prompt_logprobs` (each prompt token's log probability from the prefill's forward; the first is null); "
+        "allows max_new_tokens 0 (score the prompt only)",
+    )
+    return_token_ids: StrictBool | None = Field(
+        None, description="each choice also carries `prompt_token_ids` and the generated `token_ids`"
     )
 
 
@@ -238,6 +256,34 @@ def pick_model(name: Any, settings: Settings) -> Served:
 _NOT_STORED = {"model", "response_format", *WebhookFields.model_fields, *LifecycleFields.model_fields}
 
 
+def prompt_list(prompt: Any) -> list[Any]:
+    """The prompts of a `prompt` field: a text or a token-id list is one; a list of texts or of token-id lists is
+    several."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+def _check_prompts(prompt: Any, n: int) -> None:
+    if prompt is None:
+        return
+    if isinstance(prompt, list) and not prompt:
+        raise Unprocessable("prompt must not be an empty list", code="invalid_value", param="prompt")
+    prompts = prompt_list(prompt)
+    for i, p in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 and p is prompt else f"prompt.{i}"
+        if isinstance(p, list) and not p:
+            raise Unprocessable(f"{where} must hold at least one token id", code="invalid_value", param=where)
+        if isinstance(p, list) and min(p) < 0:
+            raise Unprocessable(f"{where}: token ids are not negative", code="invalid_value", param=where)
+    if len(prompts) * n > MAX_CHOICES:
+        raise Unprocessable(
+            f"{len(prompts)} prompts x n {n} is more than {MAX_CHOICES} choices in one request",
+            code="too_many_choices",
+            param="prompt",
+        )
+
+
 def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     """Validate a job body against the schema and the configured caps; return the stored request, with
     `model` the chosen model's alias (submit_request takes it out: the record keeps it as a field)."""
@@ -264,8 +310,11 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
             code="max_new_tokens_too_large",
             param="max_new_tokens",
         )
-    if n < 1:
-        raise Unprocessable("max_new_tokens must be at least 1", code="invalid_value", param="max_new_tokens")
+    if n < (0 if req.echo else 1):
+        raise Unprocessable(
+            "max_new_tokens must be at least 1 (0 only with echo)", code="invalid_value", param="max_new_tokens"
+        )
+    _check_prompts(req.prompt, req.n or 1)
     if req.messages is not None and len(req.messages) > gen.max_messages:
         raise Unprocessable(f"at most {gen.max_messages} messages", code="too_many_messages", param="messages")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

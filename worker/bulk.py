@@ -85,7 +85,8 @@ class ChunkUnit:
                     req, f"{self.key}:{index}", budget=budget, priority=BULK, tag=self.key
                 )
             except Exception as exc:  # a line this model cannot run fails alone
-                self._record(index, failed_lines(batch_id, [item], error(ErrorCode.INVALID_REQUEST, str(exc)))[0])
+                code = getattr(exc, "code", None) or ErrorCode.INVALID_REQUEST
+                self._record(index, failed_lines(batch_id, [item], error(code, str(exc)))[0])
                 continue
             for seq in seqs:
                 seq.tag = (self.key, index)

@@ -29,7 +29,7 @@ PROMPT_CHARS_PER_TOKEN = 16  # characters of prompt tail tokenized per token kep
 class GenerationRequest:
     """A validated request, as stored in the job record."""
 
-    prompt: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]] | None = None
     messages: list[dict[str, str]] | None = None
     max_new_tokens: int = 64
     temperature: float | None = None
@@ -62,6 +62,9 @@ class GenerationRequest:
             fields["parallel_tool_calls"] = self.parallel_tool_calls
         return fields
 
+    echo: bool = False
+    return_token_ids: bool = False
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and v is not None}
@@ -69,6 +72,15 @@ class GenerationRequest:
             if name in known:  # JSON integers are fine here
                 known[name] = float(known[name])
         return cls(**known)
+
+    def prompts(self) -> list[str | list[int] | None]:
+        """The request's prompts: one for messages, a text or a token-id list; several for a list of them."""
+        if self.messages is not None:
+            return [None]
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]  # a text or one token-id list
+        return list(prompt)  # several texts or token-id lists
 
     def sampling(self) -> Sampling:
         return Sampling(
@@ -134,6 +146,12 @@ class ModelInfo:
     threads: int
 
 
+class PromptError(ValueError):
+    """A prompt this model cannot take (a token id outside its vocabulary): the job fails as a bad request."""
+
+    code = "invalid_prompt"
+
+
 class ModelHandler:
     """Loads one causal LM and generates with the service's caps."""
 
@@ -195,7 +213,11 @@ class ModelHandler:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def encode(self, req: GenerationRequest) -> tuple[list[int], bool]:
+    def decode_prompt(self, ids: list[int]) -> str:
+        """A prompt's text as given (special tokens kept: they were part of it)."""
+        return self.tokenizer.decode(ids)
+
+    def encode(self, req: GenerationRequest, prompt: str | list[int] | None = None) -> tuple[list[int], bool]:
         """Token ids of the prompt (chat template for messages), keeping the last N tokens.
 
         Only the last `PROMPT_CHARS_PER_TOKEN` x N characters of the text (and of each message) are
@@ -203,14 +225,21 @@ class ModelHandler:
         the engine loop no more than one at the bound."""
         limit = self.settings.generation.max_prompt_tokens
         bound = limit * PROMPT_CHARS_PER_TOKEN
+        if prompt is None and req.messages is None:
+            prompt = req.prompts()[0]
         if req.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template; send a prompt instead of messages")
             messages = [_tail_content(m, bound) for m in req.messages]
             text = self.render(messages, req)
             cut = messages != req.messages
+        elif isinstance(prompt, list):  # token ids: checked against the vocabulary, then cut as a text's are
+            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise PromptError(f"prompt token id {bad} is not in the vocabulary (0 to {self.vocab_size - 1})")
+            return (list(prompt[-limit:]), True) if len(prompt) > limit else (list(prompt), False)
         else:
-            text, cut = req.prompt or "", False
+            text, cut = prompt or "", False
         cut = cut or len(text) > bound
         ids = self.tokenizer(text[-bound:], add_special_tokens=req.messages is None)["input_ids"]
         return (ids[-limit:], True) if len(ids) > limit else (ids, cut)
@@ -272,18 +301,26 @@ class ModelHandler:
     ) -> tuple[list[Seq], int, bool]:
         """The request's samples as engine sequences; also (prompt tokens, prompt truncated)."""
         req.check_token_ids(self.vocab_size)
-        ids, truncated = self.encode(req)
-        if not ids:
-            ids = [self.eos_ids[0]]
-        seqs = []
-        for i in range(max(1, req.n)):
-            sampling = req.sampling()
-            sampling.make_generator(self.model.device, offset=i)
-            constraint = compile_constraint(
-                self.response_format(req), self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids
-            )
-            seqs.append(
-                Seq(
+        prompts = req.prompts()
+        n = max(1, req.n)
+        seqs: list[Seq] = []
+        prompt_tokens, truncated = 0, False
+        for p, prompt in enumerate(prompts):
+            ids, cut = self.encode(req, prompt)
+            if not ids:
+                ids = [self.eos_ids[0]]
+            prompt_tokens, truncated = prompt_tokens + len(ids), truncated or cut
+            echo = None
+            if req.echo:  # the prompt as given, or the text of the tokens kept
+                echo = prompt if isinstance(prompt, str) and not cut else self.decode_prompt(ids)
+            for s in range(n):
+                i = p * n + s  # choices are prompt-major
+                sampling = req.sampling()
+                sampling.make_generator(self.model.device, offset=i)
+                constraint = compile_constraint(
+                    self.response_format(req), self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids
+                )
+                seq = Seq(
                     f"{key}#{i}",
                     ids,
                     req.max_new_tokens,
@@ -295,12 +332,14 @@ class ModelHandler:
                     constraint,
                     priority,
                     tag=(tag, i),
-                    out=list(resume or []) if i == 0 and req.n == 1 else [],
+                    out=list(resume or []) if len(prompts) * n == 1 else [],
                     min_tokens=req.min_tokens,
                     stop_token_ids=list(req.stop_token_ids),
                 )
-            )
-        return seqs, len(ids), truncated
+                seq.prompt_logprobs = req.top_logprobs if req.echo and req.logprobs else -1
+                seq.echo = echo
+                seqs.append(seq)
+        return seqs, prompt_tokens, truncated
 
     @staticmethod
     def response_format(req: GenerationRequest) -> dict[str, Any] | None:
@@ -316,16 +355,10 @@ class ModelHandler:
         split = self.reasoning(req)
         parse = split or tool_calls.mode(req.tool_fields()) != "none"
         opened = split and self._prompt_opens_think(req)
-        choices = [
-            {
-                "index": i,
-                "text": s.text,
-                "finish_reason": s.finish_reason,
-                "logprobs": self.logprobs(s) if req.logprobs else None,
-                **(tool_calls.parse_sample(s.text, req.tool_fields(), split, opened) if parse else {}),
-            }
-            for i, s in enumerate(seqs)
-        ]
+        choices = [self.choice(i, s, req) for i, s in enumerate(seqs)]
+        if parse:
+            for choice, s in zip(choices, seqs, strict=True):
+                choice.update(tool_calls.parse_sample(s.text, req.tool_fields(), split, opened))
         first = seqs[0]
         return GenerationResult(
             first.text,
@@ -333,7 +366,7 @@ class ModelHandler:
             prompt_tokens,
             sum(len(s.out) for s in seqs),
             truncated,
-            choices if (req.n > 1 or req.logprobs or parse) else [],
+            choices if (len(seqs) > 1 or req.logprobs or req.echo or req.return_token_ids or parse) else [],
             first.stop_sequence,
             min(first.cached, prompt_tokens),
         )
@@ -344,18 +377,52 @@ class ModelHandler:
         text = self.render(req.messages, req).rstrip()
         return text.endswith(tool_calls.THINK_OPEN)
 
-    def logprobs(self, seq: Seq) -> dict[str, Any]:
-        """OpenAI's chat logprobs shape for the sequence's tokens."""
+    def choice(self, index: int, seq: Seq, req: GenerationRequest) -> dict[str, Any]:
+        """One finished sample as an output choice; with a stop string its logprobs and token ids end with the
+        token that reaches the end of its text."""
+        kept = self.tokens_in_text(seq)
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": seq.text,
+            "finish_reason": seq.finish_reason,
+            "logprobs": self.logprobs(seq, kept) if req.logprobs else None,
+        }
+        if req.echo:
+            choice["echo"] = seq.echo
+            if req.logprobs:
+                choice["prompt_logprobs"] = self.entries(seq.prompt_scores, self.decode_prompt)
+        if req.return_token_ids:
+            choice.update(prompt_token_ids=list(seq.prompt), token_ids=seq.out[:kept])
+        return choice
 
-        def entry(tok: int, lp: float) -> dict[str, Any]:
-            text = self.decode([tok])  # special tokens (EOS) are no text, as in the output
+    def tokens_in_text(self, seq: Seq) -> int:
+        """How many generated tokens the returned text covers: all of them, except after a stop string (the
+        tokens up to the one that reaches the end of the text; the stop string's own tokens are cut)."""
+        if seq.stop_sequence is None:
+            return len(seq.out)
+        low, high = 0, len(seq.out)  # the fewest tokens whose text is at least the returned text's length
+        while low < high:
+            mid = (low + high) // 2
+            if len(self.decode(seq.out[:mid])) >= len(seq.text):
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    def logprobs(self, seq: Seq, kept: int | None = None) -> dict[str, Any]:
+        """OpenAI's chat logprobs shape for the sequence's tokens (its first `kept`)."""
+        return {"content": self.entries(seq.logprobs[:kept], self.decode)}
+
+    @staticmethod
+    def entries(scores: list[Any], decode: Any) -> list[dict[str, Any]]:
+        """(token, logprob, alternatives) triples as logprob entries; a logprob of None (a prompt's first token)
+        stays None."""
+
+        def entry(tok: int, lp: float | None) -> dict[str, Any]:
+            text = decode([tok])  # generated special tokens (EOS) are no text, as in the output
             return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
-        return {
-            "content": [
-                {**entry(tok, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for tok, lp, alts in seq.logprobs
-            ]
-        }
+        return [{**entry(tok, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for tok, lp, alts in scores]
 
     def generate(self, req: GenerationRequest, budget: float | None = None) -> GenerationResult:
         """Run one request to the end in-process (a batch of one; CLI --local, tests)."""

@@ -3,7 +3,8 @@ Celery prefork worker on its own queues) on one redis-server, plus a configured 
 
 Jobs, OpenAI routes and batches reach the worker of the model they name and return that model's
 one-at-a-time greedy text; /v1/models lists every model with its workers; an unknown model is a 404; the
-unserved model takes a few jobs, then answers 503 model_unavailable, and /readyz?model= says why."""
+unserved model takes a few jobs, then answers 503 model_unavailable, and /readyz?model= says why. On the fp32
+model, echoed prompt logprobs equal an in-process forward."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 import requests
+import torch
 
 from qwen_deploy.client import APIError, Client
 from tests.conftest import StackFactory
@@ -160,3 +162,42 @@ def test_an_unserved_model_takes_a_few_jobs_then_503(pools: Stack) -> None:
         assert client.cancel(job["id"])["status"] == "canceled"
     assert pools.redis.zcard(f"{pools.settings.key_prefix}:pending:interactive:ghost") == 0
     assert client.submit("x", model="ghost", max_new_tokens=2)["status"] == "queued"  # room again
+
+
+def reference_logprobs(handler: ModelHandler, ids: list[int]) -> tuple[list[float], list[float]]:
+    """log p(ids[i] | ids[:i]) for i >= 1, then the log probability of the greedy next token; and the most
+    likely token's log probability at each of those positions: one forward of the model alone in this process
+    (`log_softmax` of its logits)."""
+    with torch.no_grad():
+        lp = torch.log_softmax(handler.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    best = lp.max(-1).values.tolist()
+    return [lp[i - 1, ids[i]].item() for i in range(1, len(ids))] + [best[-1]], best
+
+
+def test_echo_logprobs_equal_an_in_process_forward(pools: Stack, local: dict[str, ModelHandler]) -> None:
+    """What lm-evaluation-harness sends for a multiple-choice task (token-id prompts of different lengths in one
+    request, echo, logprobs 1, max_tokens 1) scores every prompt token as a forward of the fp32 model alone does,
+    through the OpenAI route and through a batch of /v1/jobs lines (max_new_tokens 0: scores only)."""
+    tok = local["tiny"].tokenizer
+    ids = [tok(p)["input_ids"] for p in ("Beautiful is better than ugly.", "Errors should never pass silently.")]
+    ids.append(ids[0][:3])
+    assert len({len(i) for i in ids}) == 3  # left padding in the engine's prefill
+    want = [reference_logprobs(local["tiny"], i) for i in ids]
+    oai = openai.OpenAI(base_url=pools.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    done = oai.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    for choice, prompt, (expected, best) in zip(done.choices, ids, want):
+        lp = choice.logprobs
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt) + 1
+        assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        assert [max(top.values()) for top in lp.top_logprobs[1:]] == pytest.approx(best, abs=1e-4)
+        assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy, as lm-eval checks
+    client = Client(pools.url, timeout=60)
+    body = {"max_new_tokens": 0, "echo": True, "logprobs": True, "model": "tiny"}
+    batch = client.create_batch([{"custom_id": f"r{i}", "body": {"prompt": p, **body}} for i, p in enumerate(ids)])
+    wait_until(lambda: client.batch(batch["id"])["status"] == "completed", 60, 0.2, "the batch")
+    results = {r["custom_id"]: r["response"]["body"]["output"] for r in client.batch_results(batch["id"])}
+    for i, (expected, _) in enumerate(want):
+        choice = results[f"r{i}"]["choices"][0]
+        assert choice["text"] == "" and choice["echo"] == tok.decode(ids[i])
+        scores = [t["logprob"] for t in choice["prompt_logprobs"]]
+        assert scores[0] is None and scores[1:] == pytest.approx(expected[:-1], abs=1e-4)

@@ -301,3 +301,14 @@ def test_min_tokens_stop_token_ids_and_logit_bias(handler: ModelHandler) -> None
     assert ends.out == plain.out[: first + 1] and ends.text == handler.decode(plain.out[:first])
     bad = handler.generate_batch([GenerationRequest(prompt="x", logit_bias={"99999999": 1.0})])[0]
     assert isinstance(bad, ValueError) and "logit_bias" in str(bad)
+
+
+def test_scoring_prefills_keep_a_bounded_number_of_positions() -> None:
+    """Rows that keep every position's logits (echo with logprobs) are prefilled in parts of at most
+    SCORING_POSITIONS padded positions; a longer row runs alone."""
+    from worker.engine.core import SCORING_POSITIONS, _bounded
+
+    assert SCORING_POSITIONS == 4096
+    seqs = [Seq(str(i), [1] * n, 1) for i, n in enumerate([900, 1000, 1000, 1000, 1000, 5000])]
+    parts = _bounded([seqs[:5], seqs[5:]])
+    assert [[len(s.prompt) for s in part] for part in parts] == [[900, 1000, 1000, 1000], [1000], [5000]]

@@ -214,3 +214,26 @@ def test_disabled_for_sliding_windows_and_zero(demo_model: Path, tmp_path: Path)
     qwen2 = make_handler(str(tiny("qwen2", tmp_path / "qwen2", demo_model)), dtype="fp32")
     assert prefix_cache_for(qwen2.model, 0) is None and prefix_cache_for(qwen2.model, 16384) is not None
     assert qwen2.engine().prefix_cache is not None  # on by default (engine.prefix_cache_tokens)
+
+
+def test_a_row_that_scores_its_prompt_computes_every_position(handler: ModelHandler) -> None:
+    """echo with logprobs: the prompt's logprobs come from the row's own prefill, which bypasses the cached prefix
+    (a plain row with the same prompt still reuses it) and equal a lone forward of the model; max_new_tokens 0
+    ends at the prefill with no token."""
+    engine = handler.engine(prefix_cache_tokens=16384)
+    run(handler, [req(ZEN + DOCS[0], 2)], 16384, engine)  # caches ZEN's blocks
+    scoring = GenerationRequest(prompt=ZEN + DOCS[1], max_new_tokens=0, echo=True, logprobs=True, top_logprobs=1)
+    short = GenerationRequest(prompt=DOCS[2], max_new_tokens=1, echo=True, logprobs=True)
+    seqs = run(handler, [scoring, req(ZEN + DOCS[1], 2), short], 16384, engine)
+    assert seqs[0].cached == 0 and seqs[1].cached >= len(handler.encode(req(ZEN))[0]) - BLOCK
+    assert seqs[0].out == [] and seqs[0].finish_reason == "length" and len(seqs[2].out) == 1
+    tolerance = 1e-4 if handler.model.dtype == torch.float32 else 0.1  # bf16: a padded batch rounds otherwise
+    for seq in (seqs[0], seqs[2]):
+        with torch.no_grad():
+            lp = torch.log_softmax(handler.model(torch.tensor([seq.prompt])).logits[0].float(), dim=-1)
+        want = [lp[i - 1, seq.prompt[i]].item() for i in range(1, len(seq.prompt))]
+        scores = seq.prompt_scores
+        assert [s[0] for s in scores] == seq.prompt and scores[0][1] is None
+        assert [s[1] for s in scores[1:]] == pytest.approx(want, abs=tolerance)
+    assert all(len(s[2]) == 1 and s[2][0][1] >= s[1] for s in seqs[0].prompt_scores[1:])  # the top alternative
+    assert seqs[2].prompt_scores and not seqs[1].prompt_scores

@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register(app: Flask) -> None:
-    from web.openai_api import batches, completions, files, models, responses
+    from web.openai_api import batches, completions, files, models, responses, tokenize
 
-    for module in (completions, models, responses, files, batches):
+    for module in (completions, models, responses, files, batches, tokenize):
         app.register_blueprint(module.bp)

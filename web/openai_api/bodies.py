@@ -83,9 +83,13 @@ class _ChatOwn(_Common):
 
 
 class _CompletionOwn(_Common):
-    prompt: StrictStr | list[StrictStr] = Field(description="a string, or a list of one string")
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] = Field(
+        description="a string, token ids, or a list of either (one choice per prompt and sample, prompt-major)"
+    )
     logprobs: StrictInt | None = Field(None, ge=0, le=5, description="log probabilities with k alternatives")
-    echo: Literal[False] | None = Field(None, description="accepted only as false")
+    echo: StrictBool | None = Field(
+        None, description="the prompt before the text; with logprobs, the prompt's tokens scored (not with stream)"
+    )
     best_of: StrictInt | None = Field(None, ge=1, description="accepted only equal to n (every sample is returned)")
 
 

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, g, request, stream_with_context
 
 from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
-from qwen_deploy.errors import AppError, GatewayTimeout
+from qwen_deploy.errors import AppError, BadRequest, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
 from web.auth import current_owner
 from web.context import current_services
@@ -35,6 +35,7 @@ bp = Blueprint("openai_completions", __name__, url_prefix="/v1")
 bp.after_request(job_headers)
 
 NO_RETRY = {"x-should-retry": "false"}  # the job exists: a retry would generate again
+CLIENT_ERRORS = {"invalid_prompt": "prompt"}  # failures that are the request's fault: 400 naming the parameter
 
 
 class JobFailed(AppError):
@@ -57,6 +58,13 @@ def finished(job_id: str) -> dict[str, Any]:
         )
     if job["status"] == "failed":
         error = job.get("error") or {}
+        if error.get("code") in CLIENT_ERRORS:  # the worker found the request bad (a token id not in the vocabulary)
+            raise BadRequest(
+                f"{error.get('message')} (job {job_id})",
+                code=error["code"],
+                param=CLIENT_ERRORS[error["code"]],
+                headers=NO_RETRY,
+            )
         raise JobFailed(
             f"the generation failed: {error.get('message', 'unknown error')} (job {job_id})",
             code=error.get("code") or JobFailed.code,

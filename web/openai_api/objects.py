@@ -67,19 +67,28 @@ def chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"content": logprobs.get("content") or [], "refusal": None}
 
 
-def completion_logprobs(logprobs: dict[str, Any] | None, start: int = 0) -> dict[str, Any] | None:
-    """The legacy completions shape: parallel lists of tokens, logprobs, alternatives and text offsets."""
-    if not logprobs:
+def completion_logprobs(
+    logprobs: dict[str, Any] | None, start: int = 0, prompt: list[dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists of tokens, logprobs, alternatives and text offsets; with
+    `prompt` (echo), the prompt's tokens come first (the first one's logprob and alternatives are null) and the
+    generated ones' offsets start at `start` (the prompt text's length)."""
+    if not logprobs and prompt is None:
         return None
-    content = logprobs.get("content") or []
-    offsets, at = [], start
-    for item in content:
+    content = [*(prompt or []), *((logprobs or {}).get("content") or [])]
+    offsets, at = [], 0
+    for i, item in enumerate(content):
+        if prompt is not None and i == len(prompt):
+            at = start  # the generated text follows the prompt as echoed
         offsets.append(at)
         at += len(item["token"])
     return {
         "tokens": [t["token"] for t in content],
         "token_logprobs": [t["logprob"] for t in content],
-        "top_logprobs": [{alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []} for t in content],
+        "top_logprobs": [
+            None if t["logprob"] is None else {alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []}
+            for t in content
+        ],
         "text_offset": offsets,
     }
 
@@ -129,16 +138,21 @@ def text_completion(job: dict[str, Any], model: str) -> dict[str, Any]:
         "created": created(job),
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": c["index"],
-                "text": c["text"],
-                "finish_reason": finish_reason(c.get("finish_reason")),
-                "logprobs": completion_logprobs(c.get("logprobs")),
-            }
-            for c in choices(job)
-        ],
+        "choices": [text_choice(c) for c in choices(job)],
         "usage": usage(job),
+    }
+
+
+def text_choice(c: dict[str, Any]) -> dict[str, Any]:
+    """A text_completion choice; with echo, the prompt's text (and its tokens' logprobs) first."""
+    echo = c.get("echo")
+    logprobs = c.get("logprobs")
+    prompt = c.get("prompt_logprobs") if echo is not None else None
+    return {
+        "index": c["index"],
+        "text": (echo or "") + c["text"],
+        "finish_reason": finish_reason(c.get("finish_reason")),
+        "logprobs": completion_logprobs(logprobs, len(echo or ""), prompt) if logprobs or prompt else None,
     }
 
 

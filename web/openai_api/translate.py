@@ -48,7 +48,7 @@ COMMON = frozenset(
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", *TOOL_KEYS}
 COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
 # Accepted only with their neutral value.
-NEUTRAL = {"echo": (False,)}
+NEUTRAL: dict[str, tuple[object, ...]] = {}
 
 
 __all__ = ["ModelNotFound"]
@@ -192,14 +192,19 @@ def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
     check_keys(body, COMPLETION_KEYS)
     alias = check_model(body, settings).alias
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise unsupported("prompt", "must be a string (or a list of one string)")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # one prompt in a list: the same request as the prompt alone
+    if prompt is None:
+        raise BadRequest("prompt is required", code="missing_field", param="prompt")
     best_of = body.get("best_of")
     if best_of is not None and best_of != (body.get("n") or 1):  # every sample is returned; none is ranked away
         raise unsupported("best_of", "is supported only equal to n (every sample generated is returned)")
     job: dict[str, Any] = {"model": alias, "prompt": prompt}
+    echo = body.get("echo")
+    if echo is not None:
+        if body.get("stream") and echo:
+            raise unsupported("echo", "is not supported with stream: true")
+        job["echo"] = echo
     renames: dict[str, str] = {"top_logprobs": "logprobs"}
     limit = _max_tokens(body, ("max_tokens",), renames)
     if limit is not None:

@@ -24,7 +24,11 @@ from worker.engine.prefix_cache import Prefix, prefix_cache_for, remember, row_k
 from worker.engine.runner import KVBatch, decode, prefill, repeat_rows
 from worker.engine.sampler import RowPlan, choose
 from worker.engine.scheduler import Lane, Scheduler, by_length
+from worker.engine.scoring import prompt_scores
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
+
+Groups = list[tuple[Prefix | None, list[Seq]]]  # prefill groups, each continuing one reused prefix (or none)
+SCORING_POSITIONS = 4096  # padded positions of one prefill that keeps every position's logits ([positions, vocab])
 
 
 class Engine:
@@ -114,22 +118,31 @@ class Engine:
     # -- prefix cache hooks: what an arrival's prefill computes, and the prefix it starts from ------
     def _uncached(self, seq: Seq, joining: list[Seq]) -> int:
         assert self.prefix_cache is not None
+        if seq.prompt_logprobs >= 0:  # scores its whole prompt: no reused prefix
+            return len(seq.context())
         return self.prefix_cache.uncached(seq.context(), joining[-1].context() if joining else None)
 
-    def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> list[tuple[Prefix | None, list[Seq]]]:
+    def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> Groups:
         """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
-        once here); without a prefix cache, the groups by length alone."""
-        if self.prefix_cache is None:
-            return [(None, g) for g in by_length(joining)]
+        once here); without a prefix cache, the groups by length alone. Rows that score their prompt (echo with
+        logprobs) compute every position: groups of their own, with no prefix."""
+        scoring: Groups = [(None, g) for g in _bounded(by_length([s for s in joining if s.prompt_logprobs >= 0]))]
+        plain = [s for s in joining if s.prompt_logprobs < 0]
+        if self.prefix_cache is None or not plain:
+            unprefixed: Groups = [(None, g) for g in by_length(plain)]
+            return unprefixed + scoring
         try:
-            found = self.prefix_cache.prefixes([s.context() for s in joining], self._forward_prefix)
-        except BaseException:  # interrupted or failed: they wait for the next step
+            found = self.prefix_cache.prefixes([s.context() for s in plain], self._forward_prefix)
+        except BaseException:  # interrupted or failed: they all wait for the next step
             lane.push_back(joining)
             raise
         parts: dict[int, tuple[Prefix | None, list[Seq]]] = {}
-        for seq, prefix in zip(joining, found):
+        for seq, prefix in zip(plain, found):
             parts.setdefault(id(prefix), (prefix, []))[1].append(seq)
-        return [(prefix, g) for prefix, part in parts.values() for g in by_length(part, prefix.length if prefix else 0)]
+        groups = [
+            (prefix, g) for prefix, part in parts.values() for g in by_length(part, prefix.length if prefix else 0)
+        ]
+        return groups + scoring
 
     def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None) -> torch.Tensor:
         """The KV of a shared prefix, continuing `base`: [layers, 2, kv_heads, len(ids), head_dim]."""
@@ -163,20 +176,36 @@ class Engine:
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
         skip = prefix.length if prefix is not None else 0
+        scoring = any(s.prompt_logprobs >= 0 for s in joining)  # (such rows are grouped apart, with no prefix)
         try:
             prompts = [list(k) for k in unique]
-            group, logits = prefill(self.model, [k[skip:] for k in prompts], self.pad_id, prefix)
+            group, logits = prefill(self.model, [k[skip:] for k in prompts], self.pad_id, prefix, all_logits=scoring)
             if self.prefix_cache is not None:  # prefix cache hook: keep the new full blocks of each prompt
                 remember(self.prefix_cache, group.cache.layers, prompts, skip)
+            if scoring:  # each prompt token's logprob, from this same forward
+                width = logits.shape[1]
+                for seq, row in zip(joining, rows):
+                    if seq.prompt_logprobs >= 0:
+                        start = width - len(prompts[row])  # left padding
+                        positions = logits[row, start : start + len(seq.prompt)]
+                        seq.prompt_scores = prompt_scores(positions, seq.prompt, seq.prompt_logprobs)
+                logits = logits[:, -1]
         except torch.OutOfMemoryError:  # the caller shrinks the group
             raise
         except BaseException:  # interrupted or failed: they wait for the next step
             lane.push_back(joining)
             raise
-        if len(unique) < len(joining):  # n samples (or equal prompts) share one prefill
-            logits = repeat_rows(group, logits, rows)
         for seq in joining:
             seq.cached = skip
+        live = [i for i, s in enumerate(joining) if len(s.out) < s.max_new_tokens]
+        if len(live) < len(joining):  # scoring only (max_new_tokens 0): done with the prefill
+            for i in sorted(set(range(len(joining))) - set(live)):
+                self._finish(joining[i], "length", finished)
+            if not live:
+                return
+            joining, rows = [joining[i] for i in live], [rows[i] for i in live]
+        if rows != list(range(len(unique))):  # n samples (or equal prompts) share one prefill
+            logits = repeat_rows(group, logits, rows)
         self._advance(joining, group, logits, finished)
         kept = [i for i, s in enumerate(joining) if not s.done]
         group.keep(kept)
@@ -272,6 +301,22 @@ class Engine:
             for seq in lane.clear():
                 self._finish(seq, reason, finished)
         return finished
+
+
+def _bounded(groups: list[list[Seq]]) -> list[list[Seq]]:
+    """Scoring groups split so that one prefill keeps the logits of at most `SCORING_POSITIONS` padded positions
+    (a lone longer row still runs alone)."""
+    out: list[list[Seq]] = []
+    for group in groups:
+        part: list[Seq] = []
+        for seq in group:
+            width = max(len(s.context()) for s in (*part, seq))
+            if part and width * (len(part) + 1) > SCORING_POSITIONS:
+                out.append(part)
+                part = []
+            part.append(seq)
+        out.append(part)
+    return out
 
 
 def _release_memory() -> None:

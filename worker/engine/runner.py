@@ -165,9 +165,10 @@ class KVBatch:
 
 
 def prefill(
-    model: Any, prompts: list[list[int]], pad_id: int, prefix: Prefix | None = None
+    model: Any, prompts: list[list[int]], pad_id: int, prefix: Prefix | None = None, all_logits: bool = False
 ) -> tuple[KVBatch, torch.Tensor]:
-    """Run the prompts as one left-padded forward; return their batch and last-position logits.
+    """Run the prompts as one left-padded forward; return their batch and last-position logits [B, vocab]
+    (`all_logits`: every position's, [B, width, vocab], for rows that score their prompt).
 
     With a `prefix` (prefix cache), every prompt continues its KV: the rows' cache is the prefix, then each
     row's own tokens left-padded (the padding between them is masked; positions count real tokens only)."""
@@ -184,12 +185,17 @@ def prefill(
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
     keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{keyword: cache}
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=True,
+        logits_to_keep=0 if all_logits else 1,
+        **{keyword: cache},
     )
     batch = KVBatch()
     batch.cache, batch.mask = cache, mask
     batch.pos = torch.tensor([skip + len(p) for p in prompts], device=device)
-    return batch, out.logits[:, -1]
+    return batch, out.logits if all_logits else out.logits[:, -1]
 
 
 def repeat_rows(batch: KVBatch, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -141,7 +141,8 @@ class Scheduler:
             waiting.popleft()
             if seq.deadline == math.inf:  # a row pushed back to wait keeps its deadline
                 seq.deadline = now + seq.budget
-            if len(seq.out) >= seq.max_new_tokens:  # resumed after its last token: nothing left to do
+            # nothing left to do (resumed after its last token, or max_new_tokens 0) unless it scores its prompt
+            if len(seq.out) >= seq.max_new_tokens and seq.prompt_logprobs < 0:
                 complete.append(seq)
                 continue
             joining.append(seq)

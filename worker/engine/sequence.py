@@ -89,6 +89,9 @@ class Seq:
     text: str = ""  # kept current for sequences with stop strings; final once finished
     stop_sequence: str | None = None  # the stop string that ended it (the one found first in the text)
     cached: int = 0  # leading context tokens whose KV came from a reused prefix (prefix cache)
+    prompt_logprobs: int = -1  # -1 none; else each prompt token's logprob and this many alternatives (echo)
+    prompt_scores: list[Any] = field(default_factory=list)  # (id, logprob or None for the first, alternatives)
+    echo: str | None = None  # the prompt's text, returned with the output (echo)
     status: SeqStatus = SeqStatus.WAITING
     detok: Detokenizer = field(default_factory=Detokenizer, repr=False)
     min_tokens: int = 0  # EOS and stop_token_ids are banned, and no stop ends it, before this many tokens
