@@ -7,7 +7,9 @@ step on a CPU (a step of a SmolLM2-135M-shaped model took ~20-40 ms where its we
 bf16). Here one step is: the embedding, the rotary cos/sin once (the model's own rotary module), per layer an
 RMSNorm, the q/k/v projections (called as modules: other code wraps them), RoPE, the cache update, one
 `scaled_dot_product_attention` under one mask built once per step (no mask at all when no row is padded and one
-position is fed), the output projection, a second RMSNorm and the gated MLP; then the final norm and the
+position is fed; in a decode step the query heads that share a kv head are that head's query positions: torch's
+CPU attention kernel took 1.3 ms for 32 rows of 9 heads over 40 positions in bf16 with `enable_gqa`, 0.36 ms
+grouped so), the output projection, a second RMSNorm and the gated MLP; then the final norm and the
 lm_head on the last position only (or on every position when asked).
 
 Anything else (another architecture, a sliding window, an unexpected module layout) keeps transformers' forward.
@@ -84,10 +86,11 @@ def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     return norm.weight * F.rms_norm(x.float(), x.shape[-1:], None, norm.variance_epsilon).to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, heads, q, d] (cos/sin [B, 1, q, d]), as transformers' `apply_rotary_pos_emb`."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, q, d], as transformers' `apply_rotary_pos_emb`: x * cos + rotate_half(x) *
+    sin, with the sign of rotate_half's first half moved into `signed_sin` (computed once per step)."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
 
 
 def step_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
@@ -134,7 +137,8 @@ class LeanForward:
         b, q = ids.shape
         h = base.embed_tokens(ids)
         cos, sin = base.rotary_emb(h, pos)
-        cos, sin = cos[:, None], sin[:, None]
+        half = sin.shape[-1] // 2
+        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, None]
         if not padded and (q == 1 or mask.shape[1] == q):
             attn_mask, causal = None, q > 1
         else:
@@ -151,9 +155,14 @@ class LeanForward:
             qs = _rope(qs.transpose(1, 2), cos, sin)
             ks = _rope(ks.transpose(1, 2), cos, sin)
             ks, vs = cache.update(ks, vs, i)
-            out = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
-            )
+            if q == 1 and self.gqa:  # decode: each kv head's group of query heads as its query positions
+                out = F.scaled_dot_product_attention(
+                    qs.view(b, ks.shape[1], -1, self.head_dim), ks, vs, attn_mask=attn_mask, scale=self.scaling
+                ).view(b, -1, 1, self.head_dim)
+            else:
+                out = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
+                )
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, q, -1))
             mlp = layer.mlp
             x = _rms_norm(h, layer.post_attention_layernorm)
