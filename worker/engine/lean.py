@@ -79,11 +79,17 @@ def _is_rms_norm(module: Any) -> bool:
     return module is not None and hasattr(module, "weight") and hasattr(module, "variance_epsilon")
 
 
-def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """transformers' RMSNorm: normalized in fp32, cast back, then scaled by the weight in the input's dtype."""
+def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """transformers' RMSNorm (`norm`: its weight and epsilon): normalized in fp32, cast back, then scaled by the
+    weight in the input's dtype."""
+    weight, eps = norm
     if x.dtype == torch.float32:
-        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], None, norm.variance_epsilon).to(x.dtype)
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+
+
+def _norm(module: Any) -> tuple[torch.Tensor, float]:
+    return module.weight, float(module.variance_epsilon)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -117,6 +123,20 @@ class LeanForward:
         config = model.config
         self.gqa = config.num_attention_heads != config.num_key_value_heads
         self.qk_norm = hasattr(attn, "q_norm")
+        # Per layer: its attention and MLP modules (their projections are looked up at every call: other code may
+        # wrap them), and the weight and epsilon of its norms (input, post-attention, q and k).
+        self.layers = [
+            (
+                layer.self_attn,
+                layer.mlp,
+                _norm(layer.input_layernorm),
+                _norm(layer.post_attention_layernorm),
+                _norm(layer.self_attn.q_norm) if self.qk_norm else None,
+                _norm(layer.self_attn.k_norm) if self.qk_norm else None,
+            )
+            for layer in base.layers
+        ]
+        self.norm = _norm(base.norm)
 
     def __call__(
         self,
@@ -144,14 +164,13 @@ class LeanForward:
         else:
             attn_mask, causal = step_mask(mask, q), False
         shape = (b, q, -1, self.head_dim)
-        for i, layer in enumerate(base.layers):
-            attn = layer.self_attn
-            x = _rms_norm(h, layer.input_layernorm)
+        for i, (attn, mlp, in_norm, post_norm, q_norm, k_norm) in enumerate(self.layers):
+            x = _rms_norm(h, in_norm)
             qs = attn.q_proj(x).view(shape)
             ks = attn.k_proj(x).view(shape)
             vs = attn.v_proj(x).view(shape).transpose(1, 2)
-            if self.qk_norm:
-                qs, ks = _rms_norm(qs, attn.q_norm), _rms_norm(ks, attn.k_norm)
+            if q_norm is not None and k_norm is not None:
+                qs, ks = _rms_norm(qs, q_norm), _rms_norm(ks, k_norm)
             qs = _rope(qs.transpose(1, 2), cos, sin)
             ks = _rope(ks.transpose(1, 2), cos, sin)
             ks, vs = cache.update(ks, vs, i)
@@ -164,9 +183,8 @@ class LeanForward:
                     qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
                 )
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, q, -1))
-            mlp = layer.mlp
-            x = _rms_norm(h, layer.post_attention_layernorm)
+            x = _rms_norm(h, post_norm)
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         if not all_logits:
             h = h[:, -1]
-        return self.model.lm_head(_rms_norm(h, base.norm))
+        return self.model.lm_head(_rms_norm(h, self.norm))
