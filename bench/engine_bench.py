@@ -168,11 +168,14 @@ class InProcess:
 class System:
     """redis-server + gunicorn web + one Celery generation worker (prefork, 1 child, 1 thread)."""
 
-    def __init__(self, tmp: Path, model_dir: Path, limits: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, model_dir: Path, limits: dict[str, Any] | None = None, engine: dict[str, Any] | None = None
+    ) -> None:
         config = {
             "model": {"name_or_path": str(model_dir), "threads": 1},
             "limits": {"max_queue_depth": 100_000, **(limits or {})},
             "web": {"workers": 2, "threads": 32},
+            "engine": engine or {},
         }
         (tmp / "config.yml").write_text(yaml.safe_dump(config))
         self.deployment = Deployment(

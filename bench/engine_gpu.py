@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.engine import Engine, Seq  # noqa: E402
+from worker.engine import Engine, Seq, runner  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": {
@@ -98,30 +98,50 @@ def prompts(rows: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 class ForwardClock:
-    """Wall time inside the model's forward calls, the device synchronised on entry and exit."""
+    """Wall time inside the model's forward calls (transformers' forward, or the engine runner's forward: the
+    lean one never calls the model's own), the device synchronised on entry and exit; nested calls count once."""
 
     def __init__(self, model: Any, device: torch.device) -> None:
-        self.model, self.device, self.inside, self._t = model, device, 0.0, 0.0
+        self.model, self.device, self.inside, self._t, self._depth = model, device, 0.0, 0.0, 0
         self._hooks: list[Any] = []
+        self._forward = runner.forward
 
-    def __enter__(self) -> ForwardClock:
-        def before(*_: Any, **__: Any) -> None:
+    def _before(self, *_: Any, **__: Any) -> None:
+        if not self._depth:
             sync(self.device)
             self._t = time.perf_counter()
+        self._depth += 1
 
-        def after(*_: Any, **__: Any) -> None:
+    def _after(self, *_: Any, **__: Any) -> None:
+        self._depth -= 1
+        if not self._depth:
             sync(self.device)
             self.inside += time.perf_counter() - self._t
 
-        self._hooks = [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
+    def __enter__(self) -> ForwardClock:
+        real = self._forward
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._before()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self._after()
+
+        runner.forward = timed  # type: ignore[assignment]
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._before),
+            self.model.register_forward_hook(self._after),
+        ]
         return self
 
     def __exit__(self, *_: object) -> None:
+        runner.forward = self._forward  # type: ignore[assignment]
         for hook in self._hooks:
             hook.remove()
 
 
-def run_engine(model: Any, batch: list[list[int]], new: int) -> list[list[int]]:
+def run_engine(model: Any, batch: list[list[int]], new: int, lean: str = "auto") -> list[list[int]]:
     rows = len(batch)
     engine = Engine(
         model,
@@ -131,6 +151,7 @@ def run_engine(model: Any, batch: list[list[int]], new: int) -> list[list[int]]:
         max_batch=max(rows, 1),
         max_batch_tokens=rows * (new + 64),
         max_prefill_tokens=rows * 32,
+        lean_forward=lean,
     )
     seqs = [Seq(str(i), p, new, ignore_eos=True) for i, p in enumerate(batch)]
     for seq in seqs:
@@ -192,6 +213,8 @@ def run_generate_batch(model: Any, batch: list[list[int]], new: int) -> list[lis
 
 Arm = Callable[[Any, list[list[int]], int], list[list[int]]]
 ARMS: dict[str, Arm] = {"engine": run_engine, "generate": run_generate, "generate_batch": run_generate_batch}
+# the engine on transformers' forward (engine.lean_forward: off): an A/B of the lean forward, not run by default
+EXTRA_ARMS: dict[str, Arm] = {"engine_hf": lambda model, batch, new: run_engine(model, batch, new, "off")}
 
 
 def timed(arm: Arm, model: Any, batch: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
@@ -222,7 +245,7 @@ def cell(model: Any, rows: int, new: int, arms: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": rows, "new_tokens": new}
     ids: dict[str, list[list[int]]] = {}
     for name in arms:
-        arm = ARMS[name]
+        arm = {**ARMS, **EXTRA_ARMS}[name]
         try:
             out[name], ids[name] = timed(arm, model, batch, new)
             if name != "generate_batch":
@@ -243,7 +266,7 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, arms: list[str], 
     warm = prompts(2, model.config.vocab_size, seed=1)
     for name_ in arms:  # first-call costs (kernels, allocator, CB manager) out of the timings
         try:
-            ARMS[name_](model, warm, 4)
+            {**ARMS, **EXTRA_ARMS}[name_](model, warm, 4)
         except Exception as exc:
             print(f"warm-up of {name_} failed: {exc}", file=sys.stderr)
     result["cells"] = []
@@ -281,6 +304,11 @@ def report(results: list[dict[str, Any]]) -> None:
                 f"{fmt(c.get('engine_host'), True)} | {fmt(c.get('generate'))} | {fmt(c.get('generate_host'), True)} | "
                 f"{fmt(c.get('generate_batch'))} | {c.get('engine_equals_generate', '-')}/{c['rows']} |"
             )
+            if "engine_hf" in c:
+                hf, hf_host = fmt(c["engine_hf"]), fmt(c.get("engine_hf_host"), True)
+                print(
+                    f"| {label}, engine on transformers' forward | {c['rows']} x {c['new_tokens']} | {hf} | {hf_host} |"
+                )
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -290,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rows", nargs="+", type=int, help="row counts (default: per model)")
     parser.add_argument("--tokens", type=int, help="new tokens per row (default: per model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=[*ARMS, *EXTRA_ARMS], default=list(ARMS))
     parser.add_argument("--deadline", type=float, default=240.0, help="start no cell after this many seconds")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -14,6 +14,10 @@ No real weights can be downloaded here, so the model is a random Llama of SmolLM
 parameters, its 49k-token vocabulary a BPE trained locally); speed does not depend on the weights' values.
 
     uv run python bench/engine_vs_llamacpp.py [--llama-cpp-dir DIR] [--gguf bf16 q8_0] [--clients 1 8 32]
+        [--lean auto off]
+
+`--lean auto off` runs the service twice, with the engine's lean forward and with transformers' forward
+(`engine.lean_forward`), one client count after the other on both, for an A/B in one run.
 """
 
 from __future__ import annotations
@@ -187,6 +191,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source tree with build/bin/llama-server")
     parser.add_argument("--gguf", nargs="+", default=["bf16"], choices=["f32", "bf16", "q8_0"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--lean", nargs="+", default=["auto"], choices=["auto", "off"], help="engine.lean_forward")
     args = parser.parse_args()
     print(f"$ uv run python bench/engine_vs_llamacpp.py {' '.join(sys.argv[1:])}")
     from worker.builders.random import build_random_model
@@ -195,15 +200,22 @@ def main() -> None:
     ref = Generate(model_dir)
     ref.tokens_s(1)  # warm-up
     rows: dict[str, dict[int, float]] = {GENERATE: {n: ref.tokens_s(n) for n in args.clients}}
+    systems: dict[str, System] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        system = System(Path(tmp), model_dir, limits=LIMITS)
         try:
-            info = requests.get(system.url + "/v1/model", timeout=30).json()
-            system.concurrent([body(0) | {"max_new_tokens": 4}])  # warm-up
-            label = f"this service ({info.get('dtype')}), HTTP"
-            rows[label] = {n: system.concurrent([body(i) for i in range(n)]) for n in args.clients}
+            for lean in args.lean:
+                (Path(tmp) / lean).mkdir()
+                system = systems[lean] = System(Path(tmp) / lean, model_dir, LIMITS, {"lean_forward": lean})
+                system.concurrent([body(0) | {"max_new_tokens": 4}])  # warm-up
+            for n in args.clients:  # interleaved: each count on every variant before the next count
+                for lean, system in systems.items():
+                    info = requests.get(system.url + "/v1/model", timeout=30).json()
+                    variant = f", lean_forward {lean}" if len(args.lean) > 1 else ""
+                    label = f"this service ({info.get('dtype')}{variant}), HTTP"
+                    rows.setdefault(label, {})[n] = system.concurrent([body(i) for i in range(n)])
         finally:
-            system.stop()
+            for system in systems.values():
+                system.stop()
     skipped = ""
     server = args.llama_cpp_dir and args.llama_cpp_dir / "build" / "bin" / "llama-server"
     if server and server.exists():

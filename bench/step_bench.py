@@ -1,10 +1,13 @@
 """The host share of a batched decode step: everything but the model forward, at 32 rows, 1 torch thread, bf16,
 on a random model shaped like SmolLM2-135M (Llama, hidden 576, 30 layers, 49,152-token vocabulary).
 
-Each scenario admits 32 rows, then times decode steps: wall time of `Engine.step()` and, through forward hooks,
-the model's own forward; host = step - forward (sampling, stop strings, KV bookkeeping, the loop).
+Each scenario admits the rows, then times decode steps: wall time of `Engine.step()` and of the runner's model
+forward (the lean forward or transformers', timed around `runner.forward`); host = step - forward (sampling,
+stop strings, KV bookkeeping, the loop). With `--lean auto off` each scenario runs with the lean forward and
+with transformers' forward, one after the other (A/B in one run).
 
-    uv run python bench/step_bench.py [--steps 24] [--rows 32] [--dtype bf16|fp32] [--kv-chunk N] [--only NAME]
+    uv run python bench/step_bench.py [--steps 24] [--rows 1 8 32] [--dtype bf16|fp32] [--kv-chunk N]
+        [--lean auto off] [--scenarios greedy T0.8] [--only NAME]
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ def build() -> Path:
     return build_random_model("llama", Shape(**SMOL), out, log=lambda msg: print(f"  {msg}", file=sys.stderr))
 
 
-def run(handler: Any, scenario: dict[str, Any], rows: int, steps: int) -> tuple[float, float]:
+def run(handler: Any, scenario: dict[str, Any], rows: int, steps: int, lean: str = "auto") -> tuple[float, float]:
     """Median step and forward milliseconds over `steps` decode steps of `rows` rows."""
     import torch
 
+    from worker.engine import runner
     from worker.handler import GenerationRequest
 
-    engine = handler.engine(max_batch=rows)
+    engine = handler.engine(max_batch=rows, lean_forward=lean)
     for i in range(rows):
         req = GenerationRequest(
             prompt=f"Row {i} says that simple is better than complex, and",
@@ -63,11 +67,16 @@ def run(handler: Any, scenario: dict[str, Any], rows: int, steps: int) -> tuple[
         for seq in handler.sequences(req, str(i), budget=600.0)[0]:
             engine.add(seq)
     spent = [0.0]
-    started = [0.0]
-    pre = handler.model.register_forward_pre_hook(lambda *a: started.__setitem__(0, time.perf_counter()))
-    post = handler.model.register_forward_hook(
-        lambda *a: spent.__setitem__(0, spent[0] + time.perf_counter() - started[0])
-    )
+    forward = runner.forward
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    runner.forward = timed  # type: ignore[assignment]
     try:
         engine.step()  # admission: the prefill
         engine.step()
@@ -80,8 +89,7 @@ def run(handler: Any, scenario: dict[str, Any], rows: int, steps: int) -> tuple[
             fwd_ms.append(spent[0] * 1000)
         assert engine.rows() == rows, "every row should still be running"
     finally:
-        pre.remove()
-        post.remove()
+        runner.forward = forward  # type: ignore[assignment]
     torch.set_num_threads(1)
     return statistics.median(step_ms), statistics.median(fwd_ms)
 
@@ -89,10 +97,12 @@ def run(handler: Any, scenario: dict[str, Any], rows: int, steps: int) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--rows", type=int, nargs="+", default=[32])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--only", default=None, help="scenarios whose name contains this")
     parser.add_argument("--kv-chunk", type=int, default=None, help="grow KV layers by this many positions (0: cat)")
+    parser.add_argument("--lean", nargs="+", default=["auto"], choices=["auto", "off"], help="engine.lean_forward")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     args = parser.parse_args()
     import torch
 
@@ -110,13 +120,19 @@ def main() -> None:
 
         runner.KV_CHUNK[handler.model.device.type] = args.kv_chunk
     chunk = f", KV chunk {args.kv_chunk}" if args.kv_chunk is not None else ""
-    print(f"{handler.info.dtype}, {args.rows} rows, {args.steps} decode steps, 1 thread (medians){chunk}")  # type: ignore[union-attr]
-    print(f"{'scenario':28} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>7}")
-    for name, scenario in SCENARIOS.items():
+    print(f"{handler.info.dtype}, {args.steps} decode steps, 1 thread (medians){chunk}")  # type: ignore[union-attr]
+    print(f"{'scenario':28} {'rows':>4} {'lean':>4} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>7}")
+    for name in args.scenarios:
         if args.only and args.only not in name:
             continue
-        step, fwd = run(handler, scenario, args.rows, args.steps)
-        print(f"{name:28} {step:8.1f} {fwd:8.1f} {step - fwd:8.2f} {100 * (step - fwd) / step:6.1f}%", flush=True)
+        for rows in args.rows:
+            for lean in args.lean:
+                step, fwd = run(handler, SCENARIOS[name], rows, args.steps, lean)
+                host = step - fwd
+                print(
+                    f"{name:28} {rows:4} {lean:>4} {step:8.1f} {fwd:8.1f} {host:8.2f} {100 * host / step:6.1f}%",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -163,6 +163,11 @@ class EngineSettings(Section):
     prefix_cache_tokens: int = Field(
         16384, ge=0, description="prompt-prefix KV kept across jobs, in tokens (LRU; 0 disables)"
     )
+    lean_forward: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: the engine's own lean forward for Llama, Qwen2 and Qwen3 models (others keep "
+        "transformers' forward); off: transformers' forward always",
+    )
 
 
 class WorkerSettings(Section):

@@ -287,6 +287,7 @@ class ModelHandler:
             bulk_every=cfg["bulk_every"],
             max_prefill_tokens=cfg["max_prefill_tokens"],
             prefix_cache_tokens=cfg["prefix_cache_tokens"],
+            lean_forward=cfg["lean_forward"],
         )
 
     def sequences(

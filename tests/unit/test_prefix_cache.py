@@ -13,7 +13,7 @@ import torch
 from tests.unit.test_engine import tiny
 from tests.unit.test_handler import make_handler
 from worker.bulk import result_line
-from worker.engine import Engine, Seq
+from worker.engine import Engine, Seq, runner
 from worker.engine.prefix_cache import BLOCK, PrefixCache, prefix_cache_for
 from worker.handler import GenerationRequest, ModelHandler
 
@@ -107,18 +107,23 @@ def test_staggered_arrivals_and_n_samples_match_no_cache(handler: ModelHandler) 
     assert [s.cached for s in seqs] == [0, 0, 0]  # the engine without the cache
 
 
-def count_tokens(model: Any) -> tuple[list[int], Any]:
-    """Real (unmasked) new tokens each forward computes, through a forward pre-hook."""
+def count_tokens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Real (unmasked) new tokens each forward computes, through the runner's one forward function (the lean
+    forward or transformers')."""
     counts: list[int] = []
+    real = runner.forward
 
-    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    def counted(model: Any, lean: Any, ids: torch.Tensor, mask: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         counts.append(int(mask[:, -ids.shape[1] :].sum()))
+        return real(model, lean, ids, mask, *args, **kwargs)
 
-    return counts, model.register_forward_pre_hook(hook, with_kwargs=True)
+    monkeypatch.setattr(runner, "forward", counted)
+    return counts
 
 
-def test_bulk_admission_computes_the_shared_instruction_once(handler: ModelHandler) -> None:
+def test_bulk_admission_computes_the_shared_instruction_once(
+    handler: ModelHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
     instruction = ZEN * 2
     reqs = [req(instruction + d, 4) for d in DOCS]
     prompts = [handler.encode(r)[0] for r in reqs]
@@ -126,14 +131,11 @@ def test_bulk_admission_computes_the_shared_instruction_once(handler: ModelHandl
     while any(p[:shared] != prompts[0][:shared] for p in prompts):
         shared -= 1
     shared = shared // BLOCK * BLOCK
-    counts, hook = count_tokens(handler.model)
-    try:
-        off = run(handler, reqs, 0)
-        spent_off, counts[:] = sum(counts), []
-        on = run(handler, reqs, 16384)
-        spent_on = sum(counts)
-    finally:
-        hook.remove()
+    counts = count_tokens(monkeypatch)
+    off = run(handler, reqs, 0)
+    spent_off, counts[:] = sum(counts), []
+    on = run(handler, reqs, 16384)
+    spent_on = sum(counts)
     assert texts(on) == texts(off)
     assert spent_off - spent_on == (len(reqs) - 1) * shared  # every line but one skipped the instruction
     results = [handler.result([s], len(p), False, r) for s, p, r in zip(on, prompts, reqs)]
@@ -229,8 +231,9 @@ def test_a_row_that_scores_its_prompt_computes_every_position(handler: ModelHand
     assert seqs[0].out == [] and seqs[0].finish_reason == "length" and len(seqs[2].out) == 1
     tolerance = 1e-4 if handler.model.dtype == torch.float32 else 0.1  # bf16: a padded batch rounds otherwise
     for seq in (seqs[0], seqs[2]):
-        with torch.no_grad():
-            lp = torch.log_softmax(handler.model(torch.tensor([seq.prompt])).logits[0].float(), dim=-1)
+        with torch.no_grad():  # a lone prefill of the prompt through the engine's own forward (lean or not)
+            _, logits = runner.prefill(handler.model, [seq.prompt], handler.pad_id, None, engine.lean, all_logits=True)
+            lp = torch.log_softmax(logits[0].float(), dim=-1)
         want = [lp[i - 1, seq.prompt[i]].item() for i in range(1, len(seq.prompt))]
         scores = seq.prompt_scores
         assert [s[0] for s in scores] == seq.prompt and scores[0][1] is None

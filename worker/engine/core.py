@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from worker.engine import detok
+from worker.engine.lean import lean_forward_for
 from worker.engine.prefix_cache import Prefix, prefix_cache_for, remember, row_kv
 from worker.engine.runner import KVBatch, decode, prefill, repeat_rows
 from worker.engine.sampler import RowPlan, choose
@@ -46,10 +47,12 @@ class Engine:
         bulk_every: int = 4,
         max_prefill_tokens: int = 8192,
         prefix_cache_tokens: int = 0,
+        lean_forward: str = "auto",
     ) -> None:
         self.model, self.decode_ids = model, decode_ids
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
         self.prefix_cache = prefix_cache_for(model, prefix_cache_tokens)  # None: no prefix cache
+        self.lean = lean_forward_for(model, lean_forward)  # None: transformers' own forward
         uncached = self._uncached if self.prefix_cache is not None else None
         self.scheduler = Scheduler(max_batch, max_batch_tokens, bulk_every, max_prefill_tokens, uncached)
         self.steps = 0
@@ -146,7 +149,7 @@ class Engine:
 
     def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None) -> torch.Tensor:
         """The KV of a shared prefix, continuing `base`: [layers, 2, kv_heads, len(ids), head_dim]."""
-        batch, _ = prefill(self.model, [list(ids[base.length if base else 0 :])], self.pad_id, base)
+        batch, _ = prefill(self.model, [list(ids[base.length if base else 0 :])], self.pad_id, base, self.lean)
         return row_kv(batch.cache.layers, 0, 0, len(ids))
 
     def _prefill_fitting(self, lane: Lane, group: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
@@ -179,7 +182,9 @@ class Engine:
         scoring = any(s.prompt_logprobs >= 0 for s in joining)  # (such rows are grouped apart, with no prefix)
         try:
             prompts = [list(k) for k in unique]
-            group, logits = prefill(self.model, [k[skip:] for k in prompts], self.pad_id, prefix, all_logits=scoring)
+            group, logits = prefill(
+                self.model, [k[skip:] for k in prompts], self.pad_id, prefix, self.lean, all_logits=scoring
+            )
             if self.prefix_cache is not None:  # prefix cache hook: keep the new full blocks of each prompt
                 remember(self.prefix_cache, group.cache.layers, prompts, skip)
             if scoring:  # each prompt token's logprob, from this same forward
@@ -215,7 +220,7 @@ class Engine:
     def _decode(self, lane: Lane, finished: list[Seq]) -> None:
         while True:
             try:
-                logits = decode(self.model, lane.batch)  # out of memory, the batch is as it was before
+                logits = decode(self.model, lane.batch, self.lean)  # out of memory, the batch is as it was before
                 break
             except torch.OutOfMemoryError:
                 _release_memory()

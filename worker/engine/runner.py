@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from worker.engine.lean import LeanForward
 from worker.engine.prefix_cache import Prefix
 
 # Positions a layer's keys and values grow by at once, per device type (0: a `torch.cat` every step, as
@@ -107,6 +108,7 @@ class KVBatch:
         self.mask: torch.Tensor | None = None  # [B, T] long, 1 = real position
         self.last: torch.Tensor | None = None  # [B] the token to feed next (not yet in the cache)
         self.pos: torch.Tensor | None = None  # [B] position id of that token
+        self.padded = False  # whether any column of `mask` is 0 (a step without padding needs no attention mask)
 
     @property
     def rows(self) -> int:
@@ -118,6 +120,7 @@ class KVBatch:
 
     def reset(self) -> None:
         self.cache = self.mask = self.last = self.pos = None
+        self.padded = False
 
     def merge(self, other: KVBatch) -> None:
         """Append the rows of `other` (left-padding the shorter cache)."""
@@ -125,6 +128,7 @@ class KVBatch:
             return
         if self.rows == 0:
             self.cache, self.mask, self.last, self.pos = other.cache, other.mask, other.last, other.pos
+            self.padded = other.padded
             return
         assert self.mask is not None and other.mask is not None
         width = max(self.width, other.width)
@@ -134,6 +138,7 @@ class KVBatch:
         self.mask = torch.cat([_lpad(self.mask, width, -1), _lpad(other.mask, width, -1)], 0)
         self.last = torch.cat([self.last, other.last])  # type: ignore[list-item]
         self.pos = torch.cat([self.pos, other.pos])  # type: ignore[list-item]
+        self.padded = self.padded or other.padded or self.width != other.width
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); drop cache columns that are padding in every row left."""
@@ -151,6 +156,7 @@ class KVBatch:
             layer.values = layer.values[index, :, lead:]
         self.mask = mask[:, lead:]
         self.last, self.pos = self.last[index], self.pos[index]
+        self.padded = self.padded and not bool(self.mask.all())  # rows left: once per leave, not per step
 
     def crop(self, width: int) -> None:
         """Undo a partly applied forward (an exception mid-step): cut every layer back to `width`."""
@@ -164,8 +170,40 @@ class KVBatch:
             self.mask = self.mask[:, :width]
 
 
+def forward(
+    model: Any,
+    lean: LeanForward | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    cache: Any,
+    padded: bool = True,
+    all_logits: bool = False,
+) -> torch.Tensor:
+    """One forward of the fed ids [B, q] over `cache` (the lean forward when there is one, else transformers');
+    returns the last position's logits [B, vocab], or every fed position's [B, q, vocab] with `all_logits`.
+    `padded`: whether any column of `mask` is 0."""
+    if lean is not None:
+        return lean(ids, mask, pos, cache, padded=padded, all_logits=all_logits)
+    keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=True,
+        logits_to_keep=0 if all_logits else 1,
+        **{keyword: cache},
+    )
+    return out.logits if all_logits else out.logits[:, -1]
+
+
 def prefill(
-    model: Any, prompts: list[list[int]], pad_id: int, prefix: Prefix | None = None, all_logits: bool = False
+    model: Any,
+    prompts: list[list[int]],
+    pad_id: int,
+    prefix: Prefix | None = None,
+    lean: LeanForward | None = None,
+    all_logits: bool = False,
 ) -> tuple[KVBatch, torch.Tensor]:
     """Run the prompts as one left-padded forward; return their batch and last-position logits [B, vocab]
     (`all_logits`: every position's, [B, width, vocab], for rows that score their prompt).
@@ -183,19 +221,12 @@ def prefill(
         cache = DynamicCache(ddp_cache_data=prefix.layers(len(prompts)))
         mask = torch.cat([mask.new_ones(len(prompts), skip), mask], 1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-    keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=True,
-        logits_to_keep=0 if all_logits else 1,
-        **{keyword: cache},
-    )
+    padded = any(len(p) != width for p in prompts)
+    logits = forward(model, lean, ids, mask, pos, cache, padded, all_logits)
     batch = KVBatch()
-    batch.cache, batch.mask = cache, mask
+    batch.cache, batch.mask, batch.padded = cache, mask, padded
     batch.pos = torch.tensor([skip + len(p) for p in prompts], device=device)
-    return batch, out.logits if all_logits else out.logits[:, -1]
+    return batch, logits
 
 
 def repeat_rows(batch: KVBatch, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -209,22 +240,15 @@ def repeat_rows(batch: KVBatch, logits: torch.Tensor, rows: list[int]) -> torch.
     return logits[index]
 
 
-def decode(model: Any, batch: KVBatch) -> torch.Tensor:
+def decode(model: Any, batch: KVBatch, lean: LeanForward | None = None) -> torch.Tensor:
     """Feed each row its last chosen token; return the next-token logits [B, vocab]."""
     assert batch.mask is not None and batch.pos is not None and batch.last is not None
     width = batch.width
     mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
     try:
-        keyword = cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable; mypy's type[Any] is not
-        out = model(
-            input_ids=batch.last[:, None],
-            attention_mask=mask,
-            position_ids=batch.pos[:, None],
-            use_cache=True,
-            **{keyword: batch.cache},
-        )
+        logits = forward(model, lean, batch.last[:, None], mask, batch.pos[:, None], batch.cache, batch.padded)
     except BaseException:
         batch.crop(width)
         raise
     batch.mask, batch.pos = mask, batch.pos + 1
-    return out.logits[:, -1]
+    return logits
