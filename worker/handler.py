@@ -17,6 +17,7 @@ from qwen_deploy.config import Settings
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.engine import INTERACTIVE, Engine, Sampling, Seq
+from worker.lora import AdapterSet
 from worker.structured import compile_constraint
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class GenerationRequest:
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None
     continue_final_message: bool = False
+    adapter: str | None = None  # a LoRA adapter of the model (its name), else the base
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -101,6 +103,7 @@ class ModelHandler:
         self.model: Any = None
         self.tokenizer: Any = None
         self.info: ModelInfo | None = None
+        self.adapters: AdapterSet | None = None
 
     def setup(self) -> ModelInfo:
         """Load tokenizer and model once; safe to call again (no-op)."""
@@ -135,6 +138,10 @@ class ModelHandler:
             packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
+        self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path])
+        root = self.settings.paths.models_root.expanduser()
+        for name, path in cfg.adapters.items():  # registered now, loaded when first used
+            self.adapters.register(name, str(root / path))
         log.info("model loaded: %s", asdict(self.info))
         return self.info
 
@@ -193,6 +200,7 @@ class ModelHandler:
             bulk_every=cfg["bulk_every"],
             max_prefill_tokens=cfg["max_prefill_tokens"],
             prefix_cache_tokens=cfg["prefix_cache_tokens"],
+            adapters=self.adapters,
         )
 
     def sequences(
@@ -206,6 +214,8 @@ class ModelHandler:
         resume: list[int] | None = None,
     ) -> tuple[list[Seq], int, bool]:
         """The request's samples as engine sequences; also (prompt tokens, prompt truncated)."""
+        if req.adapter is not None and (self.adapters is None or not self.adapters.known(req.adapter)):
+            raise AdapterNotFound(f"the adapter {req.adapter!r} is not loaded for this model")
         ids, truncated = self.encode(req)
         if not ids:
             ids = [self.eos_ids[0]]
@@ -230,6 +240,7 @@ class ModelHandler:
                     priority,
                     tag=(tag, i),
                     out=list(resume or []) if i == 0 and req.n == 1 else [],
+                    adapter=req.adapter,
                 )
             )
         return seqs, len(ids), truncated
@@ -293,6 +304,12 @@ class ModelHandler:
         while len(engine):
             engine.step()
         return [job if isinstance(job, Exception) else self.result(*job, req) for job, req in zip(jobs, reqs)]
+
+
+class AdapterNotFound(LookupError):
+    """A request names an adapter this worker does not serve (unloaded since it was queued)."""
+
+    code = "model_not_found"
 
 
 def _resolved_revision(name: str, common: dict[str, Any]) -> str | None:

@@ -79,6 +79,7 @@ class Seq:
     cached: int = 0  # leading context tokens whose KV came from a reused prefix (prefix cache)
     status: SeqStatus = SeqStatus.WAITING
     detok: Detokenizer = field(default_factory=Detokenizer, repr=False)
+    adapter: str | None = None  # the LoRA adapter this sample runs (None: the base model)
 
     @property
     def done(self) -> bool:
