@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -87,6 +88,9 @@ class AdapterSet:
         self.resident: OrderedDict[str, Resident] = OrderedDict()
         self.wrapped: dict[str, LoraLinear] = {}
         self.loads = 0
+        self.names: tuple[str, ...] = ()  # the resident adapters, for other threads (the heartbeat) to read
+        # held by the thread stepping the engine; the heartbeat syncs an idle worker's adapters under it
+        self.lock = threading.RLock()
         self._keys = itertools.count(1)
 
     # -- registry ------------------------------------------------------------------------------------
@@ -168,6 +172,7 @@ class AdapterSet:
             self._wrap(path_).deltas[key] = (a, b)
         seconds = time.perf_counter() - started
         self.resident[name] = Resident(key, [t[0] for t in targets], seconds)
+        self.names = tuple(sorted(self.resident))
         self.loads += 1
         log.info("adapter %s loaded in %.3f s (%d projections)", name, seconds, len(targets))
 
@@ -199,6 +204,7 @@ class AdapterSet:
             return
         for path in gone.modules:
             self.wrapped[path].deltas.pop(gone.key, None)
+        self.names = tuple(sorted(self.resident))
         log.info("adapter %s evicted", name)
 
     # -- the next forward ------------------------------------------------------------------------------
