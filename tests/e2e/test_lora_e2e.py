@@ -27,23 +27,24 @@ TOKENS = 10
 def setup(stack_factory: StackFactory, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("lora-models")
     base = tiny("qwen2", root / "base", demo_model)
-    make_adapter(base, root / "cfg", 4, 8, False, ["q_proj", "v_proj"], seed=1)
-    make_adapter(base, root / "live", 8, 16, True, ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], seed=2)
-    req = GenerationRequest(prompt=PROMPT, max_new_tokens=TOKENS, ignore_eos=True)
-    expected = {name: reference(merged(base, root / name), req) for name in ("cfg", "live")}
     stack = stack_factory(
         {
             "paths": {"models_root": str(root)},
-            "model": {"dtype": "fp32", "adapters": {"cfg": "cfg"}},
+            "model": {"dtype": "fp32", "adapters": {"cfg": "cfg"}},  # loaded on first use: made below
             "engine": {"max_adapters": 2},
         },
         model=base,
         name="lora",
     )
-    stack.start_worker()
+    # the two workers and the web server start while the adapters and the expected texts are made
+    stack.start_worker(wait=False)
     stack.others.append(stack.deployment.start_worker(None, "gen-second", "worker-second", "INFO"))
-    wait_until(lambda: len([w for w in stack.workers() if w["state"] == "ready"]) == 2, 90, 0.1, "two ready workers")
     stack.start_web()
+    make_adapter(base, root / "cfg", 4, 8, False, ["q_proj", "v_proj"], seed=1)
+    make_adapter(base, root / "live", 8, 16, True, ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], seed=2)
+    req = GenerationRequest(prompt=PROMPT, max_new_tokens=TOKENS, ignore_eos=True)
+    expected = {name: reference(merged(base, root / name), req) for name in ("cfg", "live")}
+    wait_until(lambda: len([w for w in stack.workers() if w["state"] == "ready"]) == 2, 90, 0.1, "two ready workers")
     return {"stack": stack, "root": root, "expected": expected, "base": base}
 
 
