@@ -158,3 +158,34 @@ def test_an_adapter_for_another_base_is_refused(lora_setup: dict, tmp_path: Path
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(AdapterError, match="not a safetensors file"):
         read_adapter(tmp_path)
+
+
+def test_a_packed_bf16_projection_is_wrapped_too(lora_setup: dict) -> None:
+    """bf16 on a CPU packs linear weights for oneDNN (worker/cpu_weights.py): the wrapper runs whatever module
+    is there, and its rows get the same delta as on the plain layer."""
+    from worker.cpu_weights import packing_available
+    from worker.lora import AdapterSet
+
+    if not packing_available():
+        pytest.skip("no oneDNN weight packing in this torch")
+    base = str(lora_setup["base"])
+    handler = make_handler(base, model={"name_or_path": base, "threads": 1, "dtype": "bf16", "pack_cpu_weights": False})
+    packed = make_handler(base, dtype="bf16")
+    if "forward" not in vars(packed.model.get_submodule("model.layers.0.mlp.down_proj")):
+        pytest.skip("this CPU's oneDNN refused to pack the layer")
+    outs = []
+    for h in (handler, packed):
+        adapters = AdapterSet(h.model, 2)
+        adapters.register("a2", str(lora_setup["adapters"]["a2"]))
+        assert adapters.ensure("a2", set())
+        layer = h.model.get_submodule("model.layers.0.mlp.down_proj")
+        x = torch.randn(3, 1, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        with torch.inference_mode():
+            adapters.bind(["a2", None, "a2"])
+            adapted = layer(x)
+            adapters.bind([None, None, None])
+            plain = layer(x)
+        outs.append((adapted.float(), plain.float()))
+    (adapted, plain), (adapted_packed, plain_packed) = outs
+    assert not torch.equal(adapted[0], plain[0]) and torch.equal(adapted[1], plain[1])
+    torch.testing.assert_close(adapted_packed - plain_packed, adapted - plain, atol=0.05, rtol=0.05)
