@@ -109,6 +109,17 @@ def test_load_generate_unload(setup: dict[str, Any]) -> None:
         model="live", prompt=PROMPT, max_tokens=TOKENS, stream=True, extra_body={"ignore_eos": True}
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["live"]
+    # a batch whose lines name two adapters and the base: one micro-batch, each line its own adapter
+    api = stack.client()
+    body = {"prompt": PROMPT, "max_new_tokens": TOKENS, "ignore_eos": True}
+    names = {"l-live": "live", "l-cfg": "cfg", "l-base": base_id}
+    created = api.create_batch([{"custom_id": cid, "body": {**body, "model": m}} for cid, m in names.items()])
+    ended = ("completed", "failed", "cancelled", "expired")
+    assert wait_until(lambda: api.batch(created["id"])["status"] in ended, 60, 0.1, "the batch")
+    assert api.batch(created["id"])["status"] == "completed"
+    texts = {o["custom_id"]: o["response"]["body"]["output"]["text"] for o in api.batch_results(created["id"])}
+    assert texts == {"l-live": expected["live"], "l-cfg": expected["cfg"], "l-base": texts["l-base"]}
+    assert texts["l-base"] not in expected.values()
 
     # unload: a 404 from then on, and the workers drop it
     gone = requests.post(stack.url + "/v1/unload_lora_adapter", json={"lora_name": "live"}, timeout=10)
