@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import StackFactory
+from tests.e2e.test_cli import run_cli
 from tests.helpers import Stack, wait_until
 from tests.unit.test_engine import reference, tiny
 from tests.unit.test_lora import make_adapter, merged
@@ -134,3 +135,15 @@ def test_load_generate_unload(setup: dict[str, Any]) -> None:
     configured = requests.post(stack.url + "/v1/unload_lora_adapter", json={"lora_name": "cfg"}, timeout=10)
     assert configured.status_code == 400 and configured.json()["error"]["code"] == "configured"
     wait_until(lambda: "live" not in sum(adapters_of_workers(stack), []), 30, 0.1, "the workers drop the adapter")
+
+    # export --keep-lora --serve-as: the adapter checked, written unmerged under models_root and loaded
+    argv = ["export", str(root / "live"), "--base", str(setup["base"]), "--out", str(root / "exported")]
+    cli = run_cli([*argv, "--keep-lora", "--serve-as", "exported", "--url", stack.url], env=stack.env)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["served"] == {
+        "id": "exported",
+        "object": "model",
+        "parent": base_id,
+        "status": "loaded",
+    }
+    assert job_text(stack, "exported")["output"]["text"] == expected["live"]

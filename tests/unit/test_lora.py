@@ -189,3 +189,20 @@ def test_a_packed_bf16_projection_is_wrapped_too(lora_setup: dict) -> None:
     (adapted, plain), (adapted_packed, plain_packed) = outs
     assert not torch.equal(adapted[0], plain[0]) and torch.equal(adapted[1], plain[1])
     torch.testing.assert_close(adapted_packed - plain_packed, adapted - plain, atol=0.05, rtol=0.05)
+
+
+def test_export_keep_lora_checks_and_writes_the_adapter(lora_setup: dict, tmp_path: Path) -> None:
+    """`export --keep-lora`: the adapter unmerged, its logits checked against the merged model; one for another
+    base is refused and nothing is written."""
+    from worker.lora_export import export_adapter
+
+    report = export_adapter(lora_setup["adapters"]["a3"], lora_setup["base"], tmp_path / "out")
+    assert report["ranks"] == [64] and report["logits_max_abs_diff"] < 1e-3
+    assert read_adapter(tmp_path / "out").modules == read_adapter(lora_setup["adapters"]["a3"]).modules
+    other = tmp_path / "narrower" / "base"  # the same name, another shape
+    config = json.loads((lora_setup["base"] / "config.json").read_text())
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    with pytest.raises(AdapterError, match="maps"):
+        export_adapter(lora_setup["adapters"]["a3"], other, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
