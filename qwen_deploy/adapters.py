@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_deploy.config import Settings
-from qwen_deploy.keys import adapters_key
+from qwen_deploy.keys import adapters_key, adapters_version_key
 from qwen_deploy.served import Served, served_models
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -225,6 +225,39 @@ def registered(client: Any, settings: Settings, served: Served) -> dict[str, str
     """Every adapter of a model: config's, then those loaded at runtime (name -> directory)."""
     live = {_text(k): _text(v) for k, v in client.hgetall(adapters_key(settings.key_prefix, served.alias)).items()}
     return {**config_adapters(settings, served), **live}
+
+
+def register(client: Any, settings: Settings, served: Served, name: str, path: Path | None) -> None:
+    """Serve adapter `name` from `path` on `served` (None: stop serving it); every worker of the model syncs."""
+    pipe = client.pipeline()
+    if path is None:
+        pipe.hdel(adapters_key(settings.key_prefix, served.alias), name)
+    else:
+        pipe.hset(adapters_key(settings.key_prefix, served.alias), name, str(path))
+    pipe.incr(adapters_version_key(settings.key_prefix))
+    pipe.execute()
+
+
+def fitting_model(path: Path, settings: Settings, named: str | None = None) -> Served:
+    """The served model the adapter at `path` is for: `named` (an alias), else the first it fits. Raises
+    LookupError for an unknown `named`, AdapterError saying why it fits none."""
+    models = served_models(settings)
+    candidates = [m for m in models if named is None or named in m.names]
+    if not candidates:
+        raise LookupError(f"the model {named!r} does not exist")
+    reasons = []
+    for served in candidates:
+        try:
+            check_adapter(path, served)
+            return served
+        except AdapterError as exc:
+            reasons.append(f"{served.alias}: {exc}" if len(candidates) > 1 else str(exc))
+    raise AdapterError("the adapter cannot be served: " + "; ".join(reasons))
+
+
+def adapter_name_taken(client: Any, settings: Settings, name: str) -> bool:
+    """Whether `name` already selects a model or an adapter."""
+    return any(name in m.names for m in served_models(settings)) or find_adapter(client, settings, name) is not None
 
 
 def find_adapter(client: Any, settings: Settings, name: str) -> Served | None:

@@ -12,12 +12,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from qwen_deploy.adapters import AdapterError, check_adapter, find_adapter
+from qwen_deploy.adapters import AdapterError, adapter_name_taken, find_adapter, fitting_model, register
 from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable
-from qwen_deploy.keys import adapters_key, adapters_version_key
 from qwen_deploy.paths import confine
 from qwen_deploy.sections import ALIAS_PATTERN
-from qwen_deploy.served import Served, find_model, served_models
+from qwen_deploy.served import Served
 from web.context import current_services
 from web.openapi import doc
 from web.schemas import read_json, validation_error
@@ -53,23 +52,12 @@ def _parse(schema: type[BaseModel]) -> Any:
 
 def _target(path: Any, named: str | None) -> Served:
     """The base model the adapter is for: the one named, else the first it fits (422 saying why when none)."""
-    settings = current_services().settings
-    if named is not None:
-        found = find_model(settings, named)
-        if found is None:
-            raise ModelNotFound(f"the model {named!r} does not exist", param="model")
-        candidates = [found]
-    else:
-        candidates = served_models(settings)
-    reasons = []
-    for served in candidates:
-        try:
-            check_adapter(path, served)
-            return served
-        except AdapterError as exc:
-            reasons.append(f"{served.alias}: {exc}" if len(candidates) > 1 else str(exc))
-    message = "the adapter cannot be served: " + "; ".join(reasons)
-    raise Unprocessable(message, code="invalid_adapter", param="lora_path")
+    try:
+        return fitting_model(path, current_services().settings, named)
+    except LookupError as exc:
+        raise ModelNotFound(str(exc), param="model") from None
+    except AdapterError as exc:
+        raise Unprocessable(str(exc), code="invalid_adapter", param="lora_path") from None
 
 
 @bp.post("/load_lora_adapter")
@@ -79,16 +67,13 @@ def load_adapter() -> Response:
     svc = current_services()
     req = _parse(LoadAdapter)
     settings = svc.settings
-    if find_model(settings, req.lora_name) is not None or find_adapter(svc.redis, settings, req.lora_name):
+    if adapter_name_taken(svc.redis, settings, req.lora_name):
         raise BadRequest(
             f"the name {req.lora_name!r} is already served (unload it first)", code="adapter_exists", param="lora_name"
         )
     path = confine(settings.paths.models_root, req.lora_path, "lora_path", must_exist=True)
     served = _target(path, req.model)
-    pipe = svc.redis.pipeline()
-    pipe.hset(adapters_key(settings.key_prefix, served.alias), req.lora_name, str(path))
-    pipe.incr(adapters_version_key(settings.key_prefix))
-    pipe.execute()
+    register(svc.redis, settings, served, req.lora_name, path)
     return jsonify(id=req.lora_name, object="model", parent=served.alias, status="loaded")
 
 
@@ -106,8 +91,5 @@ def unload_adapter() -> Response:
         raise BadRequest(
             f"the adapter {name!r} comes from the configuration; remove it there", code="configured", param="lora_name"
         )
-    pipe = svc.redis.pipeline()
-    pipe.hdel(adapters_key(settings.key_prefix, served.alias), name)
-    pipe.incr(adapters_version_key(settings.key_prefix))
-    pipe.execute()
+    register(svc.redis, settings, served, name, None)
     return jsonify(id=name, object="model", parent=served.alias, status="unloaded")

@@ -184,10 +184,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.keep_lora:
-        return _export_adapter(args)
-    if args.serve_as:
+    if args.serve_as and not args.keep_lora:
         sys.exit("qwen-deploy: --serve-as needs --keep-lora (a merged model is served from a `models` entry)")
+    if args.keep_lora and not args.queue:
+        return _export_adapter(args)
 
     def local() -> dict[str, Any]:
         from conversion import export_checkpoint
@@ -207,6 +207,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         "out": args.out,
         "dtype": args.dtype,
         "max_shard_size": args.max_shard_size,
+        "keep_lora": True if args.keep_lora else None,
+        "serve_as": args.serve_as,
     }
     return _model_job(args, "export", body, local)
 
@@ -216,8 +218,6 @@ def _export_adapter(args: argparse.Namespace) -> int:
     from qwen_deploy.adapters import AdapterError
     from worker.lora_export import export_adapter
 
-    if args.queue:
-        sys.exit("qwen-deploy: --keep-lora runs in this process (without --queue)")
     out = Path(args.out).expanduser().resolve()
     try:
         report = export_adapter(Path(args.checkpoint).expanduser(), Path(args.base).expanduser(), out)
@@ -300,7 +300,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="a PEFT adapter directory: check it against --base (shapes, logits) and write it unmerged to --out",
     )
     ex.add_argument(
-        "--serve-as", metavar="NAME", help="with --keep-lora: load the result on the server (--url) as adapter NAME"
+        "--serve-as",
+        metavar="NAME",
+        help="with --keep-lora: load the result on the server (--url; with --queue the export job does) as NAME",
     )
     ex.add_argument(
         "--queue",

@@ -18,6 +18,7 @@ from tests.e2e.test_cli import run_cli
 from tests.helpers import Stack, wait_until
 from tests.unit.test_engine import reference, tiny
 from tests.unit.test_lora import make_adapter, merged
+from worker.convert_job import run_export
 from worker.handler import GenerationRequest
 
 PROMPT = "The Zen of Python, by Tim Peters. Beautiful is better than"
@@ -30,7 +31,7 @@ def setup(stack_factory: StackFactory, demo_model: Path, tmp_path_factory: pytes
     base = tiny("qwen2", root / "base", demo_model)
     stack = stack_factory(
         {
-            "paths": {"models_root": str(root)},
+            "paths": {"models_root": str(root), "checkpoints_root": str(root)},
             "model": {"dtype": "fp32", "adapters": {"cfg": "cfg"}},  # loaded on first use: made below
             "engine": {"max_adapters": 2},
         },
@@ -147,3 +148,16 @@ def test_load_generate_unload(setup: dict[str, Any]) -> None:
         "status": "loaded",
     }
     assert job_text(stack, "exported")["output"]["text"] == expected["live"]
+    # the export job's keep_lora + serve_as (what the convert worker runs), and its checks
+    req = {"checkpoint": "cfg", "base": "base", "out": "exported-job", "keep_lora": True, "serve_as": "by-job"}
+    done = run_export(req, stack.settings, lambda progress: None)
+    assert done["served"]["parent"] == base_id
+    assert job_text(stack, "by-job")["output"]["text"] == expected["cfg"]
+    for body, code in [
+        ({"serve_as": "x"}, "invalid_value"),
+        ({"keep_lora": True, "serve_as": "cfg"}, "adapter_exists"),
+    ]:
+        got = requests.post(
+            stack.url + "/v1/models/exports", json={"checkpoint": "cfg", "base": "base", "out": "o", **body}, timeout=10
+        )
+        assert got.status_code in (400, 422) and got.json()["error"]["code"] == code, got.text
