@@ -142,6 +142,10 @@ class Client:
         """POST /v1/models/downloads or /v1/models/exports (kind "download" or "export")."""
         return self._call("POST", f"/v1/models/{kind}s", json=body).json()
 
+    def load_adapter(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/load_lora_adapter ({"lora_name", "lora_path"}; admin key)."""
+        return self._call("POST", "/v1/load_lora_adapter", json=body).json()
+
     def model(self) -> dict[str, Any]:
         return self._call("GET", "/v1/model").json()
 

@@ -94,6 +94,11 @@ class Settings(Section):
                 raise ValueError(f"web.model_aliases names the alias of another model: {', '.join(sorted(clash))}")
             self.model = ModelSettings(**self.models[0].model_dump(exclude={"alias"}))  # the default's settings
             self.model_fields_set.discard("model")
+        entries: list[ModelSettings] = [*self.models] if self.models else [self.model]
+        adapters = [a for m in entries for a in m.adapters]
+        taken = {*(m.alias for m in self.models), *self.web.model_aliases}
+        if len(set(adapters)) != len(adapters) or taken & set(adapters):
+            raise ValueError("adapter names must be unique and differ from model aliases and web.model_aliases")
         return self
 
     @property

@@ -67,6 +67,16 @@ def model_workers_key(prefix: str, alias: str) -> str:
     return f"{prefix}:model:{alias}:workers"
 
 
+def adapters_key(prefix: str, alias: str) -> str:
+    """The LoRA adapters loaded at runtime for a model: name -> directory."""
+    return f"{prefix}:adapters:{alias}"
+
+
+def adapters_version_key(prefix: str) -> str:
+    """Bumped on every runtime adapter load or unload: workers compare it between steps and sync."""
+    return f"{prefix}:adapters:version"
+
+
 def model_loads_key(prefix: str) -> str:
     """Model loads across all workers."""
     return f"{prefix}:stats:model_loads"

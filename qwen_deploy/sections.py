@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -28,6 +29,21 @@ class ModelSettings(Section):
         True, description="bf16 on a CPU: pack linear weights once for oneDNN's matmul (worker/cpu_weights.py)"
     )
     trust_remote_code: bool = False
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters served per request: name -> PEFT directory (relative to paths.models_root)",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name, path in adapters.items():
+            if not re.fullmatch(ALIAS_PATTERN, name):
+                raise ValueError(f"adapter name {name!r}: letters, digits, '.', '_' or '-' (up to 64)")
+            pure = PurePosixPath(path)
+            if not path or pure.is_absolute() or path.startswith("~") or ".." in pure.parts:
+                raise ValueError(f"adapter {name!r}: a path relative to paths.models_root, without '..'")
+        return adapters
 
 
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # it names queues and keys: no ':', '/' or spaces
@@ -167,6 +183,9 @@ class EngineSettings(Section):
         "auto",
         description="auto: the engine's own lean forward for Llama, Qwen2 and Qwen3 models (others keep "
         "transformers' forward); off: transformers' forward always",
+    )
+    max_adapters: int = Field(
+        8, ge=1, description="LoRA adapters resident per worker child (LRU; more are loaded on demand)"
     )
 
 

@@ -22,7 +22,15 @@ ANONYMOUS = "anonymous"
 PROBE_PATHS = frozenset({"/livez", "/readyz"})  # open for load balancers and kubelets: no secrets in them
 OPEN_PATHS = PROBE_PATHS | {"/"}  # the console page holds no data; its API calls send the key
 OPEN_PREFIXES = ("/static/",)
-ADMIN_ROUTES = frozenset({("POST", "/v1/models/downloads"), ("POST", "/v1/models/exports"), ("GET", "/metrics")})
+ADMIN_ROUTES = frozenset(
+    {
+        ("POST", "/v1/models/downloads"),
+        ("POST", "/v1/models/exports"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/v1/unload_lora_adapter"),
+    }
+)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "localhost.localdomain")
 
 

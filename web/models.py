@@ -6,10 +6,13 @@ import json
 from typing import Any, Literal
 
 from flask import Blueprint, Response, request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
+from qwen_deploy.adapters import adapter_name_taken
+from qwen_deploy.errors import BadRequest, Unprocessable
 from qwen_deploy.paths import confine
 from qwen_deploy.queues import CONVERT, convert_task
+from qwen_deploy.sections import ALIAS_PATTERN
 from qwen_deploy.webhooks import check_request
 from web.context import current_services
 from web.openapi import Job, doc
@@ -38,6 +41,10 @@ class ExportCreate(WebhookFields):
     out: StrictStr = Field(description="new directory, relative to paths.models_root")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     max_shard_size: StrictStr = Field("2GB", pattern=r"^[0-9]{1,9}(\.[0-9]{1,6})? ?[KMG]i?B$")
+    keep_lora: StrictBool = Field(False, description="a PEFT adapter directory: checked and written unmerged")
+    serve_as: StrictStr | None = Field(
+        None, pattern=ALIAS_PATTERN, description="with keep_lora: once checked, served as this adapter name"
+    )
 
 
 def _submit(kind: str, req: dict[str, Any]) -> Response:
@@ -84,4 +91,9 @@ def create_export() -> Response:
     confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)
     confine(paths.models_root, req["base"], "base", must_exist=True)
     confine(paths.models_root, req["out"], "out")
+    if "serve_as" in req:
+        if not req.get("keep_lora"):
+            raise Unprocessable("serve_as needs keep_lora: true", code="invalid_value", param="serve_as")
+        if adapter_name_taken(current_services().redis, current_services().settings, req["serve_as"]):
+            raise BadRequest(f"the name {req['serve_as']!r} is already served", code="adapter_exists", param="serve_as")
     return _submit("export", req)

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from flask import Request
+from flask import Request, has_app_context
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,9 +21,11 @@ from pydantic import (
 from pydantic.json_schema import JsonDict
 from werkzeug.exceptions import ClientDisconnected
 
+from qwen_deploy.adapters import find_adapter
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable, UnsupportedMediaType
 from qwen_deploy.served import Served, find_model, served_models
+from web.context import current_services
 from web.response_format import ResponseFormat, check_response_format
 from web.tools import ToolCall, ToolFields, check_tools
 
@@ -244,13 +246,30 @@ def validation_error(exc: ValidationError) -> Unprocessable:
     return Unprocessable(f"{param}: {err['msg']}" if param else err["msg"], code=code, param=param)
 
 
-def pick_model(name: Any, settings: Settings) -> Served:
-    """The served model a request's `model` names (absent: the default); 404 model_not_found otherwise."""
+def pick_target(name: Any, settings: Settings) -> tuple[Served, str | None]:
+    """The served model a request's `model` names (absent: the default) and the LoRA adapter it names (None:
+    the base); 404 model_not_found otherwise."""
     found = find_model(settings, name) if name is None or isinstance(name, str) else None
-    if found is None:
-        ids = ", ".join(repr(m.alias) for m in served_models(settings))
-        raise ModelNotFound(f"the model {name!r} does not exist; this server serves {ids}", param="model")
-    return found
+    if found is not None:
+        return found, None
+    if isinstance(name, str) and name:
+        client = current_services().redis if has_app_context() else None
+        base = find_adapter(client, settings, name)
+        if base is not None:
+            return base, name
+    ids = ", ".join(repr(m.alias) for m in served_models(settings))
+    raise ModelNotFound(f"the model {name!r} does not exist; this server serves {ids}", param="model")
+
+
+def pick_model(name: Any, settings: Settings) -> Served:
+    """The served model a request's `model` names (an adapter's: its base); 404 model_not_found otherwise."""
+    return pick_target(name, settings)[0]
+
+
+def public_id(name: Any, settings: Settings) -> str:
+    """The id a request's `model` stands for: the base model's alias, or the adapter's name."""
+    served, adapter = pick_target(name, settings)
+    return adapter or served.alias
 
 
 _NOT_STORED = {"model", "response_format", *WebhookFields.model_fields, *LifecycleFields.model_fields}
@@ -348,6 +367,9 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if req.response_format is not None:
         check_response_format(req.response_format)
         data["response_format"] = body["response_format"]  # stored as given
-    data.update(max_new_tokens=n, stop=stop, model=pick_model(req.model, settings).alias)
+    served, adapter = pick_target(req.model, settings)
+    data.update(max_new_tokens=n, stop=stop, model=served.alias)
+    if adapter is not None:
+        data["adapter"] = adapter
     check_tools(data)
     return data

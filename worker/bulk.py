@@ -78,6 +78,7 @@ class ChunkUnit:
         self.started = time.perf_counter()
         handler = driver.handler
         driver.units[self.key] = self
+        driver.knows_adapters([item.get("body") for item in items])
         for index, item in enumerate(items):
             try:
                 req = GenerationRequest.from_dict(item["body"])

@@ -61,6 +61,8 @@ def run_export(req: dict[str, Any], settings: Settings, report: Reporter) -> dic
     checkpoint = confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)
     base = confine(paths.models_root, req["base"], "base", must_exist=True)
     out = confine(paths.models_root, req["out"], "out")
+    if req.get("keep_lora"):
+        return _export_adapter(checkpoint, base, out, req.get("serve_as"), settings)
     report_ = lambda stage, fraction: report({"phase": stage, "fraction": round(fraction, 4)})  # noqa: E731
     return export_checkpoint(
         checkpoint,
@@ -70,6 +72,26 @@ def run_export(req: dict[str, Any], settings: Settings, report: Reporter) -> dic
         max_shard_size=req.get("max_shard_size", "2GB"),
         progress=report_,
     )
+
+
+def _export_adapter(
+    checkpoint: Path, base: Path, out: Path, serve_as: str | None, settings: Settings
+) -> dict[str, Any]:
+    """keep_lora: the adapter checked and written unmerged; serve_as: then registered for its base model."""
+    from qwen_deploy.adapters import AdapterError, fitting_model, register
+    from qwen_deploy.connections import redis_client
+    from qwen_deploy.errors import Unprocessable
+    from worker.lora_export import export_adapter
+
+    try:
+        report = export_adapter(checkpoint, base, out)
+        if serve_as:
+            served = fitting_model(out, settings)
+            register(redis_client(settings), settings, served, serve_as, out)
+            report["served"] = {"id": serve_as, "object": "model", "parent": served.alias, "status": "loaded"}
+    except AdapterError as exc:
+        raise Unprocessable(str(exc), code="invalid_adapter", param="checkpoint") from None
+    return report
 
 
 RUNNERS: dict[str, Callable[[dict[str, Any], Settings, Reporter], dict[str, Any]]] = {

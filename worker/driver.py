@@ -25,8 +25,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from qwen_deploy.adapters import registered
 from qwen_deploy.job_records import as_text
 from qwen_deploy.jobs import Claim, ClaimOutcome, JobStore
+from qwen_deploy.keys import adapters_version_key
 from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.served import Served
@@ -35,6 +37,7 @@ from worker.handler import GenerationRequest, ModelHandler
 from worker.running import RunningJob, holder_alive, last_deltas, other_deltas, terminal_state
 
 log = logging.getLogger(__name__)
+ADAPTER_SYNC_EVERY = 0.25  # seconds between looks at the adapters' version (runtime loads and unloads)
 
 
 class Driver:
@@ -51,6 +54,7 @@ class Driver:
         self.handler, self.store, self.worker = handler, store, worker
         # The model this engine serves: it claims only that model's jobs and yields to its bulk queue.
         self.model = model.alias if model else None
+        self.served = model
         self.bulk_queue = model.bulk if model else "bulk"
         self.settings = handler.settings
         self.engine: Engine = handler.engine()
@@ -62,7 +66,9 @@ class Driver:
         self.lease, self.max_deliveries = eng.lease_seconds, lim.max_deliveries
         self.claim_every = eng.claim_interval_ms / 1000
         self.flush_every = self.settings.generation.progress_interval_ms / 1000
-        self.next_claim = self.next_flush = 0.0
+        self.next_claim = self.next_flush = self.next_adapter_sync = 0.0
+        self.adapters_version: Any = None
+        self.adapters_synced = False  # the first look syncs whatever the version
         self.soft_hit = False
 
     # -- claims ----------------------------------------------------------------------------------
@@ -96,8 +102,37 @@ class Driver:
         if room > 0:
             self._admit(self._claim(room))
 
+    # -- LoRA adapters loaded or unloaded at runtime -------------------------------------------------
+    def sync_adapters(self, force: bool = False) -> None:
+        """Between steps: when the adapters' version changed (a runtime load or unload), make this engine's
+        registered adapters those of its model (config + Redis), loading new ones while there is room."""
+        adapters = self.handler.adapters
+        now = time.monotonic()
+        if adapters is None or self.served is None or (not force and now < self.next_adapter_sync):
+            return
+        self.next_adapter_sync = now + ADAPTER_SYNC_EVERY
+        client = self.store.r
+        version = client.get(adapters_version_key(self.settings.key_prefix))
+        if version == self.adapters_version and self.adapters_synced and not force:
+            return
+        self.adapters_version, self.adapters_synced = version, True
+        busy = {s.adapter for s in self.engine.sequences() if s.adapter}
+        with adapters.lock:
+            adapters.sync(registered(client, self.settings, self.served), busy)
+
+    def knows_adapters(self, requests: list[dict[str, Any]]) -> None:
+        """Before sequences of these requests are built: an adapter this engine does not know yet may have
+        been loaded a moment ago, so look again (once)."""
+        adapters = self.handler.adapters
+        names = {str(r["adapter"]) for r in requests if isinstance(r, dict) and r.get("adapter")}
+        if adapters is not None and any(not adapters.known(n) for n in names):
+            self.sync_adapters(force=True)
+
     def _admit(self, claims: list[Claim], taken_over: bool = False) -> None:
         budget = self.settings.limits.generation_budget
+        runs = [c for c in claims if c.outcome == "run"]
+        if runs:
+            self.knows_adapters([_request_of(c.request) for c in runs])
         for c in claims:
             if c.outcome is not ClaimOutcome.RUN:
                 continue
@@ -159,8 +194,17 @@ class Driver:
     def drive(self, done: Callable[[], bool], slice_end: float) -> None:
         """Step the engine until `done()` and the engine is idle, or the slice ends (then hand off)."""
         self.soft_hit = False
-        with self._soft_limit_deferred():
+        with self._soft_limit_deferred(), self._adapters_held():
             self._drive(done, slice_end)
+
+    @contextlib.contextmanager
+    def _adapters_held(self) -> Iterator[None]:
+        """While this task steps the engine, the heartbeat leaves the adapters alone (it syncs idle workers)."""
+        if self.handler.adapters is None:
+            yield
+            return
+        with self.handler.adapters.lock:
+            yield
 
     def adopt_orphans(self) -> None:
         """Take over the jobs of engines on this host whose process died (a killed child's successor)."""
@@ -207,6 +251,7 @@ class Driver:
             self._finish_pending()
         if now >= self.next_claim:
             self.next_claim = now + self.claim_every
+            self.sync_adapters()
             self.claim_waiting()
         if not len(self.engine):
             if done() and not self.to_finish:
@@ -298,3 +343,11 @@ class Driver:
             attempt=job.attempt,
             run_ms=round((time.perf_counter() - job.started) * 1000, 1),
         )
+
+
+def _request_of(raw: Any) -> dict[str, Any]:
+    try:
+        found = json.loads(raw)
+    except (TypeError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}

@@ -19,6 +19,7 @@ from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.engine import INTERACTIVE, Engine, Sampling, Seq
 from worker.hub_access import load_options
+from worker.lora import AdapterSet
 from worker.structured import compile_constraint
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class GenerationRequest:
             fields["parallel_tool_calls"] = self.parallel_tool_calls
         return fields
 
+    adapter: str | None = None  # a LoRA adapter of the model (its name), else the base
     echo: bool = False
     return_token_ids: bool = False
 
@@ -160,6 +162,7 @@ class ModelHandler:
         self.model: Any = None
         self.tokenizer: Any = None
         self.info: ModelInfo | None = None
+        self.adapters: AdapterSet | None = None
 
     def setup(self) -> ModelInfo:
         """Load tokenizer and model once; safe to call again (no-op)."""
@@ -195,6 +198,10 @@ class ModelHandler:
             packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
+        self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path])
+        root = self.settings.paths.models_root.expanduser()
+        for name, path in cfg.adapters.items():  # registered now, loaded when first used
+            self.adapters.register(name, str(root / path))
         log.info("model loaded: %s", asdict(self.info))
         return self.info
 
@@ -288,6 +295,7 @@ class ModelHandler:
             max_prefill_tokens=cfg["max_prefill_tokens"],
             prefix_cache_tokens=cfg["prefix_cache_tokens"],
             lean_forward=cfg["lean_forward"],
+            adapters=self.adapters,
         )
 
     def sequences(
@@ -301,6 +309,8 @@ class ModelHandler:
         resume: list[int] | None = None,
     ) -> tuple[list[Seq], int, bool]:
         """The request's samples as engine sequences; also (prompt tokens, prompt truncated)."""
+        if req.adapter is not None and (self.adapters is None or not self.adapters.known(req.adapter)):
+            raise AdapterNotFound(f"the adapter {req.adapter!r} is not loaded for this model")
         req.check_token_ids(self.vocab_size)
         prompts = req.prompts()
         n = max(1, req.n)
@@ -336,6 +346,7 @@ class ModelHandler:
                     out=list(resume or []) if len(prompts) * n == 1 else [],
                     min_tokens=req.min_tokens,
                     stop_token_ids=list(req.stop_token_ids),
+                    adapter=req.adapter,
                 )
                 seq.prompt_logprobs = req.top_logprobs if req.echo and req.logprobs else -1
                 seq.echo = echo
@@ -448,6 +459,12 @@ class ModelHandler:
         while len(engine):
             engine.step()
         return [job if isinstance(job, Exception) else self.result(*job, req) for job, req in zip(jobs, reqs)]
+
+
+class AdapterNotFound(LookupError):
+    """A request names an adapter this worker does not serve (unloaded since it was queued)."""
+
+    code = "model_not_found"
 
 
 def _resolved_revision(name: str, common: dict[str, Any]) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from qwen_deploy import registry
+from qwen_deploy.adapters import registered
 from qwen_deploy.config import Settings
 from qwen_deploy.connections import job_store, redis_client
 from qwen_deploy.keys import model_loads_key
@@ -44,6 +45,7 @@ def _record(settings: Settings, state: str, handler: ModelHandler | None) -> dic
         "state": state,
         "alias": served().alias,
         "model": asdict(info) if info else {"name": settings.model.name_or_path},
+        "adapters": list(handler.adapters.names) if handler and handler.adapters else [],
         **({"error": _load_error} if state == LOAD_FAILED and _load_error else {}),
     }
 
@@ -144,6 +146,7 @@ def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
                 if not _load(settings):
                     log.warning("next try to load the model in %g s", retry_in)
                 next_load = time.monotonic() + retry_in
+            sync_idle_adapters(settings, client)
             registry.publish(client, settings.key_prefix, name, _record(settings, _state(), _handler), ttl)
             fail_queued_jobs(settings)
             reap_if_due(store, lim.reap_interval, lim.max_deliveries, lim.hard_time_limit + lim.reap_grace)
@@ -155,6 +158,19 @@ def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
 def loaded() -> bool:
     """Whether this process loaded its model."""
     return _handler is not None
+
+
+def sync_idle_adapters(settings: Settings, client: Any) -> None:
+    """An idle worker (no task stepping its engine) loads and drops LoRA adapters loaded or unloaded at runtime
+    here; a busy one does so between steps (worker/driver.py)."""
+    adapters = _handler.adapters if _handler is not None else None
+    if adapters is None or not adapters.lock.acquire(blocking=False):
+        return
+    try:
+        busy = {s.adapter for s in _driver.engine.sequences() if s.adapter} if _driver is not None else set()
+        adapters.sync(registered(client, settings, served()), busy)
+    finally:
+        adapters.lock.release()
 
 
 def get_handler() -> ModelHandler:

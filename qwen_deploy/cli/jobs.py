@@ -186,6 +186,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.serve_as and not args.keep_lora:
+        sys.exit("qwen-deploy: --serve-as needs --keep-lora (a merged model is served from a `models` entry)")
+    if args.keep_lora and not args.queue:
+        return _export_adapter(args)
+
     def local() -> dict[str, Any]:
         from conversion import export_checkpoint
 
@@ -204,8 +209,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         "out": args.out,
         "dtype": args.dtype,
         "max_shard_size": args.max_shard_size,
+        "keep_lora": True if args.keep_lora else None,
+        "serve_as": args.serve_as,
     }
     return _model_job(args, "export", body, local)
+
+
+def _export_adapter(args: argparse.Namespace) -> int:
+    """--keep-lora: the PEFT adapter checked and written unmerged; --serve-as: then loaded on the server."""
+    from qwen_deploy.adapters import AdapterError
+    from worker.lora_export import export_adapter
+
+    out = Path(args.out).expanduser().resolve()
+    try:
+        report = export_adapter(Path(args.checkpoint).expanduser(), Path(args.base).expanduser(), out)
+    except AdapterError as exc:
+        sys.exit(f"qwen-deploy: export failed: {exc}")
+    if args.serve_as:
+        root = settings().paths.models_root.expanduser().resolve()
+        if not out.is_relative_to(root):
+            sys.exit(f"qwen-deploy: --serve-as needs --out under paths.models_root ({root}); exported to {out}")
+        body = {"lora_name": args.serve_as, "lora_path": str(out.relative_to(root))}
+        try:
+            report["served"] = client(args.url).load_adapter(body)
+        except APIError as exc:
+            sys.exit(f"qwen-deploy: exported to {out}, but the server did not load it: {exc}")
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -266,6 +296,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ex.add_argument("--out", required=True)
     ex.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     ex.add_argument("--max-shard-size", default="2GB")
+    ex.add_argument(
+        "--keep-lora",
+        action="store_true",
+        help="a PEFT adapter directory: check it against --base (shapes, logits) and write it unmerged to --out",
+    )
+    ex.add_argument(
+        "--serve-as",
+        metavar="NAME",
+        help="with --keep-lora: load the result on the server (--url; with --queue the export job does) as NAME",
+    )
     ex.add_argument(
         "--queue",
         action="store_true",

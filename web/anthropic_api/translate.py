@@ -14,7 +14,7 @@ from typing import Any
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, BadRequest
-from web.schemas import parse_job, pick_model
+from web.schemas import parse_job, public_id
 
 # Fields of a request that become job fields (request name → job name).
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop_sequences": "stop"}
@@ -235,7 +235,7 @@ def message_request(body: Any, settings: Settings, *, counting: bool = False) ->
     the job generates nothing (max_new_tokens 0: the worker only applies the chat template and tokenizes)."""
     body = _check(body)
     messages, prefill = chat(body)
-    job: dict[str, Any] = {"model": pick_model(body["model"], settings).alias, "messages": messages}
+    job: dict[str, Any] = {"model": public_id(body["model"], settings), "messages": messages}
     if prefill:
         job["continue_final_message"] = True
     limit = body.get("max_tokens")

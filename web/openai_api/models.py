@@ -8,11 +8,12 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from qwen_deploy.adapters import registered
 from qwen_deploy.served import Served, served_models
 from web.context import current_services
 from web.openai_api.shapes import Model, ModelList
 from web.openapi import doc
-from web.schemas import pick_model
+from web.schemas import pick_target
 from web.services import model_workers, workers
 
 bp = Blueprint("openai_models", __name__, url_prefix="/v1/models")
@@ -34,18 +35,30 @@ def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict
     }
 
 
+def adapter_object(name: str, base: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA adapter as vLLM lists it: its own id, `parent` the base model's id; ready when its base is."""
+    return {**base, "id": name, "default": False, "parent": base["id"]}
+
+
 @bp.get("")
 @doc(model=ModelList, tags=("openai",))
 def list_models() -> Response:
-    """Every served model, the default first (its id is what `model` should name)."""
+    """Every served model, the default first (its id is what `model` should name), each followed by its LoRA
+    adapters (`parent`: the model's id)."""
     found = workers()
-    models = served_models(current_services().settings)
-    return jsonify(object="list", data=[model_object(m.alias, m, found) for m in models])
+    svc = current_services()
+    data = []
+    for m in served_models(svc.settings):
+        base = model_object(m.alias, m, found)
+        data.append(base)
+        data.extend(adapter_object(name, base) for name in registered(svc.redis, svc.settings, m))
+    return jsonify(object="list", data=data)
 
 
 @bp.get("/<path:name>")
 @doc(model=Model, tags=("openai",))
 def get_model(name: str) -> Response:
-    """A served model by any of its names; 404 model_not_found otherwise."""
-    served = pick_model(name, current_services().settings)
-    return jsonify(model_object(name, served, workers()))
+    """A served model (or LoRA adapter) by any of its names; 404 model_not_found otherwise."""
+    served, adapter = pick_target(name, current_services().settings)
+    base = model_object(served.alias if adapter else name, served, workers())
+    return jsonify(adapter_object(adapter, base) if adapter else base)

@@ -219,7 +219,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise BadRequest("request body must be a JSON object", code="invalid_type")
     check_keys(body, KEYS)
     settings = current_services().settings
-    alias = check_model(body, settings).alias
+    alias = check_model(body, settings)
     text = body.get("text")
     if text is not None and text != {"format": {"type": "text"}}:
         raise unsupported("text", 'supports only {"format": {"type": "text"}}')

@@ -6,8 +6,8 @@ from typing import Any
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, BadRequest, ModelNotFound
-from qwen_deploy.served import Served, served_models
-from web.schemas import JobCreate, parse_job, pick_model
+from qwen_deploy.served import served_models
+from web.schemas import JobCreate, parse_job, public_id
 
 CHAT, COMPLETIONS, JOBS = "/v1/chat/completions", "/v1/completions", "/v1/jobs"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -68,12 +68,12 @@ def model_id(settings: Settings) -> str:
     return served_models(settings)[0].alias
 
 
-def check_model(body: dict[str, Any], settings: Settings) -> Served:
-    """The served model an OpenAI body names (`model` is required there)."""
+def check_model(body: dict[str, Any], settings: Settings) -> str:
+    """The id of the served model (or adapter) an OpenAI body names (`model` is required there)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("model is required (see GET /v1/models)", code="missing_field", param="model")
-    return pick_model(model, settings)
+    return public_id(model, settings)
 
 
 def _text(content: Any, where: str) -> str:
@@ -174,7 +174,7 @@ def chat_request(body: Any, settings: Settings) -> dict[str, Any]:
     """A chat.completions body → a validated job request."""
     body = _object(body)
     check_keys(body, CHAT_KEYS)
-    job: dict[str, Any] = {"model": check_model(body, settings).alias, "messages": messages(body.get("messages"))}
+    job: dict[str, Any] = {"model": check_model(body, settings), "messages": messages(body.get("messages"))}
     renames: dict[str, str] = {}
     limit = _max_tokens(body, ("max_completion_tokens", "max_tokens"), renames)
     if limit is not None:
@@ -190,7 +190,7 @@ def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
     """A completions body → a validated job request (`logprobs: k` → logprobs with k alternatives)."""
     body = _object(body)
     check_keys(body, COMPLETION_KEYS)
-    alias = check_model(body, settings).alias
+    alias = check_model(body, settings)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # one prompt in a list: the same request as the prompt alone

@@ -13,12 +13,14 @@ The scheduler (`scheduler.py`) decides who runs, the runner (`runner.py`) runs t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from qwen_deploy.adapters import AdapterError
 from worker.engine import detok
 from worker.engine.lean import lean_forward_for
 from worker.engine.prefix_cache import Prefix, prefix_cache_for, remember, row_kv
@@ -27,6 +29,9 @@ from worker.engine.sampler import RowPlan, choose
 from worker.engine.scheduler import Lane, Scheduler, by_length
 from worker.engine.scoring import prompt_scores
 from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
+from worker.lora import AdapterSet
+
+log = logging.getLogger(__name__)
 
 Groups = list[tuple[Prefix | None, list[Seq]]]  # prefill groups, each continuing one reused prefix (or none)
 SCORING_POSITIONS = 4096  # padded positions of one prefill that keeps every position's logits ([positions, vocab])
@@ -48,8 +53,10 @@ class Engine:
         max_prefill_tokens: int = 8192,
         prefix_cache_tokens: int = 0,
         lean_forward: str = "auto",
+        adapters: AdapterSet | None = None,
     ) -> None:
         self.model, self.decode_ids = model, decode_ids
+        self.adapters = adapters  # LoRA adapters per row (None: every row runs the base)
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
         self.prefix_cache = prefix_cache_for(model, prefix_cache_tokens)  # None: no prefix cache
         self.lean = lean_forward_for(model, lean_forward)  # None: transformers' own forward
@@ -107,6 +114,8 @@ class Engine:
         joining, complete = self.scheduler.admit(lane, now)
         for seq in complete:
             self._finish(seq, "length", finished)
+        if self.adapters is not None:
+            joining = self._resident(lane, joining, finished)
         if not joining:
             return
         planned = self._with_prefixes(lane, joining)
@@ -118,37 +127,83 @@ class Engine:
                     lane.push_back(rest)
                 raise
 
+    # -- LoRA hooks: which adapter each row of a forward runs ----------------------------------------
+    def _resident(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> list[Seq]:
+        """The arrivals whose adapter is resident (loaded now if needed); those whose adapter has no room
+        (every resident one in use) wait; one whose adapter does not load fails."""
+        assert self.adapters is not None
+        busy = {s.adapter for part in self.scheduler.lanes.values() for s in part.running if s.adapter}
+        ready, later = [], []
+        for seq in joining:
+            if seq.adapter is not None:
+                try:
+                    if not self.adapters.ensure(seq.adapter, busy):
+                        later.append(seq)
+                        continue
+                except AdapterError as exc:
+                    log.error("sequence %s: adapter %s: %s", seq.key, seq.adapter, exc)
+                    self._finish(seq, "error", finished)
+                    continue
+                busy.add(seq.adapter)
+            ready.append(seq)
+        if later:
+            lane.push_back(later)
+        return ready
+
+    def _bind(self, seqs: list[Seq]) -> None:
+        if self.adapters is not None:
+            self.adapters.bind([s.adapter for s in seqs])
+
+    def _ns(self, seq: Seq) -> int:
+        """The prefix cache's namespace of a sequence's adapter (-1: not resident yet, matches nothing)."""
+        if seq.adapter is None or self.adapters is None:
+            return 0
+        found = self.adapters.resident.get(seq.adapter)
+        return found.key if found is not None else -1
+
     # -- prefix cache hooks: what an arrival's prefill computes, and the prefix it starts from ------
     def _uncached(self, seq: Seq, joining: list[Seq]) -> int:
         assert self.prefix_cache is not None
         if seq.prompt_logprobs >= 0:  # scores its whole prompt: no reused prefix
             return len(seq.context())
-        return self.prefix_cache.uncached(seq.context(), joining[-1].context() if joining else None)
+        beside = joining[-1].context() if joining and joining[-1].adapter == seq.adapter else None
+        return self.prefix_cache.uncached(seq.context(), beside, self._ns(seq))
 
     def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> Groups:
         """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
-        once here); without a prefix cache, the groups by length alone. Rows that score their prompt (echo with
-        logprobs) compute every position: groups of their own, with no prefix."""
+        once here) under one adapter; without a prefix cache, the groups by length alone. Rows that score their
+        prompt (echo with logprobs) compute every position: groups of their own, with no prefix."""
         scoring: Groups = [(None, g) for g in _bounded(by_length([s for s in joining if s.prompt_logprobs >= 0]))]
         plain = [s for s in joining if s.prompt_logprobs < 0]
         if self.prefix_cache is None or not plain:
             unprefixed: Groups = [(None, g) for g in by_length(plain)]
             return unprefixed + scoring
+        by_adapter: dict[str | None, list[Seq]] = {}
+        for seq in plain:
+            by_adapter.setdefault(seq.adapter, []).append(seq)
+        parts: dict[int, tuple[Prefix | None, list[Seq]]] = {}
         try:
-            found = self.prefix_cache.prefixes([s.context() for s in plain], self._forward_prefix)
+            for adapter, seqs in by_adapter.items():
+                ns = self._ns(seqs[0])
+
+                def compute(ids: tuple[int, ...], base: Prefix | None, adapter: str | None = adapter) -> torch.Tensor:
+                    return self._forward_prefix(ids, base, adapter)
+
+                found = self.prefix_cache.prefixes([s.context() for s in seqs], compute, ns)
+                for seq, prefix in zip(seqs, found):
+                    parts.setdefault(id(prefix) if prefix else -ns - 1, (prefix, []))[1].append(seq)
         except BaseException:  # interrupted or failed: they all wait for the next step
             lane.push_back(joining)
             raise
-        parts: dict[int, tuple[Prefix | None, list[Seq]]] = {}
-        for seq, prefix in zip(plain, found):
-            parts.setdefault(id(prefix), (prefix, []))[1].append(seq)
         groups = [
             (prefix, g) for prefix, part in parts.values() for g in by_length(part, prefix.length if prefix else 0)
         ]
         return groups + scoring
 
-    def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None) -> torch.Tensor:
+    def _forward_prefix(self, ids: tuple[int, ...], base: Prefix | None, adapter: str | None = None) -> torch.Tensor:
         """The KV of a shared prefix, continuing `base`: [layers, 2, kv_heads, len(ids), head_dim]."""
+        if self.adapters is not None:
+            self.adapters.bind([adapter])
         batch, _ = prefill(self.model, [list(ids[base.length if base else 0 :])], self.pad_id, base, self.lean)
         return row_kv(batch.cache.layers, 0, 0, len(ids))
 
@@ -176,17 +231,20 @@ class Engine:
     def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
         """One left-padded forward for sequences of similar length (continuing one reused prefix), then merge
         them into the batch."""
-        unique: dict[tuple[int, ...], int] = {}
-        rows = [unique.setdefault(tuple(s.context() or [self.eos_ids[0]]), len(unique)) for s in joining]
+        unique: dict[tuple[str | None, tuple[int, ...]], int] = {}  # (adapter, prompt): one prefill row each
+        rows = [unique.setdefault((s.adapter, tuple(s.context() or [self.eos_ids[0]])), len(unique)) for s in joining]
         skip = prefix.length if prefix is not None else 0
         scoring = any(s.prompt_logprobs >= 0 for s in joining)  # (such rows are grouped apart, with no prefix)
         try:
-            prompts = [list(k) for k in unique]
+            prompts = [list(k) for _, k in unique]
+            if self.adapters is not None:
+                self.adapters.bind([a for a, _ in unique])
             group, logits = prefill(
                 self.model, [k[skip:] for k in prompts], self.pad_id, prefix, self.lean, all_logits=scoring
             )
             if self.prefix_cache is not None:  # prefix cache hook: keep the new full blocks of each prompt
-                remember(self.prefix_cache, group.cache.layers, prompts, skip)
+                # (with a prefix cache, a prefill group runs one adapter: see _with_prefixes)
+                remember(self.prefix_cache, group.cache.layers, prompts, skip, self._ns(joining[0]))
             if scoring:  # each prompt token's logprob, from this same forward
                 width = logits.shape[1]
                 for seq, row in zip(joining, rows):
@@ -220,6 +278,7 @@ class Engine:
     def _decode(self, lane: Lane, finished: list[Seq]) -> None:
         while True:
             try:
+                self._bind(lane.running)
                 logits = decode(self.model, lane.batch, self.lean)  # out of memory, the batch is as it was before
                 break
             except torch.OutOfMemoryError:

@@ -5,6 +5,9 @@ ids), so a key names its whole prefix exactly (no hash collision can hand out an
 holds its block's keys and values for every layer as one tensor [layers, 2, kv_heads, BLOCK, head_dim]. RoPE
 positions of a prefix are 0..P-1 whatever follows it, so a cached prefix is reused verbatim.
 
+Prefixes computed under a LoRA adapter differ from the base's: each adapter load has its own namespace `ns`
+(the first block's parent id is `-ns`; the base's is 0), so its blocks never match another's.
+
 A lookup reuses the longest chain of cached blocks strictly shorter than the prompt (the last prompt token is
 always computed: its logits choose the first new token). Memory holds at most `max_tokens` tokens of blocks;
 when full, the least recently used leaf goes. A chain is touched deepest first, so every node is older than its
@@ -63,12 +66,12 @@ class PrefixCache:
         """Tokens held (whole blocks); never above the bound."""
         return len(self.nodes) * self.block
 
-    def _walk(self, ids: Sequence[int], blocks: int) -> list[_Node]:
-        """The cached chain of the first `blocks` blocks of `ids` (as far as it goes)."""
+    def _walk(self, ids: Sequence[int], blocks: int, ns: int = 0) -> list[_Node]:
+        """The cached chain of the first `blocks` blocks of `ids` (as far as it goes) in namespace `ns`."""
         chain: list[_Node] = []
         b = self.block
         for i in range(blocks):
-            node = self.nodes.get((chain[-1].id if chain else 0, tuple(ids[i * b : (i + 1) * b])))
+            node = self.nodes.get((chain[-1].id if chain else -ns, tuple(ids[i * b : (i + 1) * b])))
             if node is None:
                 break
             chain.append(node)
@@ -78,13 +81,13 @@ class PrefixCache:
         for node in reversed(chain):  # ancestors end up more recent than their descendants
             self.nodes.move_to_end(node.key)
 
-    def match(self, ids: Sequence[int]) -> int:
+    def match(self, ids: Sequence[int], ns: int = 0) -> int:
         """How many leading tokens of a prompt the cache can serve (whole blocks, fewer than the prompt)."""
-        return len(self._walk(ids, (len(ids) - 1) // self.block)) * self.block
+        return len(self._walk(ids, (len(ids) - 1) // self.block, ns)) * self.block
 
-    def get(self, ids: Sequence[int]) -> Prefix | None:
+    def get(self, ids: Sequence[int], ns: int = 0) -> Prefix | None:
         """The longest cached prefix of a prompt, shorter than it (a copy), or None."""
-        chain = self._walk(ids, (len(ids) - 1) // self.block)
+        chain = self._walk(ids, (len(ids) - 1) // self.block, ns)
         if not chain:
             return None
         self._touch(chain)
@@ -92,12 +95,12 @@ class PrefixCache:
         self.hit_tokens += length
         return Prefix(tuple(ids[:length]), torch.cat([n.kv for n in chain], 3))
 
-    def put(self, ids: Sequence[int], fetch: Callable[[int, int], torch.Tensor]) -> int:
+    def put(self, ids: Sequence[int], fetch: Callable[[int, int], torch.Tensor], ns: int = 0) -> int:
         """Store the full blocks of `ids` that are missing; `fetch(start, end)` gives the KV of tokens
         [start, end) as [layers, 2, kv_heads, end - start, head_dim]. Returns the blocks stored (as many
         as fit when least recently used leaves of other prompts are evicted)."""
         blocks = min(len(ids) // self.block, self.capacity)
-        chain = self._walk(ids, blocks)
+        chain = self._walk(ids, blocks, ns)
         self._touch(chain)
         start = len(chain)
         keep = {n.key for n in chain}
@@ -110,7 +113,7 @@ class PrefixCache:
         kv = fetch(start * b, (start + count) * b)
         for i in range(start, start + count):
             parent = chain[-1] if chain else None
-            key = (parent.id if parent else 0, tuple(ids[i * b : (i + 1) * b]))
+            key = (parent.id if parent else -ns, tuple(ids[i * b : (i + 1) * b]))
             node = _Node(next(self._ids), key, kv[:, :, :, (i - start) * b : (i - start + 1) * b].clone(), parent)
             self.nodes[key] = node
             if parent is not None:
@@ -131,34 +134,37 @@ class PrefixCache:
                 return True
         return False
 
-    def uncached(self, ids: Sequence[int], beside: Sequence[int] | None = None) -> int:
+    def uncached(self, ids: Sequence[int], beside: Sequence[int] | None = None, ns: int = 0) -> int:
         """The prompt tokens a prefill computes: beyond the cached prefix, or beyond the prefix shared with
         the arrival `beside` (computed once for both)."""
         shared = _shared_blocks(ids, beside, self.block) if beside is not None else 0
-        return len(ids) - max(self.match(ids), shared)
+        return len(ids) - max(self.match(ids, ns), shared)
 
     def prefixes(
-        self, contexts: list[list[int]], compute: Callable[[tuple[int, ...], Prefix | None], torch.Tensor]
+        self,
+        contexts: list[list[int]],
+        compute: Callable[[tuple[int, ...], Prefix | None], torch.Tensor],
+        ns: int = 0,
     ) -> list[Prefix | None]:
         """The prefix each arrival's prefill starts from: the longest cached one, or one that several arrivals
         share, computed once here by `compute(ids, base)` (the KV of all of `ids`, continuing `base`) and
         stored. Arrivals given the same prefix get the same object."""
         fresh: list[Prefix] = []
-        for ids in shared_prefixes(contexts, [self.match(c) for c in contexts], self.block):
-            if len(self._walk(ids, len(ids) // self.block)) * self.block == len(ids):
+        for ids in shared_prefixes(contexts, [self.match(c, ns) for c in contexts], self.block):
+            if len(self._walk(ids, len(ids) // self.block, ns)) * self.block == len(ids):
                 continue  # a shorter shared prefix computed just now completed it
-            base = _longest(fresh, ids, self.match(ids)) or self.get(ids)
+            base = _longest(fresh, ids, self.match(ids, ns)) or self.get(ids, ns)
             kv = compute(ids, base)
-            self.put(ids, functools.partial(_columns, kv))
+            self.put(ids, functools.partial(_columns, kv), ns)
             fresh.append(Prefix(ids, kv))
         found: dict[tuple[int, ...], Prefix | None] = {}
         out: list[Prefix | None] = []
         for ctx in contexts:
-            cached = self.match(ctx)
+            cached = self.match(ctx, ns)
             mine = _longest(fresh, ctx, cached)
             if mine is None and cached:
                 key = tuple(ctx[:cached])
-                mine = found[key] if key in found else found.setdefault(key, self.get(ctx))
+                mine = found[key] if key in found else found.setdefault(key, self.get(ctx, ns))
             out.append(mine)
         return out
 
@@ -202,7 +208,7 @@ def row_kv(layers: Any, row: int, start: int, end: int) -> torch.Tensor:
     )
 
 
-def remember(cache: PrefixCache, layers: Any, prompts: list[list[int]], skip: int) -> None:
+def remember(cache: PrefixCache, layers: Any, prompts: list[list[int]], skip: int, ns: int = 0) -> None:
     """Store the full blocks of each prompt of a prefill just run: row r's cache is the shared first `skip`
     columns, padding, then the rest of its prompt right-aligned."""
     width = int(layers[0].keys.shape[-2])
@@ -216,7 +222,7 @@ def remember(cache: PrefixCache, layers: Any, prompts: list[list[int]], skip: in
                 return row_kv(layers, row, start, end)
             return torch.cat([row_kv(layers, row, start, skip), row_kv(layers, row, skip + gap, end + gap)], 3)
 
-        cache.put(ids, fetch)
+        cache.put(ids, fetch, ns)
 
 
 def sliding_window(config: Any) -> bool:

@@ -102,6 +102,7 @@ class Seq:
     _seen_upto: int = field(default=-1, repr=False)  # -1: the prompt not taken in yet
     _counts: dict[int, int] = field(default_factory=dict, repr=False)  # ids of out[:_counted] and how often
     _counted: int = field(default=0, repr=False)
+    adapter: str | None = None  # the LoRA adapter this sample runs (None: the base model)
 
     @property
     def done(self) -> bool:

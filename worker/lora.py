@@ -1,0 +1,230 @@
+"""LoRA adapters per request in the engine's step: rows of several adapters and of the base share one forward.
+
+Each adapted projection (q/k/v/o, gate/up/down) is wrapped once, whatever module is there (a plain or a packed
+bf16 `Linear`): the wrapper runs the base module, then adds `scale * B_a(A_a(x))` to the rows of each adapter
+`a` present in the batch (grouped by adapter; base rows get nothing). Which row runs which adapter is read from
+a context the engine sets before every forward (`AdapterSet.bind`), so the decoder's own forward code is
+untouched. A forward with only base rows costs one attribute check per projection.
+
+At most `max_adapters` adapters are resident (on the model's device), least recently used first out; more can
+be registered (name -> directory) and are loaded on demand when a sequence needs them. An adapter in use by a
+running or joining sequence is never evicted. Files are read with safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from qwen_deploy.adapters import AdapterError, check_base, read_adapter
+
+log = logging.getLogger(__name__)
+
+
+class LoraContext:
+    """The per-row adapter assignment of the next forward: (adapter id, row index or None for every row)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+
+
+class LoraLinear(torch.nn.Module):
+    """A projection plus the LoRA deltas of the adapters of the rows that run one."""
+
+    def __init__(self, base: torch.nn.Module, context: LoraContext) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.in_features = int(getattr(base, "in_features", 0))
+        self.out_features = int(getattr(base, "out_features", 0))
+        self.deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter id -> (A [r, in], scale * B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        ctx = self.context
+        if not ctx.groups or not self.deltas:
+            return out
+        for key, index in ctx.groups:
+            pair = self.deltas.get(key)
+            if pair is None:
+                continue
+            a, b = pair
+            if index is None:  # every row runs this adapter
+                out = out + F.linear(F.linear(x, a), b)
+                continue
+            if x.shape[0] != ctx.rows:  # rows flattened with their positions: [rows * T, in]
+                per = x.shape[0] // ctx.rows
+                index = (index[:, None] * per + torch.arange(per, device=index.device)).reshape(-1)
+            out.index_add_(0, index, F.linear(F.linear(x.index_select(0, index), a), b))
+        return out
+
+
+class Resident:
+    """A loaded adapter: its id (new at every load, so a prefix cached under an old load is never reused)."""
+
+    def __init__(self, key: int, modules: list[str], seconds: float) -> None:
+        self.key, self.modules, self.seconds = key, modules, seconds
+
+
+class AdapterSet:
+    """The adapters of one model in one process: registered ones (name -> directory), resident ones (LRU)."""
+
+    def __init__(self, model: Any, max_resident: int, base_names: Iterable[str] = ()) -> None:
+        self.model, self.max_resident = model, max(1, max_resident)
+        self.base_names = [n for n in base_names if n]
+        self.context = LoraContext()
+        self.paths: dict[str, str] = {}
+        self.resident: OrderedDict[str, Resident] = OrderedDict()
+        self.wrapped: dict[str, LoraLinear] = {}
+        self.loads = 0
+        self.names: tuple[str, ...] = ()  # the resident adapters, for other threads (the heartbeat) to read
+        # held by the thread stepping the engine; the heartbeat syncs an idle worker's adapters under it
+        self.lock = threading.RLock()
+        self._keys = itertools.count(1)
+
+    # -- registry ------------------------------------------------------------------------------------
+    def register(self, name: str, path: str) -> None:
+        """Serve `name` from `path` (a changed path drops the resident copy: the next use loads the new one)."""
+        if self.paths.get(name) not in (None, path):
+            self._evict(name)
+        self.paths[name] = path
+
+    def unregister(self, name: str) -> None:
+        """Stop serving `name`; its weights go once no sequence uses them (see `release`)."""
+        self.paths.pop(name, None)
+
+    def sync(self, wanted: dict[str, str], busy: set[str]) -> None:
+        """Make the registered set `wanted` (from config and Redis); drop resident adapters no longer
+        registered and not in use, and load new ones while there is room (eager, as `load_lora_adapter` asks)."""
+        for name in [n for n in self.paths if n not in wanted]:
+            self.unregister(name)
+        fresh = [n for n in wanted if n not in self.paths or self.paths[n] != wanted[n]]
+        for name in fresh:
+            self.register(name, wanted[name])
+        self.release(busy)
+        for name in fresh:
+            if len(self.resident) < self.max_resident:
+                try:
+                    self.ensure(name, busy)
+                except AdapterError as exc:
+                    log.error("adapter %s cannot be served: %s", name, exc)
+
+    def known(self, name: str) -> bool:
+        return name in self.paths
+
+    def release(self, busy: set[str]) -> None:
+        """Drop resident adapters that are no longer registered and that no sequence uses."""
+        for name in [n for n in self.resident if n not in self.paths and n not in busy]:
+            self._evict(name)
+
+    # -- residency -----------------------------------------------------------------------------------
+    def key(self, name: str | None) -> int:
+        """The resident adapter's id (0: the base), as the prefix cache namespaces prefixes."""
+        return 0 if name is None else self.resident[name].key
+
+    def ensure(self, name: str, busy: set[str]) -> bool:
+        """Make `name` resident (loading it, evicting the least recently used adapter not in `busy`); False
+        when every resident adapter is in use. AdapterError when it is unknown or does not load."""
+        found = self.resident.get(name)
+        if found is not None:
+            self.resident.move_to_end(name)
+            return True
+        if name not in self.paths:
+            raise AdapterError(f"the adapter {name!r} is not loaded on this worker")
+        while len(self.resident) >= self.max_resident:
+            victim = next((n for n in self.resident if n not in busy), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        self._load(name, Path(self.paths[name]))
+        return True
+
+    def _load(self, name: str, path: Path) -> None:
+        started = time.perf_counter()
+        files = read_adapter(path)
+        check_base(files, self.model.config.to_dict(), self.base_names)
+        device, dtype = self.model.device, self.model.dtype
+        targets: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
+            for m in files.modules:
+                module = self._module(m.path)
+                if (module.in_features, module.out_features) != (m.in_features, m.out_features):
+                    raise AdapterError(
+                        f"{m.path}: the adapter maps {m.in_features} -> {m.out_features}; the model's layer maps "
+                        f"{module.in_features} -> {module.out_features}"
+                    )
+                a = f.get_tensor(m.a_key).to(device=device, dtype=torch.float32)
+                b = f.get_tensor(m.b_key).to(device=device, dtype=torch.float32) * m.scale
+                targets.append((m.path, a.to(dtype).contiguous(), b.to(dtype).contiguous()))
+        key = next(self._keys)
+        for path_, a, b in targets:
+            self._wrap(path_).deltas[key] = (a, b)
+        seconds = time.perf_counter() - started
+        self.resident[name] = Resident(key, [t[0] for t in targets], seconds)
+        self.names = tuple(sorted(self.resident))
+        self.loads += 1
+        log.info("adapter %s loaded in %.3f s (%d projections)", name, seconds, len(targets))
+
+    def _module(self, path: str) -> Any:
+        """The projection at `path` (its wrapper's base when already wrapped)."""
+        if path in self.wrapped:
+            return self.wrapped[path]
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            raise AdapterError(f"{path}: no such module in the base model") from None
+        if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            raise AdapterError(f"{path} is not a linear layer in the base model")
+        return module
+
+    def _wrap(self, path: str) -> LoraLinear:
+        found = self.wrapped.get(path)
+        if found is None:
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path)
+            found = LoraLinear(getattr(parent, child), self.context)
+            setattr(parent, child, found)
+            self.wrapped[path] = found
+        return found
+
+    def _evict(self, name: str) -> None:
+        gone = self.resident.pop(name, None)
+        if gone is None:
+            return
+        for path in gone.modules:
+            self.wrapped[path].deltas.pop(gone.key, None)
+        self.names = tuple(sorted(self.resident))
+        log.info("adapter %s evicted", name)
+
+    # -- the next forward ------------------------------------------------------------------------------
+    def bind(self, names: list[str | None]) -> None:
+        """The adapter of each row of the next forward (None: the base)."""
+        ctx = self.context
+        ctx.rows = len(names)
+        if not any(names):
+            ctx.groups = []
+            return
+        first = names[0]
+        if all(n == first for n in names):
+            ctx.groups = [(self.resident[first].key, None)]  # type: ignore[index]  # `any` above: first is set
+            return
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            if name is not None:
+                rows.setdefault(name, []).append(i)
+        device = self.model.device
+        ctx.groups = [(self.resident[n].key, torch.tensor(r, device=device)) for n, r in rows.items()]
+
+    def clear(self) -> None:
+        self.context.groups = []
