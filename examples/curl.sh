@@ -82,6 +82,17 @@ echo "# downloads and exports run on the convert queue (paths are relative to th
 curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"repo_id": "Qwen/Qwen2.5-0.5B-Instruct"}' "$BASE/v1/models/downloads"; echo
 curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"checkpoint": "../outside", "base": "b", "out": "o"}' "$BASE/v1/models/exports"; echo
 
+echo "# LoRA adapters at runtime (admin key; paths relative to paths.models_root): a missing one is a 422 saying why"
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"lora_name": "mine", "lora_path": "no-such-adapter"}' "$BASE/v1/load_lora_adapter"; echo
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"lora_name": "mine"}' "$BASE/v1/unload_lora_adapter"; echo
+
+echo "# token utilities (vLLM's shapes; also /v1/tokenize, /v1/detokenize)"
+IDS=$(c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"prompt\": \"Beautiful is better than\"}" "$BASE/tokenize")
+echo "$IDS"
+c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"tokens\": $(python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens"])' <<<"$IDS")}" "$BASE/detokenize"
+c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"prompt\": \"Errors should never\"}" "$BASE/v1/tokenize"
+c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"tokens\": [1, 2]}" "$BASE/v1/detokenize"
+
 echo "# errors: always {\"error\": {type, code, message, param}}"
 curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"prompt": "x", "max_new_tokens": 513}' "$BASE/v1/jobs"; echo
 

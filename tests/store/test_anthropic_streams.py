@@ -48,11 +48,11 @@ def test_a_failed_job_ends_the_stream_with_an_error_event(app: Any) -> None:
     response = app.test_client().post("/v1/messages", json=body(app), headers=HEADERS, buffered=False)
     job_id = response.headers["X-Job-Id"]
     stream = response.response
-    first = [next(stream) for _ in range(3)]  # message_start, content_block_start, ping: written before any token
+    first = [next(stream) for _ in range(2)]  # message_start, ping: written before any token (blocks open as they come)
     with app.app_context():
         current_services().store.finish(job_id, "failed", {"error": {"code": "boom", "message": "the model broke"}})
     seen = events(first + list(stream))
-    assert [name for name, _ in seen] == ["message_start", "content_block_start", "ping", "error"]
+    assert [name for name, _ in seen] == ["message_start", "ping", "error"]
     assert seen[0][1]["message"]["id"] == "msg_" + job_id.removeprefix("job_")
     error = seen[-1][1]
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
