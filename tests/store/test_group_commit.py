@@ -111,11 +111,10 @@ def test_a_round_trip_interrupted_mid_read_never_hands_its_reply_to_the_next_cal
     script = client.register_script(ECHO)
     assert commit(script, ["out"], ["warm"]) == "warm"
 
-    class Interrupting(group_commit.Replies):
-        def next(self) -> Any:
-            raise _Interrupted
+    def interrupted(*_: Any, **__: Any) -> Any:
+        raise _Interrupted
 
-    monkeypatch.setattr(group_commit, "Replies", Interrupting)
+    monkeypatch.setattr(commit._conn, "read_response", interrupted)  # the leader's connection, made above
     with pytest.raises(_Interrupted):
         commit(script, ["out"], ["first"])  # sent, its reply left unread on the connection
     monkeypatch.undo()
