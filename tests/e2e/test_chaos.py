@@ -1,4 +1,5 @@
-"""Nothing lost, nobody in: kill things and count. Each test prints its figure (see docs/RELIABILITY.md)."""
+"""Nothing lost, nobody in: kill things and count. Each test records its figure (bench/reliability_bench.py prints
+them; see docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
