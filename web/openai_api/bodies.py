@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 
+from web.openai_api.translate import PASSED, TOOL_KEYS
 from web.schemas import JobCreate
+from web.tools import FunctionDef, FunctionName
 
 TIERS = Literal["auto", "default", "flex", "priority"]
 
@@ -59,23 +61,7 @@ class _Common(BaseModel):
     user: StrictStr | None = Field(None, description="accepted and ignored")
 
 
-SAMPLING = (
-    "temperature",
-    "top_p",
-    "n",
-    "stop",
-    "seed",
-    "top_k",
-    "repetition_penalty",
-    "ignore_eos",
-    "response_format",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "min_p",
-    "min_tokens",
-    "stop_token_ids",
-)
+SAMPLING = (*PASSED, "response_format")  # the job fields both completion routes pass under their own names
 
 
 class _ChatOwn(_Common):
@@ -99,7 +85,7 @@ ChatCompletionCreate = create_model(
     __doc__="Body of POST /v1/chat/completions (one job; `n` samples).",
     **job_fields(*SAMPLING, "logprobs", "top_logprobs", max_tokens="max_new_tokens"),
     **job_fields(max_completion_tokens="max_new_tokens"),
-    **job_fields("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"),
+    **job_fields(*TOOL_KEYS),
 )
 
 CompletionCreate = create_model(
@@ -120,19 +106,14 @@ class TextOptions(BaseModel):
     format: TextFormat
 
 
-class ResponseTool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseTool(FunctionDef):
+    """A Responses function tool: the chat route's function, flat, with its type."""
+
     type: Literal["function"]
-    name: StrictStr
-    description: StrictStr | None = None
-    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
-    strict: StrictBool | None = None
 
 
-class ResponseToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseToolChoice(FunctionName):
     type: Literal["function"]
-    name: StrictStr
 
 
 class _ResponseOwn(BaseModel):
