@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def export_checkpoint(
     started = time.monotonic()
     checkpoint, base_dir, out = Path(checkpoint).expanduser(), Path(base).expanduser(), Path(out).expanduser()
     target, max_bytes = parse_dtype(dtype), parse_size(max_shard_size)
-    _check_out(out)
+    check_out(out)
     say = _stage_reporter(progress)
     say("load", 0.0)
     base_model = load_base(base_dir)
@@ -61,10 +62,7 @@ def export_checkpoint(
         tensors, notes = prepare(ckpt, base_model, lora_alpha)
         plan = ExportPlan(tensors, target or auto_dtype(tensors, base_model))
         release.release()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the published directory
-        try:
+        with staging(out) as tmp:
             report = _write_and_check(tmp, out, plan, ckpt, base_model, max_bytes, release, say)
             report.update(
                 source={"path": str(checkpoint), "format": ckpt.format, **ckpt.details},
@@ -78,11 +76,7 @@ def export_checkpoint(
                 **notes,
                 elapsed_s=round(time.monotonic() - started, 3),
             )
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-            _publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            publish(tmp, out, report)
     finally:
         release.release()
     say("validate", 1.0)
@@ -140,13 +134,27 @@ def _write_and_check(
     }
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ConversionError(f"output {out} already exists and is not empty; choose another path", "output_exists")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished export into place (an empty ``out`` directory is replaced)."""
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A new partial directory beside ``out`` to write the export into; removed if anything fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the published directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, out: Path, report: dict[str, Any]) -> None:
+    """Save the report, then move the finished export into place (an empty ``out`` directory is replaced)."""
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     try:
         if out.is_dir():
             out.rmdir()

@@ -92,8 +92,19 @@ def _lora_part(key: str) -> tuple[str, str, str | None] | None:
     return None
 
 
-def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[dict[str, TensorRef], dict[str, Any]]:
-    """Tensors with every LoRA module folded into its base weight, and what was done."""
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module of a checkpoint: its (raw) path and the keys of A, B and the base weight."""
+
+    path: str
+    a_key: str
+    b_key: str
+    base_key: str
+    embedding: bool
+
+
+def lora_modules(tensors: dict[str, TensorRef]) -> tuple[list[LoraModule], str]:
+    """Every LoRA module of ``tensors`` (A, B and base weight found, or ConversionError) and the adapter name."""
     groups: dict[str, dict[str, str]] = {}
     adapters: set[str] = set()
     for key in tensors:
@@ -104,10 +115,7 @@ def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[d
             adapters |= {adapter} if adapter else set()
     if len(adapters) > 1:
         raise ConversionError(f"the checkpoint holds several LoRA adapters {sorted(adapters)}; export one at a time")
-    adapter = next(iter(adapters), "default")
-
-    out = dict(tensors)
-    scales = set()
+    modules = []
     for module, parts in groups.items():
         a_key = parts.get("lora_A") or parts.get("lora_embedding_A")
         b_key = parts.get("lora_B") or parts.get("lora_embedding_B")
@@ -118,17 +126,28 @@ def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[d
         base_key = next((k for k in (f"{module}.base_layer.weight", f"{module}.weight") if k in tensors), None)
         if base_key is None:
             raise ConversionError(f"{module}: LoRA tensors without a base weight ({module}.base_layer.weight)")
+        modules.append(LoraModule(module, a_key, b_key, base_key, "lora_embedding_A" in parts))
+    return modules, next(iter(adapters), "default")
+
+
+def merge_lora(tensors: dict[str, TensorRef], settings: LoraSettings) -> tuple[dict[str, TensorRef], dict[str, Any]]:
+    """Tensors with every LoRA module folded into its base weight, and what was done."""
+    modules, adapter = lora_modules(tensors)
+    out = dict(tensors)
+    scales = set()
+    for m in modules:
+        module, a_key, b_key, base_key = m.path, m.a_key, m.b_key, m.base_key
         a, b, w = tensors[a_key], tensors[b_key], tensors[base_key]
         scale = settings.scale(module, a.shape[0])
         scales.add(scale)
-        transpose = "lora_embedding_A" in parts or settings.fan_in_fan_out
+        transpose = m.embedding or settings.fan_in_fan_out
         for k in (a_key, b_key, base_key):
             del out[k]
         out[f"{module}.weight"] = TensorRef(w.shape, w.dtype, _merged_loader(module, w, a, b, scale, transpose))
 
     renamed = _peft_renames(out, adapter)
     report = {
-        "modules": len(groups),
+        "modules": len(modules),
         "adapter": adapter,
         "scale": sorted(scales),
         "alpha_from": settings.source,

@@ -93,7 +93,7 @@ def _probe(vocab: int) -> torch.Tensor:
     return (torch.arange(PROBE_TOKENS) * 7 + 3).remainder(vocab).unsqueeze(0)
 
 
-def _logits(model: Any) -> torch.Tensor:
+def probe_logits(model: Any) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         ids = _probe(model.get_input_embeddings().num_embeddings)
@@ -120,7 +120,7 @@ def source_logits(out: Path, plan: ExportPlan, base: BaseModel, release: Release
     except RuntimeError as e:
         raise ConversionError(f"the source tensors do not load strictly into {type(model).__name__}: {e}") from None
     del state
-    return _logits(model)
+    return probe_logits(model)
 
 
 def reload_logits(out: Path, plan: ExportPlan) -> tuple[dict[str, Any], torch.Tensor]:
@@ -138,7 +138,7 @@ def reload_logits(out: Path, plan: ExportPlan) -> tuple[dict[str, Any], torch.Te
     problems = {k: sorted(map(str, v))[:5] for k, v in info.items() if v}
     if problems:
         raise ConversionError(f"from_pretrained({out.name}) reported loading problems: {problems}", "reload_failed")
-    return {"ok": True, **{k: [] for k in info}}, _logits(model)
+    return {"ok": True, **{k: [] for k in info}}, probe_logits(model)
 
 
 @contextlib.contextmanager
@@ -155,8 +155,10 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def compare_logits(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
-    tol = LOGITS_TOLERANCE.get(dtype, 1e-5)
+def compare_logits(
+    got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, tol: float | None = None
+) -> dict[str, Any]:
+    tol = LOGITS_TOLERANCE.get(dtype, 1e-5) if tol is None else tol
     diff = (got - expected).abs().max().item()
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol):
         raise ConversionError(

@@ -165,13 +165,18 @@ def verl_dir(tiny: Tiny, d: Path, world_size: int) -> Path:
     d.mkdir(parents=True)
     (d / "partial").mkdir()
     mp.start_processes(_fsdp_rank, args=(world_size, tiny, d, free_port()), nprocs=world_size, start_method="fork")
+    _verl_files(tiny, d, world_size)
+    return d
+
+
+def _verl_files(tiny: Tiny, d: Path, world_size: int) -> None:
+    """What verl writes beside the rank files: fsdp_config.json and huggingface/ (config, tokenizer)."""
     (d / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}))
     hf = d / "huggingface"
     hf.mkdir()
     for f in tiny.base_dir.iterdir():
         if not f.name.endswith(".safetensors"):
             shutil.copy2(f, hf / f.name)
-    return d
 
 
 def _fsdp_rank(rank: int, world_size: int, tiny: Tiny, d: Path, port: int) -> None:
@@ -195,6 +200,40 @@ def _fsdp_rank(rank: int, world_size: int, tiny: Tiny, d: Path, port: int) -> No
         key = "model.norm.weight"
         state[key] = DTensor.from_local(state[key].to_local(), mesh, [Partial()], run_check=False)
         torch.save(state, d / "partial" / f"model_world_size_{world_size}_rank_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def verl_lora_dir(tiny: Tiny, peft: Any, d: Path, world_size: int, alpha: float | None) -> Path:
+    """A verl FSDP2 actor dir of a PEFT-wrapped model (``...base_layer.weight``, ``...lora_A.default.weight``
+    keys), from ``world_size`` forked gloo ranks; ``alpha``: the ``lora_alpha`` of the adapter_config.json
+    written beside it (verl writes 0), None: none written."""
+    import torch.multiprocessing as mp
+
+    d.mkdir(parents=True)
+    mp.start_processes(_fsdp_peft_rank, args=(world_size, peft, d, free_port()), nprocs=world_size, start_method="fork")
+    _verl_files(tiny, d, world_size)
+    if alpha is not None:
+        (d / "lora_adapter").mkdir()
+        peft.peft_config["default"].save_pretrained(d / "lora_adapter")
+        config = json.loads((d / "lora_adapter" / "adapter_config.json").read_text())
+        (d / "lora_adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+    return d
+
+
+def _fsdp_peft_rank(rank: int, world_size: int, peft: Any, d: Path, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in peft.base_model.model.model.layers:  # the forked copy of the parent's model
+            fully_shard(layer, mesh=mesh)
+        fully_shard(peft, mesh=mesh)
+        torch.save(peft.state_dict(), d / f"model_world_size_{world_size}_rank_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
