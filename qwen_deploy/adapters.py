@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_deploy.config import Settings
-from qwen_deploy.keys import adapters_key, adapters_version_key
+from qwen_deploy.keys import adapters_key, adapters_version_key, runtime_models_key
 from qwen_deploy.served import Served, served_models
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -256,8 +256,12 @@ def fitting_model(path: Path, settings: Settings, named: str | None = None) -> S
 
 
 def adapter_name_taken(client: Any, settings: Settings, name: str) -> bool:
-    """Whether `name` already selects a model or an adapter."""
-    return any(name in m.names for m in served_models(settings)) or find_adapter(client, settings, name) is not None
+    """Whether `name` already selects a model (configured or registered at runtime) or an adapter."""
+    if any(name in m.names for m in served_models(settings)):
+        return True
+    if client is not None and client.hexists(runtime_models_key(settings.key_prefix), name):
+        return True
+    return find_adapter(client, settings, name) is not None
 
 
 def find_adapter(client: Any, settings: Settings, name: str) -> Served | None:

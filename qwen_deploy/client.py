@@ -146,6 +146,19 @@ class Client:
         """POST /v1/load_lora_adapter ({"lora_name", "lora_path"}; admin key)."""
         return self._call("POST", "/v1/load_lora_adapter", json=body).json()
 
+    def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/register_model ({"model_name", "model_path"}; admin key)."""
+        return self._call("POST", "/v1/register_model", json=body).json()
+
+    def served(self, name: str) -> dict[str, Any] | None:
+        """GET /v1/models/{name}: the model or adapter `name` selects, None when it selects none."""
+        try:
+            return self._call("GET", f"/v1/models/{name}").json()
+        except APIError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def model(self) -> dict[str, Any]:
         return self._call("GET", "/v1/model").json()
 

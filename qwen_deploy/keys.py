@@ -72,6 +72,11 @@ def adapters_key(prefix: str, alias: str) -> str:
     return f"{prefix}:adapters:{alias}"
 
 
+def runtime_models_key(prefix: str) -> str:
+    """Models registered at runtime (a merged export's `serve_as`): alias -> JSON {path, registered_at, ...}."""
+    return f"{prefix}:models:runtime"
+
+
 def adapters_version_key(prefix: str) -> str:
     """Bumped on every runtime adapter load or unload: workers compare it between steps and sync."""
     return f"{prefix}:adapters:version"

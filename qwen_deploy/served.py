@@ -81,7 +81,13 @@ def default_alias(settings: Settings) -> str:
 
 
 def all_generation_queues(settings: Settings) -> set[str]:
-    return {q for m in served_models(settings) for q in m.queues}
+    """Every configured model's queues, and those of `worker.model` when it names a model registered at runtime
+    (qwen_deploy/runtime_models.py: never the default, so its queues are `interactive.ALIAS`, `bulk.ALIAS`)."""
+    found = {q for m in served_models(settings) for q in m.queues}
+    alias = settings.worker.model
+    if alias is not None and find_model(settings, alias) is None:
+        found |= set(model_queues(alias, False))
+    return found
 
 
 def for_worker(settings: Settings, consumed: set[str] | None = None) -> Served:

@@ -71,12 +71,13 @@ def _before_fork(sender: object = None, **_: object) -> None:
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if _serves_generation(current_app):
-        from qwen_deploy.served import for_worker
+        from qwen_deploy.connections import redis_client
+        from qwen_deploy.runtime_models import worker_model
         from worker.handler import ModelHandler
 
         try:
             settings = get_settings()
-            model = for_worker(settings, _consumed(current_app)).model
+            model = worker_model(settings, _consumed(current_app), redis_client(settings)).model
             ModelHandler(settings.model_copy(update={"model": model})).preload_modules()
         except Exception as exc:  # the child loads (and reports) for real
             log.warning("could not preload the model's modules: %s", exc)
@@ -89,11 +90,12 @@ def _load_model(**_: object) -> None:
     reset_after_fork()
     if not _serves_generation(current_app):
         return
-    from qwen_deploy.served import for_worker
+    from qwen_deploy.connections import redis_client
+    from qwen_deploy.runtime_models import worker_model
     from worker.runtime import init_process
 
     settings = get_settings()
-    init_process(settings, for_worker(settings, _consumed(current_app)))
+    init_process(settings, worker_model(settings, _consumed(current_app), redis_client(settings)))
 
 
 @signals.task_postrun.connect

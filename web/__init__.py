@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(job_actions.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(models.bp)
+    app.register_blueprint(models.register_bp)
     app.register_blueprint(adapters.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(stats.bp)

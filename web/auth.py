@@ -29,6 +29,8 @@ ADMIN_ROUTES = frozenset(
         ("GET", "/metrics"),
         ("POST", "/v1/load_lora_adapter"),
         ("POST", "/v1/unload_lora_adapter"),
+        ("POST", "/v1/register_model"),
+        ("POST", "/v1/unregister_model"),
     }
 )
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "localhost.localdomain")

@@ -11,7 +11,6 @@ from qwen_deploy.batches import BATCH_ID_PREFIX, TERMINAL, BatchCaps, public_bat
 from qwen_deploy.errors import AppError, Conflict, QueueFull, TooManyRequests, Unprocessable
 from qwen_deploy.job_records import new_id, strings
 from qwen_deploy.queues import BATCH_CHUNK_TASK, task_message
-from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
 from web import batch_quota
 from web.auth import current_owner
@@ -20,7 +19,7 @@ from web.context import current_services
 from web.job_options import parse_duration
 from web.openai_api.batch_files import present_lines
 from web.openapi import Batch, ResultsQuery, doc
-from web.schemas import COUNT, BatchCreate
+from web.schemas import COUNT, BatchCreate, pick_model
 from web.services import batch_store, load_batch, missing
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
@@ -64,8 +63,7 @@ def create_batch() -> Response:
         except AppError as err:
             cid = item.get("custom_id") if isinstance(item, dict) else None
             errors.append(json.dumps(line_error(line, cid, err.code, err.message, err.param)))
-    served = find_model(svc.settings, model)
-    assert served is not None  # every line's model was checked
+    served = pick_model(model, svc.settings)  # every line's model was checked
     bulk = served.bulk
     batch_id = new_id(BATCH_ID_PREFIX)
     size, lim = svc.settings.batches.micro_batch_size, svc.settings.limits

@@ -1,17 +1,20 @@
-"""Model routes: hub downloads and checkpoint exports as jobs on the convert queue."""
+"""Model routes: hub downloads and checkpoint exports as jobs on the convert queue, and models registered at
+runtime (`POST /v1/register_model`, `POST /v1/unregister_model`, admin keys; see qwen_deploy/runtime_models.py)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from qwen_deploy.adapters import adapter_name_taken
-from qwen_deploy.errors import BadRequest, Unprocessable
+from qwen_deploy.errors import Conflict, ModelNotFound, Unprocessable
 from qwen_deploy.paths import confine
 from qwen_deploy.queues import CONVERT, convert_task
+from qwen_deploy.runtime_models import check_model_dir, register_model, runtime_records, unregister_model
 from qwen_deploy.sections import ALIAS_PATTERN
 from qwen_deploy.webhooks import check_request
 from web.context import current_services
@@ -41,10 +44,41 @@ class ExportCreate(WebhookFields):
     out: StrictStr = Field(description="new directory, relative to paths.models_root")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     max_shard_size: StrictStr = Field("2GB", pattern=r"^[0-9]{1,9}(\.[0-9]{1,6})? ?[KMG]i?B$")
-    keep_lora: StrictBool = Field(False, description="a PEFT adapter directory: checked and written unmerged")
-    serve_as: StrictStr | None = Field(
-        None, pattern=ALIAS_PATTERN, description="with keep_lora: once checked, served as this adapter name"
+    keep_lora: StrictBool = Field(
+        False,
+        description="the checkpoint's LoRA written unmerged as a PEFT adapter directory (a PEFT adapter directory, "
+        "or a verl/DeepSpeed/state-dict checkpoint whose state dict holds lora_A/lora_B tensors)",
     )
+    lora_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="the LoRA alpha used in training, when the checkpoint's adapter_config.json lacks it "
+        "(verl writes 0)",
+    )
+    serve_as: StrictStr | None = Field(
+        None,
+        pattern=ALIAS_PATTERN,
+        description="once checked, served under this name: as a LoRA adapter of its base model with keep_lora, "
+        "else registered as a new model (its workers: `qwen-deploy worker --model NAME`)",
+    )
+
+
+class RegisterModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_name: StrictStr = Field(pattern=ALIAS_PATTERN, description="the model's id in `model` fields")
+    model_path: StrictStr = Field(description="a Hugging Face model directory, relative to paths.models_root")
+
+
+class UnregisterModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_name: StrictStr = Field(max_length=64)
+
+
+class RegisteredModel(BaseModel):
+    id: str
+    object: str = "model"
+    path: str = Field(description="relative to paths.models_root")
+    status: str = Field(description="registered (start its workers: qwen-deploy worker --model ID) or unregistered")
 
 
 def _submit(kind: str, req: dict[str, Any]) -> Response:
@@ -92,8 +126,46 @@ def create_export() -> Response:
     confine(paths.models_root, req["base"], "base", must_exist=True)
     confine(paths.models_root, req["out"], "out")
     if "serve_as" in req:
-        if not req.get("keep_lora"):
-            raise Unprocessable("serve_as needs keep_lora: true", code="invalid_value", param="serve_as")
-        if adapter_name_taken(current_services().redis, current_services().settings, req["serve_as"]):
-            raise BadRequest(f"the name {req['serve_as']!r} is already served", code="adapter_exists", param="serve_as")
+        _check_free(req["serve_as"], "serve_as")
     return _submit("export", req)
+
+
+def _check_free(name: str, param: str) -> None:
+    if adapter_name_taken(current_services().redis, current_services().settings, name):
+        raise Conflict(f"the name {name!r} is already served", code="model_exists", param=param)
+
+
+register_bp = Blueprint("model_registry", __name__, url_prefix="/v1")
+
+
+@register_bp.post("/register_model")
+@doc(model=RegisteredModel, json=RegisterModel, tags=("models",))
+def register() -> Response:
+    """Serve a Hugging Face model directory under a new id without a restart: requests naming it queue on its
+    own queues, served once a worker runs for it (`qwen-deploy worker --model ID`)."""
+    req = _parse(RegisterModel)
+    name, svc = req["model_name"], current_services()
+    _check_free(name, "model_name")
+    path = confine(svc.settings.paths.models_root, req["model_path"], "model_path", must_exist=True)
+    try:
+        check_model_dir(path)
+    except ValueError as exc:
+        raise Unprocessable(str(exc), code="invalid_model", param="model_path") from None
+    if not register_model(svc.redis, svc.settings, name, path, "register_model"):
+        raise Conflict(f"the name {name!r} is already served", code="model_exists", param="model_name")
+    return jsonify(id=name, object="model", path=req["model_path"], status="registered")
+
+
+@register_bp.post("/unregister_model")
+@doc(model=RegisteredModel, json=UnregisterModel, tags=("models",))
+def unregister() -> Response:
+    """Stop routing a model registered at runtime (its queued jobs stay for its workers; stop them yourself)."""
+    name = _parse(UnregisterModel)["model_name"]
+    svc = current_services()
+    found = runtime_records(svc.redis, svc.settings).get(name)
+    if found is None or not unregister_model(svc.redis, svc.settings, name):
+        raise ModelNotFound(f"no model {name!r} is registered at runtime", param="model_name")
+    root = svc.settings.paths.models_root.expanduser().resolve()
+    path = Path(found["path"])
+    shown = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+    return jsonify(id=name, object="model", path=shown, status="unregistered")

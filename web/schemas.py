@@ -24,6 +24,7 @@ from werkzeug.exceptions import ClientDisconnected
 from qwen_deploy.adapters import find_adapter
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable, UnsupportedMediaType
+from qwen_deploy.runtime_models import find_runtime
 from qwen_deploy.served import Served, find_model, served_models
 from web.context import current_services
 from web.response_format import ResponseFormat, check_response_format
@@ -247,8 +248,8 @@ def validation_error(exc: ValidationError) -> Unprocessable:
 
 
 def pick_target(name: Any, settings: Settings) -> tuple[Served, str | None]:
-    """The served model a request's `model` names (absent: the default) and the LoRA adapter it names (None:
-    the base); 404 model_not_found otherwise."""
+    """The served model a request's `model` names (absent: the default; a configured model, else an adapter, else
+    a model registered at runtime) and the LoRA adapter it names (None: the base); 404 model_not_found otherwise."""
     found = find_model(settings, name) if name is None or isinstance(name, str) else None
     if found is not None:
         return found, None
@@ -257,6 +258,9 @@ def pick_target(name: Any, settings: Settings) -> tuple[Served, str | None]:
         base = find_adapter(client, settings, name)
         if base is not None:
             return base, name
+        registered = find_runtime(client, settings, name)
+        if registered is not None:
+            return registered, None
     ids = ", ".join(repr(m.alias) for m in served_models(settings))
     raise ModelNotFound(f"the model {name!r} does not exist; this server serves {ids}", param="model")
 

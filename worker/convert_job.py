@@ -61,30 +61,68 @@ def run_export(req: dict[str, Any], settings: Settings, report: Reporter) -> dic
     checkpoint = confine(paths.checkpoints_root, req["checkpoint"], "checkpoint", must_exist=True)
     base = confine(paths.models_root, req["base"], "base", must_exist=True)
     out = confine(paths.models_root, req["out"], "out")
-    if req.get("keep_lora"):
-        return _export_adapter(checkpoint, base, out, req.get("serve_as"), settings)
+    serve_as, lora_alpha = req.get("serve_as"), req.get("lora_alpha")
     report_ = lambda stage, fraction: report({"phase": stage, "fraction": round(fraction, 4)})  # noqa: E731
-    return export_checkpoint(
+    if serve_as:
+        _check_free(serve_as, settings)  # before any work: the web tier checked it too, a while ago
+    if req.get("keep_lora"):
+        return _export_adapter(checkpoint, base, out, serve_as, settings, lora_alpha, report_)
+    result = export_checkpoint(
         checkpoint,
         base,
         out,
         dtype=req.get("dtype", "auto"),
         max_shard_size=req.get("max_shard_size", "2GB"),
         progress=report_,
+        lora_alpha=lora_alpha,
     )
+    if serve_as:
+        result["served"] = _register_model(serve_as, out, settings)
+    return result
+
+
+def _check_free(name: str, settings: Settings) -> None:
+    from qwen_deploy.adapters import adapter_name_taken
+    from qwen_deploy.connections import redis_client
+    from qwen_deploy.errors import Conflict
+
+    if adapter_name_taken(redis_client(settings), settings, name):
+        raise Conflict(f"the name {name!r} is already served", code="model_exists", param="serve_as")
+
+
+def _register_model(name: str, out: Path, settings: Settings) -> dict[str, Any]:
+    """The validated merged export registered as model `name` (qwen_deploy/runtime_models.py)."""
+    from qwen_deploy.connections import redis_client
+    from qwen_deploy.errors import Conflict
+    from qwen_deploy.runtime_models import register_model
+
+    if not register_model(redis_client(settings), settings, name, out, "export"):
+        raise Conflict(
+            f"exported to {out.name}, but the name {name!r} was taken meanwhile: register it under another "
+            "name (POST /v1/register_model)",
+            code="model_exists",
+            param="serve_as",
+        )
+    return {"id": name, "object": "model", "status": "registered", "workers": f"qwen-deploy worker --model {name}"}
 
 
 def _export_adapter(
-    checkpoint: Path, base: Path, out: Path, serve_as: str | None, settings: Settings
+    checkpoint: Path,
+    base: Path,
+    out: Path,
+    serve_as: str | None,
+    settings: Settings,
+    lora_alpha: float | None,
+    progress: Callable[[str, float], None],
 ) -> dict[str, Any]:
     """keep_lora: the adapter checked and written unmerged; serve_as: then registered for its base model."""
     from qwen_deploy.adapters import AdapterError, fitting_model, register
     from qwen_deploy.connections import redis_client
     from qwen_deploy.errors import Unprocessable
-    from worker.lora_export import export_adapter
+    from worker.lora_export import export_kept_lora
 
     try:
-        report = export_adapter(checkpoint, base, out)
+        report = export_kept_lora(checkpoint, base, out, lora_alpha, progress)
         if serve_as:
             served = fitting_model(out, settings)
             register(redis_client(settings), settings, served, serve_as, out)

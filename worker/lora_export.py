@@ -1,6 +1,8 @@
-"""A PEFT LoRA adapter exported unmerged (`qwen-deploy export --keep-lora`): checked against its base, copied
-into place, and its logits checked: the base with the adapter served per row (worker/lora.py) against the base
-with the adapter merged by hand (W + scale * B @ A), on the same prompt."""
+"""A LoRA exported unmerged (`qwen-deploy export --keep-lora`). A PEFT adapter directory is checked against its
+base, copied into place, and its logits checked: the base with the adapter served per row (worker/lora.py)
+against the base with the adapter merged by hand (W + scale * B @ A), on the same prompt. A training checkpoint
+whose state dict carries LoRA tensors (verl FSDP, DeepSpeed) is written as a PEFT adapter by the conversion
+package (conversion/keep_lora.py), which checks it with PEFT; here it must also be servable on its base."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,30 @@ from worker.lora import AdapterSet
 
 REPORT_NAME = "export_report.json"
 TOLERANCE = 1e-3  # fp32 logits: per-row deltas and a merged weight sum in another order
+
+
+def export_kept_lora(
+    checkpoint: Path,
+    base: Path,
+    out: Path,
+    lora_alpha: float | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict[str, Any]:
+    """keep_lora: a PEFT adapter directory checked and copied, or a checkpoint's LoRA tensors written as one.
+    Raises AdapterError (it cannot be served on `base`) or ConversionError (it cannot be exported)."""
+    from conversion.formats import detect_peft
+
+    if detect_peft(checkpoint) is not None:
+        return export_adapter(checkpoint, base, out)
+    from conversion.keep_lora import export_lora_adapter
+
+    def servable(adapter_dir: Path) -> None:
+        config = base_config_of(str(base))
+        if config is None:
+            raise AdapterError(f"{base} has no readable config.json")
+        check_base(read_adapter(adapter_dir), config, [str(base)])
+
+    return export_lora_adapter(checkpoint, base, out, lora_alpha=lora_alpha, check=servable, progress=progress)
 
 
 def export_adapter(checkpoint: Path, base: Path, out: Path) -> dict[str, Any]:

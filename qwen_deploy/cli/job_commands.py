@@ -1,4 +1,5 @@
-"""Commands over jobs that already exist or run in bulk: `jobs`, `status`, `watch`, `cancel`, `batch`."""
+"""Commands over jobs that already exist or run in bulk: `jobs`, `status`, `watch`, `cancel`, `batch`; and
+`model_job`, which runs a download or export here or as a convert-queue job that it follows."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qwen_deploy.cli.common import client, print_progress
-from qwen_deploy.client import Client
-from qwen_deploy.states import BATCH_TERMINAL, JOB_STATES
+from qwen_deploy.client import APIError, Client
+from qwen_deploy.states import BATCH_TERMINAL, JOB_STATES, JOB_TERMINAL
 
 URL_HELP = "the API's address (default: http://{web.host}:{web.port} from the config, http://127.0.0.1:8000)"
 
@@ -120,3 +122,30 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     bat.add_argument("--poll", type=float, default=1.0, help="seconds between progress reads (default 1)")
     bat.add_argument("--url", help=URL_HELP)
     bat.set_defaults(func=cmd_batch)
+
+
+def model_job(args: argparse.Namespace, kind: str, body: dict[str, Any], local: Callable[[], dict[str, Any]]) -> int:
+    """Run `local()` in this process, or (with --queue) submit `body` as a convert-queue job and follow it;
+    print the result as JSON."""
+    from conversion.errors import ConversionError
+
+    if args.queue:
+        api = client(args.url)
+        try:
+            job = api.submit_model_job(kind, {k: v for k, v in body.items() if v is not None})
+            while job["status"] not in JOB_TERMINAL:
+                print_progress(job["progress"])
+                job = api.get(job["id"], wait=2)
+        except APIError as exc:
+            sys.exit(f"qwen-deploy: {exc}")
+        if job["status"] != "succeeded":
+            sys.exit(f"\nqwen-deploy: {kind} {job['status']}: {job['error']['message']}")
+        result = job["output"]
+    else:
+        try:
+            result = local()
+        except ConversionError as exc:
+            sys.exit(f"\nqwen-deploy: {kind} failed ({exc.code}): {exc}")
+    print(file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -8,15 +8,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_deploy.cli.common import client, demo_env, print_progress, settings
 from qwen_deploy.cli.errors import model_load_error
+from qwen_deploy.cli.export import add_export_parser
 from qwen_deploy.cli.hub import prepare_hub_model
-from qwen_deploy.cli.job_commands import URL_HELP, follow
-from qwen_deploy.client import APIError
+from qwen_deploy.cli.job_commands import URL_HELP, follow, model_job
 from qwen_deploy.config import Settings
 from qwen_deploy.states import JOB_TERMINAL
 
@@ -143,33 +142,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_job(args: argparse.Namespace, kind: str, body: dict[str, Any], local: Callable[[], dict[str, Any]]) -> int:
-    """Run `local()` in this process, or (with --queue) submit `body` as a convert-queue job and follow it;
-    print the result as JSON."""
-    from conversion.errors import ConversionError
-
-    if args.queue:
-        api = client(args.url)
-        try:
-            job = api.submit_model_job(kind, {k: v for k, v in body.items() if v is not None})
-            while job["status"] not in TERMINAL:
-                print_progress(job["progress"])
-                job = api.get(job["id"], wait=2)
-        except APIError as exc:
-            sys.exit(f"qwen-deploy: {exc}")
-        if job["status"] != "succeeded":
-            sys.exit(f"\nqwen-deploy: {kind} {job['status']}: {job['error']['message']}")
-        result = job["output"]
-    else:
-        try:
-            result = local()
-        except ConversionError as exc:
-            sys.exit(f"\nqwen-deploy: {kind} failed ({exc.code}): {exc}")
-    print(file=sys.stderr)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
 def cmd_download(args: argparse.Namespace) -> int:
     def local() -> dict[str, Any]:
         from conversion.download import download_model
@@ -182,60 +154,7 @@ def cmd_download(args: argparse.Namespace) -> int:
             progress=print_progress,
         )
 
-    return _model_job(args, "download", {"repo_id": args.repo_id, "revision": args.revision, "out": args.out}, local)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    if args.serve_as and not args.keep_lora:
-        sys.exit("qwen-deploy: --serve-as needs --keep-lora (a merged model is served from a `models` entry)")
-    if args.keep_lora and not args.queue:
-        return _export_adapter(args)
-
-    def local() -> dict[str, Any]:
-        from conversion import export_checkpoint
-
-        return export_checkpoint(
-            Path(args.checkpoint),
-            Path(args.base),
-            Path(args.out),
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            progress=lambda stage, f: print_progress({"phase": stage, "fraction": f"{f:.2f}"}),
-        )
-
-    body = {
-        "checkpoint": args.checkpoint,
-        "base": args.base,
-        "out": args.out,
-        "dtype": args.dtype,
-        "max_shard_size": args.max_shard_size,
-        "keep_lora": True if args.keep_lora else None,
-        "serve_as": args.serve_as,
-    }
-    return _model_job(args, "export", body, local)
-
-
-def _export_adapter(args: argparse.Namespace) -> int:
-    """--keep-lora: the PEFT adapter checked and written unmerged; --serve-as: then loaded on the server."""
-    from qwen_deploy.adapters import AdapterError
-    from worker.lora_export import export_adapter
-
-    out = Path(args.out).expanduser().resolve()
-    try:
-        report = export_adapter(Path(args.checkpoint).expanduser(), Path(args.base).expanduser(), out)
-    except AdapterError as exc:
-        sys.exit(f"qwen-deploy: export failed: {exc}")
-    if args.serve_as:
-        root = settings().paths.models_root.expanduser().resolve()
-        if not out.is_relative_to(root):
-            sys.exit(f"qwen-deploy: --serve-as needs --out under paths.models_root ({root}); exported to {out}")
-        body = {"lora_name": args.serve_as, "lora_path": str(out.relative_to(root))}
-        try:
-            report["served"] = client(args.url).load_adapter(body)
-        except APIError as exc:
-            sys.exit(f"qwen-deploy: exported to {out}, but the server did not load it: {exc}")
-    print(json.dumps(report, indent=2))
-    return 0
+    return model_job(args, "download", {"repo_id": args.repo_id, "revision": args.revision, "out": args.out}, local)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -290,26 +209,4 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     dl.add_argument("--url")
     dl.set_defaults(func=cmd_download)
 
-    ex = sub.add_parser("export", help="training/RL checkpoint -> validated HF safetensors directory")
-    ex.add_argument("checkpoint")
-    ex.add_argument("--base", required=True, help="base HF model directory (config, tokenizer)")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    ex.add_argument("--max-shard-size", default="2GB")
-    ex.add_argument(
-        "--keep-lora",
-        action="store_true",
-        help="a PEFT adapter directory: check it against --base (shapes, logits) and write it unmerged to --out",
-    )
-    ex.add_argument(
-        "--serve-as",
-        metavar="NAME",
-        help="with --keep-lora: load the result on the server (--url; with --queue the export job does) as NAME",
-    )
-    ex.add_argument(
-        "--queue",
-        action="store_true",
-        help="run it as a job on the convert queue (paths relative to paths.checkpoints_root / paths.models_root)",
-    )
-    ex.add_argument("--url")
-    ex.set_defaults(func=cmd_export)
+    add_export_parser(sub)

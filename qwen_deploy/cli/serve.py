@@ -14,9 +14,9 @@ from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.load_watch import LoadWatch
 from qwen_deploy.cli.ready import ReadyWatch, home, port_in_use
 from qwen_deploy.cli.up_state import remove_state, write_state
-from qwen_deploy.config import default_cache_dir
+from qwen_deploy.config import Settings, default_cache_dir
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
-from qwen_deploy.served import served_models
+from qwen_deploy.served import Served, served_models
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -82,14 +82,31 @@ def _run_worker(queues: tuple[str, ...] | list[str], name: str, extra: dict[str,
 def cmd_worker(args: argparse.Namespace) -> NoReturn:
     """A generation worker for one model (`--model ALIAS`, default: the first) on that model's queues."""
     extra = demo_env() if args.demo else {}
-    models = served_models(settings(child_environ(extra)))
+    config = settings(child_environ(extra))
+    models = served_models(config)
     served = next((m for m in models if args.model in (None, m.alias)), None)
+    if served is None:
+        served = _registered_model(config, args.model)
     if served is None:
         sys.exit(
             f"qwen-deploy: no model with alias {args.model!r} in the config (models: "
-            f"{', '.join(m.alias for m in models)})"
+            f"{', '.join(m.alias for m in models)}) nor registered at runtime (export --serve-as)"
         )
     _run_worker(served.queues, node_name(served), {**extra, WORKER_MODEL_ENV: served.alias})
+
+
+def _registered_model(config: Settings, alias: str) -> Served | None:
+    """A model that `export --serve-as` registered under `alias` (None when none is, or Redis is unreachable)."""
+    import redis
+
+    from qwen_deploy.connections import redis_client
+    from qwen_deploy.runtime_models import find_runtime
+
+    try:
+        return find_runtime(redis_client(config), config, alias)
+    except redis.RedisError as exc:
+        print(f"qwen-deploy: could not read the models registered at runtime: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_convert_worker(args: argparse.Namespace) -> NoReturn:
@@ -136,7 +153,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.add_argument("--demo", action="store_true", help="serve the built-in demo model")
         if name == "worker":
             p.add_argument(
-                "--model", metavar="ALIAS", help="the alias (in `models:`) this worker serves; default: the first model"
+                "--model",
+                metavar="ALIAS",
+                help="the alias (in `models:`, or registered by `export --serve-as`) this worker serves; "
+                "default: the first model",
             )
         p.set_defaults(func=func)
 

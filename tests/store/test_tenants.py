@@ -127,6 +127,8 @@ def test_admin_routes_need_an_admin_key_and_probes_stay_open(http: Any) -> None:
         ("GET", "/metrics", None),
         ("POST", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "missing"}),
         ("POST", "/v1/unload_lora_adapter", {"lora_name": "a"}),
+        ("POST", "/v1/register_model", {"model_name": "m", "model_path": "missing"}),
+        ("POST", "/v1/unregister_model", {"model_name": "m"}),
     ):
         refused = http.open(path, method=method, json=body, headers=auth(K1))
         assert refused.status_code == 403 and refused.get_json()["error"]["code"] == "admin_required", path

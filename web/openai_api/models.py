@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from qwen_deploy.adapters import registered
+from qwen_deploy.runtime_models import runtime_models
 from qwen_deploy.served import Served, served_models
 from web.context import current_services
 from web.openai_api.shapes import Model, ModelList
@@ -44,7 +45,7 @@ def adapter_object(name: str, base: dict[str, Any]) -> dict[str, Any]:
 @doc(model=ModelList, tags=("openai",))
 def list_models() -> Response:
     """Every served model, the default first (its id is what `model` should name), each followed by its LoRA
-    adapters (`parent`: the model's id)."""
+    adapters (`parent`: the model's id), then the models registered at runtime (`export --serve-as`)."""
     found = workers()
     svc = current_services()
     data = []
@@ -52,6 +53,7 @@ def list_models() -> Response:
         base = model_object(m.alias, m, found)
         data.append(base)
         data.extend(adapter_object(name, base) for name in registered(svc.redis, svc.settings, m))
+    data.extend(model_object(m.alias, m, found) for m in runtime_models(svc.redis, svc.settings))
     return jsonify(object="list", data=data)
 
 

@@ -13,19 +13,18 @@ from typing import Any
 from flask import has_request_context, request
 
 from qwen_deploy.config import Settings
-from qwen_deploy.errors import NotFound, Unprocessable
+from qwen_deploy.errors import Unprocessable
 from qwen_deploy.job_records import new_job_id, public_job
 from qwen_deploy.jsontext import dumps
 from qwen_deploy.lifecycle import estimate
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
-from qwen_deploy.served import find_model
 from qwen_deploy.webhooks import check_request
 from web.auth import current_owner
 from web.context import current_services
 from web.errors import refused
 from web.job_options import JobOptions, body_options
-from web.schemas import parse_job
+from web.schemas import parse_job, pick_model
 from web.services.records import load_job
 
 log = logging.getLogger(__name__)
@@ -154,9 +153,7 @@ def submit_request(
     """Enqueue an already validated generation request (see parse_job) on its model's interactive queue."""
     settings = current_services().settings
     lim, req = settings.limits, dict(req)
-    served = find_model(settings, req.pop("model", None))
-    if served is None:  # parse_job checked it
-        raise NotFound("no such model", code="model_not_found", param="model")
+    served = pick_model(req.pop("model", None), settings)  # parse_job checked it: a configured or registered model
     return enqueue(
         "generation",
         GENERATE_TASK,
