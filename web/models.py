@@ -52,6 +52,7 @@ class ExportCreate(WebhookFields):
     lora_alpha: float | None = Field(
         None,
         gt=0,
+        strict=True,
         description="the LoRA alpha used in training, when the checkpoint's adapter_config.json lacks it "
         "(verl writes 0)",
     )

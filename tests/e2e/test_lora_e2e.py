@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from qwen_deploy.cli import main
 from tests.conftest import StackFactory
 from tests.e2e.test_cli import run_cli
 from tests.helpers import Stack, wait_until
@@ -153,11 +155,90 @@ def test_load_generate_unload(setup: dict[str, Any]) -> None:
     done = run_export(req, stack.settings, lambda progress: None)
     assert done["served"]["parent"] == base_id
     assert job_text(stack, "by-job")["output"]["text"] == expected["cfg"]
-    for body, code in [
-        ({"serve_as": "x"}, "invalid_value"),
-        ({"keep_lora": True, "serve_as": "cfg"}, "adapter_exists"),
+    for body, status, code in [
+        ({"keep_lora": True, "serve_as": "cfg"}, 409, "model_exists"),
+        ({"serve_as": "by-job"}, 409, "model_exists"),
+        ({"keep_lora": True, "lora_alpha": 0}, 422, "invalid_value"),
     ]:
         got = requests.post(
             stack.url + "/v1/models/exports", json={"checkpoint": "cfg", "base": "base", "out": "o", **body}, timeout=10
         )
-        assert got.status_code in (400, 422) and got.json()["error"]["code"] == code, got.text
+        assert got.status_code == status and got.json()["error"]["code"] == code, got.text
+
+
+def verl_lora_checkpoint(base: Path, d: Path) -> Path:
+    """A verl FSDP2 actor dir (2 gloo ranks) of a random PEFT LoRA (r 8, alpha 16) on `base`, with the
+    adapter_config.json verl writes (lora_alpha 0); the same adapter saved by PEFT in `d/peft`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.unit.conversion.layouts import Tiny, verl_lora_dir
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    peft.save_pretrained(d / "peft")
+    return verl_lora_dir(Tiny(False, base, None), peft, d / "verl" / "actor", 2, alpha=0)
+
+
+def test_verl_lora_export_served_as_adapter_and_as_model(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A verl FSDP checkpoint with LoRA weights: kept unmerged and served as an adapter, merged and served as a new
+    model (the export job; its worker started as a user starts it; the CLI's --serve-as); both answer the
+    in-process merged model's greedy text."""
+    stack, root, base = setup["stack"], setup["root"], setup["base"]
+    verl_lora_checkpoint(base, root)
+    req = GenerationRequest(prompt=PROMPT, max_new_tokens=TOKENS, ignore_eos=True)
+    expected = reference(merged(base, root / "peft"), req)
+    base_id = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+    # the LoRA kept (verl writes lora_alpha 0: the alpha is stated) and served as an adapter, by the export job
+    job = {"checkpoint": "verl", "base": "base", "out": "verl-adapter", "keep_lora": True, "lora_alpha": 16}
+    report = run_export({**job, "serve_as": "verl-lora"}, stack.settings, lambda progress: None)
+    assert (report["source"]["format"], report["source"]["world_size"], report["ranks"]) == ("verl-fsdp", 2, [8])
+    assert report["checks"]["logits_match"]["with"] == "peft" and report["served"]["parent"] == base_id
+    # merged and served as a new model; its worker started as a user starts it
+    job = {"checkpoint": "verl", "base": "base", "out": "verl-merged", "lora_alpha": 16, "serve_as": "verl-merged"}
+    done = run_export(job, stack.settings, lambda progress: None)
+    assert done["checks"]["logits_match"]["ok"] and done["served"]["status"] == "registered"
+    worker = stack.deployment.supervisor.start(
+        "worker-verl-merged",
+        [sys.executable, "-m", "qwen_deploy.cli", "worker", "--model", "verl-merged"],
+        log=stack.log_path.parent / "worker-verl-merged.log",
+    )
+    stack.others.append(worker)
+    assert job_text(stack, "verl-lora")["output"]["text"] == expected
+    # the CLI: a taken name refused before any work; a merged export registered through the API
+    argv = ["export", str(root / "verl"), "--base", str(base), "--url", stack.url, "--lora-alpha", "16"]
+    taken = run_cli([*argv, "--out", str(root / "never"), "--serve-as", "verl-lora"], env=stack.env)
+    assert taken.returncode != 0 and "already served" in taken.stderr and not (root / "never").exists()
+    for key, value in stack.env.items():  # the export itself in this process: a new one would import torch again
+        monkeypatch.setenv(key, value)
+    assert main([*argv, "--out", str(root / "verl-merged-cli"), "--serve-as", "by-cli"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["served"]["status"] == "registered" and "--model by-cli" in err
+
+    stack.wait_model_ready("verl-merged")
+    assert job_text(stack, "verl-merged")["output"]["text"] == expected
+    import openai
+
+    oai = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    done = oai.completions.create(
+        model="verl-merged", prompt=PROMPT, max_tokens=TOKENS, extra_body={"ignore_eos": True}
+    )
+    assert done.choices[0].text == expected
+    listed = {m["id"]: m for m in requests.get(stack.url + "/v1/models", timeout=10).json()["data"]}
+    assert (listed["verl-merged"]["workers"], listed["verl-merged"]["ready"]) == (1, True)
+    assert (listed["by-cli"]["workers"], listed["by-cli"]["ready"]) == (0, False)
+
+    gone = requests.post(stack.url + "/v1/unregister_model", json={"model_name": "verl-merged"}, timeout=10)
+    assert gone.status_code == 200, gone.text
+    got = requests.post(stack.url + "/v1/jobs", json={"model": "verl-merged", "prompt": "x"}, timeout=10)
+    assert got.status_code == 404 and got.json()["error"]["code"] == "model_not_found"
