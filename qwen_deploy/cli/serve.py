@@ -13,7 +13,7 @@ from qwen_deploy.cli.deployment import WEB_HOST_ENV, WORKER_MODEL_ENV, Deploymen
 from qwen_deploy.cli.launch import celery_command, worker_argv
 from qwen_deploy.cli.load_watch import LoadWatch
 from qwen_deploy.cli.ready import ReadyWatch, home, port_in_use
-from qwen_deploy.cli.up_state import remove_state, write_state
+from qwen_deploy.cli.up_state import read_state, remove_state, write_state
 from qwen_deploy.config import Settings, default_cache_dir
 from qwen_deploy.queues import CONVERT_WORKER_QUEUES
 from qwen_deploy.served import Served, served_models
@@ -80,9 +80,15 @@ def _run_worker(queues: tuple[str, ...] | list[str], name: str, extra: dict[str,
 
 
 def cmd_worker(args: argparse.Namespace) -> NoReturn:
-    """A generation worker for one model (`--model ALIAS`, default: the first) on that model's queues."""
+    """A generation worker for one model (`--model ALIAS`, default: the first, or one that `export --serve-as`
+    registered) on that model's queues; with no Redis URL set, on the Redis of the `up` running here."""
     extra = demo_env() if args.demo else {}
     config = settings(child_environ(extra))
+    running = read_state() if "redis_url" not in config.model_fields_set else None
+    if running and running.get("redis_url"):
+        print("qwen-deploy: joining the Redis of the `qwen-deploy up` running here (up.json)", file=sys.stderr)
+        extra = {**extra, "REDIS_URL": str(running["redis_url"])}
+        config = settings(child_environ(extra))
     models = served_models(config)
     served = next((m for m in models if args.model in (None, m.alias)), None)
     if served is None:

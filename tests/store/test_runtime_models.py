@@ -126,3 +126,35 @@ def test_a_worker_for_a_registered_model(server: RedisServer, root: Path) -> Non
     unknown = config.model_copy(update={"worker": config.worker.model_copy(update={"model": "nothing"})})
     with pytest.raises(ValueError, match="no model is registered at runtime under that name"):
         worker_model(unknown, None, client)
+
+
+def test_qwen_deploy_worker_for_a_registered_model_joins_up(
+    server: RedisServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qwen-deploy worker --model NAME`, in a shell without a Redis URL while `up` runs here: the worker joins
+    up's Redis and serves the registered model on its own queues."""
+    from qwen_deploy.cli import main, serve
+
+    redis.Redis.from_url(server.url).flushdb()
+    record = {"path": str(root / "exported"), "registered_at": 0, "source": "export"}
+    redis.Redis.from_url(server.url).hset("qd:models:runtime", "trained", json.dumps(record))
+    config = tmp_path / "config.yml"
+    config.write_text(f"paths: {{models_root: {root}}}\n")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("QWEN_DEPLOY_CONFIG", str(config))
+    monkeypatch.setenv("QWEN_DEPLOY_ENV_FILE", str(tmp_path / "no.env"))
+    monkeypatch.setattr(serve, "read_state", lambda: {"redis_url": server.url, "pids": {}})
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        started.append((argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(serve.os, "execve", execve)
+    with pytest.raises(SystemExit):
+        main(["worker", "--model", "trained"])
+    argv, env = started[0]
+    assert (env["REDIS_URL"], env["QWEN_DEPLOY_WORKER__MODEL"]) == (server.url, "trained")
+    assert "interactive.trained,bulk.trained" in argv and "gen-trained@%h" in " ".join(argv)
+    with pytest.raises(SystemExit, match="nor registered at runtime"):
+        main(["worker", "--model", "nothing"])
