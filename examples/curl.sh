@@ -86,6 +86,10 @@ echo "# LoRA adapters at runtime (admin key; paths relative to paths.models_root
 curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"lora_name": "mine", "lora_path": "no-such-adapter"}' "$BASE/v1/load_lora_adapter"; echo
 curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"lora_name": "mine"}' "$BASE/v1/unload_lora_adapter"; echo
 
+echo "# models registered at runtime (admin key; served once 'qwen-deploy worker --model ID' runs): not a model is a 422"
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"model_name": "mine", "model_path": "no-such-model"}' "$BASE/v1/register_model"; echo
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"model_name": "mine"}' "$BASE/v1/unregister_model"; echo
+
 echo "# token utilities (vLLM's shapes; also /v1/tokenize, /v1/detokenize)"
 IDS=$(c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"prompt\": \"Beautiful is better than\"}" "$BASE/tokenize")
 echo "$IDS"
