@@ -25,7 +25,7 @@ from web.auth import current_owner
 from web.context import current_services
 from web.errors import refused
 from web.job_options import JobOptions, body_options
-from web.schemas import parse_job
+from web.schemas import check_task, parse_job
 from web.services.records import load_job
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def submit_request(
     served = find_model(settings, req.pop("model", None))
     if served is None:  # parse_job checked it
         raise NotFound("no such model", code="model_not_found", param="model")
+    check_task(served, req)
     return enqueue(
         "generation",
         GENERATE_TASK,
