@@ -37,7 +37,7 @@ def read_pooling(read_json: Callable[[str], Any]) -> Pooling:
     if isinstance(config, dict):
         flagged = [m for m in MODES if config.get(FLAGS[m])]
         if not flagged:
-            raise ValueError(f"pooling config names none of {', '.join(FLAGS.values())}")
+            raise ValueError(f"pooling config names no supported mode ({', '.join(FLAGS.values())})")
         if len(flagged) > 1:
             raise ValueError(f"pooling config names several modes ({', '.join(flagged)}); one is supported")
         mode = flagged[0]
