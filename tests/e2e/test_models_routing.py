@@ -97,11 +97,11 @@ def test_openai_sdk_lists_every_model_and_routes_by_model(pools: Stack, local: d
     oai = openai.OpenAI(base_url=pools.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in oai.models.list().data] == ["demo", "tiny", "ghost", "embed"]
     listed = {m["id"]: m for m in requests.get(pools.url + "/v1/models", timeout=10).json()["data"]}
-    assert {k: (v["workers"], v["ready"], v["reason"]) for k, v in listed.items()} == {
-        "demo": (1, True, None),
-        "tiny": (1, True, None),
-        "ghost": (0, False, "no_worker"),
-        "embed": (1, True, None),
+    assert {k: (v["workers"], v["ready"], v["reason"], v["task"]) for k, v in listed.items()} == {
+        "demo": (1, True, None, "generate"),
+        "tiny": (1, True, None, "generate"),
+        "ghost": (0, False, "no_worker", "generate"),
+        "embed": (1, True, None, "embed"),
     }
     assert oai.models.retrieve("tiny").id == "tiny"
     messages = [{"role": "user", "content": "Errors should never"}]
