@@ -97,6 +97,9 @@ c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"tokens\": $(python3 -c 'import json
 c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"prompt\": \"Errors should never\"}" "$BASE/v1/tokenize"
 c "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"tokens\": [1, 2]}" "$BASE/v1/detokenize"
 
+echo "# embeddings: for a model served with task: embed (the demo model generates: 400 wrong_model_task)"
+curl -sS "${AUTH[@]}" "${JSON[@]}" -d "{\"model\": \"$MODEL\", \"input\": [\"Beautiful is\", \"Errors should\"]}" "$BASE/v1/embeddings"; echo
+
 echo "# errors: always {\"error\": {type, code, message, param}}"
 curl -sS "${AUTH[@]}" "${JSON[@]}" -d '{"prompt": "x", "max_new_tokens": 513}' "$BASE/v1/jobs"; echo
 

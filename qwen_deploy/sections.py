@@ -33,6 +33,24 @@ class ModelSettings(Section):
         default_factory=dict,
         description="LoRA adapters served per request: name -> PEFT directory (relative to paths.models_root)",
     )
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate: text routes; embed: /v1/embeddings only (pooled hidden states)"
+    )
+    embed_dimensions: list[int] = Field(
+        default_factory=list,
+        description="task embed: the `dimensions` a request may ask for (a Matryoshka-trained model's sizes); "
+        "empty: `dimensions` is refused",
+    )
+
+    @model_validator(mode="after")
+    def _embed_fields(self) -> ModelSettings:
+        if any(d < 1 for d in self.embed_dimensions):
+            raise ValueError("embed_dimensions: sizes of at least 1")
+        if self.embed_dimensions and self.task != "embed":
+            raise ValueError("embed_dimensions is for a model with task: embed")
+        if self.adapters and self.task == "embed":
+            raise ValueError("adapters are served for task: generate only")
+        return self
 
     @field_validator("adapters")
     @classmethod

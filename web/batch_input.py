@@ -11,8 +11,7 @@ from flask import g, request
 from qwen_deploy.errors import AppError, BadRequest, Unprocessable, UnsupportedMediaType
 from web.batch_lines import jsonl_lines, parse_lines
 from web.context import current_services
-from web.openai_api.batch_files import file_lines, line_endpoint
-from web.openai_api.translate import job_request
+from web.openai_api.batch_files import file_lines, line_endpoint, line_request
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # as OpenAI
 JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/jsonlines", "text/jsonl"})
@@ -95,7 +94,7 @@ def validate_line(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str,
         )
     if jsonl and (item.get("method", "POST") != "POST" or item.get("url", endpoint) != endpoint):
         raise Unprocessable(f"every line must be POST {endpoint}", code="invalid_url", param="url")
-    body = job_request(endpoint, item.get("body"), current_services().settings)
+    body = line_request(endpoint, item.get("body"), current_services().settings)
     return {"line": line, "custom_id": item["custom_id"], "body": body}
 
 

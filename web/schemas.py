@@ -270,6 +270,24 @@ def pick_model(name: Any, settings: Settings) -> Served:
     return pick_target(name, settings)[0]
 
 
+def check_task(served: Served, req: dict[str, Any]) -> None:
+    """400 `wrong_model_task` for an embedding request to a model that generates, or a request that generates
+    (or scores a prompt) to a model served with `task: embed`; token counts are fine on either."""
+    embed = served.model.task == "embed"
+    if req.get("embed") and not embed:
+        raise BadRequest(
+            f"the model {served.alias!r} generates text; embeddings need a model served with task: embed",
+            code="wrong_model_task",
+            param="model",
+        )
+    if embed and not req.get("embed") and (req.get("max_new_tokens") or req.get("logprobs")):
+        raise BadRequest(
+            f"the model {served.alias!r} serves embeddings only (POST /v1/embeddings); it does not generate text",
+            code="wrong_model_task",
+            param="model",
+        )
+
+
 def public_id(name: Any, settings: Settings) -> str:
     """The id a request's `model` stands for: the base model's alias, or the adapter's name."""
     served, adapter = pick_target(name, settings)

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
+from worker.embedding import embed_sequences, embedding_choices, model_pooling
 from worker.engine import INTERACTIVE, Engine, Sampling, Seq
+from worker.engine.pooling import Pooling
 from worker.hub_access import load_options
 from worker.lora import AdapterSet
 from worker.structured import compile_constraint
@@ -66,6 +68,9 @@ class GenerationRequest:
     adapter: str | None = None  # a LoRA adapter of the model (its name), else the base
     echo: bool = False
     return_token_ids: bool = False
+    embed: bool = False  # each prompt's pooled vector instead of a generation (a model with task: embed)
+    dimensions: int | None = None  # embed: the vectors' first components only (Matryoshka)
+    encoding_format: str = "float"  # embed: float | base64
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -163,6 +168,7 @@ class ModelHandler:
         self.tokenizer: Any = None
         self.info: ModelInfo | None = None
         self.adapters: AdapterSet | None = None
+        self.pooling: Pooling | None = None  # task embed: how hidden states become a vector
 
     def setup(self) -> ModelInfo:
         """Load tokenizer and model once; safe to call again (no-op)."""
@@ -179,7 +185,10 @@ class ModelHandler:
         common = {"revision": cfg.revision, "token": token, "trust_remote_code": cfg.trust_remote_code}
         common |= load_options(cfg.name_or_path, cfg.revision)  # fails at once when the hub cannot serve it
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
+        loader = AutoModel if cfg.task == "embed" else AutoModelForCausalLM  # embed: the base model, no LM head
+        model = loader.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
+        self.pooling = model_pooling(cfg.name_or_path, common) if cfg.task == "embed" else None
+        self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `to`; its stub reads it unbound
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -198,6 +207,9 @@ class ModelHandler:
             packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
+        if cfg.task == "embed":  # embeddings run no adapter, reuse no prefix and need no lean decode
+            log.info("model loaded: %s (embeddings: %s)", asdict(self.info), self.pooling)
+            return self.info
         self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path])
         root = self.settings.paths.models_root.expanduser()
         for name, path in cfg.adapters.items():  # registered now, loaded when first used
@@ -284,6 +296,8 @@ class ModelHandler:
         """A batching engine on this model (one per process; `limits` override `engine.*` settings)."""
         assert self.info is not None, "setup() first"
         cfg = {**self.settings.engine.model_dump(), **limits}
+        if self.pooling is not None:
+            cfg.update(prefix_cache_tokens=0, lean_forward="off")
         return Engine(
             self.model,
             self.decode,
@@ -313,6 +327,11 @@ class ModelHandler:
             raise AdapterNotFound(f"the adapter {req.adapter!r} is not loaded for this model")
         req.check_token_ids(self.vocab_size)
         prompts = req.prompts()
+        if req.embed != (self.pooling is not None) and (req.embed or req.max_new_tokens or req.logprobs):
+            task = "embeddings only" if self.pooling is not None else "text generation only"
+            raise InvalidRequest(f"this model serves {task} (models[].task)")
+        if req.embed:
+            return embed_sequences(self, prompts, req.dimensions, key, budget, priority, tag)
         n = max(1, req.n)
         seqs: list[Seq] = []
         prompt_tokens, truncated = 0, False
@@ -364,6 +383,10 @@ class ModelHandler:
     def result(self, seqs: list[Seq], prompt_tokens: int, truncated: bool, req: GenerationRequest) -> GenerationResult:
         """The job's result from its finished samples (choice 0 is `text`); with tools or reasoning each
         choice also holds `content`, `tool_calls` and `reasoning_content` (qwen_deploy.tool_calls)."""
+        if req.embed:
+            choices = embedding_choices(seqs, req.dimensions, req.encoding_format)
+            ended = next((s.finish_reason for s in seqs if s.finish_reason != "length"), None)  # canceled, ...
+            return GenerationResult("", ended or "length", prompt_tokens, 0, False, choices)
         split = self.reasoning(req)
         parse = split or tool_calls.mode(req.tool_fields()) != "none"
         opened = split and self._prompt_opens_think(req)
@@ -503,7 +526,7 @@ def _tail_content(message: dict[str, Any], bound: int) -> dict[str, Any]:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # a base model has none
     if eos is None:
         eos = tokenizer.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])

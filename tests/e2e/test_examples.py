@@ -35,7 +35,7 @@ def test_curl_example_covers_every_route(stack: Stack) -> None:
     assert '"status": "ready"' in text.replace('":"', '": "') or '"status":"ready"' in text
     assert "event: done" in text and "event: token" in text
     assert "ugly." in text and "pass silently." in text
-    assert "max_new_tokens_too_large" in text and "path_outside_root" in text
+    assert "max_new_tokens_too_large" in text and "path_outside_root" in text and "wrong_model_task" in text
     assert '"type": "download"' in text.replace('":"', '": "') or '"type":"download"' in text
     assert "qwen_deploy_" in text
     compact = text.replace('": "', '":"')

@@ -1,5 +1,6 @@
-"""Several models in one deployment: two worker pools (the demo model and a tiny random Qwen2, each a real
-Celery prefork worker on its own queues) on one redis-server, plus a configured model no worker serves.
+"""Several models in one deployment: three worker pools (the demo model, a tiny random Qwen2, and the same
+random model served with `task: embed`, each a real Celery prefork worker on its own queues) on one redis-server,
+plus a configured model no worker serves.
 
 Jobs, OpenAI routes and batches reach the worker of the model they name and return that model's
 one-at-a-time greedy text; /v1/models lists every model with its workers; an unknown model is a 404; the
@@ -8,6 +9,11 @@ model, echoed prompt logprobs equal an in-process forward."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
+import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,7 @@ import openai
 import pytest
 import requests
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from qwen_deploy.client import APIError, Client
 from tests.conftest import StackFactory
@@ -25,6 +32,7 @@ from worker.handler import GenerationRequest, ModelHandler
 from worker.random_model import build_random_model
 
 CAP = 3  # limits.max_queued_unserved
+EMBED_DIMENSIONS = [16, 32]  # the embed model's models[].embed_dimensions (its vectors have 64)
 PROMPTS = ["Beautiful is better than", "Errors should never", "Simple is better than"]
 
 
@@ -35,17 +43,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Pa
 
 @pytest.fixture(scope="module")
 def pools(stack_factory: StackFactory, demo_model: Path, tiny_model: Path) -> Stack:
-    models = [
+    embed = {"task": "embed", "embed_dimensions": EMBED_DIMENSIONS}
+    models: list[dict[str, Any]] = [
         {"alias": "demo", "name_or_path": str(demo_model), "threads": 1},
         {"alias": "tiny", "name_or_path": str(tiny_model), "threads": 1, "dtype": "fp32"},
-        {"alias": "ghost", "name_or_path": str(tiny_model), "threads": 1},
-    ]  # configured, never started; the random model in fp32, where batching never changes its near-tied argmax
+        {"alias": "ghost", "name_or_path": str(tiny_model), "threads": 1},  # configured, never started
+        {"alias": "embed", "name_or_path": str(tiny_model), "threads": 1, "dtype": "fp32", **embed},
+    ]  # the random model in fp32, where batching never changes its near-tied argmax
     stack = stack_factory({"models": models, "limits": {"max_queued_unserved": CAP}}, name="pools")
     stack.start_model_worker("demo")
     stack.start_model_worker("tiny")
+    stack.start_model_worker("embed")
     stack.start_web()
-    stack.wait_model_ready("demo")
-    stack.wait_model_ready("tiny")
+    for alias in ("demo", "tiny", "embed"):
+        stack.wait_model_ready(alias)
     return stack
 
 
@@ -84,12 +95,13 @@ def test_jobs_run_on_the_worker_of_their_model(pools: Stack, local: dict[str, Mo
 
 def test_openai_sdk_lists_every_model_and_routes_by_model(pools: Stack, local: dict[str, ModelHandler]) -> None:
     oai = openai.OpenAI(base_url=pools.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    assert [m.id for m in oai.models.list().data] == ["demo", "tiny", "ghost"]
+    assert [m.id for m in oai.models.list().data] == ["demo", "tiny", "ghost", "embed"]
     listed = {m["id"]: m for m in requests.get(pools.url + "/v1/models", timeout=10).json()["data"]}
-    assert {k: (v["workers"], v["ready"], v["reason"]) for k, v in listed.items()} == {
-        "demo": (1, True, None),
-        "tiny": (1, True, None),
-        "ghost": (0, False, "no_worker"),
+    assert {k: (v["workers"], v["ready"], v["reason"], v["task"]) for k, v in listed.items()} == {
+        "demo": (1, True, None, "generate"),
+        "tiny": (1, True, None, "generate"),
+        "ghost": (0, False, "no_worker", "generate"),
+        "embed": (1, True, None, "embed"),
     }
     assert oai.models.retrieve("tiny").id == "tiny"
     messages = [{"role": "user", "content": "Errors should never"}]
@@ -201,3 +213,101 @@ def test_echo_logprobs_equal_an_in_process_forward(pools: Stack, local: dict[str
         assert choice["text"] == "" and choice["echo"] == tok.decode(ids[i])
         scores = [t["logprob"] for t in choice["prompt_logprobs"]]
         assert scores[0] is None and scores[1:] == pytest.approx(expected[:-1], abs=1e-4)
+
+
+def reference_vector(tiny_model: Path, ids: list[int]) -> torch.Tensor:
+    """The documented pooling, by hand: the fp32 base model alone in this process on one unpadded input, its last
+    token's hidden state, L2-normalized (the tiny model has no sentence-transformers files)."""
+    model = _base_model(tiny_model)
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids])).last_hidden_state[0, -1].float()
+    return hidden / hidden.norm()
+
+
+@functools.cache
+def _base_model(path: Path) -> Any:
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_openai_sdk_embeddings_equal_an_in_process_forward(pools: Stack, tiny_model: Path) -> None:
+    """Texts of different lengths in one request (left padding in one batched forward), in order; the SDK's
+    default base64, floats, token ids, Matryoshka dimensions, and OpenAI's usage."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = ["Beautiful is better than ugly.", "Errors", "Errors should never pass silently.", "Now is better"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    want = [reference_vector(tiny_model, i) for i in ids]
+    oai = openai.OpenAI(base_url=pools.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    for extra in ({}, {"encoding_format": "float"}):  # the SDK asks for base64 and decodes it unless told otherwise
+        answer = oai.embeddings.create(model="embed", input=texts, **extra)  # type: ignore[arg-type]
+        assert [d.index for d in answer.data] == [0, 1, 2, 3] and answer.model == "embed"
+        for data, expected in zip(answer.data, want, strict=True):
+            assert torch.tensor(data.embedding) == pytest.approx(expected, abs=1e-5)
+        assert answer.usage.prompt_tokens == answer.usage.total_tokens == sum(map(len, ids))
+    raw = requests.post(
+        pools.url + "/v1/embeddings",
+        json={"model": "embed", "input": texts[0], "encoding_format": "base64"},
+        timeout=60,
+    ).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert torch.tensor(struct.unpack("<64f", packed)) == pytest.approx(want[0], abs=1e-5)  # little-endian float32
+    by_ids = oai.embeddings.create(model="embed", input=[ids[2], ids[0]])
+    assert torch.tensor(by_ids.data[0].embedding) == pytest.approx(want[2], abs=1e-5)
+    assert torch.tensor(by_ids.data[1].embedding) == pytest.approx(want[0], abs=1e-5)
+    one = oai.embeddings.create(model="embed", input=ids[1], dimensions=16)  # one token-id list: one input
+    short = want[1][:16] / want[1][:16].norm()
+    assert len(one.data) == 1 and torch.tensor(one.data[0].embedding) == pytest.approx(short, abs=1e-5)
+
+
+def test_embedding_and_generation_refuse_each_others_models_and_bad_input(pools: Stack) -> None:
+    oai = openai.OpenAI(base_url=pools.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    cases: list[tuple[Callable[[], Any], str, str | None]] = [
+        (lambda: oai.embeddings.create(model="tiny", input="x"), "wrong_model_task", "model"),
+        (lambda: oai.completions.create(model="embed", prompt="x", max_tokens=2), "wrong_model_task", "model"),
+        (lambda: oai.embeddings.create(model="embed", input=""), "invalid_value", "input"),
+        (lambda: oai.embeddings.create(model="embed", input=[]), "invalid_value", "input"),
+        (lambda: oai.embeddings.create(model="embed", input=["a", ""]), "invalid_value", "input.1"),
+        (lambda: oai.embeddings.create(model="embed", input=[[1, 2], [-1]]), "invalid_value", "input.1"),
+        (lambda: oai.embeddings.create(model="embed", input="x", dimensions=20), "invalid_value", "dimensions"),
+        (lambda: oai.embeddings.create(model="embed", input=[5] * 2049), "invalid_prompt", "input"),  # 2048 max
+        (lambda: oai.embeddings.create(model="embed", input=[10**6]), "invalid_prompt", "input"),  # vocabulary
+        (
+            lambda: oai.embeddings.create(model="embed", input="x", extra_body={"truncate": True}),
+            "unsupported_parameter",
+            "truncate",
+        ),
+    ]
+    for call, code, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert (err.value.code, err.value.body["param"]) == (code, param), err.value.body  # type: ignore[index]
+    job = requests.post(pools.url + "/v1/jobs", json={"prompt": "x", "model": "embed"}, timeout=10)
+    assert job.status_code == 400 and job.json()["error"]["code"] == "wrong_model_task"
+    counted = requests.post(pools.url + "/tokenize", json={"model": "embed", "prompt": "Errors"}, timeout=60)
+    assert counted.status_code == 200 and counted.json()["count"] >= 1  # token counts work on an embed model
+
+
+def test_a_batch_of_embedding_lines(pools: Stack, tiny_model: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    oai = openai.OpenAI(base_url=pools.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    inputs: list[Any] = [PROMPTS[0], PROMPTS[1:], tok(PROMPTS[2])["input_ids"]]
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "embed", "input": x}}
+        for i, x in enumerate(inputs)
+    ]
+    lines.append({**lines[0], "custom_id": "generate", "body": {"model": "tiny", "input": "x"}})
+    upload = oai.files.create(file=("in.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()), purpose="batch")
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_until(lambda: oai.batches.retrieve(batch.id).status == "completed", 60, 0.2, "the batch")
+    done = oai.batches.retrieve(batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)  # type: ignore[union-attr]
+    out = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]  # type: ignore[arg-type]
+    bodies = {x["custom_id"]: x["response"]["body"] for x in out}
+    texts = [[PROMPTS[0]], PROMPTS[1:], [PROMPTS[2]]]
+    for i, group in enumerate(texts):
+        body = bodies[f"r{i}"]
+        assert body["object"] == "list" and [d["index"] for d in body["data"]] == list(range(len(group)))
+        for data, text in zip(body["data"], group, strict=True):
+            want = reference_vector(tiny_model, tok(text)["input_ids"])
+            assert torch.tensor(data["embedding"]) == pytest.approx(want, abs=1e-5)
+    errors = [json.loads(x) for x in oai.files.content(done.error_file_id).text.splitlines()]  # type: ignore[arg-type]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("generate", "wrong_model_task")]

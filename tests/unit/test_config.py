@@ -121,3 +121,12 @@ def test_models_list_and_the_single_model_as_one_entry(no_env: dict[str, str]) -
 def test_bad_models_are_config_errors(overrides: dict[str, object], needle: str, no_env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_settings(environ=no_env, overrides=overrides)
+
+
+def test_embed_settings_are_checked_at_start(no_env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="embed_dimensions is for a model with task: embed .*key .model."):
+        load_settings(environ=no_env, overrides={"model": {"embed_dimensions": [32]}})
+    with pytest.raises(ConfigError, match="adapters are served for task: generate only"):
+        load_settings(environ=no_env, overrides={"model": {"task": "embed", "adapters": {"a": "x"}}})
+    models = [{"alias": "e", "task": "embed", "embed_dimensions": [32, 64]}]
+    assert load_settings(environ=no_env, overrides={"models": models}).models[0].embed_dimensions == [32, 64]

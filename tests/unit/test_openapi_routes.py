@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from qwen_deploy.config import load_settings
 from web import create_app
-from web.openai_api import bodies, responses, translate
+from web.openai_api import bodies, embed, responses, translate
 from web.openapi import openapi_path
 
 # Routes that are not part of the API: the document itself, its viewers, and the console's static files.
@@ -129,6 +129,7 @@ def test_token_caps_follow_the_settings_on_every_route() -> None:
         (bodies.ChatCompletionCreate, translate.CHAT_KEYS),
         (bodies.CompletionCreate, translate.COMPLETION_KEYS),
         (bodies.ResponseCreate, responses.KEYS),
+        (embed.EmbeddingCreate, embed.KEYS),
     ],
 )
 def test_documented_bodies_name_exactly_the_accepted_keys(model: type[BaseModel], keys: frozenset[str]) -> None:

@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register(app: Flask) -> None:
-    from web.openai_api import batches, completions, files, models, responses, tokenize
+    from web.openai_api import batches, completions, embeddings, files, models, responses, tokenize
 
-    for module in (completions, models, responses, files, batches, tokenize):
+    for module in (completions, models, responses, files, batches, tokenize, embeddings):
         app.register_blueprint(module.bp)

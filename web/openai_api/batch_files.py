@@ -8,19 +8,23 @@ from collections.abc import Callable
 from typing import Any
 
 from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE
+from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, NotFound, Unprocessable
 from qwen_deploy.job_records import valid_id
+from qwen_deploy.served import find_model
 from web.batch_lines import jsonl_lines, parse_lines
 from web.context import current_services
 from web.job_options import parse_duration
+from web.openai_api.embed import EMBEDDINGS, embedding_list, embedding_request
 from web.openai_api.objects import chat_completion, text_completion
-from web.openai_api.translate import CHAT, COMPLETIONS, JOBS, model_id, unsupported
+from web.openai_api.translate import CHAT, COMPLETIONS, JOBS, job_request, model_id, unsupported
+from web.schemas import check_task
 from web.services.files import file_store
 from web.services.records import owns
 from web.services.stores import batch_store
 
-ENDPOINTS = (JOBS, CHAT, COMPLETIONS)
-PRESENT = {CHAT: chat_completion, COMPLETIONS: text_completion}
+ENDPOINTS = (JOBS, CHAT, COMPLETIONS, EMBEDDINGS)
+PRESENT = {CHAT: chat_completion, COMPLETIONS: text_completion, EMBEDDINGS: embedding_list}
 KEYS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
 
 
@@ -36,6 +40,17 @@ def line_endpoint(items: list[tuple[int, Any]]) -> str:
             param="url",
         )
     return urls.pop() if urls else JOBS
+
+
+def line_request(url: str, body: Any, settings: Settings) -> dict[str, Any]:
+    """The job request of a batch line sent to `url`, on a model whose task takes it (400 `wrong_model_task`)."""
+    if url != EMBEDDINGS:
+        req = job_request(url, body, settings)
+        served = find_model(settings, req.get("model"))
+        if served is not None:
+            check_task(served, req)
+        return req
+    return embedding_request(body, settings)
 
 
 def file_lines(body: dict[str, Any]) -> tuple[list[tuple[int, Any]], Any, dict[str, str]]:

@@ -33,6 +33,7 @@ def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict
         "workers": state["live"],
         "ready": state["reason"] is None,
         "reason": state["reason"],
+        "task": served.model.task,
     }
 
 

@@ -155,6 +155,7 @@ class Model(BaseModel):
     workers: int = Field(description="live workers serving it")
     ready: bool
     reason: str | None = Field(description="why it is not ready")
+    task: Literal["generate", "embed"] = Field(description="generate: the text routes; embed: /v1/embeddings only")
 
 
 class ModelList(BaseModel):

@@ -24,7 +24,7 @@ from web.auth import current_owner
 from web.context import current_services
 from web.errors import refused
 from web.job_options import JobOptions, body_options
-from web.schemas import parse_job, pick_model
+from web.schemas import check_task, parse_job, pick_model
 from web.services.records import load_job
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def submit_request(
     settings = current_services().settings
     lim, req = settings.limits, dict(req)
     served = pick_model(req.pop("model", None), settings)  # parse_job checked it: a configured or registered model
+    check_task(served, req)
     return enqueue(
         "generation",
         GENERATE_TASK,

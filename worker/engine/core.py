@@ -24,7 +24,7 @@ from qwen_deploy.adapters import AdapterError
 from worker.engine import detok
 from worker.engine.lean import lean_forward_for
 from worker.engine.prefix_cache import Prefix, prefix_cache_for, remember, row_kv
-from worker.engine.runner import KVBatch, decode, prefill, repeat_rows
+from worker.engine.runner import KVBatch, decode, embed, prefill, repeat_rows
 from worker.engine.sampler import RowPlan, choose
 from worker.engine.scheduler import Lane, Scheduler, by_length
 from worker.engine.scoring import prompt_scores
@@ -164,7 +164,7 @@ class Engine:
     # -- prefix cache hooks: what an arrival's prefill computes, and the prefix it starts from ------
     def _uncached(self, seq: Seq, joining: list[Seq]) -> int:
         assert self.prefix_cache is not None
-        if seq.prompt_logprobs >= 0:  # scores its whole prompt: no reused prefix
+        if seq.prompt_logprobs >= 0 or seq.pooling is not None:  # its whole prompt: no reused prefix
             return len(seq.context())
         beside = joining[-1].context() if joining and joining[-1].adapter == seq.adapter else None
         return self.prefix_cache.uncached(seq.context(), beside, self._ns(seq))
@@ -172,9 +172,11 @@ class Engine:
     def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> Groups:
         """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
         once here) under one adapter; without a prefix cache, the groups by length alone. Rows that score their
-        prompt (echo with logprobs) compute every position: groups of their own, with no prefix."""
+        prompt (echo with logprobs) compute every position: groups of their own, with no prefix; so do rows that
+        embed their prompt."""
         scoring: Groups = [(None, g) for g in _bounded(by_length([s for s in joining if s.prompt_logprobs >= 0]))]
-        plain = [s for s in joining if s.prompt_logprobs < 0]
+        scoring += [(None, g) for g in by_length([s for s in joining if s.pooling is not None])]
+        plain = [s for s in joining if s.prompt_logprobs < 0 and s.pooling is None]
         if self.prefix_cache is None or not plain:
             unprefixed: Groups = [(None, g) for g in by_length(plain)]
             return unprefixed + scoring
@@ -231,6 +233,9 @@ class Engine:
     def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
         """One left-padded forward for sequences of similar length (continuing one reused prefix), then merge
         them into the batch."""
+        if joining[0].pooling is not None:  # embedding rows (grouped apart): pooled, then done
+            self._embed(lane, joining, finished)
+            return
         unique: dict[tuple[str | None, tuple[int, ...]], int] = {}  # (adapter, prompt): one prefill row each
         rows = [unique.setdefault((s.adapter, tuple(s.context() or [self.eos_ids[0]])), len(unique)) for s in joining]
         skip = prefix.length if prefix is not None else 0
@@ -274,6 +279,19 @@ class Engine:
         group.keep(kept)
         lane.batch.merge(group)
         lane.join([joining[i] for i in kept])
+
+    def _embed(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> None:
+        """One forward of the rows' prompts, no KV kept: each row's pooled vector, and the row is finished."""
+        try:
+            vectors = embed(self.model, [s.prompt for s in joining], self.pad_id, joining[0].pooling).cpu()
+        except torch.OutOfMemoryError:  # the caller shrinks the group
+            raise
+        except BaseException:  # interrupted or failed: they wait for the next step
+            lane.push_back(joining)
+            raise
+        for seq, vector in zip(joining, vectors):
+            seq.embedding = vector
+            self._finish(seq, "length", finished)
 
     def _decode(self, lane: Lane, finished: list[Seq]) -> None:
         while True:

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from worker.engine.lean import LeanForward
+from worker.engine.pooling import Pooling, pool
 from worker.engine.prefix_cache import Prefix
 
 # Positions a layer's keys and values grow by at once, per device type (0: a `torch.cat` every step, as
@@ -227,6 +228,19 @@ def prefill(
     batch.cache, batch.mask, batch.padded = cache, mask, padded
     batch.pos = torch.tensor([skip + len(p) for p in prompts], device=device)
     return batch, logits
+
+
+def embed(model: Any, prompts: list[list[int]], pad_id: int, pooling: Pooling) -> torch.Tensor:
+    """One left-padded forward of the prompts without a KV cache or logits; their pooled vectors [B, H] (float32).
+    `model` is a base model (its last hidden states), or a causal LM whose `base_model` is one."""
+    device = model.device
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    body = getattr(model, "base_model", model)
+    out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    return pool(out.last_hidden_state, mask, pooling)
 
 
 def repeat_rows(batch: KVBatch, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

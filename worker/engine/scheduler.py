@@ -141,8 +141,9 @@ class Scheduler:
             waiting.popleft()
             if seq.deadline == math.inf:  # a row pushed back to wait keeps its deadline
                 seq.deadline = now + seq.budget
-            # nothing left to do (resumed after its last token, or max_new_tokens 0) unless it scores its prompt
-            if len(seq.out) >= seq.max_new_tokens and seq.prompt_logprobs < 0:
+            # nothing left to do (resumed after its last token, or max_new_tokens 0) unless it scores or embeds
+            # its prompt
+            if len(seq.out) >= seq.max_new_tokens and seq.prompt_logprobs < 0 and seq.pooling is None:
                 complete.append(seq)
                 continue
             joining.append(seq)

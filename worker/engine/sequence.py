@@ -103,6 +103,8 @@ class Seq:
     _counts: dict[int, int] = field(default_factory=dict, repr=False)  # ids of out[:_counted] and how often
     _counted: int = field(default=0, repr=False)
     adapter: str | None = None  # the LoRA adapter this sample runs (None: the base model)
+    pooling: Any = None  # an embedding row (engine.pooling.Pooling): its prompt's pooled vector, no generation
+    embedding: Any = None  # that vector once computed ([H] float32 on the CPU)
 
     @property
     def done(self) -> bool:
