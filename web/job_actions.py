@@ -22,6 +22,7 @@ from qwen_deploy.jobs import TERMINAL
 from qwen_deploy.lifecycle import purge
 from qwen_deploy.lua import KEPT_REQUEST_BYTES
 from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
+from qwen_deploy.requests import GenerationRequest
 from web.auth import require_admin
 from web.context import current_services
 from web.job_options import JobOptions
@@ -74,7 +75,9 @@ def retry_job(job_id: str) -> Response:
     seconds = record.get("deadline_seconds")
     options = JobOptions(record.get("priority") or "normal", float(seconds) if seconds else None)
     hook = {k: record[k] for k in ("webhook", "webhook_events_filter") if record.get(k)}
-    req = {**json.loads(record["request"]), **({"model": record["model"]} if record.get("model") else {})}
+    strict = current_services().settings.generation.strict_requests
+    req = GenerationRequest.from_dict(json.loads(record["request"]), strict=strict)
+    req.model = record.get("model") or None
     job, _ = submit_request(req, None, options, retry_of=job_id, **hook)
     response = _json(job, 201)
     response.headers["Location"] = f"/v1/jobs/{job['id']}"

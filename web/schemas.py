@@ -24,6 +24,7 @@ from werkzeug.exceptions import ClientDisconnected
 from qwen_deploy.adapters import find_adapter
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable, UnsupportedMediaType
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.served import Served, find_model, served_models
 from web.context import current_services
 from web.response_format import ResponseFormat, check_response_format
@@ -303,9 +304,9 @@ def _check_prompts(prompt: Any, n: int) -> None:
         )
 
 
-def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
-    """Validate a job body against the schema and the configured caps; return the stored request, with
-    `model` the chosen model's alias (submit_request takes it out: the record keeps it as a field)."""
+def parse_job(body: Any, settings: Settings) -> GenerationRequest:
+    """Validate a job body against the schema and the configured caps; return the request to store, with
+    `model` the chosen model's alias (a job record keeps it as a field of its own, a batch line in its body)."""
     if not isinstance(body, dict):
         raise Unprocessable("request body must be a JSON object", code="invalid_type")
     try:
@@ -372,4 +373,4 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if adapter is not None:
         data["adapter"] = adapter
     check_tools(data)
-    return data
+    return GenerationRequest.from_dict(data, strict=True)  # a body field the stored request lacks: a bug

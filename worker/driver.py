@@ -31,9 +31,10 @@ from qwen_deploy.jobs import Claim, ClaimOutcome, JobStore
 from qwen_deploy.keys import adapters_version_key
 from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
+from qwen_deploy.requests import GenerationRequest, InvalidRequest
 from qwen_deploy.served import Served
 from worker.engine import Engine, Seq, stable_text
-from worker.handler import GenerationRequest, ModelHandler
+from worker.handler import ModelHandler
 from worker.running import RunningJob, holder_alive, last_deltas, other_deltas, terminal_state
 
 log = logging.getLogger(__name__)
@@ -120,19 +121,20 @@ class Driver:
         with adapters.lock:
             adapters.sync(registered(client, self.settings, self.served), busy)
 
-    def knows_adapters(self, requests: list[dict[str, Any]]) -> None:
+    def knows_adapters(self, requests: list[GenerationRequest | None]) -> None:
         """Before sequences of these requests are built: an adapter this engine does not know yet may have
         been loaded a moment ago, so look again (once)."""
         adapters = self.handler.adapters
-        names = {str(r["adapter"]) for r in requests if isinstance(r, dict) and r.get("adapter")}
+        names = {r.adapter for r in requests if r is not None and r.adapter}
         if adapters is not None and any(not adapters.known(n) for n in names):
             self.sync_adapters(force=True)
 
     def _admit(self, claims: list[Claim], taken_over: bool = False) -> None:
         budget = self.settings.limits.generation_budget
-        runs = [c for c in claims if c.outcome == "run"]
-        if runs:
-            self.knows_adapters([_request_of(c.request) for c in runs])
+        strict = self.settings.generation.strict_requests
+        parsed = {c.job_id: parse_request(c.request, strict) for c in claims if c.outcome is ClaimOutcome.RUN}
+        if parsed:
+            self.knows_adapters([r for r in parsed.values() if isinstance(r, GenerationRequest)])
         for c in claims:
             if c.outcome is not ClaimOutcome.RUN:
                 continue
@@ -140,7 +142,9 @@ class Driver:
                 drop_unacked(self.store.r, self.store.prefix, unacked_tags(self.store.r, self.store.prefix, c.job_id))
             deadline = c.deadline
             try:
-                req = GenerationRequest.from_dict(json.loads(c.request))
+                req = parsed[c.job_id]
+                if isinstance(req, Exception):
+                    raise req
                 resume = c.out_ids if c.attempt > 1 else None
                 seqs, prompt_tokens, truncated = self.handler.sequences(
                     req,
@@ -345,9 +349,15 @@ class Driver:
         )
 
 
-def _request_of(raw: Any) -> dict[str, Any]:
+def parse_request(raw: str, strict: bool = False) -> GenerationRequest | InvalidRequest:
+    """A claimed job's stored request, or why it cannot be read (the job then fails alone)."""
     try:
         found = json.loads(raw)
-    except (TypeError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    except (TypeError, ValueError) as exc:
+        return InvalidRequest(f"the stored request is not JSON: {exc}")
+    if not isinstance(found, dict):
+        return InvalidRequest("the stored request is not a JSON object")
+    try:
+        return GenerationRequest.from_dict(found, strict=strict)
+    except (InvalidRequest, TypeError) as exc:
+        return exc if isinstance(exc, InvalidRequest) else InvalidRequest(str(exc))
