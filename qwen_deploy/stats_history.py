@@ -17,7 +17,7 @@ from typing import Any
 
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import HISTOGRAM_BUCKETS
-from qwen_deploy.queues import BULK, CONVERT
+from qwen_deploy.queues import CONVERT, Lane
 
 WINDOW_SECONDS = 15 * 60
 HISTOGRAMS = ("queue_seconds", "run_seconds")
@@ -52,7 +52,7 @@ def default_queues(store: JobStore) -> dict[str, str]:
     """The charted queues: the default model's engine pending set, its bulk queue, the convert queue."""
     return {
         "interactive": store.pending_key(),
-        "bulk": store.queue_key(BULK),
+        "bulk": store.queue_key(Lane.BULK.queue),
         "convert": store.queue_key(CONVERT),
     }
 

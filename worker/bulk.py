@@ -9,9 +9,10 @@ from typing import Any
 
 from qwen_deploy.batches import BatchStore
 from qwen_deploy.logs import event
+from qwen_deploy.queues import Lane
 from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.states import LINE_EXPIRED, LINE_FINISH_ERRORS, ErrorCode, error
-from worker.engine import BULK, Seq
+from worker.engine import Seq
 from worker.handler import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class ChunkUnit:
                 if isinstance(req, Exception):
                     raise req
                 seqs, prompt_tokens, truncated = handler.sequences(
-                    req, f"{self.key}:{index}", budget=budget, priority=BULK, tag=self.key
+                    req, f"{self.key}:{index}", budget=budget, priority=Lane.BULK, tag=self.key
                 )
             except Exception as exc:  # a line this model cannot run fails alone
                 code = getattr(exc, "code", None) or ErrorCode.INVALID_REQUEST

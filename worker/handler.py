@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
+from qwen_deploy.queues import Lane
 from qwen_deploy.requests import GenerationRequest
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
-from worker.engine import INTERACTIVE, Engine, Sampling, Seq
+from worker.engine import Engine, Sampling, Seq
 from worker.hub_access import load_options
 from worker.lora import AdapterSet
 from worker.structured import compile_constraint
@@ -230,7 +231,7 @@ class ModelHandler:
         key: str,
         *,
         budget: float,
-        priority: int = INTERACTIVE,
+        priority: Lane = Lane.INTERACTIVE,
         tag: Any = None,
         resume: list[int] | None = None,
     ) -> tuple[list[Seq], int, bool]:

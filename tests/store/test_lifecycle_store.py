@@ -12,18 +12,22 @@ from qwen_deploy.errors import BadRequest
 from qwen_deploy.job_records import new_job_id
 from qwen_deploy.jobs import JobStore, SubmitResult
 from qwen_deploy.lifecycle import current, done_times_key, purge, sweep_deadlines, with_positions
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
 from tests.helpers import wait_until
 from web.job_options import parse_duration
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
 
 
 def submit_result(
     store: JobStore, prompt: str = "hi", priority: str = "normal", deadline: float | None = None
 ) -> SubmitResult:
     job_id = new_job_id()
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
     fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
-    result = store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True, priority=priority, deadline=deadline)
+    result = store.submit(
+        job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True, priority=priority, deadline=deadline
+    )
     assert result.status == "ok" and result.job_id == job_id
     return result
 
@@ -46,10 +50,18 @@ def test_claims_take_high_then_normal_then_low_fifo_within(store: JobStore) -> N
 def test_fair_queueing_puts_a_new_key_ahead_of_another_keys_backlog(store: JobStore) -> None:
     def fair(owner: str, priority: str = "normal") -> str:
         job_id = new_job_id()
-        message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+        message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
         fields = {"type": "generation", "request": json.dumps({"prompt": owner, "max_new_tokens": 64})}
         result = store.submit(
-            job_id, INTERACTIVE, message, fields, 1000, owner=owner, engine=True, priority=priority, fair_cost=0.64
+            job_id,
+            INTERACTIVE_QUEUE,
+            message,
+            fields,
+            1000,
+            owner=owner,
+            engine=True,
+            priority=priority,
+            fair_cost=0.64,
         )
         assert result.status == "ok"
         return job_id
@@ -104,8 +116,8 @@ def test_purge_ends_only_queued_jobs_of_that_queue(store: JobStore) -> None:
     running = submit(store, "r")
     store.claim("host:1", 30, 2, 1)
     queued = [submit(store, f"q{i}") for i in range(7)]
-    assert purge(store, INTERACTIVE, pending=True) == 7
-    assert purge(store, INTERACTIVE, pending=True) == 0
+    assert purge(store, INTERACTIVE_QUEUE, pending=True) == 7
+    assert purge(store, INTERACTIVE_QUEUE, pending=True) == 0
     assert store.get(running)["status"] == "running"
     for job in queued:
         record = store.get(job)
@@ -206,9 +218,9 @@ def test_an_engine_with_a_free_row_means_the_job_starts_now(store_redis: object)
 
     def submit_m(prompt: str) -> SubmitResult:
         job_id = new_job_id()
-        message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+        message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
         fields = {"type": "generation", "request": json.dumps({"prompt": prompt})}  # the default model: no field
-        return store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True)
+        return store.submit(job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True)
 
     first = submit_m("a")
     assert (first.position, first.free) == (0, 0)  # no live worker: the rate decides (60 s)

@@ -15,16 +15,19 @@ from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
 from qwen_deploy.job_records import new_job_id
 from qwen_deploy.jobs import ClaimOutcome, JobStore
-from qwen_deploy.queues import BULK, GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
 from qwen_deploy.webhook_store import WebhookStore
 from web.services.files import FileStore
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
+BULK_QUEUE = Lane.BULK.queue
 
 
 def submit(store: JobStore, prompt: str = "hi") -> str:
     job_id = new_job_id()
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
     fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
-    assert store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True).status == "ok"
+    assert store.submit(job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True).status == "ok"
     return job_id
 
 
@@ -36,7 +39,7 @@ def test_claim_runs_a_queued_job_once_and_drops_its_wake_up_message(store: JobSt
         (ClaimOutcome.RUN, first, "a", 1),
         (ClaimOutcome.RUN, second, "b", 1),
     ]  # oldest first
-    assert store.r.llen(store.queue_key(INTERACTIVE)) == 0 and store.r.zcard(store.pending_key()) == 0
+    assert store.r.llen(store.queue_key(INTERACTIVE_QUEUE)) == 0 and store.r.zcard(store.pending_key()) == 0
     assert store.r.smembers(store.held_key("host:1")) == {first, second}
     assert [c.outcome for c in store.claim("host:2", 30, 2, 1, job_id=first)] == ["busy"]
     assert [c.outcome for c in store.claim("host:1", 30, 2, 1, job_id=first)] == ["mine"]
@@ -120,7 +123,7 @@ def test_claims_are_per_model(server: RedisServer) -> None:
     store = JobStore(client, "t", ttl=600, reap_after=60, default_model="demo")
     assert store.pending_key("demo") == store.pending_key() == "t:pending:interactive"
     assert store.pending_key("tiny") == "t:pending:interactive:tiny"
-    _, a = submit_for(store, "demo", INTERACTIVE)
+    _, a = submit_for(store, "demo", INTERACTIVE_QUEUE)
     _, b = submit_for(store, "tiny", "interactive.tiny")
     assert store.r.zrange(store.pending_key("tiny"), 0, -1) == [b]
     assert [(c.outcome, c.job_id) for c in store.claim("host:1", 30, 2, 8)] == [("run", a)]  # default model
@@ -153,9 +156,11 @@ def test_two_deployments_share_one_database_by_prefix(store: JobStore) -> None:
     database never see each other's queues, pending sets or claims."""
     other = JobStore(store.r, "u", ttl=600, reap_after=60)
     mine, theirs = submit(store, "mine"), submit(other, "theirs")
-    assert store.queue_key(INTERACTIVE) == "t:interactive" and other.queue_key(INTERACTIVE) == "u:interactive"
+    assert (
+        store.queue_key(INTERACTIVE_QUEUE) == "t:interactive" and other.queue_key(INTERACTIVE_QUEUE) == "u:interactive"
+    )
     assert store.r.llen("t:interactive") == 1 and store.r.llen("u:interactive") == 1
-    assert store.r.llen(INTERACTIVE) == 0  # nothing on the unprefixed list
+    assert store.r.llen(INTERACTIVE_QUEUE) == 0  # nothing on the unprefixed list
     assert [c.job_id for c in store.claim("host:1", 30, 2, 8)] == [mine]
     assert store.r.llen("t:interactive") == 0 and store.r.llen("u:interactive") == 1  # only its own wake-up
     assert [c.job_id for c in other.claim("host:2", 30, 2, 8)] == [theirs]
@@ -178,7 +183,7 @@ def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: R
             "owner": "o",
             "webhook": "http://127.0.0.1:9/hook",
         }
-        batches.create(batch_id, fields, ['{"line": 1}'], ['{"error": {}}'], [(BULK, "{}")])
+        batches.create(batch_id, fields, ['{"line": 1}'], ['{"error": {}}'], [(BULK_QUEUE, "{}")])
         assert batches.chunk_tries(batch_id, 0) == 1 and not batches.chunk_recorded(batch_id, 0)
         assert batches.notify(batch_id)  # the batch.completed delivery
         assert hooks.claim() == [f"msg_{batch_id}_completed"]  # only its own deployment's due set
@@ -228,8 +233,8 @@ def test_submit_stores_every_field_byte_for_byte(store: JobStore) -> None:
     job_id = new_job_id()
     odd = 'é 😀 \x00 "quoted" \\back\\ \u2028 {"json": [1]} ' + "x" * 5000
     fields = {"type": "generation", "request": json.dumps({"prompt": odd}), "webhook": odd, "n": 3, "none": None}
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
-    assert store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True).status == "ok"
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
+    assert store.submit(job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True).status == "ok"
     record = store.get(job_id)
     assert record is not None
     assert record["webhook"] == odd and json.loads(record["request"]) == {"prompt": odd}
