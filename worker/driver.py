@@ -26,6 +26,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from qwen_deploy.adapters import registered
+from qwen_deploy.connections import redis_client
 from qwen_deploy.job_records import as_text
 from qwen_deploy.jobs import Claim, ClaimOutcome, JobStore
 from qwen_deploy.keys import adapters_version_key
@@ -58,6 +59,7 @@ class Driver:
         self.served = model
         self.bulk_queue = model.bulk if model else "bulk"
         self.settings = handler.settings
+        self.client = redis_client(self.settings)  # adapters' registry, this host's engines, unacked copies
         self.engine: Engine = handler.engine()
         self.jobs: dict[str, RunningJob] = {}
         self.to_finish: list[RunningJob] = []
@@ -112,7 +114,7 @@ class Driver:
         if adapters is None or self.served is None or (not force and now < self.next_adapter_sync):
             return
         self.next_adapter_sync = now + ADAPTER_SYNC_EVERY
-        client = self.store.r
+        client = self.client
         version = client.get(adapters_version_key(self.settings.key_prefix))
         if version == self.adapters_version and self.adapters_synced and not force:
             return
@@ -139,7 +141,7 @@ class Driver:
             if c.outcome is not ClaimOutcome.RUN:
                 continue
             if taken_over:  # the dead process's worker may have held the job's message unacked
-                drop_unacked(self.store.r, self.store.prefix, unacked_tags(self.store.r, self.store.prefix, c.job_id))
+                drop_unacked(self.client, self.store.prefix, unacked_tags(self.client, self.store.prefix, c.job_id))
             deadline = c.deadline
             try:
                 req = parsed[c.job_id]
@@ -213,7 +215,7 @@ class Driver:
     def adopt_orphans(self) -> None:
         """Take over the jobs of engines on this host whose process died (a killed child's successor)."""
         key = self.store.engines_key(socket.gethostname(), self.model)
-        client = self.store.r
+        client = self.client
         client.sadd(key, self.worker)
         for holder in map(as_text, client.smembers(key)):
             if holder != self.worker and not holder_alive(holder):
@@ -271,7 +273,7 @@ class Driver:
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
-        return not self.units and bool(self.store.r.llen(self.store.queue_key(self.bulk_queue)))
+        return not self.units and bool(self.store.queue_length(self.bulk_queue))
 
     def flush(self) -> None:
         """Publish partial text, renew leases, read cancel flags: one round trip for every running job."""

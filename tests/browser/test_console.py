@@ -317,14 +317,14 @@ def test_activity_charts_draw_what_the_jobs_did(browser: webdriver.Chrome, stack
     from qwen_deploy.stats_history import default_queues, record_if_due
 
     store = stack.app().extensions["qwen_deploy"].store
-    store.r.delete(store.stats_history_lock_key())
+    store.client.delete(store.stats_history_lock_key())
     record_if_due(store, 60, default_queues(store))  # a sample before the jobs (the heartbeat takes them too)
     client = stack.client()
     for round_ in range(2):  # two intervals with jobs in each: a line of two points at least
         for i in range(3):
             job = client.submit("Beautiful is better than", max_new_tokens=16, seed=round_ * 3 + i)
             assert client.wait(job["id"])["status"] == "succeeded"
-        store.r.delete(store.stats_history_lock_key())
+        store.client.delete(store.stats_history_lock_key())
         record_if_due(store, 60, default_queues(store))
     browser.get(stack.url + "/")
 

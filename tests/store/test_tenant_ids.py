@@ -68,9 +68,11 @@ def test_the_cancel_scripts_refuse_another_owner(store: JobStore) -> None:
     fields = {"type": "generation", "request": '{"prompt": "x"}'}
     assert store.submit(job, INTERACTIVE_QUEUE, message, fields, 100, owner="owner-one", engine=True).status == "ok"
     assert store.cancel(job, "owner-two") == "missing"
-    assert store.r.hget(store.key(job), "status") == "queued" and not store.r.hexists(store.key(job), "cancel")
+    assert store.client.hget(store.key(job), "status") == "queued" and not store.client.hexists(
+        store.key(job), "cancel"
+    )
     assert store.cancel(job, "owner-one") == "canceled"
-    batches = BatchStore(store.r, "t")
+    batches = BatchStore(store.client, "t")
     fields = {"id": "batch_x", "status": "in_progress", "created_at": "1", "owner": "owner-one"}
     batches.create("batch_x", fields, [], [], [])
     assert batches.cancel("batch_x", "owner-two") == "missing"
