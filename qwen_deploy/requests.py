@@ -68,22 +68,21 @@ class GenerationRequest:
     @classmethod
     def fields(cls) -> frozenset[str]:
         """The keys a stored request may hold."""
-        return frozenset(f.name for f in dataclasses.fields(cls))
+        return _FIELDS
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict: bool = False) -> GenerationRequest:
         """A stored request (or a validated body); None values count as absent. An unknown key raises
         InvalidRequest when `strict` (`generation.strict_requests`), else is logged once and ignored."""
-        names = cls.fields()
-        unknown = sorted(k for k in data if k not in names)
+        known = {k: v for k, v in data.items() if v is not None}
+        unknown = known.keys() - _FIELDS
         if unknown:
             if strict:
-                raise InvalidRequest(f"the stored request has unknown fields: {', '.join(unknown)}")
-            for key in unknown:
-                if key not in _warned:
-                    _warned.add(key)
-                    log.warning("a stored request holds the unknown field %r; ignored", key)
-        known = {k: v for k, v in data.items() if k in names and v is not None}
+                raise InvalidRequest(f"the stored request has unknown fields: {', '.join(sorted(unknown))}")
+            for key in unknown - _warned:
+                _warned.add(key)
+                log.warning("a stored request holds the unknown field %r; ignored", key)
+            known = {k: v for k, v in known.items() if k in _FIELDS}
         for name in _FLOATS:
             if name in known:  # JSON integers are fine here
                 known[name] = float(known[name])
@@ -92,14 +91,16 @@ class GenerationRequest:
     def stored(self, *, model: bool = True) -> dict[str, Any]:
         """The JSON form: `max_new_tokens` and the fields set to other than their default (`model`: keep the
         model's alias, as a batch line does; a job record keeps it as a field of its own)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name == "model" and not model):
-                continue
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if value != default or f.name == "max_new_tokens":
-                out[f.name] = value
+        values = self.__dict__
+        out = {"max_new_tokens": self.max_new_tokens}
+        for name in _OPTIONAL:
+            if values[name] is not None:
+                out[name] = values[name]
+        for name, default in _DEFAULTS:
+            if values[name] != default:
+                out[name] = values[name]
+        if not model:
+            out.pop("model", None)
         return out
 
     def prompts(self) -> list[str | list[int] | None]:
@@ -129,3 +130,13 @@ class GenerationRequest:
                 raise InvalidRequest(
                     f"{param}: token id {bad[0]} is not in this model's vocabulary (0 to {vocab_size - 1})"
                 )
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
+_OPTIONAL = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.default is None)  # absent: None
+# (name, default) of the other fields but max_new_tokens, which the stored form always holds
+_DEFAULTS = tuple(
+    (f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    for f in dataclasses.fields(GenerationRequest)
+    if f.default is not None and f.name != "max_new_tokens"
+)

@@ -373,4 +373,4 @@ def parse_job(body: Any, settings: Settings) -> GenerationRequest:
     if adapter is not None:
         data["adapter"] = adapter
     check_tools(data)
-    return GenerationRequest.from_dict(data, strict=True)  # a body field the stored request lacks: a bug
+    return GenerationRequest(**data)  # a body field the stored request lacks is a TypeError here (a bug)
