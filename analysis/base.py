@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from qwen_deploy.requests import GenerationRequest
+
 Record = dict[str, Any]
 
 
@@ -65,9 +67,8 @@ class LocalRunner:
         self.handler, self.batch_size = handler, batch_size
 
     def run(self, bodies: list[Record]) -> list[tuple[Record | None, Record | None]]:
-        from worker.handler import GenerationRequest
-
-        reqs = [GenerationRequest.from_dict(b) for b in bodies]
+        strict = self.handler.settings.generation.strict_requests
+        reqs = [GenerationRequest.from_dict(b, strict=strict) for b in bodies]
         out: list[tuple[Record | None, Record | None]] = []
         for outcome in self.handler.generate_batch(reqs, max_batch=self.batch_size):
             if isinstance(outcome, Exception):

@@ -23,10 +23,12 @@ sys.path.insert(0, str(ROOT))
 from qwen_deploy.connections import connect  # noqa: E402
 from qwen_deploy.job_records import new_job_id  # noqa: E402
 from qwen_deploy.jobs import JobStore  # noqa: E402
-from qwen_deploy.queues import INTERACTIVE  # noqa: E402
+from qwen_deploy.queues import Lane  # noqa: E402
 from tests.helpers import Stack  # noqa: E402
 from tests.sentinel_group import SentinelGroup, failover_burst  # noqa: E402
 from worker.demo_model import build_demo_model  # noqa: E402
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
 
 
 def wait_cost(url: str, n: int = 500) -> dict[str, float]:
@@ -38,7 +40,7 @@ def wait_cost(url: str, n: int = 500) -> dict[str, float]:
         times = []
         for _ in range(n):
             t = time.perf_counter()
-            store.submit(new_job_id(), INTERACTIVE + ".bench", "{}", {"request": "{}"}, 100_000)
+            store.submit(new_job_id(), INTERACTIVE_QUEUE + ".bench", "{}", {"request": "{}"}, 100_000)
             times.append((time.perf_counter() - t) * 1000)
         times.sort()
         out[f"wait{replicas}_p50_ms"] = round(statistics.median(times), 3)

@@ -41,7 +41,7 @@ def fill(store: JobStore, owner: str, count: int, queued_newest: int = 0) -> lis
     ids = [new_job_id() for _ in range(count)]
     ids.sort()
     now = time.time()
-    pipe = store.r.pipeline(transaction=False)
+    pipe = store.client.pipeline(transaction=False)
     for i, job_id in enumerate(ids):
         status = "succeeded" if i % 20 < 18 else "failed" if i % 20 == 18 else "canceled"
         queued = i >= count - queued_newest
@@ -113,7 +113,7 @@ def main() -> None:
     ids_a = fill(store, owner_of(KEY_A), args.jobs, queued_newest=50)
     fill(store, owner_of(KEY_B), 1000)
     filled = time.perf_counter() - t
-    memory = store.r.info("memory")["used_memory_human"]
+    memory = store.client.info("memory")["used_memory_human"]
     deployment.start_web("127.0.0.1", free_port(), access_log=None)
     base = deployment.wait_web(60)
     middle = ids_a[len(ids_a) // 2]

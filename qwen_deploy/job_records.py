@@ -61,32 +61,48 @@ def as_text(value: Any) -> str:
 
 
 class JobRecords(JobKeys):
-    """Reads job records and their event streams; every method is one Redis round trip."""
+    """Reads job records and their event streams, and keeps their queues and owner index; every method is one
+    Redis round trip. `client` is the Redis the records live in: the record layer's own modules
+    (`reaper`, `lifecycle`, `model_load`, `stats_history`) run their scripts on it; the layers above call
+    the methods."""
 
     def __init__(self, client: redis.Redis, prefix: str = "qd", default_model: str = "") -> None:
         super().__init__(prefix, default_model)
-        self.r = client
+        self.client = client
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting on a Celery queue."""
+        return int(self.client.llen(self.queue_key(queue)))
+
+    def push_message(self, queue: str, message: str) -> None:
+        """Put a job's message back at the end of its queue (the worker pops the other end)."""
+        self.client.lpush(self.queue_key(queue), message)
+
+    def forget_owned(self, owner: str, job_ids: list[str]) -> None:
+        """Drop ids of expired records from the owner's job index."""
+        if job_ids:
+            self.client.zrem(self.index_key(owner), *job_ids)
 
     def owned_ids(self, owner: str, after: str | None, count: int) -> list[str]:
         """Up to `count` of the owner's job ids, newest first, older than `after` when given."""
         top = f"({after}" if after else "+"
-        return [as_text(i) for i in self.r.zrevrangebylex(self.index_key(owner), top, "-", 0, count)]
+        return [as_text(i) for i in self.client.zrevrangebylex(self.index_key(owner), top, "-", 0, count)]
 
     def get_many(self, job_ids: list[str]) -> list[dict[str, str] | None]:
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.key(job_id))
         return [{as_text(k): as_text(v) for k, v in raw.items()} or None for raw in pipe.execute()]
 
     def get(self, job_id: str) -> dict[str, str] | None:
-        raw = self.r.hgetall(self.key(job_id))
+        raw = self.client.hgetall(self.key(job_id))
         return {as_text(k): as_text(v) for k, v in raw.items()} or None
 
     def read_events(self, job_id: str, last_id: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """Events after last_id, waiting up to block_ms for the first one."""
         reply = cast(
             list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,  # XREAD: [(stream, entries)]
-            self.r.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256),
+            self.client.xread({self.events_key(job_id): last_id}, block=max(block_ms, 1), count=256),
         )
         if not reply:
             return []

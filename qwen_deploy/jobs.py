@@ -206,7 +206,7 @@ class JobStore(JobRecords):
     def replicated(self) -> int:
         """WAIT until `wait_replicas` replicas have the writes so far (or `wait_ms` passed); how many did.
         Fewer is logged, not refused: the job is accepted on the master (see docs/RELIABILITY.md)."""
-        acked = int(self.r.wait(self.wait_replicas, self.wait_ms))
+        acked = int(self.client.wait(self.wait_replicas, self.wait_ms))
         if acked < self.wait_replicas:
             log.warning("submit: %d of %d replicas acknowledged within %d ms", acked, self.wait_replicas, self.wait_ms)
         return acked
@@ -288,7 +288,7 @@ class JobStore(JobRecords):
         return [Claim.parse(reply) for reply in replies]
 
     def progress_pipeline(self) -> Any:
-        return self.r.pipeline(transaction=False)
+        return self.client.pipeline(transaction=False)
 
     def queue_progress(
         self,
@@ -321,7 +321,7 @@ class JobStore(JobRecords):
 
     def report(self, job_id: str, progress: dict[str, Any]) -> bool:
         """Publish the progress of a non-generation job; return True when cancellation was requested."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.key(job_id), "progress", json.dumps(progress))
         pipe.xadd(self.events_key(job_id), {"type": "progress", "progress": json.dumps(progress)})
         pipe.hget(self.key(job_id), "cancel")

@@ -38,7 +38,7 @@ def _keys(store: JobStore) -> list[str]:
 
 def sweep_deadlines(store: JobStore, job_ids: list[str] | None = None, limit: int = 500) -> list[str]:
     """Close the queued jobs past their deadline (all due ones, or only `job_ids`); flag running ones."""
-    closed = store.r.register_script(script("deadline"))(
+    closed = store.client.register_script(script("deadline"))(
         keys=_keys(store), args=[store.prefix, repr(time.time()), store.ttl, limit, *(job_ids or [])]
     )
     return [as_text(i) for i in closed]
@@ -55,11 +55,11 @@ def current(store: JobStore, record: dict[str, str]) -> dict[str, str]:
 def purge(store: JobStore, queue: str, pending: bool) -> int:
     """End every queued job of `queue` (`pending`: read them from the engine's pending set, else from
     the active set); returns how many were closed."""
-    run = store.r.register_script(script("purge"))
+    run = store.client.register_script(script("purge"))
     source = store.pending_key() if pending else store.active_key()
     total, offset = 0, 0
     while True:
-        ids = [as_text(i) for i in store.r.zrange(source, offset, offset + PURGE_PAGE - 1)]
+        ids = [as_text(i) for i in store.client.zrange(source, offset, offset + PURGE_PAGE - 1)]
         if not ids:
             return total
         closed = int(
@@ -87,7 +87,7 @@ def with_positions(store: JobStore, jobs: list[dict[str, Any]]) -> list[dict[str
     queued = [j for j in jobs if j["status"] == "queued" and j["type"] == "generation"]
     if not queued:
         return jobs
-    rate, *standing = store.r.register_script(script("position"))(
+    rate, *standing = store.client.register_script(script("position"))(
         keys=[store.pending_key()],
         args=[
             store.prefix,

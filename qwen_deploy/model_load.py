@@ -38,10 +38,10 @@ def fail_queued(store: JobStore, job_id: str, error: dict[str, str]) -> bool:
     fields = strings({"error": error})
     args: list[Any] = [repr(time.time()), store.ttl, *(part for item in fields.items() for part in item)]
     keys = [store.key(job_id), store.events_key(job_id), store.stats_key(), store.active_key(), store.pending_key()]
-    return bool(store.r.register_script(script("fail_queued"))(keys=keys, args=args))
+    return bool(store.client.register_script(script("fail_queued"))(keys=keys, args=args))
 
 
 def fail_pending(store: JobStore, model: str | None, error: dict[str, str], limit: int = 1000) -> int:
     """Fail the queued jobs in `model`'s pending set (up to `limit` per call); how many it failed."""
-    ids = store.r.zrange(store.pending_key(model), 0, limit - 1)
+    ids = store.client.zrange(store.pending_key(model), 0, limit - 1)
     return sum(fail_queued(store, as_text(job_id), error) for job_id in ids)

@@ -13,13 +13,27 @@ import json
 import os
 import re
 import socket
+from enum import IntEnum
 from typing import Any
 
-INTERACTIVE = "interactive"
-BULK = "bulk"
+
+class Lane(IntEnum):
+    """A generation job's class: its queue, and its lane in a worker's engine (each lane has its own
+    waiting sequences, rows and KV batch; bulk rows get one step in `engine.bulk_every` while interactive
+    rows run)."""
+
+    INTERACTIVE = 0  # single jobs: the engine's pending set and the `interactive` wake-up queue
+    BULK = 1  # batch micro-batches: the `bulk` queue
+
+    @property
+    def queue(self) -> str:
+        """The default model's queue of this lane (another model's: `{queue}.{alias}`)."""
+        return self.name.lower()
+
+
 CONVERT = "convert"
 WEBHOOKS = "webhooks"
-GENERATION_QUEUES = (INTERACTIVE, BULK)
+GENERATION_QUEUES = (Lane.INTERACTIVE.queue, Lane.BULK.queue)
 CONVERT_WORKER_QUEUES = (CONVERT, WEBHOOKS)  # the convert worker also sends webhooks
 
 GENERATE_TASK = "qwen_deploy.generate"
@@ -35,7 +49,7 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 def model_queues(alias: str, default: bool) -> tuple[str, str]:
     """A model's (interactive, bulk) queues: the default model keeps the plain names, another
     `interactive.{alias}` and `bulk.{alias}`."""
-    return GENERATION_QUEUES if default else (f"{INTERACTIVE}.{alias}", f"{BULK}.{alias}")
+    return GENERATION_QUEUES if default else (f"{Lane.INTERACTIVE.queue}.{alias}", f"{Lane.BULK.queue}.{alias}")
 
 
 def engine_queue(prefix: str, node: str) -> str:

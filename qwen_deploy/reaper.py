@@ -44,7 +44,7 @@ def unacked_tags(client: redis.Redis, prefix: str, job_id: str) -> list[str]:
 
 def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 100) -> dict[str, int]:
     """One pass over the jobs due for a look; returns counts by outcome."""
-    client, now = store.r, time.time()
+    client, now = store.client, time.time()
     due = client.zrangebyscore(store.active_key(), "-inf", now, start=0, num=limit)
     counts = {"requeued": 0, "failed": 0, "waiting": 0, "done": 0}
     for job_id in map(as_text, due):
@@ -56,7 +56,7 @@ def reap(store: JobStore, max_deliveries: int, running_for: float, limit: int = 
 
 
 def _reap_one(store: JobStore, job_id: str, now: float, max_deliveries: int, running_for: float) -> str:
-    client = store.r
+    client = store.client
     record = store.get(job_id)
     if record is None or record.get("status") in TERMINAL:
         client.zrem(store.active_key(), job_id)
@@ -94,7 +94,7 @@ def _wake(
 ) -> str:
     """Push the job's message again (a worker's claim then runs or resumes it), or fail it when its
     runs are used up."""
-    client = store.r
+    client = store.client
     queue, message = record.get("queue", ""), record.get("message", "")
     if int(record.get("deliveries") or 0) >= max_deliveries:
         store.finish(job_id, "failed", {"error": worker_lost(max_deliveries)})
@@ -124,6 +124,6 @@ def reap_if_due(store: JobStore, interval: float, max_deliveries: int, running_f
     """Sweep the jobs past their deadline (every call: one cheap script), then run `reap` unless another
     process ran it within `interval` seconds."""
     sweep_deadlines(store)
-    if not store.r.set(store.reaper_lock_key(), "1", nx=True, px=max(1, int(interval * 1000))):
+    if not store.client.set(store.reaper_lock_key(), "1", nx=True, px=max(1, int(interval * 1000))):
         return None
     return reap(store, max_deliveries, running_for)

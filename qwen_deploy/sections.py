@@ -81,6 +81,11 @@ class GenerationSettings(Section):
     max_stop_length: int = Field(64, ge=1)
     max_messages: int = Field(256, ge=1, description="chat messages in one request")
     progress_interval_ms: int = Field(50, ge=1)
+    strict_requests: bool = Field(
+        False,
+        description="a stored request holding a field this version does not know fails its job (invalid_request) "
+        "instead of the field being logged and ignored; the test suite turns it on",
+    )
 
 
 class LimitSettings(Section):

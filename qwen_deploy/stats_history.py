@@ -17,7 +17,7 @@ from typing import Any
 
 from qwen_deploy.jobs import JobStore
 from qwen_deploy.lua import HISTOGRAM_BUCKETS
-from qwen_deploy.queues import BULK, CONVERT
+from qwen_deploy.queues import CONVERT, Lane
 
 WINDOW_SECONDS = 15 * 60
 HISTOGRAMS = ("queue_seconds", "run_seconds")
@@ -26,7 +26,7 @@ HISTOGRAMS = ("queue_seconds", "run_seconds")
 def record_if_due(store: JobStore, interval: float, queues: dict[str, str]) -> bool:
     """Take a sample unless another process took one within `interval` seconds. `queues`: a chart name
     for each queue key (interactive: the default model's pending set; the others: Celery lists)."""
-    client = store.r
+    client = store.client
     if not client.set(store.stats_history_lock_key(), "1", nx=True, px=max(1, int(interval * 1000))):
         return False
     pipe = client.pipeline(transaction=False)
@@ -52,7 +52,7 @@ def default_queues(store: JobStore) -> dict[str, str]:
     """The charted queues: the default model's engine pending set, its bulk queue, the convert queue."""
     return {
         "interactive": store.pending_key(),
-        "bulk": store.queue_key(BULK),
+        "bulk": store.queue_key(Lane.BULK.queue),
         "convert": store.queue_key(CONVERT),
     }
 
@@ -75,7 +75,7 @@ def _counters(stats: dict[Any, Any]) -> dict[str, Any]:
 def samples(store: JobStore) -> list[dict[str, Any]]:
     """The kept samples of the last 15 minutes, oldest first."""
     now = time.time()
-    raw = store.r.lrange(store.stats_history_key(), 0, -1)
+    raw = store.client.lrange(store.stats_history_key(), 0, -1)
     found = [json.loads(r) for r in reversed(raw)]
     return [s for s in found if s.get("t", 0) >= now - WINDOW_SECONDS]
 

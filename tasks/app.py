@@ -10,14 +10,13 @@ from qwen_deploy.connections import is_sentinel, sentinel_options
 from qwen_deploy.keys import kombu_keyprefix
 from qwen_deploy.queues import (
     BATCH_CHUNK_TASK,
-    BULK,
     CONVERT,
     DOWNLOAD_TASK,
     EXPORT_TASK,
     GENERATE_TASK,
-    INTERACTIVE,
     WEBHOOKS,
     WEBHOOKS_TASK,
+    Lane,
 )
 from tasks.process_hooks import PromptRespawn
 
@@ -52,12 +51,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_on_failure_or_timeout": True,
         "task_time_limit": lim.hard_time_limit,
         "task_soft_time_limit": lim.soft_time_limit,
-        "task_queues": [Queue(INTERACTIVE, routing_key=INTERACTIVE), Queue(BULK, routing_key=BULK)],
-        "task_default_queue": INTERACTIVE,
+        "task_queues": [Queue(lane.queue, routing_key=lane.queue) for lane in Lane],
+        "task_default_queue": Lane.INTERACTIVE.queue,
         "task_create_missing_queues": True,
         "task_routes": {
-            GENERATE_TASK: {"queue": INTERACTIVE},
-            BATCH_CHUNK_TASK: {"queue": BULK},
+            GENERATE_TASK: {"queue": Lane.INTERACTIVE.queue},
+            BATCH_CHUNK_TASK: {"queue": Lane.BULK.queue},
             DOWNLOAD_TASK: {"queue": CONVERT},
             EXPORT_TASK: {"queue": CONVERT},
             WEBHOOKS_TASK: {"queue": WEBHOOKS},

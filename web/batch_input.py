@@ -95,7 +95,7 @@ def validate_line(line: int, item: Any, jsonl: bool, endpoint: str) -> dict[str,
     if jsonl and (item.get("method", "POST") != "POST" or item.get("url", endpoint) != endpoint):
         raise Unprocessable(f"every line must be POST {endpoint}", code="invalid_url", param="url")
     body = line_request(endpoint, item.get("body"), current_services().settings)
-    return {"line": line, "custom_id": item["custom_id"], "body": body}
+    return {"line": line, "custom_id": item["custom_id"], "body": body.stored()}
 
 
 def check_ids(items: list[tuple[int, Any]]) -> None:

@@ -21,7 +21,8 @@ from qwen_deploy.errors import Conflict, NotFound
 from qwen_deploy.jobs import TERMINAL
 from qwen_deploy.lifecycle import purge
 from qwen_deploy.lua import KEPT_REQUEST_BYTES
-from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
+from qwen_deploy.queues import CONVERT, Lane
+from qwen_deploy.requests import GenerationRequest
 from web.auth import require_admin
 from web.context import current_services
 from web.job_options import JobOptions
@@ -29,7 +30,7 @@ from web.openapi import Job, doc
 from web.services import load_record, submit_request, workers
 
 bp = Blueprint("job_actions", __name__, url_prefix="/v1")
-PURGEABLE = (INTERACTIVE, CONVERT)
+PURGEABLE = (Lane.INTERACTIVE.queue, CONVERT)
 
 
 class QueueInfo(BaseModel):
@@ -74,7 +75,9 @@ def retry_job(job_id: str) -> Response:
     seconds = record.get("deadline_seconds")
     options = JobOptions(record.get("priority") or "normal", float(seconds) if seconds else None)
     hook = {k: record[k] for k in ("webhook", "webhook_events_filter") if record.get(k)}
-    req = {**json.loads(record["request"]), **({"model": record["model"]} if record.get("model") else {})}
+    strict = current_services().settings.generation.strict_requests
+    req = GenerationRequest.from_dict(json.loads(record["request"]), strict=strict)
+    req.model = record.get("model") or None
     job, _ = submit_request(req, None, options, retry_of=job_id, **hook)
     response = _json(job, 201)
     response.headers["Location"] = f"/v1/jobs/{job['id']}"
@@ -88,13 +91,13 @@ def queues() -> Response:
     svc = current_services()
     pipe = svc.redis.pipeline(transaction=False)
     pipe.zcard(svc.store.pending_key())
-    pipe.llen(svc.store.queue_key(BULK))
+    pipe.llen(svc.store.queue_key(Lane.BULK.queue))
     pipe.llen(svc.store.queue_key(CONVERT))
     interactive, bulk, convert = pipe.execute()
     ready = [w for w in workers() if w.get("state") == "ready"]
     data = [
-        {"name": INTERACTIVE, "depth": interactive},
-        {"name": BULK, "depth": bulk},
+        {"name": Lane.INTERACTIVE.queue, "depth": interactive},
+        {"name": Lane.BULK.queue, "depth": bulk},
         {"name": CONVERT, "depth": convert},
     ]
     return _json({"object": "list", "data": data, "workers": len(ready)})
@@ -107,5 +110,5 @@ def purge_queue(name: str) -> Response:
     require_admin()
     if name not in PURGEABLE:
         raise NotFound(f"no purgeable queue {name!r}; one of {', '.join(PURGEABLE)}", param="name")
-    count = purge(current_services().store, name, pending=name == INTERACTIVE)
+    count = purge(current_services().store, name, pending=name == Lane.INTERACTIVE.queue)
     return _json({"object": "queue.purged", "queue": name, "purged": count})

@@ -65,8 +65,7 @@ def list_jobs() -> Response:
             break
         records = store.get_many(ids)
         gone = [job_id for job_id, rec in zip(ids, records) if rec is None]
-        if gone:  # expired records: drop them from the index while we are here
-            store.r.zrem(store.index_key(owner), *gone)
+        store.forget_owned(owner, gone)  # expired records: drop them from the index while we are here
         for job_id, record in zip(ids, records):
             scanned += 1
             cursor = job_id

@@ -24,6 +24,7 @@ from werkzeug.exceptions import ClientDisconnected
 from qwen_deploy.adapters import find_adapter
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, ModelNotFound, Unprocessable, UnsupportedMediaType
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.runtime_models import find_runtime
 from qwen_deploy.served import Served, find_model, served_models
 from web.context import current_services
@@ -270,17 +271,17 @@ def pick_model(name: Any, settings: Settings) -> Served:
     return pick_target(name, settings)[0]
 
 
-def check_task(served: Served, req: dict[str, Any]) -> None:
+def check_task(served: Served, req: GenerationRequest) -> None:
     """400 `wrong_model_task` for an embedding request to a model that generates, or a request that generates
     (or scores a prompt) to a model served with `task: embed`; token counts are fine on either."""
     embed = served.model.task == "embed"
-    if req.get("embed") and not embed:
+    if req.embed and not embed:
         raise BadRequest(
             f"the model {served.alias!r} generates text; embeddings need a model served with task: embed",
             code="wrong_model_task",
             param="model",
         )
-    if embed and not req.get("embed") and (req.get("max_new_tokens") or req.get("logprobs")):
+    if embed and not req.embed and (req.max_new_tokens or req.logprobs):
         raise BadRequest(
             f"the model {served.alias!r} serves embeddings only (POST /v1/embeddings); it does not generate text",
             code="wrong_model_task",
@@ -325,9 +326,9 @@ def _check_prompts(prompt: Any, n: int) -> None:
         )
 
 
-def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
-    """Validate a job body against the schema and the configured caps; return the stored request, with
-    `model` the chosen model's alias (submit_request takes it out: the record keeps it as a field)."""
+def parse_job(body: Any, settings: Settings) -> GenerationRequest:
+    """Validate a job body against the schema and the configured caps; return the request to store, with
+    `model` the chosen model's alias (a job record keeps it as a field of its own, a batch line in its body)."""
     if not isinstance(body, dict):
         raise Unprocessable("request body must be a JSON object", code="invalid_type")
     try:
@@ -394,4 +395,4 @@ def parse_job(body: Any, settings: Settings) -> dict[str, Any]:
     if adapter is not None:
         data["adapter"] = adapter
     check_tools(data)
-    return data
+    return GenerationRequest(**data)  # a body field the stored request lacks is a TypeError here (a bug)

@@ -9,9 +9,11 @@ from typing import Any
 
 from qwen_deploy.batches import BatchStore
 from qwen_deploy.logs import event
+from qwen_deploy.queues import Lane
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.states import LINE_EXPIRED, LINE_FINISH_ERRORS, ErrorCode, error
-from worker.engine import BULK, Seq
-from worker.handler import GenerationRequest, GenerationResult
+from worker.engine import Seq
+from worker.handler import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,16 @@ class ChunkUnit:
         self.started = time.perf_counter()
         handler = driver.handler
         driver.units[self.key] = self
-        driver.knows_adapters([item.get("body") for item in items])
+        strict = driver.settings.generation.strict_requests
+        reqs = [_line_request(item, strict) for item in items]
+        driver.knows_adapters([r for r in reqs if isinstance(r, GenerationRequest)])
         for index, item in enumerate(items):
             try:
-                req = GenerationRequest.from_dict(item["body"])
+                req = reqs[index]
+                if isinstance(req, Exception):
+                    raise req
                 seqs, prompt_tokens, truncated = handler.sequences(
-                    req, f"{self.key}:{index}", budget=budget, priority=BULK, tag=self.key
+                    req, f"{self.key}:{index}", budget=budget, priority=Lane.BULK, tag=self.key
                 )
             except Exception as exc:  # a line this model cannot run fails alone
                 code = getattr(exc, "code", None) or ErrorCode.INVALID_REQUEST
@@ -167,3 +173,11 @@ def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: 
     unit = ChunkUnit(driver, batches, batch_id, start, items, budget, expires_at)
     driver.drive(lambda: unit.key not in driver.units, slice_end)
     return "done" if unit.key not in driver.units else "running"
+
+
+def _line_request(item: dict[str, Any], strict: bool) -> GenerationRequest | Exception:
+    """A micro-batch line's stored request, or why it cannot be read (the line then fails alone)."""
+    try:
+        return GenerationRequest.from_dict(item["body"], strict=strict)
+    except Exception as exc:
+        return exc

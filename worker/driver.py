@@ -26,14 +26,16 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from qwen_deploy.adapters import registered
+from qwen_deploy.connections import redis_client
 from qwen_deploy.job_records import as_text
 from qwen_deploy.jobs import Claim, ClaimOutcome, JobStore
 from qwen_deploy.keys import adapters_version_key
 from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
+from qwen_deploy.requests import GenerationRequest, InvalidRequest
 from qwen_deploy.served import Served
 from worker.engine import Engine, Seq, stable_text
-from worker.handler import GenerationRequest, ModelHandler
+from worker.handler import ModelHandler
 from worker.running import RunningJob, holder_alive, last_deltas, other_deltas, terminal_state
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Driver:
         self.served = model
         self.bulk_queue = model.bulk if model else "bulk"
         self.settings = handler.settings
+        self.client = redis_client(self.settings)  # adapters' registry, this host's engines, unacked copies
         self.engine: Engine = handler.engine()
         self.jobs: dict[str, RunningJob] = {}
         self.to_finish: list[RunningJob] = []
@@ -111,7 +114,7 @@ class Driver:
         if adapters is None or self.served is None or (not force and now < self.next_adapter_sync):
             return
         self.next_adapter_sync = now + ADAPTER_SYNC_EVERY
-        client = self.store.r
+        client = self.client
         version = client.get(adapters_version_key(self.settings.key_prefix))
         if version == self.adapters_version and self.adapters_synced and not force:
             return
@@ -120,27 +123,30 @@ class Driver:
         with adapters.lock:
             adapters.sync(registered(client, self.settings, self.served), busy)
 
-    def knows_adapters(self, requests: list[dict[str, Any]]) -> None:
+    def knows_adapters(self, requests: list[GenerationRequest | None]) -> None:
         """Before sequences of these requests are built: an adapter this engine does not know yet may have
         been loaded a moment ago, so look again (once)."""
         adapters = self.handler.adapters
-        names = {str(r["adapter"]) for r in requests if isinstance(r, dict) and r.get("adapter")}
+        names = {r.adapter for r in requests if r is not None and r.adapter}
         if adapters is not None and any(not adapters.known(n) for n in names):
             self.sync_adapters(force=True)
 
     def _admit(self, claims: list[Claim], taken_over: bool = False) -> None:
         budget = self.settings.limits.generation_budget
-        runs = [c for c in claims if c.outcome == "run"]
-        if runs:
-            self.knows_adapters([_request_of(c.request) for c in runs])
+        strict = self.settings.generation.strict_requests
+        parsed = {c.job_id: parse_request(c.request, strict) for c in claims if c.outcome is ClaimOutcome.RUN}
+        if parsed:
+            self.knows_adapters([r for r in parsed.values() if isinstance(r, GenerationRequest)])
         for c in claims:
             if c.outcome is not ClaimOutcome.RUN:
                 continue
             if taken_over:  # the dead process's worker may have held the job's message unacked
-                drop_unacked(self.store.r, self.store.prefix, unacked_tags(self.store.r, self.store.prefix, c.job_id))
+                drop_unacked(self.client, self.store.prefix, unacked_tags(self.client, self.store.prefix, c.job_id))
             deadline = c.deadline
             try:
-                req = GenerationRequest.from_dict(json.loads(c.request))
+                req = parsed[c.job_id]
+                if isinstance(req, Exception):
+                    raise req
                 resume = c.out_ids if c.attempt > 1 else None
                 seqs, prompt_tokens, truncated = self.handler.sequences(
                     req,
@@ -209,7 +215,7 @@ class Driver:
     def adopt_orphans(self) -> None:
         """Take over the jobs of engines on this host whose process died (a killed child's successor)."""
         key = self.store.engines_key(socket.gethostname(), self.model)
-        client = self.store.r
+        client = self.client
         client.sadd(key, self.worker)
         for holder in map(as_text, client.smembers(key)):
             if holder != self.worker and not holder_alive(holder):
@@ -267,7 +273,7 @@ class Driver:
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
-        return not self.units and bool(self.store.r.llen(self.store.queue_key(self.bulk_queue)))
+        return not self.units and bool(self.store.queue_length(self.bulk_queue))
 
     def flush(self) -> None:
         """Publish partial text, renew leases, read cancel flags: one round trip for every running job."""
@@ -345,9 +351,15 @@ class Driver:
         )
 
 
-def _request_of(raw: Any) -> dict[str, Any]:
+def parse_request(raw: str, strict: bool = False) -> GenerationRequest | InvalidRequest:
+    """A claimed job's stored request, or why it cannot be read (the job then fails alone)."""
     try:
         found = json.loads(raw)
-    except (TypeError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    except (TypeError, ValueError) as exc:
+        return InvalidRequest(f"the stored request is not JSON: {exc}")
+    if not isinstance(found, dict):
+        return InvalidRequest("the stored request is not a JSON object")
+    try:
+        return GenerationRequest.from_dict(found, strict=strict)
+    except (InvalidRequest, TypeError) as exc:
+        return exc if isinstance(exc, InvalidRequest) else InvalidRequest(str(exc))

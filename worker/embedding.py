@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from qwen_deploy.queues import Lane
 from worker.engine import Seq
 from worker.engine.pooling import Pooling, read_pooling, shorten
 
@@ -63,7 +64,7 @@ def input_ids(handler: Any, index: int, prompt: str | list[int]) -> list[int]:
 
 
 def embed_sequences(
-    handler: Any, prompts: list[Any], dimensions: int | None, key: str, budget: float, priority: int, tag: Any
+    handler: Any, prompts: list[Any], dimensions: int | None, key: str, budget: float, priority: Lane, tag: Any
 ) -> tuple[list[Seq], int, bool]:
     """One engine row per input (in order); also the prompt tokens (never truncated)."""
     hidden = handler.hidden_size

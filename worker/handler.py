@@ -15,10 +15,12 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
+from qwen_deploy.queues import Lane
+from qwen_deploy.requests import GenerationRequest, InvalidRequest
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.embedding import embed_sequences, embedding_choices, model_pooling
-from worker.engine import INTERACTIVE, Engine, Sampling, Seq
+from worker.engine import Engine, Sampling, Seq
 from worker.engine.pooling import Pooling
 from worker.hub_access import load_options
 from worker.lora import AdapterSet
@@ -28,97 +30,19 @@ log = logging.getLogger(__name__)
 PROMPT_CHARS_PER_TOKEN = 16  # characters of prompt tail tokenized per token kept (`max_prompt_tokens`)
 
 
-@dataclass
-class GenerationRequest:
-    """A validated request, as stored in the job record."""
-
-    prompt: str | list[int] | list[str] | list[list[int]] | None = None
-    messages: list[dict[str, str]] | None = None
-    max_new_tokens: int = 64
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    logprobs: bool = False
-    top_logprobs: int = 0
-    response_format: dict[str, Any] | None = None
-    continue_final_message: bool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # token id (a decimal string, as JSON keys are) -> bias
-    min_p: float | None = None
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    def tool_fields(self) -> dict[str, Any]:
-        """The request's tool fields as a stored request holds them (for qwen_deploy.tool_calls)."""
-        fields: dict[str, Any] = {"tools": self.tools, "tool_choice": self.tool_choice or "auto"}
-        if self.parallel_tool_calls is not None:
-            fields["parallel_tool_calls"] = self.parallel_tool_calls
-        return fields
-
-    adapter: str | None = None  # a LoRA adapter of the model (its name), else the base
-    echo: bool = False
-    return_token_ids: bool = False
-    embed: bool = False  # each prompt's pooled vector instead of a generation (a model with task: embed)
-    dimensions: int | None = None  # embed: the vectors' first components only (Matryoshka)
-    encoding_format: str = "float"  # embed: float | base64
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and v is not None}
-        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
-            if name in known:  # JSON integers are fine here
-                known[name] = float(known[name])
-        return cls(**known)
-
-    def prompts(self) -> list[str | list[int] | None]:
-        """The request's prompts: one for messages, a text or a token-id list; several for a list of them."""
-        if self.messages is not None:
-            return [None]
-        prompt = self.prompt
-        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
-            return [prompt]  # type: ignore[list-item]  # a text or one token-id list
-        return list(prompt)  # several texts or token-id lists
-
-    def sampling(self) -> Sampling:
-        return Sampling(
-            temperature=self.temperature or 0.0,
-            top_p=self.top_p or 1.0,
-            top_k=self.top_k or 0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            min_p=self.min_p or 0.0,
-            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
-            seed=self.seed,
-        )
-
-    def check_token_ids(self, vocab_size: int) -> None:
-        """logit_bias and stop_token_ids name ids of this model's vocabulary (the web tier cannot know it)."""
-        for param, ids in (
-            ("logit_bias", [int(k) for k in self.logit_bias or {}]),
-            ("stop_token_ids", self.stop_token_ids),
-        ):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise InvalidRequest(
-                    f"{param}: token id {bad[0]} is not in this model's vocabulary (0 to {vocab_size - 1})"
-                )
-
-
-class InvalidRequest(ValueError):
-    """A request this model cannot run (the job fails with this code and message)."""
-
-    code = "invalid_request"
+def request_sampling(req: GenerationRequest) -> Sampling:
+    """The engine's sampling settings of a request (absent ones: greedy, no penalties)."""
+    return Sampling(
+        temperature=req.temperature or 0.0,
+        top_p=req.top_p or 1.0,
+        top_k=req.top_k or 0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        min_p=req.min_p or 0.0,
+        logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
+        seed=req.seed,
+    )
 
 
 @dataclass
@@ -318,7 +242,7 @@ class ModelHandler:
         key: str,
         *,
         budget: float,
-        priority: int = INTERACTIVE,
+        priority: Lane = Lane.INTERACTIVE,
         tag: Any = None,
         resume: list[int] | None = None,
     ) -> tuple[list[Seq], int, bool]:
@@ -345,7 +269,7 @@ class ModelHandler:
                 echo = prompt if isinstance(prompt, str) and not cut else self.decode_prompt(ids)
             for s in range(n):
                 i = p * n + s  # choices are prompt-major
-                sampling = req.sampling()
+                sampling = request_sampling(req)
                 sampling.make_generator(self.model.device, offset=i)
                 constraint = compile_constraint(
                     self.response_format(req), self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids

@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.states import DEADLINE_EXCEEDED, JOB_FINISH_ERRORS
 from worker.engine import Seq, stable_text
-from worker.handler import GenerationRequest, GenerationResult
+from worker.handler import GenerationResult
 
 STATUS_BY_REASON = {"time_limit": "timed_out", "canceled": "canceled", "error": "failed"}
 

@@ -127,7 +127,7 @@ def answer_unloaded(settings: Settings, job_id: str) -> str:
         record = store.get(job_id) or {}
         if record.get("status") == "queued" and record.get("message"):
             _stop.wait(1.0)
-            store.r.lpush(store.queue_key(record.get("queue", "")), record["message"])
+            store.push_message(record.get("queue", ""), record["message"])
             return "requeued"
     fail_queued(store, job_id, error)
     return MODEL_LOAD_FAILED

@@ -54,9 +54,15 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
 
 
 @pytest.fixture(scope="module")
-def submitted() -> dict[str, str]:
-    """Job ids the tests submitted through the page, by test."""
-    return {}
+def listed_jobs(stack: Stack) -> dict[str, str]:
+    """Two ended jobs of the table tests' own, submitted through the API: `zen` succeeded (8 tokens), `long`
+    canceled (512 tokens asked, canceled at once)."""
+    client = stack.client()
+    zen = client.submit("Beautiful is better than", max_new_tokens=8)
+    long = client.submit("Beautiful is better than", max_new_tokens=512, ignore_eos=True)
+    client.cancel(long["id"])
+    assert client.wait(zen["id"])["status"] == "succeeded" and client.wait(long["id"])["status"] == "canceled"
+    return {"zen": zen["id"], "long": long["id"]}
 
 
 def text(driver: webdriver.Chrome, element_id: str) -> str:
@@ -84,9 +90,12 @@ def set_checkbox(driver: webdriver.Chrome, element_id: str, on: bool) -> None:
         box.click()
 
 
-def test_page_shows_model_and_streams_zen(
-    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
-) -> None:
+def open_console(browser: webdriver.Chrome, stack: Stack) -> None:
+    if not browser.current_url.startswith(stack.url):
+        browser.get(stack.url + "/")
+
+
+def test_page_shows_model_and_streams_zen(browser: webdriver.Chrome, stack: Stack, tmp_path: Path) -> None:
     browser.get(stack.url + "/")
     model_id = requests.get(stack.url + "/v1/models", timeout=30).json()["data"][0]["id"]
     wait(browser, lambda d: text(d, "model-name") == model_id, "the model id")
@@ -111,14 +120,10 @@ def test_page_shows_model_and_streams_zen(
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and all(u.startswith(stack.url + "/") for u in urls), urls
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
-    submitted["zen"] = job_id
 
 
-def test_cancel_a_long_job_keeps_its_partial_text(
-    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
-) -> None:
-    if not browser.current_url.startswith(stack.url):
-        browser.get(stack.url + "/")
+def test_cancel_a_long_job_keeps_its_partial_text(browser: webdriver.Chrome, stack: Stack, tmp_path: Path) -> None:
+    open_console(browser, stack)
     before = text(browser, "job-id")
     fill(browser, "prompt", "Beautiful is better than")
     fill(browser, "max-new-tokens", "512")
@@ -146,7 +151,6 @@ def test_cancel_a_long_job_keeps_its_partial_text(
     assert 0 < job["progress"]["tokens"] < 512
     assert float(browser.find_element(By.ID, "progress").get_property("value")) == job["progress"]["tokens"]
     assert not browser.find_element(By.ID, "cancel").is_enabled()
-    submitted["long"] = job_id
 
 
 def table_row(browser: webdriver.Chrome, job_id: str) -> dict[str, str]:
@@ -163,10 +167,9 @@ def table_row(browser: webdriver.Chrome, job_id: str) -> dict[str, str]:
 
 
 def test_one_job_table_with_type_times_rate_queue_and_error_reason(
-    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str], tmp_path: Path
+    browser: webdriver.Chrome, stack: Stack, listed_jobs: dict[str, str], tmp_path: Path
 ) -> None:
-    if set(submitted) != {"zen", "long"}:
-        pytest.skip("needs the two jobs the tests above submit through the page")
+    open_console(browser, stack)
     client = stack.client()
     late = client.submit("Beautiful is better than", max_new_tokens=512, ignore_eos=True, deadline_seconds=0.01)
     ended = client.wait(late["id"])
@@ -175,11 +178,11 @@ def test_one_job_table_with_type_times_rate_queue_and_error_reason(
         browser,
         lambda d: (
             table_row(d, late["id"]).get("status") == ended["status"]
-            and table_row(d, submitted["zen"]).get("status") == "succeeded"
+            and table_row(d, listed_jobs["zen"]).get("status") == "succeeded"
         ),
         "the jobs in the table",
     )
-    zen, job = table_row(browser, submitted["zen"]), client.get(submitted["zen"])
+    zen, job = table_row(browser, listed_jobs["zen"]), client.get(listed_jobs["zen"])
     assert (zen["type"], zen["queue"], zen["error"]) == ("generation", job["queue"], "false"), zen
     assert zen["text"] == job["output"]["text"].replace("\n", " ↵ ") and zen["created"]
     seconds = job["completed_at"] - job["started_at"]
@@ -193,10 +196,9 @@ def test_one_job_table_with_type_times_rate_queue_and_error_reason(
 
 
 def test_your_jobs_lists_the_api_listing_with_a_status_filter(
-    browser: webdriver.Chrome, stack: Stack, submitted: dict[str, str]
+    browser: webdriver.Chrome, stack: Stack, listed_jobs: dict[str, str]
 ) -> None:
-    if set(submitted) != {"zen", "long"}:
-        pytest.skip("needs the two jobs the tests above submit through the page")
+    open_console(browser, stack)
     from selenium.webdriver.support.ui import Select
 
     def listed(d: webdriver.Chrome) -> dict[str, str]:  # read in one script: the table is redrawn every poll
@@ -206,13 +208,13 @@ def test_your_jobs_lists_the_api_listing_with_a_status_filter(
             )
         )
 
-    wait(browser, lambda d: {submitted["zen"], submitted["long"]} <= set(listed(d)), "both jobs in the job list")
+    wait(browser, lambda d: {listed_jobs["zen"], listed_jobs["long"]} <= set(listed(d)), "both jobs in the job list")
     api_ids = [j["id"] for j in stack.client()._call("GET", "/v1/jobs?limit=20").json()["data"]]
     wait(browser, lambda d: list(listed(d)) == api_ids, "GET /v1/jobs, newest first")
     Select(browser.find_element(By.ID, "jobs-status")).select_by_visible_text("canceled")
     wait(
         browser,
-        lambda d: (rows := listed(d)) and submitted["zen"] not in rows and submitted["long"] in rows,
+        lambda d: (rows := listed(d)) and listed_jobs["zen"] not in rows and listed_jobs["long"] in rows,
         "the canceled jobs only",
     )
     assert set(listed(browser).values()) == {"canceled"}
@@ -317,14 +319,14 @@ def test_activity_charts_draw_what_the_jobs_did(browser: webdriver.Chrome, stack
     from qwen_deploy.stats_history import default_queues, record_if_due
 
     store = stack.app().extensions["qwen_deploy"].store
-    store.r.delete(store.stats_history_lock_key())
+    store.client.delete(store.stats_history_lock_key())
     record_if_due(store, 60, default_queues(store))  # a sample before the jobs (the heartbeat takes them too)
     client = stack.client()
     for round_ in range(2):  # two intervals with jobs in each: a line of two points at least
         for i in range(3):
             job = client.submit("Beautiful is better than", max_new_tokens=16, seed=round_ * 3 + i)
             assert client.wait(job["id"])["status"] == "succeeded"
-        store.r.delete(store.stats_history_lock_key())
+        store.client.delete(store.stats_history_lock_key())
         record_if_due(store, 60, default_queues(store))
     browser.get(stack.url + "/")
 

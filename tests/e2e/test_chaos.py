@@ -20,9 +20,12 @@ import requests
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.client import APIError, Client
 from qwen_deploy.keys import JobKeys
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE
+from qwen_deploy.queues import GENERATE_TASK, Lane
 from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
+
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +158,7 @@ def test_parent_and_child_killed_with_jobs_in_flight_and_queued(chaos: Stack, fi
     # it again; a waiting job beside it keeps its one message and runs once.
     lost = client.submit("Errors should never", max_new_tokens=6)["id"]
     waiting = client.submit("Errors should never", max_new_tokens=6)["id"]
-    assert chaos.redis.lrem(f"qd:{INTERACTIVE}", 1, chaos.record(lost)["message"]) == 1
+    assert chaos.redis.lrem(f"qd:{INTERACTIVE_QUEUE}", 1, chaos.record(lost)["message"]) == 1
     chaos.start_worker()
     done = finals(client, [running["id"], *queued])
     figure(
@@ -220,19 +223,19 @@ def test_pickled_message_is_refused_and_never_runs(chaos: Stack, tmp_path: Path,
             "reply_to": "",
             "delivery_mode": 2,
             "priority": 0,
-            "delivery_info": {"exchange": "", "routing_key": INTERACTIVE},
+            "delivery_info": {"exchange": "", "routing_key": INTERACTIVE_QUEUE},
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    chaos.redis.lpush(f"qd:{INTERACTIVE}", json.dumps(message))
+    chaos.redis.lpush(f"qd:{INTERACTIVE_QUEUE}", json.dumps(message))
     client = chaos.client()
     after = client.generate("Errors should never", max_new_tokens=6)  # queued behind it: the worker moved on
     time.sleep(0.5)
     figure("pickle_message", pushed=1, executions=int(marker.exists()))
     assert after["status"] == "succeeded"
     assert not marker.exists()
-    assert chaos.redis.llen(f"qd:{INTERACTIVE}") == 0 and chaos.redis.hlen("qd:unacked") == 0
+    assert chaos.redis.llen(f"qd:{INTERACTIVE_QUEUE}") == 0 and chaos.redis.hlen("qd:unacked") == 0
     assert "disallowed" in chaos.log_path.read_text().lower()
 
 

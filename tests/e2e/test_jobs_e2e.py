@@ -221,3 +221,22 @@ def test_chunked_and_cut_short_bodies_through_gunicorn(stack: Stack) -> None:
     answer = _raw_post(stack.url, head, body, close_write=True)  # 40 bytes never come
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
     assert requests.get(stack.url + "/livez", timeout=10).status_code == 200
+
+
+def test_a_stored_request_with_an_unknown_field_fails_its_job(stack: Stack, client: Client) -> None:
+    """The suite's workers read stored requests strictly: a record another writer filled with a field the
+    request type lacks ends failed invalid_request, naming the field (production logs it and runs the job)."""
+    import json
+
+    from qwen_deploy.connections import job_store
+    from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
+
+    store, job_id, queue = job_store(stack.settings), new_job_id(), Lane.INTERACTIVE.queue
+    request = {"prompt": "Errors should never", "max_new_tokens": 4, "best_of": 2}
+    fields = {"type": "generation", "request": json.dumps(request), "created_at": repr(time.time())}
+    message = task_message(GENERATE_TASK, job_id, queue, [job_id])
+    assert store.submit(job_id, queue, message, fields, 100, engine=True).status == "ok"
+    job = poll(client, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "invalid_request"), job
+    assert job["error"]["message"] == "the stored request has unknown fields: best_of"
+    assert client.generate("Errors should never", max_new_tokens=4)["output"]["text"].startswith(" pass")

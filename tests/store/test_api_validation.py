@@ -8,8 +8,10 @@ import pytest
 
 from qwen_deploy.cli.redis_server import RedisServer, free_port
 from qwen_deploy.config import load_settings
-from qwen_deploy.queues import INTERACTIVE
+from qwen_deploy.queues import Lane
 from web import create_app
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
 
 
 def make_app(url: str, **sections: dict) -> object:
@@ -28,7 +30,7 @@ def http(server: RedisServer):  # type: ignore[no-untyped-def]
 def queued(server: RedisServer) -> int:
     import redis
 
-    return int(redis.Redis.from_url(server.url).llen(f"qd:{INTERACTIVE}"))  # queues live under key_prefix
+    return int(redis.Redis.from_url(server.url).llen(f"qd:{INTERACTIVE_QUEUE}"))  # queues live under key_prefix
 
 
 def error_of(response) -> dict:  # type: ignore[no-untyped-def]
@@ -110,7 +112,7 @@ def test_accepted_job_is_recorded_before_it_is_queued(http, server: RedisServer)
     assert queued(server) == 1
     again = http.get(f"/v1/jobs/{job['id']}").get_json()
     assert again["id"] == job["id"] and again["status"] == "queued"
-    message = json.loads(__import__("redis").Redis.from_url(server.url).lindex(f"qd:{INTERACTIVE}", 0))
+    message = json.loads(__import__("redis").Redis.from_url(server.url).lindex(f"qd:{INTERACTIVE_QUEUE}", 0))
     assert message["content-type"] == "application/json"
     assert message["headers"]["id"] == job["id"]
 

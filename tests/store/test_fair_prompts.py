@@ -9,6 +9,7 @@ import redis
 
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
+from qwen_deploy.requests import GenerationRequest
 from web import create_app
 from web.services import fair_cost
 
@@ -49,7 +50,7 @@ def test_fair_cost_grows_with_the_prompt_up_to_the_truncation() -> None:
     limit = settings.generation.max_prompt_tokens
 
     def cost(**req: Any) -> float:
-        return round(fair_cost({"max_new_tokens": 1, **req}, settings) * rate, 6)
+        return round(fair_cost(GenerationRequest.from_dict({"max_new_tokens": 1, **req}), settings) * rate, 6)
 
     assert cost(prompt="abcd" * 10) == 1 + 10
     assert cost(prompt="x" * 10_000_000) == cost(prompt="x" * (4 * limit)) == 1 + limit

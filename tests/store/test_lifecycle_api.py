@@ -115,7 +115,7 @@ def test_a_job_claimed_while_its_get_runs_is_shown_running_not_queued_without_a_
     reads = records.current
 
     def claimed_in_between(store_: Any, record: dict[str, str]) -> dict[str, str]:
-        if not store.r.hexists(store.key(job["id"]), "worker"):
+        if not store.client.hexists(store.key(job["id"]), "worker"):
             assert [c.job_id for c in store.claim("host:1", 30, 2, 1)] == [job["id"]]
         return reads(store_, record)
 

@@ -12,18 +12,22 @@ from qwen_deploy.errors import BadRequest
 from qwen_deploy.job_records import new_job_id
 from qwen_deploy.jobs import JobStore, SubmitResult
 from qwen_deploy.lifecycle import current, done_times_key, purge, sweep_deadlines, with_positions
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
 from tests.helpers import wait_until
 from web.job_options import parse_duration
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
 
 
 def submit_result(
     store: JobStore, prompt: str = "hi", priority: str = "normal", deadline: float | None = None
 ) -> SubmitResult:
     job_id = new_job_id()
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
     fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
-    result = store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True, priority=priority, deadline=deadline)
+    result = store.submit(
+        job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True, priority=priority, deadline=deadline
+    )
     assert result.status == "ok" and result.job_id == job_id
     return result
 
@@ -46,10 +50,18 @@ def test_claims_take_high_then_normal_then_low_fifo_within(store: JobStore) -> N
 def test_fair_queueing_puts_a_new_key_ahead_of_another_keys_backlog(store: JobStore) -> None:
     def fair(owner: str, priority: str = "normal") -> str:
         job_id = new_job_id()
-        message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+        message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
         fields = {"type": "generation", "request": json.dumps({"prompt": owner, "max_new_tokens": 64})}
         result = store.submit(
-            job_id, INTERACTIVE, message, fields, 1000, owner=owner, engine=True, priority=priority, fair_cost=0.64
+            job_id,
+            INTERACTIVE_QUEUE,
+            message,
+            fields,
+            1000,
+            owner=owner,
+            engine=True,
+            priority=priority,
+            fair_cost=0.64,
         )
         assert result.status == "ok"
         return job_id
@@ -73,9 +85,9 @@ def test_a_job_past_its_deadline_is_never_claimed(store: JobStore) -> None:
     assert claims[1].detail and float(claims[1].detail) > time.time()  # a run carries its deadline to the engine
     record = store.get(late)
     assert record["status"] == "canceled" and json.loads(record["error"])["code"] == "deadline_exceeded"
-    assert record["deliveries"] == "0" and store.r.ttl(store.key(late)) > 0
-    assert store.r.zscore(store.deadlines_key(), late) is None
-    assert store.r.zscore(store.pending_key(), late) is None
+    assert record["deliveries"] == "0" and store.client.ttl(store.key(late)) > 0
+    assert store.client.zscore(store.deadlines_key(), late) is None
+    assert store.client.zscore(store.pending_key(), late) is None
 
 
 def test_the_sweep_closes_queued_jobs_and_flags_running_ones(store: JobStore) -> None:
@@ -90,8 +102,8 @@ def test_the_sweep_closes_queued_jobs_and_flags_running_ones(store: JobStore) ->
     assert all(store.get(j)["status"] == "canceled" for j in queued)
     assert store.get(running)["status"] == "running" and store.get(running)["cancel"] == "1"
     assert store.get(later)["status"] == "queued"
-    assert store.r.zrange(store.deadlines_key(), 0, -1) == [later]
-    assert store.r.zrange(store.pending_key(), 0, -1) == [later]
+    assert store.client.zrange(store.deadlines_key(), 0, -1) == [later]
+    assert store.client.zrange(store.pending_key(), 0, -1) == [later]
 
 
 def test_a_read_closes_a_late_queued_job(store: JobStore) -> None:
@@ -104,13 +116,13 @@ def test_purge_ends_only_queued_jobs_of_that_queue(store: JobStore) -> None:
     running = submit(store, "r")
     store.claim("host:1", 30, 2, 1)
     queued = [submit(store, f"q{i}") for i in range(7)]
-    assert purge(store, INTERACTIVE, pending=True) == 7
-    assert purge(store, INTERACTIVE, pending=True) == 0
+    assert purge(store, INTERACTIVE_QUEUE, pending=True) == 7
+    assert purge(store, INTERACTIVE_QUEUE, pending=True) == 0
     assert store.get(running)["status"] == "running"
     for job in queued:
         record = store.get(job)
         assert record["status"] == "canceled" and json.loads(record["error"])["code"] == "purged"
-    assert store.r.zcard(store.pending_key()) == 0 and store.r.zcard(store.active_key()) == 1
+    assert store.client.zcard(store.pending_key()) == 0 and store.client.zcard(store.active_key()) == 1
     assert purge(store, "convert", pending=False) == 0  # the running generation job is not on that queue
 
 
@@ -156,9 +168,9 @@ def test_the_estimate_counts_the_completions_of_the_last_minute(store: JobStore)
     ids = [submit(store, f"q{i}") for i in range(51)]  # the last one has 50 jobs ahead
 
     def eta(times: list[float]) -> object:
-        store.r.delete(done_times_key(store))
+        store.client.delete(done_times_key(store))
         if times:
-            store.r.rpush(done_times_key(store), *times)
+            store.client.rpush(done_times_key(store), *times)
         return with_positions(store, [_job(store, ids[-1])])[0]["estimated_start_seconds"]
 
     now = time.time()
@@ -202,21 +214,21 @@ def test_an_engine_with_a_free_row_means_the_job_starts_now(store_redis: object)
     store_redis.flushdb()  # type: ignore[attr-defined]
     store = JobStore(store_redis, "t", ttl=600, reap_after=60, default_model="m")  # type: ignore[arg-type]
     store.max_batch = 2
-    store.r.lpush(done_times_key(store), time.time() - 5)  # one completion in the last minute
+    store.client.lpush(done_times_key(store), time.time() - 5)  # one completion in the last minute
 
     def submit_m(prompt: str) -> SubmitResult:
         job_id = new_job_id()
-        message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+        message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
         fields = {"type": "generation", "request": json.dumps({"prompt": prompt})}  # the default model: no field
-        return store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True)
+        return store.submit(job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True)
 
     first = submit_m("a")
     assert (first.position, first.free) == (0, 0)  # no live worker: the rate decides (60 s)
-    registry.publish(store.r, "t", "host:1", {"alias": "m", "state": "ready"}, 30)
+    registry.publish(store.client, "t", "host:1", {"alias": "m", "state": "ready"}, 30)
     second = submit_m("b")
     assert (second.position, second.free) == (1, 2)
     shown = with_positions(store, [_job(store, first.job_id), _job(store, second.job_id)])
     assert [j["estimated_start_seconds"] for j in shown] == [0.0, 0.0]
-    store.r.sadd(store.held_key("host:1"), "x", "y")  # the engine's two rows are taken
+    store.client.sadd(store.held_key("host:1"), "x", "y")  # the engine's two rows are taken
     shown = with_positions(store, [_job(store, second.job_id)])
     assert shown[0]["estimated_start_seconds"] == pytest.approx(2 / (1 / 60), rel=0.01)

@@ -12,18 +12,18 @@ from qwen_deploy.stats_history import default_queues, quantile, record_if_due, s
 
 def test_two_samples_give_rates_depths_and_medians(store: JobStore) -> None:
     stats = store.stats_key()
-    store.r.hset(stats, mapping={"tokens": 100, "jobs:generation:succeeded": 3})
+    store.client.hset(stats, mapping={"tokens": 100, "jobs:generation:succeeded": 3})
     assert record_if_due(store, 60, default_queues(store))
     assert not record_if_due(store, 60, default_queues(store))  # another sample within the interval: none
-    store.r.hincrby(stats, "tokens", 500)
-    store.r.hincrby(stats, "jobs:generation:succeeded", 4)
-    store.r.hincrby(stats, "jobs:generation:failed", 2)
+    store.client.hincrby(stats, "tokens", 500)
+    store.client.hincrby(stats, "jobs:generation:succeeded", 4)
+    store.client.hincrby(stats, "jobs:generation:failed", 2)
     for b in HISTOGRAM_BUCKETS:  # four runs: one of ≤ 0.005 s, three in (0.5, 1]
-        store.r.hincrby(stats, f"run_seconds_bucket:{b}", 1 if b < 1 else 4)
-    store.r.hincrby(stats, "run_seconds_count", 4)
-    store.r.zadd(store.pending_key(), {"j1": 1, "j2": 2})
-    store.r.rpush(store.queue_key("bulk"), "m")
-    store.r.delete(store.stats_history_lock_key())
+        store.client.hincrby(stats, f"run_seconds_bucket:{b}", 1 if b < 1 else 4)
+    store.client.hincrby(stats, "run_seconds_count", 4)
+    store.client.zadd(store.pending_key(), {"j1": 1, "j2": 2})
+    store.client.rpush(store.queue_key("bulk"), "m")
+    store.client.delete(store.stats_history_lock_key())
     assert record_if_due(store, 60, default_queues(store))
     kept = samples(store)
     assert len(kept) == 2 and kept[0]["t"] <= kept[1]["t"]

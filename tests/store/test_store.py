@@ -15,29 +15,32 @@ from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.config import load_settings
 from qwen_deploy.job_records import new_job_id
 from qwen_deploy.jobs import ClaimOutcome, JobStore
-from qwen_deploy.queues import BULK, GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
 from qwen_deploy.webhook_store import WebhookStore
 from web.services.files import FileStore
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
+BULK_QUEUE = Lane.BULK.queue
 
 
 def submit(store: JobStore, prompt: str = "hi") -> str:
     job_id = new_job_id()
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
     fields = {"type": "generation", "request": json.dumps({"prompt": prompt, "max_new_tokens": 4})}
-    assert store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True).status == "ok"
+    assert store.submit(job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True).status == "ok"
     return job_id
 
 
 def test_claim_runs_a_queued_job_once_and_drops_its_wake_up_message(store: JobStore) -> None:
     first, second = submit(store, "a"), submit(store, "b")
-    assert store.r.ttl(store.key(first)) == -1  # no TTL while not terminal
+    assert store.client.ttl(store.key(first)) == -1  # no TTL while not terminal
     claims = store.claim("host:1", lease=30, max_deliveries=2, room=8)
     assert [(c.outcome, c.job_id, json.loads(c.request)["prompt"], c.attempt) for c in claims] == [
         (ClaimOutcome.RUN, first, "a", 1),
         (ClaimOutcome.RUN, second, "b", 1),
     ]  # oldest first
-    assert store.r.llen(store.queue_key(INTERACTIVE)) == 0 and store.r.zcard(store.pending_key()) == 0
-    assert store.r.smembers(store.held_key("host:1")) == {first, second}
+    assert store.client.llen(store.queue_key(INTERACTIVE_QUEUE)) == 0 and store.client.zcard(store.pending_key()) == 0
+    assert store.client.smembers(store.held_key("host:1")) == {first, second}
     assert [c.outcome for c in store.claim("host:2", 30, 2, 1, job_id=first)] == ["busy"]
     assert [c.outcome for c in store.claim("host:1", 30, 2, 1, job_id=first)] == ["mine"]
     assert store.claim("host:2", 30, 2, 8) == []  # nothing left to claim
@@ -49,7 +52,7 @@ def test_cancel_while_queued_is_final_and_never_claimed(store: JobStore) -> None
     assert store.cancel(job) == "canceled"
     assert store.claim("host:1", 30, 2, 8) == []
     assert [c.outcome for c in store.claim("host:1", 30, 2, 1, job_id=job)] == ["skip"]
-    assert store.get(job)["deliveries"] == "0" and store.r.ttl(store.key(job)) > 0
+    assert store.get(job)["deliveries"] == "0" and store.client.ttl(store.key(job)) > 0
 
 
 def progress(store: JobStore, job: str, worker: str, text: str, ids: list[int]) -> int:
@@ -72,7 +75,7 @@ def test_only_the_holder_writes_and_finishes(store: JobStore) -> None:
     assert progress(store, job, "host:1", " more", [7]) == -1
     record = store.get(job)
     assert (record["status"], record["text"]) == ("canceled", " pass")
-    assert store.r.smembers(store.held_key("host:1")) == set()
+    assert store.client.smembers(store.held_key("host:1")) == set()
 
 
 def test_an_expired_lease_is_claimed_again_and_resumes(store: JobStore) -> None:
@@ -120,21 +123,21 @@ def test_claims_are_per_model(server: RedisServer) -> None:
     store = JobStore(client, "t", ttl=600, reap_after=60, default_model="demo")
     assert store.pending_key("demo") == store.pending_key() == "t:pending:interactive"
     assert store.pending_key("tiny") == "t:pending:interactive:tiny"
-    _, a = submit_for(store, "demo", INTERACTIVE)
+    _, a = submit_for(store, "demo", INTERACTIVE_QUEUE)
     _, b = submit_for(store, "tiny", "interactive.tiny")
-    assert store.r.zrange(store.pending_key("tiny"), 0, -1) == [b]
+    assert store.client.zrange(store.pending_key("tiny"), 0, -1) == [b]
     assert [(c.outcome, c.job_id) for c in store.claim("host:1", 30, 2, 8)] == [("run", a)]  # default model
     assert [(c.outcome, c.detail) for c in store.claim("host:1", 30, 2, 1, job_id=b)] == [("other", "tiny")]
-    assert store.get(b)["status"] == "queued" and store.r.llen(store.queue_key("interactive.tiny")) == 1
+    assert store.get(b)["status"] == "queued" and store.client.llen(store.queue_key("interactive.tiny")) == 1
     [got] = store.claim("host:2", 1, 2, 8, model="tiny")
-    assert (got.outcome, got.job_id) == ("run", b) and store.r.llen(store.queue_key("interactive.tiny")) == 0
-    store.r.zadd(store.active_key(), {a: 0, b: 0})  # both leases ran out (their workers vanished)
+    assert (got.outcome, got.job_id) == ("run", b) and store.client.llen(store.queue_key("interactive.tiny")) == 0
+    store.client.zadd(store.active_key(), {a: 0, b: 0})  # both leases ran out (their workers vanished)
     for job in (a, b):
-        store.r.hset(store.key(job), "lease_until", "0")
+        store.client.hset(store.key(job), "lease_until", "0")
     assert [c.job_id for c in store.claim("host:3", 30, 2, 8, model="tiny") if c.outcome == "run"] == [b]
     assert [c.job_id for c in store.claim("host:4", 30, 2, 8) if c.outcome == "run"] == [a]
     _, c = submit_for(store, "tiny", "interactive.tiny")
-    assert store.cancel(c) == "canceled" and store.r.zcard(store.pending_key("tiny")) == 0
+    assert store.cancel(c) == "canceled" and store.client.zcard(store.pending_key("tiny")) == 0
 
 
 def test_submit_caps_a_model_no_live_worker_serves(server: RedisServer) -> None:
@@ -151,15 +154,17 @@ def test_submit_caps_a_model_no_live_worker_serves(server: RedisServer) -> None:
 def test_two_deployments_share_one_database_by_prefix(store: JobStore) -> None:
     """Every key of a deployment is under its prefix, the Celery queue lists too: two prefixes on one
     database never see each other's queues, pending sets or claims."""
-    other = JobStore(store.r, "u", ttl=600, reap_after=60)
+    other = JobStore(store.client, "u", ttl=600, reap_after=60)
     mine, theirs = submit(store, "mine"), submit(other, "theirs")
-    assert store.queue_key(INTERACTIVE) == "t:interactive" and other.queue_key(INTERACTIVE) == "u:interactive"
-    assert store.r.llen("t:interactive") == 1 and store.r.llen("u:interactive") == 1
-    assert store.r.llen(INTERACTIVE) == 0  # nothing on the unprefixed list
+    assert (
+        store.queue_key(INTERACTIVE_QUEUE) == "t:interactive" and other.queue_key(INTERACTIVE_QUEUE) == "u:interactive"
+    )
+    assert store.client.llen("t:interactive") == 1 and store.client.llen("u:interactive") == 1
+    assert store.client.llen(INTERACTIVE_QUEUE) == 0  # nothing on the unprefixed list
     assert [c.job_id for c in store.claim("host:1", 30, 2, 8)] == [mine]
-    assert store.r.llen("t:interactive") == 0 and store.r.llen("u:interactive") == 1  # only its own wake-up
+    assert store.client.llen("t:interactive") == 0 and store.client.llen("u:interactive") == 1  # only its own wake-up
     assert [c.job_id for c in other.claim("host:2", 30, 2, 8)] == [theirs]
-    assert all(k.startswith(("t:", "u:")) for k in store.r.keys("*")), store.r.keys("*")
+    assert all(k.startswith(("t:", "u:")) for k in store.client.keys("*")), store.client.keys("*")
 
 
 def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: RedisServer) -> None:
@@ -178,7 +183,7 @@ def test_two_deployments_keep_batches_webhooks_files_and_workers_apart(server: R
             "owner": "o",
             "webhook": "http://127.0.0.1:9/hook",
         }
-        batches.create(batch_id, fields, ['{"line": 1}'], ['{"error": {}}'], [(BULK, "{}")])
+        batches.create(batch_id, fields, ['{"line": 1}'], ['{"error": {}}'], [(BULK_QUEUE, "{}")])
         assert batches.chunk_tries(batch_id, 0) == 1 and not batches.chunk_recorded(batch_id, 0)
         assert batches.notify(batch_id)  # the batch.completed delivery
         assert hooks.claim() == [f"msg_{batch_id}_completed"]  # only its own deployment's due set
@@ -228,10 +233,24 @@ def test_submit_stores_every_field_byte_for_byte(store: JobStore) -> None:
     job_id = new_job_id()
     odd = 'é 😀 \x00 "quoted" \\back\\ \u2028 {"json": [1]} ' + "x" * 5000
     fields = {"type": "generation", "request": json.dumps({"prompt": odd}), "webhook": odd, "n": 3, "none": None}
-    message = task_message(GENERATE_TASK, job_id, INTERACTIVE, [job_id])
-    assert store.submit(job_id, INTERACTIVE, message, fields, 100, engine=True).status == "ok"
+    message = task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, [job_id])
+    assert store.submit(job_id, INTERACTIVE_QUEUE, message, fields, 100, engine=True).status == "ok"
     record = store.get(job_id)
     assert record is not None
     assert record["webhook"] == odd and json.loads(record["request"]) == {"prompt": odd}
     assert record["n"] == "3" and "none" not in record and record["message"] == message
     assert record["status"] == "queued" and record["id"] == job_id
+
+
+def test_queue_and_index_upkeep_go_through_named_methods(store: JobStore) -> None:
+    """What the web and worker layers do to queues and the owner index, without the store's client."""
+    first = submit(store)
+    record = store.get(first)
+    assert record is not None and store.queue_length(INTERACTIVE_QUEUE) == 1
+    store.push_message(INTERACTIVE_QUEUE, "second")
+    assert store.queue_length(INTERACTIVE_QUEUE) == 2
+    assert store.client.lindex(store.queue_key(INTERACTIVE_QUEUE), 0) == "second"  # the end BRPOP reaches last
+    store.client.zadd(store.index_key("k"), {"job_a": 0, "job_b": 0, "job_c": 0})
+    store.forget_owned("k", ["job_a", "job_c"])
+    store.forget_owned("k", [])
+    assert store.owned_ids("k", None, 10) == ["job_b"]

@@ -14,8 +14,10 @@ from qwen_deploy.batches import BatchStore
 from qwen_deploy.cli.redis_server import RedisServer
 from qwen_deploy.job_records import new_job_id
 from qwen_deploy.jobs import JobStore
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
 from tests.store.test_tenants import ADMIN, K1, K2, auth, make_app
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
 
 
 @pytest.fixture()
@@ -62,13 +64,15 @@ def test_another_keys_batch_cannot_be_canceled(http: Any, db: redis.Redis) -> No
 
 def test_the_cancel_scripts_refuse_another_owner(store: JobStore) -> None:
     job = new_job_id()
-    message = task_message(GENERATE_TASK, job, INTERACTIVE, [job])
+    message = task_message(GENERATE_TASK, job, INTERACTIVE_QUEUE, [job])
     fields = {"type": "generation", "request": '{"prompt": "x"}'}
-    assert store.submit(job, INTERACTIVE, message, fields, 100, owner="owner-one", engine=True).status == "ok"
+    assert store.submit(job, INTERACTIVE_QUEUE, message, fields, 100, owner="owner-one", engine=True).status == "ok"
     assert store.cancel(job, "owner-two") == "missing"
-    assert store.r.hget(store.key(job), "status") == "queued" and not store.r.hexists(store.key(job), "cancel")
+    assert store.client.hget(store.key(job), "status") == "queued" and not store.client.hexists(
+        store.key(job), "cancel"
+    )
     assert store.cancel(job, "owner-one") == "canceled"
-    batches = BatchStore(store.r, "t")
+    batches = BatchStore(store.client, "t")
     fields = {"id": "batch_x", "status": "in_progress", "created_at": "1", "owner": "owner-one"}
     batches.create("batch_x", fields, [], [], [])
     assert batches.cancel("batch_x", "owner-two") == "missing"

@@ -54,9 +54,9 @@ def test_sentiment_requests_structured_output(demo_model: Path) -> None:
     body["response_format"]["json_schema"]["name"] = "changed"
     assert analyzer.response_format["json_schema"]["name"] == "sentiment"  # each body has its own copy
     stored = parse_job(analyzer.request({"text": "x"}), load_settings(environ={}))
-    assert stored["response_format"] == analyzer.response_format
+    assert stored.response_format == analyzer.response_format
     tok = AutoTokenizer.from_pretrained(demo_model)
-    constraint = compile_constraint(stored["response_format"], tok, 384)
+    constraint = compile_constraint(stored.response_format, tok, 384)
     for token in tok.encode('{"label": "neutral", "confidence": 0.5}', add_special_tokens=False):
         constraint.accept(token)
     assert constraint.is_done() and constraint.error is None

@@ -49,21 +49,21 @@ def test_text_system_prefill_and_sampling(settings: Settings) -> None:
         ),
         settings,
     )
-    assert req["messages"] == [
+    assert req.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Errors should never"},
         {"role": "assistant", "content": "pass"},
     ]
-    assert req["continue_final_message"] is True and req["stop"] == ["\n"] and req["max_new_tokens"] == 8
-    assert (req["temperature"], req["top_p"], req["top_k"]) == (0.5, 0.9, 5)
+    assert req.continue_final_message is True and req.stop == ["\n"] and req.max_new_tokens == 8
+    assert (req.temperature, req.top_p, req.top_k) == (0.5, 0.9, 5)
     plain = message_request(body(settings, system="", messages=[*ASK, {"role": "assistant", "content": ""}]), settings)
-    assert plain["messages"] == ASK and "continue_final_message" not in plain  # empty prefill and system dropped
+    assert plain.messages == ASK and "continue_final_message" not in plain.stored()  # empty prefill and system dropped
 
 
 def test_count_tokens_generates_nothing(settings: Settings) -> None:
     raw = body(settings)
     del raw["max_tokens"]
-    assert message_request(raw, settings, counting=True)["max_new_tokens"] == 0
+    assert message_request(raw, settings, counting=True).max_new_tokens == 0
     assert rejected(settings, raw).param == "max_tokens"
 
 
@@ -176,11 +176,11 @@ def test_tool_blocks_become_tool_messages(settings: Settings) -> None:
         ),
         settings,
     )
-    assert req["tools"] == [
+    assert req.tools == [
         {"type": "function", "function": {"name": "get_time", "description": "now", "parameters": {"type": "object"}}}
     ]
-    assert (req["tool_choice"], req["parallel_tool_calls"]) == ("required", False)
-    assert req["messages"][1:] == [
+    assert (req.tool_choice, req.parallel_tool_calls) == ("required", False)
+    assert (req.messages or [])[1:] == [
         {
             "role": "assistant",
             "content": "Let me look.",
@@ -191,7 +191,7 @@ def test_tool_blocks_become_tool_messages(settings: Settings) -> None:
         {"role": "tool", "content": "noon", "tool_call_id": "toolu_1"},
         {"role": "user", "content": "And now?"},
     ]
-    assert "continue_final_message" not in req
+    assert "continue_final_message" not in req.stored()
 
 
 def test_tool_use_and_thinking_blocks() -> None:

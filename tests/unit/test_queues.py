@@ -9,7 +9,9 @@ import pytest
 from celery import Celery
 
 from qwen_deploy.job_records import new_job_id
-from qwen_deploy.queues import GENERATE_TASK, INTERACTIVE, task_message
+from qwen_deploy.queues import GENERATE_TASK, Lane, task_message
+
+INTERACTIVE_QUEUE = Lane.INTERACTIVE.queue
 
 
 @pytest.mark.parametrize("kind", ["job", "micro-batch"])
@@ -17,7 +19,7 @@ def test_the_message_matches_celerys_own(kind: str) -> None:
     """A job's message (its id) and a micro-batch's (batch id, first and last line)."""
     job_id = new_job_id()
     args: list[object] = [job_id] if kind == "job" else [new_job_id().replace("job_", "batch_"), 0, 8]
-    ours = json.loads(task_message(GENERATE_TASK, job_id, INTERACTIVE, list(args), 60.0, 55.0))
+    ours = json.loads(task_message(GENERATE_TASK, job_id, INTERACTIVE_QUEUE, list(args), 60.0, 55.0))
     celery = Celery("reference", set_as_current=False)
     theirs = celery.amqp.as_task_v2(  # the app sets task_ignore_result: its messages say so
         job_id, GENERATE_TASK, args=list(args), time_limit=60.0, soft_time_limit=55.0, ignore_result=True
@@ -33,4 +35,4 @@ def test_the_message_matches_celerys_own(kind: str) -> None:
     assert isinstance(ours["headers"]["origin"], str) and ours["headers"]["origin"]
     assert {name: theirs.headers[name] for name in left_out} == left_out
     assert ours["properties"]["correlation_id"] == job_id
-    assert ours["properties"]["delivery_info"]["routing_key"] == INTERACTIVE
+    assert ours["properties"]["delivery_info"]["routing_key"] == INTERACTIVE_QUEUE

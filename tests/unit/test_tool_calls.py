@@ -235,5 +235,5 @@ def test_job_keeps_a_tool_exchange() -> None:
         {"messages": messages, "tools": [F], "tool_choice": "none", "chat_template_kwargs": {"x": 1}},
         load_settings(environ={}),
     )
-    assert req["messages"] == messages and req["tools"] == [F] and req["tool_choice"] == "none"
-    assert req["chat_template_kwargs"] == {"x": 1}
+    assert req.messages == messages and req.tools == [F] and req.tool_choice == "none"
+    assert req.chat_template_kwargs == {"x": 1}

@@ -55,7 +55,7 @@ def create_message() -> Response:
     """Anthropic's Messages API over one job (`stream: true`: Anthropic's server-sent events)."""
     body = read_json(request)
     req = message_request(body, current_services().settings)
-    stops, model = list(req.get("stop") or []), body["model"]
+    stops, model = list(req.stop), body["model"]
     slot = open_stream() if body.get("stream") else None  # 429 before any job exists
     try:
         job, _ = submit_request(req, request.headers.get("Idempotency-Key"))
@@ -65,7 +65,7 @@ def create_message() -> Response:
         raise
     g.openai_job_id = job["id"]
     if slot is not None:
-        events = stream_with_context(counted(stream(job, model, stops, tool_calls.mode(req)), slot))
+        events = stream_with_context(counted(stream(job, model, stops, tool_calls.mode(req.tool_fields())), slot))
         return Response(
             events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )

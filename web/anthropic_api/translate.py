@@ -14,6 +14,7 @@ from typing import Any
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, BadRequest
+from qwen_deploy.requests import GenerationRequest
 from web.schemas import parse_job, public_id
 
 # Fields of a request that become job fields (request name → job name).
@@ -230,7 +231,7 @@ def _renamed(err: AppError) -> BadRequest:
     return BadRequest(message, code=err.code, param=param or None)
 
 
-def message_request(body: Any, settings: Settings, *, counting: bool = False) -> dict[str, Any]:
+def message_request(body: Any, settings: Settings, *, counting: bool = False) -> GenerationRequest:
     """A Messages body → a validated job request. `counting` (count_tokens): `max_tokens` is optional and
     the job generates nothing (max_new_tokens 0: the worker only applies the chat template and tokenizes)."""
     body = _check(body)
@@ -257,5 +258,5 @@ def message_request(body: Any, settings: Settings, *, counting: bool = False) ->
             raise
         raise _renamed(err) from None
     if counting:
-        req["max_new_tokens"] = 0
+        req.max_new_tokens = 0
     return req

@@ -11,6 +11,7 @@ from qwen_deploy.batches import BATCH_ID_PREFIX, ERROR_FILE, OUTPUT_FILE
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest, NotFound, Unprocessable
 from qwen_deploy.job_records import valid_id
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.served import find_model
 from web.batch_lines import jsonl_lines, parse_lines
 from web.context import current_services
@@ -42,11 +43,11 @@ def line_endpoint(items: list[tuple[int, Any]]) -> str:
     return urls.pop() if urls else JOBS
 
 
-def line_request(url: str, body: Any, settings: Settings) -> dict[str, Any]:
+def line_request(url: str, body: Any, settings: Settings) -> GenerationRequest:
     """The job request of a batch line sent to `url`, on a model whose task takes it (400 `wrong_model_task`)."""
     if url != EMBEDDINGS:
         req = job_request(url, body, settings)
-        served = find_model(settings, req.get("model"))
+        served = find_model(settings, req.model)
         if served is not None:
             check_task(served, req)
         return req

@@ -12,6 +12,7 @@ from qwen_deploy import tool_calls
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, BadRequest, GatewayTimeout
 from qwen_deploy.jobs import TERMINAL
+from qwen_deploy.requests import GenerationRequest
 from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
@@ -174,7 +175,7 @@ def stream(
         raise
 
 
-def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> Response:
+def _serve(kind: str, translate: Callable[[Any, Settings], GenerationRequest]) -> Response:
     body = read_json(request)
     req = translate(body, current_services().settings)
     slot = open_stream() if body.get("stream") else None  # 429 past the cap, before a job is made
@@ -183,8 +184,8 @@ def _serve(kind: str, translate: Callable[[Any, Settings], dict[str, Any]]) -> R
     model = body["model"]
     if slot is not None:
         include = bool((body.get("stream_options") or {}).get("include_usage"))
-        tool_mode = tool_calls.mode(req)
-        events = stream_with_context(counted(stream(job, model, kind, int(req.get("n", 1)), include, tool_mode), slot))
+        tool_mode = tool_calls.mode(req.tool_fields())
+        events = stream_with_context(counted(stream(job, model, kind, req.n, include, tool_mode), slot))
         return Response(
             events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )

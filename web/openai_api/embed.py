@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import BadRequest
+from qwen_deploy.requests import GenerationRequest
 from web.openai_api.translate import check_model, unsupported
 from web.schemas import check_task, pick_model
 
@@ -88,7 +89,7 @@ def _inputs(value: Any) -> list[str | list[int]]:
     return items
 
 
-def embedding_request(body: Any, settings: Settings) -> dict[str, Any]:
+def embedding_request(body: Any, settings: Settings) -> GenerationRequest:
     """The stored job request of an embeddings body (the route's and a batch line's)."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_type")
@@ -105,13 +106,14 @@ def embedding_request(body: Any, settings: Settings) -> dict[str, Any]:
         raise BadRequest("encoding_format must be float or base64", code="invalid_value", param="encoding_format")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise BadRequest("user must be a string", code="invalid_type", param="user")
-    req: dict[str, Any] = {
-        "prompt": inputs,  # always a list of inputs: the worker answers one vector each, in order
-        "embed": True,
-        "max_new_tokens": 0,
-        "encoding_format": encoding,
-        "model": served.alias,
-    }
+    # always a list of inputs: the worker answers one vector each, in order
+    req = GenerationRequest(
+        prompt=inputs,  # type: ignore[arg-type]  # texts and token-id lists mixed: fine for embeddings
+        embed=True,
+        max_new_tokens=0,
+        encoding_format=encoding,
+        model=served.alias,
+    )
     check_task(served, req)
     dimensions = body.get("dimensions")
     if dimensions is not None:
@@ -124,7 +126,7 @@ def embedding_request(body: Any, settings: Settings) -> dict[str, Any]:
                 code="invalid_value",
                 param="dimensions",
             )
-        req["dimensions"] = dimensions
+        req.dimensions = dimensions
     return req
 
 

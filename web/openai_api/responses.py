@@ -12,6 +12,7 @@ from qwen_deploy import tool_calls
 from qwen_deploy.errors import BadRequest, NotFound
 from qwen_deploy.job_records import JOB_ID_PREFIX, valid_id
 from qwen_deploy.jobs import TERMINAL
+from qwen_deploy.requests import GenerationRequest
 from web.auth import current_owner
 from web.context import current_services
 from web.job_options import service_tier_options
@@ -213,7 +214,7 @@ def _meta(job_id: str) -> dict[str, Any]:
     return json.loads(raw.get("response") or "{}")
 
 
-def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _request(body: Any) -> tuple[GenerationRequest, dict[str, Any]]:
     """(job request, response fields) for a responses.create body."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_type")
@@ -244,7 +245,7 @@ def _request(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         key: body.get(key) for key in ("model", "instructions", "max_output_tokens", "temperature", "top_p", "metadata")
     }
     meta.update({key: body[key] for key in ("tools", "tool_choice", "parallel_tool_calls") if key in body})
-    meta["tool_mode"] = tool_calls.mode(req)
+    meta["tool_mode"] = tool_calls.mode(req.tool_fields())
     meta["background"] = bool(body.get("background"))
     return req, meta
 

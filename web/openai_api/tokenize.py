@@ -72,7 +72,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     """The finished job's only choice, for a request that generates nothing."""
     settings = current_services().settings
     req = validated(job, {}, settings)
-    req["max_new_tokens"] = 0
+    req.max_new_tokens = 0
     submitted, _ = submit_request(req, request.headers.get("Idempotency-Key"))
     g.openai_job_id = submitted["id"]
     return choices(finished(submitted["id"]))[0]

@@ -1,4 +1,4 @@
-"""OpenAI request bodies → job requests (the same dict `POST /v1/jobs` stores), with OpenAI-style 400s."""
+"""OpenAI request bodies → job requests (the `GenerationRequest` `POST /v1/jobs` stores), with OpenAI-style 400s."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from qwen_deploy.config import Settings
 from qwen_deploy.errors import AppError, BadRequest, ModelNotFound
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.served import served_models
 from web.schemas import JobCreate, parse_job, public_id
 
@@ -131,7 +132,7 @@ def check_keys(body: dict[str, Any], allowed: frozenset[str]) -> None:
             raise unsupported(key, f"is supported only as {NEUTRAL[key][0]!r}")
 
 
-def validated(job: dict[str, Any], renames: dict[str, str], settings: Settings) -> dict[str, Any]:
+def validated(job: dict[str, Any], renames: dict[str, str], settings: Settings) -> GenerationRequest:
     """parse_job, with 422s turned into OpenAI's 400 and job field names into the request's."""
     response_format = job.pop("response_format", None)
     if response_format is not None and "response_format" in JobCreate.model_fields:
@@ -150,7 +151,7 @@ def validated(job: dict[str, Any], renames: dict[str, str], settings: Settings) 
             message = message.replace(head, renames[head])
         raise BadRequest(message, code=err.code, param=param or None) from None
     if response_format is not None:
-        req["response_format"] = response_format
+        req.response_format = response_format
     return req
 
 
@@ -170,7 +171,7 @@ def _common(body: dict[str, Any], job: dict[str, Any], renames: dict[str, str]) 
         raise BadRequest("stream must be a boolean", code="invalid_type", param="stream")
 
 
-def chat_request(body: Any, settings: Settings) -> dict[str, Any]:
+def chat_request(body: Any, settings: Settings) -> GenerationRequest:
     """A chat.completions body → a validated job request."""
     body = _object(body)
     check_keys(body, CHAT_KEYS)
@@ -186,7 +187,7 @@ def chat_request(body: Any, settings: Settings) -> dict[str, Any]:
     return validated(job, renames, settings)
 
 
-def completion_request(body: Any, settings: Settings) -> dict[str, Any]:
+def completion_request(body: Any, settings: Settings) -> GenerationRequest:
     """A completions body → a validated job request (`logprobs: k` → logprobs with k alternatives)."""
     body = _object(body)
     check_keys(body, COMPLETION_KEYS)
@@ -237,7 +238,7 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...], renames: dict[str,
 TRANSLATORS = {CHAT: chat_request, COMPLETIONS: completion_request}
 
 
-def job_request(url: str, body: Any, settings: Settings) -> dict[str, Any]:
+def job_request(url: str, body: Any, settings: Settings) -> GenerationRequest:
     """The job request for a batch line sent to `url` (/v1/jobs, /v1/chat/completions or /v1/completions)."""
     if url == JOBS:
         return parse_job(body, settings)

@@ -19,6 +19,7 @@ from qwen_deploy.jsontext import dumps
 from qwen_deploy.lifecycle import estimate
 from qwen_deploy.logs import event
 from qwen_deploy.queues import GENERATE_TASK, task_message
+from qwen_deploy.requests import GenerationRequest
 from qwen_deploy.webhooks import check_request
 from web.auth import current_owner
 from web.context import current_services
@@ -63,10 +64,12 @@ def enqueue(
     model: str | None = None,
     options: JobOptions | None = None,
     extra: Mapping[str, str] | None = None,
+    fair: float = 0.0,
 ) -> tuple[dict[str, Any], bool]:
     """Record and enqueue a job in one Redis round trip; return (job object, replayed). A generation job
     (`engine`) for `model` goes onto that model's pending set; while no live worker serves it, only
-    `limits.max_queued_unserved` such jobs are accepted. `extra`: more record fields (webhook, retry_of...)."""
+    `limits.max_queued_unserved` such jobs are accepted. `extra`: more record fields (webhook, retry_of...);
+    `fair`: the job's cost on its key's fair-queueing clock (see fair_cost)."""
     extra = extra or {}
     svc = current_services()
     job_id = new_job_id()
@@ -101,7 +104,7 @@ def enqueue(
         unserved_cap=svc.settings.limits.max_queued_unserved if engine else None,
         priority=options.priority,
         deadline=deadline,
-        fair_cost=fair_cost(req, svc.settings),
+        fair_cost=fair,
     )
     if result.status == "ok" and "output" in extra.get("webhook_events_filter", ""):
         svc.webhooks.watch_output(job_id)
@@ -128,14 +131,14 @@ def enqueue(
     return job, False
 
 
-def fair_cost(req: dict[str, Any], settings: Settings) -> float:
+def fair_cost(req: GenerationRequest, settings: Settings) -> float:
     """Seconds of its key's virtual clock a generation job takes (0: no fair queueing): the tokens it may
     generate plus an estimate of its prompt's (a character in four, at most the `max_prompt_tokens` kept)."""
     rate = settings.limits.fair_tokens_per_second
-    texts = [req.get("prompt")] + [m.get("content") for m in req.get("messages") or () if isinstance(m, dict)]
+    texts = [req.prompt] + [m.get("content") for m in req.messages or () if isinstance(m, dict)]
     chars = sum(len(t) if isinstance(t, str) else len(dumps(t)) for t in texts if t)
     prompt = min(chars // 4, settings.generation.max_prompt_tokens)
-    tokens = int(req.get("max_new_tokens") or 0) * int(req.get("n") or 1) + prompt
+    tokens = req.max_new_tokens * (req.n or 1) + prompt
     return tokens / rate if rate and tokens else 0.0
 
 
@@ -148,22 +151,23 @@ def submit_job(body: Any, idempotency_key: str | None) -> tuple[dict[str, Any], 
 
 
 def submit_request(
-    req: dict[str, Any], idempotency_key: str | None, options: JobOptions | None = None, **extra: str
+    req: GenerationRequest, idempotency_key: str | None, options: JobOptions | None = None, **extra: str
 ) -> tuple[dict[str, Any], bool]:
     """Enqueue an already validated generation request (see parse_job) on its model's interactive queue."""
     settings = current_services().settings
-    lim, req = settings.limits, dict(req)
-    served = pick_model(req.pop("model", None), settings)  # parse_job checked it: a configured or registered model
+    lim = settings.limits
+    served = pick_model(req.model, settings)  # parse_job checked it: a configured or registered model
     check_task(served, req)
     return enqueue(
         "generation",
         GENERATE_TASK,
         served.interactive,
-        req,
+        req.stored(model=False),
         (lim.hard_time_limit, lim.soft_time_limit),
         idempotency_key,
         engine=True,
         model=served.alias,
         options=options,
-        extra={"max_new_tokens": str(req["max_new_tokens"]), **extra},
+        extra={"max_new_tokens": str(req.max_new_tokens), **extra},
+        fair=fair_cost(req, settings),
     )

@@ -5,6 +5,6 @@ and cache touch), `sampler` (token choice for the whole batch), `detok` (text, s
 
 from worker.engine.core import Engine
 from worker.engine.detok import stable_text
-from worker.engine.sequence import BULK, INTERACTIVE, Sampling, Seq, SeqStatus
+from worker.engine.sequence import Sampling, Seq, SeqStatus
 
-__all__ = ["BULK", "INTERACTIVE", "Engine", "Sampling", "Seq", "SeqStatus", "stable_text"]
+__all__ = ["Engine", "Sampling", "Seq", "SeqStatus", "stable_text"]

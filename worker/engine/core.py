@@ -21,14 +21,15 @@ from typing import Any
 import torch
 
 from qwen_deploy.adapters import AdapterError
+from qwen_deploy.queues import Lane
 from worker.engine import detok
 from worker.engine.lean import lean_forward_for
 from worker.engine.prefix_cache import Prefix, prefix_cache_for, remember, row_kv
 from worker.engine.runner import KVBatch, decode, embed, prefill, repeat_rows
 from worker.engine.sampler import RowPlan, choose
-from worker.engine.scheduler import Lane, Scheduler, by_length
+from worker.engine.scheduler import LaneState, Scheduler, by_length
 from worker.engine.scoring import prompt_scores
-from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
+from worker.engine.sequence import Seq, SeqStatus
 from worker.lora import AdapterSet
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,10 @@ class Engine:
     def __len__(self) -> int:
         return len(self.scheduler)
 
-    def rows(self, priority: int | None = None) -> int:
+    def rows(self, priority: Lane | None = None) -> int:
         return self.scheduler.rows(priority)
 
-    def room(self, priority: int = INTERACTIVE) -> int:
+    def room(self, priority: Lane = Lane.INTERACTIVE) -> int:
         return self.scheduler.room(priority)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -90,17 +91,17 @@ class Engine:
         lanes = self.scheduler.lanes
         for lane in lanes.values():
             self._sweep(lane, now, finished)
-        self._admit(lanes[INTERACTIVE], now, finished)
+        self._admit(lanes[Lane.INTERACTIVE], now, finished)
         bulk_turn = self.scheduler.bulk_turn(self.steps)
         if bulk_turn:
-            self._admit(lanes[BULK], now, finished)
+            self._admit(lanes[Lane.BULK], now, finished)
         for p, lane in lanes.items():
-            if lane.running and (p == INTERACTIVE or bulk_turn):
+            if lane.running and (p == Lane.INTERACTIVE or bulk_turn):
                 self._decode(lane, finished)
         self.steps += 1
         return finished
 
-    def _sweep(self, lane: Lane, now: float, finished: list[Seq]) -> None:
+    def _sweep(self, lane: LaneState, now: float, finished: list[Seq]) -> None:
         """End canceled or late sequences, waiting or running, without a forward."""
         ended, stopped = self.scheduler.expired(lane, now)
         for seq, reason in ended:
@@ -108,7 +109,7 @@ class Engine:
         if stopped:
             lane.drop(stopped)
 
-    def _admit(self, lane: Lane, now: float, finished: list[Seq]) -> None:
+    def _admit(self, lane: LaneState, now: float, finished: list[Seq]) -> None:
         if not lane.waiting:
             return
         joining, complete = self.scheduler.admit(lane, now)
@@ -128,7 +129,7 @@ class Engine:
                 raise
 
     # -- LoRA hooks: which adapter each row of a forward runs ----------------------------------------
-    def _resident(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> list[Seq]:
+    def _resident(self, lane: LaneState, joining: list[Seq], finished: list[Seq]) -> list[Seq]:
         """The arrivals whose adapter is resident (loaded now if needed); those whose adapter has no room
         (every resident one in use) wait; one whose adapter does not load fails."""
         assert self.adapters is not None
@@ -169,7 +170,7 @@ class Engine:
         beside = joining[-1].context() if joining and joining[-1].adapter == seq.adapter else None
         return self.prefix_cache.uncached(seq.context(), beside, self._ns(seq))
 
-    def _with_prefixes(self, lane: Lane, joining: list[Seq]) -> Groups:
+    def _with_prefixes(self, lane: LaneState, joining: list[Seq]) -> Groups:
         """Prefill groups, each continuing one reused prefix (cached, or shared by several arrivals and computed
         once here) under one adapter; without a prefix cache, the groups by length alone. Rows that score their
         prompt (echo with logprobs) compute every position: groups of their own, with no prefix; so do rows that
@@ -209,7 +210,9 @@ class Engine:
         batch, _ = prefill(self.model, [list(ids[base.length if base else 0 :])], self.pad_id, base, self.lean)
         return row_kv(batch.cache.layers, 0, 0, len(ids))
 
-    def _prefill_fitting(self, lane: Lane, group: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
+    def _prefill_fitting(
+        self, lane: LaneState, group: list[Seq], finished: list[Seq], prefix: Prefix | None = None
+    ) -> None:
         """Prefill; out of memory, halve the group and try each half. A lone sequence that still does not fit
         waits while other rows hold memory, and fails alone when nothing else runs."""
         try:
@@ -230,7 +233,7 @@ class Engine:
             else:
                 self._finish(group[0], "error", finished)
 
-    def _prefill(self, lane: Lane, joining: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
+    def _prefill(self, lane: LaneState, joining: list[Seq], finished: list[Seq], prefix: Prefix | None = None) -> None:
         """One left-padded forward for sequences of similar length (continuing one reused prefix), then merge
         them into the batch."""
         if joining[0].pooling is not None:  # embedding rows (grouped apart): pooled, then done
@@ -280,7 +283,7 @@ class Engine:
         lane.batch.merge(group)
         lane.join([joining[i] for i in kept])
 
-    def _embed(self, lane: Lane, joining: list[Seq], finished: list[Seq]) -> None:
+    def _embed(self, lane: LaneState, joining: list[Seq], finished: list[Seq]) -> None:
         """One forward of the rows' prompts, no KV kept: each row's pooled vector, and the row is finished."""
         try:
             vectors = embed(self.model, [s.prompt for s in joining], self.pad_id, joining[0].pooling).cpu()
@@ -293,7 +296,7 @@ class Engine:
             seq.embedding = vector
             self._finish(seq, "length", finished)
 
-    def _decode(self, lane: Lane, finished: list[Seq]) -> None:
+    def _decode(self, lane: LaneState, finished: list[Seq]) -> None:
         while True:
             try:
                 self._bind(lane.running)
@@ -310,7 +313,7 @@ class Engine:
         if done:
             lane.drop(done)
 
-    def _shrink(self, lane: Lane, finished: list[Seq]) -> bool:
+    def _shrink(self, lane: LaneState, finished: list[Seq]) -> bool:
         """Out of memory in a decode step: the newest half of the rows go back to wait (their tokens kept: they
         rejoin with a prefill of prompt + output); a lone row that does not fit fails alone."""
         rows = lane.running

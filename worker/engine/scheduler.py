@@ -10,16 +10,17 @@ import math
 from collections import deque
 from collections.abc import Callable
 
+from qwen_deploy.queues import Lane
 from worker.engine.runner import KVBatch
-from worker.engine.sequence import BULK, INTERACTIVE, Seq, SeqStatus
+from worker.engine.sequence import Seq, SeqStatus
 
 CALM_STEPS = 16
 
 
-class Lane:
+class LaneState:
     """One priority class: waiting sequences, running rows (in KV-batch row order) and their batch."""
 
-    def __init__(self, priority: int) -> None:
+    def __init__(self, priority: Lane) -> None:
         self.priority = priority
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -83,7 +84,7 @@ class Scheduler:
     ) -> None:
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
         self.bulk_every, self.max_prefill_tokens = max(1, bulk_every), max_prefill_tokens
-        self.lanes = {INTERACTIVE: Lane(INTERACTIVE), BULK: Lane(BULK)}
+        self.lanes = {lane: LaneState(lane) for lane in Lane}
         # What an arrival's prefill computes (the prefix cache serves the rest); default: its whole context.
         self.uncached = uncached or (lambda seq, joining: len(seq.context()))
 
@@ -97,20 +98,20 @@ class Scheduler:
     def __len__(self) -> int:
         return sum(len(lane.running) + len(lane.waiting) for lane in self.lanes.values())
 
-    def rows(self, priority: int | None = None) -> int:
+    def rows(self, priority: Lane | None = None) -> int:
         classes = tuple(self.lanes) if priority is None else (priority,)
         return sum(len(self.lanes[p].running) for p in classes)
 
-    def room(self, priority: int = INTERACTIVE) -> int:
+    def room(self, priority: Lane = Lane.INTERACTIVE) -> int:
         """How many more sequences of a class fit (waiting ones count): each class has `max_batch` rows,
         so a full micro-batch never keeps an interactive job out."""
         return max(0, self.max_batch - self.rows(priority) - len(self.lanes[priority].waiting))
 
     def bulk_turn(self, step: int) -> bool:
         """While interactive rows run, bulk rows (their prefills too) get one step in `bulk_every`."""
-        return not self.lanes[INTERACTIVE].running or step % self.bulk_every == 0
+        return not self.lanes[Lane.INTERACTIVE].running or step % self.bulk_every == 0
 
-    def expired(self, lane: Lane, now: float) -> tuple[list[tuple[Seq, str]], list[Seq]]:
+    def expired(self, lane: LaneState, now: float) -> tuple[list[tuple[Seq, str]], list[Seq]]:
         """Canceled or late sequences: (seq, reason) to finish, and which of them were running rows."""
         ended: list[tuple[Seq, str]] = []
         for seq in list(lane.waiting):
@@ -125,7 +126,7 @@ class Scheduler:
                 stopped.append(seq)
         return ended, stopped
 
-    def admit(self, lane: Lane, now: float) -> tuple[list[Seq], list[Seq]]:
+    def admit(self, lane: LaneState, now: float) -> tuple[list[Seq], list[Seq]]:
         """Take arrivals off the queue within the budgets: the sequences joining (the engine groups them for
         prefill), and the resumed sequences that have nothing left to generate (to finish with "length")."""
         waiting = lane.waiting

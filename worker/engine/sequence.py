@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
+from qwen_deploy.queues import Lane
 from worker.engine.detok import Detokenizer
-
-INTERACTIVE, BULK = 0, 1  # priority classes: each has its own lane (waiting queue, running rows, KV batch)
 
 
 class SeqStatus(enum.Enum):
@@ -79,7 +78,7 @@ class Seq:
     budget: float = math.inf  # seconds of generation from admission
     top_logprobs: int = -1  # -1 none; else the chosen token's logprob and this many alternatives
     constraint: Any = None
-    priority: int = INTERACTIVE
+    priority: Lane = Lane.INTERACTIVE
     tag: Any = None  # the owner's handle (job id and sample index, batch line, ...)
     out: list[int] = field(default_factory=list)  # generated ids (non-empty when resuming)
     logprobs: list[Any] = field(default_factory=list)

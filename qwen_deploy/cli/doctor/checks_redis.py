@@ -9,9 +9,9 @@ from qwen_deploy.cli.common import redacted
 from qwen_deploy.cli.doctor.context import Context, Outcome, passed
 from qwen_deploy.connections import is_sentinel
 from qwen_deploy.keys import queue_key
-from qwen_deploy.queues import BULK, CONVERT, INTERACTIVE
+from qwen_deploy.queues import CONVERT, Lane
 
-QUEUES = (INTERACTIVE, BULK, CONVERT)
+QUEUES = (Lane.INTERACTIVE.queue, Lane.BULK.queue, CONVERT)
 QUEUE_WARN_FRACTION = 0.8  # of limits.max_queue_depth
 FIX_REDIS = "start Redis or set REDIS_URL (qwen-deploy up starts an embedded one)"
 
@@ -80,6 +80,6 @@ def check_workers(ctx: Context) -> Outcome:
 def check_queues(ctx: Context) -> Outcome:
     lengths = {q: int(ctx.redis.llen(queue_key(ctx.settings.key_prefix, q))) for q in QUEUES}
     detail = ", ".join(f"{q} {n}" for q, n in lengths.items())
-    if lengths[INTERACTIVE] >= QUEUE_WARN_FRACTION * ctx.settings.limits.max_queue_depth:
+    if lengths[Lane.INTERACTIVE.queue] >= QUEUE_WARN_FRACTION * ctx.settings.limits.max_queue_depth:
         return "warn", f"{detail}: near limits.max_queue_depth", "add workers or raise limits.max_queue_depth"
     return passed(detail)
