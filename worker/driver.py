@@ -34,6 +34,7 @@ from qwen_deploy.logs import event
 from qwen_deploy.reaper import drop_unacked, unacked_tags
 from qwen_deploy.requests import GenerationRequest, InvalidRequest
 from qwen_deploy.served import Served
+from qwen_deploy.states import GENERATION_FAILED
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import ModelHandler
 from worker.running import RunningJob, holder_alive, last_deltas, other_deltas, terminal_state
@@ -328,8 +329,14 @@ class Driver:
         if job.lost:
             event(log, "job.dropped", logging.WARNING, id=job.job_id, reason="no longer held by this worker")
             return
-        result = self.handler.result(job.seqs, job.prompt_tokens, job.truncated, job.req)
-        status, fields = terminal_state(job, result)
+        try:
+            result = self.handler.result(job.seqs, job.prompt_tokens, job.truncated, job.req)
+            status, fields = terminal_state(job, result)
+        except Exception:  # its result cannot be built: the job fails alone (never retried at every step)
+            log.exception("job %s: building its result failed", job.job_id)
+            self.store.finish(job.job_id, "failed", {"error": GENERATION_FAILED}, holder=self.worker)
+            event(log, "job.finished", logging.ERROR, id=job.job_id, queue="interactive", status="failed")
+            return
         delta = result.text[len(job.sent) :] if result.text.startswith(job.sent) else ""
         others = last_deltas(job, [c["text"] for c in result.choices]) if len(job.seqs) > 1 else []
         self.store.finish(
