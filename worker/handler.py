@@ -18,6 +18,7 @@ from qwen_deploy.config import Settings
 from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.engine import INTERACTIVE, Engine, Sampling, Seq
+from worker.engine.lean import unsupported
 from worker.hub_access import load_options
 from worker.lora import AdapterSet
 from worker.structured import compile_constraint
@@ -195,7 +196,8 @@ class ModelHandler:
             threads=threads,
         )
         if cfg.pack_cpu_weights:  # bf16 on a CPU: linear weights packed once for oneDNN (a no-op elsewhere)
-            packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
+            lean = self.settings.engine.lean_forward == "auto" and unsupported(self.model) is None
+            packed = pack_linear_weights(self.model, self.settings.engine.max_batch, fuse=lean)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
         self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path])
