@@ -21,6 +21,7 @@ from worker.cpu_weights import pack_linear_weights
 from worker.device import pick_device, pick_dtype
 from worker.embedding import embed_sequences, embedding_choices, model_pooling
 from worker.engine import Engine, Sampling, Seq
+from worker.engine.lean import unsupported
 from worker.engine.pooling import Pooling
 from worker.hub_access import load_options
 from worker.lora import AdapterSet
@@ -128,7 +129,8 @@ class ModelHandler:
             threads=threads,
         )
         if cfg.pack_cpu_weights:  # bf16 on a CPU: linear weights packed once for oneDNN (a no-op elsewhere)
-            packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
+            lean = self.settings.engine.lean_forward == "auto" and unsupported(self.model) is None
+            packed = pack_linear_weights(self.model, self.settings.engine.max_batch, fuse=lean)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
         if cfg.task == "embed":  # embeddings run no adapter, reuse no prefix and need no lean decode

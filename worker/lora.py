@@ -51,7 +51,10 @@ class LoraLinear(torch.nn.Module):
         self.deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter id -> (A [r, in], scale * B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        return self.add_deltas(x, self.base(x))
+
+    def add_deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (the base projection of `x`) plus the deltas of the rows' adapters."""
         ctx = self.context
         if not ctx.groups or not self.deltas:
             return out

@@ -206,3 +206,38 @@ def test_export_keep_lora_checks_and_writes_the_adapter(lora_setup: dict, tmp_pa
     with pytest.raises(AdapterError, match="maps"):
         export_adapter(lora_setup["adapters"]["a3"], other, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_adapter_on_fused_projections(lora_setup: dict) -> None:
+    """bf16 on a CPU packs q/k/v and gate/up as one matrix each: the lean forward adds each wrapped projection's
+    delta to its share of the fused output, as the unfused model does, and base rows stay the base's."""
+    from worker.cpu_weights import packing_available
+    from worker.engine import runner
+    from worker.lora import AdapterSet
+
+    if not packing_available():
+        pytest.skip("no oneDNN weight packing in this torch")
+    base = str(lora_setup["base"])
+    plain = make_handler(base, model={"name_or_path": base, "threads": 1, "dtype": "bf16", "pack_cpu_weights": False})
+    fused = make_handler(base, dtype="bf16")
+    if getattr(fused.model.model.layers[0].self_attn, "fused_qkv", None) is None:
+        pytest.skip("this CPU's oneDNN refused to pack the projections")
+    prompts = [[3, 17, 42, 7, 99, 5, 11, 23]] * 3
+    outs = []
+    for h in (plain, fused):
+        adapters = AdapterSet(h.model, 2)
+        adapters.register("a2", str(lora_setup["adapters"]["a2"]))
+        assert adapters.ensure("a2", set())
+        lean = h.engine().lean
+        assert lean is not None
+        with torch.inference_mode():
+            adapters.bind(["a2", None, "a2"])
+            _, adapted = runner.prefill(h.model, prompts, 0, lean=lean)
+            adapters.bind([None, None, None])
+            _, base_logits = runner.prefill(h.model, prompts, 0, lean=lean)
+        outs.append((adapted.float(), base_logits.float()))
+    (adapted, base_logits), (adapted_fused, base_fused) = outs
+    assert (adapted[0] - base_logits[0]).abs().max() > 0.5  # the adapter changes the logits
+    torch.testing.assert_close(adapted_fused, adapted, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(adapted_fused[1], base_fused[1])  # the base row of the mixed batch
+    torch.testing.assert_close(base_fused, base_logits, atol=0.05, rtol=0.05)

@@ -5,7 +5,8 @@ transformers' forward builds a mask for every layer, dispatches attention throug
 output hooks and wraps every result in a dataclass: at the few rows of a decode step that Python is most of the
 step on a CPU (a step of a SmolLM2-135M-shaped model took ~20-40 ms where its weights take ~6.5 ms to read in
 bf16). Here one step is: the embedding, the rotary cos/sin once (the model's own rotary module), per layer an
-RMSNorm, the q/k/v projections (called as modules: other code wraps them), RoPE, the cache update, one
+RMSNorm, the q/k/v projections (called as modules: other code wraps them; one matmul where they are packed as one,
+plus what a wrapper adds), RoPE, the cache update, one
 `scaled_dot_product_attention` under one mask built once per step (no mask at all when no row is padded and one
 position is fed; in a decode step the query heads that share a kv head are that head's query positions: torch's
 CPU attention kernel took 1.3 ms for 32 rows of 9 heads over 40 positions in bf16 with `enable_gqa`, 0.36 ms
@@ -99,6 +100,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
 
 
+def _delta(module: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out`, a fused projection's share of `x`, plus what a wrapper of that projection adds (a LoRA adapter's
+    delta: `add_deltas`); `out` as it is for a plain projection."""
+    add = getattr(module, "add_deltas", None)
+    return out if add is None else add(x, out)
+
+
 def step_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
     """The attention mask of one forward [B, 1, q, kv] (True: attend) from the 2-D mask [B, kv] (1: a real
     position, the last `q` columns the fed ones): causal, real keys only. A fed padding position attends to itself
@@ -166,9 +174,13 @@ class LeanForward:
         shape = (b, q, -1, self.head_dim)
         for i, (attn, mlp, in_norm, post_norm, q_norm, k_norm) in enumerate(self.layers):
             x = _rms_norm(h, in_norm)
-            qs = attn.q_proj(x).view(shape)
-            ks = attn.k_proj(x).view(shape)
-            vs = attn.v_proj(x).view(shape).transpose(1, 2)
+            qkv = getattr(attn, "fused_qkv", None)
+            if qkv is not None:  # q/k/v packed as one matrix (worker/cpu_weights.py): one matmul, then split
+                qs, ks, vs = qkv.split(qkv(x))
+                qs, ks, vs = _delta(attn.q_proj, x, qs), _delta(attn.k_proj, x, ks), _delta(attn.v_proj, x, vs)
+            else:
+                qs, ks, vs = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            qs, ks, vs = qs.view(shape), ks.view(shape), vs.view(shape).transpose(1, 2)
             if q_norm is not None and k_norm is not None:
                 qs, ks = _rms_norm(qs, q_norm), _rms_norm(ks, k_norm)
             qs = _rope(qs.transpose(1, 2), cos, sin)
@@ -184,7 +196,13 @@ class LeanForward:
                 )
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, q, -1))
             x = _rms_norm(h, post_norm)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            gate_up = getattr(mlp, "fused_gate_up", None)
+            if gate_up is not None:
+                gate, up = gate_up.split(gate_up(x))
+                gate, up = _delta(mlp.gate_proj, x, gate), _delta(mlp.up_proj, x, up)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         if not all_logits:
             h = h[:, -1]
         return self.model.lm_head(_rms_norm(h, self.norm))

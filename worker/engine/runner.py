@@ -22,9 +22,10 @@ from worker.engine.pooling import Pooling, pool
 from worker.engine.prefix_cache import Prefix
 
 # Positions a layer's keys and values grow by at once, per device type (0: a `torch.cat` every step, as
-# `DynamicCache` does). On a GPU the per-step copy of every layer is what chunks save; on CPU they measured no
-# gain (see bench/step_bench.py --kv-chunk).
-KV_CHUNK: dict[str, int] = {"cuda": 256}
+# `DynamicCache` does). A `torch.cat` copies every layer's whole cache on every step: on this CPU at 32 rows of
+# SmolLM2-135M's shape (30 layers, 3 kv heads) growing from 40 to 104 positions that was 6.7-11.7 ms a step
+# against 0.9-1.3 ms in chunks of 64 (bench/step_bench.py --kv-chunk); on a GPU it is a full copy per step.
+KV_CHUNK: dict[str, int] = {"cuda": 256, "cpu": 64}
 
 
 @functools.cache
@@ -45,44 +46,47 @@ def _lpad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 class ChunkedLayer(DynamicLayer):
     """A cache layer with spare room: a step writes its new positions into it instead of copying the whole layer;
-    `keys` / `values` stay views of the filled positions. Anything that replaces `keys` (a merge, a row removal)
-    just makes the next step move into a fresh buffer; a crop (a view of the same buffer) keeps it."""
+    `keys` / `values` stay views of the filled positions. Anything that replaces `keys` (a merge, a row removal,
+    a crop) just makes the next step move into a fresh buffer (the layer knows the views it handed out)."""
 
     chunk = 64
     _kbuf: torch.Tensor | None = None
     _vbuf: torch.Tensor | None = None
+    _kview: torch.Tensor | None = None
+    _vview: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        assert self.keys is not None and self.values is not None
-        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.chunk)
-        self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.chunk)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None and key_states.dim() == 4
+        n = key_states.shape[-2]
+        filled = keys.shape[-2] if keys.dim() == 4 else 0
+        kbuf, vbuf = self._kbuf, self._vbuf
+        if (
+            kbuf is None
+            or vbuf is None
+            or keys is not self._kview
+            or values is not self._vview
+            or filled + n > kbuf.shape[-2]
+        ):
+            spare = n + self.chunk
+            kbuf, vbuf = _room(keys, key_states, filled, spare), _room(values, value_states, filled, spare)
+            self._kbuf, self._vbuf = kbuf, vbuf
+        kbuf[:, :, filled : filled + n] = key_states
+        vbuf[:, :, filled : filled + n] = value_states
+        self.keys = self._kview = kbuf[:, :, : filled + n]
+        self.values = self._vview = vbuf[:, :, : filled + n]
         return self.keys, self.values
 
 
-def _append(
-    cur: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`cur` (a prefix view of `buf`, or any tensor) followed by `new` along the position dimension."""
-    filled = cur.shape[-2] if cur.dim() == 4 else 0
-    n = new.shape[-2]
-    if (
-        buf is not None
-        and filled
-        and cur.data_ptr() == buf.data_ptr()
-        and cur.stride() == buf.stride()
-        and cur.shape[:2] == buf.shape[:2]
-        and filled + n <= buf.shape[-2]
-    ):
-        buf[:, :, filled : filled + n].copy_(new)
-        return buf[:, :, : filled + n], buf
+def _room(cur: torch.Tensor, new: torch.Tensor, filled: int, spare: int) -> torch.Tensor:
+    """A fresh buffer of `filled + spare` positions holding `cur`'s `filled` ones (new's batch, heads and dim)."""
     b, h, _, d = new.shape
-    buf = new.new_empty(b, h, filled + n + chunk, d)
+    buf = new.new_empty(b, h, filled + spare, d)
     if filled:
-        buf[:, :, :filled].copy_(cur)
-    buf[:, :, filled : filled + n].copy_(new)
-    return buf[:, :, : filled + n], buf
+        buf[:, :, :filled] = cur
+    return buf
 
 
 def new_cache(device: torch.device) -> Any:
@@ -219,7 +223,9 @@ def prefill(
     skip = 0
     if prefix is not None:  # prefix cache hook: every row continues the prefix's KV
         skip = prefix.length
-        cache = DynamicCache(ddp_cache_data=prefix.layers(len(prompts)))
+        cache = new_cache(device)
+        for i, (keys, values) in enumerate(prefix.layers(len(prompts))):
+            cache.update(keys, values, i)
         mask = torch.cat([mask.new_ones(len(prompts), skip), mask], 1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
     padded = any(len(p) != width for p in prompts)
