@@ -28,6 +28,11 @@ class ModelSettings(Section):
     pack_cpu_weights: bool = Field(
         True, description="bf16 on a CPU: pack linear weights once for oneDNN's matmul (worker/cpu_weights.py)"
     )
+    one_row_kernel: bool = Field(
+        True,
+        description="bf16 on a CPU with AVX-512 BF16 and one torch thread: a one-row matmul kernel for decode steps "
+        "of a single sequence (worker/cpu_gemv.py); keeps a plain copy of packed weights that fit in RAM / 8",
+    )
     trust_remote_code: bool = False
     adapters: dict[str, str] = Field(
         default_factory=dict,

@@ -23,12 +23,16 @@ LoRA wrapper still finds a layer with its in and out features.
 from __future__ import annotations
 
 import logging
+import os
 import types
 from typing import Any
 
 import torch
 
+from worker.cpu_gemv import gemv, usable
+
 log = logging.getLogger(__name__)
+ONE_ROW_RAM_SHARE = 8  # plain copies for the one-row kernel only while they take at most RAM / 8
 
 
 def packing_available() -> bool:
@@ -37,22 +41,29 @@ def packing_available() -> bool:
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    plain = self.__dict__.get("plain_weight")
+    if plain is not None and x.numel() == x.shape[-1]:  # one row: the one-row kernel on the plain copy
+        return gemv(x, plain, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def _packed_copy_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if self.__dict__.get("one_row") and x.numel() == x.shape[-1]:  # the shared plain weight is there already
+        return gemv(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-def pack_linear_weights(model: Any, rows: int = 32, fuse: bool = False) -> int:
+def pack_linear_weights(model: Any, rows: int = 32, fuse: bool = False, one_row: bool = False) -> int:
     """Pack every bf16 `nn.Linear` of a CPU model for oneDNN (`rows`: the batch the packing is tuned for; `fuse`:
-    q/k/v and gate/up packed as one matrix each, see `fuse_projections`); returns how many layers were packed (0
-    when the model is not bf16 on a CPU or packing is unavailable)."""
+    q/k/v and gate/up packed as one matrix each, see `fuse_projections`; `one_row`: keep a plain copy for the
+    one-row kernel where it runs and the copies fit, see `keeps_one_row_copies`); returns how many layers were
+    packed (0 when the model is not bf16 on a CPU or packing is unavailable)."""
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype != torch.bfloat16 or not packing_available():
         return 0
+    one_row = one_row and keeps_one_row_copies(model)
     shared = _shared_weights(model)
-    packed = fuse_projections(model, rows, shared) if fuse else 0
+    packed = fuse_projections(model, rows, shared, one_row) if fuse else 0
     for module in model.modules():
         if type(module) is not torch.nn.Linear or module.weight.dtype != torch.bfloat16:
             continue
@@ -63,12 +74,27 @@ def pack_linear_weights(model: Any, rows: int = 32, fuse: bool = False) -> int:
             continue
         if id(module.weight) in shared:  # a tied lm_head: the embedding reads the plain weight, the copy is extra
             module.register_buffer("packed_weight", weight, persistent=False)
+            module.__dict__["one_row"] = one_row and usable(module.weight)
             module.forward = types.MethodType(_packed_copy_forward, module)  # type: ignore[method-assign]
         else:
+            if one_row and usable(module.weight):  # not a buffer: the model's tensors stay the packed ones
+                module.__dict__["plain_weight"] = module.weight.detach().contiguous()
             module.weight = torch.nn.Parameter(weight, requires_grad=False)  # same shape, dtype and count
             module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
         packed += 1
     return packed
+
+
+def keeps_one_row_copies(model: Any) -> bool:
+    """Whether the one-row kernel runs here and plain copies of the model's linear weights fit in RAM / 8."""
+    if not usable(torch.empty(1, 32, dtype=torch.bfloat16)):
+        return False
+    linear = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return False
+    return linear <= ram // ONE_ROW_RAM_SHARE
 
 
 def _shared_weights(model: Any) -> set[int]:
@@ -85,10 +111,11 @@ class Fused(torch.nn.Module):
     them apart (`sizes`: each projection's out features, in order). Its weight and bias are the model's parameters
     in place of the projections' own."""
 
-    def __init__(self, modules: list[torch.nn.Linear], rows: int) -> None:
+    def __init__(self, modules: list[torch.nn.Linear], rows: int, one_row: bool = False) -> None:
         super().__init__()
         weight = torch.cat([m.weight.detach() for m in modules])
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self.__dict__["plain_weight"] = weight if one_row and usable(weight) else None  # the one-row kernel's
         self.weight = torch.nn.Parameter(packed, requires_grad=False)
         biases = [m.bias for m in modules]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases if b is not None])
@@ -96,6 +123,9 @@ class Fused(torch.nn.Module):
         self.sizes = [m.out_features for m in modules]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = self.__dict__["plain_weight"]
+        if plain is not None and x.numel() == x.shape[-1]:
+            return gemv(x, plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -124,7 +154,7 @@ GROUPS = {
 }
 
 
-def fuse_projections(model: Any, rows: int, shared: set[int] | None = None) -> int:
+def fuse_projections(model: Any, rows: int, shared: set[int] | None = None, one_row: bool = False) -> int:
     """In every decoder layer, pack q/k/v (and gate/up) as one matrix: the parent module gets a `Fused` under
     `fused_qkv` (`fused_gate_up`) and each projection becomes its `FusedSlice`. Groups with another layer type, a
     shared weight, mixed biases or in features are left as they are. Returns how many projections were fused."""
@@ -138,7 +168,7 @@ def fuse_projections(model: Any, rows: int, shared: set[int] | None = None) -> i
             if parent is None or not _fusable(modules, shared):
                 continue
             try:
-                group = Fused(modules, rows)  # type: ignore[arg-type]
+                group = Fused(modules, rows, one_row)  # type: ignore[arg-type]
             except RuntimeError as exc:  # this oneDNN build refuses it: the projections stay as they are
                 log.info("projections not fused: %s", exc)
                 continue

@@ -1,0 +1,68 @@
+"""The one-row bf16 kernel: equal (to bf16 rounding) to torch's matmul for the shapes a model has, with and
+without a bias, and a packed model that keeps plain copies for it gives the same greedy tokens at one row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.test_engine import tiny
+from worker.cpu_gemv import gemv, kernel
+
+pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX-512 BF16 or no C compiler here")
+
+
+@pytest.mark.parametrize(("n", "k", "bias"), [(7, 32, False), (576, 576, True), (3072, 576, False), (576, 1536, True)])
+def test_one_row_equals_torch_matmul(n: int, k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, 1, k, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    got = gemv(x, w, b)
+    assert got.shape == (1, 1, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact.to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)
+    strided = torch.randn(3, k, generator=gen).to(torch.bfloat16)[1:2, :]  # a row of a larger tensor
+    torch.testing.assert_close(
+        gemv(strided, w).float(), torch.nn.functional.linear(strided, w).float(), atol=1e-2, rtol=1e-2
+    )
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_lone_sequence_decodes_the_same_tokens_with_the_kernel(tmp_path: Path, demo_model: Path, arch: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from worker.cpu_weights import pack_linear_weights, packing_available
+    from worker.engine import runner
+    from worker.engine.lean import LeanForward
+
+    if not packing_available():
+        pytest.skip("no oneDNN weight packing in this torch")
+    path = tiny(arch, tmp_path / arch, demo_model, layers=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for one_row in (False, True):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+            pack_linear_weights(model, rows=8, fuse=True, one_row=one_row)
+            attn = model.model.layers[0].self_attn
+            assert (attn.fused_qkv.__dict__["plain_weight"] is not None) == one_row
+            assert ("plain_weight" in vars(attn.o_proj)) == one_row
+            lean = LeanForward(model)
+            with torch.inference_mode():
+                batch, logits = runner.prefill(model, [[3, 17, 42, 7, 99, 5, 11, 23]], 0, lean=lean)
+                tokens, steps = [], []
+                for _ in range(8):
+                    batch.last = logits.argmax(-1)
+                    tokens.append(int(batch.last))
+                    logits = runner.decode(model, batch, lean)
+                    steps.append(logits.float())
+            results.append((tokens, torch.stack(steps)))
+    finally:
+        torch.set_num_threads(threads)
+    (plain_tokens, plain_logits), (kernel_tokens, kernel_logits) = results
+    assert kernel_tokens == plain_tokens
+    torch.testing.assert_close(kernel_logits, plain_logits, atol=3e-2, rtol=3e-2)
