@@ -31,7 +31,7 @@ class ModelSettings(Section):
     one_row_kernel: bool = Field(
         True,
         description="bf16 on a CPU with AVX-512 BF16 and one torch thread: a one-row matmul kernel for decode steps "
-        "of a single sequence (worker/cpu_gemv.py); keeps a plain copy of packed weights that fit in RAM / 8",
+        "of a single sequence (worker.cpu_kernels.py); keeps a plain copy of packed weights that fit in RAM / 8",
     )
     trust_remote_code: bool = False
     adapters: dict[str, str] = Field(

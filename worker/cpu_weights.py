@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from worker.cpu_gemv import gemv, usable
+from worker.cpu_kernels import gemv, usable
 
 log = logging.getLogger(__name__)
 ONE_ROW_RAM_SHARE = 8  # plain copies for the one-row kernel only while they take at most RAM / 8

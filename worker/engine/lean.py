@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.cpu_kernels import add_rms_norm, norm_usable
+
 log = logging.getLogger(__name__)
 
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -87,6 +89,24 @@ def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+
+
+def _add_norm(
+    h: torch.Tensor, add: torch.Tensor | None, norm: tuple[torch.Tensor, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + add, its RMSNorm): one C call for bf16 rows on a CPU where the kernel runs (worker/cpu_kernels.py),
+    else the torch operations (the same roundings)."""
+    weight, eps = norm
+    if h.device.type == "cpu" and h.dtype == torch.bfloat16:
+        if not h.is_contiguous():
+            h = h.contiguous()
+        if add is not None and not add.is_contiguous():
+            add = add.contiguous()
+        if norm_usable(h, add, weight):
+            return add_rms_norm(h, add, weight, eps)
+    if add is not None:
+        h = h + add
+    return h, _rms_norm(h, norm)
 
 
 def _norm(module: Any) -> tuple[torch.Tensor, float]:
@@ -172,8 +192,9 @@ class LeanForward:
         else:
             attn_mask, causal = step_mask(mask, q), False
         shape = (b, q, -1, self.head_dim)
+        pending: torch.Tensor | None = None  # the last MLP's output, not yet added to the residual h
         for i, (attn, mlp, in_norm, post_norm, q_norm, k_norm) in enumerate(self.layers):
-            x = _rms_norm(h, in_norm)
+            h, x = _add_norm(h, pending, in_norm)
             qkv = getattr(attn, "fused_qkv", None)
             if qkv is not None:  # q/k/v packed as one matrix (worker/cpu_weights.py): one matmul, then split
                 qs, ks, vs = qkv.split(qkv(x))
@@ -194,15 +215,14 @@ class LeanForward:
                 out = F.scaled_dot_product_attention(
                     qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
                 )
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(b, q, -1))
-            x = _rms_norm(h, post_norm)
+            h, x = _add_norm(h, attn.o_proj(out.transpose(1, 2).reshape(b, q, -1)), post_norm)
             gate_up = getattr(mlp, "fused_gate_up", None)
             if gate_up is not None:
                 gate, up = gate_up.split(gate_up(x))
                 gate, up = _delta(mlp.gate_proj, x, gate), _delta(mlp.up_proj, x, up)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            pending = mlp.down_proj(mlp.act_fn(gate) * up)  # added to h by the next norm
         if not all_logits:
-            h = h[:, -1]
-        return self.model.lm_head(_rms_norm(h, self.norm))
+            h, pending = h[:, -1], None if pending is None else pending[:, -1]
+        return self.model.lm_head(_add_norm(h, pending, self.norm)[1])

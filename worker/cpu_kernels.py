@@ -1,4 +1,5 @@
-"""A one-row bf16 matmul for CPUs with AVX-512 BF16: the decode step of a single sequence.
+"""Small C kernels for bf16 decode steps on CPUs with AVX-512 BF16: a one-row matmul, and the residual add +
+RMSNorm of the lean forward.
 
 At one row a decode step reads every weight once and does two flops per weight, so it is bound by memory
 bandwidth; oneDNN's bf16 matmul (packed or not) runs its blocked GEMM kernel on that one row. This kernel streams
@@ -6,7 +7,12 @@ each weight row once and accumulates 32 products per instruction (`vdpbf16ps`) i
 time, then rounds to bf16 as the matmul does (bias added in fp32 first). See `bench/step_bench.py --rows 1` for
 what it changes on this machine.
 
-It is C compiled once per machine into the cache directory (`cc`, a few hundred milliseconds) and loaded with
+The residual add + RMSNorm (`add_rms_norm`) does in one call what transformers' bf16 RMSNorm does in about eight
+torch operations (upcast, square, mean, rsqrt, scale, downcast, weight, plus the residual add before it), with
+the same roundings: the sum rounded to bf16, normalized in fp32, rounded to bf16, then multiplied by the weight and
+rounded again. At the few rows of a decode step those operations are mostly per-call overhead.
+
+The kernels are C compiled once per machine into the cache directory (`cc`, a few hundred milliseconds) and loaded with
 ctypes. Without AVX-512 BF16, a C compiler, one torch thread, an inner dimension that is a multiple of 32, or if
 the compiled kernel does not match `torch.nn.functional.linear` on a self-check, nothing uses it.
 """
@@ -87,7 +93,31 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint1
         y[n] = to_bf16(s);
     }
 }
+
+/* For each of `rows` rows of `dim` (contiguous): h = bf16(h + add) when `add` is not NULL (written back to
+   h_out), out = bf16(w * bf16(h * rsqrt(mean(h^2) + eps))). */
+void add_rms_norm_bf16(const uint16_t *h, const uint16_t *add, const uint16_t *w, uint16_t *h_out, uint16_t *out,
+                       int64_t rows, int64_t dim, float eps) {
+    float buf[16384];
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *hr = h + r * dim;
+        float sq = 0.0f;
+        for (int64_t i = 0; i < dim && i < 16384; i++) {
+            float v = from_bf16(hr[i]);
+            if (add) {
+                v = from_bf16(to_bf16(v + from_bf16(add[r * dim + i])));
+                h_out[r * dim + i] = to_bf16(v);
+            }
+            buf[i] = v;
+            sq += v * v;
+        }
+        float scale = 1.0f / __builtin_sqrtf(sq / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++)
+            out[r * dim + i] = to_bf16(from_bf16(w[i]) * from_bf16(to_bf16(buf[i] * scale)));
+    }
+}
 """
+MAX_DIM = 16384  # the widest row `add_rms_norm` takes (its stack buffer)
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-shared", "-fPIC"]
 
 
@@ -127,7 +157,10 @@ def kernel() -> ctypes.CDLL | None:
     fn = lib.gemv_bf16
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-    if not _self_check(fn):
+    norm = lib.add_rms_norm_bf16
+    norm.restype = None
+    norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    if not _self_check(fn) or not _norm_check(norm):
         log.warning("one-row bf16 kernel off: it does not match torch's matmul on this machine")
         return None
     return lib
@@ -138,6 +171,41 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     lib = kernel()
     assert lib is not None
     return _call(lib.gemv_bf16, x, weight, bias)
+
+
+def add_rms_norm(
+    h: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + add, RMSNorm of it) for contiguous bf16 rows [..., dim] (`add` None: h itself, normalized), with
+    transformers' bf16 roundings (see the module's docstring); `norm_usable` says whether it runs here."""
+    lib = kernel()
+    assert lib is not None
+    return _norm(lib.add_rms_norm_bf16, h, add, weight, eps)
+
+
+def norm_usable(h: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether `add_rms_norm` takes these tensors here."""
+    return (
+        h.dtype == torch.bfloat16
+        and h.device.type == "cpu"
+        and h.is_contiguous()
+        and (add is None or (add.is_contiguous() and add.dtype == torch.bfloat16 and add.shape == h.shape))
+        and weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and weight.shape[-1] == h.shape[-1] <= MAX_DIM
+        and kernel() is not None
+    )
+
+
+def _norm(
+    fn: Any, h: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = h.shape[-1]
+    out = torch.empty_like(h)
+    total = h if add is None else torch.empty_like(h)
+    addr = 0 if add is None else add.data_ptr()
+    fn(h.data_ptr(), addr, weight.data_ptr(), total.data_ptr(), out.data_ptr(), h.numel() // dim, dim, eps)
+    return total, out
 
 
 def usable(weight: torch.Tensor) -> bool:
@@ -159,6 +227,16 @@ def _call(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.bfloat16)
     fn(row.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), *weight.shape)
     return out
+
+
+def _norm_check(fn: Any) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    h, add = (torch.randn(3, 96, generator=gen).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(96, generator=gen).to(torch.bfloat16)
+    total = h + add
+    ref = w * torch.nn.functional.rms_norm(total.float(), (96,), None, 1e-6).to(torch.bfloat16)
+    got_total, got = _norm(fn, h, add, w, 1e-6)
+    return torch.equal(got_total, total) and bool(torch.allclose(got.float(), ref.float(), atol=0.02, rtol=0.02))
 
 
 def _self_check(fn: Any) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.unit.test_engine import tiny
-from worker.cpu_gemv import gemv, kernel
+from worker.cpu_kernels import gemv, kernel
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX-512 BF16 or no C compiler here")
 
@@ -66,3 +66,25 @@ def test_a_lone_sequence_decodes_the_same_tokens_with_the_kernel(tmp_path: Path,
     (plain_tokens, plain_logits), (kernel_tokens, kernel_logits) = results
     assert kernel_tokens == plain_tokens
     torch.testing.assert_close(kernel_logits, plain_logits, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_add_rms_norm_equals_transformers_bf16_norm(rows: int) -> None:
+    """The residual add + RMSNorm in one call: the sum exactly, the norm as transformers' bf16 RMSNorm computes it
+    (normalized in fp32, rounded, times the weight) to within one bf16 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from worker.cpu_kernels import add_rms_norm
+
+    gen = torch.Generator().manual_seed(rows)
+    h, add = (torch.randn(rows, 1, 576, generator=gen).to(torch.bfloat16) for _ in range(2))
+    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576, generator=gen))
+        total, out = add_rms_norm(h, add, norm.weight, 1e-5)
+        assert torch.equal(total, h + add)
+        expected = norm(h + add)
+        torch.testing.assert_close(out.float(), expected.float(), atol=0, rtol=8e-3)  # one bf16 ulp
+        assert (out != expected).float().mean() < 0.01  # all but a few elements bit-equal
+        same, alone = add_rms_norm(h, None, norm.weight, 1e-5)
+        assert same is h and torch.equal(alone, norm(h))
