@@ -157,10 +157,17 @@ class PromptError(ValueError):
 class ModelHandler:
     """Loads one causal LM and generates with the service's caps."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, tokenizer_path: str | None = None, strict: bool = False, names: tuple[str, ...] = ()
+    ) -> None:
+        """`tokenizer_path`: where the tokenizer is when the weights' directory has none (a checkpoint saved
+        without it); `strict`: the weights must hold exactly the model's tensors (transformers alone only warns
+        about missing ones and makes them up); `names`: other names of the base, for adapters' checks."""
         self.settings = settings
         self.model: Any = None
         self.tokenizer: Any = None
+        self.tokenizer_path = tokenizer_path or settings.model.name_or_path
+        self.strict, self.names = strict, names
         self.info: ModelInfo | None = None
         self.adapters: AdapterSet | None = None
 
@@ -178,9 +185,9 @@ class ModelHandler:
         token = self.settings.token
         common = {"revision": cfg.revision, "token": token, "trust_remote_code": cfg.trust_remote_code}
         common |= load_options(cfg.name_or_path, cfg.revision)  # fails at once when the hub cannot serve it
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
-        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `to`; its stub reads it unbound
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, **common)
+        model = self._load_weights(cfg.name_or_path, dtype, common)
+        self.model = model.to(device).eval()
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.vocab_size = int(model.config.get_text_config().vocab_size)
@@ -198,12 +205,26 @@ class ModelHandler:
             packed = pack_linear_weights(self.model, self.settings.engine.max_batch)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
-        self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path])
+        self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path, *self.names])
         root = self.settings.paths.models_root.expanduser()
         for name, path in cfg.adapters.items():  # registered now, loaded when first used
             self.adapters.register(name, str(root / path))
         log.info("model loaded: %s", asdict(self.info))
         return self.info
+
+    def _load_weights(self, path: str, dtype: Any, common: dict[str, Any]) -> Any:
+        if not self.strict:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **common)
+        model, info = loaded
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            found = sorted(map(str, info.get(kind) or ()))
+            if found:
+                raise ValueError(
+                    f"{kind.replace('_', ' ')} in the weights: {', '.join(found[:3])}"
+                    + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+                )
+        return model
 
     def preload_modules(self) -> None:
         """Import the model's and tokenizer's code without loading weights or touching a device
