@@ -276,15 +276,6 @@ class Driver:
             self.flush()
         return True
 
-    def replace_handler(self, handler: ModelHandler, revision: dict[str, Any]) -> None:
-        """Serve new weights: a new engine on them (its prefix cache empty), adapters synced again."""
-        self.handler, self.engine = handler, handler.engine()
-        self.adapters_synced = False
-        self.sync_adapters(force=True)
-        if self.on_swap is not None:
-            self.on_swap(handler, revision)
-        self.next_claim = 0.0
-
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""
         return not self.units and bool(self.store.r.llen(self.store.queue_key(self.bulk_queue)))

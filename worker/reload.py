@@ -121,6 +121,26 @@ class Reloader:
         reloads.worker_state(client, prefix, turn.reload_id, d.worker, reloads.DRAINING, handed_back=turn.handed_back)
         event(log, "model.reload.handed_back", id=turn.reload_id, worker=d.worker, jobs=count)
 
+    def through(self, slice_end: float) -> None:
+        """Before a micro-batch starts: in a turn, drain (handing back what runs past the drain time) and load the
+        new weights first, so the micro-batch runs on them and is never handed back."""
+        if self.turn is None:
+            return
+        self.driver.drive(lambda: True, slice_end)
+        if self.ready:
+            self.swap()
+
+    def serve(self, handler: ModelHandler, revision: dict[str, Any]) -> None:
+        """Serve new weights: a new engine on them (its prefix cache empty), adapters synced again, the process
+        told (its handler, revision and registry record)."""
+        d = self.driver
+        d.handler, d.engine = handler, handler.engine()
+        d.adapters_synced = False
+        d.sync_adapters(force=True)
+        if d.on_swap is not None:
+            d.on_swap(handler, revision)
+        d.next_claim = 0.0
+
     def swap(self) -> str | None:
         """Load the turn's weights and serve them (the error when they do not load: the old ones serve on)."""
         d, turn = self.driver, self.turn
@@ -139,7 +159,7 @@ class Reloader:
             assert new.info is not None
             old = d.handler
             revision = {"path": turn.path, "reload": turn.reload_id, "since": new.info.loaded_at}
-            d.replace_handler(new, revision)
+            self.serve(new, revision)
             release(old)
             weights = {"model": d.served.alias, "path": turn.path, "since": new.info.loaded_at}
         self.turn = None
