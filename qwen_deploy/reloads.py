@@ -41,10 +41,11 @@ def new_id() -> str:
 
 
 def create(
-    client: Any, prefix: str, alias: str, path: str, shown: str, workers: list[dict[str, Any]]
+    client: Any, prefix: str, alias: str, path: str, workers: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], bool]:
-    """Record a reload of `alias` to `path` (`shown`: the path as asked) on `workers` (their registry records)
-    and wake them; (record, True), or the model's reload still queued or running and False."""
+    """Record a reload of `alias` to `path` (relative to `paths.models_root`: each worker resolves it under its own)
+    on `workers` (their registry records) and wake them; (record, True), or the model's reload still queued or
+    running and False."""
     reload_id = new_id()
     pointer = model_reload_key(prefix, alias)
     if not client.hsetnx(pointer, "current", reload_id):
@@ -57,8 +58,7 @@ def create(
     record = {
         "id": reload_id,
         "model": alias,
-        "path": shown,
-        "dir": path,
+        "path": path,
         "status": QUEUED,
         "created_at": repr(now),
         "workers": json.dumps(
@@ -86,7 +86,8 @@ def last(client: Any, prefix: str, alias: str) -> dict[str, Any] | None:
 
 
 def weights(client: Any, prefix: str, alias: str) -> dict[str, Any] | None:
-    """The weights the model was last rolled to ({path, reload, since}), or None: its configured ones."""
+    """The weights the model was last rolled to ({path (under `paths.models_root`), reload, since}), or None: its
+    configured ones."""
     raw = client.hgetall(model_weights_key(prefix, alias))
     if not raw:
         return None

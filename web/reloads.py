@@ -85,8 +85,9 @@ def reload_model(name: str) -> Response:
     settings, prefix = svc.settings, svc.settings.key_prefix
     path = confine(settings.paths.models_root, path_arg, "path", must_exist=True)
     rolled = reloads.weights(svc.redis, prefix, served.alias)
+    current = str(settings.paths.models_root.expanduser() / rolled["path"]) if rolled else served.model.name_or_path
     try:
-        check_checkpoint(path, rolled["path"] if rolled else served.model.name_or_path)
+        check_checkpoint(path, current)
     except CheckpointError as exc:
         raise Unprocessable(
             f"the checkpoint cannot replace the served weights: {exc}", code="invalid_checkpoint", param="path"
@@ -95,7 +96,7 @@ def reload_model(name: str) -> Response:
     ready = sorted((w for w in found if w.get("state") == "ready"), key=lambda w: str(w["name"]))
     if not ready:
         raise Conflict(f"no worker of {served.alias!r} has its model loaded", code="no_workers", param="model")
-    record, created = reloads.create(svc.redis, prefix, served.alias, str(path), path_arg, ready)
+    record, created = reloads.create(svc.redis, prefix, served.alias, path_arg, ready)
     if not created:
         raise Conflict(
             f"the model is being reloaded ({record['id']}, {record['status']}); wait for it to end",

@@ -265,7 +265,7 @@ class Driver:
         if self.reloader.ready:
             return False  # the next driving task loads the new weights first
         if not len(self.engine):
-            if done() and not self.to_finish:
+            if done() and not self.to_finish and not self._last_look():
                 return False
             time.sleep(0.005)
             return True
@@ -275,6 +275,14 @@ class Driver:
         if time.monotonic() >= self.next_flush:
             self.flush()
         return True
+
+    def _last_look(self) -> bool:
+        """Before a task leaves an empty engine: claim what waits (a job whose message a reloading worker answered
+        `deferred` has no other wake-up); whether it claimed anything."""
+        if self.reloader.check():
+            return False
+        self.claim_waiting()
+        return bool(len(self.engine))
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from qwen_deploy import reloads
+from qwen_deploy.config import Settings
 from qwen_deploy.logs import event
 from qwen_deploy.model_load import load_error
+from qwen_deploy.paths import confine
 from worker.handler import ModelHandler
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,11 @@ def load_checkpoint(handler: ModelHandler, path: str) -> ModelHandler:
     )
     new.setup()
     return new
+
+
+def resolve(settings: Settings, path: str) -> str:
+    """A reload's path (relative to `paths.models_root`) under this worker's own root, confined to it."""
+    return str(confine(settings.paths.models_root, path, "path", must_exist=True))
 
 
 def release(handler: ModelHandler) -> None:
@@ -98,8 +105,8 @@ class Reloader:
             record = reloads.take_turn(client, prefix, reload_id, me, self.lease) if reload_id else None
             if record is None:
                 return False
-            self.turn = Turn(reload_id, record["dir"], now + d.settings.engine.reload_drain_seconds)  # type: ignore[arg-type]
-            event(log, "model.reload.draining", id=reload_id, worker=me, path=record["dir"], running=len(d.jobs))
+            self.turn = Turn(reload_id, record["path"], now + d.settings.engine.reload_drain_seconds)  # type: ignore[arg-type]
+            event(log, "model.reload.draining", id=reload_id, worker=me, path=record["path"], running=len(d.jobs))
         else:
             reloads.renew_turn(client, prefix, self.turn.reload_id, me, self.lease)
         if d.jobs and now >= self.turn.hand_back_at:
@@ -151,14 +158,14 @@ class Reloader:
         weights: dict[str, Any] | None = None
         started = time.perf_counter()
         try:
-            new = load_checkpoint(d.handler, turn.path)
+            new = load_checkpoint(d.handler, resolve(settings, turn.path))
         except Exception as exc:  # a soft time limit too: the old weights serve on
             error = load_error(turn.path, exc, (settings.token,))["message"]
             log.warning("reload %s: %s; the old weights serve on", turn.reload_id, error, exc_info=True)
         else:
             assert new.info is not None
             old = d.handler
-            revision = {"path": turn.path, "reload": turn.reload_id, "since": new.info.loaded_at}
+            revision = {"path": new.settings.model.name_or_path, "reload": turn.reload_id, "since": new.info.loaded_at}
             self.serve(new, revision)
             release(old)
             weights = {"model": d.served.alias, "path": turn.path, "since": new.info.loaded_at}

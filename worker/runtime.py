@@ -22,7 +22,7 @@ from qwen_deploy.reaper import reap_if_due
 from qwen_deploy.served import Served, served_models
 from qwen_deploy.stats_history import default_queues, record_if_due
 from worker.handler import ModelHandler
-from worker.reload import load_checkpoint
+from worker.reload import load_checkpoint, resolve
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _load(settings: Settings) -> bool:
     rolled = reloads.weights(redis_client(settings), settings.key_prefix, served().alias)
     if rolled is not None:
         try:
-            handler = load_checkpoint(ModelHandler(settings), rolled["path"])
+            handler = load_checkpoint(ModelHandler(settings), resolve(settings, rolled["path"]))
         except Exception as exc:
             log.error(
                 "the weights %s (reload %s) did not load (%s); loading the configured ones",
@@ -109,7 +109,8 @@ def _load(settings: Settings) -> bool:
             )
         else:
             assert handler.info is not None
-            _handler, _load_error, _revision = handler, None, {**rolled, "since": handler.info.loaded_at}
+            path = handler.settings.model.name_or_path
+            _handler, _load_error, _revision = handler, None, {**rolled, "path": path, "since": handler.info.loaded_at}
             return True
     handler = ModelHandler(settings)
     try:

@@ -25,42 +25,38 @@ def live(client: redis.Redis, *names: str) -> list[dict[str, object]]:
 def test_one_worker_at_a_time_then_succeeded(store: JobStore) -> None:
     client = store.r
     workers = sorted(live(client, "h:1", "h:2"), key=lambda w: str(w["name"]))
-    record, created = reloads.create(client, P, "m", "/models/v2", "v2", workers)
+    record, created = reloads.create(client, P, "m", "v2", workers)
     assert created and record["status"] == "queued"
     assert [w["state"] for w in record["workers"]] == ["waiting", "waiting"]
     for name in ("h:1", "h:2"):  # each idle worker is woken on its own queue
         assert client.llen(queue_key(P, engine_queue(P, f"gen@{name}"))) == 1
-    same, created = reloads.create(client, P, "m", "/models/v3", "v3", workers)
+    same, created = reloads.create(client, P, "m", "v3", workers)
     assert not created and same["id"] == record["id"]  # one reload of a model at a time
 
     assert reloads.due(client, P, "m", "h:1") == record["id"] == reloads.due(client, P, "m", "h:2")
     turn = reloads.take_turn(client, P, record["id"], "h:1", lease=60)
-    assert turn is not None and turn["status"] == "running" and turn["dir"] == "/models/v2"
+    assert turn is not None and turn["status"] == "running" and turn["path"] == "v2"
     assert reloads.due(client, P, "m", "h:2") is None  # the turn is h:1's
     assert reloads.take_turn(client, P, record["id"], "h:2", lease=60) is None
     client.delete(queue_key(P, engine_queue(P, "gen@h:2")))
-    ended = reloads.end_turn(
-        client, P, record["id"], "h:1", None, {"model": "m", "path": "/models/v2", "since": 1.0}, 60
-    )
+    ended = reloads.end_turn(client, P, record["id"], "h:1", None, {"model": "m", "path": "v2", "since": 1.0}, 60)
     assert ended is not None and ended["status"] == "running"
     assert client.llen(queue_key(P, engine_queue(P, "gen@h:2"))) == 1  # the next one is woken
-    assert reloads.weights(client, P, "m") == {"path": "/models/v2", "reload": record["id"], "since": 1.0}
+    assert reloads.weights(client, P, "m") == {"path": "v2", "reload": record["id"], "since": 1.0}
     assert reloads.take_turn(client, P, record["id"], "h:2", lease=60) is not None
-    done = reloads.end_turn(
-        client, P, record["id"], "h:2", None, {"model": "m", "path": "/models/v2", "since": 2.0}, 60
-    )
+    done = reloads.end_turn(client, P, record["id"], "h:2", None, {"model": "m", "path": "v2", "since": 2.0}, 60)
     assert done is not None and done["status"] == "succeeded" and done["completed_at"]
     assert [w["state"] for w in done["workers"]] == ["succeeded", "succeeded"]
     assert reloads.due(client, P, "m", "h:2") is None
     assert reloads.last(client, P, "m")["id"] == record["id"]  # type: ignore[index]
     assert 0 < client.ttl(f"{P}:reload:{record['id']}") <= 60
-    _, created = reloads.create(client, P, "m", "/models/v3", "v3", workers)
+    _, created = reloads.create(client, P, "m", "v3", workers)
     assert created  # the next reload may start
 
 
 def test_a_failed_load_fails_the_reload_and_skips_the_rest(store: JobStore) -> None:
     client = store.r
-    record, _ = reloads.create(client, P, "m", "/models/bad", "bad", live(client, "h:1", "h:2"))
+    record, _ = reloads.create(client, P, "m", "bad", live(client, "h:1", "h:2"))
     first = str(record["workers"][0]["worker"])
     assert reloads.take_turn(client, P, record["id"], first, lease=60) is not None
     failed = reloads.end_turn(client, P, record["id"], first, "SafetensorError: truncated", None, 60)
@@ -73,12 +69,10 @@ def test_a_failed_load_fails_the_reload_and_skips_the_rest(store: JobStore) -> N
 
 def test_a_vanished_worker_is_gone_and_the_reload_ends(store: JobStore) -> None:
     client = store.r
-    record, _ = reloads.create(client, P, "m", "/models/v2", "v2", live(client, "h:1", "h:2"))
+    record, _ = reloads.create(client, P, "m", "v2", live(client, "h:1", "h:2"))
     registry.remove(client, P, "h:2", "m")  # h:2 stops before its turn
     assert reloads.take_turn(client, P, record["id"], "h:1", lease=60) is not None
-    done = reloads.end_turn(
-        client, P, record["id"], "h:1", None, {"model": "m", "path": "/models/v2", "since": 1.0}, 60
-    )
+    done = reloads.end_turn(client, P, record["id"], "h:1", None, {"model": "m", "path": "v2", "since": 1.0}, 60)
     assert done is not None and done["status"] == "succeeded"
     assert {w["worker"]: w["state"] for w in done["workers"]} == {"h:1": "succeeded", "h:2": "gone"}
 
