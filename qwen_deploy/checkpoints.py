@@ -111,8 +111,8 @@ def check_checkpoint(path: Path, served_path: str) -> dict[str, Any]:
     if arch != served_arch:
         raise CheckpointError(f"the checkpoint is a {arch} model; the served model is a {served_arch} model")
     new, old = _text_config(config), _text_config(current)
-    for key in SHAPE_KEYS:
-        if new.get(key) != old.get(key):
+    for key in SHAPE_KEYS:  # a key one side leaves to its default is not compared
+        if key in new and key in old and new[key] != old[key]:
             raise CheckpointError(
                 f"config.json: {key} is {new.get(key)!r}; the served model's is {old.get(key)!r} (another model)"
             )

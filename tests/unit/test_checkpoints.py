@@ -36,6 +36,9 @@ def served(tmp_path: Path) -> Path:
 
 def test_a_checkpoint_of_the_same_model_passes(served: Path, tmp_path: Path) -> None:
     assert check_checkpoint(model_dir(tmp_path / "new"), str(served))["model_type"] == "qwen2"
+    # a key one side leaves to its default is not compared
+    lean = {k: v for k, v in CONFIG.items() if k != "hidden_size"}
+    assert check_checkpoint(model_dir(tmp_path / "lean", lean), str(served)) == lean
     # a served hub id (nothing on disk to compare with): only the directory itself is checked
     assert check_checkpoint(tmp_path / "new", "Qwen/Qwen2.5-0.5B-Instruct")["vocab_size"] == 8
 
