@@ -133,7 +133,8 @@ class Reloader:
         new weights first, so the micro-batch runs on them and is never handed back."""
         if self.turn is None:
             return
-        self.driver.drive(lambda: True, slice_end)
+        if not self.ready:
+            self.driver.drive(lambda: True, slice_end)  # steps until the engine is drained (or the slice ends)
         if self.ready:
             self.swap()
 
