@@ -7,9 +7,11 @@ checkpoint that fails to load leaving the reloaded weights serving."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,23 +102,31 @@ def call(stack: Stack, method: str, path: str, key: str = ADMIN, **kwargs: Any) 
     return requests.request(method, stack.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=30, **kwargs)
 
 
+def body(prompt: str) -> dict[str, Any]:
+    return {"prompt": prompt, "max_new_tokens": TOKENS, "ignore_eos": True, "return_token_ids": True}
+
+
 def submit(stack: Stack, prompt: str) -> str:
-    body = {"prompt": prompt, "max_new_tokens": TOKENS, "ignore_eos": True, "return_token_ids": True}
-    created = call(stack, "POST", "/v1/jobs", KEY, json=body)
+    created = call(stack, "POST", "/v1/jobs", KEY, json=body(prompt))
     assert created.status_code == 202, created.text
     return str(created.json()["id"])
 
 
 def job(stack: Stack, job_id: str) -> dict[str, Any]:
-    return call(stack, "GET", f"/v1/jobs/{job_id}", KEY).json()  # type: ignore[no-any-return]
+    return call(stack, "GET", f"/v1/jobs/{job_id}", KEY).json()
 
 
-def reload_to(stack: Stack, model: str, path: str, until: tuple[str, ...] = ("succeeded", "failed")) -> dict[str, Any]:
+def reload_to(stack: Stack, model: str, path: str, during: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Reload `model` to `path` and wait for the reload to end; `during` runs once a worker has taken its turn."""
     started = call(stack, "POST", f"/v1/models/{model}/reload", json={"path": path})
     assert started.status_code == 202, started.text
     assert started.json()["status"] in ("queued", "running") and started.json()["path"] == path
-    return wait_until(  # type: ignore[no-any-return]
-        lambda: (r := call(stack, "GET", f"/v1/models/{model}/reload").json())["status"] in until and r,
+    if during is not None:
+        url = f"/v1/models/{model}/reload"
+        wait_until(lambda: {w["state"] for w in call(stack, "GET", url).json()["workers"]} != {"waiting"}, 30, 0.01)
+        during()
+    return wait_until(
+        lambda: (r := call(stack, "GET", f"/v1/models/{model}/reload").json())["status"] in ENDED and r,
         60,
         0.05,
         "the reload",
@@ -141,12 +151,14 @@ def made_by(old: ModelHandler, new: ModelHandler, prompt_ids: list[int], ids: li
     return "neither"
 
 
-def under_load(stack: Stack, model: str, path: str, old: ModelHandler, new: ModelHandler) -> dict[str, Any]:
+def under_load(
+    stack: Stack, model: str, path: str, old: ModelHandler, new: ModelHandler, during: Callable[[], Any] | None = None
+) -> dict[str, Any]:
     """Reload `model` to `path` while jobs run and wait, then submit more: every job succeeds and its tokens are
     those of the weights that made them. The kinds of job ("old", "new", "old->new@k") and the reload record."""
     before = [submit(stack, PROMPTS[i % 2]) for i in range(12)]  # 2 run per worker, the rest wait
     wait_until(lambda: job(stack, before[0])["progress"]["tokens"] > 0, 30, 0.01, "a job generating")
-    record = reload_to(stack, model, path)
+    record = reload_to(stack, model, path, during)
     assert record["status"] == "succeeded", record
     assert {w["state"] for w in record["workers"]} == {"succeeded"}
     after = [submit(stack, p) for p in PROMPTS]
@@ -210,12 +222,28 @@ def test_reload_under_load_then_a_failing_checkpoint(setup: dict[str, Any]) -> N
     os.killpg(second.pid, signal.SIGTERM)
     second.wait(60)
     wait_until(lambda: len(stack.workers()) == 1, 30, 0.1, "one worker left")
-    alone = under_load(stack, model, "v2", v1, v2)
+    batch: list[str] = []  # a micro-batch submitted during the turn: it waits for the load, never handed back
+    lines = [{"custom_id": f"l{i}", "body": body(PROMPTS[i])} for i in range(2)]
+    alone = under_load(
+        stack,
+        model,
+        "v2",
+        v1,
+        v2,
+        lambda: batch.append(call(stack, "POST", "/v1/batches", KEY, json={"requests": lines}).json()["id"]),
+    )
     kinds = alone["kinds"]
     assert all(kinds[j] != "old" for j in alone["resumed"]), kinds  # resumed on the new weights
     started = [j for j in alone["before"] if kinds[j] == "old"]  # finished before the turn
     assert all(kinds[j] == "new" for j in alone["before"] if j not in started + alone["resumed"]), kinds
     rolled = alone["record"]["id"]
+    url = f"/v1/batches/{batch[0]}"
+    wait_until(lambda: call(stack, "GET", url, KEY).json()["status"] in ("completed", "failed"), 60, 0.05, "the batch")
+    assert call(stack, "GET", url, KEY).json()["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    results = [json.loads(line) for line in call(stack, "GET", url + "/results", KEY).text.splitlines()]
+    for result in results:
+        choice = result["response"]["body"]["output"]["choices"][0]
+        assert made_by(v1, v2, choice["prompt_token_ids"], choice["token_ids"]) == "new", result["custom_id"]
 
     # a checkpoint whose data cannot be read: the worker keeps v2 and the reload fails, saying why
     failed = reload_to(stack, model, "broken")
