@@ -255,3 +255,10 @@ def test_reload_under_load_then_a_failing_checkpoint(setup: dict[str, Any]) -> N
     wait_until(lambda: job(stack, after)["status"] in ENDED, 60, 0.05, "a job after the failed reload")
     choice = job(stack, after)["output"]["choices"][0]
     assert made_by(v1, v2, choice["prompt_token_ids"], choice["token_ids"]) == "new"
+
+    # a replacement child (the worker's child killed) loads the weights the model was rolled to, not the configured
+    [child] = [w["pid"] for w in stack.workers()]
+    os.kill(child, signal.SIGKILL)
+    wait_until(lambda: [w["pid"] for w in stack.workers() if w["state"] == "ready"] not in ([], [child]), 60, 0.1)
+    wait_until(lambda: len(stack.workers()) == 1, 30, 0.1, "the killed child's record to lapse")
+    assert served(stack, model) == [("v2", rolled)]
