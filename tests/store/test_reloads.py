@@ -23,7 +23,7 @@ def live(client: redis.Redis, *names: str) -> list[dict[str, object]]:
 
 
 def test_one_worker_at_a_time_then_succeeded(store: JobStore) -> None:
-    client = store.r
+    client = store.client
     workers = sorted(live(client, "h:1", "h:2"), key=lambda w: str(w["name"]))
     record, created = reloads.create(client, P, "m", "v2", workers)
     assert created and record["status"] == "queued"
@@ -55,7 +55,7 @@ def test_one_worker_at_a_time_then_succeeded(store: JobStore) -> None:
 
 
 def test_a_failed_load_fails_the_reload_and_skips_the_rest(store: JobStore) -> None:
-    client = store.r
+    client = store.client
     record, _ = reloads.create(client, P, "m", "bad", live(client, "h:1", "h:2"))
     first = str(record["workers"][0]["worker"])
     assert reloads.take_turn(client, P, record["id"], first, lease=60) is not None
@@ -68,7 +68,7 @@ def test_a_failed_load_fails_the_reload_and_skips_the_rest(store: JobStore) -> N
 
 
 def test_a_vanished_worker_is_gone_and_the_reload_ends(store: JobStore) -> None:
-    client = store.r
+    client = store.client
     record, _ = reloads.create(client, P, "m", "v2", live(client, "h:1", "h:2"))
     registry.remove(client, P, "h:2", "m")  # h:2 stops before its turn
     assert reloads.take_turn(client, P, record["id"], "h:1", lease=60) is not None
