@@ -14,7 +14,9 @@ No real weights can be downloaded here, so the model is a random Llama of SmolLM
 parameters, its 49k-token vocabulary a BPE trained locally); speed does not depend on the weights' values.
 
     uv run python bench/engine_vs_llamacpp.py [--llama-cpp-dir DIR] [--gguf bf16 q8_0] [--clients 1 8 32]
-        [--lean auto off]
+        [--lean auto off] [--repeat 3]
+
+Each cell is the median of `--repeat` measurements (3 by default), taken one after the other.
 
 `--lean auto off` runs the service twice, with the engine's lean forward and with transformers' forward
 (`engine.lean_forward`), one client count after the other on both, for an A/B in one run.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -172,7 +175,13 @@ class LlamaServer:
         self.log.close()
 
 
-def llama_cpp(llama_dir: Path, model_dir: Path, ref: Generate, outtype: str, clients: list[int]) -> dict[int, float]:
+def median_of(repeat: int, measure: Any) -> float:
+    return statistics.median(measure() for _ in range(repeat))
+
+
+def llama_cpp(
+    llama_dir: Path, model_dir: Path, ref: Generate, outtype: str, clients: list[int], repeat: int
+) -> dict[int, float]:
     path = gguf(llama_dir, model_dir, outtype)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +189,7 @@ def llama_cpp(llama_dir: Path, model_dir: Path, ref: Generate, outtype: str, cli
             server = LlamaServer(llama_dir, path, n, Path(tmp) / "server.log")
             try:
                 server.complete(ref.ids(0)[:4])  # warm-up
-                out[n] = aggregate(lambda i, s=server: s.complete(ref.ids(i)), n)
+                out[n] = median_of(repeat, lambda s=server, n=n: aggregate(lambda i: s.complete(ref.ids(i)), n))
             finally:
                 server.stop()
     return out
@@ -192,6 +201,7 @@ def main() -> None:
     parser.add_argument("--gguf", nargs="+", default=["bf16"], choices=["f32", "bf16", "q8_0"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--lean", nargs="+", default=["auto"], choices=["auto", "off"], help="engine.lean_forward")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per cell (the median is shown)")
     args = parser.parse_args()
     print(f"$ uv run python bench/engine_vs_llamacpp.py {' '.join(sys.argv[1:])}")
     from worker.builders.random import build_random_model
@@ -199,7 +209,9 @@ def main() -> None:
     model_dir = build_random_model("llama", "135m", log=lambda msg: print(f"  {msg}", file=sys.stderr))
     ref = Generate(model_dir)
     ref.tokens_s(1)  # warm-up
-    rows: dict[str, dict[int, float]] = {GENERATE: {n: ref.tokens_s(n) for n in args.clients}}
+    rows: dict[str, dict[int, float]] = {
+        GENERATE: {n: median_of(args.repeat, lambda n=n: ref.tokens_s(n)) for n in args.clients}
+    }
     systems: dict[str, System] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -212,7 +224,8 @@ def main() -> None:
                     info = requests.get(system.url + "/v1/model", timeout=30).json()
                     variant = f", lean_forward {lean}" if len(args.lean) > 1 else ""
                     label = f"this service ({info.get('dtype')}{variant}), HTTP"
-                    rows.setdefault(label, {})[n] = system.concurrent([body(i) for i in range(n)])
+                    bodies = [body(i) for i in range(n)]
+                    rows.setdefault(label, {})[n] = median_of(args.repeat, lambda s=system, b=bodies: s.concurrent(b))
         finally:
             for system in systems.values():
                 system.stop()
@@ -222,14 +235,16 @@ def main() -> None:
         for outtype in args.gguf:  # one that fails (a build's kernel the CPU refuses) leaves the others standing
             try:
                 rows[f"llama.cpp `llama-server` {outtype}, HTTP"] = llama_cpp(
-                    args.llama_cpp_dir, model_dir, ref, outtype, args.clients
+                    args.llama_cpp_dir, model_dir, ref, outtype, args.clients, args.repeat
                 )
             except (RuntimeError, OSError, subprocess.CalledProcessError, requests.RequestException) as exc:
                 skipped += f"llama.cpp {outtype} failed: {str(exc)[:300]}\n"
     else:
         skipped = f"llama.cpp skipped: no llama-server under {args.llama_cpp_dir or '(no --llama-cpp-dir)'}"
     base = rows[GENERATE]
-    print(f"\nrandom Llama of SmolLM2-135M's shape, 1 thread, {NEW_TOKENS} new tokens, T {TEMPERATURE}, tokens/s")
+    print(
+        f"\nrandom Llama of SmolLM2-135M's shape, 1 thread, {NEW_TOKENS} new tokens, T {TEMPERATURE}, tokens/s, median of {args.repeat}"
+    )
     print("| | " + " | ".join(f"{n} client{'s' if n > 1 else ''}" for n in args.clients) + " |")
     print("|---|" + "---|" * len(args.clients))
     for label, got in rows.items():

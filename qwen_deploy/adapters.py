@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen_deploy.checkpoints import safetensors_header
 from qwen_deploy.config import Settings
 from qwen_deploy.keys import adapters_key, adapters_version_key, runtime_models_key
 from qwen_deploy.served import Served, served_models
@@ -25,7 +25,6 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 MAX_RANK = 64
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")
-MAX_HEADER = 64 << 20
 
 
 class AdapterError(ValueError):
@@ -62,22 +61,9 @@ class AdapterFiles:
 def _header(path: Path) -> dict[str, Any]:
     """The tensor table of a safetensors file (name -> {dtype, shape, data_offsets})."""
     try:
-        with path.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file (too short)")
-            (size,) = struct.unpack("<Q", raw)
-            if size > MAX_HEADER:
-                raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file (header of {size} bytes)")
-            table = json.loads(f.read(size))
-    except OSError as exc:
-        raise AdapterError(f"cannot read {WEIGHTS_FILE}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(table, dict):
-        raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file")
-    table.pop("__metadata__", None)
-    return table
+        return safetensors_header(path)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
 
 
 def _config(path: Path) -> dict[str, Any]:

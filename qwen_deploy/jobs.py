@@ -45,6 +45,7 @@ class ClaimOutcome(StrEnum):
     MISSING = "missing"  # no such record (expired)
     EXHAUSTED = "exhausted"  # past its deliveries: failed worker_lost (detail: the delivery count)
     OTHER = "other"  # another model's job, never claimed (detail: its model)
+    DEFERRED = "deferred"  # not claimed now: this worker is reloading its model (the job waits, queued)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,26 @@ def adapters_version_key(prefix: str) -> str:
     return f"{prefix}:adapters:version"
 
 
+def reload_key(prefix: str, reload_id: str) -> str:
+    """A model reload's record (hash): model, path, status, each worker's progress."""
+    return f"{prefix}:reload:{reload_id}"
+
+
+def reload_turn_key(prefix: str, reload_id: str) -> str:
+    """The worker whose turn it is in a reload (string with a lease): one worker of the model at a time."""
+    return f"{prefix}:reload:{reload_id}:turn"
+
+
+def model_reload_key(prefix: str, alias: str) -> str:
+    """A model's reloads: `current` (the one queued or running, set only when none is) and `last` (hash)."""
+    return f"{prefix}:model:{alias}:reload"
+
+
+def model_weights_key(prefix: str, alias: str) -> str:
+    """The weights a model was last rolled to (hash: path, reload, since): what its new workers load."""
+    return f"{prefix}:model:{alias}:weights"
+
+
 def model_loads_key(prefix: str) -> str:
     """Model loads across all workers."""
     return f"{prefix}:stats:model_loads"

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import uuid
 from enum import IntEnum
 from typing import Any
 
@@ -140,3 +141,14 @@ def _envelope(task: str, queue: str, time_limit: float | None, soft_time_limit: 
     }
     pieces = re.split(r"(@@[a-z]+@@)", json.dumps(message))
     return [pieces[0], *zip(pieces[1::2], pieces[2::2])]
+
+
+def push_drive(client: Any, prefix: str, node: str) -> bool:
+    """Put a `drive` task on a generation worker's own queue unless one waits there already; whether it did."""
+    from qwen_deploy.keys import queue_key
+
+    key = queue_key(prefix, engine_queue(prefix, node))
+    if client.llen(key):
+        return False
+    client.lpush(key, task_message(DRIVE_TASK, f"drive-{uuid.uuid4().hex}", engine_queue(prefix, node), []))
+    return True

@@ -96,7 +96,7 @@ def _wake(
     runs are used up."""
     client = store.client
     queue, message = record.get("queue", ""), record.get("message", "")
-    if int(record.get("deliveries") or 0) >= max_deliveries:
+    if int(record.get("deliveries") or 0) - int(record.get("handbacks") or 0) >= max_deliveries:  # hand-backs: reloads
         store.finish(job_id, "failed", {"error": worker_lost(max_deliveries)})
         event(log, "job.reaped", logging.WARNING, id=job_id, outcome="failed", status=record["status"])
         return "failed"

@@ -215,6 +215,12 @@ class EngineSettings(Section):
     max_adapters: int = Field(
         8, ge=1, description="LoRA adapters resident per worker child (LRU; more are loaded on demand)"
     )
+    reload_drain_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="during a model reload, how long a worker lets its running jobs finish on the old weights "
+        "before it hands the rest back (they resume from their streamed tokens)",
+    )
 
 
 class WorkerSettings(Section):

@@ -57,7 +57,7 @@ def generate(self: object, job_id: str) -> str:
 def drive(self: object) -> str:
     """A hand-off: keep this child's engine stepping until it is idle or this task's slice ends."""
     driver = _driver(self)
-    if not len(driver.engine):  # type: ignore[attr-defined]
+    if not len(driver.engine) and not driver.reloader.due():  # type: ignore[attr-defined]
         driver.adopt_orphans()  # type: ignore[attr-defined]
         if not len(driver.engine):  # type: ignore[attr-defined]
             return "idle"

@@ -17,6 +17,7 @@ from qwen_deploy.queues import GENERATION_QUEUES
 from qwen_deploy.served import all_generation_queues
 
 log = logging.getLogger(__name__)
+_node: str | None = None  # this worker's Celery node name (set in the parent before the children fork)
 
 
 def _consumed(app: object) -> set[str]:
@@ -55,7 +56,9 @@ def _engine_queue(sender: str, instance: object, **_: object) -> None:
     """A generation worker also consumes its own queue (after interactive and bulk): the engine's hand-offs."""
     from qwen_deploy.queues import engine_queue
 
+    global _node
     app = instance.app  # type: ignore[attr-defined]
+    _node = sender  # forked children inherit it: their own queue's name
     if _serves_generation(app):
         app.amqp.queues.select_add(engine_queue(get_settings().key_prefix, sender))
 
@@ -95,7 +98,7 @@ def _load_model(**_: object) -> None:
     from worker.runtime import init_process
 
     settings = get_settings()
-    init_process(settings, worker_model(settings, _consumed(current_app), redis_client(settings)))
+    init_process(settings, worker_model(settings, _consumed(current_app), redis_client(settings)), _node)
 
 
 @signals.task_postrun.connect

@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         models,
         openai_api,
         openapi,
+        reloads,
         stats,
         webhooks,
     )
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(models.bp)
     app.register_blueprint(models.register_bp)
     app.register_blueprint(adapters.bp)
+    app.register_blueprint(reloads.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(stats.bp)
     app.register_blueprint(console.bp)

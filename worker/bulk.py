@@ -167,6 +167,9 @@ def run_chunk(driver: Any, batches: BatchStore, batch_id: str, start: int, end: 
     if expires_at is not None and time.time() >= expires_at:  # its window ended while it waited
         batches.chunk_done(batch_id, start, failed_lines(batch_id, items, LINE_EXPIRED))
         return "expired"
+    driver.reloader.through(
+        slice_end
+    )  # a worker in its reload turn drains and loads first: lines are never handed back
     budget = min(driver.settings.limits.generation_budget, max(1.0, slice_end - time.monotonic() - 1.0))
     if expires_at is not None:
         budget = min(budget, expires_at - time.time())

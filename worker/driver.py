@@ -37,6 +37,7 @@ from qwen_deploy.served import Served
 from qwen_deploy.states import GENERATION_FAILED
 from worker.engine import Engine, Seq, stable_text
 from worker.handler import ModelHandler
+from worker.reload import Reloader
 from worker.running import RunningJob, holder_alive, last_deltas, other_deltas, terminal_state
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Driver:
         worker: str,
         handoff: Callable[[], None] | None = None,
         model: Served | None = None,
+        on_swap: Callable[[ModelHandler, dict[str, Any]], None] | None = None,
     ) -> None:
         self.handler, self.store, self.worker = handler, store, worker
         # The model this engine serves: it claims only that model's jobs and yields to its bulk queue.
@@ -74,12 +76,16 @@ class Driver:
         self.adapters_version: Any = None
         self.adapters_synced = False  # the first look syncs whatever the version
         self.soft_hit = False
+        self.on_swap = on_swap  # told of new weights (the process's handler and revision)
+        self.reloader = Reloader(self)
 
     # -- claims ----------------------------------------------------------------------------------
     def claim_job(self, job_id: str) -> ClaimOutcome:
         """Claim one job for this engine: run | mine | busy | skip | missing | exhausted | other."""
         if job_id in self.jobs:
             return ClaimOutcome.MINE
+        if self.reloader.turn is not None:  # reloading: the job waits for the new weights (or another worker)
+            return ClaimOutcome.DEFERRED
         claims = self._claim(1, job_id=job_id)
         outcome = claims[0] if claims else None
         if outcome and outcome.outcome is ClaimOutcome.BUSY and not holder_alive(outcome.detail):
@@ -201,6 +207,8 @@ class Driver:
     def drive(self, done: Callable[[], bool], slice_end: float) -> None:
         """Step the engine until `done()` and the engine is idle, or the slice ends (then hand off)."""
         self.soft_hit = False
+        if self.reloader.ready:  # a reload's turn, drained: the weights load at the start of a slice
+            self.reloader.swap()
         with self._soft_limit_deferred(), self._adapters_held():
             self._drive(done, slice_end)
 
@@ -244,7 +252,7 @@ class Driver:
         """An engine that still holds work when its task returns gets a driving task: a `drive` task on
         this worker's own queue (none is pushed while one waits there). Every task's end comes here, so jobs
         claimed outside a driving task (a dead child's, taken over by a task whose own job was over) run on."""
-        if not (len(self.engine) or self.to_finish) or self.handoff is None:
+        if not (len(self.engine) or self.to_finish or self.reloader.turn) or self.handoff is None:
             return
         try:
             self.handoff()
@@ -259,9 +267,12 @@ class Driver:
         if now >= self.next_claim:
             self.next_claim = now + self.claim_every
             self.sync_adapters()
-            self.claim_waiting()
+            if not self.reloader.check():
+                self.claim_waiting()
+        if self.reloader.ready:
+            return False  # the next driving task loads the new weights first
         if not len(self.engine):
-            if done() and not self.to_finish:
+            if done() and not self.to_finish and not self._last_look():
                 return False
             time.sleep(0.005)
             return True
@@ -271,6 +282,14 @@ class Driver:
         if time.monotonic() >= self.next_flush:
             self.flush()
         return True
+
+    def _last_look(self) -> bool:
+        """Before a task leaves an empty engine: claim what waits (a job whose message a reloading worker answered
+        `deferred` has no other wake-up); whether it claimed anything."""
+        if self.reloader.check():
+            return False
+        self.claim_waiting()
+        return bool(len(self.engine))
 
     def yield_to_bulk(self) -> bool:
         """Own work is done: return to Celery when a micro-batch waits and no bulk rows are running."""

@@ -87,10 +87,17 @@ class PromptError(ValueError):
 class ModelHandler:
     """Loads one causal LM and generates with the service's caps."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, tokenizer_path: str | None = None, strict: bool = False, names: tuple[str, ...] = ()
+    ) -> None:
+        """`tokenizer_path`: where the tokenizer is when the weights' directory has none (a checkpoint saved
+        without it); `strict`: the weights must hold exactly the model's tensors (transformers alone only warns
+        about missing ones and makes them up); `names`: other names of the base, for adapters' checks."""
         self.settings = settings
         self.model: Any = None
         self.tokenizer: Any = None
+        self.tokenizer_path = tokenizer_path or settings.model.name_or_path
+        self.strict, self.names = strict, names
         self.info: ModelInfo | None = None
         self.adapters: AdapterSet | None = None
         self.pooling: Pooling | None = None  # task embed: how hidden states become a vector
@@ -109,12 +116,12 @@ class ModelHandler:
         token = self.settings.token
         common = {"revision": cfg.revision, "token": token, "trust_remote_code": cfg.trust_remote_code}
         common |= load_options(cfg.name_or_path, cfg.revision)  # fails at once when the hub cannot serve it
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **common)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, **common)
         loader = AutoModel if cfg.task == "embed" else AutoModelForCausalLM  # embed: the base model, no LM head
-        model = loader.from_pretrained(cfg.name_or_path, dtype=dtype, **common)
+        model = self._load_weights(loader, cfg.name_or_path, dtype, common)
         self.pooling = model_pooling(cfg.name_or_path, common) if cfg.task == "embed" else None
         self.hidden_size = int(model.config.get_text_config().hidden_size)
-        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `to`; its stub reads it unbound
+        self.model = model.to(device).eval()
         self.eos_ids = _eos_ids(model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.vocab_size = int(model.config.get_text_config().vocab_size)
@@ -138,12 +145,26 @@ class ModelHandler:
         if cfg.task == "embed":  # embeddings run no adapter, reuse no prefix and need no lean decode
             log.info("model loaded: %s (embeddings: %s)", asdict(self.info), self.pooling)
             return self.info
-        self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path])
+        self.adapters = AdapterSet(self.model, self.settings.engine.max_adapters, [cfg.name_or_path, *self.names])
         root = self.settings.paths.models_root.expanduser()
         for name, path in cfg.adapters.items():  # registered now, loaded when first used
             self.adapters.register(name, str(root / path))
         log.info("model loaded: %s", asdict(self.info))
         return self.info
+
+    def _load_weights(self, loader: Any, path: str, dtype: Any, common: dict[str, Any]) -> Any:
+        if not self.strict:
+            return loader.from_pretrained(path, dtype=dtype, **common)
+        loaded: Any = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, **common)
+        model, info = loaded
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            found = sorted(map(str, info.get(kind) or ()))
+            if found:
+                raise ValueError(
+                    f"{kind.replace('_', ' ')} in the weights: {', '.join(found[:3])}"
+                    + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+                )
+        return model
 
     def preload_modules(self) -> None:
         """Import the model's and tokenizer's code without loading weights or touching a device

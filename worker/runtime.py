@@ -7,21 +7,22 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import asdict
 from typing import Any
 
-from qwen_deploy import registry
+from qwen_deploy import registry, reloads
 from qwen_deploy.adapters import registered
-from qwen_deploy.config import Settings
+from qwen_deploy.config import Settings, get_settings
 from qwen_deploy.connections import job_store, redis_client
 from qwen_deploy.keys import model_loads_key
 from qwen_deploy.model_load import LOAD_FAILED, MODEL_LOAD_FAILED, fail_pending, fail_queued
 from qwen_deploy.model_load import load_error as load_error_of
+from qwen_deploy.queues import push_drive
 from qwen_deploy.reaper import reap_if_due
 from qwen_deploy.served import Served, served_models
 from qwen_deploy.stats_history import default_queues, record_if_due
 from worker.handler import ModelHandler
+from worker.reload import load_checkpoint, resolve
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ _handler: ModelHandler | None = None
 _driver: Any = None
 _served: Served | None = None  # the model this process serves
 _load_error: dict[str, str] | None = None  # why the model did not load (while it is not loaded)
+_node: str | None = None  # this worker's Celery node (its own queue takes `drive` tasks)
+_revision: dict[str, Any] | None = None  # the weights served: path, reload (None: the configured ones), since
 RETRY_FIRST, RETRY_MAX = 10.0, 300.0  # seconds between tries to load a model that failed to load
 _stop = threading.Event()
 
@@ -46,6 +49,8 @@ def _record(settings: Settings, state: str, handler: ModelHandler | None) -> dic
         "alias": served().alias,
         "model": asdict(info) if info else {"name": settings.model.name_or_path},
         "adapters": list(handler.adapters.names) if handler and handler.adapters else [],
+        "node": _node,
+        **({"revision": _revision} if handler and _revision else {}),
         **({"error": _load_error} if state == LOAD_FAILED and _load_error else {}),
     }
 
@@ -66,15 +71,15 @@ def served() -> Served:
     return _served
 
 
-def init_process(settings: Settings, model: Served | None = None) -> ModelHandler | None:
+def init_process(settings: Settings, model: Served | None = None, node: str | None = None) -> ModelHandler | None:
     """Load `model` (default: the default model; once per process) and start publishing this worker as
     ready. The handler sees settings whose `model` section is that model's entry. A model that does not
     load leaves the process up as `load_failed` (see qwen_deploy/model_load.py): it fails the model's
     queued jobs, and retries the load with backoff; None then."""
-    global _served
+    global _served, _node
     if _handler is not None:
         return _handler
-    _served = model or served_models(settings)[0]
+    _served, _node = model or served_models(settings)[0], node
     settings = settings.model_copy(update={"model": _served.model})
     client = redis_client(settings)
     name, ttl = process_name(), settings.worker.heartbeat_interval * 3
@@ -88,8 +93,25 @@ def init_process(settings: Settings, model: Served | None = None) -> ModelHandle
 
 
 def _load(settings: Settings) -> bool:
-    """Load the model; on failure record why (logged with its traceback, never silently)."""
-    global _handler, _load_error
+    """Load the model (the weights it was last rolled to, else the configured ones); on failure record why
+    (logged with its traceback, never silently)."""
+    global _handler, _load_error, _revision
+    rolled = reloads.weights(redis_client(settings), settings.key_prefix, served().alias)
+    if rolled is not None:
+        try:
+            handler = load_checkpoint(ModelHandler(settings), resolve(settings, rolled["path"]))
+        except Exception as exc:
+            log.error(
+                "the weights %s (reload %s) did not load (%s); loading the configured ones",
+                rolled["path"],
+                rolled["reload"],
+                exc,
+            )
+        else:
+            assert handler.info is not None
+            path = handler.settings.model.name_or_path
+            _handler, _load_error, _revision = handler, None, {**rolled, "path": path, "since": handler.info.loaded_at}
+            return True
     handler = ModelHandler(settings)
     try:
         handler.setup()
@@ -98,8 +120,25 @@ def _load(settings: Settings) -> bool:
         log.error("%s; its jobs fail with %s until it loads", _load_error["message"], MODEL_LOAD_FAILED, exc_info=True)
         return False
     redis_client(settings).incr(model_loads_key(settings.key_prefix))
-    _handler, _load_error = handler, None
+    assert handler.info is not None
+    revision = {"path": settings.model.name_or_path, "reload": None, "since": handler.info.loaded_at}
+    _handler, _load_error, _revision = handler, None, revision
     return True
+
+
+def swapped(handler: ModelHandler, revision: dict[str, Any]) -> None:
+    """The driver serves new weights (a reload): this process's handler, revision and record follow."""
+    global _handler, _revision
+    _handler, _revision = handler, revision
+    settings = get_settings()
+    client = redis_client(settings)
+    registry.publish(
+        client,
+        settings.key_prefix,
+        process_name(),
+        _record(settings, _state(), _handler),
+        settings.worker.heartbeat_interval * 3,
+    )
 
 
 def _other_ready(settings: Settings) -> bool:
@@ -147,6 +186,7 @@ def _heartbeat(settings: Settings, name: str, ttl: float) -> None:
                     log.warning("next try to load the model in %g s", retry_in)
                 next_load = time.monotonic() + retry_in
             sync_idle_adapters(settings, client)
+            wake_for_reload(settings, client, name)
             registry.publish(client, settings.key_prefix, name, _record(settings, _state(), _handler), ttl)
             fail_queued_jobs(settings)
             reap_if_due(store, lim.reap_interval, lim.max_deliveries, lim.hard_time_limit + lim.reap_grace)
@@ -173,6 +213,12 @@ def sync_idle_adapters(settings: Settings, client: Any) -> None:
         adapters.lock.release()
 
 
+def wake_for_reload(settings: Settings, client: Any, name: str) -> None:
+    """An idle worker whose turn in a reload is due (and whose wake-up was missed) gets a driving task."""
+    if _handler is not None and _node is not None and reloads.due(client, settings.key_prefix, served().alias, name):
+        push_drive(client, settings.key_prefix, _node)
+
+
 def get_handler() -> ModelHandler:
     if _handler is None:
         raise RuntimeError("the model is not loaded in this process")
@@ -183,18 +229,14 @@ def get_driver(settings: Settings, node: str) -> Any:
     """This child's engine driver (created on first use); hand-offs go to the worker's own queue."""
     global _driver
     if _driver is None:
-        from qwen_deploy.keys import queue_key
-        from qwen_deploy.queues import DRIVE_TASK, engine_queue, task_message
         from worker.driver import Driver
 
-        client, queue = redis_client(settings), engine_queue(settings.key_prefix, node)
+        client = redis_client(settings)
 
         def handoff() -> None:
-            if not client.llen(queue_key(settings.key_prefix, queue)):
-                task_id = f"drive-{uuid.uuid4().hex}"
-                client.lpush(queue_key(settings.key_prefix, queue), task_message(DRIVE_TASK, task_id, queue, []))
+            push_drive(client, settings.key_prefix, node)
 
-        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff, model=served())
+        _driver = Driver(get_handler(), job_store(settings), process_name(), handoff, model=served(), on_swap=swapped)
         try:
             _driver.adopt_orphans()
         except Exception as exc:  # Redis away: leases and the reaper settle those jobs later

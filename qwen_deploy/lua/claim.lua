@@ -51,7 +51,7 @@ local function claim(id)
     return false
   end
   local n = redis.call('HINCRBY', job, 'deliveries', 1)
-  if n > max_deliveries then
+  if n - tonumber(redis.call('HGET', job, 'handbacks') or '0') > max_deliveries then  -- hand-backs are no failures
     redis.call('HSET', job, 'error', exhausted, 'finish_reason', 'error')
     close_job(job, job .. ':ev', KEYS[3], KEYS[2], KEYS[1], 'failed', now_s, ttl)
     put('exhausted', id, tostring(n))

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from qwen_deploy import registry
 from qwen_deploy.adapters import registered
 from qwen_deploy.runtime_models import runtime_models
 from qwen_deploy.served import Served, served_models
@@ -34,7 +35,15 @@ def model_object(name: str, served: Served, found: list[dict[str, Any]]) -> dict
         "ready": state["reason"] is None,
         "reason": state["reason"],
         "task": served.model.task,
+        "revisions": revisions(found, served),
     }
+
+
+def revisions(found: list[dict[str, Any]], served: Served) -> list[dict[str, Any]]:
+    """The weights each live worker of the model serves: path, the reload that rolled it there (None: the
+    configured weights) and since when."""
+    mine = registry.by_model(found, served.alias, served.default)
+    return [{"worker": w["name"], **w["revision"]} for w in mine if w.get("revision")]
 
 
 def adapter_object(name: str, base: dict[str, Any]) -> dict[str, Any]:

@@ -146,6 +146,13 @@ class ResponseObject(BaseModel):
     store: bool
 
 
+class Revision(BaseModel):
+    worker: str = Field(description="the worker process (host:pid)")
+    path: str = Field(description="the weights' directory (or hub id)")
+    reload: str | None = Field(description="the reload that rolled this worker to them; null: the configured weights")
+    since: float = Field(description="when the worker loaded them (epoch seconds)")
+
+
 class Model(BaseModel):
     id: str = Field(description="the name asked for (the model's id in the list)")
     object: Literal["model"]
@@ -156,6 +163,9 @@ class Model(BaseModel):
     ready: bool
     reason: str | None = Field(description="why it is not ready")
     task: Literal["generate", "embed"] = Field(description="generate: the text routes; embed: /v1/embeddings only")
+    revisions: list[Revision] = Field(
+        default_factory=list, description="the weights each live worker serves (they differ during a reload)"
+    )
 
 
 class ModelList(BaseModel):
