@@ -52,6 +52,13 @@ set -eu
 uv sync --frozen --no-dev --inexact $(cat /app/.uv-skip)
 /app/.venv/bin/python -c 'import torch, qwen_deploy.cli, tasks, web; print("torch", torch.__version__, "cuda build:", torch.version.cuda)'
 EOF
+# The CPU kernels (worker/cpu_kernels.py) compiled here, so the runtime image needs no C compiler.
+RUN <<'EOF'
+set -eu
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+/app/.venv/bin/python -m worker.cpu_kernels /app/worker/_kernels
+EOF
 
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

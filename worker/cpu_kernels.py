@@ -118,6 +118,7 @@ void add_rms_norm_bf16(const uint16_t *h, const uint16_t *add, const uint16_t *w
 }
 """
 MAX_DIM = 16384  # the widest row `add_rms_norm` takes (its stack buffer)
+SHIPPED = Path(__file__).resolve().parent / "_kernels"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-shared", "-fPIC"]
 
 
@@ -130,29 +131,40 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot run here (see the module's docstring)."""
-    if not cpu_has_avx512_bf16():
-        return None
+def library_name() -> str:
+    """The compiled file's name: it changes with the source and flags."""
+    return f"cpu-kernels-{hashlib.sha256((SOURCE + ' '.join(FLAGS)).encode()).hexdigest()[:16]}.so"
+
+
+def build(directory: Path) -> Path:
+    """Compile the kernels into `directory` (no-op when there); CalledProcessError / OSError when it cannot."""
+    target = directory / library_name()
+    if target.exists():
+        return target
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        log.info("one-row bf16 kernel off: no C compiler")
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+        src.write_text(SOURCE)
+        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=60)
+        out.replace(target)  # atomic: another process may compile it at the same time
+    return target
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (see the module's docstring). A build shipped
+    beside this module (`_kernels/`, the container image compiles one) is used first, else one compiled once
+    into the cache directory."""
+    if not cpu_has_avx512_bf16():
         return None
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    target = default_cache_dir() / "kernels" / f"gemv-bf16-{digest}.so"
+    shipped = SHIPPED / library_name()
     try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src, out = Path(tmp) / "gemv.c", Path(tmp) / "gemv.so"
-                src.write_text(SOURCE)
-                subprocess.run(
-                    [compiler, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=60
-                )
-                out.replace(target)  # atomic: another process may compile it at the same time
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(shipped if shipped.exists() else build(default_cache_dir() / "kernels")))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.info("one-row bf16 kernel off: %s", exc)
+        log.info("CPU kernels off: %s", exc)
         return None
     fn = lib.gemv_bf16
     fn.restype = None
@@ -247,3 +259,9 @@ def _self_check(fn: Any) -> bool:
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
     got = _call(fn, x, w.contiguous(), b.contiguous()).float()
     return bool(torch.allclose(got, ref, atol=0.05, rtol=0.02))
+
+
+if __name__ == "__main__":  # python -m worker.cpu_kernels DIR: compile the kernels into DIR (an image build)
+    import sys
+
+    print(build(Path(sys.argv[1])))

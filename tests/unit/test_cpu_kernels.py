@@ -88,3 +88,18 @@ def test_add_rms_norm_equals_transformers_bf16_norm(rows: int) -> None:
         assert (out != expected).float().mean() < 0.01  # all but a few elements bit-equal
         same, alone = add_rms_norm(h, None, norm.weight, 1e-5)
         assert same is h and torch.equal(alone, norm(h))
+
+
+def test_an_image_build_compiles_the_kernels_beside_the_module(tmp_path: Path) -> None:
+    """`python -m worker.cpu_kernels DIR` (the Dockerfile's build stage) writes the library the runtime loads first
+    from `worker/_kernels/`, so a runtime image without a C compiler still has the kernels."""
+    import subprocess
+    import sys
+
+    from worker.cpu_kernels import SHIPPED, library_name
+
+    out = subprocess.run([sys.executable, "-m", "worker.cpu_kernels", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    built = tmp_path / library_name()
+    assert out.stdout.strip() == str(built) and built.stat().st_size > 0
+    assert SHIPPED.name == "_kernels" and SHIPPED.parent.name == "worker"
