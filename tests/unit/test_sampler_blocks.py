@@ -101,3 +101,15 @@ def test_one_pass_shift_and_scale_equals_two(temperature: float) -> None:
     finite = want.isfinite()
     assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4 * scale)
     assert got.amax(-1).abs().max() < 1e-4 * scale  # the top token's weight stays 1
+
+
+def test_a_wide_row_samples_its_top_tokens_and_denormals_come_back_after() -> None:
+    x = logits(2, seed=5).float() * 40  # a spread of ~850 logits: most weights fall below float32's range
+    ps = [
+        RowPlan(Sampling(seed=1, temperature=0.3), [], [], top_logprobs=1),
+        RowPlan(Sampling(seed=2, temperature=0.3), [], []),
+    ]
+    _, ids, lps = choose(x, ps)
+    assert ids == x.argmax(-1).tolist()  # gaps of 12.5 and 32.5 logits at T 0.3: the runner-up weighs < 2^-60
+    assert abs(lps[0][0] - float(torch.log_softmax(x[0], -1)[ids[0]])) < 1e-5
+    assert float(torch.tensor([2.0**-140]) * 1.0) > 0  # denormals flushed only while choosing
