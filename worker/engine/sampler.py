@@ -201,7 +201,7 @@ def _ban(x: torch.Tensor, plans: list[RowPlan], touched: list[torch.Tensor] | No
 def _patch(x: torch.Tensor, tiles: torch.Tensor, touched: list[torch.Tensor]) -> None:
     """Recompute the block maxima of the blocks holding a changed cell (one gather of those blocks)."""
     at = (torch.cat(touched) if len(touched) > 1 else touched[0]).div(BLOCK, rounding_mode="floor")
-    tiles.view(-1)[at] = x.view(-1, BLOCK)[at].amax(-1)
+    tiles.view(-1).index_copy_(0, at, x.view(-1, BLOCK).index_select(0, at).amax(-1))
 
 
 def _to_host(
