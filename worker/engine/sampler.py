@@ -24,6 +24,7 @@ from worker.engine.draw import BLOCK, argmax, sample, tile_max, topk
 from worker.engine.sequence import Sampling
 
 _SCRATCH = threading.local()
+LOGPROB_ROWS = 4  # rows per log-softmax on CPU: 4 x 49k floats stay in cache between its write and the gather
 
 
 @dataclass
@@ -115,15 +116,21 @@ def _scratch(name: str, like: torch.Tensor, rows: int | None = None) -> torch.Te
 
 
 def _normalizer(x: torch.Tensor, want: list[int], plans: list[RowPlan], tiles: torch.Tensor | None) -> Normalizer:
-    """The asking rows' logsumexp and top ids, from the raw logits: one log-softmax (its own fused max, exp and sum
-    pass) into a scratch buffer; the normalizer is any column's logit minus its log-probability (the top one's)."""
+    """The asking rows' logsumexp and top ids, from the raw logits: a log-softmax (its own fused max, exp and sum
+    pass) of a few rows at a time into a small buffer that stays in cache (on CPU; a whole [rows, vocab] output
+    measured ~20% slower at 32 rows); the normalizer is any column's logit minus its log-probability."""
     k = max(1, max(plans[i].top_logprobs for i in want))
     at = None if len(want) == x.shape[0] else torch.tensor(want, device=x.device)
     raw = x if at is None else x[at]
-    lp = torch.log_softmax(raw, -1, out=_scratch("logprobs", x, len(want)))
     _, ids = topk(raw, k, _rows(tiles, at))
     first = ids[:, :1]
-    return Normalizer(want, (raw.gather(1, first) - lp.gather(1, first))[:, 0], ids)
+    step = LOGPROB_ROWS if x.device.type == "cpu" else len(want)
+    buf, lse = _scratch("logprobs", x, min(step, len(want))), torch.empty(len(want), 1, device=x.device)
+    for lo in range(0, len(want), step):
+        part, top = raw[lo : lo + step], first[lo : lo + step]
+        lp = torch.log_softmax(part, -1, out=buf[: len(part)])
+        torch.sub(part.gather(1, top), lp.gather(1, top), out=lse[lo : lo + step])
+    return Normalizer(want, lse[:, 0], ids)
 
 
 def _penalize(x: torch.Tensor, plans: list[RowPlan], touched: list[torch.Tensor] | None = None) -> None:
