@@ -113,3 +113,12 @@ def test_a_wide_row_samples_its_top_tokens_and_denormals_come_back_after() -> No
     assert ids == x.argmax(-1).tolist()  # gaps of 12.5 and 32.5 logits at T 0.3: the runner-up weighs < 2^-60
     assert abs(lps[0][0] - float(torch.log_softmax(x[0], -1)[ids[0]])) < 1e-5
     assert float(torch.tensor([2.0**-140]) * 1.0) > 0  # denormals flushed only while choosing
+
+
+def test_each_rows_weights_are_the_same_alone_and_beside_other_temperatures() -> None:
+    x = logits(3, seed=6).float()
+    top = x.amax(-1, keepdim=True)
+    scales = [LOG2E / 0.8, LOG2E / 3.0, LOG2E / 0.8]  # one pass for 0.8, two for 3.0
+    together = _relative(x.clone(), top, scales)
+    for i, s in enumerate(scales):
+        assert torch.equal(together[i : i + 1], _relative(x[i : i + 1].clone(), top[i : i + 1], [s]))

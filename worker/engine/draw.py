@@ -111,13 +111,26 @@ def sample(
 
 
 def _relative(x: torch.Tensor, top: torch.Tensor, scales: list[float]) -> torch.Tensor:
-    """(x - top) x scale, in place. Where every row has one scale in `LERP_SCALES`, in one pass instead of two:
+    """(x - top) x scale, in place. A row whose scale is in `LERP_SCALES` takes one pass instead of two:
     `lerp(x, end, w) = x + w (end - x)` with w = 1 - s and end = top s / (s - 1) is s x - s top (w < 0 keeps
-    -inf at -inf; s beyond the range would let rounding of `end` move the top away from 0)."""
-    s = scales[0]
-    if LERP_SCALES[0] < s <= LERP_SCALES[1] and all(v == s for v in scales):
+    -inf at -inf; s beyond the range would let rounding of `end` move the top away from 0). Which of the two a
+    row takes depends on its own scale only, so its weights are the same alone or in any batch; rows with other
+    scales than the first are shifted and scaled as a group of their own (a copy out and back)."""
+    groups: dict[float, list[int]] = {}
+    for i, s in enumerate(scales):
+        groups.setdefault(s, []).append(i)
+    if len(groups) == 1:
+        return _shift_scale(x, top, scales[0])
+    for s, rows in groups.items():
+        at = torch.tensor(rows, device=x.device)
+        x[at] = _shift_scale(x[at], top[at], s)
+    return x
+
+
+def _shift_scale(x: torch.Tensor, top: torch.Tensor, s: float) -> torch.Tensor:
+    if LERP_SCALES[0] < s <= LERP_SCALES[1]:
         return x.lerp_(top * (s / (s - 1.0)), 1.0 - s)
-    return x.sub_(top).mul_(torch.tensor(scales, device=x.device)[:, None])
+    return x.sub_(top).mul_(s)
 
 
 def _min_p(weights: torch.Tensor, mins: list[float]) -> None:
