@@ -83,8 +83,8 @@ def _choose(logits: torch.Tensor, plans: list[RowPlan]) -> tuple[torch.Tensor, l
         tiles = tile_max(x) if tiles is not None else None
     elif tiles is not None and touched:
         _patch(x, tiles, touched)
-    top = None if tiles is None else tiles.amax(-1, keepdim=True)  # each row's maximum, after every change
     sampled = [i for i, p in enumerate(plans) if not p.sampling.greedy]
+    top = None if tiles is None or not sampled else tiles.amax(-1, keepdim=True)  # each row's maximum, after all
     if not sampled:
         tokens = argmax(x, tiles)
     elif len(sampled) == len(plans):  # the common case: no row copy
