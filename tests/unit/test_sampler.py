@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from worker.engine.sampler import RowPlan, _add_bias, _argmax, _penalize, _topk, choose
+from worker.engine.draw import argmax as _argmax
+from worker.engine.draw import topk as _topk
+from worker.engine.sampler import RowPlan, _add_bias, _penalize, choose
 from worker.engine.sequence import Sampling
 
 V = 1000
