@@ -7,15 +7,14 @@ Celery task protocol 2, JSON body). The web process therefore needs neither Cele
 
 from __future__ import annotations
 
-import binascii
-import functools
-import json
+import base64
 import os
-import re
 import socket
 import uuid
 from enum import IntEnum
 from typing import Any
+
+from qwen_deploy.jsontext import dumpb, dumps
 
 
 class Lane(IntEnum):
@@ -70,46 +69,12 @@ def task_message(
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
 ) -> str:
-    """The JSON string kombu's Redis transport stores for one Celery task message (every submit builds
-    one: the envelope is rendered once per task and queue, then filled in)."""
-    if args == [task_id] and _PLAIN(task_id):  # a job id: json.dumps and repr would write it as it is
-        body = '[["' + task_id + '"]' + _BODY_TAIL
-        quoted, argsrepr = task_id, "['" + task_id + "']"
-    else:
-        body = "[" + json.dumps(args) + _BODY_TAIL  # [args, kwargs, embed], as json.dumps would write it
-        quoted, argsrepr = _json_str(task_id), _json_str(repr(args))
-    fill = {
-        "@@body@@": binascii.b2a_base64(body.encode(), newline=False).decode(),
-        "@@id@@": quoted,
-        "@@argsrepr@@": argsrepr,
-        "@@tag@@": _uuid4(),
-    }
-    head, *parts = _envelope(task, queue, time_limit, soft_time_limit)
-    return head + "".join(fill[name] + text for name, text in parts)
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.:-]+").fullmatch  # written the same by json.dumps, repr and as text
-_BODY_TAIL = ', {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
-
-
-def _uuid4() -> str:
-    """str(uuid.uuid4()) without the UUID object: random bits with version 4 and the RFC 4122 variant."""
-    bits = (int.from_bytes(os.urandom(16)) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
-    h = f"{bits:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _json_str(text: str) -> str:
-    return json.dumps(text)[1:-1]
-
-
-@functools.lru_cache(maxsize=256)
-def _envelope(task: str, queue: str, time_limit: float | None, soft_time_limit: float | None) -> list[Any]:
-    """The message with @@name@@ holes, split as [text, (name, text), ...]."""
+    """The JSON string kombu's Redis transport stores for one Celery task message."""
+    body = dumpb([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     headers = {
         "lang": "py",
         "task": task,
-        "id": "@@id@@",
+        "id": task_id,
         "shadow": None,
         "eta": None,
         "expires": None,
@@ -117,30 +82,30 @@ def _envelope(task: str, queue: str, time_limit: float | None, soft_time_limit: 
         "group_index": None,
         "retries": 0,
         "timelimit": [time_limit, soft_time_limit],
-        "root_id": "@@id@@",
+        "root_id": task_id,
         "parent_id": None,
-        "argsrepr": "@@argsrepr@@",
+        "argsrepr": repr(args),
         "kwargsrepr": "{}",
         "origin": _ORIGIN,
         "ignore_result": True,
     }
-    message = {
-        "body": "@@body@@",
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": {
-            "correlation_id": "@@id@@",
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": queue, "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": "@@tag@@",
-        },
-    }
-    pieces = re.split(r"(@@[a-z]+@@)", json.dumps(message))
-    return [pieces[0], *zip(pieces[1::2], pieces[2::2])]
+    return dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": queue, "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
 
 
 def push_drive(client: Any, prefix: str, node: str) -> bool:
