@@ -37,6 +37,9 @@ class LoraContext:
     def __init__(self) -> None:
         self.rows = 0
         self.groups: list[tuple[int, torch.Tensor | None]] = []
+        # rows of several adapters: their rows adapter by adapter (`order`) and each adapter's span in it
+        self.order: torch.Tensor | None = None
+        self.spans: list[tuple[int, int, int]] = []  # (adapter id, start, end) in `order`
 
 
 class LoraLinear(torch.nn.Module):
@@ -58,6 +61,8 @@ class LoraLinear(torch.nn.Module):
         ctx = self.context
         if not ctx.groups or not self.deltas:
             return out
+        if ctx.order is not None and x.shape[0] == ctx.rows:
+            return self._add_spans(x, out, ctx.order, ctx.spans)
         for key, index in ctx.groups:
             pair = self.deltas.get(key)
             if pair is None:
@@ -71,6 +76,24 @@ class LoraLinear(torch.nn.Module):
                 index = (index[:, None] * per + torch.arange(per, device=index.device)).reshape(-1)
             delta = F.linear(F.linear(x.index_select(0, index).to(a.dtype), a), b)
             out.index_add_(0, index, delta.to(out.dtype))
+        return out
+
+    def _add_spans(
+        self, x: torch.Tensor, out: torch.Tensor, order: torch.Tensor, spans: list[tuple[int, int, int]]
+    ) -> torch.Tensor:
+        """Rows of several adapters: one gather of their rows adapter by adapter, each adapter's matmuls on its
+        contiguous span, one scatter-add back (a gather and a scatter per adapter cost more)."""
+        first = next(iter(self.deltas.values()))[0]
+        xs = x.index_select(0, order).to(first.dtype)
+        parts = []
+        for key, lo, hi in spans:
+            pair = self.deltas.get(key)
+            if pair is None:  # this adapter leaves this projection alone
+                parts.append(xs.new_zeros(hi - lo, *out.shape[1:]))
+                continue
+            a, b = pair
+            parts.append(F.linear(F.linear(xs[lo:hi], a), b))
+        out.index_add_(0, order, torch.cat(parts).to(out.dtype))
         return out
 
 
@@ -219,6 +242,7 @@ class AdapterSet:
         """The adapter of each row of the next forward (None: the base)."""
         ctx = self.context
         ctx.rows = len(names)
+        ctx.order, ctx.spans = None, []
         if not any(names):
             ctx.groups = []
             return
@@ -232,6 +256,13 @@ class AdapterSet:
                 rows.setdefault(name, []).append(i)
         device = self.model.device
         ctx.groups = [(self.resident[n].key, torch.tensor(r, device=device)) for n, r in rows.items()]
+        if len(rows) > 1:
+            order: list[int] = []
+            for n, r in rows.items():
+                ctx.spans.append((self.resident[n].key, len(order), len(order) + len(r)))
+                order += r
+            ctx.order = torch.tensor(order, device=device)
 
     def clear(self) -> None:
         self.context.groups = []
+        self.context.order, self.context.spans = None, []
