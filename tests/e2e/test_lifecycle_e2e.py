@@ -26,7 +26,10 @@ def test_a_running_job_stops_at_its_deadline_with_its_partial_text(stack: Stack)
     assert job["started_at"] is not None and job["attempts"] == 1  # it ran, and was stopped
     assert job["output"]["finish_reason"] == "canceled"
     assert job["output"]["text"] and 0 < job["output"]["usage"]["completion_tokens"] < 4 * 512
-    assert all(c["finish_reason"] == "time_limit" and c["text"] for c in job["output"]["choices"])
+    # each sample stopped at the deadline with its text so far: by the engine's own budget (time_limit) or by the
+    # deadline sweep's cancel flag read between steps (canceled), whichever came first on this machine
+    stops = [(c["finish_reason"], len(c["text"])) for c in job["output"]["choices"]]
+    assert len(stops) == 4 and all(reason in ("time_limit", "canceled") and size for reason, size in stops), stops
     assert job["completed_at"] >= job["deadline"] - 0.3
     assert job["completed_at"] - job["deadline"] < 5
 
