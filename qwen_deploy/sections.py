@@ -10,7 +10,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 CACHE_ENV = "QWEN_DEPLOY_CACHE"
 
@@ -26,12 +26,16 @@ class ModelSettings(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     threads: int = Field(0, ge=0, description="torch threads in the worker child; 0 = cores - 1")
     pack_cpu_weights: bool = Field(
-        True, description="bf16 on a CPU: pack linear weights once for oneDNN's matmul (worker/cpu_weights.py)"
-    )
-    one_row_kernel: bool = Field(
         True,
-        description="bf16 on a CPU with AVX-512 BF16 and one torch thread: a one-row matmul kernel for decode steps "
-        "of a single sequence (worker.cpu_kernels.py); keeps a plain copy of packed weights that fit in RAM / 8",
+        description="bf16 on a CPU: pack linear weights once (for the C matmul where it runs, else oneDNN's) "
+        "(worker/cpu_weights.py)",
+    )
+    cpu_kernel: bool = Field(
+        True,
+        validation_alias=AliasChoices("cpu_kernel", "one_row_kernel"),
+        description="bf16 on a CPU with AVX-512 BF16 and one torch thread: every linear layer runs the C matmul "
+        "(worker/cpu_kernels.py) on weights packed in its tile layout; false: oneDNN's packed matmul "
+        "(`one_row_kernel`, its former name, is still read)",
     )
     trust_remote_code: bool = False
     adapters: dict[str, str] = Field(

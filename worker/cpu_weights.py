@@ -1,21 +1,24 @@
-"""bf16 linear layers on a CPU with AMX / AVX-512 BF16: weights packed once for oneDNN instead of every call.
+"""bf16 linear layers on a CPU: weights packed once instead of laid out again on every call.
 
-`torch.nn.functional.linear` in bf16 on CPU runs oneDNN's matmul, which reorders the plain weight into its
-blocked layout on every call: for the few rows of a decode step that reorder is most of the work. Packing
-each weight once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU weight prepacking uses) and
-calling the packed matmul measured, for a 1536 x 576 layer here (1 thread): 133 → 63 µs at 8 rows, 156 → 101 µs
-at 32, 557 → 412 µs at 300 (a prefill), the same at 1 row. The results equal the unpacked ones except at 1 row,
-where another kernel sums in another order (bf16 rounding).
+Where the C matmul runs (`worker/cpu_kernels.py`: AVX-512 BF16, a C compiler, one torch thread; `model.cpu_kernel`),
+every bf16 `nn.Linear` weight is packed into its tile layout and the layer calls it: one kernel for a lone decode
+step (bandwidth-bound: the weight streams once, sequentially), a batched step and a prefill (compute-bound, at the
+CPU's `vdpbf16ps` throughput). A layer whose out features are not a multiple of 16 (or in features odd) and every
+layer elsewhere use oneDNN's packed matmul instead.
 
-The packed weight replaces the plain one as the layer's parameter (an opaque oneDNN tensor of the same shape,
-dtype and count: memory does not double); a weight shared with another module (a tied lm_head: the embedding
-reads it) stays plain and the layer uses a packed copy beside it.
-Without the oneDNN ops, or on another device or dtype, nothing changes.
+oneDNN: `torch.nn.functional.linear` in bf16 on CPU reorders the plain weight into oneDNN's blocked layout on every
+call; for the few rows of a decode step that reorder is most of the work. Packing each weight once
+(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU weight prepacking uses) measured, for a
+1536 x 576 layer (1 thread): 133 -> 63 us at 8 rows, 156 -> 101 us at 32, 557 -> 412 us at 300 (a prefill).
+
+Either packed weight replaces the plain one as the layer's parameter (a tensor of the same shape, dtype and count:
+memory does not double); a weight shared with another module (a tied lm_head: the embedding reads it) stays plain
+and the layer uses a packed copy beside it. Without either packing, or on another device or dtype, nothing changes.
 
 With `fuse`, the projections that read the same input (q/k/v, and an MLP's gate/up) are packed as one matrix
 (`fuse_projections`): one matmul instead of three (two) per layer. For the few rows of a decode step that is fewer
-calls and a better-shaped kernel: 30 layers of SmolLM2-135M's shape took 16.7 -> 15.0 ms at 1 row and 19.2 -> 16.9
-ms at 32 rows here. The lean forward runs the fused matmul and splits its output; each projection module becomes
+calls and a better-shaped kernel (30 layers of SmolLM2-135M's shape in oneDNN: 16.7 -> 15.0 ms at 1 row, 19.2 ->
+16.9 ms at 32 rows). The lean forward runs the fused matmul and splits its output; each projection module becomes
 a `FusedSlice` (its columns of the fused output; alone, it runs the whole matmul), so memory does not grow and a
 LoRA wrapper still finds a layer with its in and out features.
 """
@@ -23,16 +26,14 @@ LoRA wrapper still finds a layer with its in and out features.
 from __future__ import annotations
 
 import logging
-import os
 import types
 from typing import Any
 
 import torch
 
-from worker.cpu_kernels import gemv, usable
+from worker import cpu_kernels
 
 log = logging.getLogger(__name__)
-ONE_ROW_RAM_SHARE = 8  # plain copies for the one-row kernel only while they take at most RAM / 8
 
 
 def packing_available() -> bool:
@@ -40,61 +41,69 @@ def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def tiles_available() -> bool:
+    """Whether linear layers can run the C matmul here: its kernels run on this CPU and torch runs one thread (the
+    kernel is single-threaded; with more threads oneDNN's matmul uses them)."""
+    return torch.get_num_threads() == 1 and cpu_kernels.kernel() is not None
+
+
+class Packing:
+    """How one weight is packed: `tiles` (the C matmul's layout, worker/cpu_kernels.py) or oneDNN's blocked one."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, tiles: bool) -> None:
+        self.tiles = tiles and cpu_kernels.matmul_usable(weight)
+        if self.tiles:
+            self.weight = cpu_kernels.pack(weight)
+            self.bias = None if bias is None else bias.detach().float().contiguous()  # added in fp32
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            self.bias = bias
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias for `weight` packed as this says (the module's parameter, or the copy beside it)."""
+        if self.tiles:
+            return cpu_kernels.matmul(x, weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    plain = self.__dict__.get("plain_weight")
-    if plain is not None and x.numel() == x.shape[-1]:  # one row: the one-row kernel on the plain copy
-        return gemv(x, plain, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    return self.__dict__["packing"](x, self.weight, self.bias)
 
 
 def _packed_copy_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if self.__dict__.get("one_row") and x.numel() == x.shape[-1]:  # the shared plain weight is there already
-        return gemv(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+    return self.__dict__["packing"](x, self.packed_weight, self.bias)
 
 
-def pack_linear_weights(model: Any, rows: int = 32, fuse: bool = False, one_row: bool = False) -> int:
-    """Pack every bf16 `nn.Linear` of a CPU model for oneDNN (`rows`: the batch the packing is tuned for; `fuse`:
-    q/k/v and gate/up packed as one matrix each, see `fuse_projections`; `one_row`: keep a plain copy for the
-    one-row kernel where it runs and the copies fit, see `keeps_one_row_copies`); returns how many layers were
-    packed (0 when the model is not bf16 on a CPU or packing is unavailable)."""
+def pack_linear_weights(model: Any, rows: int = 32, fuse: bool = False, kernel: bool = True) -> int:
+    """Pack every bf16 `nn.Linear` of a CPU model once (`kernel`: for the C matmul where it runs, see
+    `tiles_available`, else for oneDNN, tuned for `rows`; `fuse`: q/k/v and gate/up packed as one matrix each, see
+    `fuse_projections`); returns how many layers were packed (0 when the model is not bf16 on a CPU or neither
+    packing is available)."""
     first = next(model.parameters(), None)
-    if first is None or first.device.type != "cpu" or first.dtype != torch.bfloat16 or not packing_available():
+    if first is None or first.device.type != "cpu" or first.dtype != torch.bfloat16:
         return 0
-    one_row = one_row and keeps_one_row_copies(model)
+    tiles = kernel and tiles_available()
+    if not tiles and not packing_available():
+        return 0
     shared = _shared_weights(model)
-    packed = fuse_projections(model, rows, shared, one_row) if fuse else 0
+    packed = fuse_projections(model, rows, shared, tiles) if fuse else 0
     for module in model.modules():
         if type(module) is not torch.nn.Linear or module.weight.dtype != torch.bfloat16:
             continue
         try:
-            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
+            packing = Packing(module.weight, module.bias, rows, tiles)
         except RuntimeError as exc:  # this oneDNN build refuses the layer: it keeps the plain path
             log.info("linear layer not packed: %s", exc)
             continue
+        module.__dict__["packing"] = packing
         if id(module.weight) in shared:  # a tied lm_head: the embedding reads the plain weight, the copy is extra
-            module.register_buffer("packed_weight", weight, persistent=False)
-            module.__dict__["one_row"] = one_row and usable(module.weight)
+            module.register_buffer("packed_weight", packing.weight, persistent=False)
             module.forward = types.MethodType(_packed_copy_forward, module)  # type: ignore[method-assign]
-        else:
-            if one_row and usable(module.weight):  # not a buffer: the model's tensors stay the packed ones
-                module.__dict__["plain_weight"] = module.weight.detach().contiguous()
-            module.weight = torch.nn.Parameter(weight, requires_grad=False)  # same shape, dtype and count
+        else:  # same shape, dtype and count: memory does not double
+            module.weight = torch.nn.Parameter(packing.weight, requires_grad=False)
             module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
         packed += 1
     return packed
-
-
-def keeps_one_row_copies(model: Any) -> bool:
-    """Whether the one-row kernel runs here and plain copies of the model's linear weights fit in RAM / 8."""
-    if not usable(torch.empty(1, 32, dtype=torch.bfloat16)):
-        return False
-    linear = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear)
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return False
-    return linear <= ram // ONE_ROW_RAM_SHARE
 
 
 def _shared_weights(model: Any) -> set[int]:
@@ -111,22 +120,18 @@ class Fused(torch.nn.Module):
     them apart (`sizes`: each projection's out features, in order). Its weight and bias are the model's parameters
     in place of the projections' own."""
 
-    def __init__(self, modules: list[torch.nn.Linear], rows: int, one_row: bool = False) -> None:
+    def __init__(self, modules: list[torch.nn.Linear], rows: int, tiles: bool = False) -> None:
         super().__init__()
-        weight = torch.cat([m.weight.detach() for m in modules])
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        self.__dict__["plain_weight"] = weight if one_row and usable(weight) else None  # the one-row kernel's
-        self.weight = torch.nn.Parameter(packed, requires_grad=False)
         biases = [m.bias for m in modules]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases if b is not None])
+        packing = Packing(torch.cat([m.weight.detach() for m in modules]), bias, rows, tiles)
+        self.__dict__["packing"] = packing
+        self.weight = torch.nn.Parameter(packing.weight, requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.sizes = [m.out_features for m in modules]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = self.__dict__["plain_weight"]
-        if plain is not None and x.numel() == x.shape[-1]:
-            return gemv(x, plain, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return self.__dict__["packing"](x, self.weight, self.bias)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split(self.sizes, -1)
@@ -154,7 +159,7 @@ GROUPS = {
 }
 
 
-def fuse_projections(model: Any, rows: int, shared: set[int] | None = None, one_row: bool = False) -> int:
+def fuse_projections(model: Any, rows: int, shared: set[int] | None = None, tiles: bool = False) -> int:
     """In every decoder layer, pack q/k/v (and gate/up) as one matrix: the parent module gets a `Fused` under
     `fused_qkv` (`fused_gate_up`) and each projection becomes its `FusedSlice`. Groups with another layer type, a
     shared weight, mixed biases or in features are left as they are. Returns how many projections were fused."""
@@ -168,7 +173,7 @@ def fuse_projections(model: Any, rows: int, shared: set[int] | None = None, one_
             if parent is None or not _fusable(modules, shared):
                 continue
             try:
-                group = Fused(modules, rows, one_row)  # type: ignore[arg-type]
+                group = Fused(modules, rows, tiles)  # type: ignore[arg-type]
             except RuntimeError as exc:  # this oneDNN build refuses it: the projections stay as they are
                 log.info("projections not fused: %s", exc)
                 continue

@@ -135,11 +135,9 @@ class ModelHandler:
             load_seconds=round(time.perf_counter() - started, 3),
             threads=threads,
         )
-        if cfg.pack_cpu_weights:  # bf16 on a CPU: linear weights packed once for oneDNN (a no-op elsewhere)
+        if cfg.pack_cpu_weights:  # bf16 on a CPU: linear weights packed once (a no-op elsewhere)
             lean = self.settings.engine.lean_forward == "auto" and unsupported(self.model) is None
-            packed = pack_linear_weights(
-                self.model, self.settings.engine.max_batch, fuse=lean, one_row=cfg.one_row_kernel
-            )
+            packed = pack_linear_weights(self.model, self.settings.engine.max_batch, fuse=lean, kernel=cfg.cpu_kernel)
             if packed:
                 log.info("packed %d linear layers for the CPU's bf16 matmul", packed)
         if cfg.task == "embed":  # embeddings run no adapter, reuse no prefix and need no lean decode

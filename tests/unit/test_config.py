@@ -130,3 +130,12 @@ def test_embed_settings_are_checked_at_start(no_env: dict[str, str]) -> None:
         load_settings(environ=no_env, overrides={"model": {"task": "embed", "adapters": {"a": "x"}}})
     models = [{"alias": "e", "task": "embed", "embed_dimensions": [32, 64]}]
     assert load_settings(environ=no_env, overrides={"models": models}).models[0].embed_dimensions == [32, 64]
+
+
+def test_the_cpu_kernel_switch_keeps_its_former_name() -> None:
+    """`model.cpu_kernel` (the C matmul) is still read under its former name `one_row_kernel`."""
+    from qwen_deploy.config import Settings
+
+    assert Settings.model_validate({"model": {}}).model.cpu_kernel is True
+    assert Settings.model_validate({"model": {"cpu_kernel": False}}).model.cpu_kernel is False
+    assert Settings.model_validate({"model": {"one_row_kernel": False}}).model.cpu_kernel is False

@@ -1,5 +1,6 @@
-"""The one-row bf16 kernel: equal (to bf16 rounding) to torch's matmul for the shapes a model has, with and
-without a bias, and a packed model that keeps plain copies for it gives the same greedy tokens at one row."""
+"""The C kernels: the matmul equals (to bf16 rounding) torch's for the shapes a model has, at one row, a few rows and
+a prefill, with and without a bias, on full and partial tiles; a packed model gives the same greedy tokens with the
+C matmul as with oneDNN's; the residual add + RMSNorm matches transformers' bf16 norm."""
 
 from __future__ import annotations
 
@@ -9,32 +10,46 @@ import pytest
 import torch
 
 from tests.unit.test_engine import tiny
-from worker.cpu_kernels import gemv, kernel
+from worker.cpu_kernels import kernel, matmul, matmul_usable, pack, unpack
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX-512 BF16 or no C compiler here")
 
 
-@pytest.mark.parametrize(("n", "k", "bias"), [(7, 32, False), (576, 576, True), (3072, 576, False), (576, 1536, True)])
-def test_one_row_equals_torch_matmul(n: int, k: int, bias: bool) -> None:
-    gen = torch.Generator().manual_seed(n + k)
-    x = torch.randn(1, 1, k, generator=gen).to(torch.bfloat16)
+@pytest.mark.parametrize(
+    ("n", "k", "bias"), [(16, 32, False), (80, 96, True), (576, 576, True), (3072, 576, False), (560, 1536, True)]
+)
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 32, 200])
+def test_matmul_equals_torch_matmul(n: int, k: int, bias: bool, rows: int) -> None:
+    gen = torch.Generator().manual_seed(n + k + rows)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
-    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
-    exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    got = gemv(x, w, b)
-    assert got.shape == (1, 1, n) and got.dtype == torch.bfloat16
+    b = torch.randn(n, generator=gen) if bias else None
+    packed = pack(w)
+    assert packed.shape == w.shape and torch.equal(unpack(packed), w)
+    exact = torch.nn.functional.linear(x.float(), w.float(), b)
+    got = matmul(x, packed, b)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), exact.to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)
-    strided = torch.randn(3, k, generator=gen).to(torch.bfloat16)[1:2, :]  # a row of a larger tensor
+    wide = torch.randn(rows, 3, k, generator=gen).to(torch.bfloat16)[:, 1]  # rows of a larger tensor
     torch.testing.assert_close(
-        gemv(strided, w).float(), torch.nn.functional.linear(strided, w).float(), atol=1e-2, rtol=1e-2
+        matmul(wide, packed).float(), torch.nn.functional.linear(wide.float(), w.float()), atol=1e-2, rtol=1e-2
     )
 
 
+def test_matmul_takes_only_what_its_layout_holds() -> None:
+    assert matmul_usable(torch.zeros(48, 64, dtype=torch.bfloat16))
+    assert not matmul_usable(torch.zeros(40, 64, dtype=torch.bfloat16))  # out features not a multiple of 16
+    assert not matmul_usable(torch.zeros(48, 63, dtype=torch.bfloat16))  # odd in features
+    assert not matmul_usable(torch.zeros(48, 64))  # fp32
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_a_lone_sequence_decodes_the_same_tokens_with_the_kernel(tmp_path: Path, demo_model: Path, arch: str) -> None:
+def test_the_c_matmul_decodes_onednns_tokens(tmp_path: Path, demo_model: Path, arch: str) -> None:
+    """A lone sequence and a batch of three decode the same greedy tokens with every layer on the C matmul as on
+    oneDNN's packed one (one torch thread, as the worker runs)."""
     from transformers import AutoModelForCausalLM
 
-    from worker.cpu_weights import pack_linear_weights, packing_available
+    from worker.cpu_weights import Fused, pack_linear_weights, packing_available
     from worker.engine import runner
     from worker.engine.lean import LeanForward
 
@@ -45,27 +60,30 @@ def test_a_lone_sequence_decodes_the_same_tokens_with_the_kernel(tmp_path: Path,
     torch.set_num_threads(1)
     try:
         results = []
-        for one_row in (False, True):
+        for use_kernel in (False, True):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-            pack_linear_weights(model, rows=8, fuse=True, one_row=one_row)
-            attn = model.model.layers[0].self_attn
-            assert (attn.fused_qkv.__dict__["plain_weight"] is not None) == one_row
-            assert ("plain_weight" in vars(attn.o_proj)) == one_row
+            pack_linear_weights(model, rows=8, fuse=True, kernel=use_kernel)
+            fused = model.model.layers[0].self_attn.fused_qkv
+            assert isinstance(fused, Fused) and fused.__dict__["packing"].tiles == use_kernel
+            assert model.model.layers[0].self_attn.o_proj.__dict__["packing"].tiles == use_kernel
             lean = LeanForward(model)
-            with torch.inference_mode():
-                batch, logits = runner.prefill(model, [[3, 17, 42, 7, 99, 5, 11, 23]], 0, lean=lean)
-                tokens, steps = [], []
-                for _ in range(8):
-                    batch.last = logits.argmax(-1)
-                    tokens.append(int(batch.last))
-                    logits = runner.decode(model, batch, lean)
-                    steps.append(logits.float())
-            results.append((tokens, torch.stack(steps)))
+            out = []
+            for prompts in ([[3, 17, 42, 7, 99, 5, 11, 23]], [[3, 17, 42], [8, 9, 10, 11, 12], [5]]):
+                with torch.inference_mode():
+                    batch, logits = runner.prefill(model, prompts, 0, lean=lean)
+                    tokens, steps = [], []
+                    for _ in range(8):
+                        batch.last = logits.argmax(-1)
+                        tokens.append(batch.last.tolist())
+                        logits = runner.decode(model, batch, lean)
+                        steps.append(logits.float())
+                out.append((tokens, torch.stack(steps)))
+            results.append(out)
     finally:
         torch.set_num_threads(threads)
-    (plain_tokens, plain_logits), (kernel_tokens, kernel_logits) = results
-    assert kernel_tokens == plain_tokens
-    torch.testing.assert_close(kernel_logits, plain_logits, atol=3e-2, rtol=3e-2)
+    for (onednn_tokens, onednn_logits), (kernel_tokens, kernel_logits) in zip(*results, strict=True):
+        assert kernel_tokens == onednn_tokens
+        torch.testing.assert_close(kernel_logits, onednn_logits, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

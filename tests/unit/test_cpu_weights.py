@@ -1,9 +1,10 @@
-"""bf16 linear weights packed once for oneDNN on the CPU: the same logits and greedy tokens as the plain model,
-the same parameter count, and a tied lm_head left shared with its embedding."""
+"""bf16 linear weights packed once on the CPU (for the C matmul where it runs, else oneDNN): the same logits and greedy
+tokens as the plain model, the same parameter count, and a tied lm_head left shared with its embedding."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,21 @@ from worker.cpu_weights import pack_linear_weights, packing_available
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN weight packing")
 
 
-def test_packed_model_gives_the_plain_models_tokens(tmp_path: Path, demo_model: Path) -> None:
+@pytest.fixture(params=["kernel", "onednn"])
+def kernel(request: pytest.FixtureRequest) -> Any:
+    """Both packings: the C matmul (one torch thread, where its kernels run) and oneDNN's."""
+    from worker.cpu_weights import tiles_available
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if request.param == "kernel" and not tiles_available():
+        torch.set_num_threads(threads)
+        pytest.skip("the C matmul does not run here")
+    yield request.param == "kernel"
+    torch.set_num_threads(threads)
+
+
+def test_packed_model_gives_the_plain_models_tokens(tmp_path: Path, demo_model: Path, kernel: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     path = tiny("llama", tmp_path / "llama", demo_model, layers=2)
@@ -24,7 +39,8 @@ def test_packed_model_gives_the_plain_models_tokens(tmp_path: Path, demo_model: 
         model.lm_head.weight = model.model.embed_tokens.weight
     count = sum(p.numel() for p in packed.parameters())
     linears = sum(1 for m in packed.modules() if type(m) is torch.nn.Linear)
-    assert pack_linear_weights(packed, rows=8) == linears > 0
+    assert pack_linear_weights(packed, rows=8, kernel=kernel) == linears > 0
+    assert all(m.__dict__["packing"].tiles == kernel for m in packed.modules() if type(m) is torch.nn.Linear)
     assert sum(p.numel() for p in packed.parameters()) == count  # packed in place, nothing dropped
     assert packed.get_output_embeddings().weight is packed.get_input_embeddings().weight  # still tied
     ids = torch.tensor([[3, 17, 42, 7, 99, 5, 11, 23]] * 8)
@@ -46,7 +62,7 @@ def test_nothing_is_packed_in_fp32(tmp_path: Path, demo_model: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # Qwen2's q/k/v have biases, Llama's none
 def test_fused_projections_give_the_unfused_models_logits_and_tokens(
-    tmp_path: Path, demo_model: Path, arch: str
+    tmp_path: Path, demo_model: Path, arch: str, kernel: bool
 ) -> None:
     """q/k/v and gate/up packed as one matrix each: the lean forward splits one matmul, a projection called alone
     (transformers' forward) runs it and takes its columns; both give the unfused packed model's logits and greedy
@@ -60,10 +76,10 @@ def test_fused_projections_give_the_unfused_models_logits_and_tokens(
     path = tiny(arch, tmp_path / arch, demo_model, layers=2)
     models = [AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval() for _ in range(2)]
     unfused, fused = models
-    pack_linear_weights(unfused, rows=8)
+    pack_linear_weights(unfused, rows=8, kernel=kernel)
     count = sum(p.numel() for p in fused.parameters())
     linears = sum(1 for m in fused.modules() if type(m) is torch.nn.Linear)
-    assert pack_linear_weights(fused, rows=8, fuse=True) == linears
+    assert pack_linear_weights(fused, rows=8, fuse=True, kernel=kernel) == linears
     attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
     assert isinstance(attn.fused_qkv, Fused) and isinstance(mlp.fused_gate_up, Fused)
     assert all(isinstance(getattr(attn, n), FusedSlice) for n in ("q_proj", "k_proj", "v_proj"))
