@@ -24,12 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.cpu_kernels import add_rms_norm, norm_usable
+from worker.cpu_kernels import add_rms_norm, norm_usable, silu_mul, silu_mul_usable
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODES = ("auto", "off")
+SILU = ("SiLUActivation", "SiLU")  # transformers' and torch's SiLU modules
+C_ACT_MIN = 16_384  # elements from which the C activation pays (see `_act_mul`)
 
 
 def lean_forward_for(model: Any, mode: str = "auto") -> LeanForward | None:
@@ -118,6 +120,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     sin, with the sign of rotate_half's first half moved into `signed_sin` (computed once per step)."""
     half = x.shape[-1] // 2
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), signed_sin)
+
+
+def _act_mul(act: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up: one C call for SiLU on bf16 CPU rows where the kernel runs (worker/cpu_kernels.py), else the
+    two torch operations (the same roundings). Below `C_ACT_MIN` elements torch's two calls cost less than the
+    checks (at 32 rows of 1536 here: ~30 us in C against 0.3-1 ms for torch's bf16 silu and mul)."""
+    if gate.numel() >= C_ACT_MIN and type(act).__name__ in SILU and silu_mul_usable(gate, up):
+        return silu_mul(gate, up)
+    return act(gate) * up
 
 
 def _delta(module: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -222,7 +233,7 @@ class LeanForward:
                 gate, up = _delta(mlp.gate_proj, x, gate), _delta(mlp.up_proj, x, up)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            pending = mlp.down_proj(mlp.act_fn(gate) * up)  # added to h by the next norm
+            pending = mlp.down_proj(_act_mul(mlp.act_fn, gate, up))  # added to h by the next norm
         if not all_logits:
             h, pending = h[:, -1], None if pending is None else pending[:, -1]
         return self.model.lm_head(_add_norm(h, pending, self.norm)[1])
