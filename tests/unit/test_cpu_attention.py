@@ -1,17 +1,23 @@
 """The decode attention kernel: equal (to bf16 rounding) to `scaled_dot_product_attention` in fp32 on the same bf16
 inputs, and no further from it than torch's own bf16 attention, for GQA and plain heads, head_dim 64 and 128,
 padded rows (leading and in the middle, a fed padding position), strided views of a larger cache, one position
-and lengths that are not a multiple of 16."""
+and lengths that are not a multiple of 16; and random Llama and Qwen2 models in bf16 decode the same greedy tokens
+with it on and off through the runner (prefill, decode, a row leaving, rows joining, a cached prefix)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
+from tests.unit.test_lean_forward import model as random_model
 from worker import cpu_attention
 from worker.cpu_attention import available, decode_attention, reference, usable
+from worker.engine import runner
+from worker.engine.lean import LeanForward
+from worker.engine.prefix_cache import Prefix, row_kv
 
 pytestmark = pytest.mark.skipif(cpu_attention._fn() is None, reason="no AVX-512 BF16 or no C compiler here")
 
@@ -104,3 +110,61 @@ def test_takes_only_what_it_can_read() -> None:
     assert not usable(q.float(), k.float(), v.float(), mask)
     assert not usable(q[:, :3], k, v, mask)  # 3 query heads over 2 kv heads
     assert available(64) and available(128) and not available(80)
+
+
+def model(arch: str) -> Any:
+    """A random bf16 model whose head_dim the kernel takes: Llama with GQA (head_dim 64), Qwen2 without (128,
+    with q/k/v biases)."""
+    heads = {"llama": 4, "qwen2": 2}[arch]
+    shape = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=heads)
+    return random_model(arch, **shape, num_key_value_heads=2).to(torch.bfloat16)
+
+
+def greedy(m: Any, lean: LeanForward, seed: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Tokens and logits of greedy decode steps: rows of three lengths, one leaving, two joining (one continuing a
+    cached prefix, so its mask has a hole)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 320, (n,), generator=gen).tolist() for n in (7, 3, 12, 16, 5, 2)]
+    with torch.inference_mode():
+        base, _ = runner.prefill(m, [prompts[3]], 0, lean=lean)
+        prefix = Prefix(tuple(prompts[3]), row_kv(base.cache.layers, 0, 0, len(prompts[3])))
+        batch, logits = runner.prefill(m, prompts[:3], 0, lean=lean)
+        tokens, seen = [], [logits]
+        for step in range(8):
+            batch.last = seen[-1].argmax(-1)
+            tokens.append(batch.last.tolist())
+            if step == 2:
+                batch.keep([0, 2])
+            if step == 4:
+                new, joined = runner.prefill(m, prompts[4:], 0, prefix, lean)
+                new.last = joined.argmax(-1)
+                batch.merge(new)
+            seen.append(runner.decode(m, batch, lean))
+    return tokens, seen
+
+
+@pytest.mark.parametrize(("arch", "seed"), [("llama", 16), ("qwen2", 10)])
+def test_greedy_tokens_equal_with_the_kernel_on_and_off(arch: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts (`seed`) whose greedy choices are at least 3 bf16 ulps from a tie: a closer one goes either way on
+    a single rounding of a logit (bf16 logits near 1 are 2^-7 apart), with or without the kernel."""
+    m = model(arch)
+    lean = LeanForward(m)
+    calls = []
+    real = cpu_attention.decode_attention
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(cpu_attention, "decode_attention", counted)
+    on_tokens, on_logits = greedy(m, lean, seed)
+    assert len(calls) == 2 * 8  # every decode step, every layer
+    monkeypatch.setattr(cpu_attention, "available", lambda head_dim: False)
+    off_tokens, off_logits = greedy(m, lean, seed)
+    assert len(calls) == 2 * 8
+    for logits in off_logits[:-1]:
+        top = logits.float().topk(2, -1).values
+        assert (top[:, 0] - top[:, 1]).min() >= 3 * 2**-7
+    assert on_tokens == off_tokens
+    for got, want in zip(on_logits, off_logits):
+        torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0.01)
