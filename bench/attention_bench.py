@@ -5,8 +5,13 @@ projection takes) against the C kernel (worker/cpu_attention.py), on keys and va
 buffer as the KV cache keeps them, a few rows left-padded. CPU time of this thread per call (medians of rounds
 that alternate the two), microseconds.
 
+With `--engine`, whole decode steps instead: the engine on a random SmolLM2-135M-shaped Llama (bench/step_bench.py's
+model and rows), the kernel on and off in alternating rounds, this thread's CPU milliseconds per `Engine.step()`
+and per model forward (medians of each round's medians), so a loaded machine skews them less than wall time.
+
     uv run python bench/attention_bench.py [--rows 32] [--positions 40 110] [--heads 9] [--kv-heads 3]
         [--head-dim 64] [--calls 200] [--rounds 7]
+    uv run python bench/attention_bench.py --engine [--rows 1 8 32] [--steps 24] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -65,6 +70,35 @@ def measure(rows: int, t: int, padded: bool, heads: int, kv_heads: int, d: int, 
     return [statistics.median(x) for x in times]
 
 
+def engine_main(rows_list: list[int], steps: int, rounds: int) -> None:
+    """Decode steps with the kernel on and off in alternating rounds (medians of each round's medians)."""
+    from unittest import mock
+
+    import torch
+
+    from bench.step_bench import build, run
+    from qwen_deploy.config import Settings
+    from worker import cpu_attention
+    from worker.handler import ModelHandler
+
+    torch.set_num_threads(1)
+    settings = Settings.model_validate({"model": {"name_or_path": str(build()), "threads": 1, "dtype": "bf16"}})
+    handler = ModelHandler(settings)
+    handler.setup()
+    torch.set_num_threads(1)
+    print(f"bf16, {steps} decode steps x {rounds} rounds per mode, 1 thread: CPU ms of this thread (medians)")
+    print(f"{'rows':>4} {'step off':>9} {'step on':>9} {'fwd off':>9} {'fwd on':>9}")
+    for rows in rows_list:
+        got: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for _ in range(rounds):
+            for kernel in (False, True):
+                patched = cpu_attention.available if kernel else lambda head_dim: False
+                with mock.patch.object(cpu_attention, "available", patched):
+                    got[kernel].append(run(handler, {}, rows, steps, clock=time.thread_time))
+        (s0, f0), (s1, f1) = ([statistics.median(x) for x in zip(*got[k])] for k in (False, True))
+        print(f"{rows:4} {s0:9.1f} {s1:9.1f} {f0:9.1f} {f1:9.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[32])
@@ -74,7 +108,12 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--engine", action="store_true", help="whole decode steps, the kernel on and off")
+    parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()
+    if args.engine:
+        engine_main(args.rows, args.steps, args.rounds)
+        return
     import torch
 
     from worker.cpu_attention import available
