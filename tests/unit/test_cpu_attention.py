@@ -70,8 +70,12 @@ def padded_mask(rows: int, t: int) -> torch.Tensor:
 def test_equals_torch_attention(heads: int, kv_heads: int, t: int, d: int, padded: bool) -> None:
     rows = 5
     q, k, v = inputs(rows, heads, kv_heads, t, d, seed=heads * t + d)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, 1, heads, d] in memory, as RoPE leaves it
     assert not k.is_contiguous()
-    mask = padded_mask(rows, t) if padded else None
+    mask = None
+    if padded:  # the columns of a wider mask, as one is after its leading columns were dropped
+        mask = torch.zeros(rows, t + 3, dtype=torch.int64)[:, 3:]
+        mask.copy_(padded_mask(rows, t))
     assert usable(q, k, v, mask)
     got = decode_attention(q, k, v, mask, d**-0.5)
     assert got.shape == (rows, 1, heads * d) and got.dtype == torch.bfloat16
