@@ -212,6 +212,163 @@ void add_rms_norm_bf16(const uint16_t *h, const uint16_t *add, const uint16_t *w
             out[r * dim + i] = to_bf16(from_bf16(w[i]) * from_bf16(to_bf16(buf[i] * scale)));
     }
 }
+
+/* Decode attention (one fed position per row), bf16 in and out, fp32 inside: worker/cpu_attention.py. */
+
+/* 16 vectors -> one: lane j holds the sum of the lanes of a[j]. */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *a) {
+    __m512 b[8], c[4], e[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xdd));
+}
+
+/* exp(x) in fp32 for x <= 0 (cephes' expf: 2^n e^r, |r| <= ln2/2, a degree-6 polynomial); -inf gives 0. */
+static inline __m512 exp512(__m512 x) {
+    __mmask16 real = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(real, _mm512_scalef_ps(p, n));
+}
+
+/* s[j] = scale * q.k[j] for the first n (<= 16) of 16 key rows `st` apart; q as nk bf16 vectors of 32. */
+static inline __attribute__((always_inline)) void qk16(const uint16_t *k, int64_t st, const __m512bh *q, int nk,
+                                                       int n, float scale, float *s) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++) {
+        __m512 a = _mm512_setzero_ps();
+        if (j < n)
+            for (int c = 0; c < nk; c++)
+                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)(k + j * st + 32 * c)), q[c]);
+        acc[j] = a;
+    }
+    __m512 sum = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
+    _mm512_mask_storeu_ps(s, (__mmask16)((1u << n) - 1u), sum);
+}
+
+/* The scores of one query head over positions lo..T-1, softmax'd in place (0 where masked); returns 1 / sum. */
+static inline __attribute__((always_inline)) float head_probs(const uint16_t *q, const uint16_t *k, int64_t st,
+                                                             const int64_t *m, int64_t lo, int64_t T, int nk,
+                                                             float scale, float *s) {
+    __m512bh qv[4];
+    for (int c = 0; c < nk; c++) qv[c] = (__m512bh)_mm512_loadu_si512((const void *)(q + 32 * c));
+    int64_t t = lo;
+    for (; t + 16 <= T; t += 16) qk16(k + t * st, st, qv, nk, 16, scale, s + t);
+    if (t < T) qk16(k + t * st, st, qv, nk, (int)(T - t), scale, s + t);
+    if (m)
+        for (t = lo; t < T - 1; t++)
+            if (!m[t]) s[t] = -__builtin_inff();
+    __m512 mx = _mm512_set1_ps(-__builtin_inff());
+    for (t = lo; t < T; t += 16) {
+        __mmask16 in = T - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t)) - 1u);
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), in, s + t));
+    }
+    __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+    for (t = lo; t < T; t += 16) {
+        __mmask16 in = T - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t)) - 1u);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), in, s + t), top));
+        _mm512_mask_storeu_ps(s + t, in, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+/* out[h] = bf16(inv[h] * sum_t p[h][t] v[t]) for nh heads (p rows T apart), v rows of nd * 16 values `st` apart;
+   masked positions skipped. */
+static inline __attribute__((always_inline)) void pv_heads(const uint16_t *v, int64_t st, const float *p, int64_t T,
+                                                           const int64_t *m, int64_t lo, const float *inv, int nh,
+                                                           int nd, uint16_t *out) {
+    __m512 acc[16];
+    for (int i = 0; i < nh * nd; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = lo; t < T; t++) {
+        if (m && !m[t] && t < T - 1) continue;
+        __m512 vv[8];
+        for (int c = 0; c < nd; c++)
+            vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + t * st + 16 * c))), 16));
+        for (int h = 0; h < nh; h++) {
+            __m512 ph = _mm512_set1_ps(p[h * T + t]);
+            for (int c = 0; c < nd; c++) acc[h * nd + c] = _mm512_fmadd_ps(ph, vv[c], acc[h * nd + c]);
+        }
+    }
+    for (int h = 0; h < nh; h++)
+        for (int c = 0; c < nd; c++)
+            _mm256_storeu_si256((__m256i *)(out + h * nd * 16 + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[h * nd + c], _mm512_set1_ps(inv[h]))));
+}
+
+/* One row's kv head: its `g` query heads (q rows qh apart, out rows d apart), head_dim d = 32 * nk. */
+static inline __attribute__((always_inline)) void attend_group(const uint16_t *q, int64_t qh, const uint16_t *k,
+                                                               int64_t kt, const uint16_t *v, int64_t vt,
+                                                               const int64_t *m, int64_t T, int64_t g, int nk,
+                                                               float scale, float *s, float *inv, uint16_t *out) {
+    int64_t lo = 0;
+    if (m)
+        while (lo < T - 1 && !m[lo]) lo++;
+    for (int64_t i = 0; i < g; i++) inv[i] = head_probs(q + i * qh, k, kt, m, lo, T, nk, scale, s + i * T);
+    int64_t d = 32 * nk;
+    for (int64_t i = 0; i < g;) { /* as many heads at once as their fp32 sums fit 16 registers */
+        int64_t left = g - i, n = nk == 2 ? (left < 4 ? left : 4) : (left < 2 ? left : 2);
+        const float *p = s + i * T;
+        uint16_t *o = out + i * d;
+        if (nk == 4 && n == 2)
+            pv_heads(v, vt, p, T, m, lo, inv + i, 2, 8, o);
+        else if (nk == 4)
+            pv_heads(v, vt, p, T, m, lo, inv + i, 1, 8, o);
+        else if (n == 4)
+            pv_heads(v, vt, p, T, m, lo, inv + i, 4, 4, o);
+        else if (n == 3)
+            pv_heads(v, vt, p, T, m, lo, inv + i, 3, 4, o);
+        else if (n == 2)
+            pv_heads(v, vt, p, T, m, lo, inv + i, 2, 4, o);
+        else
+            pv_heads(v, vt, p, T, m, lo, inv + i, 1, 4, o);
+        i += n;
+    }
+}
+
+/* out [B, heads * d] = softmax(scale * q k^T) v per row and query head (kv head = head / (heads / kv_heads)), over
+   the positions whose mask is 1 and the last (fed) one; mask NULL: every position. q [B, heads, d], k and v
+   [B, kv_heads, T, d] with the given strides (elements; d contiguous), mask [B, T] rows mb apart. d is 64 or 128.
+   Returns 0, or -1 when the scratch memory cannot be had. */
+int decode_attention_bf16(const uint16_t *q, int64_t qb, int64_t qh, const uint16_t *k, int64_t kb, int64_t kh,
+                          int64_t kt, const uint16_t *v, int64_t vb, int64_t vh, int64_t vt, const int64_t *mask,
+                          int64_t mb, uint16_t *out, int64_t B, int64_t heads, int64_t kv_heads, int64_t T,
+                          int64_t d, float scale) {
+    int64_t g = heads / kv_heads;
+    float *s = (float *)__builtin_malloc(sizeof(float) * (size_t)(g * T + g + 16));
+    if (!s) return -1;
+    float *inv = s + g * T;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < kv_heads; j++) {
+            const uint16_t *qj = q + b * qb + j * g * qh, *kj = k + b * kb + j * kh, *vj = v + b * vb + j * vh;
+            const int64_t *m = mask ? mask + b * mb : 0;
+            uint16_t *o = out + (b * heads + j * g) * d;
+            if (d == 64)
+                attend_group(qj, qh, kj, kt, vj, vt, m, T, g, 2, scale, s, inv, o);
+            else
+                attend_group(qj, qh, kj, kt, vj, vt, m, T, g, 4, scale, s, inv, o);
+        }
+    __builtin_free(s);
+    return 0;
+}
 """
 MAX_DIM = 16384  # the widest row `add_rms_norm` takes (its stack buffer)
 SHIPPED = Path(__file__).resolve().parent / "_kernels"

@@ -30,7 +30,7 @@ def model(arch: str, **extra: Any) -> Any:
         "mistral": ("MistralConfig", "MistralForCausalLM"),
     }[arch]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(
+    shape: dict[str, Any] = dict(
         vocab_size=320,
         hidden_size=64,
         intermediate_size=128,
@@ -39,8 +39,8 @@ def model(arch: str, **extra: Any) -> Any:
         num_key_value_heads=2,
         max_position_embeddings=512,
         **({"head_dim": 16} if arch == "qwen3" else {}),
-        **extra,
     )
+    config = getattr(transformers, config_cls)(**(shape | extra))
     m = getattr(transformers, model_cls)(config).eval()
     if arch == "qwen2":  # a random init leaves the q/k/v biases at zero: give them values to check they are applied
         for layer in m.model.layers:

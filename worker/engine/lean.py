@@ -10,7 +10,9 @@ plus what a wrapper adds), RoPE, the cache update, one
 `scaled_dot_product_attention` under one mask built once per step (no mask at all when no row is padded and one
 position is fed; in a decode step the query heads that share a kv head are that head's query positions: torch's
 CPU attention kernel took 1.3 ms for 32 rows of 9 heads over 40 positions in bf16 with `enable_gqa`, 0.36 ms
-grouped so), the output projection, a second RMSNorm and the gated MLP; then the final norm and the
+grouped so; a decode step in bf16 on a CPU with AVX-512 BF16 runs the C kernel of `worker/cpu_attention.py`
+instead, on the [B, kv] mask itself, which writes the [B, 1, heads * d] rows the output projection takes: ~6x
+less than that grouped call), the output projection, a second RMSNorm and the gated MLP; then the final norm and the
 lm_head on the last position only (or on every position when asked).
 
 Anything else (another architecture, a sliding window, an unexpected module layout) keeps transformers' forward.
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker import cpu_attention
 from worker.cpu_kernels import add_rms_norm, norm_usable, silu_mul, silu_mul_usable
 
 log = logging.getLogger(__name__)
@@ -198,10 +201,16 @@ class LeanForward:
         cos, sin = base.rotary_emb(h, pos)
         half = sin.shape[-1] // 2
         cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, None]
-        if not padded and (q == 1 or mask.shape[1] == q):
-            attn_mask, causal = None, q > 1
-        else:
-            attn_mask, causal = step_mask(mask, q), False
+        # torch's attention under one mask built once per step, none where no row is padded and one position is
+        # fed or the prefill is plainly causal; a decode step in bf16 on a CPU attends in C instead
+        # (worker/cpu_attention.py), reading the [B, kv] mask itself.
+        plain = not padded and (q == 1 or mask.shape[1] == q)
+        attn_mask: torch.Tensor | None = None
+        kernel = q == 1 and h.device.type == "cpu" and h.dtype == torch.bfloat16
+        kernel = kernel and cpu_attention.available(self.head_dim)
+        kernel_mask = None if plain else mask
+        if kernel and kernel_mask is not None and (kernel_mask.dtype != torch.int64 or kernel_mask.stride(-1) != 1):
+            kernel_mask = kernel_mask.to(torch.int64).contiguous()
         shape = (b, q, -1, self.head_dim)
         pending: torch.Tensor | None = None  # the last MLP's output, not yet added to the residual h
         for i, (attn, mlp, in_norm, post_norm, q_norm, k_norm) in enumerate(self.layers):
@@ -218,15 +227,14 @@ class LeanForward:
             qs = _rope(qs.transpose(1, 2), cos, sin)
             ks = _rope(ks.transpose(1, 2), cos, sin)
             ks, vs = cache.update(ks, vs, i)
-            if q == 1 and self.gqa:  # decode: each kv head's group of query heads as its query positions
-                out = F.scaled_dot_product_attention(
-                    qs.view(b, ks.shape[1], -1, self.head_dim), ks, vs, attn_mask=attn_mask, scale=self.scaling
-                ).view(b, -1, 1, self.head_dim)
+            if kernel and cpu_attention.usable(qs, ks, vs, kernel_mask):
+                out = cpu_attention.decode_attention(qs, ks, vs, kernel_mask, self.scaling)  # [B, 1, heads * d]
+                h, x = _add_norm(h, attn.o_proj(out), post_norm)
             else:
-                out = F.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
-                )
-            h, x = _add_norm(h, attn.o_proj(out.transpose(1, 2).reshape(b, q, -1)), post_norm)
+                if not plain and attn_mask is None:
+                    attn_mask = step_mask(mask, q)
+                out = self._sdpa(qs, ks, vs, attn_mask, plain and q > 1)
+                h, x = _add_norm(h, attn.o_proj(out.transpose(1, 2).reshape(b, q, -1)), post_norm)
             gate_up = getattr(mlp, "fused_gate_up", None)
             if gate_up is not None:
                 gate, up = gate_up.split(gate_up(x))
@@ -237,3 +245,16 @@ class LeanForward:
         if not all_logits:
             h, pending = h[:, -1], None if pending is None else pending[:, -1]
         return self.model.lm_head(_add_norm(h, pending, self.norm)[1])
+
+    def _sdpa(
+        self, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """torch's attention [B, heads, q, d] of qs [B, heads, q, d] over the cached ks / vs [B, kv_heads, kv, d]."""
+        b, _, q, d = qs.shape
+        if q == 1 and self.gqa:  # decode: each kv head's group of query heads as its query positions
+            return F.scaled_dot_product_attention(
+                qs.view(b, ks.shape[1], -1, d), ks, vs, attn_mask=attn_mask, scale=self.scaling
+            ).view(b, -1, 1, d)
+        return F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
+        )
