@@ -190,6 +190,38 @@ void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_
         }
 }
 
+/* RoPE for one decode position per row, and the cache write: per row r, the `heads` query heads of q and the
+   `kv_heads` heads of k rotated as transformers' apply_rotary_pos_emb does in bf16 (bf16(bf16(x * cos) +
+   rotate_half(x) * sin), `ssin` being sin with its first half negated), q written to q_out [rows, heads, d] and k
+   to kbuf, v copied to vbuf, at position `at` of buffers [rows, kv_heads, room, d] (row and head strides `sb`,
+   `sh`). Sources are rows `ldq` / `ldk` / `ldv` apart (heads * d, kv_heads * d dense within a row); cos and ssin
+   rows `ldc` apart. d a multiple of 32. */
+static inline void rope_head(const uint16_t *x, const uint16_t *cos, const uint16_t *ssin, uint16_t *out,
+                             int64_t d) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i += 16) {
+        int64_t j = i < half ? i + half : i - half;
+        __m512 xv = load_bf16(x + i), rot = load_bf16(x + j);
+        __m512 a = round_bf16(_mm512_mul_ps(xv, load_bf16(cos + i)));
+        __m512 v = _mm512_add_ps(a, _mm512_mul_ps(rot, load_bf16(ssin + i)));
+        _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+void rope_kv_bf16(const uint16_t *q, int64_t ldq, const uint16_t *k, int64_t ldk, const uint16_t *v, int64_t ldv,
+                  const uint16_t *cos, const uint16_t *ssin, int64_t ldc, uint16_t *q_out, uint16_t *kbuf,
+                  uint16_t *vbuf, int64_t sb, int64_t sh, int64_t at, int64_t rows, int64_t heads, int64_t kv_heads,
+                  int64_t d) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + r * ldc, *s = ssin + r * ldc;
+        for (int64_t h = 0; h < heads; h++) rope_head(q + r * ldq + h * d, c, s, q_out + (r * heads + h) * d, d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            rope_head(k + r * ldk + h * d, c, s, kbuf + r * sb + h * sh + at * d, d);
+            __builtin_memcpy(vbuf + r * sb + h * sh + at * d, v + r * ldv + h * d, (size_t)d * 2);
+        }
+    }
+}
+
 /* For each of `rows` rows of `dim` (contiguous): h = bf16(h + add) when `add` is not NULL (written back to
    h_out), out = bf16(w * bf16(h * rsqrt(mean(h^2) + eps))). */
 void add_rms_norm_bf16(const uint16_t *h, const uint16_t *add, const uint16_t *w, uint16_t *h_out, uint16_t *out,
@@ -428,10 +460,16 @@ def kernel() -> ctypes.CDLL | None:
         "silu_mul_bf16": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         + [ctypes.c_int64, ctypes.c_void_p]
         + [ctypes.c_int64] * 2,
+        "rope_kv_bf16": [ctypes.c_void_p, ctypes.c_int64] * 3
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64]
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64] * 7,
     }.items():
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = args
-    if not _matmul_check(lib) or not _norm_check(lib.add_rms_norm_bf16) or not _silu_mul_check(lib):
+    checks = (_matmul_check(lib), _norm_check(lib.add_rms_norm_bf16), _silu_mul_check(lib), _rope_kv_check(lib))
+    if not all(checks):
         log.warning("CPU kernels off: they do not match torch on this machine")
         return None
     return lib
@@ -519,6 +557,42 @@ def silu_mul_usable(gate: torch.Tensor, up: torch.Tensor) -> bool:
     return (g.shape[0] < 2 or (g.stride(0) >= g.shape[1] and u.stride(0) >= u.shape[1])) and kernel() is not None
 
 
+def rope_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    ssin: torch.Tensor,
+    kbuf: torch.Tensor,
+    vbuf: torch.Tensor,
+    at: int,
+) -> torch.Tensor:
+    """One decode position per row: q [B, heads * d] and k [B, kv_heads * d] rotated (cos, ssin [B, d]: the
+    rotary cos and sin with its first half negated), k and v [B, kv_heads * d] written at position `at` of the
+    cache buffers [B, kv_heads, room, d]; returns q rotated, [B, heads, 1, d]. See `rope_kv_usable`."""
+    lib = kernel()
+    assert lib is not None
+    b, kv_heads, _, d = kbuf.shape
+    heads = q.shape[-1] // d
+    out = torch.empty(b, heads, 1, d, dtype=torch.bfloat16)
+    lib.rope_kv_bf16(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(),
+        ssin.data_ptr(), cos.stride(0), out.data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(), kbuf.stride(0),
+        kbuf.stride(1), at, b, heads, kv_heads, d,
+    )  # fmt: skip
+    return out
+
+
+def rope_kv_usable(tensors: list[torch.Tensor], kbuf: torch.Tensor, vbuf: torch.Tensor) -> bool:
+    """Whether `rope_kv` takes these: 2-D bf16 CPU rows dense in their last dimension (q, k, v, cos, ssin), cache
+    buffers of one layout with dense positions, a head dim that is a multiple of 32, and the kernels run here."""
+    if kernel() is None or kbuf.shape[-1] % 32 or kbuf.stride() != vbuf.stride() or kbuf.stride(-1) != 1:
+        return False
+    if kbuf.dtype != torch.bfloat16 or vbuf.dtype != torch.bfloat16 or kbuf.stride(2) != kbuf.shape[-1]:
+        return False
+    return all(t.dtype == torch.bfloat16 and t.dim() == 2 and t.stride(-1) == 1 for t in tensors)
+
+
 def norm_usable(h: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """Whether `add_rms_norm` takes these tensors here."""
     return (
@@ -552,6 +626,28 @@ def _silu_mul_check(lib: Any) -> bool:
     lib.silu_mul_bf16(gate.data_ptr(), 64, up.data_ptr(), 64, out.data_ptr(), 3, 32)
     ref = torch.nn.functional.silu(gate) * up
     return bool(torch.allclose(out.float(), ref.float(), atol=1e-2, rtol=1e-2))
+
+
+def _rope_kv_check(lib: Any) -> bool:
+    """The compiled RoPE + cache write against transformers' rotation in bf16 on two rows, 3 query heads, 1 kv head."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n * 32, generator=gen).to(torch.bfloat16) for n in (3, 1, 1))
+    cos, sin = (torch.randn(2, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    ssin = torch.cat((-sin[:, :16], sin[:, 16:]), -1)
+    kbuf, vbuf = torch.zeros(2, 1, 4, 32, dtype=torch.bfloat16), torch.zeros(2, 1, 4, 32, dtype=torch.bfloat16)
+    out = torch.empty(2, 3, 1, 32, dtype=torch.bfloat16)
+    lib.rope_kv_bf16(
+        q.data_ptr(), 96, k.data_ptr(), 32, v.data_ptr(), 32, cos.data_ptr(), ssin.data_ptr(), 32, out.data_ptr(),
+        kbuf.data_ptr(), vbuf.data_ptr(), 128, 128, 2, 2, 3, 1, 32,
+    )  # fmt: skip
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:  # [2, heads, 32] as transformers rotates it in bf16
+        half = torch.cat((-x[..., 16:], x[..., :16]), -1)
+        return x * cos[:, None] + half * sin[:, None]
+
+    ok = torch.allclose(out[:, :, 0].float(), rotated(q.view(2, 3, 32)).float(), atol=0.02, rtol=0.02)
+    ok = ok and torch.allclose(kbuf[:, :, 2].float(), rotated(k.view(2, 1, 32)).float(), atol=0.02, rtol=0.02)
+    return bool(ok and torch.equal(vbuf[:, 0, 2], v) and not kbuf[:, :, (0, 1, 3)].any())
 
 
 def _norm_check(fn: Any) -> bool:

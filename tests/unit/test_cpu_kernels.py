@@ -142,3 +142,36 @@ def test_silu_mul_equals_torchs_two_bf16_operations(rows: int) -> None:
     ones = torch.ones_like(extreme)
     expected = torch.nn.functional.silu(extreme).float()  # NaN at -inf, as torch
     torch.testing.assert_close(silu_mul(extreme, ones).float(), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(9, 3, 64), (4, 4, 128)])
+def test_rope_and_cache_write_equal_transformers_rotation_and_a_cache_update(heads: int, kv_heads: int, d: int) -> None:
+    """A decode step's RoPE of q and k and the write of k and v into a chunked cache layer, in one call: the same q,
+    keys and values as the lean forward's torch rotation (`_rope`: the same two roundings) and
+    `ChunkedLayer.update`, on q/k/v that are column slices of one fused projection output."""
+    from worker.cpu_kernels import rope_kv, rope_kv_usable
+    from worker.engine.lean import _rope
+    from worker.engine.runner import _chunked
+
+    gen = torch.Generator().manual_seed(d)
+    b = 3
+    fused = torch.randn(b, (heads + 2 * kv_heads) * d, generator=gen).to(torch.bfloat16)
+    q, k, v = fused.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    cos, sin = (torch.randn(b, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    signed = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
+    past = [torch.randn(b, kv_heads, 5, d, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    ref_q = _rope(q.view(b, 1, heads, d).transpose(1, 2), cos[:, None, None], signed[:, None, None])
+    ref_k = _rope(k.view(b, 1, kv_heads, d).transpose(1, 2), cos[:, None, None], signed[:, None, None])
+    reference, layer = _chunked(4)(), _chunked(4)()
+    for cache in (reference, layer):
+        cache.update(*past)
+    ref_keys, ref_values = reference.update(ref_k, v.view(b, 1, kv_heads, d).transpose(1, 2))
+    kbuf, vbuf, at = layer.reserve(1)
+    assert at == 5 and rope_kv_usable([q, k, v, cos, signed], kbuf, vbuf)
+    got_q = rope_kv(q, k, v, cos, signed, kbuf, vbuf, at)
+    keys, values = layer.advance(1)
+    assert got_q.shape == (b, heads, 1, d) and keys.shape == ref_keys.shape == (b, kv_heads, 6, d)
+    torch.testing.assert_close(got_q.float(), ref_q.float(), atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(keys.float(), ref_keys.float(), atol=1e-2, rtol=8e-3)
+    assert torch.equal(values, ref_values) and torch.equal(keys[:, :, :5], past[0])
+    assert (got_q != ref_q).float().mean() < 0.01 and (keys != ref_keys).float().mean() < 0.01

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker import cpu_attention
-from worker.cpu_kernels import add_rms_norm, norm_usable, silu_mul, silu_mul_usable
+from worker import cpu_attention, cpu_kernels
+from worker.cpu_kernels import add_rms_norm, norm_usable, rope_kv, rope_kv_usable, silu_mul, silu_mul_usable
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,24 @@ def _act_mul(act: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return act(gate) * up
 
 
+def _rope_into(
+    layer: Any, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, rows: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A decode step's RoPE and cache write in one C call (q, k, v [B, heads * d], `rows` the step's cos and
+    signed sin [B, d]): q rotated [B, heads, 1, d] and the layer's keys and values with the new position, or None
+    where the layer or the tensors do not take it (torch's operations then)."""
+    reserve = getattr(layer, "reserve", None)
+    if reserve is None or getattr(layer, "keys", None) is None:
+        return None
+    kbuf, vbuf, at = reserve(1)
+    cos, sin = rows
+    if not rope_kv_usable([qs, ks, vs, cos, sin], kbuf, vbuf):
+        return None
+    q = rope_kv(qs, ks, vs, cos, sin, kbuf, vbuf, at)
+    keys, values = layer.advance(1)
+    return q, keys, values
+
+
 def _delta(module: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out`, a fused projection's share of `x`, plus what a wrapper of that projection adds (a LoRA adapter's
     delta: `add_deltas`); `out` as it is for a plain projection."""
@@ -211,6 +229,9 @@ class LeanForward:
         kernel_mask = None if plain else mask
         if kernel and kernel_mask is not None and (kernel_mask.dtype != torch.int64 or kernel_mask.stride(-1) != 1):
             kernel_mask = kernel_mask.to(torch.int64).contiguous()
+        # a decode step in bf16 on a CPU: RoPE of q and k and the cache write in one C call per layer, into the
+        # room a chunked cache layer reserves (worker/cpu_kernels.py `rope_kv`)
+        rows = (cos.view(b, -1), sin.view(b, -1)) if kernel and cpu_kernels.kernel() is not None else None
         shape = (b, q, -1, self.head_dim)
         pending: torch.Tensor | None = None  # the last MLP's output, not yet added to the residual h
         for i, (attn, mlp, in_norm, post_norm, q_norm, k_norm) in enumerate(self.layers):
@@ -221,12 +242,17 @@ class LeanForward:
                 qs, ks, vs = _delta(attn.q_proj, x, qs), _delta(attn.k_proj, x, ks), _delta(attn.v_proj, x, vs)
             else:
                 qs, ks, vs = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            qs, ks, vs = qs.view(shape), ks.view(shape), vs.view(shape).transpose(1, 2)
+            qs, ks, vs = qs.view(shape), ks.view(shape), vs.view(shape)
             if q_norm is not None and k_norm is not None:
                 qs, ks = _rms_norm(qs, q_norm), _rms_norm(ks, k_norm)
-            qs = _rope(qs.transpose(1, 2), cos, sin)
-            ks = _rope(ks.transpose(1, 2), cos, sin)
-            ks, vs = cache.update(ks, vs, i)
+            layer = cache.layers[i] if rows is not None and i < len(cache.layers) else None
+            written = _rope_into(layer, qs.view(b, -1), ks.view(b, -1), vs.view(b, -1), rows) if layer else None
+            if written is not None:
+                qs, ks, vs = written
+            else:
+                qs = _rope(qs.transpose(1, 2), cos, sin)
+                ks = _rope(ks.transpose(1, 2), cos, sin)
+                ks, vs = cache.update(ks, vs.transpose(1, 2), i)
             if kernel and cpu_attention.usable(qs, ks, vs, kernel_mask):
                 out = cpu_attention.decode_attention(qs, ks, vs, kernel_mask, self.scaling)  # [B, 1, heads * d]
                 h, x = _add_norm(h, attn.o_proj(out), post_norm)

@@ -58,9 +58,21 @@ class ChunkedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, values = self.keys, self.values
-        assert keys is not None and values is not None and key_states.dim() == 4
+        assert key_states.dim() == 4
         n = key_states.shape[-2]
+        kbuf, vbuf, filled = self.reserve(n, key_states, value_states)
+        kbuf[:, :, filled : filled + n] = key_states
+        vbuf[:, :, filled : filled + n] = value_states
+        return self.advance(n)
+
+    def reserve(
+        self, n: int, key_like: torch.Tensor | None = None, value_like: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The buffers [B, kv_heads, room, d] with room for `n` more positions after the filled ones, and the index
+        of the first free one; the caller writes there, then `advance(n)`. `key_like` / `value_like`: the batch,
+        heads and dim of a fresh buffer (the filled keys and values themselves when None)."""
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
         filled = keys.shape[-2] if keys.dim() == 4 else 0
         kbuf, vbuf = self._kbuf, self._vbuf
         if (
@@ -71,12 +83,17 @@ class ChunkedLayer(DynamicLayer):
             or filled + n > kbuf.shape[-2]
         ):
             spare = n + self.chunk
-            kbuf, vbuf = _room(keys, key_states, filled, spare), _room(values, value_states, filled, spare)
+            kbuf = _room(keys, keys if key_like is None else key_like, filled, spare)
+            vbuf = _room(values, values if value_like is None else value_like, filled, spare)
             self._kbuf, self._vbuf = kbuf, vbuf
-        kbuf[:, :, filled : filled + n] = key_states
-        vbuf[:, :, filled : filled + n] = value_states
-        self.keys = self._kview = kbuf[:, :, : filled + n]
-        self.values = self._vview = vbuf[:, :, : filled + n]
+        return kbuf, vbuf, filled
+
+    def advance(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values with the `n` positions written after `reserve` counted in."""
+        assert self._kbuf is not None and self._vbuf is not None and self.keys is not None
+        filled = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        self.keys = self._kview = self._kbuf[:, :, : filled + n]
+        self.values = self._vview = self._vbuf[:, :, : filled + n]
         return self.keys, self.values
 
 
