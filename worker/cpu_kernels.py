@@ -401,8 +401,54 @@ int decode_attention_bf16(const uint16_t *q, int64_t qb, int64_t qh, const uint1
     __builtin_free(s);
     return 0;
 }
+
+/* One decoder layer of a decode step (one fed position per row) in one call, for the lean forward's Llama / Qwen2
+   layers whose every projection runs the tile matmul: the same kernels, in the same order, with the same roundings
+   as the lean forward's per-operation path. `a` holds (as int64) the layer's constants and the step's values at
+   the DL_* indices below, `f` the two norms' epsilons and the attention scale. h [B, hidden] is updated in place
+   (h + the last layer's MLP output `pending`, NULL for the first layer, then + this layer's attention output);
+   this layer's MLP output goes to `pending_out` (may be `pending` itself); `scratch` holds B * (2 * hidden +
+   (heads + 2 * kv_heads) * d + 2 * heads * d + 3 * inter) bf16. Returns decode_attention_bf16's code. */
+enum {
+    DL_IN_W, DL_POST_W, DL_QKV_W, DL_QKV_B, DL_O_W, DL_O_B, DL_GU_W, DL_GU_B, DL_DOWN_W, DL_DOWN_B,
+    DL_HIDDEN, DL_HEADS, DL_KV_HEADS, DL_D, DL_INTER,
+    DL_B, DL_H, DL_PENDING, DL_PENDING_OUT, DL_COS, DL_SSIN, DL_LDC, DL_KBUF, DL_VBUF, DL_SB, DL_SH, DL_AT,
+    DL_MASK, DL_MASK_LD, DL_SCRATCH, DL_COUNT
+};
+
+int decode_layer_bf16(const int64_t *a, const float *f) {
+    int64_t B = a[DL_B], D = a[DL_HIDDEN], H = a[DL_HEADS], KV = a[DL_KV_HEADS], d = a[DL_D], I = a[DL_INTER];
+    int64_t nqkv = (H + 2 * KV) * d;
+    uint16_t *h = (uint16_t *)a[DL_H], *x = (uint16_t *)a[DL_SCRATCH];
+    uint16_t *qkv = x + B * D, *qr = qkv + B * nqkv, *att = qr + B * H * d, *o = att + B * H * d;
+    uint16_t *gu = o + B * D, *act = gu + B * 2 * I;
+    uint16_t *kbuf = (uint16_t *)a[DL_KBUF], *vbuf = (uint16_t *)a[DL_VBUF];
+    int64_t sb = a[DL_SB], sh = a[DL_SH], at = a[DL_AT];
+    add_rms_norm_bf16(h, (const uint16_t *)a[DL_PENDING], (const uint16_t *)a[DL_IN_W], h, x, B, D, f[0]);
+    gemm_bf16(x, D, (const uint16_t *)a[DL_QKV_W], (const float *)a[DL_QKV_B], qkv, nqkv, B, nqkv, D);
+    rope_kv_bf16(qkv, nqkv, qkv + H * d, nqkv, qkv + (H + KV) * d, nqkv, (const uint16_t *)a[DL_COS],
+                 (const uint16_t *)a[DL_SSIN], a[DL_LDC], qr, kbuf, vbuf, sb, sh, at, B, H, KV, d);
+    int rc = decode_attention_bf16(qr, H * d, d, kbuf, sb, sh, d, vbuf, sb, sh, d, (const int64_t *)a[DL_MASK],
+                                   a[DL_MASK_LD], att, B, H, KV, at + 1, d, f[2]);
+    if (rc) return rc;
+    gemm_bf16(att, H * d, (const uint16_t *)a[DL_O_W], (const float *)a[DL_O_B], o, D, B, D, H * d);
+    add_rms_norm_bf16(h, o, (const uint16_t *)a[DL_POST_W], h, x, B, D, f[1]);
+    gemm_bf16(x, D, (const uint16_t *)a[DL_GU_W], (const float *)a[DL_GU_B], gu, 2 * I, B, 2 * I, D);
+    silu_mul_bf16(gu, 2 * I, gu + I, 2 * I, act, B, I);
+    gemm_bf16(act, I, (const uint16_t *)a[DL_DOWN_W], (const float *)a[DL_DOWN_B], (uint16_t *)a[DL_PENDING_OUT], D,
+              B, D, I);
+    return 0;
+}
 """
 MAX_DIM = 16384  # the widest row `add_rms_norm` takes (its stack buffer)
+# `decode_layer_bf16`'s argument slots (the C enum's order)
+DL = {
+    name: i
+    for i, name in enumerate(
+        "in_w post_w qkv_w qkv_b o_w o_b gu_w gu_b down_w down_b hidden heads kv_heads d inter b h pending "
+        "pending_out cos ssin ldc kbuf vbuf sb sh at mask mask_ld scratch".split()
+    )
+}
 SHIPPED = Path(__file__).resolve().parent / "_kernels"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-shared", "-fPIC"]
 
@@ -468,6 +514,8 @@ def kernel() -> ctypes.CDLL | None:
     }.items():
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = args
+    lib.decode_layer_bf16.restype = ctypes.c_int
+    lib.decode_layer_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     checks = (_matmul_check(lib), _norm_check(lib.add_rms_norm_bf16), _silu_mul_check(lib), _rope_kv_check(lib))
     if not all(checks):
         log.warning("CPU kernels off: they do not match torch on this machine")

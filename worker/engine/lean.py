@@ -20,6 +20,7 @@ Anything else (another architecture, a sliding window, an unexpected module layo
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Any
 
@@ -234,7 +235,11 @@ class LeanForward:
         rows = (cos.view(b, -1), sin.view(b, -1)) if kernel and cpu_kernels.kernel() is not None else None
         shape = (b, q, -1, self.head_dim)
         pending: torch.Tensor | None = None  # the last MLP's output, not yet added to the residual h
+        step = _FusedStep.start(self, h, rows, kernel_mask) if rows is not None else None
         for i, (attn, mlp, in_norm, post_norm, q_norm, k_norm) in enumerate(self.layers):
+            if step is not None and i < len(cache.layers) and step.run(i, attn, mlp, h, pending, cache.layers[i]):
+                pending = step.pending  # the whole layer ran in one C call (`_FusedStep`)
+                continue
             h, x = _add_norm(h, pending, in_norm)
             qkv = getattr(attn, "fused_qkv", None)
             if qkv is not None:  # q/k/v packed as one matrix (worker/cpu_weights.py): one matmul, then split
@@ -272,6 +277,16 @@ class LeanForward:
             h, pending = h[:, -1], None if pending is None else pending[:, -1]
         return self.model.lm_head(_add_norm(h, pending, self.norm)[1])
 
+    def fused_layers(self) -> list[FusedLayer | None]:
+        """Each layer's constants for the one-call decode layer (None where a layer does not qualify), built once."""
+        found = self.__dict__.get("_fused")
+        if found is None:
+            found = self.__dict__["_fused"] = [
+                FusedLayer.build(attn, mlp, in_norm, post_norm, self.scaling, self.head_dim) if q_norm is None else None
+                for attn, mlp, in_norm, post_norm, q_norm, _ in self.layers
+            ]
+        return found
+
     def _sdpa(
         self, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool
     ) -> torch.Tensor:
@@ -284,3 +299,161 @@ class LeanForward:
         return F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=self.scaling, enable_gqa=self.gqa
         )
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FusedLayer:
+    """One decoder layer's constants for `decode_layer_bf16` (worker/cpu_kernels.py): the packed weights' and
+    biases' addresses, the norms' weights, the shapes; the modules it was built from, so a layer whose projections
+    were since wrapped (a LoRA adapter with rows to run) or replaced runs the per-operation path instead."""
+
+    def __init__(self, modules: dict[str, Any], args: Any, floats: Any, keep: list[torch.Tensor]) -> None:
+        self.modules = modules
+        self.args, self.floats, self.keep = args, floats, keep
+        self.weights: list[tuple[Any, torch.Tensor]] = []  # (module, the packed weight whose address `args` holds)
+        self.hidden, self.heads, self.kv_heads, self.d, self.inter = (
+            int(args[cpu_kernels.DL[k]]) for k in ("hidden", "heads", "kv_heads", "d", "inter")
+        )
+
+    @classmethod
+    def build(
+        cls,
+        attn: Any,
+        mlp: Any,
+        in_norm: tuple[torch.Tensor, float],
+        post_norm: tuple[torch.Tensor, float],
+        scale: float,
+        head_dim: int,
+    ) -> FusedLayer | None:
+        """The layer's constants, or None when a part of it is not what the C layer runs: q/k/v and gate/up packed
+        as one tile matrix each, o and down packed as tiles, SiLU, bf16 norms, a head dim the attention takes."""
+        qkv, gate_up = getattr(attn, "fused_qkv", None), getattr(mlp, "fused_gate_up", None)
+        o, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+        parts = [qkv, o, gate_up, down]
+        packs = [None if p is None else p.__dict__.get("packing") for p in parts]
+        if any(p is None or not p.tiles for p in packs) or type(mlp.act_fn).__name__ not in SILU:
+            return None
+        if head_dim not in cpu_attention.HEAD_DIMS or qkv is None or gate_up is None:
+            return None
+        norms = (in_norm[0], post_norm[0])
+        hidden = int(norms[0].shape[-1])
+        if any(n.dtype != torch.bfloat16 or not n.is_contiguous() for n in norms) or hidden > cpu_kernels.MAX_DIM:
+            return None
+        heads = int(qkv.sizes[0]) // head_dim
+        kv_heads = int(qkv.sizes[1]) // head_dim
+        inter = int(gate_up.sizes[0])
+        assert o is not None and down is not None
+        shapes_ok = (
+            len(qkv.sizes) == 3
+            and qkv.sizes[1] == qkv.sizes[2]
+            and heads * head_dim == qkv.sizes[0]
+            and heads % max(kv_heads, 1) == 0
+            and len(gate_up.sizes) == 2
+            and gate_up.sizes[1] == inter
+            and inter % 16 == 0
+            and tuple(qkv.weight.shape) == (qkv.sizes[0] + 2 * qkv.sizes[1], hidden)
+            and tuple(o.weight.shape) == (hidden, heads * head_dim)
+            and tuple(gate_up.weight.shape) == (2 * inter, hidden)
+            and tuple(down.weight.shape) == (hidden, inter)
+        )
+        if not shapes_ok:
+            return None
+        args = (ctypes.c_int64 * len(cpu_kernels.DL))()
+        keep: list[torch.Tensor] = [*norms]
+        for key, module, packing in zip(("qkv", "o", "gu", "down"), parts, packs, strict=True):
+            assert module is not None and packing is not None
+            args[cpu_kernels.DL[f"{key}_w"]] = module.weight.data_ptr()
+            keep.append(module.weight)
+            if packing.bias is not None:
+                args[cpu_kernels.DL[f"{key}_b"]] = packing.bias.data_ptr()
+                keep.append(packing.bias)
+        args[cpu_kernels.DL["in_w"]], args[cpu_kernels.DL["post_w"]] = (n.data_ptr() for n in norms)
+        for key, value in (("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads), ("d", head_dim)):
+            args[cpu_kernels.DL[key]] = value
+        args[cpu_kernels.DL["inter"]] = inter
+        floats = (ctypes.c_float * 3)(in_norm[1], post_norm[1], scale)
+        modules = {name: getattr(attn if name in PROJECTIONS[:4] else mlp, name) for name in PROJECTIONS}
+        modules |= {"fused_qkv": qkv, "fused_gate_up": gate_up}
+        plan = cls(modules, args, floats, keep)
+        plan.weights = [(p, p.weight) for p in (qkv, o, gate_up, down)]
+        return plan
+
+    def current(self, attn: Any, mlp: Any) -> bool:
+        """Whether the layer still holds the modules this was built from (a LoRA wrapper with no rows to run this
+        step counts as its base)."""
+        for name, module in self.modules.items():
+            now = (attn if name in ("q_proj", "k_proj", "v_proj", "o_proj", "fused_qkv") else mlp)._modules.get(name)
+            if now is module:
+                continue
+            context = getattr(now, "context", None)
+            if context is None or context.groups or getattr(now, "base", None) is not module:
+                return False
+        return all(module.weight is weight for module, weight in self.weights)
+
+    def scratch_size(self, rows: int) -> int:
+        nqkv = (self.heads + 2 * self.kv_heads) * self.d
+        return rows * (2 * self.hidden + nqkv + 2 * self.heads * self.d + 3 * self.inter)
+
+
+class _FusedStep:
+    """A decode step's layers in one C call each where they qualify (`FusedLayer`): the step's scratch, the
+    residual h updated in place, the MLP output handed to the next layer in `pending`."""
+
+    def __init__(self, layers: list[FusedLayer | None], h: torch.Tensor, rows: Any, mask: torch.Tensor | None) -> None:
+        self.layers = layers
+        self.b = int(h.shape[0])
+        first = next(p for p in layers if p is not None)
+        self.scratch = torch.empty(first.scratch_size(self.b), dtype=torch.bfloat16)
+        self.pending = torch.empty_like(h)
+        self.lib = cpu_kernels.kernel()
+        cos, sin = rows
+        self.common = {
+            "b": self.b,
+            "cos": cos.data_ptr(),
+            "ssin": sin.data_ptr(),
+            "ldc": cos.stride(0),
+            "mask": 0 if mask is None else mask.data_ptr(),
+            "mask_ld": 0 if mask is None else mask.stride(0),
+            "scratch": self.scratch.data_ptr(),
+            "pending_out": self.pending.data_ptr(),
+        }
+
+    @classmethod
+    def start(cls, lean: LeanForward, h: torch.Tensor, rows: Any, mask: torch.Tensor | None) -> _FusedStep | None:
+        """The step's state when some layer runs in one call and the step's tensors allow it, else None."""
+        layers = lean.fused_layers()
+        cos, sin = rows
+        if not any(layers) or not h.is_contiguous() or h.shape[1] != 1:
+            return None
+        if cos.stride(-1) != 1 or sin.stride() != cos.stride() or cos.shape[-1] != lean.head_dim:
+            return None
+        return cls(layers, h, rows, mask)
+
+    def run(self, i: int, attn: Any, mlp: Any, h: torch.Tensor, pending: torch.Tensor | None, layer: Any) -> bool:
+        """Layer i in one call (h updated in place, its MLP output in `self.pending`); False where it does not
+        qualify this step (nothing done: the per-operation path runs it)."""
+        plan = self.layers[i]
+        reserve = getattr(layer, "reserve", None)
+        if plan is None or reserve is None or getattr(layer, "keys", None) is None or not plan.current(attn, mlp):
+            return False
+        if pending is not None and (not pending.is_contiguous() or pending.dtype != torch.bfloat16):
+            return False
+        kbuf, vbuf, at = reserve(1)
+        if kbuf.stride() != vbuf.stride() or kbuf.stride(-1) != 1 or kbuf.stride(2) != plan.d:
+            return False
+        if kbuf.dtype != torch.bfloat16 or kbuf.shape[1] != plan.kv_heads or kbuf.shape[0] != self.b:
+            return False
+        args, dl = plan.args, cpu_kernels.DL
+        for key, value in self.common.items():
+            args[dl[key]] = value
+        args[dl["h"]] = h.data_ptr()
+        args[dl["pending"]] = 0 if pending is None else pending.data_ptr()
+        args[dl["kbuf"]], args[dl["vbuf"]] = kbuf.data_ptr(), vbuf.data_ptr()
+        args[dl["sb"]], args[dl["sh"]], args[dl["at"]] = kbuf.stride(0), kbuf.stride(1), at
+        assert self.lib is not None
+        if self.lib.decode_layer_bf16(args, plan.floats):
+            raise MemoryError("decode layer: no scratch memory")
+        layer.advance(1)
+        return True
