@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from worker.engine import cpu_sampler
 from worker.engine.draw import BLOCK, argmax, sample, tile_max, topk
 from worker.engine.sequence import Sampling
 
@@ -49,15 +50,20 @@ class Normalizer:
     ids: torch.Tensor  # [W, k]
 
 
-def choose(logits: torch.Tensor, plans: list[RowPlan]) -> tuple[torch.Tensor, list[int], list[Any]]:
+def choose(
+    logits: torch.Tensor, plans: list[RowPlan], native: bool = True
+) -> tuple[torch.Tensor, list[int], list[Any]]:
     """One token per row (as a device tensor and as ints) and, where asked, (logprob, [(id, logprob), ...]) of
-    the model's distribution.
+    the model's distribution. On a CPU, one C call (`worker.engine.cpu_sampler`) where it runs and `native`;
+    else the tensor path below.
 
     On CPU with denormals flushed to zero (restored after; nothing else here sets it): `exp2` and `log_softmax`
     over a row whose values fall below float32's normal range (a low temperature, a wide-spread model) are
     10-20x slower otherwise, and a weight below 2^-126 of the top token's counts for nothing in a draw."""
     flush = logits.device.type == "cpu" and torch.set_flush_denormal(True)
     try:
+        if native and cpu_sampler.usable(logits, plans):
+            return cpu_sampler.choose(logits, plans)
         return _choose(logits, plans)
     finally:
         if flush:
