@@ -123,6 +123,10 @@ void add_rms_norm_bf16(const uint16_t *h, const uint16_t *add, const uint16_t *w
 
 #define SB 64  /* columns per block of the maxima */
 #define DB 256 /* columns per block of the draw's sums */
+#define LOG2E_F 1.4426950408889634f
+/* A block whose largest weight is below 2^-64 of the top token's is taken as 0 without its exps: all such weights
+   of a row (at most 2^18 of them) add up to less than 2^-46 of its total, far below float32's rounding of it. */
+#define NEGLIGIBLE -64.0f
 
 /* per-row parameters, doubles: what Python hands over */
 enum { P_SCALE, P_INV_MIN_P, P_TOP_K, P_TOP_P, P_UNIFORM, P_LOGPROBS, P_REPETITION, P_PRESENCE, P_FREQUENCY, P_COUNT };
@@ -194,13 +198,16 @@ static float max_of(const float *a, int64_t n) {
     return m;
 }
 
-/* sum of 2^((x - m) log2 e) over the row: the softmax normalizer of x at its maximum m */
-static float exp_sum(const float *x, int64_t padded, float m) {
-    __m512 top = _mm512_set1_ps(m), scale = _mm512_set1_ps(1.4426950408889634f);
+/* sum of 2^((x - m) log2 e) over the row: the softmax normalizer of x at its maximum m (bm: the block maxima) */
+static float exp_sum(const float *x, const float *bm, int64_t nb, float m) {
+    __m512 top = _mm512_set1_ps(m), scale = _mm512_set1_ps(LOG2E_F);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (int64_t i = 0; i < padded; i += 32) {
-        a0 = _mm512_add_ps(a0, exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), top), scale)));
-        a1 = _mm512_add_ps(a1, exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), top), scale)));
+    for (int64_t b = 0; b < nb; b++) {
+        if ((bm[b] - m) * LOG2E_F < NEGLIGIBLE) continue;
+        for (int64_t i = b * SB; i < b * SB + SB; i += 32) {
+            a0 = _mm512_add_ps(a0, exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), top), scale)));
+            a1 = _mm512_add_ps(a1, exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), top), scale)));
+        }
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
@@ -421,7 +428,7 @@ void sample_rows(const void *src, int64_t bf16, int64_t rows, int64_t vocab, int
         if (p[P_LOGPROBS] >= 0) { /* the model's distribution, before any change */
             float m = max_of(bm, nb);
             lse[2 * r] = m;
-            lse[2 * r + 1] = exp_sum(x, padded, m);
+            lse[2 * r + 1] = exp_sum(x, bm, nb, m);
             int64_t got = top_n(x, bm, nb, top_lp, cv, ci, keys, cols);
             for (int64_t j = 0; j < top_lp; j++) {
                 top_ids[r * top_lp + j] = j < got ? cols[j] : 0;
@@ -474,6 +481,12 @@ void sample_rows(const void *src, int64_t bf16, int64_t rows, int64_t vocab, int
             float inv = (float)p[P_INV_MIN_P], total = 0.0f;
             for (int64_t b = 0; b < nblk; b++) {
                 __m512 s = _mm512_setzero_ps();
+                float most = max_of(bm + b * (DB / SB), DB / SB);
+                if ((most - top) * scale < NEGLIGIBLE) {
+                    for (int64_t i = b * DB; i < b * DB + DB; i += 16) _mm512_storeu_ps(x + i, s);
+                    bs[b] = 0.0f;
+                    continue;
+                }
                 for (int64_t i = b * DB; i < b * DB + DB; i += 16) {
                     __m512 w = weight16(_mm512_loadu_ps(x + i), tv, sv, inv);
                     _mm512_storeu_ps(x + i, w);

@@ -89,6 +89,17 @@ def test_the_c_pass_samples_what_the_tensor_path_samples(name: str, vocab: int) 
         assert all(close(a, b) for a, b in zip(lps, lps_want))
 
 
+@pytest.mark.parametrize("name", ["T0.8", "top_p 0.95", "rep 1.1 + logprobs 2", "top_p 0.5 rep 0.9 + logprobs 0"])
+def test_wide_rows_whose_far_blocks_are_skipped(name: str) -> None:
+    """A spread of ~400 logits: most 64-column blocks weigh below 2^-64 of the top token and are taken as 0 by the
+    C pass; what it samples and its logprobs stay the tensor path's."""
+    x = logits(12, 64 * 64, torch.float32, seed=13) * 12
+    x[:, :16] = x[:, :16].abs() / 12 + x.amax(-1, keepdim=True) - 3  # a few tokens near the top to draw from
+    (ids, lps), (ids_want, lps_want), after, after_want = both(x, SETTINGS[name], 13)
+    assert ids == ids_want and after == after_want and len(set(ids)) > 3
+    assert all(close(a, b) for a, b in zip(lps, lps_want))
+
+
 @pytest.mark.parametrize("name", ["greedy", "rep 1.1 + logprobs 2", "greedy rep pres/freq bias + logprobs 5"])
 def test_bf16_logits_give_the_same_greedy_tokens_and_logprobs(name: str) -> None:
     """bf16 logits tie often: the argmax is the first of the tied, the logprobs' values match, and a sampled row

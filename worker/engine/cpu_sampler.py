@@ -9,9 +9,11 @@ repeats apply once), presence and frequency penalties, logit bias and bans on th
 inverse-CDF draw from the row's uniform: over the top-k candidates (found among the best 64-column blocks, then
 top-p among them), or over the whole row by 256-column block sums, with top-p by rejection (the row's next uniform
 comes from its stream through a callback, only when a draw is rejected, so each row uses as many uniforms as on
-the tensor path). Weights come from a polynomial exp2 (~1 ulp) and sums in another order than torch's, so a draw
-that falls within a rounding of a boundary may take the neighbouring token; a seeded row still samples the same
-alone and in any batch, as nothing a row computes depends on another.
+the tensor path). A block whose largest weight is below 2^-64 of the top token's (a wide-spread model, a low
+temperature) is taken as 0 without computing its exps, and so for the normalizer. Weights come from a polynomial
+exp2 (~1 ulp) and sums in another order than torch's, so a draw that falls within a rounding of a boundary may take
+the neighbouring token, and tied top-k candidates come lowest id first where torch orders them its own way; a
+seeded row still samples the same alone and in any batch, as nothing a row computes depends on another.
 
 Used on a CPU for bf16 and float32 logits without grammar constraints, where the kernels load; the tensor path
 runs everywhere else.
