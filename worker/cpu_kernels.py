@@ -143,12 +143,12 @@ static inline float load1(const void *src, int64_t bf16, int64_t i) {
     return bf16 ? from_bf16(((const uint16_t *)src)[i]) : ((const float *)src)[i];
 }
 
-/* 2^e for e <= 0; 0 where e < -126 (a flushed denormal) or NaN. Cephes' exp2f polynomial (~1 ulp). */
+/* 2^e for e <= 0; 0 where e < -126 (a flushed denormal) or NaN, whatever the lanes computed there (-inf: NaN).
+   Cephes' exp2f polynomial (~1 ulp). */
 static inline __m512 exp2_neg(__m512 e) {
     __mmask16 ok = _mm512_cmp_ps_mask(e, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-    __m512 x = _mm512_max_ps(e, _mm512_set1_ps(-126.0f));
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, n);
+    __m512 n = _mm512_roundscale_ps(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(e, n);
     __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
@@ -280,8 +280,10 @@ static int64_t top_n(const float *x, const float *bm, int64_t nb, int64_t n, flo
         for (int64_t i = b * SB; i < b * SB + SB; i += 16) {
             __m512 v = _mm512_loadu_ps(x + i);
             __mmask16 m = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
-            _mm512_mask_compressstoreu_ps(cv + c, m, v);
-            _mm512_mask_compressstoreu_epi32(ci + c, m, _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)i)));
+            /* compressed in a register, then stored whole (a compress to memory is microcoded on some CPUs) */
+            __m512i cols = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)i));
+            _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(m, v));
+            _mm512_storeu_si512(ci + c, _mm512_maskz_compress_epi32(m, cols));
             c += __builtin_popcount(m);
         }
     }
