@@ -376,6 +376,7 @@ static int64_t draw_nucleus(float *w, float *bs, int64_t nblk, float total, floa
 /* Top-k (then top-p of what they hold) as draw.py's `_draw_top_k`: weights of the k best columns, largest first */
 static int64_t draw_top_k(const float *x, const int32_t *cols, int64_t k, float top, float scale, float inv_min_p,
                           float top_p, float u, float *w) {
+    if (k <= 0) return -1; /* no candidates (NaN logits) */
     for (int64_t j = 0; j < k; j += 16) {
         __mmask16 m = k - j >= 16 ? 0xffff : (__mmask16)((1u << (k - j)) - 1);
         __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_maskz_loadu_epi32(m, cols + j), x, 4);
@@ -502,7 +503,7 @@ void sample_rows(const void *src, int64_t bf16, int64_t rows, int64_t vocab, int
             else
                 at = draw_blocks(x, bs, nblk, (float)p[P_UNIFORM], -1.0f, cum);
         }
-        at = at < 0 ? 0 : at;
+        at = at < 0 ? 0 : (at >= vocab ? vocab - 1 : at); /* nothing to draw (NaN or -inf rows): the first column */
         tokens[r] = at;
         chosen[r] = load1(row, bf16, at);
     }

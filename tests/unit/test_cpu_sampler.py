@@ -173,3 +173,12 @@ def test_rows_with_nothing_to_draw_and_extreme_settings() -> None:
     assert ids[:4] == choose(x, tensor, native=False)[1][:4]  # row 4's weights tie: the two paths order them apart
     x[:, :2] = float("-inf")  # banned
     assert ids[:3] == x[:3].argmax(-1).tolist() and ids[3] == 0 and 2 <= ids[4] < 100
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_nan_logits_give_a_token_of_the_vocabulary(name: str) -> None:
+    x = logits(3, 64 * 40 + 17, torch.float32, seed=15)
+    x[0] = float("nan")
+    x[1, ::3] = float("nan")
+    _, ids, _ = choose(x, plans(SETTINGS[name], 3, x.shape[1]))
+    assert all(0 <= i < x.shape[1] for i in ids)
