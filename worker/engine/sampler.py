@@ -8,6 +8,9 @@ shared: the 64-column block maxima of the raw logits give the logprobs' top toke
 candidates, and, patched where a penalty, bias or ban changed a cell, each row's maximum for the weights. The
 logprobs are those of the model's distribution (before any change): the normalizer of each asking row from one
 log-softmax, the values from the raw logits at the chosen and top ids.
+
+On a CPU the same choice runs as one C call where it can (`worker.engine.cpu_sampler`); this tensor path runs on
+other devices, with grammar masks, and is the reference its tests compare it with.
 """
 
 from __future__ import annotations
