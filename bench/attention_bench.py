@@ -94,7 +94,7 @@ def engine_main(rows_list: list[int], steps: int, rounds: int) -> None:
             for kernel in (False, True):
                 patched = cpu_attention.available if kernel else lambda head_dim: False
                 with mock.patch.object(cpu_attention, "available", patched):
-                    got[kernel].append(run(handler, {}, rows, steps, clock=time.thread_time))
+                    got[kernel].append(run(handler, {}, rows, steps, clock=time.thread_time)[:2])
         (s0, f0), (s1, f1) = ([statistics.median(x) for x in zip(*got[k])] for k in (False, True))
         print(f"{rows:4} {s0:9.1f} {s1:9.1f} {f0:9.1f} {f1:9.1f}", flush=True)
 

@@ -3,8 +3,10 @@ on a random model shaped like SmolLM2-135M (Llama, hidden 576, 30 layers, 49,152
 
 Each scenario admits the rows, then times decode steps: wall time of `Engine.step()` and of the runner's model
 forward (the lean forward or transformers', timed around `runner.forward`); host = step - forward (sampling,
-stop strings, KV bookkeeping, the loop). With `--lean auto off` each scenario runs with the lean forward and
-with transformers' forward, one after the other (A/B in one run).
+stop strings, KV bookkeeping, the loop). The same split in CPU time of the stepping thread (`time.thread_time`;
+the forward runs on it with 1 torch thread) comes beside it: on a loaded machine the wall times take others'
+turns, the CPU times mostly do not. With `--lean auto off` each scenario runs with the lean forward and with
+transformers' forward, one after the other (A/B in one run).
 
     uv run python bench/step_bench.py [--steps 24] [--rows 1 8 32] [--dtype bf16|fp32] [--kv-chunk N]
         [--lean auto off] [--scenarios greedy T0.8] [--only NAME]
@@ -50,9 +52,9 @@ def build() -> Path:
 
 def run(
     handler: Any, scenario: dict[str, Any], rows: int, steps: int, lean: str = "auto", clock: Any = time.perf_counter
-) -> tuple[float, float]:
-    """Median step and forward milliseconds over `steps` decode steps of `rows` rows (`clock`: wall time, or
-    e.g. `time.thread_time` for this thread's CPU time)."""
+) -> tuple[float, ...]:
+    """Median step and forward milliseconds over `steps` decode steps of `rows` rows by `clock` (wall time, or e.g.
+    `time.thread_time`), then the host's share in CPU time of this thread."""
     import torch
 
     from worker.engine import runner
@@ -69,32 +71,36 @@ def run(
         )
         for seq in handler.sequences(req, str(i), budget=600.0)[0]:
             engine.add(seq)
-    spent = [0.0]
+    spent = [0.0, 0.0]
     forward = runner.forward
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = clock()
+        t0, c0 = clock(), time.thread_time()
         try:
             return forward(*args, **kwargs)
         finally:
             spent[0] += clock() - t0
+            spent[1] += time.thread_time() - c0
 
     runner.forward = timed  # type: ignore[assignment]
     try:
         engine.step()  # admission: the prefill
         engine.step()
-        step_ms, fwd_ms = [], []
+        step_ms, fwd_ms, step_cpu, fwd_cpu = [], [], [], []
         for _ in range(steps):
-            spent[0] = 0.0
-            t0 = clock()
+            spent[:] = [0.0, 0.0]
+            t0, c0 = clock(), time.thread_time()
             engine.step()
             step_ms.append((clock() - t0) * 1000)
+            step_cpu.append((time.thread_time() - c0) * 1000)
             fwd_ms.append(spent[0] * 1000)
+            fwd_cpu.append(spent[1] * 1000)
         assert engine.rows() == rows, "every row should still be running"
     finally:
         runner.forward = forward  # type: ignore[assignment]
     torch.set_num_threads(1)
-    return statistics.median(step_ms), statistics.median(fwd_ms)
+    host_cpu = [s - f for s, f in zip(step_cpu, fwd_cpu)]
+    return statistics.median(step_ms), statistics.median(fwd_ms), statistics.median(host_cpu)
 
 
 def main() -> None:
@@ -124,18 +130,17 @@ def main() -> None:
         runner.KV_CHUNK[handler.model.device.type] = args.kv_chunk
     chunk = f", KV chunk {args.kv_chunk}" if args.kv_chunk is not None else ""
     print(f"{handler.info.dtype}, {args.steps} decode steps, 1 thread (medians){chunk}")  # type: ignore[union-attr]
-    print(f"{'scenario':28} {'rows':>4} {'lean':>4} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>7}")
+    head = f"{'scenario':28} {'rows':>4} {'lean':>4} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>7}"
+    print(f"{head} {'host cpu ms':>11}")
     for name in args.scenarios:
         if args.only and args.only not in name:
             continue
         for rows in args.rows:
             for lean in args.lean:
-                step, fwd = run(handler, SCENARIOS[name], rows, args.steps, lean)
+                step, fwd, host_cpu = run(handler, SCENARIOS[name], rows, args.steps, lean)
                 host = step - fwd
-                print(
-                    f"{name:28} {rows:4} {lean:>4} {step:8.1f} {fwd:8.1f} {host:8.2f} {100 * host / step:6.1f}%",
-                    flush=True,
-                )
+                line = f"{name:28} {rows:4} {lean:>4} {step:8.1f} {fwd:8.1f} {host:8.2f} {100 * host / step:6.1f}%"
+                print(f"{line} {host_cpu:11.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,13 @@ def app(stack: Stack):  # type: ignore[no-untyped-def]
 def http(app):  # type: ignore[no-untyped-def]
     """Flask's test client on the shared stack's settings (in-process, same Redis)."""
     return app.test_client()
+
+
+@pytest.fixture(params=["c", "tensor"])
+def sampler_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The sampler's C pass (where it runs here) or its tensor path: a test of `choose` using this runs on both."""
+    from worker.engine import cpu_sampler
+
+    if request.param == "tensor":
+        monkeypatch.setattr(cpu_sampler, "usable", lambda *_: False)
+    return str(request.param)

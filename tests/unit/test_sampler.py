@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import pytest
 import torch
 
 from worker.engine.draw import argmax as _argmax
@@ -14,6 +15,7 @@ from worker.engine.draw import topk as _topk
 from worker.engine.sampler import RowPlan, _add_bias, _penalize, choose
 from worker.engine.sequence import Sampling
 
+pytestmark = pytest.mark.usefixtures("sampler_path")  # the C pass and the tensor path
 V = 1000
 
 

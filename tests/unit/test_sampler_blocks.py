@@ -14,6 +14,7 @@ from worker.engine.draw import LOG2E, _relative, tile_max
 from worker.engine.sampler import RowPlan, _add_bias, _ban, _patch, _penalize, choose
 from worker.engine.sequence import Sampling
 
+pytestmark = pytest.mark.usefixtures("sampler_path")  # the C pass and the tensor path
 V = 64 * 64
 
 SETTINGS: list[dict[str, Any]] = [

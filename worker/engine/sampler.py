@@ -8,6 +8,9 @@ shared: the 64-column block maxima of the raw logits give the logprobs' top toke
 candidates, and, patched where a penalty, bias or ban changed a cell, each row's maximum for the weights. The
 logprobs are those of the model's distribution (before any change): the normalizer of each asking row from one
 log-softmax, the values from the raw logits at the chosen and top ids.
+
+On a CPU the same choice runs as one C call where it can (`worker.engine.cpu_sampler`); this tensor path runs on
+other devices, with grammar masks, and is the reference its tests compare it with.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from worker.engine import cpu_sampler
 from worker.engine.draw import BLOCK, argmax, sample, tile_max, topk
 from worker.engine.sequence import Sampling
 
@@ -49,15 +53,20 @@ class Normalizer:
     ids: torch.Tensor  # [W, k]
 
 
-def choose(logits: torch.Tensor, plans: list[RowPlan]) -> tuple[torch.Tensor, list[int], list[Any]]:
+def choose(
+    logits: torch.Tensor, plans: list[RowPlan], native: bool = True
+) -> tuple[torch.Tensor, list[int], list[Any]]:
     """One token per row (as a device tensor and as ints) and, where asked, (logprob, [(id, logprob), ...]) of
-    the model's distribution.
+    the model's distribution. On a CPU, one C call (`worker.engine.cpu_sampler`) where it runs and `native`;
+    else the tensor path below.
 
     On CPU with denormals flushed to zero (restored after; nothing else here sets it): `exp2` and `log_softmax`
     over a row whose values fall below float32's normal range (a low temperature, a wide-spread model) are
     10-20x slower otherwise, and a weight below 2^-126 of the top token's counts for nothing in a draw."""
     flush = logits.device.type == "cpu" and torch.set_flush_denormal(True)
     try:
+        if native and cpu_sampler.usable(logits, plans):
+            return cpu_sampler.choose(logits, plans)
         return _choose(logits, plans)
     finally:
         if flush:
