@@ -7,8 +7,9 @@ decode `--tokens` tokens:
   the same decode steps (goal: >= 0.7x the base's aggregate tok/s);
 - one adapter: all 32 on one adapter (the cost of the delta itself, without the grouping).
 
-Arms run interleaved in one process, medians of `--runs`. Also the load time of one adapter (read, checked and
-moved to the model's device), median over the 4.
+Arms run interleaved in one process, medians of `--runs`: tok/s by the wall clock, and by this thread's CPU time
+(`time.thread_time`, all of the work with one torch thread), which other processes on a loaded machine disturb far
+less. Also the load time of one adapter (read, checked and moved to the model's device), median over the 4.
 
     uv run python bench/lora_bench.py [--runs 3] [--tokens 32] [--rank 16] [--dtype fp32|bf16]
 """
@@ -55,18 +56,20 @@ def write_adapter(model: Any, out: Path, rank: int, seed: int) -> Path:
     return out
 
 
-def run(model: Any, adapters: AdapterSet | None, names: list[str | None], tokens: int) -> float:
-    """Aggregate generated tokens per second of `len(names)` sequences added at once."""
+def run(model: Any, adapters: AdapterSet | None, names: list[str | None], tokens: int) -> tuple[float, float]:
+    """Aggregate generated tokens per second of `len(names)` sequences added at once: by the wall clock, by this
+    thread's CPU time."""
     eng = Engine(model, lambda ids: "", [-1], 0, max_batch=CLIENTS, prefix_cache_tokens=0, adapters=adapters)
     seqs = [Seq(f"s{i}", [1 + i % 7, 2, 3, 4, 5, 6, 7, 8], tokens, adapter=name) for i, name in enumerate(names)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     for seq in seqs:
         eng.add(seq)
     while len(eng):
         eng.step()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu
     assert all(len(s.out) == tokens for s in seqs)
-    return sum(len(s.out) for s in seqs) / elapsed
+    done = sum(len(s.out) for s in seqs)
+    return done / elapsed, done / cpu
 
 
 def main() -> None:
@@ -96,18 +99,21 @@ def main() -> None:
             "one adapter": (wrapped, adapters, [names[0]] * CLIENTS),
         }
         run(plain, None, [None] * 4, 2)  # warm-up
-        rates: dict[str, list[float]] = {arm: [] for arm in arms}
+        rates: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
         for _ in range(args.runs):
             for arm, (model, adapter_set, rows) in arms.items():
                 rates[arm].append(run(model, adapter_set, rows, args.tokens))
-    base = statistics.median(rates["base"])
+    base = statistics.median(r[0] for r in rates["base"])
+    base_cpu = statistics.median(r[1] for r in rates["base"])
     print(
         f"{CLIENTS} clients, {args.tokens} tokens each, rank {args.rank}, {args.dtype}, {args.threads} thread(s), "
         f"medians of {args.runs}"
     )
     for arm, values in rates.items():
-        rate = statistics.median(values)
-        print(f"  {arm:12s} {rate:8.1f} tok/s  ({rate / base:.2f}x base)")
+        rate, cpu = statistics.median(r[0] for r in values), statistics.median(r[1] for r in values)
+        print(
+            f"  {arm:12s} {rate:8.1f} tok/s  ({rate / base:.2f}x base);  CPU time {cpu:8.1f} tok/s  ({cpu / base_cpu:.2f}x)"
+        )
     print(f"  adapter load {load * 1000:.0f} ms (rank {args.rank}, 7 projections x 30 layers)")
 
 

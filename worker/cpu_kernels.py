@@ -831,6 +831,170 @@ void sample_rows(const void *src, int64_t bf16, int64_t rows, int64_t vocab, int
         chosen[r] = load1(row, bf16, at);
     }
 }
+
+/* LoRA deltas of one projection (worker/lora_kernel.py). */
+#define LORA_MAX_RANK 1024
+
+/* 16 values of a bf16 (`bf16`) or fp32 array from index k, as fp32. */
+static inline __m512 lora_x16(const void *x, int32_t bf16, int64_t k) {
+    if (!bf16) return _mm512_loadu_ps((const float *)x + k);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+static inline float lora_x1(const void *x, int32_t bf16, int64_t k) {
+    return bf16 ? from_bf16(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+}
+
+static inline void lora_out16(void *out, int32_t bf16, int64_t n, __m512 d) {
+    if (bf16) {
+        uint16_t *o = (uint16_t *)out + n;
+        __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(lora_x16(out, 1, n), d));
+        _mm256_storeu_si256((__m256i *)o, (__m256i)v);
+    } else {
+        _mm512_storeu_ps((float *)out + n, _mm512_add_ps(_mm512_loadu_ps((float *)out + n), d));
+    }
+}
+
+/* For rows i < NR (1 to 4, inlined with a constant): t[i][j] = sum_k x_i[k] * a[j, k] for j < r, four rows of a
+   at a time, each load of a serving every row. x bf16 (`bf16`) or fp32, a fp32 (16 products per instruction), or
+   both bf16 (`wbf16`: 32 per instruction, `vdpbf16ps`). */
+static inline __attribute__((always_inline)) void lora_down(const void **x, int32_t bf16, int32_t wbf16, const void *a,
+                                                            int64_t r, int64_t k_in, float (*t)[LORA_MAX_RANK],
+                                                            const int NR) {
+    const int64_t width = wbf16 ? 32 : 16, kv = k_in - k_in % width;
+    for (int64_t j = 0; j < r; j += 4) {
+        const int nq = r - j < 4 ? (int)(r - j) : 4;
+        __m512 s[4][4];
+        for (int i = 0; i < NR; i++)
+            for (int q = 0; q < 4; q++) s[i][q] = _mm512_setzero_ps();
+        /* constant bounds on q and i everywhere (q < nq as a test): the accumulators stay in registers */
+        if (wbf16) {
+            const uint16_t *ah = (const uint16_t *)a + j * k_in;
+            for (int64_t k = 0; k < kv; k += 32) {
+                __m512bh xv[4];
+                for (int i = 0; i < NR; i++) xv[i] = (__m512bh)_mm512_loadu_si512((const uint16_t *)x[i] + k);
+                for (int q = 0; q < 4; q++) {
+                    if (q >= nq) break;
+                    __m512bh av = (__m512bh)_mm512_loadu_si512((const void *)(ah + q * k_in + k));
+                    for (int i = 0; i < NR; i++) s[i][q] = _mm512_dpbf16_ps(s[i][q], av, xv[i]);
+                }
+            }
+        } else if (nq == 4) {
+            const float *af = (const float *)a + j * k_in;
+            for (int64_t k = 0; k < kv; k += 16) {
+                __m512 xv[4];
+                for (int i = 0; i < NR; i++) xv[i] = lora_x16(x[i], bf16, k);
+                for (int q = 0; q < 4; q++) {
+                    __m512 av = _mm512_loadu_ps(af + q * k_in + k);
+                    for (int i = 0; i < NR; i++) s[i][q] = _mm512_fmadd_ps(xv[i], av, s[i][q]);
+                }
+            }
+        } else {
+            for (int64_t k = 0; k < kv; k += 16)
+                for (int q = 0; q < 4; q++) {
+                    if (q >= nq) break;
+                    __m512 av = _mm512_loadu_ps((const float *)a + (j + q) * k_in + k);
+                    for (int i = 0; i < NR; i++) s[i][q] = _mm512_fmadd_ps(lora_x16(x[i], bf16, k), av, s[i][q]);
+                }
+        }
+        for (int i = 0; i < NR; i++)
+            for (int q = 0; q < 4; q++) {
+                if (q >= nq) break;
+                float v = _mm512_reduce_add_ps(s[i][q]);
+                for (int64_t k = kv; k < k_in; k++)
+                    v += lora_x1(x[i], bf16, k) * lora_x1(a, wbf16, (j + q) * k_in + k);
+                t[i][j + q] = v;
+            }
+    }
+}
+
+/* For rows i < NR: out_i[n] = round(out_i[n] + sum_j t[i][j] * bt[j, n]) (bt bf16 when `wbf16`, else fp32; the
+   sums in fp32), 64 outputs at a time, then 16, then one by one; each load of bt serves every row. */
+static inline __attribute__((always_inline)) void lora_up(void **out, int32_t bf16, int32_t wbf16, const void *bt,
+                                                          int64_t r, int64_t n_out, float (*t)[LORA_MAX_RANK],
+                                                          const int NR) {
+    int64_t n = 0;
+    for (; n + 64 <= n_out; n += 64) {
+        __m512 d[4][4];
+        for (int i = 0; i < NR; i++)
+            for (int q = 0; q < 4; q++) d[i][q] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < r; j++) {
+            __m512 bv[4];
+            for (int q = 0; q < 4; q++) bv[q] = lora_x16(bt, wbf16, j * n_out + n + 16 * q);
+            for (int i = 0; i < NR; i++) {
+                __m512 tv = _mm512_set1_ps(t[i][j]);
+                for (int q = 0; q < 4; q++) d[i][q] = _mm512_fmadd_ps(tv, bv[q], d[i][q]);
+            }
+        }
+        for (int i = 0; i < NR; i++)
+            for (int q = 0; q < 4; q++) lora_out16(out[i], bf16, n + 16 * q, d[i][q]);
+    }
+    for (; n + 16 <= n_out; n += 16) {
+        __m512 d[4];
+        for (int i = 0; i < NR; i++) d[i] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < r; j++) {
+            __m512 bv = lora_x16(bt, wbf16, j * n_out + n);
+            for (int i = 0; i < NR; i++) d[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i][j]), bv, d[i]);
+        }
+        for (int i = 0; i < NR; i++) lora_out16(out[i], bf16, n, d[i]);
+    }
+    for (; n < n_out; n++)
+        for (int i = 0; i < NR; i++) {
+            float d = 0.0f;
+            for (int64_t j = 0; j < r; j++) d += t[i][j] * lora_x1(bt, wbf16, j * n_out + n);
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out[i] + n;
+                *o = to_bf16(from_bf16(*o) + d);
+            } else {
+                ((float *)out[i])[n] += d;
+            }
+        }
+}
+
+/* lora_down then lora_up for NR rows, one instance per NR so that the accumulators stay in registers. */
+#define LORA_ROWS(NR)                                                                                              \
+    static void lora_rows##NR(const void **x, void **out, int32_t bf16, int32_t wbf16, const void *a,              \
+                              const void *bt, int64_t r, int64_t k_in, int64_t n_out, float (*t)[LORA_MAX_RANK]) { \
+        lora_down(x, bf16, wbf16, a, r, k_in, t, NR);                                                              \
+        lora_up(out, bf16, wbf16, bt, r, n_out, t, NR);                                                            \
+    }
+LORA_ROWS(1)
+LORA_ROWS(2)
+LORA_ROWS(3)
+LORA_ROWS(4)
+
+/* The LoRA deltas of one projection for rows grouped by adapter ("slots"). Slot s covers the entries
+   order[starts[s]] .. order[starts[s + 1] - 1], each `per` consecutive rows (a sequence's positions) from row
+   order[i] * per; its adapter has A = a[s] [rank[s], K] and Bt = bt[s] [rank[s], N], the scale folded into Bt
+   (a[s] == 0: no delta on this projection). For each such row: out = round(out + (x @ A.T) @ Bt), the sums in
+   fp32, four rows at a time (the last 1 to 3 together). x and out are bf16 when `bf16`, else fp32; A and Bt bf16
+   when `wbf16` (x then bf16 too), else fp32. Rows of x are x_stride elements apart, rows of out out_stride (out
+   may be some columns of a wider matrix). Ranks above LORA_MAX_RANK are not taken. */
+void lora_add(const void *x, void *out, int64_t x_stride, int64_t out_stride, int64_t k_in, int64_t n_out, int64_t per,
+              int32_t bf16, int32_t wbf16, const int32_t *order, const int32_t *starts, int64_t slots,
+              const int64_t *a, const int64_t *bt, const int32_t *rank) {
+    float t[4][LORA_MAX_RANK];
+    const void *xs[4];
+    void *outs[4];
+    int64_t size = bf16 ? 2 : 4;
+    if (wbf16 && !bf16) return;
+    for (int64_t s = 0; s < slots; s++) {
+        const void *as = (const void *)a[s], *bs = (const void *)bt[s];
+        int64_t r = rank[s], rows = (int64_t)(starts[s + 1] - starts[s]) * per, base = (int64_t)starts[s] * per;
+        if (!as || r > LORA_MAX_RANK) continue;
+        int64_t done = 0;
+        for (; done < rows; done++) {
+            int64_t e = base + done, row = (int64_t)order[e / per] * per + e % per, i = done % 4;
+            xs[i] = (const char *)x + row * x_stride * size;
+            outs[i] = (char *)out + row * out_stride * size;
+            if (i == 3) lora_rows4(xs, outs, bf16, wbf16, as, bs, r, k_in, n_out, t);
+        }
+        if (done % 4 == 1) lora_rows1(xs, outs, bf16, wbf16, as, bs, r, k_in, n_out, t);
+        if (done % 4 == 2) lora_rows2(xs, outs, bf16, wbf16, as, bs, r, k_in, n_out, t);
+        if (done % 4 == 3) lora_rows3(xs, outs, bf16, wbf16, as, bs, r, k_in, n_out, t);
+    }
+}
 """
 MAX_DIM = 16384  # the widest row `add_rms_norm` takes (its stack buffer)
 # `decode_layer_bf16`'s argument slots (the C enum's order)

@@ -4,7 +4,10 @@ Each adapted projection (q/k/v/o, gate/up/down) is wrapped once, whatever module
 bf16 `Linear`): the wrapper runs the base module, then adds `scale * B_a(A_a(x))` to the rows of each adapter
 `a` present in the batch (grouped by adapter; base rows get nothing). Which row runs which adapter is read from
 a context the engine sets before every forward (`AdapterSet.bind`), so the decoder's own forward code is
-untouched. A forward with only base rows costs one attribute check per projection.
+untouched. A forward with only base rows costs one attribute check per projection. On a CPU where the C kernel
+runs (one torch thread), all of a projection's deltas are one call that adds them in place
+(worker/lora_kernel.py; a bf16 model's A and B are then kept in bf16); elsewhere, or for tensors it does not
+take, torch ops per adapter.
 
 At most `max_adapters` adapters are resident (on the model's device), least recently used first out; more can
 be registered (name -> directory) and are loaded on demand when a sequence needs them. An adapter in use by a
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from qwen_deploy.adapters import AdapterError, check_base, read_adapter
+from worker.lora_kernel import DTYPES, Table, kernel_here, lora_add, row_stride, takes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,11 @@ class LoraContext:
         # rows of several adapters: their rows adapter by adapter (`order`) and each adapter's span in it
         self.order: torch.Tensor | None = None
         self.spans: list[tuple[int, int, int]] = []  # (adapter id, start, end) in `order`
+        # what the C kernel reads (worker/lora_kernel.py): the adapters bound ("slots"), the rows that run one
+        # grouped by slot (int32), each slot's first entry in them and one past the last
+        self.keys: tuple[int, ...] = ()
+        self.slot_rows: torch.Tensor | None = None
+        self.slot_starts: torch.Tensor | None = None
 
 
 class LoraLinear(torch.nn.Module):
@@ -51,7 +60,16 @@ class LoraLinear(torch.nn.Module):
         self.context = context
         self.in_features = int(getattr(base, "in_features", 0))
         self.out_features = int(getattr(base, "out_features", 0))
-        self.deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter id -> (A [r, in], scale * B)
+        self.deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter id -> (A [r, in], (scale * B).T)
+        self.tables: dict[tuple[int, ...], Table | None] = {}  # the kernel's tables per set of adapters bound
+
+    def set_delta(self, key: int, a: torch.Tensor, bt: torch.Tensor) -> None:
+        self.deltas[key] = (a, bt)
+        self.tables.clear()
+
+    def drop_delta(self, key: int) -> None:
+        self.deltas.pop(key, None)
+        self.tables.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_deltas(x, self.base(x))
@@ -61,6 +79,8 @@ class LoraLinear(torch.nn.Module):
         ctx = self.context
         if not ctx.groups or not self.deltas:
             return out
+        if ctx.keys and self._kernel_add(x, out):
+            return out
         if ctx.order is not None and x.shape[0] == ctx.rows:
             return self._add_spans(x, out, ctx.order, ctx.spans)
         for key, index in ctx.groups:
@@ -69,14 +89,36 @@ class LoraLinear(torch.nn.Module):
                 continue
             a, b = pair
             if index is None:  # every row runs this adapter
-                out = out + F.linear(F.linear(x.to(a.dtype), a), b).to(out.dtype)
+                out = out + (F.linear(x.to(a.dtype), a) @ b).to(out.dtype)
                 continue
             if x.shape[0] != ctx.rows:  # rows flattened with their positions: [rows * T, in]
                 per = x.shape[0] // ctx.rows
                 index = (index[:, None] * per + torch.arange(per, device=index.device)).reshape(-1)
-            delta = F.linear(F.linear(x.index_select(0, index).to(a.dtype), a), b)
+            delta = F.linear(x.index_select(0, index).to(a.dtype), a) @ b
             out.index_add_(0, index, delta.to(out.dtype))
         return out
+
+    def _kernel_add(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Every bound row's delta added to `out` in place by one C call (worker/lora_kernel.py); False where the
+        kernel does not take these tensors (the torch path runs then)."""
+        ctx = self.context
+        fn = kernel_here()
+        if fn is None or x.dtype not in DTYPES or out.dtype != x.dtype or x.device.type != "cpu" or out.requires_grad:
+            return False
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows != out.numel() // max(1, out.shape[-1]) or rows % max(1, ctx.rows):
+            return False
+        x_stride, out_stride = row_stride(x), row_stride(out)
+        if x_stride is None or out_stride is None or ctx.slot_rows is None or ctx.slot_starts is None:
+            return False
+        if ctx.keys not in self.tables:
+            pairs = [self.deltas.get(key) for key in ctx.keys]
+            self.tables[ctx.keys] = Table(pairs) if takes(pairs) else None
+        table = self.tables[ctx.keys]
+        if table is None or (table.wbf16 and x.dtype != torch.bfloat16):
+            return False
+        lora_add(fn, x, out, ctx.slot_rows, ctx.slot_starts, table, rows // ctx.rows, (x_stride, out_stride))
+        return True
 
     def _add_spans(
         self, x: torch.Tensor, out: torch.Tensor, order: torch.Tensor, spans: list[tuple[int, int, int]]
@@ -92,7 +134,7 @@ class LoraLinear(torch.nn.Module):
                 parts.append(xs.new_zeros(hi - lo, *out.shape[1:]))
                 continue
             a, b = pair
-            parts.append(F.linear(F.linear(xs[lo:hi], a), b))
+            parts.append(F.linear(xs[lo:hi], a) @ b)
         out.index_add_(0, order, torch.cat(parts).to(out.dtype))
         return out
 
@@ -183,8 +225,13 @@ class AdapterSet:
         check_base(files, self.model.config.to_dict(), self.base_names)
         device, dtype = self.model.device, self.model.dtype
         # On a CPU the deltas' rank-r matmuls run in fp32: oneDNN's bf16 matmul costs 2.5x fp32's at these sizes
-        # (8 rows x 576 -> 16 -> 1536: 75 vs 30 us), and the delta is rounded once, where it is added.
+        # (8 rows x 576 -> 16 -> 1536: 75 vs 30 us), and the delta is rounded once, where it is added. Where the C
+        # kernel runs, a bf16 model's A and B are kept in bf16 (its sums stay fp32): half the bytes to read at every
+        # step, and a quarter less kernel time in bench/lora_bench.py's mixed batch; an error far below the bf16
+        # rounding of the base output (or of a bf16 merge of the adapter into the base).
         delta_dtype = torch.float32 if device.type == "cpu" else dtype
+        if device.type == "cpu" and dtype == torch.bfloat16 and kernel_here() is not None:
+            delta_dtype = dtype
         targets: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         with safe_open(str(path / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
             for m in files.modules:
@@ -195,11 +242,11 @@ class AdapterSet:
                         f"{module.in_features} -> {module.out_features}"
                     )
                 a = f.get_tensor(m.a_key).to(device=device, dtype=torch.float32)
-                b = f.get_tensor(m.b_key).to(device=device, dtype=torch.float32) * m.scale
-                targets.append((m.path, a.to(delta_dtype).contiguous(), b.to(delta_dtype).contiguous()))
+                bt = f.get_tensor(m.b_key).to(device=device, dtype=torch.float32).T * m.scale
+                targets.append((m.path, a.to(delta_dtype).contiguous(), bt.to(delta_dtype).contiguous()))
         key = next(self._keys)
-        for path_, a, b in targets:
-            self._wrap(path_).deltas[key] = (a, b)
+        for path_, a, bt in targets:
+            self._wrap(path_).set_delta(key, a, bt)
         seconds = time.perf_counter() - started
         self.resident[name] = Resident(key, [t[0] for t in targets], seconds)
         self.names = tuple(sorted(self.resident))
@@ -233,7 +280,7 @@ class AdapterSet:
         if gone is None:
             return
         for path in gone.modules:
-            self.wrapped[path].deltas.pop(gone.key, None)
+            self.wrapped[path].drop_delta(gone.key)
         self.names = tuple(sorted(self.resident))
         log.info("adapter %s evicted", name)
 
@@ -243,21 +290,28 @@ class AdapterSet:
         ctx = self.context
         ctx.rows = len(names)
         ctx.order, ctx.spans = None, []
+        ctx.keys, ctx.slot_rows, ctx.slot_starts = (), None, None
         if not any(names):
             ctx.groups = []
-            return
-        first = names[0]
-        if all(n == first for n in names):
-            ctx.groups = [(self.resident[first].key, None)]  # type: ignore[index]  # `any` above: first is set
             return
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             if name is not None:
                 rows.setdefault(name, []).append(i)
         device = self.model.device
+        if device.type == "cpu" and kernel_here() is not None:
+            order = [i for r in rows.values() for i in r]
+            ctx.keys = tuple(self.resident[n].key for n in rows)
+            ctx.slot_rows = torch.tensor(order, dtype=torch.int32)
+            ctx.slot_starts = torch.tensor(list(itertools.accumulate((len(r) for r in rows.values()), initial=0)))
+            ctx.slot_starts = ctx.slot_starts.to(torch.int32)
+        first = names[0]
+        if first is not None and len(rows) == 1 and len(rows[first]) == len(names):  # every row runs one adapter
+            ctx.groups = [(self.resident[first].key, None)]
+            return
         ctx.groups = [(self.resident[n].key, torch.tensor(r, device=device)) for n, r in rows.items()]
         if len(rows) > 1:
-            order: list[int] = []
+            order = []
             for n, r in rows.items():
                 ctx.spans.append((self.resident[n].key, len(order), len(order) + len(r)))
                 order += r
@@ -266,3 +320,4 @@ class AdapterSet:
     def clear(self) -> None:
         self.context.groups = []
         self.context.order, self.context.spans = None, []
+        self.context.keys, self.context.slot_rows, self.context.slot_starts = (), None, None

@@ -101,7 +101,7 @@ def _logits_diff(checkpoint: Path, base: Path) -> float:
         adapters.bind([None])
         for wrapper in adapters.wrapped.values():  # merge into the base weights, then run without deltas
             weight: Any = wrapper.base.weight
-            for a, b in wrapper.deltas.values():
-                weight += b @ a
+            for a, bt in wrapper.deltas.values():
+                weight += bt.T @ a
         merged = model(input_ids=ids).logits
     return float((served - merged).abs().max())
