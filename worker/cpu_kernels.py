@@ -17,6 +17,10 @@ torch operations (upcast, square, mean, rsqrt, scale, downcast, weight, plus the
 the same roundings: the sum rounded to bf16, normalized in fp32, rounded to bf16, then multiplied by the weight and
 rounded again. At the few rows of a decode step those operations are mostly per-call overhead.
 
+The same library holds the decode step's other per-layer kernels (SiLU-and-product, RoPE with the cache write,
+decode attention, the whole decoder layer in one call), the sampler's pass over a row of logits
+(worker/engine/cpu_sampler.py) and the LoRA deltas of a projection (`lora_add`, worker/lora_kernel.py).
+
 The kernels are C compiled once per machine into the cache directory (`cc`, a few hundred milliseconds) and loaded
 with ctypes. Without AVX-512 BF16 or a C compiler, or if a compiled kernel does not match torch on a self-check,
 nothing uses them (`worker/cpu_weights.py` then packs for oneDNN).
