@@ -53,6 +53,23 @@ def test_info_describes_the_loaded_model(handler: ModelHandler, demo_model: Path
     assert info.parameters == sum(p.numel() for p in handler.model.parameters())
 
 
+def test_bf16_keeps_every_greedy_answer_of_fp32(demo_model: Path) -> None:
+    """The CPU's bf16 (the `auto` default where the CPU has native bf16) answers each of the demo model's chat
+    prompts with fp32's greedy text, the line it was trained on (bench/dtype_agreement.py measures more)."""
+    from worker.builders.demo import zen_prompts, zen_text
+
+    bf16, fp32 = make_handler(str(demo_model), "bf16"), make_handler(str(demo_model), "fp32")
+    assert (bf16.info.dtype, fp32.info.dtype) == ("bfloat16", "float32")
+    pairs = zen_prompts(zen_text())
+    for prompt, rest in pairs:
+        chat = fp32.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        texts = [h.generate(GenerationRequest(prompt=chat, max_new_tokens=32)).text for h in (bf16, fp32)]
+        assert texts == [rest.strip()] * 2, prompt
+    assert len(pairs) == 20
+
+
 def test_truncation_keeps_the_last_tokens(demo_model: Path) -> None:
     small = make_handler(str(demo_model), generation={"max_prompt_tokens": 6})
     prompt = "Simple is better than complex. " * 5 + "Errors should never"
