@@ -1,5 +1,6 @@
 """LoRA adapters per request, in-process on the real engine: a random Llama shaped like SmolLM2-135M (30 layers,
-hidden 576), CPU, greedy, `--threads` torch threads. 32 concurrent sequences ("clients") of a short prompt each
+hidden 576), CPU, greedy, `--threads` torch threads, its weights packed as the service packs them (bf16: the C
+tile matmul or oneDNN, q/k/v and gate/up fused). 32 concurrent sequences ("clients") of a short prompt each
 decode `--tokens` tokens:
 
 - base: all 32 on the base model (a model with no adapter wrappers: what serving without LoRA costs);
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prefix_bench import smollm2_shaped  # noqa: E402
+from worker.cpu_weights import pack_linear_weights  # noqa: E402
 from worker.engine import Engine, Seq  # noqa: E402
 from worker.lora import AdapterSet  # noqa: E402
 
@@ -84,11 +86,15 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     plain = smollm2_shaped().to(dtype)
     wrapped = copy.deepcopy(plain)
-    adapters = AdapterSet(wrapped, ADAPTERS)
     with tempfile.TemporaryDirectory() as tmp:
         names = [f"a{i}" for i in range(ADAPTERS)]
-        for i, name in enumerate(names):
-            adapters.register(name, str(write_adapter(plain, Path(tmp) / name, args.rank, i)))
+        paths = [write_adapter(plain, Path(tmp) / name, args.rank, i) for i, name in enumerate(names)]
+        # the weights as the service holds them (worker/handler.py): packed, q/k/v and gate/up fused, where the CPU
+        # and dtype allow
+        packed = [pack_linear_weights(m, CLIENTS, fuse=True) for m in (plain, wrapped)]
+        adapters = AdapterSet(wrapped, ADAPTERS)
+        for name, path in zip(names, paths, strict=True):
+            adapters.register(name, str(path))
         with torch.inference_mode():
             for name in names:
                 adapters.ensure(name, set())
@@ -107,7 +113,7 @@ def main() -> None:
     base_cpu = statistics.median(r[1] for r in rates["base"])
     print(
         f"{CLIENTS} clients, {args.tokens} tokens each, rank {args.rank}, {args.dtype}, {args.threads} thread(s), "
-        f"medians of {args.runs}"
+        f"medians of {args.runs}; {packed[0]} linear layers packed"
     )
     for arm, values in rates.items():
         rate, cpu = statistics.median(r[0] for r in values), statistics.median(r[1] for r in values)

@@ -412,13 +412,31 @@ int decode_attention_bf16(const uint16_t *q, int64_t qb, int64_t qh, const uint1
    the DL_* indices below, `f` the two norms' epsilons and the attention scale. h [B, hidden] is updated in place
    (h + the last layer's MLP output `pending`, NULL for the first layer, then + this layer's attention output);
    this layer's MLP output goes to `pending_out` (may be `pending` itself); `scratch` holds B * (2 * hidden +
-   (heads + 2 * kv_heads) * d + 2 * heads * d + 3 * inter) bf16. Returns decode_attention_bf16's code. */
+   (heads + 2 * kv_heads) * d + 2 * heads * d + 3 * inter) bf16. Where LoRA adapters have rows in the step, each
+   projection's deltas are added to its output right after its matmul (`dl_lora`), as the per-operation path's
+   wrappers add them. Returns decode_attention_bf16's code. */
 enum {
     DL_IN_W, DL_POST_W, DL_QKV_W, DL_QKV_B, DL_O_W, DL_O_B, DL_GU_W, DL_GU_B, DL_DOWN_W, DL_DOWN_B,
     DL_HIDDEN, DL_HEADS, DL_KV_HEADS, DL_D, DL_INTER,
     DL_B, DL_H, DL_PENDING, DL_PENDING_OUT, DL_COS, DL_SSIN, DL_LDC, DL_KBUF, DL_VBUF, DL_SB, DL_SH, DL_AT,
-    DL_MASK, DL_MASK_LD, DL_SCRATCH, DL_COUNT
+    DL_MASK, DL_MASK_LD, DL_SCRATCH, DL_LORA, DL_COUNT
 };
+
+void lora_add(const void *x, void *out, int64_t x_stride, int64_t out_stride, int64_t k_in, int64_t n_out, int64_t per,
+              int32_t bf16, int32_t wbf16, const int32_t *order, const int32_t *starts, int64_t slots,
+              const int64_t *a, const int64_t *bt, const int32_t *rank);
+
+/* The LoRA deltas of projection p (0-6: q k v o gate up down) where the step binds adapters: `l` (DL_LORA, NULL
+   when none) holds the bound rows grouped by slot, each slot's start, the slot count, then per projection the
+   addresses of its A table, B.T table and ranks (0: no delta on it) and whether they are bf16 (lora_add). */
+static void dl_lora(const int64_t *l, int p, const uint16_t *x, int64_t xs, uint16_t *out, int64_t os, int64_t k,
+                    int64_t n) {
+    if (!l) return;
+    const int64_t *t = l + 3 + 4 * p;
+    if (!t[0]) return;
+    lora_add(x, out, xs, os, k, n, 1, 1, (int32_t)t[3], (const int32_t *)l[0], (const int32_t *)l[1], l[2],
+             (const int64_t *)t[0], (const int64_t *)t[1], (const int32_t *)t[2]);
+}
 
 int decode_layer_bf16(const int64_t *a, const float *f) {
     int64_t B = a[DL_B], D = a[DL_HIDDEN], H = a[DL_HEADS], KV = a[DL_KV_HEADS], d = a[DL_D], I = a[DL_INTER];
@@ -429,18 +447,26 @@ int decode_layer_bf16(const int64_t *a, const float *f) {
     uint16_t *kbuf = (uint16_t *)a[DL_KBUF], *vbuf = (uint16_t *)a[DL_VBUF];
     int64_t sb = a[DL_SB], sh = a[DL_SH], at = a[DL_AT];
     add_rms_norm_bf16(h, (const uint16_t *)a[DL_PENDING], (const uint16_t *)a[DL_IN_W], h, x, B, D, f[0]);
+    const int64_t *l = (const int64_t *)a[DL_LORA];
     gemm_bf16(x, D, (const uint16_t *)a[DL_QKV_W], (const float *)a[DL_QKV_B], qkv, nqkv, B, nqkv, D);
+    dl_lora(l, 0, x, D, qkv, nqkv, D, H * d);
+    dl_lora(l, 1, x, D, qkv + H * d, nqkv, D, KV * d);
+    dl_lora(l, 2, x, D, qkv + (H + KV) * d, nqkv, D, KV * d);
     rope_kv_bf16(qkv, nqkv, qkv + H * d, nqkv, qkv + (H + KV) * d, nqkv, (const uint16_t *)a[DL_COS],
                  (const uint16_t *)a[DL_SSIN], a[DL_LDC], qr, kbuf, vbuf, sb, sh, at, B, H, KV, d);
     int rc = decode_attention_bf16(qr, H * d, d, kbuf, sb, sh, d, vbuf, sb, sh, d, (const int64_t *)a[DL_MASK],
                                    a[DL_MASK_LD], att, B, H, KV, at + 1, d, f[2]);
     if (rc) return rc;
     gemm_bf16(att, H * d, (const uint16_t *)a[DL_O_W], (const float *)a[DL_O_B], o, D, B, D, H * d);
+    dl_lora(l, 3, att, H * d, o, D, H * d, D);
     add_rms_norm_bf16(h, o, (const uint16_t *)a[DL_POST_W], h, x, B, D, f[1]);
     gemm_bf16(x, D, (const uint16_t *)a[DL_GU_W], (const float *)a[DL_GU_B], gu, 2 * I, B, 2 * I, D);
+    dl_lora(l, 4, x, D, gu, 2 * I, D, I);
+    dl_lora(l, 5, x, D, gu + I, 2 * I, D, I);
     silu_mul_bf16(gu, 2 * I, gu + I, 2 * I, act, B, I);
     gemm_bf16(act, I, (const uint16_t *)a[DL_DOWN_W], (const float *)a[DL_DOWN_B], (uint16_t *)a[DL_PENDING_OUT], D,
               B, D, I);
+    dl_lora(l, 6, act, I, (uint16_t *)a[DL_PENDING_OUT], D, I, D);
     return 0;
 }
 
@@ -1006,7 +1032,7 @@ DL = {
     name: i
     for i, name in enumerate(
         "in_w post_w qkv_w qkv_b o_w o_b gu_w gu_b down_w down_b hidden heads kv_heads d inter b h pending "
-        "pending_out cos ssin ldc kbuf vbuf sb sh at mask mask_ld scratch".split()
+        "pending_out cos ssin ldc kbuf vbuf sb sh at mask mask_ld scratch lora".split()
     )
 }
 SHIPPED = Path(__file__).resolve().parent / "_kernels"

@@ -111,14 +111,19 @@ class LoraLinear(torch.nn.Module):
         x_stride, out_stride = row_stride(x), row_stride(out)
         if x_stride is None or out_stride is None or ctx.slot_rows is None or ctx.slot_starts is None:
             return False
-        if ctx.keys not in self.tables:
-            pairs = [self.deltas.get(key) for key in ctx.keys]
-            self.tables[ctx.keys] = Table(pairs) if takes(pairs) else None
-        table = self.tables[ctx.keys]
+        table = self.kernel_table()
         if table is None or (table.wbf16 and x.dtype != torch.bfloat16):
             return False
         lora_add(fn, x, out, ctx.slot_rows, ctx.slot_starts, table, rows // ctx.rows, (x_stride, out_stride))
         return True
+
+    def kernel_table(self) -> Table | None:
+        """The kernel's table of this projection's deltas for the adapters bound now (None: it does not take them)."""
+        keys = self.context.keys
+        if keys not in self.tables:
+            pairs = [self.deltas.get(key) for key in keys]
+            self.tables[keys] = Table(pairs) if takes(pairs) else None
+        return self.tables[keys]
 
     def _add_spans(
         self, x: torch.Tensor, out: torch.Tensor, order: torch.Tensor, spans: list[tuple[int, int, int]]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from worker import cpu_attention, cpu_kernels
 from worker.cpu_kernels import add_rms_norm, norm_usable, rope_kv, rope_kv_usable, silu_mul, silu_mul_usable
+from worker.lora_kernel import kernel_here
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ class FusedLayer:
         self.modules = modules
         self.args, self.floats, self.keep = args, floats, keep
         self.weights: list[tuple[Any, torch.Tensor]] = []  # (module, the packed weight whose address `args` holds)
+        self.lora_desc = (ctypes.c_int64 * (3 + 4 * len(PROJECTIONS)))()
         self.hidden, self.heads, self.kv_heads, self.d, self.inter = (
             int(args[cpu_kernels.DL[k]]) for k in ("hidden", "heads", "kv_heads", "d", "inter")
         )
@@ -330,7 +332,7 @@ class FusedLayer:
         """The layer's constants, or None when a part of it is not what the C layer runs: q/k/v and gate/up packed
         as one tile matrix each, o and down packed as tiles, SiLU, bf16 norms, a head dim the attention takes."""
         qkv, gate_up = getattr(attn, "fused_qkv", None), getattr(mlp, "fused_gate_up", None)
-        o, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+        o, down = _unwrapped(getattr(attn, "o_proj", None)), _unwrapped(getattr(mlp, "down_proj", None))
         parts = [qkv, o, gate_up, down]
         packs = [None if p is None else p.__dict__.get("packing") for p in parts]
         if any(p is None or not p.tiles for p in packs) or type(mlp.act_fn).__name__ not in SILU:
@@ -374,27 +376,62 @@ class FusedLayer:
             args[cpu_kernels.DL[key]] = value
         args[cpu_kernels.DL["inter"]] = inter
         floats = (ctypes.c_float * 3)(in_norm[1], post_norm[1], scale)
-        modules = {name: getattr(attn if name in PROJECTIONS[:4] else mlp, name) for name in PROJECTIONS}
+        modules = {name: _unwrapped(getattr(attn if name in PROJECTIONS[:4] else mlp, name)) for name in PROJECTIONS}
         modules |= {"fused_qkv": qkv, "fused_gate_up": gate_up}
         plan = cls(modules, args, floats, keep)
         plan.weights = [(p, p.weight) for p in (qkv, o, gate_up, down)]
         return plan
 
     def current(self, attn: Any, mlp: Any) -> bool:
-        """Whether the layer still holds the modules this was built from (a LoRA wrapper with no rows to run this
-        step counts as its base)."""
+        """Whether the layer still holds the modules this was built from (a LoRA wrapper counts as its base: its
+        deltas are added by `lora`)."""
         for name, module in self.modules.items():
             now = (attn if name in ("q_proj", "k_proj", "v_proj", "o_proj", "fused_qkv") else mlp)._modules.get(name)
             if now is module:
                 continue
-            context = getattr(now, "context", None)
-            if context is None or context.groups or getattr(now, "base", None) is not module:
+            if getattr(now, "context", None) is None or getattr(now, "base", None) is not module:
                 return False
         return all(module.weight is weight for module, weight in self.weights)
+
+    def lora(self, attn: Any, mlp: Any, rows: int) -> int | None:
+        """The step's LoRA descriptor for `decode_layer_bf16` (DL_LORA, see `dl_lora` in worker/cpu_kernels.py): 0
+        when no adapter has rows in the step; None when one has and the LoRA kernel does not take its projections
+        here (the per-operation path adds them then)."""
+        desc, bound = self.lora_desc, None
+        for p, name in enumerate(PROJECTIONS):
+            now = (attn if p < 4 else mlp)._modules.get(name)
+            context = getattr(now, "context", None)
+            entry = 3 + 4 * p
+            desc[entry] = 0
+            if context is None or not context.groups or not any(key in now.deltas for key in context.keys):
+                if context is not None and context.groups and not context.keys:
+                    return None  # rows bound without the kernel's grouping (its torch path runs)
+                continue
+            if bound is None:
+                if kernel_here() is None or context.rows != rows or context.slot_rows is None:
+                    return None
+                if context.slot_starts is None:
+                    return None
+                bound = context
+                desc[0], desc[1] = context.slot_rows.data_ptr(), context.slot_starts.data_ptr()
+                desc[2] = len(context.keys)
+            elif context is not bound:
+                return None
+            table = now.kernel_table()
+            if table is None:
+                return None
+            desc[entry], desc[entry + 1], desc[entry + 2] = table.pointers
+            desc[entry + 3] = table.wbf16
+        return 0 if bound is None else ctypes.addressof(desc)
 
     def scratch_size(self, rows: int) -> int:
         nqkv = (self.heads + 2 * self.kv_heads) * self.d
         return rows * (2 * self.hidden + nqkv + 2 * self.heads * self.d + 3 * self.inter)
+
+
+def _unwrapped(module: Any) -> Any:
+    """The projection a LoRA wrapper (worker/lora.py) wraps, else the module itself."""
+    return module.base if getattr(module, "context", None) is not None and hasattr(module, "base") else module
 
 
 class _FusedStep:
@@ -438,6 +475,9 @@ class _FusedStep:
         reserve = getattr(layer, "reserve", None)
         if plan is None or reserve is None or getattr(layer, "keys", None) is None or not plan.current(attn, mlp):
             return False
+        lora = plan.lora(attn, mlp, self.b)
+        if lora is None:
+            return False
         if pending is not None and (not pending.is_contiguous() or pending.dtype != torch.bfloat16):
             return False
         kbuf, vbuf, at = reserve(1)
@@ -452,6 +492,7 @@ class _FusedStep:
         args[dl["pending"]] = 0 if pending is None else pending.data_ptr()
         args[dl["kbuf"]], args[dl["vbuf"]] = kbuf.data_ptr(), vbuf.data_ptr()
         args[dl["sb"]], args[dl["sh"]], args[dl["at"]] = kbuf.stride(0), kbuf.stride(1), at
+        args[dl["lora"]] = lora
         assert self.lib is not None
         if self.lib.decode_layer_bf16(args, plan.floats):
             raise MemoryError("decode layer: no scratch memory")
