@@ -30,6 +30,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def count_one_call_layers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, 1 per layer run in one call and 0 per layer the one-call path handed back, in order."""
+    ran: list[int] = []
+    real = lean_module._FusedStep.run
+
+    def counted(self: Any, i: int, *args: Any) -> bool:
+        done = real(self, i, *args)
+        ran.append(int(done))
+        return done
+
+    monkeypatch.setattr(lean_module._FusedStep, "run", counted)
+    return ran
+
+
 def packed(arch: str) -> Any:
     m = model(arch)
     pack_linear_weights(m, rows=8, fuse=True)
@@ -43,15 +57,7 @@ def test_one_call_layers_decode_the_per_operation_paths_tokens(
     m = packed(arch)
     lean = LeanForward(m)
     assert all(isinstance(p, FusedLayer) for p in lean.fused_layers())
-    ran: list[int] = []
-    real = lean_module._FusedStep.run
-
-    def counted(self: Any, i: int, *args: Any) -> bool:
-        done = real(self, i, *args)
-        ran.append(int(done))
-        return done
-
-    monkeypatch.setattr(lean_module._FusedStep, "run", counted)
+    ran = count_one_call_layers(monkeypatch)
     fused_tokens, fused_logits = greedy(m, lean, seed)
     assert sum(ran) == len(ran) == 2 * 8  # every decode step, every layer, in one call
     monkeypatch.setattr(lean_module._FusedStep, "start", classmethod(lambda cls, *args: None))
@@ -113,13 +119,6 @@ def test_adapter_rows_in_the_one_call_layer_decode_the_per_operation_paths_token
         adapters.register(name, str(path))
         assert adapters.ensure(name, set())
     lean = LeanForward(m)
-    ran: list[int] = []
-    real = lean_module._FusedStep.run
-
-    def counted(self: Any, i: int, *args: Any) -> bool:
-        done = real(self, i, *args)
-        ran.append(int(done))
-        return done
 
     def decode(names: list[str | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
         gen = torch.Generator().manual_seed(3)
@@ -136,7 +135,7 @@ def test_adapter_rows_in_the_one_call_layer_decode_the_per_operation_paths_token
         adapters.clear()
         return tokens, seen
 
-    monkeypatch.setattr(lean_module._FusedStep, "run", counted)
+    ran = count_one_call_layers(monkeypatch)
     names = ["all", None, "qv", "all"]
     fused_tokens, fused_logits = decode(names)
     assert sum(ran) == len(ran) == 6 * 2  # every decode step, every layer, in one call
