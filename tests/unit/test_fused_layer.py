@@ -1,8 +1,9 @@
 """A decode step's decoder layer in one C call (`worker/engine/lean.py` `FusedLayer`, `decode_layer_bf16`): the same
 kernels in the same order as the lean forward's per-operation path, so random Llama (GQA) and Qwen2 (q/k/v biases)
 models packed for the C matmul decode the same greedy tokens and logits with it and without it, through prefill,
-decode, a row leaving and rows joining (one continuing a cached prefix); a layer a LoRA adapter runs in goes back to
-the per-operation path, and a model with q/k norms (Qwen3) never takes it."""
+decode, a row leaving and rows joining (one continuing a cached prefix); rows of LoRA adapters beside base rows
+decode the per-operation path's tokens and logits exactly with their deltas added in the call; a model with q/k
+norms (Qwen3) never takes it."""
 
 from __future__ import annotations
 

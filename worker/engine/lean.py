@@ -307,8 +307,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 class FusedLayer:
     """One decoder layer's constants for `decode_layer_bf16` (worker/cpu_kernels.py): the packed weights' and
-    biases' addresses, the norms' weights, the shapes; the modules it was built from, so a layer whose projections
-    were since wrapped (a LoRA adapter with rows to run) or replaced runs the per-operation path instead."""
+    biases' addresses, the norms' weights, the shapes; the modules it was built from (a LoRA wrapper's base), so a
+    layer whose projections were since replaced runs the per-operation path instead; LoRA rows of a step go into
+    the call through `lora`."""
 
     def __init__(self, modules: dict[str, Any], args: Any, floats: Any, keep: list[torch.Tensor]) -> None:
         self.modules = modules
