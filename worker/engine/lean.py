@@ -316,6 +316,7 @@ class FusedLayer:
         self.args, self.floats, self.keep = args, floats, keep
         self.weights: list[tuple[Any, torch.Tensor]] = []  # (module, the packed weight whose address `args` holds)
         self.lora_desc = (ctypes.c_int64 * (3 + 4 * len(PROJECTIONS)))()
+        self.bases = [(name, modules[name]) for name in PROJECTIONS]
         self.hidden, self.heads, self.kv_heads, self.d, self.inter = (
             int(args[cpu_kernels.DL[k]]) for k in ("hidden", "heads", "kv_heads", "d", "inter")
         )
@@ -398,12 +399,18 @@ class FusedLayer:
         """The step's LoRA descriptor for `decode_layer_bf16` (DL_LORA, see `dl_lora` in worker/cpu_kernels.py): 0
         when no adapter has rows in the step; None when one has and the LoRA kernel does not take its projections
         here (the per-operation path adds them then)."""
+        a, m = attn._modules, mlp._modules
+        wrapped = [
+            (p, now) for p, (name, base) in enumerate(self.bases) if (now := (a if p < 4 else m)[name]) is not base
+        ]
+        if not wrapped:
+            return 0
         desc, bound = self.lora_desc, None
-        for p, name in enumerate(PROJECTIONS):
-            now = (attn if p < 4 else mlp)._modules.get(name)
+        for p in range(len(PROJECTIONS)):
+            desc[3 + 4 * p] = 0
+        for p, now in wrapped:
             context = getattr(now, "context", None)
             entry = 3 + 4 * p
-            desc[entry] = 0
             if context is None or not context.groups or not any(key in now.deltas for key in context.keys):
                 if context is not None and context.groups and not context.keys:
                     return None  # rows bound without the kernel's grouping (its torch path runs)
