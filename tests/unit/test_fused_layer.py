@@ -92,6 +92,12 @@ def test_a_layer_with_adapter_rows_adds_them_in_the_call_or_runs_the_per_operati
     assert plan.lora(attn, mlp, 2) not in (None, 0)
     assert plan.lora(attn, mlp, 3) is None  # bound for another batch
     context.keys, context.groups = (), []
+    assert plan.current(attn, mlp)
+    packed_weight = attn.fused_qkv.weight
+    attn.fused_qkv.weight = torch.nn.Parameter(packed_weight.clone(), requires_grad=False)  # new weights
+    assert not plan.current(attn, mlp)
+    attn.fused_qkv.weight = packed_weight
+    assert plan.current(attn, mlp)
     mlp.down_proj = torch.nn.Linear(256, 256, dtype=torch.bfloat16)  # replaced: not the module it was built from
     assert not plan.current(attn, mlp)
 

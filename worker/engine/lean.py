@@ -314,7 +314,9 @@ class FusedLayer:
     def __init__(self, modules: dict[str, Any], args: Any, floats: Any, keep: list[torch.Tensor]) -> None:
         self.modules = modules
         self.args, self.floats, self.keep = args, floats, keep
-        self.weights: list[tuple[Any, torch.Tensor]] = []  # (module, the packed weight whose address `args` holds)
+        # (where a module holds its weight: its parameters, buffers or attributes; the packed weight whose address
+        # `args` holds)
+        self.weights: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.lora_desc = (ctypes.c_int64 * (3 + 4 * len(PROJECTIONS)))()
         self.bases = [(name, modules[name]) for name in PROJECTIONS]
         self.hidden, self.heads, self.kv_heads, self.d, self.inter = (
@@ -381,7 +383,7 @@ class FusedLayer:
         modules = {name: _unwrapped(getattr(attn if name in PROJECTIONS[:4] else mlp, name)) for name in PROJECTIONS}
         modules |= {"fused_qkv": qkv, "fused_gate_up": gate_up}
         plan = cls(modules, args, floats, keep)
-        plan.weights = [(p, p.weight) for p in (qkv, o, gate_up, down)]
+        plan.weights = [(_holder(p), p.weight) for p in (qkv, o, gate_up, down)]
         return plan
 
     def current(self, attn: Any, mlp: Any) -> bool:
@@ -393,7 +395,7 @@ class FusedLayer:
                 continue
             if getattr(now, "context", None) is None or getattr(now, "base", None) is not module:
                 return False
-        return all(module.weight is weight for module, weight in self.weights)
+        return all(holder.get("weight") is weight for holder, weight in self.weights)
 
     def lora(self, attn: Any, mlp: Any, rows: int) -> int | None:
         """The step's LoRA descriptor for `decode_layer_bf16` (DL_LORA, see `dl_lora` in worker/cpu_kernels.py): 0
@@ -435,6 +437,15 @@ class FusedLayer:
     def scratch_size(self, rows: int) -> int:
         nqkv = (self.heads + 2 * self.kv_heads) * self.d
         return rows * (2 * self.hidden + nqkv + 2 * self.heads * self.d + 3 * self.inter)
+
+
+def _holder(module: Any) -> dict[str, Any]:
+    """The dict a module keeps its `weight` in (a parameter, a buffer or a plain attribute): a lookup in it is ~10x
+    cheaper than `module.weight` through `nn.Module.__getattr__`, and sees a replaced weight all the same."""
+    for holder in (module.__dict__.get("_parameters"), module.__dict__.get("_buffers"), module.__dict__):
+        if holder is not None and "weight" in holder:
+            return holder
+    return module.__dict__
 
 
 def _unwrapped(module: Any) -> Any:
