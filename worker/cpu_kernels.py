@@ -865,21 +865,11 @@ void sample_rows(const void *src, int64_t bf16, int64_t rows, int64_t vocab, int
 /* LoRA deltas of one projection (worker/lora_kernel.py). */
 #define LORA_MAX_RANK 1024
 
-/* 16 values of a bf16 (`bf16`) or fp32 array from index k, as fp32. */
-static inline __m512 lora_x16(const void *x, int32_t bf16, int64_t k) {
-    if (!bf16) return _mm512_loadu_ps((const float *)x + k);
-    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
-
-static inline float lora_x1(const void *x, int32_t bf16, int64_t k) {
-    return bf16 ? from_bf16(((const uint16_t *)x)[k]) : ((const float *)x)[k];
-}
-
+/* Rows of x and out are read with the sampler's load16 / load1 (bf16 or fp32, as fp32). */
 static inline void lora_out16(void *out, int32_t bf16, int64_t n, __m512 d) {
     if (bf16) {
         uint16_t *o = (uint16_t *)out + n;
-        __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(lora_x16(out, 1, n), d));
+        __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(load16(out, 1, n), d));
         _mm256_storeu_si256((__m256i *)o, (__m256i)v);
     } else {
         _mm512_storeu_ps((float *)out + n, _mm512_add_ps(_mm512_loadu_ps((float *)out + n), d));
@@ -914,7 +904,7 @@ static inline __attribute__((always_inline)) void lora_down(const void **x, int3
             const float *af = (const float *)a + j * k_in;
             for (int64_t k = 0; k < kv; k += 16) {
                 __m512 xv[4];
-                for (int i = 0; i < NR; i++) xv[i] = lora_x16(x[i], bf16, k);
+                for (int i = 0; i < NR; i++) xv[i] = load16(x[i], bf16, k);
                 for (int q = 0; q < 4; q++) {
                     __m512 av = _mm512_loadu_ps(af + q * k_in + k);
                     for (int i = 0; i < NR; i++) s[i][q] = _mm512_fmadd_ps(xv[i], av, s[i][q]);
@@ -925,7 +915,7 @@ static inline __attribute__((always_inline)) void lora_down(const void **x, int3
                 for (int q = 0; q < 4; q++) {
                     if (q >= nq) break;
                     __m512 av = _mm512_loadu_ps((const float *)a + (j + q) * k_in + k);
-                    for (int i = 0; i < NR; i++) s[i][q] = _mm512_fmadd_ps(lora_x16(x[i], bf16, k), av, s[i][q]);
+                    for (int i = 0; i < NR; i++) s[i][q] = _mm512_fmadd_ps(load16(x[i], bf16, k), av, s[i][q]);
                 }
         }
         for (int i = 0; i < NR; i++)
@@ -933,7 +923,7 @@ static inline __attribute__((always_inline)) void lora_down(const void **x, int3
                 if (q >= nq) break;
                 float v = _mm512_reduce_add_ps(s[i][q]);
                 for (int64_t k = kv; k < k_in; k++)
-                    v += lora_x1(x[i], bf16, k) * lora_x1(a, wbf16, (j + q) * k_in + k);
+                    v += load1(x[i], bf16, k) * load1(a, wbf16, (j + q) * k_in + k);
                 t[i][j + q] = v;
             }
     }
@@ -951,7 +941,7 @@ static inline __attribute__((always_inline)) void lora_up(void **out, int32_t bf
             for (int q = 0; q < 4; q++) d[i][q] = _mm512_setzero_ps();
         for (int64_t j = 0; j < r; j++) {
             __m512 bv[4];
-            for (int q = 0; q < 4; q++) bv[q] = lora_x16(bt, wbf16, j * n_out + n + 16 * q);
+            for (int q = 0; q < 4; q++) bv[q] = load16(bt, wbf16, j * n_out + n + 16 * q);
             for (int i = 0; i < NR; i++) {
                 __m512 tv = _mm512_set1_ps(t[i][j]);
                 for (int q = 0; q < 4; q++) d[i][q] = _mm512_fmadd_ps(tv, bv[q], d[i][q]);
@@ -964,7 +954,7 @@ static inline __attribute__((always_inline)) void lora_up(void **out, int32_t bf
         __m512 d[4];
         for (int i = 0; i < NR; i++) d[i] = _mm512_setzero_ps();
         for (int64_t j = 0; j < r; j++) {
-            __m512 bv = lora_x16(bt, wbf16, j * n_out + n);
+            __m512 bv = load16(bt, wbf16, j * n_out + n);
             for (int i = 0; i < NR; i++) d[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i][j]), bv, d[i]);
         }
         for (int i = 0; i < NR; i++) lora_out16(out[i], bf16, n, d[i]);
@@ -972,7 +962,7 @@ static inline __attribute__((always_inline)) void lora_up(void **out, int32_t bf
     for (; n < n_out; n++)
         for (int i = 0; i < NR; i++) {
             float d = 0.0f;
-            for (int64_t j = 0; j < r; j++) d += t[i][j] * lora_x1(bt, wbf16, j * n_out + n);
+            for (int64_t j = 0; j < r; j++) d += t[i][j] * load1(bt, wbf16, j * n_out + n);
             if (bf16) {
                 uint16_t *o = (uint16_t *)out[i] + n;
                 *o = to_bf16(from_bf16(*o) + d);

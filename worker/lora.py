@@ -304,22 +304,20 @@ class AdapterSet:
             if name is not None:
                 rows.setdefault(name, []).append(i)
         device = self.model.device
+        keys = [self.resident[n].key for n in rows]
+        order = [i for r in rows.values() for i in r]  # the rows adapter by adapter
+        starts = list(itertools.accumulate((len(r) for r in rows.values()), initial=0))
         if device.type == "cpu" and kernel_here() is not None:
-            order = [i for r in rows.values() for i in r]
-            ctx.keys = tuple(self.resident[n].key for n in rows)
+            ctx.keys = tuple(keys)
             ctx.slot_rows = torch.tensor(order, dtype=torch.int32)
-            ctx.slot_starts = torch.tensor(list(itertools.accumulate((len(r) for r in rows.values()), initial=0)))
-            ctx.slot_starts = ctx.slot_starts.to(torch.int32)
+            ctx.slot_starts = torch.tensor(starts, dtype=torch.int32)
         first = names[0]
         if first is not None and len(rows) == 1 and len(rows[first]) == len(names):  # every row runs one adapter
-            ctx.groups = [(self.resident[first].key, None)]
+            ctx.groups = [(keys[0], None)]
             return
-        ctx.groups = [(self.resident[n].key, torch.tensor(r, device=device)) for n, r in rows.items()]
+        ctx.groups = [(key, torch.tensor(r, device=device)) for key, r in zip(keys, rows.values(), strict=True)]
         if len(rows) > 1:
-            order = []
-            for n, r in rows.items():
-                ctx.spans.append((self.resident[n].key, len(order), len(order) + len(r)))
-                order += r
+            ctx.spans = [(key, starts[j], starts[j + 1]) for j, key in enumerate(keys)]
             ctx.order = torch.tensor(order, device=device)
 
     def clear(self) -> None:

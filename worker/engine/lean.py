@@ -410,12 +410,13 @@ class FusedLayer:
         desc, bound = self.lora_desc, None
         for p in range(len(PROJECTIONS)):
             desc[3 + 4 * p] = 0
-        for p, now in wrapped:
-            context = getattr(now, "context", None)
-            entry = 3 + 4 * p
-            if context is None or not context.groups or not any(key in now.deltas for key in context.keys):
-                if context is not None and context.groups and not context.keys:
-                    return None  # rows bound without the kernel's grouping (its torch path runs)
+        for p, now in wrapped:  # LoRA wrappers (`current` checked them)
+            context, entry = now.context, 3 + 4 * p
+            if not context.groups:
+                continue
+            if not context.keys:
+                return None  # rows bound without the kernel's grouping (its torch path runs)
+            if not any(key in now.deltas for key in context.keys):
                 continue
             if bound is None:
                 if kernel_here() is None or context.rows != rows or context.slot_rows is None:
