@@ -27,7 +27,7 @@ from worker.handler import ModelHandler
 
 KEY, ADMIN = "sk-user-reload-0001", "sk-admin-reload-0001"
 PROMPTS = ["The Zen of Python, by Tim Peters. Beautiful is better than", "Errors should never pass"]
-TOKENS = 64
+TOKENS = 256  # long enough that the first jobs are still generating when a worker takes its turn
 ENDED = ("succeeded", "failed", "canceled", "timed_out")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen_deploy.queues import Lane
 from tests.unit.test_handler import make_handler
 from worker.engine import Seq
 from worker.handler import GenerationRequest, ModelHandler
@@ -118,6 +119,35 @@ def test_staggered_joins_match(handler: ModelHandler) -> None:
             engine.add(pending.pop(0))
         engine.step()
         steps += 1
+    assert [s.text for s in seqs] == expected
+
+
+def test_a_wider_arrival_pads_the_rows_already_running(handler: ModelHandler) -> None:
+    """A row running alone has no padding; a longer arrival merged beside it gives it padding columns, which
+    every later step must mask (the lean forward skips the mask of a batch it believes unpadded). Both rows keep
+    the tokens they get alone, and so does a row left alone again, then joined by a longer one once more."""
+    random_model = "demo-model" not in handler.info.name  # type: ignore[union-attr]
+    short = GenerationRequest(prompt="a", max_new_tokens=16, ignore_eos=random_model)
+    long = GenerationRequest(prompt=PROMPTS[4] + " " + PROMPTS[5], max_new_tokens=6, ignore_eos=random_model)
+    longer = GenerationRequest(prompt=" ".join(PROMPTS), max_new_tokens=6, ignore_eos=random_model)
+    expected = [reference(handler, r) for r in (short, long, longer)]
+    engine = handler.engine()
+    batch = engine.scheduler.lanes[Lane.INTERACTIVE].batch
+    seqs = [handler.sequences(r, str(i), budget=60)[0][0] for i, r in enumerate((short, long, longer))]
+    engine.add(seqs[0])
+    engine.step()
+    assert batch.rows == 1 and not batch.padded
+    engine.add(seqs[1])
+    engine.step()
+    assert batch.rows == 2 and batch.padded and batch.width > len(seqs[0].prompt) + len(seqs[0].out)
+    while not seqs[1].done:
+        engine.step()
+    engine.step()  # the long row has left: the short one runs alone again, its padding columns dropped
+    if not seqs[0].done:
+        assert batch.rows == 1 and not batch.padded
+    engine.add(seqs[2])
+    while len(engine):
+        engine.step()
     assert [s.text for s in seqs] == expected
 
 

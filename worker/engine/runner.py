@@ -154,13 +154,14 @@ class KVBatch:
             return
         assert self.mask is not None and other.mask is not None
         width = max(self.width, other.width)
+        # read before the merge: the narrower side's rows get padding columns (a wider arrival pads the batch)
+        self.padded = self.padded or other.padded or self.width != other.width
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([_lpad(mine.keys, width, -2), _lpad(theirs.keys, width, -2)], 0)
             mine.values = torch.cat([_lpad(mine.values, width, -2), _lpad(theirs.values, width, -2)], 0)
         self.mask = torch.cat([_lpad(self.mask, width, -1), _lpad(other.mask, width, -1)], 0)
         self.last = torch.cat([self.last, other.last])  # type: ignore[list-item]
         self.pos = torch.cat([self.pos, other.pos])  # type: ignore[list-item]
-        self.padded = self.padded or other.padded or self.width != other.width
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); drop cache columns that are padding in every row left."""
