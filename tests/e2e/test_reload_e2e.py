@@ -22,7 +22,7 @@ import torch
 from qwen_deploy.config import load_settings
 from tests.conftest import StackFactory
 from tests.helpers import Stack, wait_until
-from tests.unit.test_engine import tiny
+from tests.unit.test_engine import greedy_ids, tiny
 from worker.handler import ModelHandler
 
 KEY, ADMIN = "sk-user-reload-0001", "sk-admin-reload-0001"
@@ -58,17 +58,7 @@ def greedy(h: ModelHandler, ids: list[int], n: int) -> list[int]:
 
 @functools.cache
 def _greedy(h: ModelHandler, ids: tuple[int, ...], n: int) -> tuple[int, ...]:
-    x = torch.tensor([ids])
-    out = h.model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=h.eos_ids,
-        pad_token_id=h.pad_id,
-    )
-    return tuple(int(t) for t in out[0, len(ids) :])
+    return tuple(greedy_ids(h, list(ids), n))
 
 
 @pytest.fixture(scope="module")

@@ -77,21 +77,25 @@ def handler(request: pytest.FixtureRequest, demo_model: Path, tmp_path_factory: 
     return make_handler(str(tiny(request.param, tmp_path_factory.mktemp(request.param), demo_model)), dtype="fp32")
 
 
-def reference(handler: ModelHandler, req: GenerationRequest) -> str:
-    """transformers' own greedy `generate`, one request at a time."""
-    ids, _ = handler.encode(req)
+def greedy_ids(handler: ModelHandler, ids: list[int], n: int, ignore_eos: bool = True) -> list[int]:
+    """transformers' own greedy `generate` of up to `n` tokens after `ids` (exactly `n` with `ignore_eos`)."""
     x = torch.tensor([ids])
-    extra = {"min_new_tokens": req.max_new_tokens} if req.ignore_eos else {}
     out = handler.model.generate(
         x,
         attention_mask=torch.ones_like(x),
-        max_new_tokens=req.max_new_tokens,
+        max_new_tokens=n,
+        min_new_tokens=n if ignore_eos else None,
         do_sample=False,
         eos_token_id=handler.eos_ids,
         pad_token_id=handler.pad_id,
-        **extra,
     )
-    return handler.decode(out[0, len(ids) :].tolist())
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def reference(handler: ModelHandler, req: GenerationRequest) -> str:
+    """transformers' own greedy `generate`, one request at a time."""
+    ids, _ = handler.encode(req)
+    return handler.decode(greedy_ids(handler, ids, req.max_new_tokens, req.ignore_eos))
 
 
 def requests(random_model: bool) -> list[GenerationRequest]:
@@ -168,16 +172,7 @@ def test_random_arrivals_resumes_and_shared_prefixes_match_generate(handler: Mod
 
     def greedy(p: int, n: int) -> list[int]:
         if (p, n) not in expected:
-            x = torch.tensor([prompts[p]])
-            out = handler.model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=handler.pad_id,
-            )
-            expected[p, n] = out[0, x.shape[1] :].tolist()
+            expected[p, n] = greedy_ids(handler, prompts[p], n)
         return expected[p, n]
 
     checked = 0
