@@ -10,7 +10,7 @@ is capped at 1 / 64 / 128 rows x 32 tokens so the whole run stays under 5 minute
 would start after --deadline seconds is skipped (and says so); an arm that fails prints its error and the
 run goes on.
 
-Needs only torch, transformers and worker/engine.py, worker/kv.py, worker/sampling.py (no Redis, no web).
+Needs only torch, transformers and the engine package, `worker/engine/` (no Redis, no web).
 
     python bench/engine_gpu.py                       # on a CUDA machine
     python bench/engine_gpu.py --tiny                # tiny shapes, any device (CPU: fp32): a smoke run
