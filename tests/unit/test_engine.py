@@ -190,6 +190,8 @@ def test_random_arrivals_resumes_and_shared_prefixes_match_generate(handler: Mod
                 engine.add(seq)
             engine.step()
             step += 1
+            batch = engine.scheduler.lanes[Lane.INTERACTIVE].batch  # a batch marked unpadded has no padding
+            assert batch.mask is None or batch.padded or bool(batch.mask.all())
         assert [s.out for s, _, _ in seqs] == [greedy(p, n) for _, p, n in seqs]
         checked += len(seqs)
     assert checked == 24 and engine.prefix_cache is not None and engine.prefix_cache.hit_tokens > 0
