@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from worker.cpu_kernels import kernel
-
-log = logging.getLogger(__name__)
+from worker.cpu_kernels import checked_function
 
 HEAD_DIMS = (64, 128)
 
@@ -33,20 +30,11 @@ HEAD_DIMS = (64, 128)
 @functools.cache
 def _fn() -> Any | None:
     """The C function, or None where it cannot run or does not match torch here."""
-    lib = kernel()
-    if lib is None:
-        return None
-    fn = lib.decode_attention_bf16
-    fn.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     # q, its batch and head strides; k and v, each with its batch, head and position strides; the mask and its row
     # stride; out; B, heads, kv_heads, T, d; the scale.
     args: list[Any] = [ptr, i64, i64, *(2 * [ptr, i64, i64, i64]), ptr, i64, ptr, *(5 * [i64]), ctypes.c_float]
-    fn.argtypes = args
-    if not _self_check(fn):
-        log.warning("decode attention kernel off: it does not match scaled_dot_product_attention on this machine")
-        return None
-    return fn
+    return checked_function("decode_attention_bf16", ctypes.c_int, args, _self_check, "decode attention kernel")
 
 
 def available(head_dim: int) -> bool:

@@ -36,6 +36,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1097,6 +1098,20 @@ def kernel() -> ctypes.CDLL | None:
         log.warning("CPU kernels off: they do not match torch on this machine")
         return None
     return lib
+
+
+def checked_function(name: str, restype: Any, argtypes: list[Any], check: Callable[[Any], bool], what: str) -> Any:
+    """The library's C function `name` with its signature, or None where the kernels do not run here or it does not
+    match torch on `check` (a warning names `what` then). Each caller caches it (`functools.cache`)."""
+    lib = kernel()
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = restype, argtypes
+    if not check(fn):
+        log.warning("%s off: it does not match torch on this machine", what)
+        return None
+    return fn
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

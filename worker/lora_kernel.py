@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from typing import Any
 
 import torch
 
-from worker.cpu_kernels import kernel
-
-log = logging.getLogger(__name__)
+from worker.cpu_kernels import checked_function
 
 MAX_RANK = 1024  # LORA_MAX_RANK of the C source: the kernel's stack buffer of one row's rank-r product
 DTYPES = {torch.bfloat16: 1, torch.float32: 0}  # x and output dtypes the kernel takes -> its `bf16` flag
@@ -75,12 +72,7 @@ def row_stride(t: torch.Tensor) -> int | None:
 @functools.cache
 def lora_kernel() -> Any | None:
     """The `lora_add` C function, or None where it does not run here (see the module's docstring)."""
-    lib = kernel()
-    if lib is None:
-        return None
-    fn = lib.lora_add
-    fn.restype = None
-    fn.argtypes = (
+    args = (
         [ctypes.c_void_p] * 2
         + [ctypes.c_int64] * 5
         + [ctypes.c_int32] * 2
@@ -88,10 +80,7 @@ def lora_kernel() -> Any | None:
         + [ctypes.c_int64]
         + [ctypes.c_void_p] * 3
     )
-    if not _self_check(fn):
-        log.warning("LoRA kernel off: it does not match torch on this machine")
-        return None
-    return fn
+    return checked_function("lora_add", None, args, _self_check, "LoRA kernel")
 
 
 def kernel_here() -> Any | None:

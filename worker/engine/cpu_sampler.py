@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import logging
 import math
 import threading
 from array import array
@@ -34,8 +33,6 @@ import torch
 
 from worker import cpu_kernels
 from worker.engine.draw import LOG2E, _inverse
-
-log = logging.getLogger(__name__)
 
 PARAMS = 9  # doubles per row: scale (-1: greedy), 1 / min_p, top_k, top_p, uniform, logprobs, repetition, presence,
 # frequency (the C side's P_* order)
@@ -66,17 +63,9 @@ def usable(logits: torch.Tensor, plans: list[Any]) -> bool:
 
 @functools.cache
 def _kernel() -> Any:
-    lib = cpu_kernels.kernel()
-    if lib is None:
-        return None
-    fn = lib.sample_rows
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 11, ctypes.c_int64, UNIFORM]
-    fn.argtypes += [ctypes.c_void_p] * 6
-    if not _self_check(fn):
-        log.warning("C sampler off: it does not match torch on this machine")
-        return None
-    return fn
+    args = [ctypes.c_void_p, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 11, ctypes.c_int64, UNIFORM]
+    args += [ctypes.c_void_p] * 6
+    return cpu_kernels.checked_function("sample_rows", None, args, _self_check, "C sampler")
 
 
 def choose(logits: torch.Tensor, plans: list[Any]) -> tuple[torch.Tensor, list[int], list[Any]]:

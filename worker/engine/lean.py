@@ -419,12 +419,11 @@ class FusedLayer:
             if not any(key in now.deltas for key in context.keys):
                 continue
             if bound is None:
-                if kernel_here() is None or context.rows != rows or context.slot_rows is None:
-                    return None
-                if context.slot_starts is None:
+                starts = context.slot_starts
+                if kernel_here() is None or context.rows != rows or context.slot_rows is None or starts is None:
                     return None
                 bound = context
-                desc[0], desc[1] = context.slot_rows.data_ptr(), context.slot_starts.data_ptr()
+                desc[0], desc[1] = context.slot_rows.data_ptr(), starts.data_ptr()
                 desc[2] = len(context.keys)
             elif context is not bound:
                 return None
